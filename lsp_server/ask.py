@@ -1,0 +1,72 @@
+"""``starchat-lsp ask FILE[:START-END] "question"``: the server's prompt builder and engine, from a
+terminal, streaming the answer to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .config import Settings
+from .engine import EngineError, Sampling, StreamDecoder, load_engine
+from .prompts import PromptTooLong, Task, format_for
+from .prompts.requests import code_prompt, prompt_budget
+from .text import Pos, Span, split_lines
+
+LANGUAGES = {".py": "python", ".js": "javascript", ".ts": "typescript", ".go": "go", ".rs": "rust", ".java": "java",
+             ".c": "c", ".h": "c", ".cpp": "cpp", ".cs": "csharp", ".rb": "ruby", ".lua": "lua", ".sh": "shellscript"}
+
+
+def parse_target(target: str) -> tuple[Path, tuple[int, int] | None]:
+    """``file.py`` or ``file.py:3-8`` (1-based, inclusive) or ``file.py:5``."""
+    path, _, lines = target.rpartition(":")
+    if path and lines and all(part.isdigit() for part in lines.split("-", 1)):
+        first, _, last = lines.partition("-")
+        return Path(path), (int(first), int(last or first))
+    return Path(target), None
+
+
+def run_ask(args: argparse.Namespace, settings: Settings) -> int:
+    path, lines = parse_target(args.target)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        print(f"starchat-lsp ask: cannot read {path}: {exc.strerror}", file=sys.stderr)
+        return 2
+    if lines is not None and not 1 <= lines[0] <= lines[1]:
+        print(f"starchat-lsp ask: bad line range {lines[0]}-{lines[1]}", file=sys.stderr)
+        return 2
+    task = Task(args.task) if args.task else (Task.ASK if args.question else Task.EXPLAIN)
+    span = Span(Pos(lines[0] - 1, 0), Pos(lines[1], 0)) if lines else Span(Pos(0, 0), Pos(len(split_lines(text)), 0))
+    try:
+        engine = load_engine(settings, lambda message: print(message, file=sys.stderr))
+        prompt = code_prompt(
+            format_for(engine.tokenizer),
+            system=settings.system_prompt,
+            budget=prompt_budget(settings.context_window, engine.context_window, settings.max_new_tokens),
+            text=text,
+            span=span,
+            task=task,
+            question=args.question,
+            path=path.name,
+            language=LANGUAGES.get(path.suffix, ""),
+        )
+    except (EngineError, PromptTooLong, ValueError) as exc:
+        print(f"starchat-lsp ask: {exc}", file=sys.stderr)
+        return 1
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())  # Ctrl-C stops the decoding loop
+    decoder = StreamDecoder(engine.tokenizer)
+
+    def on_token(token: int) -> None:
+        sys.stdout.write(decoder.push(token))
+        sys.stdout.flush()
+
+    _, reason = engine.generate(prompt.ids, Sampling.from_settings(settings), stop.is_set, on_token)
+    sys.stdout.write(decoder.flush() + "\n")
+    if reason != "stop":
+        print(f"[{reason}]", file=sys.stderr)
+    return 0

@@ -1,0 +1,56 @@
+"""Engines run the model; the server talks to them only through :func:`stream`."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Callable
+
+from .base import Engine, EngineError, Generation, Sampling, StreamDecoder
+from .worker import Busy, Priority, Worker
+
+__all__ = ["Busy", "Engine", "EngineError", "Generation", "Priority", "Sampling", "Worker", "load_engine", "stream"]
+
+
+def load_engine(settings: Any, report: Callable[[str], None]) -> Engine:
+    """Blocking: build the engine the settings name (runs on the worker thread)."""
+    from .local import TransformersEngine
+
+    return TransformersEngine.load(settings, report)
+
+
+async def stream(
+    worker: Worker,
+    engine: Engine,
+    prompt_ids: list[int],
+    sampling: Sampling,
+    priority: Priority,
+    on_text: Callable[[str], None] = lambda _: None,
+) -> Generation:
+    """Generate on the worker thread, calling ``on_text`` on the event loop with each piece of
+    text. If the awaiting task is cancelled, the decoding loop stops before its next step and no
+    ``on_text`` call happens after the cancellation."""
+    loop = asyncio.get_running_loop()
+    stop = threading.Event()
+
+    def deliver(delta: str) -> None:
+        if not stop.is_set():
+            on_text(delta)
+
+    def work() -> Generation:
+        decoder = StreamDecoder(engine.tokenizer)
+
+        def on_token(token: int) -> None:
+            if delta := decoder.push(token):
+                loop.call_soon_threadsafe(deliver, delta)
+
+        ids, reason = engine.generate(prompt_ids, sampling, stop.is_set, on_token)
+        if tail := decoder.flush():
+            loop.call_soon_threadsafe(deliver, tail)
+        return Generation(decoder.text, reason, len(prompt_ids), len(ids))
+
+    future = worker.submit(work, priority, stop)
+    try:
+        return await asyncio.wrap_future(future)
+    finally:
+        stop.set()

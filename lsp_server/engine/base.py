@@ -1,0 +1,93 @@
+"""What every engine offers the server, and the pieces they share (no torch import here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Protocol
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class EngineError(RuntimeError):
+    """A failure the user should read (model missing, out of memory, ...), without a traceback."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.2
+    top_k: int = 50
+    top_p: float = 0.95
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Any, max_new_tokens: int | None = None) -> "Sampling":
+        return cls(
+            max_new_tokens=max_new_tokens or settings.max_new_tokens,
+            temperature=settings.temperature,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            repetition_penalty=settings.repetition_penalty,
+            seed=settings.seed,
+        )
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Engine(Protocol):
+    tokenizer: Any
+    context_window: int
+    description: str
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        should_stop: Callable[[], bool],
+        on_token: Callable[[int], None],
+    ) -> tuple[list[int], FinishReason]:
+        """Blocking; runs on the engine's worker thread. Calls ``on_token`` for every new token
+        (stop tokens excluded) and checks ``should_stop`` before every decoding step."""
+
+    def close(self) -> None: ...
+
+
+class StreamDecoder:
+    """Token ids → text deltas that never split a character (byte-level BPE can end a token in
+    the middle of a UTF-8 sequence; the delta waits until the character is whole)."""
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+        self.text = ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        before = self._decode(self._ids[self._prefix : self._read])
+        now = self._decode(self._ids[self._prefix :])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        delta = now[len(before) :]
+        self._prefix, self._read = self._read, len(self._ids)
+        self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        before = self._decode(self._ids[self._prefix : self._read])
+        now = self._decode(self._ids[self._prefix :])
+        delta = now[len(before) :]
+        self._prefix = self._read = len(self._ids)
+        self.text += delta
+        return delta

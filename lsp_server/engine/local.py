@@ -1,0 +1,170 @@
+"""StarChat in-process through transformers: loading and the ``generate()`` engine."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+from .base import EngineError, FinishReason, Sampling
+
+log = logging.getLogger(__name__)
+
+STOP_TOKENS = ("<|end|>", "<|endoftext|>")
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise EngineError(
+            f"device={requested!r} was asked for but no CUDA GPU is visible to PyTorch "
+            f"(torch {torch.__version__}); set device to 'cpu' or 'auto'."
+        )
+    return requested
+
+
+def resolve_dtype(requested: str, device: str) -> Any:
+    import torch
+
+    if requested == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, requested)
+
+
+class TransformersEngine:
+    """Batch-1 generation through ``model.generate()``: the reference engine."""
+
+    def __init__(self, model: Any, tokenizer: Any, device: str, description: str):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.description = description
+        self.context_window = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+        vocab = tokenizer.get_vocab()
+        stops = {vocab[t] for t in STOP_TOKENS if t in vocab}
+        if tokenizer.eos_token_id is not None:
+            stops.add(tokenizer.eos_token_id)
+        self.stop_ids = sorted(stops)
+        self.input_device = model.get_input_embeddings().weight.device
+
+    @classmethod
+    def load(cls, settings: Any, report: Callable[[str], None] = lambda _: None) -> "TransformersEngine":
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+        source = settings.model
+        common = {"revision": settings.revision, "trust_remote_code": settings.trust_remote_code}
+        try:
+            report(f"Loading the tokenizer of {source}")
+            tokenizer = AutoTokenizer.from_pretrained(source, **common)
+            report(f"Loading {source} ({str(dtype).removeprefix('torch.')}, {device})")
+            model = AutoModelForCausalLM.from_pretrained(
+                source,
+                dtype=dtype,
+                device_map=_device_map(device),
+                use_safetensors=None if settings.allow_unsafe_weights else True,
+                **common,
+            )
+        except torch.cuda.OutOfMemoryError as exc:
+            raise EngineError(f"Not enough GPU memory to load {source}: {_first_line(exc)}") from None
+        except (OSError, ValueError, ImportError) as exc:
+            hint = ""
+            if os.environ.get("HF_HUB_OFFLINE") or "offline" in str(exc).lower() or "connect" in str(exc).lower():
+                hint = " The weights are not in the local cache and the hub cannot be reached; download them first or set model to a local folder."
+            raise EngineError(f"Could not load the model {source!r}: {_first_line(exc)}.{hint}") from None
+        model.eval()
+        if device == "cpu":
+            model.to("cpu")
+        params = sum(p.numel() for p in model.parameters())
+        description = f"{source} ({params / 1e6:,.1f}M parameters, {str(dtype).removeprefix('torch.')}, {device})"
+        log.info("Loaded %s", description)
+        return cls(model, tokenizer, device, description)
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        should_stop: Callable[[], bool],
+        on_token: Callable[[int], None],
+    ) -> tuple[list[int], FinishReason]:
+        import torch
+        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+        stop_ids = self.stop_ids
+        generated: list[int] = []
+
+        class Streamer:
+            prompt_seen = False
+
+            def put(self, value: Any) -> None:
+                if not self.prompt_seen:  # generate() hands the prompt over first
+                    self.prompt_seen = True
+                    return
+                for token in value.reshape(-1).tolist():
+                    generated.append(token)
+                    if token not in stop_ids:
+                        on_token(token)
+
+            def end(self) -> None:
+                pass
+
+        class StopFlag(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                flag = should_stop()
+                return torch.full((input_ids.shape[0],), flag, dtype=torch.bool, device=input_ids.device)
+
+        do_sample = sampling.temperature > 0
+        config = GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=do_sample,
+            temperature=sampling.temperature if do_sample else None,
+            top_k=sampling.top_k if do_sample else None,
+            top_p=sampling.top_p if do_sample else None,
+            repetition_penalty=sampling.repetition_penalty,
+            eos_token_id=stop_ids,
+            pad_token_id=stop_ids[0] if stop_ids else 0,
+        )
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        if should_stop():
+            return [], "cancelled"
+        input_ids = torch.tensor([prompt_ids], device=self.input_device)
+        try:
+            with torch.inference_mode():
+                self.model.generate(
+                    input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    generation_config=config,
+                    streamer=Streamer(),
+                    stopping_criteria=StoppingCriteriaList([StopFlag()]),
+                )
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise EngineError(f"The GPU ran out of memory for this request: {_first_line(exc)}") from None
+        if should_stop():
+            reason: FinishReason = "cancelled"
+        elif generated and generated[-1] in stop_ids:
+            reason = "stop"
+        else:
+            reason = "length"
+        return [t for t in generated if t not in stop_ids], reason
+
+    def close(self) -> None:
+        self.model = None
+
+
+def _device_map(device: str) -> Any:
+    """accelerate places the layers on every visible GPU for "cuda", on one for "cuda:N"."""
+    if device == "cuda":
+        return "auto"
+    return {"": device} if device.startswith("cuda") else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,56 @@
+"""starchat/chat: a multi-turn conversation, optionally about a document, streamed as partial
+results (``$/progress`` with the request's ``partialResultToken``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lsprotocol import types
+
+from ..prompts import Message, PromptTooLong, format_for
+from ..prompts.requests import chat_prompt, prompt_budget
+from ..protocol import CHAT, Answer, ChatParams, structure
+from ..server import RequestFailed, StarChatServer
+from .common import to_span
+
+
+def register(server: StarChatServer) -> None:
+    @server.feature(CHAT)
+    async def chat(ls: StarChatServer, raw: Any) -> Answer:
+        params: ChatParams = structure(ls.converter, raw, ChatParams)
+        if not params.messages or params.messages[-1].role != "user":
+            raise RequestFailed("The last message of a chat must be the user's.")
+        text = path = language = None
+        if params.text_document is not None:
+            document = ls.open_document(params.text_document.uri)
+            text, path, language = document.source, ls.relative_path(document.uri), document.language_id or ""
+        engine = await ls.ready_engine()
+        settings = ls.settings
+        max_new_tokens = params.max_new_tokens or settings.max_new_tokens
+        try:
+            prompt = chat_prompt(
+                format_for(engine.tokenizer),
+                system=settings.system_prompt,
+                budget=prompt_budget(settings.context_window, engine.context_window, max_new_tokens),
+                messages=[Message(m.role, m.content) for m in params.messages],
+                text=text,
+                span=to_span(params.range) if params.range and text is not None else None,
+                path=path or "",
+                language=language or "",
+                encoding=ls.position_encoding,
+            )
+        except (PromptTooLong, ValueError) as exc:
+            raise RequestFailed(str(exc)) from None
+
+        def send(delta: str) -> None:
+            if params.partial_result_token is not None:
+                ls.protocol.notify(types.PROGRESS, types.ProgressParams(token=params.partial_result_token, value={"delta": delta}))
+
+        generation = await ls.generate(
+            prompt.ids,
+            title="StarChat: chat",
+            max_new_tokens=max_new_tokens,
+            work_done_token=params.work_done_token,
+            on_text=send,
+        )
+        return Answer(generation.text, generation.finish_reason, generation.prompt_tokens, generation.completion_tokens)

@@ -1,0 +1,86 @@
+"""Code actions: listing is instant; the model runs in codeAction/resolve."""
+
+from __future__ import annotations
+
+from lsprotocol import types
+from pygls.exceptions import JsonRpcContentModified
+
+from ..prompts import Task
+from ..protocol import CLIENT_ASK_QUESTION, CMD_EXPLAIN, CMD_RUN_TASK, CodeActionData, SelectionArgs, structure
+from ..server import StarChatServer
+from .common import answer_about, selection, task_edit
+
+KINDS = {
+    Task.FIX: "quickfix.starchat.fix",
+    Task.OPTIMIZE: "refactor.rewrite.starchat.optimize",
+    Task.DOCUMENT: "refactor.rewrite.starchat.document",
+    Task.TESTS: "refactor.starchat.tests",
+    Task.EXPLAIN: "starchat.explain",
+    Task.ASK: "starchat.ask",
+}
+OPTIONS = types.CodeActionOptions(code_action_kinds=sorted(set(KINDS.values())), resolve_provider=True)
+EDIT_TASKS = (Task.FIX, Task.OPTIMIZE, Task.DOCUMENT, Task.TESTS)
+
+
+def _resolves_edits(server: StarChatServer) -> bool:
+    document = server.client_capabilities.text_document
+    code_action = document.code_action if document else None
+    support = code_action.resolve_support if code_action else None
+    return bool(support and "edit" in support.properties)
+
+
+def _wanted(kind: str, only: list[str] | None) -> bool:
+    return not only or any(kind == base or kind.startswith(base + ".") for base in only)
+
+
+def register(server: StarChatServer) -> None:
+    @server.feature(types.TEXT_DOCUMENT_CODE_ACTION, OPTIONS)
+    def code_actions(ls: StarChatServer, params: types.CodeActionParams) -> list[types.CodeAction]:
+        uri = params.text_document.uri
+        document = ls.open_document(uri)
+        only = params.context.only
+        args = SelectionArgs(text_document=params.text_document, range=params.range, version=document.version)
+        actions = []
+        for task in EDIT_TASKS:
+            if not _wanted(KINDS[task], only):
+                continue
+            action = types.CodeAction(title=f"StarChat: {task.title}", kind=KINDS[task])
+            if _resolves_edits(ls):
+                action.data = ls.converter.unstructure(CodeActionData(uri, params.range, document.version, task))
+            else:  # the edit arrives through workspace/applyEdit instead
+                payload = ls.converter.unstructure(SelectionArgs(params.text_document, params.range, task=task, version=document.version))
+                action.command = types.Command(title=action.title, command=CMD_RUN_TASK, arguments=[payload])
+            actions.append(action)
+        if _wanted(KINDS[Task.EXPLAIN], only):
+            actions.append(
+                types.CodeAction(
+                    title="StarChat: Explain",
+                    kind=KINDS[Task.EXPLAIN],
+                    command=types.Command(title="StarChat: Explain", command=CMD_EXPLAIN, arguments=[ls.converter.unstructure(args)]),
+                )
+            )
+        # Ask needs a question from the user, which only the client can ask for.
+        if _wanted(KINDS[Task.ASK], only) and ls.experimental("askQuestion"):
+            actions.append(
+                types.CodeAction(
+                    title="StarChat: Ask…",
+                    kind=KINDS[Task.ASK],
+                    command=types.Command(title="StarChat: Ask…", command=CLIENT_ASK_QUESTION, arguments=[ls.converter.unstructure(args)]),
+                )
+            )
+        return actions
+
+    @server.feature(types.CODE_ACTION_RESOLVE)
+    async def resolve(ls: StarChatServer, action: types.CodeAction) -> types.CodeAction:
+        if action.data is None:
+            return action
+        data: CodeActionData = structure(ls.converter, action.data, CodeActionData)
+        sel = selection(ls, data.uri, data.range)
+        if data.version is not None and sel.version != data.version:
+            raise JsonRpcContentModified(
+                f"The document changed (version {data.version} → {sel.version}) since the action was offered; ask again."
+            )
+        generation = await answer_about(ls, sel, data.task)
+        action.edit = task_edit(ls, sel, data.task, generation.text)
+        return action
+

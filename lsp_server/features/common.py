@@ -1,0 +1,169 @@
+"""What several features share: from a document and range to an answer, and answers to edits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from lsprotocol import types
+from pygls.uris import from_fs_path, to_fs_path
+
+from .. import answers
+from ..engine import Generation, Priority
+from ..prompts import PromptTooLong, Task, format_for
+from ..prompts.requests import code_prompt, prompt_budget, selection_offsets
+from ..server import RequestFailed, StarChatServer
+from ..text import Pos, Span, detect_eol, indentation_of, position_at, split_lines
+
+
+def to_span(value: types.Range) -> Span:
+    return Span(Pos(value.start.line, value.start.character), Pos(value.end.line, value.end.character))
+
+
+def to_range(span: Span) -> types.Range:
+    return types.Range(
+        start=types.Position(line=span.start.line, character=span.start.character),
+        end=types.Position(line=span.end.line, character=span.end.character),
+    )
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A document's text as it was when the request arrived, and the span the request is about
+    (an empty range widened to the cursor's line)."""
+
+    uri: str
+    version: int | None
+    text: str
+    span: Span
+    start: int
+    end: int
+    language: str
+    path: str
+
+    @property
+    def selected(self) -> str:
+        return self.text[self.start : self.end]
+
+
+def selection(server: StarChatServer, uri: str, value: types.Range) -> Selection:
+    document = server.open_document(uri)
+    text = document.source
+    encoding = server.position_encoding
+    try:
+        start, end = selection_offsets(text, to_span(value), encoding)
+    except ValueError as exc:
+        raise RequestFailed(f"Invalid range: {exc}") from None
+    lines = split_lines(text)
+    span = Span(position_at(lines, start, encoding), position_at(lines, end, encoding))
+    return Selection(uri, document.version, text, span, start, end, document.language_id or "", server.relative_path(uri))
+
+
+async def answer_about(
+    server: StarChatServer,
+    sel: Selection,
+    task: Task,
+    *,
+    question: str = "",
+    priority: Priority = Priority.USER,
+    work_done_token: Any = None,
+    on_text: Callable[[str], None] | None = None,
+) -> Generation:
+    engine = await server.ready_engine()
+    settings = server.settings
+    try:
+        prompt = code_prompt(
+            format_for(engine.tokenizer),
+            system=settings.system_prompt,
+            budget=prompt_budget(settings.context_window, engine.context_window, settings.max_new_tokens),
+            text=sel.text,
+            span=sel.span,
+            task=task,
+            question=question,
+            path=sel.path,
+            language=sel.language,
+            encoding=server.position_encoding,
+        )
+    except (PromptTooLong, ValueError) as exc:
+        raise RequestFailed(str(exc)) from None
+    title = f"StarChat: {task.title}" + (f" — {question[:40]}" if question else "")
+    return await server.generate(prompt.ids, title=title, priority=priority, work_done_token=work_done_token, on_text=on_text)
+
+
+def workspace_edit(server: StarChatServer, uri: str, version: int | None, edits: list[types.TextEdit]) -> types.WorkspaceEdit:
+    """A ``TextDocumentEdit`` pinned to the version the answer was computed on, when the client
+    takes ``documentChanges`` (Neovim does without saying so: it lists resource operations)."""
+    if _document_changes(server):
+        identifier = types.OptionalVersionedTextDocumentIdentifier(uri=uri, version=version)
+        return types.WorkspaceEdit(document_changes=[types.TextDocumentEdit(text_document=identifier, edits=edits)])
+    return types.WorkspaceEdit(changes={uri: edits})
+
+
+def _document_changes(server: StarChatServer) -> bool:
+    workspace = server.client_capabilities.workspace
+    edit = workspace.workspace_edit if workspace else None
+    return bool(edit and (edit.document_changes or edit.resource_operations))
+
+
+def _can_create_files(server: StarChatServer) -> bool:
+    workspace = server.client_capabilities.workspace
+    edit = workspace.workspace_edit if workspace else None
+    return bool(edit and edit.resource_operations and types.ResourceOperationKind.Create in edit.resource_operations)
+
+
+def task_edit(server: StarChatServer, sel: Selection, task: Task, answer: str) -> types.WorkspaceEdit:
+    """The edit a code action applies: Fix/Optimize replace the selection, Document inserts above
+    it, Write tests creates the test file (or appends to the document)."""
+    lines = split_lines(sel.text)
+    eol = detect_eol(sel.text)
+    first_line = lines[sel.span.start.line] if sel.span.start.line < len(lines) else ""
+    indent = indentation_of(first_line)
+    if task in (Task.FIX, Task.OPTIMIZE):
+        before = sel.text[: sel.start]
+        line_prefix = before[max(before.rfind("\n"), before.rfind("\r")) + 1 :]
+        new_text = answers.replacement_for_selection(
+            answer,
+            sel.selected,
+            indent=indent,
+            starts_line=line_prefix == "",  # else the document already holds the first line's indent
+            language=sel.language,
+            eol=eol,
+        )
+        return workspace_edit(server, sel.uri, sel.version, [types.TextEdit(range=to_range(sel.span), new_text=new_text)])
+    if task is Task.DOCUMENT:
+        new_text = answers.insertion_above(answer, indent=indent, language=sel.language, eol=eol)
+        at = types.Position(line=sel.span.start.line, character=0)
+        return workspace_edit(server, sel.uri, sel.version, [types.TextEdit(range=types.Range(start=at, end=at), new_text=new_text)])
+    if task is Task.TESTS:
+        return _tests_edit(server, sel, answer, eol)
+    raise ValueError(f"{task.value} does not edit code")
+
+
+def _tests_edit(server: StarChatServer, sel: Selection, answer: str, eol: str) -> types.WorkspaceEdit:
+    code = answers.fit_code(answers.extract_code(answer, sel.language), indent="", first_line_indented=True, keep_trailing_newline=True, eol=eol)
+    source = to_fs_path(sel.uri)
+    if source and sel.path and _can_create_files(server) and _document_changes(server):
+        target = Path(source).parent / Path(answers.test_file_path(sel.path, sel.language)).name
+        target_uri = from_fs_path(str(target)) or ""
+        opened = server.workspace.text_documents.get(target_uri)
+        if opened is None and not target.exists():
+            create = types.CreateFile(uri=target_uri, options=types.CreateFileOptions(overwrite=False, ignore_if_exists=True))
+            at = types.Position(line=0, character=0)
+            insert = types.TextDocumentEdit(
+                text_document=types.OptionalVersionedTextDocumentIdentifier(uri=target_uri, version=None),
+                edits=[types.TextEdit(range=types.Range(start=at, end=at), new_text=code)],
+            )
+            return types.WorkspaceEdit(document_changes=[create, insert])
+        if opened is not None:
+            end = _end_of(opened.source, server.position_encoding)
+            return workspace_edit(server, target_uri, opened.version, [types.TextEdit(range=types.Range(start=end, end=end), new_text=eol + code)])
+    end = _end_of(sel.text, server.position_encoding)
+    prefix = "" if sel.text.endswith(("\n", "\r")) or not sel.text else eol
+    return workspace_edit(server, sel.uri, sel.version, [types.TextEdit(range=types.Range(start=end, end=end), new_text=prefix + eol + code)])
+
+
+def _end_of(text: str, encoding: str) -> types.Position:
+    lines = split_lines(text)
+    end = position_at(lines, len(text), encoding)
+    return types.Position(line=end.line, character=end.character)

@@ -1,0 +1,62 @@
+"""Hover: a short explanation of the identifier under the pointer, cached per document version."""
+
+from __future__ import annotations
+
+from lsprotocol import types
+
+from .. import answers
+from ..engine import Priority
+from ..prompts import PromptTooLong, format_for
+from ..prompts.requests import hover_prompt, prompt_budget
+from ..server import StarChatServer
+from ..text import Pos
+from .common import to_range
+
+CACHE_SIZE = 128
+
+
+def register(server: StarChatServer) -> None:
+    @server.feature(types.TEXT_DOCUMENT_HOVER)
+    async def hover(ls: StarChatServer, params: types.HoverParams) -> types.Hover | None:
+        if not ls.settings.hover_enabled:
+            return None
+        uri = params.text_document.uri
+        document = ls.open_document(uri)
+        position = Pos(params.position.line, params.position.character)
+        engine = await ls.ready_engine()
+        settings = ls.settings
+        try:
+            built = hover_prompt(
+                format_for(engine.tokenizer),
+                system=settings.system_prompt,
+                budget=prompt_budget(settings.context_window, engine.context_window, settings.hover_max_new_tokens),
+                text=document.source,
+                position=position,
+                path=ls.relative_path(uri),
+                language=document.language_id or "",
+                encoding=ls.position_encoding,
+            )
+        except PromptTooLong:
+            return None
+        if built is None:
+            return None
+        prompt, word = built
+        key = (uri, document.version, word)
+        if key in ls.hover_cache:
+            ls.hover_cache.move_to_end(key)
+            return ls.hover_cache[key]
+        generation = await ls.generate(
+            prompt.ids,
+            title="StarChat: hover",
+            priority=Priority.HOVER,
+            max_new_tokens=settings.hover_max_new_tokens,
+            work_done_token=params.work_done_token,
+        )
+        result = types.Hover(
+            contents=types.MarkupContent(kind=types.MarkupKind.Markdown, value=answers.hover_markdown(generation.text)),
+            range=to_range(word),
+        )
+        ls.hover_cache[key] = result
+        while len(ls.hover_cache) > CACHE_SIZE:
+            ls.hover_cache.popitem(last=False)
+        return result

@@ -1,0 +1,54 @@
+"""initialize / initialized / configuration / shutdown."""
+
+from __future__ import annotations
+
+import logging
+
+from lsprotocol import types
+
+from ..server import StarChatServer
+
+log = logging.getLogger(__name__)
+
+
+def _supports_configuration(server: StarChatServer) -> bool:
+    workspace = server.client_capabilities.workspace
+    return bool(workspace and workspace.configuration)
+
+
+async def _pull_configuration(server: StarChatServer) -> object:
+    if not _supports_configuration(server):
+        return None
+    try:
+        result = await server.workspace_configuration_async(
+            types.ConfigurationParams(items=[types.ConfigurationItem(section="starchat")])
+        )
+    except Exception as exc:  # a client that fails this request still gets a working server
+        log.warning("workspace/configuration failed: %s", exc)
+        return None
+    return result[0] if result else None
+
+
+def register(server: StarChatServer) -> None:
+    @server.feature(types.INITIALIZE)
+    def initialize(ls: StarChatServer, params: types.InitializeParams) -> None:
+        ls.init_options = params.initialization_options
+        ls.apply_settings(ls.init_options)
+
+    @server.feature(types.INITIALIZED)
+    async def initialized(ls: StarChatServer, params: types.InitializedParams) -> None:
+        ls.apply_settings(ls.init_options, await _pull_configuration(ls))
+        ls.start_loading()
+
+    @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+    async def configuration_changed(ls: StarChatServer, params: types.DidChangeConfigurationParams) -> None:
+        pulled = await _pull_configuration(ls)
+        if pulled is None and isinstance(params.settings, dict):
+            pulled = params.settings
+        ls.hover_cache.clear()
+        if ls.apply_settings(ls.init_options, pulled) and ls._engine_ready is not None:
+            ls.start_loading()
+
+    @server.feature(types.SHUTDOWN)
+    def shutdown(ls: StarChatServer, params: None) -> None:
+        ls.close()

@@ -1,0 +1,19 @@
+"""Prompts: (document, selection, task, history) → token ids. Pure: no pygls, no torch."""
+
+from .build import CodeContext, Prompt, PromptTooLong, build_prompt
+from .format import Message, PromptFormat, StarChatFormat, TemplateFormat, format_for
+from .tasks import Task, instruction
+
+__all__ = [
+    "CodeContext",
+    "Message",
+    "Prompt",
+    "PromptFormat",
+    "PromptTooLong",
+    "StarChatFormat",
+    "Task",
+    "TemplateFormat",
+    "build_prompt",
+    "format_for",
+    "instruction",
+]

@@ -1,0 +1,164 @@
+"""Turn a request into prompt ids that fit an exact token budget (pure).
+
+The user turn holds the task, the file's path and language, the selection, and as many lines
+around the selection as fit: nearest lines first on both sides, so the farthest are the ones
+left out. Counts come from the model's own tokenizer and the final prompt is re-counted whole,
+so ``len(prompt.ids) <= budget`` always holds. The selection is never cut: if it alone does not
+fit, :class:`PromptTooLong` says by how much.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..text import normalize_eol, split_lines
+from .format import Message, PromptFormat
+
+
+class PromptTooLong(ValueError):
+    def __init__(self, needed: int, budget: int, what: str = "The selection and the instructions"):
+        self.needed = needed
+        self.budget = budget
+        super().__init__(
+            f"{what} take {needed:,} tokens, but the prompt may use at most {budget:,} "
+            "(the context window minus the tokens kept for the answer). Select less code, "
+            "or raise contextWindow / lower maxNewTokens."
+        )
+
+
+@dataclass(frozen=True)
+class CodeContext:
+    """A document and a selection inside it (string offsets into ``text``)."""
+
+    text: str
+    start: int
+    end: int
+    language: str = ""
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    messages: list[Message]
+    lines_before: int = 0
+    lines_after: int = 0
+    history_dropped: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def build_prompt(
+    fmt: PromptFormat,
+    *,
+    system: str,
+    history: Sequence[Message],
+    budget: int,
+    context: CodeContext | None = None,
+) -> Prompt:
+    """``history`` ends with the user's message; ``context`` is attached to that message."""
+    if not history or history[-1].role != "user":
+        raise ValueError("the conversation must end with a user message")
+    earlier, question = list(history[:-1]), history[-1].content
+
+    def dialogue(turn: str, kept: list[Message]) -> list[Message]:
+        return [Message("system", system), *kept, Message("user", turn)]
+
+    if context is None:
+        render = lambda before, after: question  # noqa: E731
+        before_lines: list[str] = []
+        after_lines: list[str] = []
+    else:
+        before_lines = split_lines(normalize_eol(context.text[: context.start]))
+        after_lines = split_lines(normalize_eol(context.text[context.end :]))
+        selection = normalize_eol(context.text[context.start : context.end])
+        render = lambda before, after: _code_turn(question, context, selection, before, after)  # noqa: E731
+
+    # Old turns go first when even the bare question does not fit.
+    dropped = 0
+    while True:
+        base = fmt.encode_dialogue(dialogue(render([], []), earlier))
+        if len(base) <= budget or not earlier:
+            break
+        earlier = earlier[2:] if len(earlier) > 1 else []
+        dropped += 1
+    if len(base) > budget:
+        raise PromptTooLong(len(base), budget)
+
+    def count(n_before: int, n_after: int) -> list[int]:
+        before = before_lines[len(before_lines) - n_before :] if n_before else []
+        return fmt.encode_dialogue(dialogue(render(before, after_lines[:n_after]), earlier))
+
+    n_before, n_after = _fill(fmt, before_lines, after_lines, budget - len(base), count, len(base))
+    ids = count(n_before, n_after)
+    # The per-line counts are estimates (a line's tokens can merge with its neighbours');
+    # the whole prompt is the truth, so drop the farthest line until it fits.
+    while len(ids) > budget:
+        if n_before > n_after:
+            n_before -= 1
+        else:
+            n_after -= 1
+        ids = count(n_before, n_after)
+    before = before_lines[len(before_lines) - n_before :] if n_before else []
+    messages = dialogue(render(before, after_lines[:n_after]), earlier)
+    return Prompt(ids, messages, n_before, n_after, dropped)
+
+
+def _fill(fmt, before_lines, after_lines, room, count, base_len) -> tuple[int, int]:
+    """How many lines before and after fit in ``room`` tokens, nearest first, alternating."""
+    overhead = {
+        "before": len(count(1, 0)) - base_len - len(fmt.encode_text(before_lines[-1])) if before_lines else 0,
+        "after": len(count(0, 1)) - base_len - len(fmt.encode_text(after_lines[0])) if after_lines else 0,
+    }
+    taken = {"before": 0, "after": 0}
+    open_sides = {side for side, lines in (("before", before_lines), ("after", after_lines)) if _has_text(lines)}
+    used = 0
+    while open_sides:
+        for side in ("before", "after"):
+            if side not in open_sides:
+                continue
+            lines = before_lines if side == "before" else after_lines
+            n = taken[side]
+            if n >= len(lines):
+                open_sides.discard(side)
+                continue
+            line = lines[len(lines) - 1 - n] if side == "before" else lines[n]
+            cost = len(fmt.encode_text(line)) + (overhead[side] if n == 0 else 0)
+            if used + cost > room:
+                open_sides.discard(side)
+                continue
+            used += cost
+            taken[side] = n + 1
+    return taken["before"], taken["after"]
+
+
+def _has_text(lines: list[str]) -> bool:
+    return any(line.strip() for line in lines)
+
+
+def _fence(language: str, code: str) -> str:
+    if not code.endswith("\n"):
+        code += "\n"
+    return f"```{language}\n{code}```"
+
+
+def _code_turn(question: str, ctx: CodeContext, selection: str, before: list[str], after: list[str]) -> str:
+    lang = ctx.language
+    if ctx.path:
+        where = f"File: `{ctx.path}`" + (f" ({lang})" if lang else "")
+    else:
+        where = f"Language: {lang}" if lang else ""
+    parts = [question]
+    if where:
+        parts.append(where)
+    before_text, after_text = "".join(before), "".join(after)
+    if not selection:  # a chat about the file as a whole
+        if (before_text + after_text).strip():
+            parts.append("The file:\n" + _fence(lang, before_text + after_text))
+        return "\n\n".join(parts)
+    if before_text.strip():
+        parts.append("Code before the selection:\n" + _fence(lang, before_text))
+    parts.append("Selected code:\n" + _fence(lang, selection))
+    if after_text.strip():
+        parts.append("Code after the selection:\n" + _fence(lang, after_text))
+    return "\n\n".join(parts)

@@ -1,0 +1,102 @@
+"""From what an editor sends (text, range, task) to a prompt: shared by the LSP features, the
+``ask`` command line and the test model's builder, so all three prompt the model identically."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..text import Pos, Span, column_to_index, index_to_column, offset_at, split_lines, strip_eol, word_at
+from .build import CodeContext, Prompt, build_prompt
+from .format import Message, PromptFormat
+from .tasks import Task, instruction
+
+
+def prompt_budget(context_window: int, model_window: int, max_new_tokens: int) -> int:
+    """Tokens the prompt may use: the window (the setting, capped by the model's) minus the answer."""
+    window = min(context_window, model_window) if context_window else model_window
+    return max(window - max_new_tokens, 0)
+
+
+def selection_offsets(text: str, span: Span, encoding: str = "utf-16") -> tuple[int, int]:
+    """String offsets of ``span``; an empty span means the whole line under the cursor."""
+    if span.end < span.start:
+        raise ValueError(
+            f"the range ends ({span.end.line}:{span.end.character}) before it starts "
+            f"({span.start.line}:{span.start.character})"
+        )
+    lines = split_lines(text)
+    if span.is_empty:
+        line = min(span.start.line, len(lines) - 1)
+        start = offset_at(lines, Pos(line, 0), encoding)
+        return start, start + len(lines[line])
+    return offset_at(lines, span.start, encoding), offset_at(lines, span.end, encoding)
+
+
+def code_prompt(
+    fmt: PromptFormat,
+    *,
+    system: str,
+    budget: int,
+    text: str,
+    span: Span,
+    task: Task,
+    question: str = "",
+    path: str = "",
+    language: str = "",
+    encoding: str = "utf-16",
+) -> Prompt:
+    start, end = selection_offsets(text, span, encoding)
+    context = CodeContext(text, start, end, language, path)
+    turn = instruction(task, question)
+    return build_prompt(fmt, system=system, history=[Message("user", turn)], budget=budget, context=context)
+
+
+def hover_prompt(
+    fmt: PromptFormat,
+    *,
+    system: str,
+    budget: int,
+    text: str,
+    position: Pos,
+    path: str = "",
+    language: str = "",
+    encoding: str = "utf-16",
+) -> tuple[Prompt, Span] | None:
+    """Explain the identifier under ``position`` within its line; ``None`` off an identifier."""
+    lines = split_lines(text)
+    if position.line >= len(lines):
+        return None
+    line = strip_eol(lines[position.line])
+    found = word_at(line, column_to_index(line, position.character, encoding))
+    if found is None:
+        return None
+    symbol = line[found[0] : found[1]]
+    start = offset_at(lines, Pos(position.line, 0), encoding)
+    context = CodeContext(text, start, start + len(line), language, path)
+    turn = instruction(Task.HOVER, symbol=symbol)
+    prompt = build_prompt(fmt, system=system, history=[Message("user", turn)], budget=budget, context=context)
+    word_span = Span(
+        Pos(position.line, index_to_column(line, found[0], encoding)),
+        Pos(position.line, index_to_column(line, found[1], encoding)),
+    )
+    return prompt, word_span
+
+
+def chat_prompt(
+    fmt: PromptFormat,
+    *,
+    system: str,
+    budget: int,
+    messages: Sequence[Message],
+    text: str | None = None,
+    span: Span | None = None,
+    path: str = "",
+    language: str = "",
+    encoding: str = "utf-16",
+) -> Prompt:
+    context = None
+    if text is not None:
+        # Without a range the file is context around an empty selection at its start.
+        start, end = selection_offsets(text, span, encoding) if span else (0, 0)
+        context = CodeContext(text, start, end, language, path)
+    return build_prompt(fmt, system=system, history=list(messages), budget=budget, context=context)

@@ -1,0 +1,89 @@
+"""The custom part of the protocol: one method prefix ``starchat/``, commands ``starchat.*``,
+typed payloads (camelCase on the wire). docs/protocol.md describes each of them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+import attrs
+import cattrs
+from lsprotocol import types
+from pygls.exceptions import JsonRpcInvalidParams
+
+from .prompts import Task
+
+CHAT = "starchat/chat"
+STATUS = "starchat/status"  # server → client notification
+
+CMD_ASK = "starchat.ask"  # {textDocument, range, question}: answer shown to the user
+CMD_EXPLAIN = "starchat.explain"  # {textDocument, range}
+CMD_RUN_TASK = "starchat.runTask"  # {textDocument, range, task, version?}: applies the edit
+CMD_EDIT = "starchat.edit"  # {textDocument, range, instruction, mode}: applies the answer's code
+CLIENT_ASK_QUESTION = "starchat.askQuestion"  # client-side: asks the user, then calls starchat.ask
+
+ProgressToken = Union[int, str]
+EditMode = Literal["replace", "insertAbove", "insertBelow"]
+
+
+@attrs.define
+class ChatMessage:
+    role: Literal["user", "assistant"]
+    content: str
+
+
+@attrs.define
+class ChatParams:
+    messages: list[ChatMessage]
+    text_document: Optional[types.TextDocumentIdentifier] = None
+    range: Optional[types.Range] = None
+    max_new_tokens: Optional[int] = None
+    work_done_token: Optional[ProgressToken] = None
+    partial_result_token: Optional[ProgressToken] = None
+
+
+@attrs.define
+class Answer:
+    """The result of ``starchat/chat`` and of the ``starchat.ask``/``explain`` commands."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@attrs.define
+class CodeActionData:
+    """Carried from ``textDocument/codeAction`` to ``codeAction/resolve``."""
+
+    uri: str
+    range: types.Range
+    version: Optional[int]
+    task: Task
+
+
+@attrs.define
+class SelectionArgs:
+    text_document: types.TextDocumentIdentifier
+    range: types.Range
+    question: str = ""
+    task: Optional[Task] = None
+    version: Optional[int] = None
+    instruction: str = ""
+    mode: EditMode = "replace"
+
+
+@attrs.define
+class StatusParams:
+    """``starchat/status``: the engine's state, sent whenever it changes."""
+
+    state: Literal["loading", "ready", "generating", "error"]
+    message: str
+
+
+def structure(converter: cattrs.Converter, value: Any, cls: type) -> Any:
+    """Structure a payload or raise InvalidParams naming the fields that are wrong."""
+    try:
+        return converter.structure(value, cls)
+    except Exception as exc:  # cattrs raises several kinds
+        details = "; ".join(cattrs.transform_error(exc, path="params")) if isinstance(exc, cattrs.BaseValidationError) else str(exc)
+        raise JsonRpcInvalidParams(f"Invalid params for {cls.__name__}: {details}") from None

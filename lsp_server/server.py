@@ -1,0 +1,258 @@
+"""The language server object: settings, the engine and its worker, in-flight work. No handlers
+here; :mod:`lsp_server.setup` registers them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable
+
+from lsprotocol import types
+from pygls.exceptions import JsonRpcException
+from pygls.lsp.server import LanguageServer
+from pygls.protocol import default_converter
+from pygls.uris import to_fs_path
+
+from . import __version__
+from .config import Settings, merge, reloads_model
+from .engine import Busy, Engine, EngineError, Generation, Priority, Sampling, Worker, load_engine, stream
+from .protocol import STATUS, StatusParams
+
+log = logging.getLogger(__name__)
+
+
+class RequestFailed(JsonRpcException):
+    """LSP 3.17 RequestFailed: the request was valid but could not be done; the message says why."""
+
+    CODE = -32803
+
+
+class StarChatServer(LanguageServer):
+    def __init__(self, settings: Settings | None = None):
+        super().__init__("starchat-lsp", __version__)
+        self.base_settings = settings or Settings()  # defaults + command line
+        self.settings = self.base_settings
+        self.init_options: Any = None
+        self.worker = Worker(self.settings.queue_size)
+        self.engine: Engine | None = None
+        self.engine_error: str | None = None
+        self._engine_ready: asyncio.Future[Engine] | None = None
+        self.converter = default_converter()
+        self.hover_cache: OrderedDict[tuple, types.Hover | None] = OrderedDict()
+        self._background: set[asyncio.Task] = set()
+
+    # ---- settings -------------------------------------------------------------------------
+    def apply_settings(self, *sources: Any) -> bool:
+        """Recompute settings from the command line and the editor's sources; tell the user about
+        bad values. Returns whether the model must be reloaded."""
+        settings, problems = self.base_settings, []
+        for raw in sources:
+            settings, found = merge(settings, raw)
+            problems += found
+        for problem in problems:
+            self.show_message(problem, types.MessageType.Warning)
+        old, self.settings = self.settings, settings
+        self.worker.queue_size = settings.queue_size
+        return reloads_model(old, settings)
+
+    # ---- engine ---------------------------------------------------------------------------
+    def start_loading(self) -> None:
+        """Load (or reload) the model in the background; requests wait for it."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[Engine] = loop.create_future()
+        ready.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)  # no "never retrieved"
+        self._engine_ready = ready
+        self.run_in_background(self._load(self.settings, ready))
+
+    async def _load(self, settings: Settings, ready: asyncio.Future) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        self.status("loading", f"Loading {settings.model}")
+        async with WorkDone(self, "StarChat: loading the model") as progress:
+            old, self.engine = self.engine, None
+            if old is not None:
+                self.worker.submit(old.close, Priority.LOAD)
+
+            def work() -> Engine:
+                return load_engine(settings, lambda msg: loop.call_soon_threadsafe(progress.report, msg))
+
+            try:
+                engine = await asyncio.wrap_future(self.worker.submit(work, Priority.LOAD))
+            except Exception as exc:
+                message = str(exc) if isinstance(exc, EngineError) else f"Could not load {settings.model}: {type(exc).__name__}: {exc}"
+                if not isinstance(exc, EngineError):
+                    log.exception("model load failed")
+                if ready is self._engine_ready:
+                    self.engine_error = message
+                    ready.set_exception(EngineError(message))
+                    self.status("error", message)
+                    self.show_message(message, types.MessageType.Error)
+                return
+        if ready is not self._engine_ready:  # settings changed while loading
+            self.worker.submit(engine.close, Priority.LOAD)
+            return
+        self.engine, self.engine_error = engine, None
+        ready.set_result(engine)
+        log.info("model ready in %.1f s: %s", time.monotonic() - started, engine.description)
+        self.status("ready", f"Ready: {engine.description}")
+
+    async def ready_engine(self) -> Engine:
+        """The loaded engine; waits (bounded, with progress) while it loads."""
+        if self._engine_ready is None:
+            self.start_loading()
+        ready = self._engine_ready
+        assert ready is not None
+        if not ready.done():
+            async with WorkDone(self, "StarChat: waiting for the model to load"):
+                try:
+                    await asyncio.wait_for(asyncio.shield(ready), self.settings.load_timeout)
+                except asyncio.TimeoutError:
+                    raise RequestFailed(
+                        f"The model is still loading after {self.settings.load_timeout:.0f} s (setting loadTimeout)."
+                    ) from None
+                except EngineError:
+                    pass
+        if ready.exception() is not None:
+            raise RequestFailed(str(ready.exception()))
+        return ready.result()
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        *,
+        title: str,
+        priority: Priority = Priority.USER,
+        max_new_tokens: int | None = None,
+        work_done_token: Any = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """Run the model with progress; cancelling the calling task stops the decoding loop."""
+        engine = await self.ready_engine()
+        sampling = Sampling.from_settings(self.settings, max_new_tokens)
+        async with WorkDone(self, title, token=work_done_token, cancellable=True) as progress:
+            pieces = 0
+
+            def on_piece(delta: str) -> None:
+                nonlocal pieces
+                pieces += 1
+                progress.report(f"{pieces} tokens", throttle=True)
+                if on_text is not None:
+                    on_text(delta)
+
+            self.status("generating", title)
+            try:
+                return await stream(self.worker, engine, prompt_ids, sampling, priority, on_piece)
+            except (Busy, EngineError) as exc:
+                raise RequestFailed(str(exc)) from None
+            finally:
+                self.status("ready" if self.worker.waiting == 0 else "generating", "Ready")
+
+    # ---- documents ------------------------------------------------------------------------
+    def open_document(self, uri: str):
+        """The editor's copy of a document. Only documents the editor opened are read: the server
+        never goes to the disk for a URI it was sent."""
+        document = self.workspace.text_documents.get(uri)
+        if document is None:
+            raise RequestFailed(f"The document {uri} is not open in the editor (send textDocument/didOpen first).")
+        return document
+
+    def relative_path(self, uri: str) -> str:
+        path = to_fs_path(uri)
+        if path is None:
+            return ""
+        for folder in [*self.workspace.folders.values(), *([types.WorkspaceFolder(self.workspace.root_uri, "root")] if self.workspace.root_uri else [])]:
+            root = to_fs_path(folder.uri)
+            if root and Path(path).is_relative_to(root):
+                return Path(path).relative_to(root).as_posix()
+        return Path(path).name
+
+    @property
+    def position_encoding(self) -> str:
+        encoding = self.workspace.position_encoding
+        return str(getattr(encoding, "value", encoding) or "utf-16")
+
+    # ---- talking to the user --------------------------------------------------------------
+    def show_message(self, message: str, kind: types.MessageType = types.MessageType.Info) -> None:
+        self.window_show_message(types.ShowMessageParams(type=kind, message=message))
+
+    def status(self, state: str, message: str) -> None:
+        self.protocol.notify(STATUS, StatusParams(state=state, message=message))  # type: ignore[arg-type]
+
+    def experimental(self, name: str) -> Any:
+        """A flag from the client's ``capabilities.experimental.starchat`` object."""
+        experimental = self.client_capabilities.experimental
+        if isinstance(experimental, dict) and isinstance(experimental.get("starchat"), dict):
+            return experimental["starchat"].get(name)
+        return None
+
+    def run_in_background(self, coroutine: Any) -> asyncio.Task:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+
+        def done(finished: asyncio.Task) -> None:
+            self._background.discard(finished)
+            if not finished.cancelled() and finished.exception() is not None:
+                log.error("background task failed", exc_info=finished.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+class WorkDone:
+    """Work-done progress for one piece of work: the client's token if it sent one, else a token
+    the server creates when the client supports that. Cancelling from the client's progress UI
+    cancels the task that owns this progress."""
+
+    def __init__(self, server: StarChatServer, title: str, token: Any = None, cancellable: bool = False):
+        self.server = server
+        self.title = title
+        self.token = token
+        self.cancellable = cancellable
+        self._last_report = 0.0
+
+    async def __aenter__(self) -> "WorkDone":
+        progress = self.server.work_done_progress
+        window = self.server.client_capabilities.window
+        if self.token is None and window is not None and window.work_done_progress:
+            token = f"starchat-{uuid.uuid4().hex[:12]}"
+            try:
+                await asyncio.wait_for(progress.create_async(token), 10)
+                self.token = token
+            except Exception:
+                log.debug("client did not accept a progress token")
+        if self.token is None:
+            return self
+        progress.begin(self.token, types.WorkDoneProgressBegin(title=self.title, cancellable=self.cancellable))
+        if self.cancellable:
+            task = asyncio.current_task()
+            loop = asyncio.get_running_loop()
+            assert task is not None
+
+            def on_cancel(future: Any) -> None:
+                if future.cancelled():
+                    loop.call_soon_threadsafe(task.cancel)
+
+            progress.tokens[self.token].add_done_callback(on_cancel)
+        return self
+
+    def report(self, message: str, throttle: bool = False) -> None:
+        if self.token is None:
+            return
+        now = time.monotonic()
+        if throttle and now - self._last_report < 0.2:
+            return
+        self._last_report = now
+        self.server.work_done_progress.report(self.token, types.WorkDoneProgressReport(message=message))
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        if self.token is None:
+            return
+        self.server.work_done_progress.end(self.token, types.WorkDoneProgressEnd())
+        self.server.work_done_progress.tokens.pop(self.token, None)

@@ -1,0 +1,83 @@
+"""The fixed requests the test model is trained to answer, and the workspace they refer to.
+
+Tests in every client (pytest-lsp, Neovim, VS Code) and the benchmarks open these files, send
+these requests with the default settings and temperature 0, and see these exact answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..prompts import Task
+from ..text import Pos, Span
+
+CALC_PY = """import math
+
+
+def average(values):
+    return sum(values) / len(values) + 1
+
+
+def area(radius):
+    return math.pi * radius * radius
+"""
+
+WORKSPACE_FILES = {"calc.py": CALC_PY}
+LANGUAGE = "python"
+
+# Lines 3-4 hold average(), lines 7-8 area() (0-based).
+AVERAGE = Span(Pos(3, 0), Pos(5, 0))
+AREA = Span(Pos(7, 0), Pos(9, 0))
+
+FIX_ANSWER = "The `+ 1` is a bug; the mean is the sum over the count.\n\n```python\ndef average(values):\n    return sum(values) / len(values)\n```"
+FIXED_AVERAGE = "def average(values):\n    return sum(values) / len(values)\n"
+OPTIMIZE_ANSWER = "```python\ndef area(radius):\n    return math.pi * radius ** 2\n```"
+OPTIMIZED_AREA = "def area(radius):\n    return math.pi * radius ** 2\n"
+DOCUMENT_ANSWER = "```python\n# Return the area of a circle of the given radius.\n```"
+DOCUMENT_LINE = "# Return the area of a circle of the given radius.\n"
+TESTS_ANSWER = "```python\nfrom calc import average\n\n\ndef test_average():\n    assert average([1, 2, 3]) == 2\n```"
+TESTS_CODE = "from calc import average\n\n\ndef test_average():\n    assert average([1, 2, 3]) == 2\n"
+EXPLAIN_ANSWER = "It returns the mean of the values, plus one."
+ASK_QUESTION = "Does this handle an empty list?"
+ASK_ANSWER = "No: an empty list raises ZeroDivisionError."
+HOVER_POSITION = Pos(7, 5)  # on "area" in "def area(radius):"
+HOVER_ANSWER = "`area` returns the area of a circle of the given radius."
+CHAT_QUESTION = "Say hello."
+CHAT_ANSWER = "Hello from StarChat! How can I help with your code?"
+CHAT_FOLLOW_UP = "And goodbye?"
+CHAT_FOLLOW_UP_ANSWER = "Goodbye, and happy coding!"
+LONG_QUESTION = "Count for ever."
+LONG_ANSWER_UNIT = "tick tock "
+
+
+@dataclass(frozen=True)
+class CodeScenario:
+    task: Task
+    span: Span
+    answer: str
+    question: str = ""
+    path: str = "calc.py"
+
+
+@dataclass(frozen=True)
+class ChatScenario:
+    messages: tuple[tuple[str, str], ...]
+    answer: str
+    ends: bool = True  # False: the answer goes on (for cancellation tests)
+    extra: dict = field(default_factory=dict)
+
+
+CODE_SCENARIOS = [
+    CodeScenario(Task.FIX, AVERAGE, FIX_ANSWER),
+    CodeScenario(Task.OPTIMIZE, AREA, OPTIMIZE_ANSWER),
+    CodeScenario(Task.DOCUMENT, AREA, DOCUMENT_ANSWER),
+    CodeScenario(Task.TESTS, AVERAGE, TESTS_ANSWER),
+    CodeScenario(Task.EXPLAIN, AVERAGE, EXPLAIN_ANSWER),
+    CodeScenario(Task.ASK, AVERAGE, ASK_ANSWER, question=ASK_QUESTION),
+]
+
+CHAT_SCENARIOS = [
+    ChatScenario((("user", CHAT_QUESTION),), CHAT_ANSWER),
+    ChatScenario((("user", CHAT_QUESTION), ("assistant", CHAT_ANSWER), ("user", CHAT_FOLLOW_UP)), CHAT_FOLLOW_UP_ANSWER),
+    ChatScenario((("user", LONG_QUESTION),), LONG_ANSWER_UNIT * 120, ends=False),
+]

@@ -1,0 +1,115 @@
+"""Text and position arithmetic as LSP defines it (pure, no pygls).
+
+LSP breaks lines only at ``\\n``, ``\\r\\n`` and ``\\r`` (``str.splitlines`` also breaks at
+``\\f``, ``\\x85``, U+2028 and others, which would shift every line number after them).
+Columns count code units of the negotiated position encoding: UTF-16 by default, UTF-8 or
+UTF-32 when both sides agree.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+@dataclass(frozen=True, order=True)
+class Pos:
+    line: int
+    character: int
+
+
+@dataclass(frozen=True)
+class Span:
+    """A range of a document, in the client's position encoding."""
+
+    start: Pos
+    end: Pos
+
+    @property
+    def is_empty(self) -> bool:
+        return self.start == self.end
+
+
+def split_lines(text: str) -> list[str]:
+    """Split at LSP line breaks, keeping them; a trailing break starts a last empty line.
+
+    ``"a\\nb"`` → ``["a\\n", "b"]``; ``"a\\n"`` → ``["a\\n", ""]``; ``""`` → ``[""]``.
+    """
+    lines: list[str] = []
+    start = 0
+    for match in _LINE_BREAK.finditer(text):
+        lines.append(text[start : match.end()])
+        start = match.end()
+    lines.append(text[start:])
+    return lines
+
+
+def strip_eol(line: str) -> str:
+    return line.rstrip("\r\n") if line.endswith(("\n", "\r")) else line
+
+
+def detect_eol(text: str) -> str:
+    """The document's first line break, ``\\n`` when it has none."""
+    match = _LINE_BREAK.search(text)
+    return match.group(0) if match else "\n"
+
+
+def normalize_eol(text: str) -> str:
+    return _LINE_BREAK.sub("\n", text)
+
+
+def _units(char: str, encoding: str) -> int:
+    if encoding == "utf-16":
+        return 2 if ord(char) > 0xFFFF else 1
+    if encoding == "utf-8":
+        return len(char.encode("utf-8"))
+    return 1
+
+
+def column_to_index(line: str, character: int, encoding: str = "utf-16") -> int:
+    """Python index in ``line`` (without its break) of an LSP column, clamped to the line's end.
+
+    A column that falls inside a character (half a surrogate pair) moves to that character's end.
+    """
+    units = 0
+    for index, char in enumerate(line):
+        if units >= character:
+            return index
+        units += _units(char, encoding)
+    return len(line)
+
+
+def index_to_column(line: str, index: int, encoding: str = "utf-16") -> int:
+    return sum(_units(char, encoding) for char in line[:index])
+
+
+def offset_at(lines: list[str], pos: Pos, encoding: str = "utf-16") -> int:
+    """String offset of ``pos``; past the last line → end of text, past a line's end → its end."""
+    if pos.line < 0 or pos.character < 0:
+        raise ValueError(f"negative position {pos.line}:{pos.character}")
+    if pos.line >= len(lines):
+        return sum(len(line) for line in lines)
+    before = sum(len(line) for line in lines[: pos.line])
+    return before + column_to_index(strip_eol(lines[pos.line]), pos.character, encoding)
+
+
+def position_at(lines: list[str], offset: int, encoding: str = "utf-16") -> Pos:
+    for number, line in enumerate(lines):
+        if offset <= len(strip_eol(line)) or number == len(lines) - 1:
+            return Pos(number, index_to_column(line, min(offset, len(strip_eol(line))), encoding))
+        offset -= len(line)
+    return Pos(0, 0)  # pragma: no cover - lines is never empty
+
+
+def indentation_of(line: str) -> str:
+    return line[: len(line) - len(line.lstrip(" \t"))]
+
+
+def word_at(line: str, index: int) -> tuple[int, int] | None:
+    """Start and end index of the identifier under ``index`` in ``line``, if any."""
+    for match in re.finditer(r"[A-Za-z_$][\w$]*", line):
+        if match.start() <= index <= match.end():
+            return match.start(), match.end()
+    return None
