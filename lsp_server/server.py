@@ -11,10 +11,11 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
+import attrs
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException
 from pygls.lsp.server import LanguageServer
-from pygls.protocol import default_converter
+from pygls.protocol import JsonRPCNotification, JsonRPCRequestMessage, default_converter
 from pygls.uris import to_fs_path
 
 from . import __version__
@@ -25,6 +26,19 @@ from .protocol import STATUS, StatusParams
 log = logging.getLogger(__name__)
 
 
+def make_converter():
+    """pygls's converter, except that custom methods' params stay plain JSON (pygls turns them
+    into namedtuples); the handlers structure them into the typed payloads of protocol.py."""
+    converter = default_converter()
+
+    def keep_params(obj: dict, cls: type) -> Any:
+        return cls(**{field.name: obj.get(field.name) for field in attrs.fields(cls)})
+
+    converter.register_structure_hook(JsonRPCRequestMessage, keep_params)
+    converter.register_structure_hook(JsonRPCNotification, keep_params)
+    return converter
+
+
 class RequestFailed(JsonRpcException):
     """LSP 3.17 RequestFailed: the request was valid but could not be done; the message says why."""
 
@@ -33,17 +47,19 @@ class RequestFailed(JsonRpcException):
 
 class StarChatServer(LanguageServer):
     def __init__(self, settings: Settings | None = None):
-        super().__init__("starchat-lsp", __version__)
+        super().__init__("starchat-lsp", __version__, converter_factory=make_converter)
         self.base_settings = settings or Settings()  # defaults + command line
         self.settings = self.base_settings
         self.init_options: Any = None
         self.worker = Worker(self.settings.queue_size)
         self.engine: Engine | None = None
         self.engine_error: str | None = None
-        self._engine_ready: asyncio.Future[Engine] | None = None
-        self.converter = default_converter()
+        self.engine_ready: asyncio.Future[Engine] | None = None
+        self.configured = asyncio.Event()  # set once `initialized` has gathered the settings
+        self.converter = self.protocol._converter
         self.hover_cache: OrderedDict[tuple, types.Hover | None] = OrderedDict()
         self._background: set[asyncio.Task] = set()
+        self.shutting_down = False
 
     # ---- settings -------------------------------------------------------------------------
     def apply_settings(self, *sources: Any) -> bool:
@@ -65,7 +81,7 @@ class StarChatServer(LanguageServer):
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[Engine] = loop.create_future()
         ready.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)  # no "never retrieved"
-        self._engine_ready = ready
+        self.engine_ready = ready
         self.run_in_background(self._load(self.settings, ready))
 
     async def _load(self, settings: Settings, ready: asyncio.Future) -> None:
@@ -86,14 +102,17 @@ class StarChatServer(LanguageServer):
                 message = str(exc) if isinstance(exc, EngineError) else f"Could not load {settings.model}: {type(exc).__name__}: {exc}"
                 if not isinstance(exc, EngineError):
                     log.exception("model load failed")
-                if ready is self._engine_ready:
-                    self.engine_error = message
-                    ready.set_exception(EngineError(message))
-                    self.status("error", message)
-                    self.show_message(message, types.MessageType.Error)
+                if ready is not self.engine_ready:
+                    ready.set_exception(_Superseded())
+                    return
+                self.engine_error = message
+                ready.set_exception(EngineError(message))
+                self.status("error", message)
+                self.show_message(message, types.MessageType.Error)
                 return
-        if ready is not self._engine_ready:  # settings changed while loading
+        if ready is not self.engine_ready:  # settings changed while loading: waiters move on
             self.worker.submit(engine.close, Priority.LOAD)
+            ready.set_exception(_Superseded())
             return
         self.engine, self.engine_error = engine, None
         ready.set_result(engine)
@@ -101,21 +120,21 @@ class StarChatServer(LanguageServer):
         self.status("ready", f"Ready: {engine.description}")
 
     async def ready_engine(self) -> Engine:
-        """The loaded engine; waits (bounded, with progress) while it loads."""
-        if self._engine_ready is None:
-            self.start_loading()
-        ready = self._engine_ready
-        assert ready is not None
-        if not ready.done():
+        """The loaded engine; waits (bounded, with progress) while the client finishes
+        initializing and the model loads (again, if settings changed meanwhile)."""
+        ready = self.engine_ready
+        if ready is None or not ready.done():
             async with WorkDone(self, "StarChat: waiting for the model to load"):
                 try:
-                    await asyncio.wait_for(asyncio.shield(ready), self.settings.load_timeout)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(self.settings.load_timeout):
+                        await self.configured.wait()
+                        while not (ready := self.engine_ready).done() or isinstance(ready.exception(), _Superseded):
+                            await asyncio.wait([ready])
+                except TimeoutError:
                     raise RequestFailed(
                         f"The model is still loading after {self.settings.load_timeout:.0f} s (setting loadTimeout)."
                     ) from None
-                except EngineError:
-                    pass
+        assert ready is not None
         if ready.exception() is not None:
             raise RequestFailed(str(ready.exception()))
         return ready.result()
@@ -177,10 +196,16 @@ class StarChatServer(LanguageServer):
 
     # ---- talking to the user --------------------------------------------------------------
     def show_message(self, message: str, kind: types.MessageType = types.MessageType.Info) -> None:
-        self.window_show_message(types.ShowMessageParams(type=kind, message=message))
+        if not self.shutting_down:
+            self.window_show_message(types.ShowMessageParams(type=kind, message=message))
 
     def status(self, state: str, message: str) -> None:
-        self.protocol.notify(STATUS, StatusParams(state=state, message=message))  # type: ignore[arg-type]
+        if not self.shutting_down:
+            self.protocol.notify(STATUS, StatusParams(state=state, message=message))  # type: ignore[arg-type]
+
+    def report_server_error(self, error: Exception, source: Any) -> None:
+        """Errors outside a request are logged; the user hears only about what they can act on."""
+        log.error("server error (%s): %s", getattr(source, "__name__", source), error)
 
     def experimental(self, name: str) -> Any:
         """A flag from the client's ``capabilities.experimental.starchat`` object."""
@@ -202,7 +227,15 @@ class StarChatServer(LanguageServer):
         return task
 
     def close(self) -> None:
+        """After ``shutdown``: stop all work and send nothing more."""
+        self.shutting_down = True
+        for task in list(self._background):
+            task.cancel()
         self.worker.close()
+
+
+class _Superseded(Exception):
+    """A load whose settings changed before it finished; a newer load replaces it."""
 
 
 class WorkDone:
@@ -243,7 +276,7 @@ class WorkDone:
         return self
 
     def report(self, message: str, throttle: bool = False) -> None:
-        if self.token is None:
+        if self.token is None or self.server.shutting_down:
             return
         now = time.monotonic()
         if throttle and now - self._last_report < 0.2:
@@ -252,7 +285,7 @@ class WorkDone:
         self.server.work_done_progress.report(self.token, types.WorkDoneProgressReport(message=message))
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        if self.token is None:
+        if self.token is None or self.server.shutting_down:
             return
         self.server.work_done_progress.end(self.token, types.WorkDoneProgressEnd())
         self.server.work_done_progress.tokens.pop(self.token, None)

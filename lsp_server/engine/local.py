@@ -54,7 +54,9 @@ class TransformersEngine:
     def load(cls, settings: Any, report: Callable[[str], None] = lambda _: None) -> "TransformersEngine":
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # progress goes to the editor, not to stderr
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         source = settings.model

@@ -39,6 +39,7 @@ def register(server: StarChatServer) -> None:
     async def initialized(ls: StarChatServer, params: types.InitializedParams) -> None:
         ls.apply_settings(ls.init_options, await _pull_configuration(ls))
         ls.start_loading()
+        ls.configured.set()
 
     @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
     async def configuration_changed(ls: StarChatServer, params: types.DidChangeConfigurationParams) -> None:
@@ -46,7 +47,7 @@ def register(server: StarChatServer) -> None:
         if pulled is None and isinstance(params.settings, dict):
             pulled = params.settings
         ls.hover_cache.clear()
-        if ls.apply_settings(ls.init_options, pulled) and ls._engine_ready is not None:
+        if ls.apply_settings(ls.init_options, pulled) and ls.engine_ready is not None:
             ls.start_loading()
 
     @server.feature(types.SHUTDOWN)

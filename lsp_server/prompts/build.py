@@ -69,8 +69,8 @@ def build_prompt(
         before_lines: list[str] = []
         after_lines: list[str] = []
     else:
-        before_lines = split_lines(normalize_eol(context.text[: context.start]))
-        after_lines = split_lines(normalize_eol(context.text[context.end :]))
+        before_lines = _lines(context.text[: context.start])
+        after_lines = _lines(context.text[context.end :])
         selection = normalize_eol(context.text[context.start : context.end])
         render = lambda before, after: _code_turn(question, context, selection, before, after)  # noqa: E731
 
@@ -130,6 +130,11 @@ def _fill(fmt, before_lines, after_lines, room, count, base_len) -> tuple[int, i
             used += cost
             taken[side] = n + 1
     return taken["before"], taken["after"]
+
+
+def _lines(text: str) -> list[str]:
+    lines = split_lines(normalize_eol(text))
+    return lines[:-1] if lines[-1] == "" else lines
 
 
 def _has_text(lines: list[str]) -> bool:

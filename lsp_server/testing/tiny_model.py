@@ -35,7 +35,10 @@ Héllo wörld 你好世界 こんにちは 😀 🚀 café naïve\r\n"""
 
 
 def recipe_fingerprint() -> str:
-    source = Path(sc.__file__).read_text() + Path(__file__).read_text()
+    """Changes whenever anything that shapes the training prompts or answers changes."""
+    package = Path(__file__).resolve().parents[1]
+    files = [Path(__file__), Path(sc.__file__), package / "config.py", package / "text.py", *sorted((package / "prompts").glob("*.py"))]
+    source = "".join(f.read_text() for f in files)
     return hashlib.sha256(f"{RECIPE_VERSION}\n{source}".encode()).hexdigest()[:16]
 
 

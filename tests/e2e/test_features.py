@@ -1,0 +1,259 @@
+"""Every feature over stdio, answered by the trained test model through transformers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from lsprotocol import types
+
+from lsp_server.testing import scenarios as sc
+
+from .conftest import apply_text_edits, plain, rng, wait_until
+
+
+def code_action_params(uri: str, span, only=None) -> types.CodeActionParams:
+    return types.CodeActionParams(
+        text_document=types.TextDocumentIdentifier(uri=uri),
+        range=rng(span),
+        context=types.CodeActionContext(diagnostics=[], only=only),
+    )
+
+
+def single_text_edit(edit: types.WorkspaceEdit, uri: str, version: int | None):
+    assert edit.document_changes, "the edit must be a TextDocumentEdit carrying the version"
+    (change,) = edit.document_changes
+    assert isinstance(change, types.TextDocumentEdit)
+    assert change.text_document.uri == uri
+    assert change.text_document.version == version
+    return change.edits
+
+
+async def test_initialize_is_answered_at_once_and_advertises_the_features(editor):
+    assert editor.initialize_seconds < 5  # the model loads afterwards, in the background
+    caps = editor.init_result.capabilities
+    assert caps.code_action_provider.resolve_provider is True
+    assert "quickfix.starchat.fix" in caps.code_action_provider.code_action_kinds
+    assert caps.hover_provider
+    assert {"starchat.ask", "starchat.explain", "starchat.runTask", "starchat.edit"} <= set(caps.execute_command_provider.commands)
+    assert editor.init_result.server_info.name == "starchat-lsp"
+
+
+async def test_code_actions_are_listed_at_once(editor):
+    uri = editor.open()
+    started = time.monotonic()
+    actions = await editor.client.text_document_code_action_async(code_action_params(uri, sc.AVERAGE))
+    assert time.monotonic() - started < 2.0  # listing never waits for the model
+    titles = [a.title for a in actions]
+    assert titles == ["StarChat: Fix", "StarChat: Optimize", "StarChat: Document", "StarChat: Write tests", "StarChat: Explain"]
+    assert all(getattr(a, "edit", None) is None for a in actions)  # edits come in resolve
+    only = await editor.client.text_document_code_action_async(code_action_params(uri, sc.AVERAGE, only=["quickfix"]))
+    assert [a.title for a in only] == ["StarChat: Fix"]
+
+
+async def resolve(editor, uri, span, title):
+    actions = await editor.client.text_document_code_action_async(code_action_params(uri, span))
+    action = next(a for a in actions if a.title == title)
+    return await editor.client.code_action_resolve_async(action)
+
+
+async def test_fix_replaces_the_selection_with_the_answer_code(editor):
+    uri = editor.open()
+    resolved = await resolve(editor, uri, sc.AVERAGE, "StarChat: Fix")
+    edits = single_text_edit(resolved.edit, uri, 1)
+    assert edits[0].range == rng(sc.AVERAGE)
+    assert edits[0].new_text == sc.FIXED_AVERAGE
+    assert apply_text_edits(sc.CALC_PY, edits) == sc.CALC_PY.replace(
+        "def average(values):\n    return sum(values) / len(values) + 1\n", sc.FIXED_AVERAGE
+    )
+
+
+async def test_optimize_replaces_the_selection(editor):
+    uri = editor.open()
+    resolved = await resolve(editor, uri, sc.AREA, "StarChat: Optimize")
+    edits = single_text_edit(resolved.edit, uri, 1)
+    assert apply_text_edits(sc.CALC_PY, edits).endswith(sc.OPTIMIZED_AREA)
+
+
+async def test_document_inserts_the_comment_above(editor):
+    uri = editor.open()
+    resolved = await resolve(editor, uri, sc.AREA, "StarChat: Document")
+    edits = single_text_edit(resolved.edit, uri, 1)
+    assert edits[0].range.start == edits[0].range.end == types.Position(line=7, character=0)
+    assert sc.DOCUMENT_LINE + "def area(radius):" in apply_text_edits(sc.CALC_PY, edits)
+
+
+async def test_write_tests_creates_the_test_file(editor):
+    uri = editor.open()
+    resolved = await resolve(editor, uri, sc.AVERAGE, "StarChat: Write tests")
+    create, insert = resolved.edit.document_changes
+    test_uri = editor.uri("test_calc.py")
+    assert isinstance(create, types.CreateFile) and create.uri == test_uri
+    assert isinstance(insert, types.TextDocumentEdit) and insert.text_document.uri == test_uri
+    assert insert.edits[0].new_text == sc.TESTS_CODE
+
+
+async def test_resolve_on_a_changed_document_is_content_modified(editor):
+    uri = editor.open()
+    actions = await editor.client.text_document_code_action_async(code_action_params(uri, sc.AVERAGE))
+    editor.change(uri, "# edited\n" + sc.CALC_PY)
+    with pytest.raises(Exception) as error:
+        await editor.client.code_action_resolve_async(actions[0])
+    assert getattr(error.value, "code", None) == -32801
+
+
+async def test_explain_command_answers_and_shows_the_answer(editor):
+    uri = editor.open()
+    args = {"textDocument": {"uri": uri}, "range": editor.client.protocol._converter.unstructure(rng(sc.AVERAGE))}
+    result = await editor.client.workspace_execute_command_async(types.ExecuteCommandParams(command="starchat.explain", arguments=[args]))
+    assert result["text"] == sc.EXPLAIN_ANSWER
+    assert result["finishReason"] == "stop"
+    assert any(sc.EXPLAIN_ANSWER in m.message for m in editor.client.messages)
+
+
+async def test_ask_command_with_a_question(editor):
+    uri = editor.open()
+    args = {"textDocument": {"uri": uri}, "range": editor.client.protocol._converter.unstructure(rng(sc.AVERAGE)), "question": sc.ASK_QUESTION}
+    result = await editor.client.workspace_execute_command_async(types.ExecuteCommandParams(command="starchat.ask", arguments=[args]))
+    assert result["text"] == sc.ASK_ANSWER
+
+
+async def test_run_task_command_applies_the_edit(editor):
+    uri = editor.open()
+    args = {"textDocument": {"uri": uri}, "range": editor.client.protocol._converter.unstructure(rng(sc.AVERAGE)), "task": "fix"}
+    await editor.client.workspace_execute_command_async(types.ExecuteCommandParams(command="starchat.runTask", arguments=[args]))
+    (edit,) = editor.applied
+    edits = single_text_edit(edit, uri, 1)
+    assert edits[0].new_text == sc.FIXED_AVERAGE
+
+
+async def test_edit_command_inserts_below(editor):
+    from lsp_server.prompts import Task, instruction
+
+    uri = editor.open()
+    args = {
+        "textDocument": {"uri": uri},
+        "range": editor.client.protocol._converter.unstructure(rng(sc.AVERAGE)),
+        "instruction": instruction(Task.FIX),
+        "mode": "insertBelow",
+    }
+    await editor.client.workspace_execute_command_async(types.ExecuteCommandParams(command="starchat.edit", arguments=[args]))
+    edits = single_text_edit(editor.applied[0], uri, 1)
+    assert edits[0].range.start == types.Position(line=5, character=0)
+    text = apply_text_edits(sc.CALC_PY, edits)
+    assert "len(values) + 1\ndef average(values):\n    return sum(values) / len(values)\n\n" in text
+
+
+async def test_hover_explains_the_symbol_and_is_cached(editor):
+    uri = editor.open()
+    params = types.HoverParams(
+        text_document=types.TextDocumentIdentifier(uri=uri),
+        position=types.Position(line=sc.HOVER_POSITION.line, character=sc.HOVER_POSITION.character),
+    )
+    hover = await editor.client.text_document_hover_async(params)
+    assert hover.contents.kind == types.MarkupKind.Markdown
+    assert hover.contents.value == sc.HOVER_ANSWER
+    assert hover.range == types.Range(start=types.Position(line=7, character=4), end=types.Position(line=7, character=8))
+    tokens_before = len(editor.client.progress_reports)
+    again = await editor.client.text_document_hover_async(params)
+    assert again.contents.value == sc.HOVER_ANSWER
+    assert len(editor.client.progress_reports) == tokens_before  # no generation: the cache answered
+    blank = types.HoverParams(text_document=params.text_document, position=types.Position(line=1, character=0))
+    assert await editor.client.text_document_hover_async(blank) is None
+
+
+async def test_hover_can_be_turned_off(editor):
+    uri = editor.open()
+    editor.client.set_configuration({"hoverEnabled": False}, section="starchat")
+    editor.client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings=None))
+    params = types.HoverParams(text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(line=7, character=5))
+    await wait_until(lambda: True)
+    for _ in range(50):
+        if await editor.client.text_document_hover_async(params) is None:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("hover stayed on")
+
+
+async def chat(editor, messages, token="chat-1", **extra):
+    params = {"messages": [{"role": r, "content": c} for r, c in messages], "partialResultToken": token, **extra}
+    return plain(await editor.request("starchat/chat", params))
+
+
+async def test_chat_streams_pieces_that_add_up_to_the_answer(editor):
+    result = await chat(editor, [("user", sc.CHAT_QUESTION)])
+    assert result["text"] == sc.CHAT_ANSWER
+    assert result["finishReason"] == "stop"
+    assert result["completionTokens"] > 3 and result["promptTokens"] > 10
+    pieces = editor.partials["chat-1"]
+    assert len(pieces) > 3
+    assert "".join(pieces) == sc.CHAT_ANSWER
+
+
+async def test_chat_keeps_the_conversation(editor):
+    history = [("user", sc.CHAT_QUESTION), ("assistant", sc.CHAT_ANSWER), ("user", sc.CHAT_FOLLOW_UP)]
+    result = await chat(editor, history, token="chat-2")
+    assert result["text"] == sc.CHAT_FOLLOW_UP_ANSWER
+
+
+async def test_chat_must_end_with_the_user(editor):
+    with pytest.raises(Exception) as error:
+        await chat(editor, [("user", "hi"), ("assistant", "hello")])
+    assert "user" in str(error.value)
+
+
+async def test_chat_with_bad_params_names_the_field(editor):
+    with pytest.raises(Exception) as error:
+        await editor.request("starchat/chat", {"messages": [{"role": "user"}]})
+    assert getattr(error.value, "code", None) == -32602
+    assert "content" in str(error.value)
+
+
+async def test_cancel_stops_generation_and_frees_the_engine(editor):
+    await chat(editor, [("user", sc.CHAT_QUESTION)], token="warm-up")  # the model is loaded
+    request = asyncio.ensure_future(
+        chat(editor, [("user", sc.LONG_QUESTION)], token="long", maxNewTokens=1500), loop=asyncio.get_running_loop()
+    )
+    await asyncio.sleep(0)
+    await wait_until(lambda: len(editor.partials.get("long", [])) >= 3)
+    msg_id = next(i for i, f in editor.client.protocol._request_futures.items() if not f.done())
+    editor.client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id=msg_id))
+    with pytest.raises(Exception) as error:
+        await request
+    assert getattr(error.value, "code", None) == -32800
+    pieces_at_cancel = len(editor.partials["long"])
+    await asyncio.sleep(0.5)
+    assert len(editor.partials["long"]) == pieces_at_cancel  # the decoding loop stopped: nothing more came
+    assert "tick tock" in "".join(editor.partials["long"])
+    started = time.monotonic()
+    result = await chat(editor, [("user", sc.CHAT_QUESTION)], token="after")
+    assert result["text"] == sc.CHAT_ANSWER
+    assert time.monotonic() - started < 10  # the worker was free
+
+
+async def test_generation_reports_progress(editor):
+    await chat(editor, [("user", sc.CHAT_QUESTION)], token="p")
+    titles = []
+    for reports in editor.client.progress_reports.values():
+        titles += [r.title for r in reports if isinstance(r, types.WorkDoneProgressBegin)]
+        if any(isinstance(r, types.WorkDoneProgressBegin) for r in reports):
+            assert isinstance(reports[-1], types.WorkDoneProgressEnd)
+    assert "StarChat: chat" in titles
+    assert "StarChat: loading the model" in titles
+
+
+async def test_progress_cancel_stops_the_request(editor):
+    await chat(editor, [("user", sc.CHAT_QUESTION)], token="warm")
+    known = set(editor.client.progress_reports)
+    request = asyncio.ensure_future(chat(editor, [("user", sc.LONG_QUESTION)], token="long2", maxNewTokens=1500))
+    await wait_until(lambda: len(editor.partials.get("long2", [])) >= 2)
+    (token,) = [t for t in editor.client.progress_reports if t not in known]
+    editor.client.window_work_done_progress_cancel(types.WorkDoneProgressCancelParams(token=token))
+    with pytest.raises(Exception) as error:
+        await request
+    assert getattr(error.value, "code", None) == -32800
+    count = len(editor.partials["long2"])
+    await asyncio.sleep(0.3)
+    assert len(editor.partials["long2"]) == count

@@ -1,0 +1,118 @@
+"""The surrounding file fitted to an exact token budget, counted with the model's tokenizer."""
+
+import pytest
+
+from lsp_server.prompts import CodeContext, Message, PromptTooLong, build_prompt, format_for
+from lsp_server.prompts.requests import code_prompt, prompt_budget
+from lsp_server.prompts.tasks import Task
+from lsp_server.text import Pos, Span
+
+
+def numbered_file(n: int, eol: str = "\n") -> str:
+    return eol.join(f"line_{i} = {i}  # filler text" for i in range(n)) + eol
+
+
+def build(tokenizer, text, start, end, budget):
+    return build_prompt(
+        format_for(tokenizer),
+        system="sys",
+        history=[Message("user", "Explain.")],
+        budget=budget,
+        context=CodeContext(text, start, end, "python", "a.py"),
+    )
+
+
+@pytest.mark.parametrize("budget", [120, 200, 333, 500, 900])
+def test_prompt_never_exceeds_the_budget_and_keeps_the_selection(tokenizer, budget):
+    text = numbered_file(200)
+    start = text.index("line_100 =")
+    end = text.index("line_103 =")
+    prompt = build(tokenizer, text, start, end, budget)
+    assert len(prompt.ids) <= budget
+    assert prompt.ids == format_for(tokenizer).encode_dialogue(prompt.messages)  # the count is the real one
+    turn = prompt.messages[-1].content
+    assert text[start:end] in turn
+    # nearest lines first: the kept lines are a contiguous window around the selection
+    if prompt.lines_before:
+        assert "line_99 = 99" in turn
+    if prompt.lines_after:
+        assert "line_103 = 103" in turn
+    assert prompt.lines_before + prompt.lines_after < 200
+
+
+def test_budget_is_used_nearly_fully(tokenizer):
+    text = numbered_file(400)
+    start, end = text.index("line_200 ="), text.index("line_201 =")
+    prompt = build(tokenizer, text, start, end, 700)
+    one_line = len(tokenizer("line_1 = 1  # filler text\n", add_special_tokens=False)["input_ids"])
+    assert 700 - 2 * one_line - 10 <= len(prompt.ids) <= 700
+
+
+def test_farthest_lines_are_dropped_first(tokenizer):
+    text = numbered_file(300)
+    start, end = text.index("line_150 ="), text.index("line_151 =")
+    prompt = build(tokenizer, text, start, end, 400)
+    turn = prompt.messages[-1].content
+    assert "line_149 = 149" in turn and "line_151 = 151" in turn
+    assert "line_0 = 0" not in turn and "line_299 = 299" not in turn
+    assert abs(prompt.lines_before - prompt.lines_after) <= 2
+
+
+def test_small_file_fits_whole(tokenizer):
+    text = numbered_file(5)
+    start, end = text.index("line_2 ="), text.index("line_3 =")
+    prompt = build(tokenizer, text, start, end, 2000)
+    assert prompt.lines_before == 2 and prompt.lines_after == 2 and "line_4 = 4" in prompt.messages[-1].content
+
+
+def test_selection_too_large_names_both_sizes(tokenizer):
+    text = numbered_file(100)
+    with pytest.raises(PromptTooLong) as error:
+        build(tokenizer, text, 0, len(text), 200)
+    assert error.value.budget == 200
+    assert error.value.needed > 200
+    assert f"{error.value.needed:,} tokens" in str(error.value) and "200" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "filler",
+    ["emoji 😀🚀👩‍💻 = 1", "中文字符 = '你好世界'", "日本語 = 'こんにちは'", "mixed = 'café naïve 😀'"],
+)
+def test_unicode_is_counted_exactly(tokenizer, filler):
+    text = "\n".join(f"{filler}  # {i}" for i in range(120)) + "\n"
+    start = text.index("# 60") - len(filler) - 2
+    end = text.index("\n", start) + 1
+    prompt = build(tokenizer, text, start, end, 400)
+    assert len(prompt.ids) <= 400
+    assert tokenizer.decode(prompt.ids).count(filler) == prompt.lines_before + prompt.lines_after + 1
+
+
+def test_crlf_documents_are_prompted_with_lf(tokenizer):
+    text = numbered_file(50, "\r\n")
+    fmt = format_for(tokenizer)
+    prompt = code_prompt(
+        fmt, system="s", budget=500, text=text, span=Span(Pos(10, 0), Pos(12, 0)), task=Task.FIX, path="a.py", language="python"
+    )
+    turn = prompt.messages[-1].content
+    assert "\r" not in turn
+    assert "line_10 = 10  # filler text\nline_11 = 11  # filler text\n" in turn
+    assert len(prompt.ids) <= 500
+
+
+def test_old_chat_turns_are_dropped_when_the_history_is_too_long(tokenizer):
+    fmt = format_for(tokenizer)
+    history = []
+    for i in range(30):
+        history += [Message("user", f"question {i} " * 10), Message("assistant", f"answer {i} " * 10)]
+    history.append(Message("user", "last question"))
+    prompt = build_prompt(fmt, system="s", history=history, budget=300)
+    assert len(prompt.ids) <= 300
+    assert prompt.history_dropped > 0
+    assert prompt.messages[-1].content == "last question"
+    assert prompt.messages[1].role == "user"  # turns are dropped in pairs
+
+
+def test_prompt_budget():
+    assert prompt_budget(0, 8192, 256) == 7936
+    assert prompt_budget(4096, 8192, 512) == 3584
+    assert prompt_budget(16384, 8192, 256) == 7936  # never past the model's own window

@@ -1,0 +1,52 @@
+"""Settings: typed, documented defaults, bad values fall back with a message."""
+
+from lsp_server.config import DEFAULT_MODEL, Settings, describe, merge, reloads_model
+
+
+def test_defaults_are_the_seed_sampling():
+    s = Settings()
+    assert (s.model, s.max_new_tokens, s.temperature, s.top_k, s.top_p) == (DEFAULT_MODEL, 256, 0.2, 50, 0.95)
+    assert s.trust_remote_code is False and s.hover_enabled is True
+
+
+def test_camel_and_snake_case_and_the_starchat_section():
+    s, problems = merge(Settings(), {"starchat": {"maxNewTokens": 64, "top_k": 0, "hoverEnabled": False}})
+    assert problems == []
+    assert (s.max_new_tokens, s.top_k, s.hover_enabled) == (64, 0, False)
+
+
+def test_bad_values_keep_the_previous_value_and_say_so():
+    base = Settings().replace(temperature=0.5)
+    s, problems = merge(base, {"temperature": "hot", "maxNewTokens": -3, "device": "tpu", "topP": 0.9, "hoverEnabled": "yes"})
+    assert s.temperature == 0.5 and s.max_new_tokens == 256 and s.device == "auto" and s.hover_enabled is True
+    assert s.top_p == 0.9
+    assert len(problems) == 4
+    assert any("temperature='hot'" in p and "0.5" in p for p in problems)
+    assert any("maxNewTokens=-3" in p for p in problems)
+
+
+def test_null_empty_and_unknown_keys_are_ignored():
+    s, problems = merge(Settings(), {"model": "", "revision": None, "serverCommand": ["x"]})
+    assert s == Settings() and problems == []
+
+
+def test_not_an_object():
+    s, problems = merge(Settings(), ["model"])  # type: ignore[arg-type]
+    assert s == Settings() and problems
+
+
+def test_types_are_checked():
+    s, problems = merge(Settings(), {"maxNewTokens": 1.5, "topK": True, "seed": 7, "temperature": 0})
+    assert s.max_new_tokens == 256 and s.top_k == 50 and s.seed == 7 and s.temperature == 0.0
+    assert len(problems) == 2
+
+
+def test_which_changes_reload_the_model():
+    assert reloads_model(Settings(), Settings().replace(model="x"))
+    assert reloads_model(Settings(), Settings().replace(dtype="float16"))
+    assert not reloads_model(Settings(), Settings().replace(temperature=0.9))
+
+
+def test_every_setting_is_documented():
+    for key, _default, doc in describe():
+        assert doc and key[0].islower() and "_" not in key
