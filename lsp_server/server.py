@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import attrs
 from lsprotocol import types
-from pygls.exceptions import JsonRpcException
+from pygls.exceptions import JsonRpcException, JsonRpcInternalError
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import JsonRPCNotification, JsonRPCRequestMessage, default_converter
 from pygls.uris import to_fs_path
@@ -205,7 +205,8 @@ class StarChatServer(LanguageServer):
 
     def report_server_error(self, error: Exception, source: Any) -> None:
         """Errors outside a request are logged; the user hears only about what they can act on."""
-        log.error("server error (%s): %s", getattr(source, "__name__", source), error)
+        expected = isinstance(error, JsonRpcException) and not isinstance(error, JsonRpcInternalError)
+        log.log(logging.INFO if expected else logging.ERROR, "%s: %s", getattr(source, "__name__", source), error)
 
     def experimental(self, name: str) -> Any:
         """A flag from the client's ``capabilities.experimental.starchat`` object."""

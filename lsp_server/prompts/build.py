@@ -21,7 +21,7 @@ class PromptTooLong(ValueError):
         self.needed = needed
         self.budget = budget
         super().__init__(
-            f"{what} take {needed:,} tokens, but the prompt may use at most {budget:,} "
+            f"{what} take {needed:,} tokens, but the prompt may use at most {budget:,} tokens "
             "(the context window minus the tokens kept for the answer). Select less code, "
             "or raise contextWindow / lower maxNewTokens."
         )

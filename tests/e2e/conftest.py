@@ -20,7 +20,7 @@ from lsp_server.text import Pos, offset_at, split_lines
 from ..conftest import MODEL_DIR
 
 CLIENTS = ["neovim", "visual-studio-code"]
-SERVER = [sys.executable, "-m", "lsp_server", "--model", str(MODEL_DIR), "-vv", "--log-file", "/tmp/srv.log"]
+SERVER = [sys.executable, "-m", "lsp_server", "--model", str(MODEL_DIR)]
 GREEDY = {"temperature": 0}
 
 
