@@ -15,6 +15,7 @@ from lsprotocol import types
 from pytest_lsp import ClientServerConfig, LanguageClient
 
 from lsp_server.testing import scenarios as sc
+from lsp_server.testing.wire import frame, read_message
 
 from ..conftest import MODEL_DIR
 from .conftest import SERVER, plain, rng, start_session
@@ -102,11 +103,6 @@ async def test_load_failure_is_a_message_not_a_crash(broken_client, tmp_path):
     assert "Traceback" not in str(error.value)
 
 
-def _frame(payload: dict) -> bytes:
-    body = json.dumps(payload).encode()
-    return f"Content-Length: {len(body)}\r\n\r\n".encode() + body
-
-
 def _read_message(sock: socket.socket, buffer: bytearray) -> dict:
     while True:
         head, sep, rest = bytes(buffer).partition(b"\r\n\r\n")
@@ -138,11 +134,11 @@ def test_tcp_mode_serves_on_loopback(test_model):
                 time.sleep(0.1)
         with sock:
             buffer = bytearray()
-            sock.sendall(_frame({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}, "initializationOptions": {"temperature": 0}}}))
+            sock.sendall(frame({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}, "initializationOptions": {"temperature": 0}}}))
             reply = _read_message(sock, buffer)
             assert reply["id"] == 1 and reply["result"]["serverInfo"]["name"] == "starchat-lsp"
-            sock.sendall(_frame({"jsonrpc": "2.0", "method": "initialized", "params": {}}))
-            sock.sendall(_frame({"jsonrpc": "2.0", "id": 2, "method": "starchat/chat", "params": {"messages": [{"role": "user", "content": sc.CHAT_QUESTION}]}}))
+            sock.sendall(frame({"jsonrpc": "2.0", "method": "initialized", "params": {}}))
+            sock.sendall(frame({"jsonrpc": "2.0", "id": 2, "method": "starchat/chat", "params": {"messages": [{"role": "user", "content": sc.CHAT_QUESTION}]}}))
             while (message := _read_message(sock, buffer)).get("id") != 2:
                 pass
             assert message["result"]["text"] == sc.CHAT_ANSWER
@@ -179,20 +175,15 @@ async def test_stdout_carries_only_json_rpc(test_model):
     """Nothing but framed JSON-RPC may reach stdout, even while loading and generating."""
     process = await asyncio.create_subprocess_exec(*SERVER, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     assert process.stdin and process.stdout
-    process.stdin.write(_frame({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}, "initializationOptions": {"temperature": 0}}}))
-    process.stdin.write(_frame({"jsonrpc": "2.0", "method": "initialized", "params": {}}))
-    process.stdin.write(_frame({"jsonrpc": "2.0", "id": 2, "method": "starchat/chat", "params": {"messages": [{"role": "user", "content": sc.CHAT_QUESTION}]}}))
+    process.stdin.write(frame({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}, "initializationOptions": {"temperature": 0}}}))
+    process.stdin.write(frame({"jsonrpc": "2.0", "method": "initialized", "params": {}}))
+    process.stdin.write(frame({"jsonrpc": "2.0", "id": 2, "method": "starchat/chat", "params": {"messages": [{"role": "user", "content": sc.CHAT_QUESTION}]}}))
     await process.stdin.drain()
     seen = []
-    while True:
-        header = await asyncio.wait_for(process.stdout.readuntil(b"\r\n\r\n"), 60)
-        assert header.startswith(b"Content-Length: ")
-        body = await process.stdout.readexactly(int(header.split(b"\r\n")[0].split(b": ")[1]))
-        message = json.loads(body)
+    while (message := await read_message(process.stdout)).get("id") != 2:  # fails on anything unframed
         seen.append(message)
-        if message.get("id") == 2:
-            break
+    seen.append(message)
     assert seen[-1]["result"]["text"] == sc.CHAT_ANSWER
-    process.stdin.write(_frame({"jsonrpc": "2.0", "id": 3, "method": "shutdown"}) + _frame({"jsonrpc": "2.0", "method": "exit"}))
+    process.stdin.write(frame({"jsonrpc": "2.0", "id": 3, "method": "shutdown"}) + frame({"jsonrpc": "2.0", "method": "exit"}))
     await process.stdin.drain()
     assert await asyncio.wait_for(process.wait(), 10) == 0

@@ -1,0 +1,90 @@
+"""How fast the server answers over stdio: initialize, model ready, first streamed chunk.
+
+    python bench/server_latency.py [--model DIR] [--out FILE]
+
+Without --model it builds and uses the test model (CPU). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lsp_server.testing import scenarios as sc  # noqa: E402
+from lsp_server.testing.wire import frame, read_message  # noqa: E402
+
+
+async def measure(model: str, device: str) -> dict:
+    started = time.monotonic()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lsp_server", "--model", model, "--device", device,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert process.stdin and process.stdout
+    send = lambda payload: process.stdin.write(frame(payload))  # noqa: E731
+    send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}, "initializationOptions": {"temperature": 0}}})
+    sent = time.monotonic()
+    while (message := await read_message(process.stdout)).get("id") != 1:
+        pass
+    figures = {"initialize_ms": (time.monotonic() - sent) * 1000, "spawn_to_initialize_ms": (time.monotonic() - started) * 1000}
+    send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
+
+    async def chat(request_id: int) -> tuple[float, float, int]:
+        asked = time.monotonic()
+        first = None
+        send({"jsonrpc": "2.0", "id": request_id, "method": "starchat/chat",
+              "params": {"messages": [{"role": "user", "content": sc.CHAT_QUESTION}], "partialResultToken": f"p{request_id}"}})
+        while True:
+            message = await read_message(process.stdout, timeout=900)
+            if message.get("method") == "$/progress" and message["params"]["token"] == f"p{request_id}" and first is None:
+                first = time.monotonic() - asked
+            if message.get("id") == request_id:
+                return first or 0.0, time.monotonic() - asked, message["result"]["completionTokens"]
+
+    cold_first, _, _ = await chat(2)  # sent while the model loads
+    figures["first_chunk_cold_ms"] = cold_first * 1000
+    figures["ready_after_spawn_s"] = time.monotonic() - started
+    warm_first, total, tokens = await chat(3)
+    figures["first_chunk_warm_ms"] = warm_first * 1000
+    figures["answer_tokens"] = tokens
+    figures["tok_s"] = tokens / total
+    send({"jsonrpc": "2.0", "id": 9, "method": "shutdown"})
+    send({"jsonrpc": "2.0", "method": "exit"})
+    await process.wait()
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="model folder or hub id (default: the test model)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    model = args.model
+    if model is None:
+        from lsp_server.testing.tiny_model import build
+
+        model = str(build(REPO / ".test-model"))
+    figures = asyncio.run(measure(model, args.device))
+    result = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(), "model": model, **figures}
+    print(f"{'measure':<28}{'value':>12}")
+    for key, value in figures.items():
+        print(f"{key:<28}{value:>12.1f}" if isinstance(value, float) else f"{key:<28}{value:>12}")
+    out = args.out or REPO / "bench" / "results" / f"server-latency-{result['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
