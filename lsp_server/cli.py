@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"starchat-lsp {__version__}")
     parser.add_argument("--stdio", action="store_true", help="serve on stdin/stdout (the default)")
     parser.add_argument("--tcp", metavar="[HOST:]PORT", help="serve on TCP instead (host defaults to 127.0.0.1)")
+    parser.add_argument(
+        "--token-env",
+        metavar="VAR",
+        default="STARCHAT_LSP_TOKEN",
+        help="environment variable holding the token a TCP client must send as initializationOptions.token; "
+        "required to bind anything but loopback (default: STARCHAT_LSP_TOKEN)",
+    )
     _model_flags(parser)
     sub = parser.add_subparsers(dest="command")
     ask = sub.add_parser("ask", help="answer a question about a file from the terminal, streamed to stdout")
@@ -87,6 +95,17 @@ def parse_address(value: str) -> tuple[str, int]:
     return (host or "127.0.0.1").strip("[]"), int(port)
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.log_file)
@@ -98,12 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     from .setup import create_server
 
     server = create_server(settings)
-    try:
-        if args.tcp:
-            host, port = parse_address(args.tcp)
-            server.start_tcp(host, port)
-        else:
-            server.start_io()
-    finally:
-        server.close()
+    if args.tcp:
+        host, port = parse_address(args.tcp)
+        token = os.environ.get(args.token_env) or None
+        if token is None and not _is_loopback(host):
+            print(f"starchat-lsp: binding {host} exposes the model to the network; set {args.token_env} to a token clients must send", file=sys.stderr)
+            return 2
+        server.protocol.required_token = token
+        server.start_tcp(host, port)
+    else:
+        server.start_io()
     return 0

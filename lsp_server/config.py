@@ -17,7 +17,7 @@ DEFAULT_SYSTEM_PROMPT = "Below is a conversation between a human user and a help
 
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-ENGINES = ("generate",)
+ENGINES = ("generate", "fast")
 
 
 def _doc(text: str, check: Callable[[Any], bool] | None = None, reloads: bool = False) -> dict:
@@ -44,7 +44,15 @@ class Settings:
         default="auto",
         metadata=_doc("auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32.", lambda v: v in DTYPES, reloads=True),
     )
-    engine: str = field(default="generate", metadata=_doc("generate: transformers generate().", lambda v: v in ENGINES, reloads=True))
+    engine: str = field(
+        default="generate",
+        metadata=_doc(
+            "generate: transformers generate() (the reference); fast: static KV cache, CUDA-graph decode, "
+            "continuous batching and prefix reuse (serves up to 8 requests at once).",
+            lambda v: v in ENGINES,
+            reloads=True,
+        ),
+    )
     trust_remote_code: bool = field(default=False, metadata=_doc("Run code shipped with the model. Off unless you trust it.", reloads=True))
     allow_unsafe_weights: bool = field(
         default=False, metadata=_doc("Also load pickled .bin weights (safetensors only otherwise).", reloads=True)
@@ -61,8 +69,10 @@ class Settings:
     )
     hover_enabled: bool = field(default=True, metadata=_doc("Answer textDocument/hover with an explanation."))
     hover_max_new_tokens: int = field(default=128, metadata=_doc("Longest hover answer, in tokens.", _positive))
+    request_timeout: float = field(default=300.0, metadata=_doc("Seconds one generation may take before it is stopped.", _positive))
     load_timeout: float = field(default=900.0, metadata=_doc("Seconds a request waits for the model to load.", _positive))
     queue_size: int = field(default=16, metadata=_doc("Requests waiting for the engine before new ones get 'busy'.", _positive))
+    max_message_bytes: int = field(default=64 * 1024 * 1024, metadata=_doc("Largest JSON-RPC message read; larger ones are skipped.", _positive))
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)

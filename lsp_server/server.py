@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
+import sys
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -14,6 +18,7 @@ from typing import Any, Callable
 import attrs
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInternalError
+from pygls.io_ import StdoutWriter
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import JsonRPCNotification, JsonRPCRequestMessage, default_converter
 from pygls.uris import to_fs_path
@@ -22,6 +27,7 @@ from . import __version__
 from .config import Settings, merge, reloads_model
 from .engine import Busy, Engine, EngineError, Generation, Priority, Sampling, Worker, load_engine, stream
 from .protocol import STATUS, StatusParams
+from .transport import StarChatProtocol, StreamReaderAdapter, serve
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,13 @@ def make_converter():
     return converter
 
 
+_SECRET_NAMES = re.compile(r"(^|/)(\.env(\..*)?|\.netrc|\.pgpass|id_(rsa|dsa|ecdsa|ed25519)(\.pub)?|credentials(\.json)?)$|\.(pem|key|p12|pfx|jks|keystore)$")
+
+
+def looks_secret(uri: str) -> bool:
+    return bool(_SECRET_NAMES.search(uri.split("?")[0].lower()))
+
+
 class RequestFailed(JsonRpcException):
     """LSP 3.17 RequestFailed: the request was valid but could not be done; the message says why."""
 
@@ -47,7 +60,7 @@ class RequestFailed(JsonRpcException):
 
 class StarChatServer(LanguageServer):
     def __init__(self, settings: Settings | None = None):
-        super().__init__("starchat-lsp", __version__, converter_factory=make_converter)
+        super().__init__("starchat-lsp", __version__, protocol_cls=StarChatProtocol, converter_factory=make_converter)
         self.base_settings = settings or Settings()  # defaults + command line
         self.settings = self.base_settings
         self.init_options: Any = None
@@ -115,6 +128,7 @@ class StarChatServer(LanguageServer):
             ready.set_exception(_Superseded())
             return
         self.engine, self.engine_error = engine, None
+        self.worker.set_concurrency(getattr(engine, "max_batch", 1))
         ready.set_result(engine)
         log.info("model ready in %.1f s: %s", time.monotonic() - started, engine.description)
         self.status("ready", f"Ready: {engine.description}")
@@ -163,8 +177,12 @@ class StarChatServer(LanguageServer):
                     on_text(delta)
 
             self.status("generating", title)
+            limit = self.settings.request_timeout
             try:
-                return await stream(self.worker, engine, prompt_ids, sampling, priority, on_piece)
+                async with asyncio.timeout(limit):
+                    return await stream(self.worker, engine, prompt_ids, sampling, priority, on_piece)
+            except TimeoutError:
+                raise RequestFailed(f"Generation took longer than {limit:g} s and was stopped (setting requestTimeout).") from None
             except (Busy, EngineError) as exc:
                 raise RequestFailed(str(exc)) from None
             finally:
@@ -173,10 +191,12 @@ class StarChatServer(LanguageServer):
     # ---- documents ------------------------------------------------------------------------
     def open_document(self, uri: str):
         """The editor's copy of a document. Only documents the editor opened are read: the server
-        never goes to the disk for a URI it was sent."""
+        never goes to the disk for a URI it was sent; files that look like secrets are refused."""
         document = self.workspace.text_documents.get(uri)
         if document is None:
-            raise RequestFailed(f"The document {uri} is not open in the editor (send textDocument/didOpen first).")
+            raise RequestFailed("The document is not open in the editor (send textDocument/didOpen first).")
+        if looks_secret(uri):
+            raise RequestFailed("This file looks like it holds secrets (keys, .env); StarChat does not read it.")
         return document
 
     def relative_path(self, uri: str) -> str:
@@ -215,6 +235,18 @@ class StarChatServer(LanguageServer):
             return experimental["starchat"].get(name)
         return None
 
+    async def watch_editor(self, pid: int, every: float = 2.0) -> None:
+        """Exit when the editor process that started us is gone (LSP ``processId``)."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                log.warning("the editor (process %d) is gone: exiting", pid)
+                os._exit(1)
+            except PermissionError:
+                pass  # alive, owned by someone else
+
     def run_in_background(self, coroutine: Any) -> asyncio.Task:
         task = asyncio.ensure_future(coroutine)
         self._background.add(task)
@@ -226,6 +258,59 @@ class StarChatServer(LanguageServer):
 
         task.add_done_callback(done)
         return task
+
+    # ---- transports -----------------------------------------------------------------------
+    def start_io(self, stdin: Any = None, stdout: Any = None) -> None:
+        """Serve on stdin/stdout. The end of stdin means the editor is gone: the server exits."""
+        self.protocol.set_writer(StdoutWriter(stdout or sys.stdout.buffer))
+        try:
+            asyncio.run(self._serve_stream(stdin or sys.stdin.buffer))
+        except BrokenPipeError:
+            log.warning("the editor closed the connection")
+        finally:
+            self.close()
+
+    async def _serve_stream(self, stdin: Any) -> None:
+        loop = asyncio.get_running_loop()
+        stream = asyncio.StreamReader()
+
+        fd = stdin.fileno()
+
+        def pump() -> None:
+            """A thread of its own (never blocked by engine work) reading the raw descriptor: a
+            buffered reader's lock held at interpreter exit would abort the process."""
+            try:
+                while chunk := os.read(fd, 1 << 16):
+                    loop.call_soon_threadsafe(stream.feed_data, chunk)
+            except (OSError, RuntimeError):  # closed, or the loop is gone
+                pass
+            try:
+                loop.call_soon_threadsafe(stream.feed_eof)
+            except RuntimeError:
+                pass
+
+        threading.Thread(target=pump, name="starchat-stdin", daemon=True).start()
+        await serve(self.protocol, StreamReaderAdapter(stream), lambda: self.settings.max_message_bytes)
+        log.info("stdin closed: exiting")
+        raise SystemExit(0 if self.protocol._shutdown else 1)
+
+    def start_tcp(self, host: str, port: int) -> None:
+        """Serve one editor connection at a time on TCP."""
+
+        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.protocol.set_writer(writer)  # type: ignore[arg-type]
+            await serve(self.protocol, StreamReaderAdapter(reader), lambda: self.settings.max_message_bytes)
+
+        async def main() -> None:
+            server = await asyncio.start_server(connection, host, port)
+            log.info("serving on %s", ", ".join(str(s.getsockname()) for s in server.sockets))
+            async with server:
+                await server.serve_forever()
+
+        try:
+            asyncio.run(main())
+        finally:
+            self.close()
 
     def close(self) -> None:
         """After ``shutdown``: stop all work and send nothing more."""

@@ -14,6 +14,10 @@ __all__ = ["Busy", "Engine", "EngineError", "Generation", "Priority", "Sampling"
 
 def load_engine(settings: Any, report: Callable[[str], None]) -> Engine:
     """Blocking: build the engine the settings name (runs on the worker thread)."""
+    if getattr(settings, "engine", "generate") == "fast":
+        from .fast import FastEngine
+
+        return FastEngine.load(settings, report)
     from .local import TransformersEngine
 
     return TransformersEngine.load(settings, report)

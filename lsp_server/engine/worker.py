@@ -1,7 +1,9 @@
-"""The one thread that owns the model: work runs there by priority, then arrival.
+"""The threads that own the model: work runs there by priority, then arrival.
 
 Generation never runs on the event loop nor on pygls's thread pool (which also reads stdin, so
-a busy GPU there would keep ``$/cancelRequest`` from being read).
+a busy GPU there would keep ``$/cancelRequest`` from being read). An engine that batches
+requests (``max_batch`` > 1) gets that many threads, each blocked in its request's ``generate``;
+loading runs alone.
 """
 
 from __future__ import annotations
@@ -33,12 +35,27 @@ class Busy(RuntimeError):
 class Worker:
     def __init__(self, queue_size: int = 16, name: str = "starchat-engine"):
         self.queue_size = queue_size
+        self._name = name
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
         self._waiting = 0
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._turn = threading.Condition()
+        self._limit = 1
+        self._active = 0
+        self._exclusive = False
+        self._threads: list[threading.Thread] = []
+        self.set_concurrency(1)
+
+    def set_concurrency(self, limit: int) -> None:
+        """How many items may run at once (threads are added, never removed)."""
+        with self._turn:
+            self._limit = max(1, limit)
+            self._turn.notify_all()
+        while len(self._threads) < self._limit:
+            thread = threading.Thread(target=self._run, name=f"{self._name}-{len(self._threads)}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
     def submit(self, fn: Callable[[], Any], priority: Priority, cancelled: threading.Event | None = None) -> Future:
         with self._lock:
@@ -54,11 +71,12 @@ class Worker:
         return self._waiting
 
     def close(self) -> None:
-        self._queue.put((-1, -1, None, None, None))
+        for _ in self._threads:
+            self._queue.put((-1, -1, None, None, None))
 
     def _run(self) -> None:
         while True:
-            _, _, fn, future, cancelled = self._queue.get()
+            priority, _, fn, future, cancelled = self._queue.get()
             if fn is None:
                 return
             with self._lock:
@@ -67,7 +85,18 @@ class Worker:
                 if not future.done():
                     future.cancel()
                 continue
+            alone = priority == Priority.LOAD
+            with self._turn:
+                while self._exclusive or self._active >= self._limit or (alone and self._active):
+                    self._turn.wait()
+                self._active += 1
+                self._exclusive = alone
             try:
                 future.set_result(fn())
             except BaseException as exc:  # delivered to the waiting request
                 future.set_exception(exc)
+            finally:
+                with self._turn:
+                    self._active -= 1
+                    self._exclusive = False
+                    self._turn.notify_all()

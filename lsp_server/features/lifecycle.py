@@ -34,6 +34,8 @@ def register(server: StarChatServer) -> None:
     def initialize(ls: StarChatServer, params: types.InitializeParams) -> None:
         ls.init_options = params.initialization_options
         ls.apply_settings(ls.init_options)
+        if params.process_id:
+            ls.run_in_background(ls.watch_editor(params.process_id))
 
     @server.feature(types.INITIALIZED)
     async def initialized(ls: StarChatServer, params: types.InitializedParams) -> None:

@@ -1,0 +1,845 @@
+"""The fast engine: our own GPTBigCode forward over the loaded weights, a persistent static
+multi-query KV cache, a decode step captured as CUDA graphs, sampling on the device, continuous
+batching and prefix reuse.
+
+Design (bench/NOTES.md has the reasoning and the numbers):
+
+* Weights are the ``from_pretrained`` model's own tensors (no copy). The forward is written here
+  in plain torch so that the cache layout and the attention are ours, not transformers' internals.
+* The cache is one tensor ``[layers, slots, positions + 1, 2 * head_dim]`` allocated once: per
+  slot and position, K then V of the single K/V head (20 KiB per token for StarChat). Position
+  ``positions`` is a scratch row that idle batch rows write to.
+* Batch row ``i`` of a decode step is cache slot ``i``. One decode step for ``B`` rows and a
+  cache-length bucket ``Lc`` is a static-shape function (``_decode_step``) that reads its inputs
+  from static buffers and writes the sampled tokens back into them (token, position, seen-token
+  mask), so consecutive steps need no host work; on CUDA it is captured once per
+  (batch bucket, length bucket) at start and each step is one graph replay. On the CPU the very
+  same function runs eagerly.
+* Attention stays multi-query: the 48 query heads are 48 query rows against the one K/V head
+  (torch: batched matmuls over the cache slice; CUDA: a Triton split-KV kernel when available).
+* Sampling (repetition penalty, temperature, top-k, top-p, greedy at temperature 0) runs inside
+  the step on the device with a counter-based random number per (seed, position, candidate), so
+  a seeded request gives the same tokens whatever else shares its batch.
+* One scheduler thread owns the device. ``generate()`` (called from any number of threads)
+  queues its request and streams tokens from a per-request queue. A request is prefilled
+  between decode steps, then joins the batch; a finished or cancelled one leaves at the next
+  step boundary and frees its slot. Steps are pipelined one deep: step ``n+1`` is launched
+  before the host reads step ``n``'s tokens.
+* Prefix reuse: every slot remembers which tokens its cache rows hold; a new request takes over
+  (or copies, one device copy) the longest cached prefix and prefills only the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .base import EngineError, FinishReason, Sampling
+
+log = logging.getLogger(__name__)
+
+TOP_K_CAP = 128  # sampling candidates per step (top_k 0 or above this means this many)
+LENGTH_BUCKETS = (256, 512, 1024, 2048, 4096, 8192)
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """A 32-bit integer hash in int64 arithmetic (every product stays under 2**63)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _M32
+    x = x ^ (x >> 16)
+    return x
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    sizes.append(max_batch)
+    return sizes
+
+
+def length_buckets(max_len: int) -> list[int]:
+    return [n for n in LENGTH_BUCKETS if n < max_len] + [max_len]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    step = 64
+    while i + step <= n and a[i : i + step] == b[i : i + step]:
+        i += step
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass
+class _Request:
+    prompt: list[int]
+    sampling: Sampling
+    should_stop: Callable[[], bool]
+    events: "queue.SimpleQueue[tuple[str, Any]]" = field(default_factory=queue.SimpleQueue)
+    slot: int | None = None
+    produced: list[int] = field(default_factory=list)
+    fed: int = 0  # decode steps launched with this request in the batch
+    done: bool = False
+    reused: int = 0
+    prefilled: int = 0
+
+
+class FastEngine:
+    """Engine protocol (see base.Engine); thread-safe ``generate()`` with continuous batching."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        device: str | None = None,
+        description: str = "",
+        *,
+        max_batch: int = 8,
+        max_len: int | None = None,
+        stop_ids: list[int] | None = None,
+        use_graphs: bool | None = None,
+        attention: str = "auto",
+        fused: bool | None = None,
+        report: Callable[[str], None] = lambda _: None,
+    ):
+        import torch
+
+        started = time.monotonic()
+        self._torch = torch
+        self.model = model
+        self.tokenizer = tokenizer
+        cfg = model.config
+        if not getattr(cfg, "multi_query", True):
+            raise EngineError("The fast engine supports multi-query GPTBigCode models (StarCoder/StarChat) only.")
+        state = model.state_dict()
+        first = state["transformer.wte.weight"]
+        self.device = torch.device(device) if device is not None else first.device
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = first.dtype
+        dev = self.device
+
+        def w(name: str):
+            return state[name].to(dev)
+
+        self.n_layer = cfg.n_layer
+        self.n_embd = cfg.n_embd
+        self.n_head = cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.eps = cfg.layer_norm_epsilon
+        self.scale = self.head_dim**-0.5 if getattr(cfg, "scale_attn_weights", True) else 1.0
+        positions = int(cfg.n_positions)
+        self.max_len = min(positions, int(max_len)) if max_len else positions
+        self.context_window = self.max_len
+        self.wte = w("transformer.wte.weight")
+        self.wpe = w("transformer.wpe.weight")
+        self.lm_head = w("lm_head.weight") if "lm_head.weight" in state else self.wte
+        self.ln_f = (w("transformer.ln_f.weight"), w("transformer.ln_f.bias"))
+        self.layers = []
+        for i in range(self.n_layer):
+            p = f"transformer.h.{i}."
+            self.layers.append(
+                tuple(
+                    w(p + n)
+                    for n in (
+                        "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+                        "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+                        "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
+                    )
+                )
+            )
+        del state
+        self.vocab = self.lm_head.shape[0]
+        self.top_k_cap = min(TOP_K_CAP, self.vocab)
+
+        if stop_ids is None:
+            from .local import STOP_TOKENS
+
+            stops: set[int] = set()
+            if tokenizer is not None:
+                vocab = tokenizer.get_vocab()
+                stops = {vocab[t] for t in STOP_TOKENS if t in vocab}
+                if tokenizer.eos_token_id is not None:
+                    stops.add(tokenizer.eos_token_id)
+            stop_ids = sorted(stops)
+        self.stop_ids = list(stop_ids)
+        self._stop_set = set(self.stop_ids)
+
+        self.max_batch = int(max_batch)
+        self.slots = self.max_batch
+        self.batch_buckets = batch_buckets(self.max_batch)
+        self.length_buckets = length_buckets(self.max_len)
+        on_cuda = dev.type == "cuda"
+        self.use_graphs = on_cuda if use_graphs is None else (bool(use_graphs) and on_cuda)
+
+        S, L, D = self.slots, self.n_layer, self.head_dim
+        with torch.inference_mode():
+            # zeros once so that idle rows always attend to finite numbers
+            self.cache = torch.zeros((L, S, self.max_len + 1, 2 * D), device=dev, dtype=self.dtype)
+            self.tok = torch.zeros(S, device=dev, dtype=torch.long)
+            self.pos = torch.zeros(S, device=dev, dtype=torch.long)
+            self.active = torch.zeros(S, device=dev, dtype=torch.bool)
+            self.temp = torch.zeros(S, device=dev, dtype=torch.float32)
+            self.topk = torch.full((S,), self.top_k_cap, device=dev, dtype=torch.long)
+            self.topp = torch.ones(S, device=dev, dtype=torch.float32)
+            self.penalty = torch.ones(S, device=dev, dtype=torch.float32)
+            self.seed = torch.zeros(S, device=dev, dtype=torch.long)
+            self.seen = torch.zeros((S, self.vocab), device=dev, dtype=torch.bool)
+            self._rows = torch.arange(S, device=dev)
+            self._ranks = torch.arange(self.top_k_cap, device=dev)
+            self._arange_len = torch.arange(self.max_len, device=dev)
+
+        self.attention = self._choose_attention(attention)
+        self.fused = self._choose_fused(fused)
+        self._triton: dict[tuple[int, int], Any] = {}
+        if self.attention == "triton":
+            from .mqa_triton import TritonMQADecode
+
+            for b in self.batch_buckets:
+                for n in self.length_buckets:
+                    self._triton[(b, n)] = TritonMQADecode(b, n, self.n_head, D, dev, self.dtype)
+
+        # host mirror of the slots
+        self._slot_ids: list[list[int]] = [[] for _ in range(S)]
+        self._slot_req: list[_Request | None] = [None] * S
+        self._slot_used = [0.0] * S
+        self._running: list[_Request] = []
+        self._incoming: deque[_Request] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._broken: BaseException | None = None
+        self.stats = {"requests": 0, "prefill_tokens": 0, "reused_tokens": 0, "steps": 0, "tokens": 0, "max_rows": 0}
+        self._graphs: dict[tuple[int, int], Any] = {}
+        self._pinned = None
+        if on_cuda:
+            self._pinned = [torch.empty(S, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self._flip = 0
+
+        self.graph_error: str | None = None
+        with torch.inference_mode():
+            if self.use_graphs:
+                report(f"Capturing {len(self.batch_buckets) * len(self.length_buckets)} decode graphs")
+                self._capture_with_fallback()
+            self._warm_prefill()
+        self.graphs_captured = len(self._graphs)
+        self.description = (
+            (description or "model")
+            + f" · fast engine ({S} slots × {self.max_len} positions, "
+            + f"{'CUDA graphs' if self.use_graphs else 'eager steps'}, {self.attention} attention"
+            + (", fused norms" if self.fused else "")
+            + ")"
+        )
+        self.ready_s = time.monotonic() - started
+        self._thread = threading.Thread(target=self._loop, name="starchat-fast-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, settings: Any, report: Callable[[str], None] = lambda _: None) -> "FastEngine":
+        from .local import TransformersEngine
+
+        ref = TransformersEngine.load(settings, report)
+        max_batch = int(os.environ.get("STARCHAT_FAST_MAX_BATCH", "8"))
+        report("Preparing the fast engine (static cache, decode graphs)")
+        try:
+            return cls(
+                ref.model,
+                ref.tokenizer,
+                description=ref.description,
+                max_batch=max_batch,
+                max_len=settings.context_window or None,
+                stop_ids=ref.stop_ids,
+                report=report,
+            )
+        except EngineError:
+            raise
+        except Exception as exc:
+            if "out of memory" in str(exc).lower():
+                raise EngineError(f"Not enough GPU memory for the fast engine's cache and graphs: {exc}") from None
+            raise
+
+    def _choose_attention(self, requested: str) -> str:
+        if requested == "torch" or (self.device.type != "cuda" and requested != "triton"):
+            return "torch"  # on the CPU, "triton" is honoured for tests under TRITON_INTERPRET=1
+        try:
+            from .mqa_triton import HAVE_TRITON
+        except Exception:
+            HAVE_TRITON = False
+        if not HAVE_TRITON:
+            if requested == "triton":
+                raise EngineError("attention='triton' needs the triton package")
+            return "torch"
+        try:
+            err = self.check_triton_attention()
+        except Exception as exc:
+            log.warning("Triton attention failed its self-check (%s); using torch attention", exc)
+            if requested == "triton":
+                raise
+            return "torch"
+        if err > 2e-2:
+            log.warning("Triton attention disagrees with torch (rel err %.3g); using torch attention", err)
+            return "torch"
+        self.triton_check_err = err
+        return "triton"
+
+    def _choose_fused(self, requested: bool | None) -> bool:
+        """Fused decode step (GELU in the matmul epilogue, residual in the matmul's C operand,
+        bias + residual + next LayerNorm in one Triton kernel): CUDA + Triton by default, only
+        after a self-check against the unfused ops."""
+        if requested is False or (requested is None and self.device.type != "cuda"):
+            return False
+        try:
+            from .mqa_triton import HAVE_TRITON
+        except Exception:
+            HAVE_TRITON = False
+        if not HAVE_TRITON or not hasattr(self._torch, "_addmm_activation"):
+            if requested:
+                raise EngineError("fused=True needs triton and torch._addmm_activation")
+            return False
+        try:
+            err = self.check_fused()
+        except Exception as exc:
+            log.warning("fused decode ops failed their self-check (%s); using unfused ops", exc)
+            if requested:
+                raise
+            return False
+        self.fused_check_err = err
+        if err > 2e-2:
+            log.warning("fused decode ops disagree with the unfused ones (rel err %.3g)", err)
+            return False
+        return True
+
+    def check_fused(self) -> float:
+        import torch
+        import torch.nn.functional as F
+
+        from .mqa_triton import bias_add_layer_norm
+
+        torch.manual_seed(4321)
+        E = self.n_embd
+        ln1w, ln1b, aw, ab, cw, cb, ln2w, ln2b, fcw, fcb, pw, pb = self.layers[0]
+        x = torch.randn((3, E), device=self.device, dtype=self.dtype)
+        h_in = torch.randn((3, fcw.shape[1]), device=self.device, dtype=self.dtype)
+        ref_x = x + cb
+        ref_h = F.layer_norm(ref_x, (E,), ln2w, ln2b, self.eps)
+        got_x = x.clone()
+        got_h = bias_add_layer_norm(got_x, cb, ln2w, ln2b, self.eps)
+        ref_g = F.gelu(F.linear(h_in, fcw, fcb), approximate="tanh")
+        got_g = torch._addmm_activation(fcb, h_in, fcw.t(), use_gelu=True)
+        errs = [
+            (a.float() - b.float()).norm() / b.float().norm()
+            for a, b in ((got_x, ref_x), (got_h, ref_h), (got_g, ref_g))
+        ]
+        return float(max(errs))
+
+    def check_triton_attention(self, batch: int = 2, cache_len: int = 1024) -> float:
+        """Relative error of the Triton kernel against the float32 torch attention on random data."""
+        import torch
+
+        from .mqa_triton import TritonMQADecode
+
+        torch.manual_seed(1234)
+        H, D = self.n_head, self.head_dim
+        kv = torch.randn((batch, cache_len + 1, 2 * D), device=self.device, dtype=self.dtype)
+        q = torch.randn((batch, H, D), device=self.device, dtype=self.dtype)
+        lengths = torch.tensor([cache_len - 37 * i for i in range(batch)], device=self.device, dtype=torch.long)
+        out = TritonMQADecode(batch, cache_len, H, D, self.device, self.dtype)(q, kv, lengths, self.scale).float()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        ref = self._torch_attention(q.float(), kv[:, :cache_len].float(), lengths, None).float()
+        return float((out - ref).norm() / ref.norm())
+
+    # ------------------------------------------------------------------ model math
+    def _torch_attention(self, q, kv, lengths, bias):
+        """q (B,H,D); kv (B,Lc,2D); every query head is a row against the one K/V head."""
+        torch = self._torch
+        D = self.head_dim
+        Lc = kv.shape[1]
+        if bias is None:
+            bias = torch.zeros((q.shape[0], Lc), device=q.device, dtype=q.dtype).masked_fill(
+                self._arange_len[:Lc][None, :] >= lengths[:, None], float("-inf")
+            )
+        k = kv[:, :, :D]
+        v = kv[:, :, D:]
+        scores = torch.baddbmm(bias[:, None, :], q, k.transpose(1, 2), alpha=self.scale)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.bmm(probs, v)
+
+    def _mlp_out(self, x, layer):
+        F = self._torch.nn.functional
+        ln2w, ln2b, fcw, fcb, pw, pb = layer[6:]
+        h = F.layer_norm(x, (self.n_embd,), ln2w, ln2b, self.eps)
+        h = F.gelu(F.linear(h, fcw, fcb), approximate="tanh")
+        return x + F.linear(h, pw, pb)
+
+    def _decode_step(self, B: int, Lc: int) -> None:
+        """One decoding step for batch rows (= slots) 0..B-1 with attention over at most Lc
+        positions. Static shapes, no host sync: capturable as one CUDA graph."""
+        torch = self._torch
+        F = torch.nn.functional
+        E, H, D = self.n_embd, self.n_head, self.head_dim
+        maxp = self.max_len
+        rows = self._rows[:B]
+        tok, pos, active = self.tok[:B], self.pos[:B], self.active[:B]
+        live = active & (pos < maxp)
+        wpos = torch.where(live, pos, maxp)  # idle rows write the scratch position
+        lengths = torch.where(live, (pos + 1).clamp(max=Lc), 1)
+        x = F.embedding(tok, self.wte) + F.embedding(pos.clamp(max=maxp - 1), self.wpe)
+        triton_attn = self._triton.get((B, Lc))
+        bias = None
+        if triton_attn is None:
+            bias = torch.zeros((B, Lc), device=x.device, dtype=x.dtype).masked_fill(
+                self._arange_len[:Lc][None, :] >= lengths[:, None], float("-inf")
+            )
+        if self.fused:
+            from .mqa_triton import bias_add_layer_norm
+
+            h = F.layer_norm(x, (E,), self.layers[0][0], self.layers[0][1], self.eps)
+        for li, layer in enumerate(self.layers):
+            ln1w, ln1b, aw, ab, cw, cb = layer[:6]
+            if not self.fused:
+                h = F.layer_norm(x, (E,), ln1w, ln1b, self.eps)
+            qkv = F.linear(h, aw, ab)
+            cache = self.cache[li]
+            cache.index_put_((rows, wpos), qkv[:, E:])
+            q = qkv[:, :E].view(B, H, D)
+            kv = cache[:B, :Lc]
+            if triton_attn is not None:
+                a = triton_attn(q, kv, lengths, self.scale)
+            else:
+                a = self._torch_attention(q, kv, lengths, bias)
+            if self.fused:
+                ln2w, ln2b, fcw, fcb, pw, pb = layer[6:]
+                x.addmm_(a.reshape(B, E), cw.t())  # residual as the GEMM's C operand (in place: no copy)
+                h = bias_add_layer_norm(x, cb, ln2w, ln2b, self.eps)
+                g = torch._addmm_activation(fcb, h, fcw.t(), use_gelu=True)  # GELU (tanh) epilogue
+                x.addmm_(g, pw.t())
+                nw, nb = (self.layers[li + 1][0], self.layers[li + 1][1]) if li + 1 < self.n_layer else self.ln_f
+                h = bias_add_layer_norm(x, pb, nw, nb, self.eps)
+            else:
+                x = x + F.linear(a.reshape(B, E), cw, cb)
+                x = self._mlp_out(x, layer)
+        if not self.fused:
+            h = F.layer_norm(x, (E,), self.ln_f[0], self.ln_f[1], self.eps)
+        logits = F.linear(h, self.lm_head).float()
+        new = self._sample(logits, slice(0, B), pos)
+        self.seen.index_put_((rows, new), torch.ones_like(new, dtype=torch.bool))
+        tok.copy_(new)
+        pos.add_(1)
+
+    def _sample(self, logits, rows: slice, pos):
+        """Repetition penalty → greedy (temperature 0) or temperature → top-k → top-p → draw.
+        The draw is exponential-race sampling with a counter-based hash of (seed, position,
+        candidate rank), so it needs no generator state."""
+        torch = self._torch
+        pen = self.penalty[rows][:, None]
+        penalized = torch.where(logits < 0, logits * pen, logits / pen)
+        logits = torch.where(self.seen[rows], penalized, logits)
+        greedy = logits.argmax(dim=-1)
+        temp = self.temp[rows]
+        vals, idx = torch.topk(logits, self.top_k_cap, dim=-1)
+        vals = vals / temp.clamp(min=1e-4)[:, None]
+        k = self.topk[rows]
+        vals = vals.masked_fill(self._ranks[None, :] >= k[:, None], float("-inf"))
+        probs = torch.softmax(vals, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill(mass_before > self.topp[rows][:, None], 0.0)
+        h = _mix32((self.seed[rows] + 0x632BE5AB) & _M32)
+        h = _mix32((h ^ (pos & _M32)) & _M32)
+        h = _mix32((h[:, None] ^ ((self._ranks[None, :] * 0x61C88647) & _M32)) & _M32)
+        u = ((h >> 8).float() + 0.5) * (1.0 / 16777216.0)
+        choice = (probs / -torch.log(u)).argmax(dim=-1)
+        sampled = idx.gather(1, choice[:, None]).squeeze(1)
+        return torch.where(temp > 0, sampled, greedy)
+
+    def _prefill(self, slot: int, ids: list[int], start: int):
+        """Run ``ids`` at positions start.. for one slot (its cache holds positions < start);
+        writes their K/V and returns the last position's logits (1, V) in float32."""
+        torch = self._torch
+        F = torch.nn.functional
+        E, H, D = self.n_embd, self.n_head, self.head_dim
+        T = len(ids)
+        S = start + T
+        dev = self.device
+        tok = torch.tensor(ids, device=dev, dtype=torch.long)
+        x = F.embedding(tok, self.wte) + self.wpe[start:S]
+        mask = None
+        if start > 0:
+            mask = torch.arange(S, device=dev)[None, :] <= torch.arange(start, S, device=dev)[:, None]
+        for li, layer in enumerate(self.layers):
+            ln1w, ln1b, aw, ab, cw, cb = layer[:6]
+            h = F.layer_norm(x, (E,), ln1w, ln1b, self.eps)
+            qkv = F.linear(h, aw, ab)
+            cache = self.cache[li, slot]
+            cache[start:S].copy_(qkv[:, E:])
+            q = qkv[:, :E].view(T, H, D).transpose(0, 1)[None]  # (1, H, T, D)
+            k = cache[:S, :D][None, None]
+            v = cache[:S, D:][None, None]
+            a = _sdpa_mqa(q, k, v, mask, self.scale)  # (1, H, T, D)
+            a = a[0].transpose(0, 1).reshape(T, E)
+            x = x + F.linear(a, cw, cb)
+            x = self._mlp_out(x, layer)
+        x = F.layer_norm(x[-1:], (E,), self.ln_f[0], self.ln_f[1], self.eps)
+        return F.linear(x, self.lm_head).float()
+
+    # ------------------------------------------------------------------ graphs
+    def _bucket(self, buckets: list[int], n: int) -> int:
+        for b in buckets:
+            if b >= n:
+                return b
+        return buckets[-1]
+
+    def _capture_all(self) -> None:
+        torch = self._torch
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for b in self.batch_buckets:
+                for n in self.length_buckets:
+                    self._decode_step(b, n)  # warm-up: kernel selection, Triton compile, workspaces
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        for b in self.batch_buckets:
+            for n in self.length_buckets:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._decode_step(b, n)
+                self._graphs[(b, n)] = graph
+        torch.cuda.synchronize(self.device)
+
+    def _capture_with_fallback(self) -> None:
+        """Graphs with the chosen attention; if that fails, with torch attention; if that fails
+        too, eager steps (slower, still correct)."""
+        torch = self._torch
+        for attempt in range(2):
+            try:
+                self._capture_all()
+                return
+            except Exception as exc:
+                log.warning("decode graph capture failed (%s attention): %s", self.attention, exc)
+                self.graph_error = (self.graph_error + " | " if self.graph_error else "") + f"{self.attention}: {_first_line(exc)}"
+                self._graphs.clear()
+                try:
+                    torch.cuda.synchronize(self.device)
+                except Exception:
+                    pass
+                if self.attention != "triton" or attempt == 1:
+                    break
+                self.attention = "torch"
+                self._triton.clear()
+        self.use_graphs = False
+
+    def _warm_prefill(self) -> None:
+        """One short prefill into the last slot (its content is then forgotten)."""
+        n = min(16, self.max_len - 1)
+        self._prefill(self.slots - 1, [0] * n, 0)
+        if self.device.type == "cuda":
+            self._torch.cuda.synchronize(self.device)
+
+    def run_step(self, B: int, Lc: int) -> None:
+        """One decode step (graph replay on CUDA): for benchmarks of the bare step."""
+        graph = self._graphs.get((B, Lc))
+        if graph is not None:
+            graph.replay()
+        else:
+            self._decode_step(B, Lc)
+
+    # ------------------------------------------------------------------ public API
+    def generate(
+        self,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        should_stop: Callable[[], bool],
+        on_token: Callable[[int], None],
+    ) -> tuple[list[int], FinishReason]:
+        if self._broken is not None:
+            raise EngineError(f"The fast engine stopped after an error: {self._broken}")
+        if self._closed:
+            raise EngineError("The engine is closed.")
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise EngineError("Empty prompt.")
+        if len(prompt) >= self.max_len:
+            raise EngineError(f"The prompt has {len(prompt)} tokens; the context window is {self.max_len}.")
+        if should_stop():
+            return [], "cancelled"
+        req = _Request(prompt, sampling, should_stop)
+        with self._cv:
+            self._incoming.append(req)
+            self._cv.notify()
+        failure: BaseException | None = None
+        while True:
+            kind, value = req.events.get()
+            if kind == "tok":
+                if failure is None:
+                    try:
+                        on_token(value)
+                    except BaseException as exc:  # stop generating, re-raise once the slot is free
+                        failure = exc
+                        req.should_stop = lambda: True
+                        with self._cv:
+                            self._cv.notify()
+            elif kind == "done":
+                if failure is not None:
+                    raise failure
+                return [t for t in req.produced if t not in self._stop_set], value
+            else:
+                raise value
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+        self._graphs.clear()
+        self._triton.clear()
+        self.cache = None  # type: ignore[assignment]
+        self.layers = []
+        self.model = None
+
+    # ------------------------------------------------------------------ scheduler
+    def _loop(self) -> None:
+        torch = self._torch
+        ctx = torch.cuda.device(self.device) if self.device.type == "cuda" else _null()
+        with ctx, torch.inference_mode():
+            pending = None
+            while True:
+                with self._cv:
+                    while not self._closed and not self._incoming and not self._running and pending is None:
+                        self._cv.wait(timeout=0.5)
+                    if self._closed:
+                        break
+                    incoming = list(self._incoming)
+                try:
+                    for req in incoming:  # cancelled while waiting for a slot
+                        if req.should_stop():
+                            self._remove_incoming(req)
+                            req.done = True
+                            req.events.put(("done", "cancelled"))
+                    for req in list(self._running):
+                        if not req.done and req.should_stop():
+                            self._finish(req, "cancelled")
+                    while self._free_slot_exists():
+                        with self._cv:
+                            if not self._incoming:
+                                break
+                            req = self._incoming.popleft()
+                        if req.done:
+                            continue
+                        self._admit(req)
+                    launched = self._launch() if self._running else None
+                    if pending is not None:
+                        self._collect(pending)
+                    pending = launched
+                except Exception as exc:  # a device error: fail what is in flight, keep serving
+                    log.exception("fast engine step failed")
+                    pending = None
+                    self._fail_all(exc)
+            self._fail_all(EngineError("The engine was closed."))
+
+    def _remove_incoming(self, req: _Request) -> None:
+        with self._cv:
+            try:
+                self._incoming.remove(req)
+            except ValueError:
+                pass
+
+    def _free_slot_exists(self) -> bool:
+        return any(r is None for r in self._slot_req)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        err = exc if isinstance(exc, EngineError) else EngineError(f"The fast engine failed: {_first_line(exc)}")
+        with self._cv:
+            waiting = list(self._incoming)
+            self._incoming.clear()
+        for req in list(self._running) + waiting:
+            if not req.done:
+                req.done = True
+                req.events.put(("error", err))
+        self._running.clear()
+        for s in range(self.slots):
+            self._slot_req[s] = None
+            self._slot_ids[s] = []
+        try:
+            if self.cache is not None:
+                self.active.zero_()
+                if self.device.type == "cuda":
+                    self._torch.cuda.synchronize(self.device)
+        except Exception as inner:  # the device is gone: later requests fail at once
+            self._broken = inner
+
+    def _pick_slot(self, prompt: list[int]) -> tuple[int, int, int | None]:
+        """(target slot, reusable prefix length, source slot of that prefix)."""
+        best, source = 0, None
+        for s in range(self.slots):
+            n = common_prefix(self._slot_ids[s], prompt)
+            if n > best:
+                best, source = n, s
+        reuse = min(best, len(prompt) - 1)
+        free = [s for s in range(self.slots) if self._slot_req[s] is None]
+        if source is not None and reuse > 0 and self._slot_req[source] is None:
+            return source, reuse, source
+        # least recently used free slot; ties → lowest index (keeps batches small)
+        target = min(free, key=lambda s: (self._slot_used[s], s))
+        return target, reuse, (source if reuse > 0 else None)
+
+    def _admit(self, req: _Request) -> None:
+        torch = self._torch
+        prompt = req.prompt
+        P = len(prompt)
+        slot, reuse, source = self._pick_slot(prompt)
+        self._slot_req[slot] = req
+        self._slot_used[slot] = time.monotonic()
+        req.slot = slot
+        self._slot_ids[slot] = prompt[:reuse]
+        self.stats["requests"] += 1
+        try:
+            if reuse > 0 and source != slot:
+                self.cache[:, slot, :reuse].copy_(self.cache[:, source, :reuse])
+            sp = req.sampling
+            seed = sp.seed if sp.seed is not None else secrets.randbits(31)
+            self.temp[slot] = float(sp.temperature)
+            self.topk[slot] = int(sp.top_k) if 0 < sp.top_k <= self.top_k_cap else self.top_k_cap
+            self.topp[slot] = float(sp.top_p) if sp.top_p and sp.top_p > 0 else 1.0
+            self.penalty[slot] = float(sp.repetition_penalty or 1.0)
+            self.seed[slot] = int(seed) & _M32
+            self.seen[slot].zero_()
+            self.seen[slot, torch.tensor(prompt, device=self.device)] = True
+            logits = self._prefill(slot, prompt[reuse:], reuse)
+            pos = torch.full((1,), P - 1, device=self.device, dtype=torch.long)
+            first = self._sample(logits, slice(slot, slot + 1), pos)
+            self.seen[slot, first] = True
+            self.tok[slot : slot + 1].copy_(first)
+            self.pos[slot] = P
+            self.active[slot] = True
+            token = int(first.item())
+        except Exception as exc:
+            self._slot_req[slot] = None
+            self._slot_ids[slot] = []
+            req.done = True
+            oom = "out of memory" in str(exc).lower()
+            if self.device.type == "cuda" and oom:
+                torch.cuda.empty_cache()
+            msg = "The GPU ran out of memory for this request" if oom else "The fast engine failed on this request"
+            req.events.put(("error", EngineError(f"{msg}: {_first_line(exc)}")))
+            if not oom:
+                raise
+            return
+        self._slot_ids[slot] = list(prompt)
+        req.reused, req.prefilled = reuse, P - reuse
+        self.stats["reused_tokens"] += reuse
+        self.stats["prefill_tokens"] += P - reuse
+        self._running.append(req)
+        self._emit(req, token)
+
+    def _launch(self):
+        torch = self._torch
+        live = [r for r in self._running if not r.done]
+        if not live:
+            return None
+        B = self._bucket(self.batch_buckets, max(r.slot for r in live) + 1)  # type: ignore[type-var]
+        Lc = self._bucket(self.length_buckets, max(len(r.prompt) + r.fed + 1 for r in live))
+        self.run_step(B, Lc)
+        for r in live:
+            r.fed += 1
+        self.stats["steps"] += 1
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(live))
+        if self._pinned is not None:
+            host = self._pinned[self._flip]
+            self._flip ^= 1
+            host[:B].copy_(self.tok[:B], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = self.tok[:B].clone()
+            event = None
+        return host, event, [(r.slot, r) for r in live]
+
+    def _collect(self, pending) -> None:
+        host, event, rows = pending
+        if event is not None:
+            event.synchronize()
+        tokens = host.tolist()
+        for slot, req in rows:
+            if not req.done:
+                self._emit(req, tokens[slot])
+
+    def _emit(self, req: _Request, token: int) -> None:
+        req.produced.append(token)
+        self.stats["tokens"] += 1
+        if token in self._stop_set:
+            self._finish(req, "stop")
+            return
+        req.events.put(("tok", token))
+        if len(req.produced) >= req.sampling.max_new_tokens or len(req.prompt) + len(req.produced) >= self.max_len:
+            self._finish(req, "length")
+
+    def _finish(self, req: _Request, reason: FinishReason) -> None:
+        req.done = True
+        slot = req.slot
+        if slot is not None and self._slot_req[slot] is req:
+            self.active[slot] = False
+            fed = min(req.fed, len(req.produced))
+            self._slot_ids[slot] = req.prompt + req.produced[:fed]
+            self._slot_req[slot] = None
+            self._slot_used[slot] = time.monotonic()
+        if req in self._running:
+            self._running.remove(req)
+        req.events.put(("done", reason))
+        with self._cv:
+            self._cv.notify_all()
+
+
+def _sdpa_mqa(q, k, v, mask, scale):
+    """Prefill attention: q (1,H,T,D) against one K/V head (1,1,S,D), causal (bottom-right)."""
+    import torch
+    import torch.nn.functional as F
+
+    is_causal = mask is None
+    if mask is not None:
+        try:  # bottom-right causal without a materialised mask (flash / memory-efficient kernels)
+            from torch.nn.attention.bias import causal_lower_right
+
+            bias = causal_lower_right(q.shape[-2], k.shape[-2])
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=True)
+        except Exception:
+            pass
+    try:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True)
+    except (TypeError, RuntimeError):
+        H = q.shape[1]
+        k = k.expand(-1, H, -1, -1)
+        v = v.expand(-1, H, -1, -1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+__all__ = ["FastEngine", "batch_buckets", "length_buckets", "common_prefix"]

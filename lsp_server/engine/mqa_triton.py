@@ -1,0 +1,181 @@
+"""Multi-query decode attention in Triton (split-KV "flash decoding"), used by the fast engine on
+CUDA when Triton is importable and the start-up self-check agrees with the torch path.
+
+One query token per batch row, 48 query heads, ONE K/V head: the 48 heads are 48 query rows
+against the same keys, so K and V are read once per row (no repeat to 48 heads). The keys of a
+row are split into chunks; one program per (row, chunk) does an online softmax over its chunk
+and writes a partial result with its log-sum-exp; a second kernel merges the partials of the
+chunks that hold keys (the row's length is read from device memory, so a CUDA graph captured
+for a cache-length bucket serves every length below it).
+
+Cache layout: ``kv[slot, position, 0:D]`` is K and ``kv[slot, position, D:2D]`` is V.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Triton is optional: CPU machines and CI run the torch path
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover - depends on the machine
+    HAVE_TRITON = False
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _split_kernel(
+        q_ptr, kv_ptr, len_ptr, o_ptr, lse_ptr,
+        stride_qb, stride_qh,
+        stride_kb, stride_kt,
+        stride_ob, stride_os, stride_oh,
+        stride_lb, stride_ls,
+        scale, H,
+        CHUNK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        s = tl.program_id(1)
+        length = tl.load(len_ptr + b).to(tl.int32)
+        start = s * CHUNK
+        end = tl.minimum(start + CHUNK, length)  # masks only: loops have static trip counts
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, D)
+        hmask = offs_h < H
+        q = tl.load(q_ptr + b * stride_qb + offs_h[:, None] * stride_qh + offs_d[None, :], mask=hmask[:, None], other=0.0)
+        m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, D], tl.float32)
+        base = kv_ptr + b * stride_kb
+        for i in range(0, CHUNK // BLOCK_N):  # static trip count; blocks past the row's end are masked
+            offs_n = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
+            nmask = offs_n < end
+            k = tl.load(base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=nmask[None, :], other=0.0)
+            sc = tl.dot(q, k) * scale
+            sc = tl.where(nmask[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, 1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(sc - m_new[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            v = tl.load(base + offs_n[:, None] * stride_kt + D + offs_d[None, :], mask=nmask[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        has = l > 0
+        l_safe = tl.where(has, l, 1.0)
+        out = acc / l_safe[:, None]
+        lse = tl.where(has, m + tl.log(l_safe), float("-inf"))
+        tl.store(o_ptr + b * stride_ob + s * stride_os + offs_h[:, None] * stride_oh + offs_d[None, :], out, mask=hmask[:, None])
+        tl.store(lse_ptr + b * stride_lb + s * stride_ls + offs_h, lse, mask=hmask)
+
+    @triton.jit
+    def _merge_kernel(
+        o_ptr, lse_ptr, len_ptr, out_ptr,
+        stride_ob, stride_os, stride_oh,
+        stride_lb, stride_ls,
+        stride_outb, stride_outh,
+        CHUNK: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        length = tl.load(len_ptr + b).to(tl.int32)
+        n = (length + CHUNK - 1) // CHUNK
+        offs_d = tl.arange(0, D)
+        m = tl.full([1], float("-inf"), tl.float32)
+        l = tl.zeros([1], tl.float32)
+        acc = tl.zeros([D], tl.float32)
+        for s in range(0, SPLITS):  # split 0 always holds keys, so m is finite after it
+            ok = s < n
+            lse = tl.load(lse_ptr + b * stride_lb + s * stride_ls + h + tl.zeros([1], tl.int32), mask=ok, other=float("-inf"))
+            o = tl.load(o_ptr + b * stride_ob + s * stride_os + h * stride_oh + offs_d, mask=ok & (offs_d < D), other=0.0)
+            m_new = tl.maximum(m, lse)
+            alpha = tl.exp(m - m_new)
+            w = tl.exp(lse - m_new)
+            acc = acc * alpha + o * w
+            l = l * alpha + w
+            m = m_new
+        out = acc / l
+        tl.store(out_ptr + b * stride_outb + h * stride_outh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+def chunk_for(cache_len: int) -> int:
+    """Keys per program (a multiple of 64): about 32 chunks per row at long contexts, never
+    under 128 keys."""
+    return max(128, (cache_len // 32 + 63) // 64 * 64)
+
+
+class TritonMQADecode:
+    """Preallocated partial buffers for one (batch, cache length) bucket; ``__call__`` is
+    graph-capturable (two kernel launches, no allocation)."""
+
+    def __init__(self, batch: int, cache_len: int, heads: int, head_dim: int, device, dtype):
+        self.chunk = chunk_for(cache_len)
+        self.splits = (cache_len + self.chunk - 1) // self.chunk
+        self.heads, self.head_dim = heads, head_dim
+        self.block_h = max(16, triton.next_power_of_2(heads))
+        self.o = torch.empty((batch, self.splits, heads, head_dim), device=device, dtype=torch.float32)
+        self.lse = torch.empty((batch, self.splits, heads), device=device, dtype=torch.float32)
+        self.out = torch.empty((batch, heads, head_dim), device=device, dtype=dtype)
+
+    def __call__(self, q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, scale: float) -> torch.Tensor:
+        """q: (B, H, D); kv: (B, positions, 2D) (a slice of one layer's cache, rows = slots);
+        lengths: (B,) int64 keys per row (>= 1). Returns (B, H, D) in q's dtype."""
+        B = q.shape[0]
+        D = self.head_dim
+        _split_kernel[(B, self.splits)](
+            q, kv, lengths, self.o, self.lse,
+            q.stride(0), q.stride(1),
+            kv.stride(0), kv.stride(1),
+            self.o.stride(0), self.o.stride(1), self.o.stride(2),
+            self.lse.stride(0), self.lse.stride(1),
+            scale, self.heads,
+            CHUNK=self.chunk, BLOCK_H=self.block_h, BLOCK_N=64, D=D,
+            num_warps=4, num_stages=2,
+        )
+        out = self.out[:B]
+        _merge_kernel[(B, self.heads)](
+            self.o, self.lse, lengths, out,
+            self.o.stride(0), self.o.stride(1), self.o.stride(2),
+            self.lse.stride(0), self.lse.stride(1),
+            out.stride(0), out.stride(1),
+            CHUNK=self.chunk, SPLITS=self.splits, D=D,
+            num_warps=1,
+        )
+        return out
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _bias_add_ln_kernel(
+        x_ptr, bias_ptr, w_ptr, b_ptr, h_ptr, stride_x, stride_h, E, eps,
+        BLOCK: tl.constexpr,
+    ):
+        """x += bias (in place, rounded to x's dtype like an unfused add); h = LayerNorm(x)."""
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        m = offs < E
+        x = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
+        x = x + tl.load(bias_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        xq = x.to(x_ptr.dtype.element_ty)
+        tl.store(x_ptr + row * stride_x + offs, xq, mask=m)
+        x = xq.to(tl.float32)
+        mean = tl.sum(x, 0) / E
+        xc = tl.where(m, x - mean, 0.0)
+        var = tl.sum(xc * xc, 0) / E
+        rstd = 1.0 / tl.sqrt(var + eps)
+        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(h_ptr + row * stride_h + offs, (xc * rstd * w + b).to(h_ptr.dtype.element_ty), mask=m)
+
+
+def bias_add_layer_norm(x: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+    """For the decode step's rows x (B, E), contiguous: ``x += bias`` in place and return
+    ``layer_norm(x)``: one kernel instead of two (residual bias add, then the next norm)."""
+    B, E = x.shape
+    h = torch.empty_like(x)
+    block = triton.next_power_of_2(E)
+    _bias_add_ln_kernel[(B,)](x, bias, weight, beta, h, x.stride(0), h.stride(0), E, eps, BLOCK=block,
+                              num_warps=8 if block >= 4096 else 4)
+    return h
