@@ -187,3 +187,13 @@ async def test_stdout_carries_only_json_rpc(test_model):
     process.stdin.write(frame({"jsonrpc": "2.0", "id": 3, "method": "shutdown"}) + frame({"jsonrpc": "2.0", "method": "exit"}))
     await process.stdin.drain()
     assert await asyncio.wait_for(process.wait(), 10) == 0
+
+
+async def test_a_reversed_range_is_a_clear_error(raw_client, tmp_path):
+    editor = await start_session(raw_client, tmp_path, "neovim")
+    uri = editor.open()
+    args = {"textDocument": {"uri": uri}, "range": {"start": {"line": 4, "character": 0}, "end": {"line": 3, "character": 0}}}
+    with pytest.raises(Exception) as error:
+        await raw_client.workspace_execute_command_async(types.ExecuteCommandParams(command="starchat.explain", arguments=[args]))
+    assert getattr(error.value, "code", None) == -32803
+    assert "ends (3:0) before it starts (4:0)" in str(error.value)

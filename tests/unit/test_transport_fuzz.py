@@ -1,0 +1,80 @@
+"""Random and mutated frames into the server's reader and protocol: no crash, no hang, and the
+server still answers a valid request afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lsp_server.setup import create_server
+from lsp_server.testing.wire import frame
+from lsp_server.transport import StreamReaderAdapter, serve
+
+SEEDS = [
+    {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}}},
+    {"jsonrpc": "2.0", "id": 2, "method": "textDocument/hover", "params": {"textDocument": {"uri": "file:///a.py"}, "position": {"line": 0, "character": 0}}},
+    {"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {"uri": "file:///a.py", "languageId": "python", "version": 1, "text": "x = 1\n"}}},
+    {"jsonrpc": "2.0", "method": "$/cancelRequest", "params": {"id": 2}},
+    {"jsonrpc": "2.0", "id": 3, "method": "starchat/chat", "params": {"messages": "nope"}},
+    {"jsonrpc": "2.0", "id": 4, "method": "textDocument/codeAction", "params": {"textDocument": {"uri": "file:///a.py"}, "range": {"start": {"line": 9, "character": 0}, "end": {"line": 0, "character": 0}}, "context": {"diagnostics": []}}},
+]
+
+
+class Capture:
+    def __init__(self):
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def close(self) -> None:
+        pass
+
+
+def mutate(raw: bytes, cuts: list[int], junk: bytes) -> bytes:
+    for cut in cuts:
+        if raw:
+            at = cut % len(raw)
+            raw = raw[:at] + junk + raw[at + 1 :]
+    return raw
+
+
+frames = st.builds(
+    mutate,
+    st.sampled_from([frame(s) for s in SEEDS]),
+    st.lists(st.integers(0, 10_000), max_size=3),
+    st.binary(max_size=6),
+)
+chunks = st.lists(st.one_of(frames, st.binary(max_size=64), st.sampled_from([b"Content-Length: 5\r\n\r\n", b"\r\n\r\n", b"content-length: -1\r\n\r\n"])), max_size=8)
+
+
+async def feed(protocol, data: bytes) -> None:
+    stream = asyncio.StreamReader()
+    stream.feed_data(data)
+    stream.feed_eof()
+    await asyncio.wait_for(serve(protocol, StreamReaderAdapter(stream), lambda: 1 << 20), 5)
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chunks)
+def test_random_frames_never_crash_or_hang(parts):
+    server = create_server()
+    writer = Capture()
+    server.protocol.set_writer(writer)
+
+    async def scenario() -> None:
+        await feed(server.protocol, b"".join(parts))
+        # the protocol still answers a valid request on a fresh stream
+        writer.data = b""
+        await feed(server.protocol, frame({"jsonrpc": "2.0", "id": "probe", "method": "starchat/unknown"}))
+        await asyncio.sleep(0)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.close()
+    replies = [json.loads(part[part.index(b"{"):]) for part in writer.data.split(b"Content-Length")[1:]]
+    assert any(r.get("id") == "probe" and "error" in r for r in replies)
