@@ -584,7 +584,12 @@ class FastEngine:
             self._cv.notify()
         failure: BaseException | None = None
         while True:
-            kind, value = req.events.get()
+            try:
+                kind, value = req.events.get(timeout=1.0)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise EngineError("The fast engine's scheduler stopped.") from None
+                continue
             if kind == "tok":
                 if failure is None:
                     try:

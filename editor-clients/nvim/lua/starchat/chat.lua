@@ -1,0 +1,424 @@
+--- The chat buffer: a markdown scratch buffer in a split. "## You" sections are the user's turns
+--- (the last one is where you type), "## StarChat" sections the answers, streamed as they come.
+local lsp = require("starchat.lsp")
+local config = require("starchat.config")
+local range_util = require("starchat.range")
+
+local M = {
+  buf = nil,
+  history = {}, -- {role = "user" | "assistant", content = string}
+  context = nil, -- {bufnr, uri, range, label}: the selection the conversation is about
+  current = nil, -- the turn being answered
+  turns = {}, -- finished turns, for inspection: {kind, question, answer, pieces, finish, ...}
+}
+
+local USER = "## You"
+local BOT = "## StarChat"
+local ns = vim.api.nvim_create_namespace("starchat_chat")
+local hint_ns = vim.api.nvim_create_namespace("starchat_chat_hint")
+
+--- The chat window's winbar: what the server is doing, without the "StarChat: " prefix.
+function M.winbar()
+  return (lsp.status():gsub("^StarChat: ", ""))
+end
+
+--- Key hints beside the last "## You" (the input section).
+local function hint()
+  vim.api.nvim_buf_clear_namespace(M.buf, hint_ns, 0, -1)
+  local lines = vim.api.nvim_buf_get_lines(M.buf, 0, -1, false)
+  for i = #lines, 1, -1 do
+    if vim.startswith(lines[i], USER) then
+      vim.api.nvim_buf_set_extmark(M.buf, hint_ns, i - 1, 0, {
+        virt_text = { { "  type below · <CR> send · <C-c> stop", "Comment" } },
+        virt_text_pos = "eol",
+      })
+      return
+    end
+  end
+end
+
+local function valid(buf)
+  return buf and vim.api.nvim_buf_is_valid(buf)
+end
+
+local function with_modifiable(fn)
+  local buf = M.buf
+  vim.bo[buf].modifiable = true
+  local ok, err = pcall(fn, buf)
+  vim.bo[buf].modifiable = M.current == nil
+  if not ok then
+    error(err)
+  end
+end
+
+local function windows()
+  return vim.fn.win_findbuf(M.buf or -1)
+end
+
+--- Keep windows that show the end of the chat following the text.
+local function follow(force)
+  local last = vim.api.nvim_buf_line_count(M.buf)
+  for _, win in ipairs(windows()) do
+    local row = vim.api.nvim_win_get_cursor(win)[1]
+    if force or win ~= vim.api.nvim_get_current_win() or row >= last - 2 then
+      pcall(vim.api.nvim_win_set_cursor, win, { last, 0 })
+    end
+  end
+end
+
+local function set_thinking(on)
+  vim.api.nvim_buf_clear_namespace(M.buf, ns, 0, -1)
+  if on then
+    local last = vim.api.nvim_buf_line_count(M.buf) - 1
+    vim.api.nvim_buf_set_extmark(M.buf, ns, last, 0, {
+      virt_text = { { "… thinking (<C-c> stops)", "Comment" } },
+      virt_text_pos = "eol",
+    })
+  end
+end
+
+local function append(text)
+  text = text:gsub("\r\n", "\n")
+  with_modifiable(function(buf)
+    local last = vim.api.nvim_buf_line_count(buf) - 1
+    local line = vim.api.nvim_buf_get_lines(buf, last, last + 1, false)[1]
+    vim.api.nvim_buf_set_text(buf, last, #line, last, #line, vim.split(text, "\n", { plain = true }))
+  end)
+end
+
+local function append_lines(lines)
+  with_modifiable(function(buf)
+    vim.api.nvim_buf_set_lines(buf, -1, -1, false, lines)
+  end)
+end
+
+local function create()
+  local buf = vim.api.nvim_create_buf(false, true)
+  vim.bo[buf].buftype = "nofile"
+  vim.bo[buf].bufhidden = "hide"
+  vim.bo[buf].swapfile = false
+  pcall(vim.api.nvim_buf_set_name, buf, "starchat://chat")
+  vim.bo[buf].filetype = "markdown"
+  vim.api.nvim_buf_set_lines(buf, 0, -1, false, { USER, "" })
+  M.buf = buf
+  hint()
+  vim.api.nvim_create_autocmd({ "BufUnload", "BufWipeout" }, {
+    buffer = buf,
+    once = true,
+    callback = function()
+      if M.current then -- the chat went away: stop its answer
+        local turn = M.current
+        turn.cancelled = true
+        M.current = nil
+        if turn.token then
+          lsp.streams[turn.token] = nil
+        end
+        if turn.id then
+          pcall(lsp.call, turn.client, "cancel_request", turn.id)
+        end
+      end
+      if M.buf == buf then -- a new chat buffer starts a new conversation
+        M.buf, M.history, M.context = nil, {}, nil
+      end
+      vim.schedule(function()
+        if vim.api.nvim_buf_is_valid(buf) then
+          pcall(vim.api.nvim_buf_delete, buf, { force = true })
+        end
+      end)
+    end,
+  })
+  local map = function(modes, lhs, fn, desc)
+    vim.keymap.set(modes, lhs, fn, { buffer = buf, desc = desc, silent = true })
+  end
+  map("n", "<CR>", function()
+    M.submit()
+  end, "StarChat: send the message under the last \"## You\"")
+  map("i", "<C-s>", function()
+    vim.cmd("stopinsert")
+    M.submit()
+  end, "StarChat: send")
+  map({ "n", "i" }, "<C-c>", function()
+    M.cancel()
+  end, "StarChat: stop the answer")
+  return buf
+end
+
+--- The chat buffer, shown in a split when it is not on screen. Returns buf, win.
+function M.open(opts)
+  opts = opts or {}
+  if not valid(M.buf) then
+    M.buf = create()
+  end
+  local win = windows()[1]
+  if not win or vim.api.nvim_win_get_tabpage(win) ~= vim.api.nvim_get_current_tabpage() then
+    local from = vim.api.nvim_get_current_win()
+    local chat = config.options.chat or {}
+    vim.cmd(chat.split or "botright vsplit")
+    win = vim.api.nvim_get_current_win()
+    vim.api.nvim_win_set_buf(win, M.buf)
+    if chat.size then
+      if (chat.split or ""):find("vsplit") or (chat.split or ""):find("vert") then
+        vim.api.nvim_win_set_width(win, chat.size)
+      else
+        vim.api.nvim_win_set_height(win, chat.size)
+      end
+    end
+    vim.wo[win].wrap = true
+    vim.wo[win].linebreak = true
+    vim.wo[win].number = false
+    vim.wo[win].relativenumber = false
+    vim.wo[win].winbar = "%#Title# StarChat %* %<%{v:lua.require'starchat.chat'.winbar()}"
+    if not opts.focus then
+      vim.api.nvim_set_current_win(from)
+    end
+  elseif opts.focus then
+    vim.api.nvim_set_current_win(win)
+  end
+  follow(true)
+  return M.buf, win
+end
+
+--- Replace the input section (after the last "## You") with the user's turn and open an answer.
+local function begin_turn(turn, header, text)
+  local lines = vim.api.nvim_buf_get_lines(M.buf, 0, -1, false)
+  local at = #lines
+  for i = #lines, 1, -1 do
+    if vim.startswith(lines[i], USER) then
+      at = i - 1
+      break
+    end
+  end
+  local new = { header }
+  vim.list_extend(new, vim.split(text, "\n", { plain = true }))
+  vim.list_extend(new, { "", BOT, "" })
+  with_modifiable(function(buf)
+    vim.api.nvim_buf_set_lines(buf, at, -1, false, new)
+  end)
+  vim.api.nvim_buf_clear_namespace(M.buf, hint_ns, 0, -1)
+  turn.answer_line = vim.api.nvim_buf_line_count(M.buf) - 1 -- 0-based first line of the answer
+  M.current = turn
+  vim.bo[M.buf].modifiable = false
+  set_thinking(true)
+  follow(true)
+end
+
+local function end_turn(turn, note)
+  if M.current ~= turn then
+    return
+  end
+  M.current = nil
+  set_thinking(false)
+  local tail = {}
+  if note then
+    local last = vim.api.nvim_buf_get_lines(M.buf, -2, -1, false)[1]
+    if last ~= "" then
+      table.insert(tail, "")
+    end
+    table.insert(tail, note)
+  end
+  vim.list_extend(tail, { "", USER, "" })
+  append_lines(tail)
+  hint()
+  vim.bo[M.buf].modifiable = true
+  table.insert(M.turns, turn)
+  if turn.answer ~= "" then
+    table.insert(M.history, { role = "user", content = turn.user_content })
+    table.insert(M.history, { role = "assistant", content = turn.answer })
+  end
+  follow(true)
+  pcall(vim.api.nvim_exec_autocmds, "User", { pattern = "StarChatAnswer", modeline = false, data = turn })
+end
+
+--- The answer's final text, when it differs from what was streamed (or nothing was).
+local function settle(turn, text)
+  if text == nil or text == turn.answer then
+    return
+  end
+  with_modifiable(function(buf)
+    vim.api.nvim_buf_set_lines(buf, turn.answer_line, -1, false, vim.split(text, "\n", { plain = true }))
+  end)
+  turn.answer = text
+end
+
+local function on_result(turn)
+  return function(err, result)
+    if turn.cancelled or M.current ~= turn then
+      return
+    end
+    lsp.streams[turn.token or ""] = nil
+    if err then
+      turn.error = err.message or vim.inspect(err)
+      lsp.notify_error(turn.kind, err)
+      end_turn(turn, "[error: " .. turn.error .. "]")
+      return
+    end
+    result = result or {}
+    settle(turn, result.text)
+    turn.finish = result.finishReason
+    turn.done = true
+    end_turn(turn, result.finishReason == "length" and "[stopped at maxNewTokens]" or nil)
+  end
+end
+
+local function busy()
+  if M.current then
+    vim.notify("StarChat is still answering (<C-c> in the chat stops it)", vim.log.levels.WARN)
+    return true
+  end
+  return false
+end
+
+--- The context selection, while its buffer is still open and attached.
+local function live_context(client)
+  local ctx = M.context
+  if ctx and vim.api.nvim_buf_is_valid(ctx.bufnr) and vim.api.nvim_buf_is_loaded(ctx.bufnr) then
+    if lsp.clients(ctx.bufnr)[1] == client then
+      return ctx
+    end
+  end
+  return nil
+end
+
+--- Send a chat message; the answer streams into the chat buffer.
+--- opts: max_new_tokens, bufnr (whose client to use)
+function M.send(text, opts)
+  opts = opts or {}
+  text = vim.trim(text or "")
+  if text == "" or busy() then
+    return nil
+  end
+  local ctx_buf = M.context and M.context.bufnr
+  local client = lsp.ensure(opts.bufnr or (ctx_buf and vim.api.nvim_buf_is_valid(ctx_buf) and ctx_buf) or nil)
+  if not client then
+    return nil
+  end
+  M.open()
+  local turn = { kind = "chat", question = text, user_content = text, answer = "", pieces = 0, client = client }
+  turn.token = lsp.new_token()
+  begin_turn(turn, USER, text)
+  local messages = vim.deepcopy(M.history)
+  table.insert(messages, { role = "user", content = text })
+  local params = {
+    messages = messages,
+    partialResultToken = turn.token,
+    maxNewTokens = opts.max_new_tokens or (config.options.chat or {}).max_new_tokens,
+  }
+  local ctx = live_context(client)
+  if ctx then
+    params.textDocument = { uri = ctx.uri }
+    params.range = ctx.range
+  end
+  lsp.streams[turn.token] = function(delta)
+    if M.current ~= turn then
+      return
+    end
+    if turn.pieces == 0 then
+      set_thinking(false)
+    end
+    turn.pieces = turn.pieces + 1
+    turn.answer = turn.answer .. delta
+    append(delta)
+    follow(false)
+  end
+  local ok, id = lsp.call(client, "request", "starchat/chat", params, on_result(turn), ctx and ctx.bufnr or nil)
+  if not ok then
+    lsp.streams[turn.token] = nil
+    lsp.notify_error("chat", "the server is not running")
+    end_turn(turn, "[error: the server is not running]")
+    return nil
+  end
+  turn.id = id
+  return turn
+end
+
+--- Ask about a selection (starchat.ask with a question, starchat.explain without); the answer
+--- goes to the chat buffer, and follow-up chat messages keep the selection as context.
+function M.ask(client, bufnr, args, question)
+  if busy() then
+    return nil
+  end
+  M.open()
+  local label = range_util.label(bufnr, args.range)
+  local explain = question == nil
+  local shown = explain and "Explain this code." or question
+  local turn = {
+    kind = explain and "explain" or "ask",
+    question = shown,
+    user_content = explain and "Explain what the selected code does." or question,
+    answer = "",
+    pieces = 0,
+    client = client,
+  }
+  begin_turn(turn, USER .. " · " .. label, shown)
+  M.context = { bufnr = bufnr, uri = args.textDocument.uri, range = args.range, label = label }
+  local arguments = vim.deepcopy(args)
+  arguments.question = question
+  local ok, id = lsp.call(client, "request", "workspace/executeCommand", {
+    command = explain and "starchat.explain" or "starchat.ask",
+    arguments = { arguments },
+  }, on_result(turn), bufnr)
+  if not ok then
+    end_turn(turn, "[error: the server is not running]")
+    return nil
+  end
+  turn.id = id
+  return turn
+end
+
+--- Stop the answer being generated ($/cancelRequest: the server stops decoding).
+function M.cancel()
+  local turn = M.current
+  if not turn then
+    return false
+  end
+  turn.cancelled = true
+  turn.cancelled_at_pieces = turn.pieces
+  if turn.token then
+    lsp.streams[turn.token] = nil
+  end
+  if turn.id then
+    pcall(lsp.call, turn.client, "cancel_request", turn.id)
+  end
+  end_turn(turn, "[cancelled]")
+  return true
+end
+
+--- The text typed under the last "## You", sent as a chat message (or asked for when empty).
+function M.submit()
+  if busy() or not valid(M.buf) then
+    return
+  end
+  local lines = vim.api.nvim_buf_get_lines(M.buf, 0, -1, false)
+  local at
+  for i = #lines, 1, -1 do
+    if vim.startswith(lines[i], USER) then
+      at = i
+      break
+    end
+  end
+  local text = at and vim.trim(table.concat(vim.list_slice(lines, at + 1), "\n")) or ""
+  if text ~= "" then
+    return M.send(text)
+  end
+  vim.ui.input({ prompt = "Ask StarChat: " }, function(input)
+    if input and vim.trim(input) ~= "" then
+      M.send(input)
+    end
+  end)
+end
+
+--- Forget the conversation and its context.
+function M.clear()
+  if M.current then
+    M.cancel()
+  end
+  M.history, M.context, M.turns = {}, nil, {}
+  if valid(M.buf) then
+    vim.bo[M.buf].modifiable = true
+    vim.api.nvim_buf_set_lines(M.buf, 0, -1, false, { USER, "" })
+    set_thinking(false)
+    hint()
+  end
+end
+
+return M

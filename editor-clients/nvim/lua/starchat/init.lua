@@ -1,0 +1,204 @@
+--- starchat.nvim: StarChat (starchat-lsp) in Neovim.
+local config = require("starchat.config")
+local lsp = require("starchat.lsp")
+local chat = require("starchat.chat")
+local range_util = require("starchat.range")
+
+local M = {}
+
+M.chat = chat
+
+--- For the status line: "StarChat: ready", "StarChat: Fix (12 tokens)", … ("" when not running).
+function M.status()
+  return lsp.status()
+end
+
+local function wants(ft)
+  local fts = config.options.filetypes
+  if fts == "*" or fts == nil then
+    return ft ~= ""
+  end
+  return vim.tbl_contains(fts, ft)
+end
+
+--- Start or attach the server for a buffer (what the FileType autocommand does).
+function M.attach(bufnr)
+  bufnr = (bufnr == nil or bufnr == 0) and vim.api.nvim_get_current_buf() or bufnr
+  return lsp.start(bufnr)
+end
+
+--- The client and the LSP arguments {textDocument, range, version} for a command's range.
+local function selection_args(opts, bufnr)
+  bufnr = bufnr or vim.api.nvim_get_current_buf()
+  if vim.bo[bufnr].buftype ~= "" then
+    vim.notify("StarChat: run this in a file buffer", vim.log.levels.WARN)
+    return nil
+  end
+  local client = lsp.ensure(bufnr)
+  if not client then
+    return nil
+  end
+  local range = range_util.from_command(opts, bufnr, client.offset_encoding or "utf-16")
+  local args = { textDocument = { uri = vim.uri_from_bufnr(bufnr) }, range = range }
+  return client, bufnr, args
+end
+
+--- Ask a question about the command's range (asks for the question when it is empty).
+function M.ask(question, opts)
+  local client, bufnr, args = selection_args(opts)
+  if not client then
+    return
+  end
+  local function go(q)
+    if q and vim.trim(q) ~= "" then
+      chat.ask(client, bufnr, args, vim.trim(q))
+    end
+  end
+  if question and vim.trim(question) ~= "" then
+    return go(question)
+  end
+  vim.ui.input({ prompt = "Ask StarChat: " }, go)
+end
+
+function M.explain(opts)
+  local client, bufnr, args = selection_args(opts)
+  if client then
+    chat.ask(client, bufnr, args, nil)
+  end
+end
+
+local TASK_TITLES = { fix = "Fix", optimize = "Optimize", document = "Document", tests = "Write tests" }
+
+--- Fix / Optimize / Document / Write tests on the command's range: the server computes the edit
+--- and applies it with workspace/applyEdit (starchat.runTask).
+function M.run_task(task, opts, on_done)
+  local client, bufnr, args = selection_args(opts)
+  if not client then
+    return
+  end
+  args.task = task
+  local ok = lsp.call(client, "request", "workspace/executeCommand", {
+    command = "starchat.runTask",
+    arguments = { args },
+  }, function(err, result)
+    if err then
+      lsp.notify_error(TASK_TITLES[task] or task, err)
+    end
+    if on_done then
+      on_done(err, result)
+    end
+  end, bufnr)
+  if not ok then
+    lsp.notify_error(task, "the server is not running")
+  end
+end
+
+--- Open the chat split; with text, send it.
+function M.open_chat(text, opts)
+  chat.open({ focus = not text or text == "" })
+  if text and vim.trim(text) ~= "" then
+    return chat.send(text, opts)
+  end
+end
+
+--- Change server settings at runtime (sent with workspace/didChangeConfiguration).
+function M.configure(settings)
+  for k, v in pairs(config.server_settings({ settings = settings })) do
+    config.settings[k] = v
+  end
+  lsp.push_settings()
+end
+
+--- The client-side command of the "StarChat: Ask…" code action: ask the user, then starchat.ask.
+local function ask_question_command(command, ctx)
+  local args = (command.arguments or {})[1]
+  local client = ctx and vim.lsp.get_client_by_id(ctx.client_id)
+  if not args or not client then
+    return
+  end
+  local bufnr = ctx.bufnr or vim.uri_to_bufnr(args.textDocument.uri)
+  vim.ui.input({ prompt = "Ask StarChat: " }, function(question)
+    if question and vim.trim(question) ~= "" then
+      chat.ask(client, bufnr, args, vim.trim(question))
+    end
+  end)
+end
+
+local function define_commands()
+  local cmd = vim.api.nvim_create_user_command
+  cmd("StarChat", function(o)
+    M.ask(o.args, o)
+  end, { nargs = "*", range = true, desc = "Ask StarChat about the selection" })
+  cmd("StarChatExplain", function(o)
+    M.explain(o)
+  end, { range = true, desc = "StarChat: explain the selection" })
+  for name, task in pairs({ Fix = "fix", Doc = "document", Tests = "tests", Optimize = "optimize" }) do
+    cmd("StarChat" .. name, function(o)
+      M.run_task(task, o)
+    end, { range = true, desc = "StarChat: " .. TASK_TITLES[task] })
+  end
+  cmd("StarChatChat", function(o)
+    M.open_chat(o.args)
+  end, { nargs = "*", desc = "Open the StarChat chat (and send a message)" })
+  cmd("StarChatStop", function()
+    chat.cancel()
+  end, { desc = "Stop the StarChat answer" })
+  cmd("StarChatClear", function()
+    chat.clear()
+  end, { desc = "Start a new StarChat conversation" })
+end
+
+local function define_menu()
+  pcall(vim.cmd, [[silent! aunmenu PopUp.Ask\ StarChat]])
+  pcall(vim.cmd, [[silent! aunmenu PopUp.StarChat]])
+  pcall(vim.cmd, [[silent! aunmenu PopUp.-starchat-]])
+  if not config.options.popup_menu then
+    return
+  end
+  vim.cmd([[
+    nnoremenu <silent> .1 PopUp.Ask\ StarChat <Cmd>StarChat<CR>
+    inoremenu <silent> .1 PopUp.Ask\ StarChat <Cmd>StarChat<CR>
+    vnoremenu <silent> .1 PopUp.Ask\ StarChat :StarChat<CR>
+  ]])
+  local items = {
+    { "Explain", "StarChatExplain" },
+    { "Fix", "StarChatFix" },
+    { "Optimize", "StarChatOptimize" },
+    { "Document", "StarChatDoc" },
+    { "Write\\ tests", "StarChatTests" },
+  }
+  for i, item in ipairs(items) do
+    local prio = ".2." .. i
+    vim.cmd(("nnoremenu <silent> %s PopUp.StarChat.%s <Cmd>%s<CR>"):format(prio, item[1], item[2]))
+    vim.cmd(("vnoremenu <silent> %s PopUp.StarChat.%s :%s<CR>"):format(prio, item[1], item[2]))
+  end
+  vim.cmd([[anoremenu .3 PopUp.-starchat- <Nop>]])
+end
+
+M._setup_done = false
+
+--- Configure the plugin: see `:help starchat-setup`.
+function M.setup(opts)
+  config.set(opts)
+  vim.lsp.commands["starchat.askQuestion"] = ask_question_command
+  define_commands()
+  define_menu()
+  local group = vim.api.nvim_create_augroup("starchat", { clear = true })
+  vim.api.nvim_create_autocmd("FileType", {
+    group = group,
+    callback = function(ev)
+      if wants(vim.bo[ev.buf].filetype) and vim.bo[ev.buf].buftype == "" then
+        M.attach(ev.buf)
+      end
+    end,
+  })
+  for _, buf in ipairs(vim.api.nvim_list_bufs()) do
+    if vim.api.nvim_buf_is_loaded(buf) and vim.bo[buf].buftype == "" and wants(vim.bo[buf].filetype) then
+      M.attach(buf)
+    end
+  end
+  M._setup_done = true
+  return M
+end
+
+return M

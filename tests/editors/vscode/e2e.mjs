@@ -1,0 +1,375 @@
+// Drives code-server (real VS Code in headless Chromium) through the StarChat extension with the
+// real server and the trained test model. Run by tests/editors/test_vscode.py, which starts
+// code-server and passes everything in a JSON file (argv[2]); the results go to argv[3].
+//
+// Steps: the status bar shows the model ready; hover over `area`; select average() → right-click
+// → Ask StarChat → Fix changes the text; Ask StarChat → Ask a Question… answers in the chat view;
+// chat with streaming and a follow-up; Stop while a long answer streams.
+import { chromium } from "playwright-core";
+import fs from "node:fs";
+import path from "node:path";
+
+const config = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
+const resultsPath = process.argv[3];
+const sc = config.scenarios;
+const results = { steps: {}, console: [] };
+const save = () => fs.writeFileSync(resultsPath, JSON.stringify(results, null, 2));
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const log = (...args) => console.log(`[${((Date.now() - t0) / 1000).toFixed(1)}s]`, ...args);
+const t0 = Date.now();
+
+const browser = await chromium.launch({
+  executablePath: config.chromium,
+  headless: true,
+  args: [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-features=Translate,MediaRouter",
+  ],
+});
+const context = await browser.newContext({ viewport: { width: 1400, height: 900 }, deviceScaleFactor: 1 });
+const page = await context.newPage();
+page.setDefaultTimeout(config.stepTimeoutMs ?? 20000);
+page.on("console", (m) => {
+  if (m.type() === "error") results.console.push(m.text().slice(0, 500));
+});
+
+let shot = 0;
+async function screenshot(name) {
+  shot += 1;
+  const file = path.join(config.screenshots, `vscode-${String(shot).padStart(2, "0")}-${name}.png`);
+  await page.screenshot({ path: file });
+  log("screenshot", file);
+  return file;
+}
+
+async function step(name, body, { needs = [] } = {}) {
+  const missing = needs.filter((n) => !results.steps[n]?.ok);
+  if (missing.length) {
+    results.steps[name] = { ok: false, seconds: 0, error: `skipped: ${missing.join(", ")} failed` };
+    save();
+    return false;
+  }
+  log(`step ${name}`);
+  await page.keyboard.press("Escape").catch(() => {});
+  const started = Date.now();
+  try {
+    const detail = (await body()) ?? {};
+    results.steps[name] = { ok: true, seconds: (Date.now() - started) / 1000, ...detail };
+  } catch (error) {
+    results.steps[name] = { ok: false, seconds: (Date.now() - started) / 1000, error: String(error?.stack ?? error) };
+    log(`step ${name} FAILED: ${error}`);
+    try {
+      await screenshot(`${name}-failed`);
+    } catch {}
+  }
+  save();
+  return results.steps[name].ok;
+}
+
+/** Waits until fn() returns a truthy value; returns it. */
+async function until(what, fn, timeoutMs = 60000, intervalMs = 100) {
+  const deadline = Date.now() + timeoutMs;
+  let last;
+  while (Date.now() < deadline) {
+    try {
+      last = await fn();
+      if (last) return last;
+    } catch (error) {
+      last = error;
+    }
+    await sleep(intervalMs);
+  }
+  throw new Error(`timed out waiting for ${what} (last: ${String(last).slice(0, 300)})`);
+}
+
+const editor = () => page.locator(".editor-instance .monaco-editor").first();
+
+/** The editor's text as the user sees it (all lines of calc.py fit on screen). */
+async function editorText() {
+  return editor().evaluate((root) => {
+    const lines = [...root.querySelectorAll(".view-lines .view-line")].map((line) => ({
+      top: parseFloat(line.style.top),
+      text: line.textContent.replace(/\u00a0/g, " "),
+    }));
+    lines.sort((a, b) => a.top - b.top);
+    return lines.map((l) => l.text).join("\n");
+  });
+}
+
+async function runCommand(title) {
+  await page.keyboard.press("Control+Shift+P");
+  const input = page.locator(".quick-input-widget input.input");
+  await input.waitFor({ state: "visible" });
+  await input.fill(`>${title}`);
+  const row = page.locator(".quick-input-list .monaco-list-row", { hasText: title }).first();
+  await row.waitFor();
+  await page.keyboard.press("Enter");
+}
+
+/** Selects whole lines first..last (1-based): from (first, 1) to (last + 1, 1). */
+async function selectLines(first, last) {
+  await editor().locator(".view-lines").click();
+  await page.keyboard.press("Control+Home");
+  for (let i = 1; i < first; i++) await page.keyboard.press("ArrowDown");
+  await page.keyboard.press("Home");
+  await page.keyboard.press("Home"); // twice: the first goes to the first non-blank character
+  for (let i = first; i <= last; i++) await page.keyboard.press("Shift+ArrowDown");
+}
+
+async function cursorStatus() {
+  return page.locator(".statusbar-item", { hasText: /Ln \d+, Col \d+/ }).first().innerText();
+}
+
+const contextMenu = () => page.locator(".context-view .monaco-menu").first();
+const escapeRegExp = (text) => text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+/** A menu entry by its label (the label element alone: a submenu's entry holds its items too). */
+const menuItem = (label) => page.locator(".context-view .monaco-menu .action-label", { hasText: new RegExp(`^\\s*${escapeRegExp(label)}`) }).first();
+
+/** Right-click on the selected line `lineText`, then open Ask StarChat ▸ and click `item`. */
+async function contextMenuAction(lineText, item, shotName) {
+  const line = editor().locator(".view-line", { hasText: lineText }).first();
+  const box = await line.boundingBox();
+  await page.mouse.click(box.x + 40, box.y + box.height / 2, { button: "right" });
+  await contextMenu().waitFor();
+  const submenu = menuItem("Ask StarChat");
+  await submenu.hover();
+  await menuItem(item).waitFor();
+  await sleep(300); // let the submenu finish opening for the screenshot
+  if (shotName) await screenshot(shotName);
+  // VS Code's menus act on mouse up after a mouse down on the same item: hover, then press.
+  const target = menuItem(item);
+  await target.hover();
+  await sleep(150);
+  await page.mouse.down();
+  await sleep(60);
+  await page.mouse.up();
+  await contextMenu().waitFor({ state: "hidden", timeout: 5000 });
+}
+
+const statusItem = () => page.locator(".statusbar-item", { hasText: "StarChat" }).first();
+
+// The chat webview: an iframe (the webview host) holding the page's iframe.
+const chatFrame = () => page.frameLocator("iframe.webview.ready").frameLocator("iframe#active-frame");
+const lastAnswer = () => chatFrame().locator(".turn.assistant").last();
+
+let cachedChatFrame;
+/** The chat page's frame, for evaluate(). */
+async function chatPageFrame() {
+  if (cachedChatFrame && !cachedChatFrame.isDetached()) return cachedChatFrame;
+  cachedChatFrame = await until("the chat webview", async () => {
+    for (const frame of page.frames()) {
+      try {
+        if (await frame.evaluate(() => !!document.getElementById("transcript") && !!document.getElementById("input"))) return frame;
+      } catch {}
+    }
+    return undefined;
+  });
+  return cachedChatFrame;
+}
+
+async function chatTurns() {
+  const frame = await chatPageFrame();
+  return frame.evaluate(() =>
+    [...document.querySelectorAll(".turn")].map((t) => ({
+      role: t.classList.contains("user") ? "user" : "assistant",
+      status: t.dataset.status,
+      updates: Number(t.dataset.updates ?? 0),
+      text: (t.querySelector(".content")?.textContent ?? "").trim(),
+    })),
+  );
+}
+
+/** Records every distinct text of the last assistant turn, as the user would see it change. */
+async function watchAnswers(frame) {
+  await frame.evaluate(() => {
+    window.__seen = [];
+    const record = () => {
+      const turns = document.querySelectorAll(".turn.assistant");
+      const last = turns[turns.length - 1];
+      const text = (last?.querySelector(".content")?.textContent ?? "").trim();
+      const seen = window.__seen;
+      if (seen[seen.length - 1] !== text) seen.push(text);
+    };
+    new MutationObserver(record).observe(document.getElementById("transcript"), { childList: true, subtree: true, characterData: true });
+  });
+}
+
+async function sendChat(frame, text) {
+  await frame.evaluate(() => (window.__seen = []));
+  const input = chatFrame().locator("#input");
+  await input.click();
+  await input.fill(text);
+  await input.press("Enter");
+}
+
+const answerDone = async (frame, turns) => {
+  const list = await chatTurns();
+  const last = list[list.length - 1];
+  return list.length >= turns && last?.role === "assistant" && last.status !== "streaming" ? last : undefined;
+};
+
+try {
+  await step("open", async () => {
+    await page.goto(config.url);
+    await page.locator(".monaco-workbench").waitFor({ timeout: 120000 });
+    await page.locator(".statusbar").waitFor();
+    // Open calc.py from the Explorer, as a user would.
+    const row = page.locator(".explorer-folders-view .monaco-list-row", { hasText: "calc.py" }).first();
+    await row.waitFor({ timeout: 60000 });
+    await row.click();
+    await editor().locator(".view-line", { hasText: "def average" }).waitFor();
+    const text = await until("the StarChat status bar item", async () => (await statusItem().count()) && statusItem().innerText(), 60000);
+    log("status:", text);
+    await screenshot("loading");
+    const ready = await until("the model to be ready", async () => {
+      const t = await statusItem().innerText();
+      if (/error|stopped/.test(t)) throw new Error(`status bar: ${t}`);
+      return !/loading|starting|generating/.test(t) && t;
+    }, 120000, 200);
+    await screenshot("ready");
+    return { statusFirst: text, statusReady: ready, text: await editorText() };
+  });
+
+  await step("hover", async () => {
+    const word = editor().locator(".view-line", { hasText: "def area" }).locator("span span", { hasText: /^area$/ }).first();
+    await word.hover();
+    const hover = page.locator(".monaco-hover-content", { hasText: sc.hoverText });
+    await hover.first().waitFor({ timeout: 60000 });
+    await sleep(300);
+    await screenshot("hover");
+    const text = await page.locator(".monaco-hover-content").first().innerText();
+    await page.mouse.move(5, 5);
+    await page.keyboard.press("Escape");
+    return { hover: text };
+  }, { needs: ["open"] });
+
+  await step("fix", async () => {
+    await selectLines(4, 5);
+    const selection = await page.locator(".statusbar-item", { hasText: /selected/ }).first().innerText().catch(() => "");
+    await contextMenuAction("def average", "Fix", "menu-fix");
+    // The rendered lines joined with newlines: the file's text (its last line is the empty one).
+    let seen;
+    const text = await until("the fixed code in the editor", async () => {
+      seen = await editorText();
+      return seen === sc.fixedCalc && seen;
+    }, 60000).catch((error) => {
+      throw new Error(`${error.message}; the editor shows ${JSON.stringify(seen)}`);
+    });
+    await sleep(200);
+    await screenshot("fixed");
+    await page.keyboard.press("Control+S"); // the test also checks the file on disk
+    const disk = await until("calc.py saved", async () => {
+      const t = fs.readFileSync(path.join(config.workspace, "calc.py"), "utf8");
+      return t === sc.fixedCalc && t;
+    }, 10000);
+    return { selection, text, disk };
+  }, { needs: ["open"] });
+
+  await step("undo", async () => {
+    await editor().locator(".view-lines").click();
+    await page.keyboard.press("Control+Z");
+    await until("the original code again", async () => (await editorText()) === sc.calc, 10000);
+    await page.keyboard.press("Control+S");
+    await sleep(300);
+  }, { needs: ["fix"] });
+
+  await step("ask", async () => {
+    await selectLines(4, 5);
+    await contextMenuAction("def average", "Ask a Question", "menu-ask");
+    const input = page.locator(".quick-input-widget input.input");
+    await input.waitFor({ state: "visible" });
+    await input.fill(sc.askQuestion);
+    await screenshot("ask-question");
+    await page.keyboard.press("Enter");
+    const frame = await chatPageFrame();
+    const answer = await until("the answer in the chat view", () => answerDone(frame, 2), 60000);
+    await sleep(200);
+    await screenshot("ask-answer");
+    if (answer.text !== sc.askAnswer) throw new Error(`answer ${JSON.stringify(answer.text)}`);
+    return { answer: answer.text, turns: await chatTurns() };
+  }, { needs: ["open"] });
+
+  await step("explain", async () => {
+    await selectLines(4, 5);
+    await contextMenuAction("def average", "Explain");
+    const frame = await chatPageFrame();
+    const answer = await until("the explanation in the chat view", () => answerDone(frame, 4), 60000);
+    await sleep(200);
+    await screenshot("explain");
+    return { answer: answer.text, turns: await chatTurns() };
+  }, { needs: ["ask"] });
+
+  await step("chat", async () => {
+    await runCommand("StarChat: New Chat");
+    const frame = await chatPageFrame();
+    await until("an empty chat", async () => (await chatTurns()).length === 0, 10000);
+    await watchAnswers(frame);
+    await sendChat(frame, sc.chatQuestion);
+    const first = await until("the chat answer", () => answerDone(frame, 2), 60000);
+    const seen = await frame.evaluate(() => window.__seen);
+    await sendChat(frame, sc.chatFollowUp);
+    const second = await until("the follow-up answer", () => answerDone(frame, 4), 60000);
+    const seenFollowUp = await frame.evaluate(() => window.__seen);
+    await sleep(200);
+    await screenshot("chat");
+    return { answer: first.text, updates: first.updates, seen, followUp: second.text, followUpUpdates: second.updates, seenFollowUp, turns: await chatTurns() };
+  }, { needs: ["open"] });
+
+  await step("stop", async () => {
+    // A long answer: maxNewTokens 1500, set in the Settings editor as a user would (the server
+    // pulls the changed settings).
+    await runCommand("Preferences: Open User Settings");
+    const search = page.locator(".settings-editor .suggest-input-container").first();
+    await search.waitFor();
+    await search.click();
+    await page.keyboard.type("starchat.maxNewTokens");
+    const setting = page.locator(".settings-editor .setting-item-contents", { hasText: "Max New Tokens" }).first();
+    const number = setting.locator("input").first();
+    await number.waitFor();
+    await number.fill("1500");
+    await number.press("Tab");
+    await sleep(1000);
+    await screenshot("setting");
+    await page.keyboard.press("Control+W");
+    await sleep(config.settingsSettleMs ?? 1000);
+    await runCommand("StarChat: New Chat");
+    const frame = await chatPageFrame();
+    await until("an empty chat", async () => (await chatTurns()).length === 0, 10000);
+    await watchAnswers(frame);
+    await sendChat(frame, sc.longQuestion);
+    await until("the long answer to stream", async () => {
+      const list = await chatTurns();
+      const last = list[list.length - 1];
+      return last?.role === "assistant" && last.status === "streaming" && last.text.length >= 60;
+    }, 60000, 50);
+    await screenshot("streaming");
+    await chatFrame().locator("#stop").click();
+    const stopped = await until("the answer to stop", async () => {
+      const list = await chatTurns();
+      const last = list[list.length - 1];
+      return last?.status !== "streaming" && last;
+    }, 10000, 50);
+    const lengthAtStop = stopped.text.length;
+    await sleep(2000);
+    const later = (await chatTurns()).at(-1);
+    const stopVisible = await chatFrame().locator("#stop").isVisible();
+    await screenshot("stopped");
+    return { status: stopped.status, lengthAtStop, lengthLater: later.text.length, statusLater: later.status, stopButtonVisible: stopVisible, updates: later.updates, text: later.text.slice(0, 200) };
+  }, { needs: ["open"] });
+
+  await step("status-after", async () => {
+    const text = await statusItem().innerText();
+    return { status: text };
+  });
+} finally {
+  save();
+  await browser.close().catch(() => {});
+  log("done");
+  process.exit(0);
+}

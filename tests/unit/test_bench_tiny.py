@@ -1,0 +1,35 @@
+"""The engine benchmark's tiny CPU configuration runs end to end and writes every key (no timing
+is asserted: CI machines differ)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+REPO = Path(__file__).resolve().parents[2]
+KEYS = [
+    "gpu", "date", "copy_tbps", "floor_tok_s", "seed_b1_tok_s", "seed_b8_tok_s", "engine_b1_tok_s",
+    "engine_b1_8k_tok_s", "engine_8streams_tok_s", "ttft_512_ms", "ttft_2048_ms", "ttft_prefix_reused_ms",
+    "greedy_match_tokens", "ready_s",
+]
+
+
+def test_bench_tiny_writes_every_key(test_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STARCHAT_TEST_MODEL", str(test_model))
+    spec = importlib.util.spec_from_file_location("engine_bench", REPO / "bench" / "engine_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "tiny.json"
+    assert bench.main(["--tiny", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["errors"] == {}
+    for key in KEYS:
+        assert result.get(key) is not None, key
+    assert result["greedy_match_tokens"] == result["greedy_match_of"] == 64  # float32: exact
+    assert result["ttft_prefix_reused_tokens"] > 0
+    assert "| engine_b1_tok_s |" in capsys.readouterr().out
