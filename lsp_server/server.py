@@ -172,7 +172,7 @@ class StarChatServer(LanguageServer):
             def on_piece(delta: str) -> None:
                 nonlocal pieces
                 pieces += 1
-                progress.report(f"{pieces} tokens", throttle=True)
+                progress.report(f"{pieces} token{'s' if pieces != 1 else ''}", throttle=True)
                 if on_text is not None:
                     on_text(delta)
 
@@ -192,7 +192,7 @@ class StarChatServer(LanguageServer):
     def open_document(self, uri: str):
         """The editor's copy of a document. Only documents the editor opened are read: the server
         never goes to the disk for a URI it was sent; files that look like secrets are refused."""
-        document = self.workspace.text_documents.get(uri)
+        document = self.protocol.documents.get(uri)
         if document is None:
             raise RequestFailed("The document is not open in the editor (send textDocument/didOpen first).")
         if looks_secret(uri):

@@ -20,8 +20,11 @@ from typing import Any, Awaitable, Callable, Protocol
 import cattrs
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInternalError, JsonRpcInvalidParams, JsonRpcInvalidRequest, JsonRpcParseError, JsonRpcServerNotInitialized
-from pygls.protocol import LanguageServerProtocol
+from pygls.protocol import LanguageServerProtocol, lsp_method
 from pygls.protocol.json_rpc import RPCRequest
+
+from .documents import Document
+from .text import Pos
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,41 @@ class ByteReader(Protocol):
 class StarChatProtocol(LanguageServerProtocol):
     _initialize_received = False
     required_token: str | None = None  # TCP beyond loopback: initializationOptions.token must match
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.documents: dict[str, Document] = {}
+
+    # The open documents live here rather than in pygls's workspace, whose incremental edits
+    # re-split the whole text (and split lines where LSP does not).
+    @lsp_method(types.TEXT_DOCUMENT_DID_OPEN)
+    def lsp_text_document__did_open(self, params: types.DidOpenTextDocumentParams):
+        item = params.text_document
+        self.documents[item.uri] = Document(item.uri, item.text, item.version, item.language_id)
+        yield from self._user_handler(types.TEXT_DOCUMENT_DID_OPEN, params)
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_CHANGE)
+    def lsp_text_document__did_change(self, params: types.DidChangeTextDocumentParams):
+        document = self.documents.get(params.text_document.uri)
+        if document is not None:
+            encoding = str(getattr(self.workspace.position_encoding, "value", None) or "utf-16")
+            for change in params.content_changes:
+                if isinstance(change, types.TextDocumentContentChangePartial):
+                    start, end = change.range.start, change.range.end
+                    document.apply(change.text, Pos(start.line, start.character), Pos(end.line, end.character), encoding)
+                else:
+                    document.apply(change.text)
+            document.version = params.text_document.version
+        yield from self._user_handler(types.TEXT_DOCUMENT_DID_CHANGE, params)
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_CLOSE)
+    def lsp_text_document__did_close(self, params: types.DidCloseTextDocumentParams):
+        self.documents.pop(params.text_document.uri, None)
+        yield from self._user_handler(types.TEXT_DOCUMENT_DID_CLOSE, params)
+
+    def _user_handler(self, method: str, params: Any):
+        if (handler := self.fm.features.get(method)) is not None:
+            yield handler, (params,), None
 
     def handle_message(self, message: Any) -> None:
         if isinstance(message, RPCRequest):

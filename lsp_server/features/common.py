@@ -146,7 +146,7 @@ def _tests_edit(server: StarChatServer, sel: Selection, answer: str, eol: str) -
     if source and sel.path and _can_create_files(server) and _document_changes(server):
         target = Path(source).parent / Path(answers.test_file_path(sel.path, sel.language)).name
         target_uri = from_fs_path(str(target)) or ""
-        opened = server.workspace.text_documents.get(target_uri)
+        opened = server.protocol.documents.get(target_uri)
         if opened is None and not target.exists():
             create = types.CreateFile(uri=target_uri, options=types.CreateFileOptions(overwrite=False, ignore_if_exists=True))
             at = types.Position(line=0, character=0)

@@ -257,3 +257,22 @@ async def test_progress_cancel_stops_the_request(editor):
     count = len(editor.partials["long2"])
     await asyncio.sleep(0.3)
     assert len(editor.partials["long2"]) == count
+
+
+async def test_incremental_edits_follow_lsp_line_breaks(editor):
+    # U+2028 and \f are not line breaks for LSP: the edit on "line 0" must find them there.
+    uri = editor.open(text=sc.CALC_PY.replace("import math\n", "import math\u2028#\x0cx\n", 1))
+    editor.versions[uri] += 1
+    editor.client.text_document_did_change(
+        types.DidChangeTextDocumentParams(
+            text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=editor.versions[uri]),
+            content_changes=[
+                types.TextDocumentContentChangePartial(
+                    range=types.Range(start=types.Position(line=0, character=11), end=types.Position(line=0, character=15)), text=""
+                )
+            ],
+        )
+    )
+    resolved = await resolve(editor, uri, sc.AVERAGE, "StarChat: Fix")
+    edits = single_text_edit(resolved.edit, uri, 2)
+    assert edits[0].new_text == sc.FIXED_AVERAGE  # the model saw exactly calc.py again
