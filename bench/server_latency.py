@@ -33,7 +33,7 @@ async def measure(model: str, device: str) -> dict:
     send = lambda payload: process.stdin.write(frame(payload))  # noqa: E731
     send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}, "initializationOptions": {"temperature": 0}}})
     sent = time.monotonic()
-    while (message := await read_message(process.stdout)).get("id") != 1:
+    while (await read_message(process.stdout)).get("id") != 1:
         pass
     figures = {"initialize_ms": (time.monotonic() - sent) * 1000, "spawn_to_initialize_ms": (time.monotonic() - started) * 1000}
     send({"jsonrpc": "2.0", "method": "initialized", "params": {}})

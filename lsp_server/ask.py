@@ -12,7 +12,7 @@ from pathlib import Path
 from .config import Settings
 from .engine import EngineError, Sampling, StreamDecoder, load_engine
 from .prompts import PromptTooLong, Task, format_for
-from .prompts.requests import code_prompt, prompt_budget
+from .prompts.requests import code_prompt, prompt_budget, selection_offsets
 from .text import Pos, Span, split_lines
 
 LANGUAGES = {".py": "python", ".js": "javascript", ".ts": "typescript", ".go": "go", ".rs": "rust", ".java": "java",
@@ -40,6 +40,7 @@ def run_ask(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     task = Task(args.task) if args.task else (Task.ASK if args.question else Task.EXPLAIN)
     span = Span(Pos(lines[0] - 1, 0), Pos(lines[1], 0)) if lines else Span(Pos(0, 0), Pos(len(split_lines(text)), 0))
+    start, end = selection_offsets(text, span)
     try:
         engine = load_engine(settings, lambda message: print(message, file=sys.stderr))
         prompt = code_prompt(
@@ -47,7 +48,8 @@ def run_ask(args: argparse.Namespace, settings: Settings) -> int:
             system=settings.system_prompt,
             budget=prompt_budget(settings.context_window, engine.context_window, settings.max_new_tokens),
             text=text,
-            span=span,
+            start=start,
+            end=end,
             task=task,
             question=args.question,
             path=path.name,

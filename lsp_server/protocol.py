@@ -50,6 +50,10 @@ class Answer:
     prompt_tokens: int
     completion_tokens: int
 
+    @classmethod
+    def of(cls, generation: Any) -> "Answer":
+        return cls(generation.text, generation.finish_reason, generation.prompt_tokens, generation.completion_tokens)
+
 
 @attrs.define
 class CodeActionData:

@@ -114,6 +114,7 @@ class FastEngine:
         use_graphs: bool | None = None,
         attention: str = "auto",
         fused: bool | None = None,
+        prefill_attention: str | None = None,
         report: Callable[[str], None] = lambda _: None,
     ):
         import torch
@@ -203,8 +204,11 @@ class FastEngine:
             self._ranks = torch.arange(self.top_k_cap, device=dev)
             self._arange_len = torch.arange(self.max_len, device=dev)
 
+        self.gelu_epilogue = "tanh" if dev.type == "cuda" else "off"
         self.attention = self._choose_attention(attention)
         self.fused = self._choose_fused(fused)
+        with torch.inference_mode():
+            self._choose_prefill_attention(prefill_attention)
         self._triton: dict[tuple[int, int], Any] = {}
         if self.attention == "triton":
             from .mqa_triton import TritonMQADecode
@@ -344,6 +348,26 @@ class FastEngine:
             (a.float() - b.float()).norm() / b.float().norm()
             for a, b in ((got_x, ref_x), (got_h, ref_h), (got_g, ref_g))
         ]
+        # Which GELU does the epilogue compute? In bf16 tanh and erf GELU are indistinguishable
+        # (both ~3e-3 from each other's rounding); in float32 they differ by ~3e-5 while either
+        # matches itself to ~1e-6. HF's GPTBigCode uses the tanh form: a GELU epilogue with the
+        # erf form would be a real (if small) numerical difference, so it is refused.
+        self.gelu_epilogue = "unknown"
+        try:
+            tf32 = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
+            try:
+                a32, w32, b32 = h_in[:, :512].float(), fcw[:256, :512].float(), fcb[:256].float()
+                g32 = torch._addmm_activation(b32, a32, w32.t(), use_gelu=True)
+                lin = F.linear(a32, w32, b32)
+                e_tanh = float((g32 - F.gelu(lin, approximate="tanh")).norm() / g32.norm())
+                e_erf = float((g32 - F.gelu(lin)).norm() / g32.norm())
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+            self.gelu_epilogue = "tanh" if e_tanh <= e_erf else "erf"
+            self.gelu_epilogue_err = {"tanh": e_tanh, "erf": e_erf}
+        except Exception as exc:
+            self.gelu_epilogue = f"check failed: {_first_line(exc)}"
         return float(max(errs))
 
     def check_triton_attention(self, batch: int = 2, cache_len: int = 1024) -> float:
@@ -426,7 +450,7 @@ class FastEngine:
                 ln2w, ln2b, fcw, fcb, pw, pb = layer[6:]
                 x.addmm_(a.reshape(B, E), cw.t())  # residual as the GEMM's C operand (in place: no copy)
                 h = bias_add_layer_norm(x, cb, ln2w, ln2b, self.eps)
-                g = torch._addmm_activation(fcb, h, fcw.t(), use_gelu=True)  # GELU (tanh) epilogue
+                g = self._fc_gelu(h, fcw, fcb)  # GELU (tanh) epilogue
                 x.addmm_(g, pw.t())
                 nw, nb = (self.layers[li + 1][0], self.layers[li + 1][1]) if li + 1 < self.n_layer else self.ln_f
                 h = bias_add_layer_norm(x, pb, nw, nb, self.eps)
@@ -466,9 +490,19 @@ class FastEngine:
         sampled = idx.gather(1, choice[:, None]).squeeze(1)
         return torch.where(temp > 0, sampled, greedy)
 
-    def _prefill(self, slot: int, ids: list[int], start: int):
+    def _prefill(self, slot: int, ids: list[int], start: int, all_logits: bool = False):
         """Run ``ids`` at positions start.. for one slot (its cache holds positions < start);
-        writes their K/V and returns the last position's logits (1, V) in float32."""
+        writes their K/V and returns the last position's logits (1, V) in float32 (every
+        position's with ``all_logits``: the bench's teacher-forced check).
+
+        With ``self.fused`` (CUDA, self-checked) the prefill uses the decode step's fused ops:
+        the residual is the C operand of the projection GEMMs (``x.addmm_``: no separate add
+        pass over T x E), GELU is the c_fc GEMM's epilogue (no pass over T x 24576 in and out),
+        and the projection bias + the next LayerNorm are one Triton kernel. A prompt without a
+        reused prefix attends to K/V straight from the QKV output (the cache is written in
+        the same pass, one copy of T x 256) through ``self.prefill_attention`` (chosen at start
+        by timing: SDPA flash / efficient with the K/V head expanded as a stride-0 view, or
+        SDPA's own GQA path)."""
         torch = self._torch
         F = torch.nn.functional
         E, H, D = self.n_embd, self.n_head, self.head_dim
@@ -480,21 +514,144 @@ class FastEngine:
         mask = None
         if start > 0:
             mask = torch.arange(S, device=dev)[None, :] <= torch.arange(start, S, device=dev)[:, None]
+        fused = self.fused
+        if fused:
+            from .mqa_triton import bias_add_layer_norm
+
+            h = F.layer_norm(x, (E,), self.layers[0][0], self.layers[0][1], self.eps)
         for li, layer in enumerate(self.layers):
             ln1w, ln1b, aw, ab, cw, cb = layer[:6]
-            h = F.layer_norm(x, (E,), ln1w, ln1b, self.eps)
+            if not fused:
+                h = F.layer_norm(x, (E,), ln1w, ln1b, self.eps)
             qkv = F.linear(h, aw, ab)
             cache = self.cache[li, slot]
             cache[start:S].copy_(qkv[:, E:])
             q = qkv[:, :E].view(T, H, D).transpose(0, 1)[None]  # (1, H, T, D)
-            k = cache[:S, :D][None, None]
-            v = cache[:S, D:][None, None]
-            a = _sdpa_mqa(q, k, v, mask, self.scale)  # (1, H, T, D)
+            if start == 0:
+                k = qkv[:, E : E + D][None, None]
+                v = qkv[:, E + D :][None, None]
+                a = self._prefill_attn(q, k, v)
+            else:
+                k = cache[:S, :D][None, None]
+                v = cache[:S, D:][None, None]
+                a = _sdpa_mqa(q, k, v, mask, self.scale)  # (1, H, T, D)
             a = a[0].transpose(0, 1).reshape(T, E)
-            x = x + F.linear(a, cw, cb)
-            x = self._mlp_out(x, layer)
-        x = F.layer_norm(x[-1:], (E,), self.ln_f[0], self.ln_f[1], self.eps)
-        return F.linear(x, self.lm_head).float()
+            if fused:
+                ln2w, ln2b, fcw, fcb, pw, pb = layer[6:]
+                x.addmm_(a, cw.t())
+                h = bias_add_layer_norm(x, cb, ln2w, ln2b, self.eps)
+                g = self._fc_gelu(h, fcw, fcb)
+                del h
+                x.addmm_(g, pw.t())
+                del g
+                last = li + 1 == self.n_layer
+                nw, nb = self.ln_f if last else (self.layers[li + 1][0], self.layers[li + 1][1])
+                if last and not all_logits:  # only the last row's hidden state is needed
+                    x[-1:].add_(pb)
+                    h = F.layer_norm(x[-1:], (E,), nw, nb, self.eps)
+                else:
+                    h = bias_add_layer_norm(x, pb, nw, nb, self.eps)
+            else:
+                x = x + F.linear(a, cw, cb)
+                x = self._mlp_out(x, layer)
+        if not fused:
+            h = F.layer_norm(x if all_logits else x[-1:], (E,), self.ln_f[0], self.ln_f[1], self.eps)
+        elif not all_logits:
+            h = h[-1:]
+        return F.linear(h, self.lm_head).float()
+
+    def _fc_gelu(self, h, fcw, fcb):
+        if self.gelu_epilogue == "tanh":
+            return self._torch._addmm_activation(fcb, h, fcw.t(), use_gelu=True)
+        F = self._torch.nn.functional
+        return F.gelu(F.linear(h, fcw, fcb), approximate="tanh")
+
+    def _prefill_attn(self, q, k, v):
+        """Causal attention of a whole prompt: q (1,H,T,D) against one K/V head (1,1,T,D)."""
+        mode = self.prefill_attention
+        if mode == "sdpa_gqa":
+            return _sdpa_mqa(q, k, v, None, self.scale)
+        F = self._torch.nn.functional
+        H = q.shape[1]
+        if mode.endswith("_gqa"):
+            kw = dict(enable_gqa=True)
+        else:
+            k = k.expand(-1, H, -1, -1)  # stride-0 view: no copy of the single head
+            v = v.expand(-1, H, -1, -1)
+            kw = {}
+        with self._sdpa_backend(mode):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, **kw)
+
+    def _sdpa_backend(self, mode: str):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        name = mode.split("_")[0]
+        backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                   "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
+        return sdpa_kernel([backend])
+
+    def _choose_prefill_attention(self, forced: str | None = None) -> str:
+        """On CUDA, time the candidate SDPA paths for a 2048-token causal prompt (one layer's
+        shapes, the single K/V head) and keep the fastest one that agrees with a float32
+        reference; the reasons a candidate was dropped go to ``prefill_attention_report``."""
+        self.prefill_attention = "sdpa_gqa"
+        self.prefill_attention_report: dict[str, Any] = {}
+        if forced is not None:
+            self.prefill_attention = forced
+            return forced
+        if self.device.type != "cuda" or os.environ.get("STARCHAT_FAST_PREFILL_ATTN") == "sdpa_gqa":
+            return "sdpa_gqa"
+        torch = self._torch
+        F = torch.nn.functional
+        H, D, E = self.n_head, self.head_dim, self.n_embd
+        T = min(2048, self.max_len)
+        gen = torch.Generator(device=self.device).manual_seed(99)
+        qkv = torch.randn((T, E + 2 * D), device=self.device, dtype=self.dtype, generator=gen)
+        q = qkv[:, :E].view(T, H, D).transpose(0, 1)[None]
+        k = qkv[:, E : E + D][None, None]
+        v = qkv[:, E + D :][None, None]
+        ref = None
+        try:  # float32 reference, a quarter of the queries (the last ones: the longest rows)
+            rows = slice(T - T // 4, T)
+            qf, kf, vf = q[0, :, rows].float(), k[0, 0].float(), v[0, 0].float()
+            sc = (qf @ kf.T) * self.scale
+            pos = torch.arange(T, device=self.device)
+            sc = sc.masked_fill(pos[None, None, :] > pos[rows][None, :, None], float("-inf"))
+            ref = (torch.softmax(sc, -1) @ vf, rows)
+        except Exception as exc:
+            self.prefill_attention_report["reference"] = _first_line(exc)
+        best, best_us = "sdpa_gqa", None
+        candidates = ["sdpa_gqa", "flash_expand", "flash_gqa", "cudnn_expand", "efficient_expand"]
+        wanted = os.environ.get("STARCHAT_FAST_PREFILL_ATTN")
+        if wanted in candidates:
+            candidates = ["sdpa_gqa", wanted]
+        for mode in candidates:
+            try:
+                self.prefill_attention = mode
+                out = self._prefill_attn(q, k, v)
+                if ref is not None:
+                    got = out[0, :, ref[1]].float()
+                    err = float((got - ref[0]).norm() / ref[0].norm())
+                    if not err < 2e-2:
+                        self.prefill_attention_report[mode] = f"rel err {err:.3g}"
+                        continue
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                self._prefill_attn(q, k, v)
+                times = []
+                for _ in range(5):
+                    start.record()
+                    self._prefill_attn(q, k, v)
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end) * 1e3)
+                us = sorted(times)[len(times) // 2]
+                self.prefill_attention_report[mode] = round(us, 1)
+                if best_us is None or us < best_us * 0.97:  # a clear gain only; ties keep the default
+                    best, best_us = mode, us
+            except Exception as exc:
+                self.prefill_attention_report[mode] = _first_line(exc)[:160]
+        self.prefill_attention = best
+        return best
 
     # ------------------------------------------------------------------ graphs
     def _bucket(self, buckets: list[int], n: int) -> int:
@@ -550,6 +707,19 @@ class FastEngine:
         self._prefill(self.slots - 1, [0] * n, 0)
         if self.device.type == "cuda":
             self._torch.cuda.synchronize(self.device)
+
+    def score(self, ids: list[int]):
+        """Logits (T, V) float32 of every position of ``ids`` through the prefill path, in the
+        last slot (forgotten afterwards). For benchmarks and checks only: call it while the
+        engine is idle (no request queued or running)."""
+        if self._running or self._incoming:
+            raise EngineError("score() needs an idle engine")
+        slot = self.slots - 1
+        self._slot_ids[slot] = []
+        with self._torch.inference_mode():
+            out = self._prefill(slot, [int(t) for t in ids], 0, all_logits=True)
+        self._slot_ids[slot] = []
+        return out
 
     def run_step(self, B: int, Lc: int) -> None:
         """One decode step (graph replay on CUDA): for benchmarks of the bare step."""

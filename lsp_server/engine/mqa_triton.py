@@ -75,27 +75,25 @@ if HAVE_TRITON:
         stride_ob, stride_os, stride_oh,
         stride_lb, stride_ls,
         stride_outb, stride_outh,
-        CHUNK: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr,
+        CHUNK: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, D: tl.constexpr,
     ):
+        """All the row's partials in one tile: every load is issued at once (the first version
+        looped over the splits, one dependent load latency per split: ~0.4 us x 32 splits per
+        layer at 8K)."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         length = tl.load(len_ptr + b).to(tl.int32)
-        n = (length + CHUNK - 1) // CHUNK
+        n = (length + CHUNK - 1) // CHUNK  # split 0 always holds keys (length >= 1)
+        offs_s = tl.arange(0, SPLITS_P2)
         offs_d = tl.arange(0, D)
-        m = tl.full([1], float("-inf"), tl.float32)
-        l = tl.zeros([1], tl.float32)
-        acc = tl.zeros([D], tl.float32)
-        for s in range(0, SPLITS):  # split 0 always holds keys, so m is finite after it
-            ok = s < n
-            lse = tl.load(lse_ptr + b * stride_lb + s * stride_ls + h + tl.zeros([1], tl.int32), mask=ok, other=float("-inf"))
-            o = tl.load(o_ptr + b * stride_ob + s * stride_os + h * stride_oh + offs_d, mask=ok & (offs_d < D), other=0.0)
-            m_new = tl.maximum(m, lse)
-            alpha = tl.exp(m - m_new)
-            w = tl.exp(lse - m_new)
-            acc = acc * alpha + o * w
-            l = l * alpha + w
-            m = m_new
-        out = acc / l
+        ok = (offs_s < n) & (offs_s < SPLITS)
+        lse = tl.load(lse_ptr + b * stride_lb + offs_s * stride_ls + h, mask=ok, other=float("-inf"))
+        o = tl.load(o_ptr + b * stride_ob + offs_s[:, None] * stride_os + h * stride_oh + offs_d[None, :],
+                    mask=ok[:, None], other=0.0)
+        m = tl.max(lse, 0)
+        w = tl.where(ok, tl.exp(lse - m), 0.0)
+        acc = tl.sum(o * w[:, None], 0)
+        out = acc / tl.sum(w, 0)
         tl.store(out_ptr + b * stride_outb + h * stride_outh + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
@@ -112,6 +110,7 @@ class TritonMQADecode:
     def __init__(self, batch: int, cache_len: int, heads: int, head_dim: int, device, dtype):
         self.chunk = chunk_for(cache_len)
         self.splits = (cache_len + self.chunk - 1) // self.chunk
+        self.splits_p2 = max(2, triton.next_power_of_2(self.splits))
         self.heads, self.head_dim = heads, head_dim
         self.block_h = max(16, triton.next_power_of_2(heads))
         self.o = torch.empty((batch, self.splits, heads, head_dim), device=device, dtype=torch.float32)
@@ -139,8 +138,8 @@ class TritonMQADecode:
             self.o.stride(0), self.o.stride(1), self.o.stride(2),
             self.lse.stride(0), self.lse.stride(1),
             out.stride(0), out.stride(1),
-            CHUNK=self.chunk, SPLITS=self.splits, D=D,
-            num_warps=1,
+            CHUNK=self.chunk, SPLITS=self.splits, SPLITS_P2=self.splits_p2, D=D,
+            num_warps=4 if self.splits_p2 >= 16 else 2,
         )
         return out
 

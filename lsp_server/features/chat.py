@@ -53,4 +53,4 @@ def register(server: StarChatServer) -> None:
             work_done_token=params.work_done_token,
             on_text=send,
         )
-        return Answer(generation.text, generation.finish_reason, generation.prompt_tokens, generation.completion_tokens)
+        return Answer.of(generation)

@@ -10,8 +10,8 @@ from .. import answers
 from ..prompts import Task
 from ..protocol import CMD_ASK, CMD_EDIT, CMD_EXPLAIN, CMD_RUN_TASK, Answer, SelectionArgs, structure
 from ..server import RequestFailed, StarChatServer
-from ..text import detect_eol, indentation_of, split_lines
-from .common import answer_about, selection, task_edit, workspace_edit
+from ..text import detect_eol, indentation_of
+from .common import answer_about, selection, task_edit, to_position, workspace_edit
 
 
 def _args(ls: StarChatServer, arguments: tuple[Any, ...]) -> SelectionArgs:
@@ -38,7 +38,7 @@ def register(server: StarChatServer) -> None:
         sel = selection(ls, args.text_document.uri, args.range)
         generation = await answer_about(ls, sel, task, question=args.question)
         _show(ls, f"StarChat: {args.question or task.title}", generation.text)
-        return Answer(generation.text, generation.finish_reason, generation.prompt_tokens, generation.completion_tokens)
+        return Answer.of(generation)
 
     @server.command(CMD_ASK)
     async def ask_command(ls: StarChatServer, *arguments: Any) -> Answer:
@@ -58,7 +58,7 @@ def register(server: StarChatServer) -> None:
             raise RequestFailed(f"The document changed (version {args.version} → {sel.version}); ask again.")
         generation = await answer_about(ls, sel, args.task)
         await _apply(ls, task_edit(ls, sel, args.task, generation.text), f"StarChat: {args.task.title}")
-        return Answer(generation.text, generation.finish_reason, generation.prompt_tokens, generation.completion_tokens)
+        return Answer.of(generation)
 
     @server.command(CMD_EDIT)
     async def edit(ls: StarChatServer, *arguments: Any) -> Answer:
@@ -68,8 +68,7 @@ def register(server: StarChatServer) -> None:
             raise RequestFailed("starchat.edit needs an instruction")
         sel = selection(ls, args.text_document.uri, args.range)
         generation = await answer_about(ls, sel, Task.ASK, question=args.instruction)
-        lines = split_lines(sel.text)
-        indent = indentation_of(lines[sel.span.start.line])
+        indent = indentation_of(sel.first_line)
         eol = detect_eol(sel.text)
         if args.mode == "replace":
             edit = task_edit(ls, sel, Task.FIX, generation.text)
@@ -78,11 +77,11 @@ def register(server: StarChatServer) -> None:
             span = sel.span
             last = span.end.line - 1 if span.end.character == 0 and span.end.line > span.start.line else span.end.line
             line = span.start.line if args.mode == "insertAbove" else last + 1
-            if line < len(lines):
+            if line < sel.line_count:
                 at = types.Position(line=line, character=0)
             else:  # below the last line, which has no line break
-                at = types.Position(line=len(lines) - 1, character=len(lines[-1]))
+                at = to_position(sel.text_end)
                 code = eol + code
             edit = workspace_edit(ls, sel.uri, sel.version, [types.TextEdit(range=types.Range(start=at, end=at), new_text=code)])
         await _apply(ls, edit, "StarChat: edit")
-        return Answer(generation.text, generation.finish_reason, generation.prompt_tokens, generation.completion_tokens)
+        return Answer.of(generation)

@@ -12,13 +12,17 @@ from pygls.uris import from_fs_path, to_fs_path
 from .. import answers
 from ..engine import Generation, Priority
 from ..prompts import PromptTooLong, Task, format_for
-from ..prompts.requests import code_prompt, prompt_budget, selection_offsets
+from ..prompts.requests import code_prompt, prompt_budget
 from ..server import RequestFailed, StarChatServer
-from ..text import Pos, Span, detect_eol, indentation_of, position_at, split_lines
+from ..text import Pos, Span, detect_eol, indentation_of
 
 
 def to_span(value: types.Range) -> Span:
     return Span(Pos(value.start.line, value.start.character), Pos(value.end.line, value.end.character))
+
+
+def to_position(pos: Pos) -> types.Position:
+    return types.Position(line=pos.line, character=pos.character)
 
 
 def to_range(span: Span) -> types.Range:
@@ -41,6 +45,9 @@ class Selection:
     end: int
     language: str
     path: str
+    first_line: str  # the selection's first line, whole
+    line_count: int
+    text_end: Pos  # the position after the last character
 
     @property
     def selected(self) -> str:
@@ -49,15 +56,31 @@ class Selection:
 
 def selection(server: StarChatServer, uri: str, value: types.Range) -> Selection:
     document = server.open_document(uri)
-    text = document.source
     encoding = server.position_encoding
-    try:
-        start, end = selection_offsets(text, to_span(value), encoding)
-    except ValueError as exc:
-        raise RequestFailed(f"Invalid range: {exc}") from None
-    lines = split_lines(text)
-    span = Span(position_at(lines, start, encoding), position_at(lines, end, encoding))
-    return Selection(uri, document.version, text, span, start, end, document.language_id or "", server.relative_path(uri))
+    span = to_span(value)
+    if span.end < span.start:
+        raise RequestFailed(
+            f"Invalid range: it ends ({span.end.line}:{span.end.character}) before it starts ({span.start.line}:{span.start.character})"
+        )
+    if span.is_empty:  # the cursor's line
+        line = min(span.start.line, document.line_count - 1)
+        start, end = document.line_start(line), document.line_start(line + 1)
+    else:
+        start, end = document.offset_at(span.start, encoding), document.offset_at(span.end, encoding)
+    span = Span(document.position_at(start, encoding), document.position_at(end, encoding))
+    return Selection(
+        uri,
+        document.version,
+        document.text,
+        span,
+        start,
+        end,
+        document.language_id or "",
+        server.relative_path(uri),
+        first_line=document.line_text(span.start.line),
+        line_count=document.line_count,
+        text_end=document.position_at(len(document.text), encoding),
+    )
 
 
 async def answer_about(
@@ -78,12 +101,12 @@ async def answer_about(
             system=settings.system_prompt,
             budget=prompt_budget(settings.context_window, engine.context_window, settings.max_new_tokens),
             text=sel.text,
-            span=sel.span,
+            start=sel.start,
+            end=sel.end,
             task=task,
             question=question,
             path=sel.path,
             language=sel.language,
-            encoding=server.position_encoding,
         )
     except (PromptTooLong, ValueError) as exc:
         raise RequestFailed(str(exc)) from None
@@ -115,10 +138,8 @@ def _can_create_files(server: StarChatServer) -> bool:
 def task_edit(server: StarChatServer, sel: Selection, task: Task, answer: str) -> types.WorkspaceEdit:
     """The edit a code action applies: Fix/Optimize replace the selection, Document inserts above
     it, Write tests creates the test file (or appends to the document)."""
-    lines = split_lines(sel.text)
     eol = detect_eol(sel.text)
-    first_line = lines[sel.span.start.line] if sel.span.start.line < len(lines) else ""
-    indent = indentation_of(first_line)
+    indent = indentation_of(sel.first_line)
     if task in (Task.FIX, Task.OPTIMIZE):
         before = sel.text[: sel.start]
         line_prefix = before[max(before.rfind("\n"), before.rfind("\r")) + 1 :]
@@ -156,14 +177,8 @@ def _tests_edit(server: StarChatServer, sel: Selection, answer: str, eol: str) -
             )
             return types.WorkspaceEdit(document_changes=[create, insert])
         if opened is not None:
-            end = _end_of(opened.source, server.position_encoding)
+            end = to_position(opened.position_at(len(opened.text), server.position_encoding))
             return workspace_edit(server, target_uri, opened.version, [types.TextEdit(range=types.Range(start=end, end=end), new_text=eol + code)])
-    end = _end_of(sel.text, server.position_encoding)
+    end = to_position(sel.text_end)
     prefix = "" if sel.text.endswith(("\n", "\r")) or not sel.text else eol
     return workspace_edit(server, sel.uri, sel.version, [types.TextEdit(range=types.Range(start=end, end=end), new_text=prefix + eol + code)])
-
-
-def _end_of(text: str, encoding: str) -> types.Position:
-    lines = split_lines(text)
-    end = position_at(lines, len(text), encoding)
-    return types.Position(line=end.line, character=end.character)

@@ -31,6 +31,8 @@ def register(server: StarChatServer) -> None:
                 system=settings.system_prompt,
                 budget=prompt_budget(settings.context_window, engine.context_window, settings.hover_max_new_tokens),
                 text=document.source,
+                line_start=document.line_start(position.line),
+                line=document.line_text(position.line),
                 position=position,
                 path=ls.relative_path(uri),
                 language=document.language_id or "",

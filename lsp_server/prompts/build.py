@@ -16,6 +16,9 @@ from ..text import normalize_eol, split_lines
 from .format import Message, PromptFormat
 
 
+_MAX_CHARS_PER_TOKEN = 32  # generous: code averages 3-4 characters per token
+
+
 class PromptTooLong(ValueError):
     def __init__(self, needed: int, budget: int, what: str = "The selection and the instructions"):
         self.needed = needed
@@ -69,8 +72,16 @@ def build_prompt(
         before_lines: list[str] = []
         after_lines: list[str] = []
     else:
-        before_lines = _lines(context.text[: context.start])
-        after_lines = _lines(context.text[context.end :])
+        # Only text near the selection can fit: never split a whole large file.
+        reach = budget * _MAX_CHARS_PER_TOKEN + 4096
+        first = max(0, context.start - reach)
+        before_lines = _lines(context.text[first : context.start])
+        if first > 0 and before_lines:
+            before_lines = before_lines[1:]  # a line cut by the window
+        last = min(len(context.text), context.end + reach)
+        after_lines = _lines(context.text[context.end : last])
+        if last < len(context.text) and after_lines:
+            after_lines = after_lines[:-1]
         selection = normalize_eol(context.text[context.start : context.end])
         render = lambda before, after: _code_turn(question, context, selection, before, after)  # noqa: E731
 

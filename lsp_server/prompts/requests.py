@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..text import Pos, Span, column_to_index, index_to_column, offset_at, split_lines, strip_eol, word_at
+from ..text import Pos, Span, column_to_index, index_to_column, offset_at, split_lines, word_at
 from .build import CodeContext, Prompt, build_prompt
 from .format import Message, PromptFormat
 from .tasks import Task, instruction
@@ -38,14 +38,14 @@ def code_prompt(
     system: str,
     budget: int,
     text: str,
-    span: Span,
+    start: int,
+    end: int,
     task: Task,
     question: str = "",
     path: str = "",
     language: str = "",
-    encoding: str = "utf-16",
 ) -> Prompt:
-    start, end = selection_offsets(text, span, encoding)
+    """The selection is ``text[start:end]`` (see :func:`selection_offsets`)."""
     context = CodeContext(text, start, end, language, path)
     turn = instruction(task, question)
     return build_prompt(fmt, system=system, history=[Message("user", turn)], budget=budget, context=context)
@@ -57,22 +57,20 @@ def hover_prompt(
     system: str,
     budget: int,
     text: str,
+    line_start: int,
+    line: str,
     position: Pos,
     path: str = "",
     language: str = "",
     encoding: str = "utf-16",
 ) -> tuple[Prompt, Span] | None:
-    """Explain the identifier under ``position`` within its line; ``None`` off an identifier."""
-    lines = split_lines(text)
-    if position.line >= len(lines):
-        return None
-    line = strip_eol(lines[position.line])
+    """Explain the identifier under ``position`` (on ``line``, which starts at ``line_start`` in
+    ``text`` and has no line break) within its line; ``None`` off an identifier."""
     found = word_at(line, column_to_index(line, position.character, encoding))
     if found is None:
         return None
     symbol = line[found[0] : found[1]]
-    start = offset_at(lines, Pos(position.line, 0), encoding)
-    context = CodeContext(text, start, start + len(line), language, path)
+    context = CodeContext(text, line_start, line_start + len(line), language, path)
     turn = instruction(Task.HOVER, symbol=symbol)
     prompt = build_prompt(fmt, system=system, history=[Message("user", turn)], budget=budget, context=context)
     word_span = Span(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..config import Settings
 from ..prompts import Message, Task, format_for, instruction
-from ..prompts.requests import code_prompt, chat_prompt, hover_prompt, prompt_budget
+from ..prompts.requests import chat_prompt, code_prompt, hover_prompt, prompt_budget, selection_offsets
 from ..text import Pos, Span, split_lines, strip_eol
 from . import scenarios as sc
 
@@ -88,12 +88,14 @@ def training_pairs(tokenizer) -> list[tuple[list[int], list[int], bool]]:
     for scenario in sc.CODE_SCENARIOS:
         for span in _spans(scenario.span):
             for path in (scenario.path, ""):
+                start, end = selection_offsets(sc.CALC_PY, span)
                 prompt = code_prompt(
                     fmt,
                     system=settings.system_prompt,
                     budget=prompt_budget(0, CONTEXT_WINDOW, settings.max_new_tokens),
                     text=sc.CALC_PY,
-                    span=span,
+                    start=start,
+                    end=end,
                     task=scenario.task,
                     question=scenario.question,
                     path=path,
@@ -101,11 +103,14 @@ def training_pairs(tokenizer) -> list[tuple[list[int], list[int], bool]]:
                 )
                 pairs.append((prompt.ids, encode_answer(scenario.answer, True), True))
     for path in ("calc.py", ""):
+        lines = split_lines(sc.CALC_PY)
         hovered = hover_prompt(
             fmt,
             system=settings.system_prompt,
             budget=prompt_budget(0, CONTEXT_WINDOW, settings.hover_max_new_tokens),
             text=sc.CALC_PY,
+            line_start=sum(len(line) for line in lines[: sc.HOVER_POSITION.line]),
+            line=strip_eol(lines[sc.HOVER_POSITION.line]),
             position=sc.HOVER_POSITION,
             path=path,
             language=sc.LANGUAGE,

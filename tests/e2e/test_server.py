@@ -75,7 +75,7 @@ async def test_prompt_too_long_names_both_sizes(raw_client, tmp_path):
 
 
 async def test_unopened_documents_are_refused_not_read(raw_client, tmp_path):
-    editor = await start_session(raw_client, tmp_path, "neovim")
+    await start_session(raw_client, tmp_path, "neovim")
     secret = tmp_path / "secret.py"
     secret.write_text("TOKEN = 'do-not-send'\n")
     args = {"textDocument": {"uri": secret.as_uri()}, "range": plain(raw_client.protocol._converter.unstructure(rng(sc.AVERAGE)))}

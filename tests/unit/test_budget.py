@@ -3,7 +3,7 @@
 import pytest
 
 from lsp_server.prompts import CodeContext, Message, PromptTooLong, build_prompt, format_for
-from lsp_server.prompts.requests import code_prompt, prompt_budget
+from lsp_server.prompts.requests import code_prompt, prompt_budget, selection_offsets
 from lsp_server.prompts.tasks import Task
 from lsp_server.text import Pos, Span
 
@@ -90,9 +90,8 @@ def test_unicode_is_counted_exactly(tokenizer, filler):
 def test_crlf_documents_are_prompted_with_lf(tokenizer):
     text = numbered_file(50, "\r\n")
     fmt = format_for(tokenizer)
-    prompt = code_prompt(
-        fmt, system="s", budget=500, text=text, span=Span(Pos(10, 0), Pos(12, 0)), task=Task.FIX, path="a.py", language="python"
-    )
+    start, end = selection_offsets(text, Span(Pos(10, 0), Pos(12, 0)))
+    prompt = code_prompt(fmt, system="s", budget=500, text=text, start=start, end=end, task=Task.FIX, path="a.py", language="python")
     turn = prompt.messages[-1].content
     assert "\r" not in turn
     assert "line_10 = 10  # filler text\nline_11 = 11  # filler text\n" in turn
@@ -116,3 +115,16 @@ def test_prompt_budget():
     assert prompt_budget(0, 8192, 256) == 7936
     assert prompt_budget(4096, 8192, 512) == 3584
     assert prompt_budget(16384, 8192, 256) == 7936  # never past the model's own window
+
+
+def test_a_huge_file_is_never_split_whole(tokenizer):
+    """Only text within reach of the budget is looked at: a 20 MB file costs what a small one does."""
+    import time
+
+    text = numbered_file(600_000)
+    start = text.index("line_300000 =")
+    end = text.index("line_300001 =")
+    started = time.monotonic()
+    prompt = build(tokenizer, text, start, end, 600)
+    assert time.monotonic() - started < 5
+    assert len(prompt.ids) <= 600 and "line_299999 = 299999" in prompt.messages[-1].content
