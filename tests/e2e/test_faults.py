@@ -13,6 +13,8 @@ from lsp_server.testing import scenarios as sc
 
 from ..conftest import MODEL_DIR
 from .conftest import SERVER
+from lsp_server.testing.wire import read_message
+
 from .test_protocol import Raw
 
 HERE = Path(__file__).parent
@@ -124,5 +126,90 @@ async def test_the_server_exits_when_the_editor_process_is_gone(test_model):
         editor.kill()
         editor.wait()
         assert await asyncio.wait_for(session.process.wait(), 15) == 1
+    finally:
+        await session.finish()
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def test_twenty_cancellations_free_the_engine_and_memory(test_model):
+    session = await Raw.start()
+    try:
+        await session.initialize()
+        session.send(id="warm", method="starchat/chat", params=chat_params())
+        await session.reply("warm", timeout=60)
+        before = rss_kb(session.process.pid)
+        for i in range(20):
+            session.send(id=i, method="starchat/chat", params=chat_params(sc.LONG_QUESTION, maxNewTokens=1500, partialResultToken=f"c{i}"))
+            while not any(m.get("method") == "$/progress" and m["params"]["token"] == f"c{i}" for m in session.seen):
+                session.seen.append(await read_message(session.process.stdout, 30))
+            session.send(method="$/cancelRequest", params={"id": i})
+            assert (await session.reply(i))["error"]["code"] == -32800
+        session.send(id="after", method="starchat/chat", params=chat_params(partialResultToken="after"))
+        started = asyncio.get_running_loop().time()
+        first = None
+        while True:
+            message = await read_message(session.process.stdout, 30)
+            if message.get("method") == "$/progress" and message["params"]["token"] == "after" and first is None:
+                first = asyncio.get_running_loop().time() - started
+            if message.get("id") == "after":
+                break
+        assert message["result"]["text"] == sc.CHAT_ANSWER
+        assert first is not None and first < 2.0  # started at once: nothing was left running
+        assert rss_kb(session.process.pid) - before < 100_000  # KiB
+    finally:
+        await session.finish()
+
+
+async def test_past_the_queue_requests_are_refused_at_once_with_its_size(test_model):
+    session = await Raw.start()
+    try:
+        await session.initialize(queueSize=1)
+        session.send(id="warm", method="starchat/chat", params=chat_params())
+        await session.reply("warm", timeout=60)
+        session.send(id=0, method="starchat/chat", params=chat_params(sc.LONG_QUESTION, maxNewTokens=1500, partialResultToken="q"))
+        while not any(m.get("method") == "$/progress" and m["params"]["token"] == "q" for m in session.seen):
+            session.seen.append(await read_message(session.process.stdout, 60))
+        for i in (1, 2):  # one runs, one waits, the third finds the queue full
+            session.send(id=i, method="starchat/chat", params=chat_params(sc.LONG_QUESTION, maxNewTokens=1500))
+        error = (await session.reply(2, timeout=10))["error"]
+        assert error["code"] == -32803 and "busy" in error["message"] and "1 requests" in error["message"]
+        for i in range(2):
+            session.send(method="$/cancelRequest", params={"id": i})
+            assert (await session.reply(i, timeout=30))["error"]["code"] == -32800
+    finally:
+        await session.finish()
+
+
+async def test_sigterm_during_generation_ends_the_server_quickly(test_model):
+    session = await Raw.start()
+    try:
+        await session.initialize()
+        session.send(id=1, method="starchat/chat", params=chat_params(sc.LONG_QUESTION, maxNewTokens=1500, partialResultToken="s"))
+        while not any(m.get("method") == "$/progress" and m["params"]["token"] == "s" for m in session.seen):
+            session.seen.append(await read_message(session.process.stdout, 60))
+        session.process.terminate()
+        await asyncio.wait_for(session.process.wait(), 5)
+    finally:
+        await session.finish()
+
+
+async def test_utf8_position_encoding_when_the_client_offers_only_that(test_model):
+    session = await Raw.start()
+    try:
+        session.send(id="init", method="initialize", params={"capabilities": {"general": {"positionEncodings": ["utf-8"]}}, "initializationOptions": {"temperature": 0, "hoverMaxNewTokens": 2}})
+        assert (await session.reply("init"))["result"]["capabilities"]["positionEncoding"] == "utf-8"
+        session.send(method="initialized", params={})
+        uri = "file:///tmp/enc.py"
+        session.send(method="textDocument/didOpen", params={"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": "s = '😀中'; area(1)\n"}})
+        # "s = '😀中'; " is 4 + 1 + 4 + 3 + 3 = 15 bytes before "area" in UTF-8
+        session.send(id=1, method="textDocument/hover", params={"textDocument": {"uri": uri}, "position": {"line": 0, "character": 16}})
+        hover = (await session.reply(1, timeout=60))["result"]
+        assert hover["range"] == {"start": {"line": 0, "character": 15}, "end": {"line": 0, "character": 19}}
     finally:
         await session.finish()
