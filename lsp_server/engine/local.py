@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 from .base import EngineError, FinishReason, Sampling
@@ -76,6 +77,12 @@ class TransformersEngine:
             raise EngineError(f"Not enough GPU memory to load {source}: {_first_line(exc)}") from None
         except (OSError, ValueError, ImportError) as exc:
             hint = ""
+            folder = Path(source)
+            if not settings.allow_unsafe_weights and folder.is_dir() and any(folder.glob("*.bin")) and not any(folder.glob("*.safetensors")):
+                raise EngineError(
+                    f"{source} has only pickled weights (.bin), which can run code when loaded; convert them to "
+                    "safetensors, or set allowUnsafeWeights if you trust them."
+                ) from None
             if os.environ.get("HF_HUB_OFFLINE") or "offline" in str(exc).lower() or "connect" in str(exc).lower():
                 hint = " The weights are not in the local cache and the hub cannot be reached; download them first or set model to a local folder."
             raise EngineError(f"Could not load the model {source!r}: {_first_line(exc)}.{hint}") from None

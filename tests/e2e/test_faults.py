@@ -213,3 +213,30 @@ async def test_utf8_position_encoding_when_the_client_offers_only_that(test_mode
         assert hover["range"] == {"start": {"line": 0, "character": 15}, "end": {"line": 0, "character": 19}}
     finally:
         await session.finish()
+
+
+async def test_pickled_weights_are_refused_unless_allowed(test_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import torch
+
+    model = AutoModelForCausalLM.from_pretrained(test_model)
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # the old pickled format
+    AutoTokenizer.from_pretrained(test_model).save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("*.safetensors"))
+    for options, expected in (({}, "pickled weights"), ({"allowUnsafeWeights": True}, None)):
+        session = Raw(await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "lsp_server", "--model", str(tmp_path),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        ))
+        try:
+            await session.initialize(**options)
+            session.send(id=1, method="starchat/chat", params=chat_params())
+            reply = await session.reply(1, timeout=60)
+            if expected:
+                assert expected in reply["error"]["message"] and "allowUnsafeWeights" in reply["error"]["message"]
+            else:
+                assert reply["result"]["text"] == sc.CHAT_ANSWER
+        finally:
+            await session.finish()
