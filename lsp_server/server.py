@@ -26,6 +26,7 @@ from pygls.uris import to_fs_path
 from . import __version__
 from .config import Settings, merge, reloads_model
 from .engine import Busy, Engine, EngineError, Generation, Priority, Sampling, Worker, load_engine, stream
+from .prompts import PromptFormat, format_for
 from .protocol import STATUS, StatusParams
 from .transport import StarChatProtocol, StreamReaderAdapter, serve
 
@@ -73,6 +74,8 @@ class StarChatServer(LanguageServer):
         self.hover_cache: OrderedDict[tuple, types.Hover | None] = OrderedDict()
         self._background: set[asyncio.Task] = set()
         self.shutting_down = False
+        self._format: PromptFormat | None = None
+        self._format_engine: Engine | None = None
 
     # ---- settings -------------------------------------------------------------------------
     def apply_settings(self, *sources: Any) -> bool:
@@ -107,7 +110,13 @@ class StarChatServer(LanguageServer):
                 self.worker.submit(old.close, Priority.LOAD)
 
             def work() -> Engine:
-                return load_engine(settings, lambda msg: loop.call_soon_threadsafe(progress.report, msg))
+                engine = load_engine(settings, lambda msg: loop.call_soon_threadsafe(progress.report, msg))
+                try:
+                    format_for(engine.tokenizer)
+                except ValueError as exc:  # a model that cannot be prompted as a chat model
+                    engine.close()
+                    raise EngineError(f"{settings.model} cannot be used: {exc}") from None
+                return engine
 
             try:
                 engine = await asyncio.wrap_future(self.worker.submit(work, Priority.LOAD))
@@ -152,6 +161,12 @@ class StarChatServer(LanguageServer):
         if ready.exception() is not None:
             raise RequestFailed(str(ready.exception()))
         return ready.result()
+
+    def prompt_format(self, engine: Engine) -> PromptFormat:
+        """How to prompt the loaded model (looked up once per engine: the vocabulary is large)."""
+        if self._format_engine is not engine:
+            self._format, self._format_engine = format_for(engine.tokenizer), engine
+        return self._format
 
     async def generate(
         self,

@@ -149,9 +149,12 @@ if HAVE_TRITON:
     @triton.jit
     def _bias_add_ln_kernel(
         x_ptr, bias_ptr, w_ptr, b_ptr, h_ptr, stride_x, stride_h, E, eps,
-        BLOCK: tl.constexpr,
+        y_ptr, ybias_ptr, stride_y, N,
+        BLOCK: tl.constexpr, FILL: tl.constexpr, BLOCK_Y: tl.constexpr, Y_ITERS: tl.constexpr,
     ):
-        """x += bias (in place, rounded to x's dtype like an unfused add); h = LayerNorm(x)."""
+        """x += bias (in place, rounded to x's dtype like an unfused add); h = LayerNorm(x).
+        With FILL, also y[row, :N] = ybias: the next GEMM's bias, pre-written into its output
+        so that the GEMM adds it as its C operand (at one row PyTorch would launch a copy)."""
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         m = offs < E
@@ -167,14 +170,28 @@ if HAVE_TRITON:
         w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(h_ptr + row * stride_h + offs, (xc * rstd * w + b).to(h_ptr.dtype.element_ty), mask=m)
+        if FILL:
+            for i in range(0, Y_ITERS):
+                oy = i * BLOCK_Y + tl.arange(0, BLOCK_Y)
+                my = oy < N
+                tl.store(y_ptr + row * stride_y + oy, tl.load(ybias_ptr + oy, mask=my, other=0.0), mask=my)
 
 
-def bias_add_layer_norm(x: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+def bias_add_layer_norm(x: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor, eps: float,
+                        fill: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """For the decode step's rows x (B, E), contiguous: ``x += bias`` in place and return
-    ``layer_norm(x)``: one kernel instead of two (residual bias add, then the next norm)."""
+    ``layer_norm(x)``: one kernel instead of two (residual bias add, then the next norm).
+    ``fill=(y, ybias)``: also ``y[:] = ybias`` (y (B, N) contiguous) in the same kernel."""
     B, E = x.shape
     h = torch.empty_like(x)
     block = triton.next_power_of_2(E)
-    _bias_add_ln_kernel[(B,)](x, bias, weight, beta, h, x.stride(0), h.stride(0), E, eps, BLOCK=block,
+    if fill is None:
+        y, ybias, stride_y, n, flag = h, bias, 0, 0, False
+    else:
+        y, ybias = fill
+        stride_y, n, flag = y.stride(0), y.shape[1], True
+    _bias_add_ln_kernel[(B,)](x, bias, weight, beta, h, x.stride(0), h.stride(0), E, eps,
+                              y, ybias, stride_y, n,
+                              BLOCK=block, FILL=flag, BLOCK_Y=min(4096, block), Y_ITERS=triton.cdiv(n, min(4096, block)),
                               num_warps=8 if block >= 4096 else 4)
     return h

@@ -7,7 +7,7 @@ from typing import Any
 
 from lsprotocol import types
 
-from ..prompts import Message, PromptTooLong, format_for
+from ..prompts import Message, PromptTooLong
 from ..prompts.requests import chat_prompt, prompt_budget
 from ..protocol import CHAT, Answer, ChatParams, structure
 from ..server import RequestFailed, StarChatServer
@@ -29,7 +29,7 @@ def register(server: StarChatServer) -> None:
         max_new_tokens = params.max_new_tokens or settings.max_new_tokens
         try:
             prompt = chat_prompt(
-                format_for(engine.tokenizer),
+                ls.prompt_format(engine),
                 system=settings.system_prompt,
                 budget=prompt_budget(settings.context_window, engine.context_window, max_new_tokens),
                 messages=[Message(m.role, m.content) for m in params.messages],

@@ -11,7 +11,7 @@ from pygls.uris import from_fs_path, to_fs_path
 
 from .. import answers
 from ..engine import Generation, Priority
-from ..prompts import PromptTooLong, Task, format_for
+from ..prompts import PromptTooLong, Task
 from ..prompts.requests import code_prompt, prompt_budget
 from ..server import RequestFailed, StarChatServer
 from ..text import Pos, Span, detect_eol, indentation_of
@@ -26,10 +26,7 @@ def to_position(pos: Pos) -> types.Position:
 
 
 def to_range(span: Span) -> types.Range:
-    return types.Range(
-        start=types.Position(line=span.start.line, character=span.start.character),
-        end=types.Position(line=span.end.line, character=span.end.character),
-    )
+    return types.Range(start=to_position(span.start), end=to_position(span.end))
 
 
 @dataclass(frozen=True)
@@ -97,7 +94,7 @@ async def answer_about(
     settings = server.settings
     try:
         prompt = code_prompt(
-            format_for(engine.tokenizer),
+            server.prompt_format(engine),
             system=settings.system_prompt,
             budget=prompt_budget(settings.context_window, engine.context_window, settings.max_new_tokens),
             text=sel.text,

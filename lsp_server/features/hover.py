@@ -6,7 +6,7 @@ from lsprotocol import types
 
 from .. import answers
 from ..engine import Priority
-from ..prompts import PromptTooLong, format_for
+from ..prompts import PromptTooLong
 from ..prompts.requests import hover_prompt, prompt_budget
 from ..server import StarChatServer
 from ..text import Pos
@@ -27,7 +27,7 @@ def register(server: StarChatServer) -> None:
         settings = ls.settings
         try:
             built = hover_prompt(
-                format_for(engine.tokenizer),
+                ls.prompt_format(engine),
                 system=settings.system_prompt,
                 budget=prompt_budget(settings.context_window, engine.context_window, settings.hover_max_new_tokens),
                 text=document.source,
