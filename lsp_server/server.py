@@ -329,6 +329,8 @@ class StarChatServer(LanguageServer):
 
     def close(self) -> None:
         """After ``shutdown``: stop all work and send nothing more."""
+        if self.shutting_down:
+            return
         self.shutting_down = True
         for task in list(self._background):
             task.cancel()

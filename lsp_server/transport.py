@@ -165,7 +165,22 @@ async def serve(protocol: StarChatProtocol, reader: ByteReader, max_message_byte
         body = await reader.readexactly(length)
         if len(body) < length:
             return
+        # A body cut short by its sender swallows the next frame's header: give that frame back.
+        cut = body.find(b"Content-Length:", 1)
+        if cut < 0:
+            cut = body.lower().find(b"content-length:", 1)
+        if cut > 0 and hasattr(reader, "unread") and not _is_json(body):
+            reader.unread(body[cut:])
+            body = body[:cut]
         handle_body(protocol, body)
+
+
+def _is_json(body: bytes) -> bool:
+    try:
+        json.loads(body)
+        return True
+    except (ValueError, UnicodeDecodeError):
+        return False
 
 
 def handle_body(protocol: StarChatProtocol, body: bytes) -> None:
@@ -197,12 +212,24 @@ def handle_body(protocol: StarChatProtocol, body: bytes) -> None:
 
 
 class StreamReaderAdapter:
-    """asyncio.StreamReader with ``readexactly`` that returns what it has at the end of the stream."""
+    """asyncio.StreamReader with ``readexactly`` that returns what it has at the end of the
+    stream, and ``unread`` to put bytes back (a truncated body's successor)."""
 
     def __init__(self, stream: asyncio.StreamReader):
         self._stream = stream
+        self._pending = b""
+
+    def unread(self, data: bytes) -> None:
+        self._pending = data + self._pending
 
     async def readline(self) -> bytes:
+        if self._pending:
+            line, sep, rest = self._pending.partition(b"\n")
+            if sep:
+                self._pending = rest
+                return line + sep
+            self._pending = b""
+            return line + await self.readline()
         try:
             return await self._stream.readuntil(b"\n")
         except asyncio.IncompleteReadError as exc:
@@ -212,7 +239,10 @@ class StreamReaderAdapter:
             return b"X-Dropped: 1\r\n"
 
     async def readexactly(self, n: int) -> bytes:
+        head, self._pending = self._pending[:n], self._pending[n:]
+        if len(head) == n:
+            return head
         try:
-            return await self._stream.readexactly(n)
+            return head + await self._stream.readexactly(n - len(head))
         except asyncio.IncompleteReadError as exc:
-            return exc.partial
+            return head + exc.partial

@@ -45,6 +45,7 @@ class Worker:
         self._active = 0
         self._exclusive = False
         self._threads: list[threading.Thread] = []
+        self._stops: set[threading.Event] = set()  # of the items running now
         self.set_concurrency(1)
 
     def set_concurrency(self, limit: int) -> None:
@@ -70,9 +71,26 @@ class Worker:
     def waiting(self) -> int:
         return self._waiting
 
-    def close(self) -> None:
+    def close(self, wait: float = 3.0) -> None:
+        """Stop what runs (each generation stops before its next step), drop what waits, and
+        wait a little for the threads to be idle: a thread inside torch when the interpreter
+        exits can abort the process."""
+        with self._turn:
+            for stop in self._stops:
+                stop.set()
+        while True:
+            try:
+                _, _, fn, future, cancelled = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if cancelled is not None:
+                cancelled.set()
+            if future is not None:
+                future.cancel()
         for _ in self._threads:
             self._queue.put((-1, -1, None, None, None))
+        with self._turn:
+            self._turn.wait_for(lambda: self._active == 0, timeout=wait)
 
     def _run(self) -> None:
         while True:
@@ -91,6 +109,8 @@ class Worker:
                     self._turn.wait()
                 self._active += 1
                 self._exclusive = alone
+                if cancelled is not None:
+                    self._stops.add(cancelled)
             try:
                 future.set_result(fn())
             except BaseException as exc:  # delivered to the waiting request
@@ -99,4 +119,5 @@ class Worker:
                 with self._turn:
                     self._active -= 1
                     self._exclusive = False
+                    self._stops.discard(cancelled)  # type: ignore[arg-type]
                     self._turn.notify_all()

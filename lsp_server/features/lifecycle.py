@@ -55,3 +55,7 @@ def register(server: StarChatServer) -> None:
     @server.feature(types.SHUTDOWN)
     def shutdown(ls: StarChatServer, params: None) -> None:
         ls.close()
+
+    @server.feature(types.EXIT)
+    def exit(ls: StarChatServer, params: None) -> None:
+        ls.close()  # without shutdown first: stop the engine before the process ends

@@ -160,3 +160,26 @@ async def test_a_message_over_the_cap_is_skipped_without_allocating_it(test_mode
         assert b"MemoryError" not in await session.process.stderr.read()
     finally:
         await session.finish()
+
+
+async def test_a_truncated_body_does_not_swallow_the_next_message(raw):
+    await raw.initialize()
+    cut = b'{"jsonrpc": "2.0", "id": 20, "method": "starchat/nope", "par'
+    raw.send_bytes(f"Content-Length: {len(cut) + 60}\r\n\r\n".encode() + cut)  # claims more than it sends
+    raw.send(id=21, method="starchat/nope")
+    raw.send(id=22, method="starchat/nope")
+    assert (await raw.reply(22))["error"]["code"] == -32601
+    assert any(m.get("id") == 21 and m["error"]["code"] == -32601 for m in raw.seen)
+    assert any(m.get("error", {}).get("code") == -32700 for m in raw.seen)
+
+
+async def test_exit_mid_generation_is_prompt(raw):
+    await raw.initialize()
+    raw.send(id=1, method="starchat/chat", params={"messages": [{"role": "user", "content": "Count for ever."}], "maxNewTokens": 1500, "partialResultToken": "g"})
+    while not any(m.get("method") == "$/progress" and m["params"]["token"] == "g" for m in raw.seen):
+        raw.seen.append(await read_message(raw.process.stdout, 60))
+    raw.send(id=2, method="shutdown")
+    await raw.reply(2)
+    raw.send(method="exit")
+    await raw.process.stdin.drain()
+    assert await asyncio.wait_for(raw.process.wait(), 5) == 0
