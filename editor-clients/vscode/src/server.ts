@@ -26,6 +26,8 @@ export const SERVER_SETTINGS = [
   "hoverMaxNewTokens",
   "loadTimeout",
   "queueSize",
+  "requestTimeout",
+  "maxMessageBytes",
 ] as const;
 
 /** The settings the user set (null and "" mean "server default" and are left out), so that they
