@@ -66,8 +66,7 @@ class StarChatServer(LanguageServer):
         self.settings = self.base_settings
         self.init_options: Any = None
         self.worker = Worker(self.settings.queue_size)
-        self.engine: Engine | None = None
-        self.engine_error: str | None = None
+        self.engine: Engine | None = None  # the loaded one, closed on reload
         self.engine_ready: asyncio.Future[Engine] | None = None
         self.configured = asyncio.Event()  # set once `initialized` has gathered the settings
         self.converter = self.protocol._converter
@@ -127,7 +126,6 @@ class StarChatServer(LanguageServer):
                 if ready is not self.engine_ready:
                     ready.set_exception(_Superseded())
                     return
-                self.engine_error = message
                 ready.set_exception(EngineError(message))
                 self.status("error", message)
                 self.show_message(message, types.MessageType.Error)
@@ -136,7 +134,7 @@ class StarChatServer(LanguageServer):
             self.worker.submit(engine.close, Priority.LOAD)
             ready.set_exception(_Superseded())
             return
-        self.engine, self.engine_error = engine, None
+        self.engine = engine
         self.worker.set_concurrency(getattr(engine, "max_batch", 1))
         ready.set_result(engine)
         log.info("model ready in %.1f s: %s", time.monotonic() - started, engine.description)
