@@ -98,9 +98,10 @@ if HAVE_TRITON:
 
 
 def chunk_for(cache_len: int) -> int:
-    """Keys per program (a multiple of 64): about 32 chunks per row at long contexts, never
-    under 128 keys."""
-    return max(128, (cache_len // 32 + 63) // 64 * 64)
+    """Keys per program (a multiple of 64): up to 64 chunks per row (one or two 64-key blocks per
+    program: at batch 1 the kernel is latency-bound, so more and shorter programs finish sooner;
+    the one-tile merge makes many chunks cheap). The first version used ~32 chunks of >= 128."""
+    return max(64, (cache_len // 64 + 63) // 64 * 64)
 
 
 class TritonMQADecode:
@@ -139,7 +140,7 @@ class TritonMQADecode:
             self.lse.stride(0), self.lse.stride(1),
             out.stride(0), out.stride(1),
             CHUNK=self.chunk, SPLITS=self.splits, SPLITS_P2=self.splits_p2, D=D,
-            num_warps=4 if self.splits_p2 >= 16 else 2,
+            num_warps=8 if self.splits_p2 >= 64 else (4 if self.splits_p2 >= 16 else 2),
         )
         return out
 
@@ -195,3 +196,67 @@ def bias_add_layer_norm(x: torch.Tensor, bias: torch.Tensor, weight: torch.Tenso
                               BLOCK=block, FILL=flag, BLOCK_Y=min(4096, block), Y_ITERS=triton.cdiv(n, min(4096, block)),
                               num_warps=8 if block >= 4096 else 4)
     return h
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, w_ptr, bias_ptr, y_ptr, N, stride_w,
+        HAS_BIAS: tl.constexpr, ACC: tl.constexpr, GELU: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr,
+    ):
+        """One row: y[n] (+)= sum_k x[k] W[n, k] (+ bias[n]) (GELU-tanh). W row-major [N, K]
+        (nn.Linear's layout), K = K_ITERS * BLOCK_K. Rounds like the cuBLAS path it replaces:
+        accumulate in fp32, add bias, round to the output dtype; GELU on the rounded value;
+        with ACC the old y is added in fp32 before the one rounding (addmm_ with beta = 1)."""
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w
+        for i in range(0, K_ITERS):
+            k = i * BLOCK_K + offs_k
+            xv = tl.load(x_ptr + k).to(tl.float32)
+            wv = tl.load(w_rows + k[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+            acc += wv * xv[None, :]
+        y = tl.sum(acc, 1)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        if ACC:
+            y += tl.load(y_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        if GELU:
+            y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+            inner = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+            t = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0  # tanh
+            y = 0.5 * y * (1.0 + t)
+        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+class TritonGEMV:
+    """y = x @ W.T for ONE row (the batch-1 decode step), graph-capturable, for one weight;
+    the engine uses it per weight only where start-up timing found it faster than cuBLAS."""
+
+    def __init__(self, weight: torch.Tensor, block_n: int = 8, block_k: int = 512, num_warps: int = 4, num_stages: int = 3):
+        N, K = weight.shape
+        while block_k > 64 and K % block_k:
+            block_k //= 2
+        if K % block_k or weight.stride(1) != 1:
+            raise ValueError(f"unsupported weight shape/stride {tuple(weight.shape)} {weight.stride()}")
+        self.weight, self.N, self.K = weight, N, K
+        self.block_n, self.block_k, self.num_warps, self.num_stages = block_n, block_k, num_warps, num_stages
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                 accumulate: bool = False, gelu: bool = False) -> torch.Tensor:
+        """x (1, K) contiguous; out (1, N) (required with accumulate: y += x W^T)."""
+        if out is None:
+            out = torch.empty((1, self.N), device=x.device, dtype=x.dtype)
+        grid = (triton.cdiv(self.N, self.block_n),)
+        _gemv_kernel[grid](
+            x, self.weight, bias if bias is not None else out, out, self.N, self.weight.stride(0),
+            HAS_BIAS=bias is not None, ACC=accumulate, GELU=gelu,
+            BLOCK_N=self.block_n, BLOCK_K=self.block_k, K_ITERS=self.K // self.block_k,
+            num_warps=self.num_warps, num_stages=self.num_stages,
+        )
+        return out
