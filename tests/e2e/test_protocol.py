@@ -183,3 +183,22 @@ async def test_exit_mid_generation_is_prompt(raw):
     raw.send(method="exit")
     await raw.process.stdin.drain()
     assert await asyncio.wait_for(raw.process.wait(), 5) == 0
+
+
+async def test_a_50_mb_document_and_1000_edits_stay_responsive(raw):
+    await raw.initialize()
+    line = "x = 'a reasonably long line of python code here' + str(12345)\n"
+    text = line * (50_000_000 // len(line))
+    lines = text.count("\n")
+    uri = "file:///tmp/big.py"
+    raw.send(method="textDocument/didOpen", params={"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": text}})
+    for version in range(2, 1002):
+        at = {"line": lines - 3 if version % 2 else 7, "character": 2}
+        raw.send(method="textDocument/didChange", params={"textDocument": {"uri": uri, "version": version}, "contentChanges": [{"range": {"start": at, "end": at}, "text": "y"}]})
+    started = asyncio.get_running_loop().time()
+    end = {"line": lines - 3, "character": 0}
+    raw.send(id=30, method="textDocument/codeAction", params={"textDocument": {"uri": uri}, "range": {"start": end, "end": end}, "context": {"diagnostics": []}})
+    reply = await raw.reply(30, timeout=120)
+    fix = reply["result"][0]  # without resolve support the edit comes through a command
+    assert len(reply["result"]) >= 5 and fix["command"]["arguments"][0]["version"] == 1001
+    assert asyncio.get_running_loop().time() - started < 60  # pygls's own store needs ~4 minutes for these edits

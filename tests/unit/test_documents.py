@@ -12,12 +12,16 @@ def reference_apply(text: str, start: Pos, end: Pos, new: str, encoding: str) ->
     return text[:a] + new + text[b:]
 
 
-def test_random_edits_match_the_reference():
-    rng = random.Random(7)
+import pytest
+
+
+@pytest.mark.parametrize("chunk_chars", [4, 16, 1 << 15])
+def test_random_edits_match_the_reference(chunk_chars):
+    rng = random.Random(chunk_chars)
     alphabet = ["a", "b", " ", "\n", "\r\n", "\r", "😀", "中", "\x0c", "\u2028", "\x85"]
     for encoding in ("utf-16", "utf-8", "utf-32"):
         text = "".join(rng.choice(alphabet) for _ in range(200))
-        doc = Document("file:///a", text)
+        doc = Document("file:///a", text, chunk_chars=chunk_chars)
         for _ in range(300):
             lines = split_lines(doc.text)
             line = rng.randrange(len(lines) + 1)
@@ -25,10 +29,13 @@ def test_random_edits_match_the_reference():
             end = Pos(line + rng.randrange(3), rng.randrange(6))
             if (end.line, end.character) < (start.line, start.character):
                 start, end = end, start
-            new = "".join(rng.choice(alphabet) for _ in range(rng.randrange(4)))
+            new = "".join(rng.choice(alphabet) for _ in range(rng.randrange(4 if rng.random() < 0.9 else 40)))
             expected = reference_apply(doc.text, start, end, new, encoding)
             doc.apply(new, start, end, encoding)
             assert doc.text == expected
+            assert doc.line_count == len(split_lines(expected))
+            line_no = rng.randrange(doc.line_count + 1)
+            assert doc.line_text(line_no) == (split_lines(expected)[line_no].rstrip("\r\n") if line_no < doc.line_count else "")
             offset = rng.randrange(len(doc.text) + 1)
             assert doc.position_at(offset, encoding) == position_at(split_lines(doc.text), offset, encoding) or doc.text[offset - 1 : offset + 1] == "\r\n"
             probe = Pos(rng.randrange(len(split_lines(doc.text)) + 1), rng.randrange(5))
