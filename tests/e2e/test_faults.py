@@ -240,3 +240,27 @@ async def test_pickled_weights_are_refused_unless_allowed(test_model, tmp_path):
                 assert reply["result"]["text"] == sc.CHAT_ANSWER
         finally:
             await session.finish()
+
+
+async def test_code_shipped_with_a_model_never_runs_unless_trusted(test_model, tmp_path):
+    import json
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(test_model / name, tmp_path / name)
+    marker = tmp_path / "code-ran"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}}))
+    (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    session = Raw(await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lsp_server", "--model", str(tmp_path),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    ))
+    try:
+        await session.initialize()
+        session.send(id=1, method="starchat/chat", params=chat_params())
+        error = (await session.reply(1, timeout=60))["error"]
+        assert error["code"] == -32803 and "Could not load" in error["message"]
+        assert not marker.exists()
+    finally:
+        await session.finish()
