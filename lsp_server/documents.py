@@ -14,7 +14,7 @@ import re
 from bisect import bisect_right
 from itertools import accumulate
 
-from .text import Pos, column_to_index, index_to_column
+from .text import Pos, Span, column_to_index, index_to_column
 
 _BREAK = re.compile(r"\r\n|\r|\n")
 CHUNK_CHARS = 32 * 1024
@@ -118,6 +118,18 @@ class Document:
             line -= 1  # between the two halves of a \r\n
         text = self.line_text(line)
         return Pos(line, index_to_column(text, min(offset - self.line_start(line), len(text)), encoding))
+
+    def selection(self, span: Span, encoding: str = "utf-16") -> tuple[int, int]:
+        """String offsets of ``span``; an empty span means the whole line under the cursor."""
+        if span.end < span.start:
+            raise ValueError(
+                f"the range ends ({span.end.line}:{span.end.character}) before it starts "
+                f"({span.start.line}:{span.start.character})"
+            )
+        if span.is_empty:
+            line = min(span.start.line, self.line_count - 1)
+            return self.line_start(line), self.line_start(line + 1)
+        return self.offset_at(span.start, encoding), self.offset_at(span.end, encoding)
 
     def apply(self, new_text: str, start: Pos | None = None, end: Pos | None = None, encoding: str = "utf-16") -> None:
         """Replace the range (or the whole text when no range is given)."""

@@ -21,9 +21,15 @@ def register(server: StarChatServer) -> None:
         if not params.messages or params.messages[-1].role != "user":
             raise RequestFailed("The last message of a chat must be the user's.")
         text = path = language = None
+        start = end = 0
         if params.text_document is not None:
             document = ls.open_document(params.text_document.uri)
             text, path, language = document.source, ls.relative_path(document.uri), document.language_id or ""
+            if params.range is not None:
+                try:
+                    start, end = document.selection(to_span(params.range), ls.position_encoding)
+                except ValueError as exc:
+                    raise RequestFailed(f"Invalid range: {exc}") from None
         engine = await ls.ready_engine()
         settings = ls.settings
         max_new_tokens = params.max_new_tokens or settings.max_new_tokens
@@ -34,10 +40,10 @@ def register(server: StarChatServer) -> None:
                 budget=prompt_budget(settings.context_window, engine.context_window, max_new_tokens),
                 messages=[Message(m.role, m.content) for m in params.messages],
                 text=text,
-                span=to_span(params.range) if params.range and text is not None else None,
+                start=start,
+                end=end,
                 path=path or "",
                 language=language or "",
-                encoding=ls.position_encoding,
             )
         except (PromptTooLong, ValueError) as exc:
             raise RequestFailed(str(exc)) from None

@@ -54,16 +54,10 @@ class Selection:
 def selection(server: StarChatServer, uri: str, value: types.Range) -> Selection:
     document = server.open_document(uri)
     encoding = server.position_encoding
-    span = to_span(value)
-    if span.end < span.start:
-        raise RequestFailed(
-            f"Invalid range: it ends ({span.end.line}:{span.end.character}) before it starts ({span.start.line}:{span.start.character})"
-        )
-    if span.is_empty:  # the cursor's line
-        line = min(span.start.line, document.line_count - 1)
-        start, end = document.line_start(line), document.line_start(line + 1)
-    else:
-        start, end = document.offset_at(span.start, encoding), document.offset_at(span.end, encoding)
+    try:
+        start, end = document.selection(to_span(value), encoding)
+    except ValueError as exc:
+        raise RequestFailed(f"Invalid range: {exc}") from None
     span = Span(document.position_at(start, encoding), document.position_at(end, encoding))
     return Selection(
         uri,

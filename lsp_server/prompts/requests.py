@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..text import Pos, Span, column_to_index, index_to_column, offset_at, split_lines, word_at
+from ..documents import Document
+from ..text import Pos, Span, column_to_index, index_to_column, word_at
 from .build import CodeContext, Prompt, build_prompt
 from .format import Message, PromptFormat
 from .tasks import Task, instruction
@@ -18,18 +19,8 @@ def prompt_budget(context_window: int, model_window: int, max_new_tokens: int) -
 
 
 def selection_offsets(text: str, span: Span, encoding: str = "utf-16") -> tuple[int, int]:
-    """String offsets of ``span``; an empty span means the whole line under the cursor."""
-    if span.end < span.start:
-        raise ValueError(
-            f"the range ends ({span.end.line}:{span.end.character}) before it starts "
-            f"({span.start.line}:{span.start.character})"
-        )
-    lines = split_lines(text)
-    if span.is_empty:
-        line = min(span.start.line, len(lines) - 1)
-        start = offset_at(lines, Pos(line, 0), encoding)
-        return start, start + len(lines[line])
-    return offset_at(lines, span.start, encoding), offset_at(lines, span.end, encoding)
+    """String offsets of ``span`` in ``text``; an empty span means the whole line under the cursor."""
+    return Document("", text).selection(span, encoding)
 
 
 def code_prompt(
@@ -87,14 +78,14 @@ def chat_prompt(
     budget: int,
     messages: Sequence[Message],
     text: str | None = None,
-    span: Span | None = None,
+    start: int = 0,
+    end: int = 0,
     path: str = "",
     language: str = "",
-    encoding: str = "utf-16",
 ) -> Prompt:
+    """``text[start:end]`` is the selection; without one (0, 0) the file is context around an
+    empty selection at its start."""
     context = None
     if text is not None:
-        # Without a range the file is context around an empty selection at its start.
-        start, end = selection_offsets(text, span, encoding) if span else (0, 0)
         context = CodeContext(text, start, end, language, path)
     return build_prompt(fmt, system=system, history=list(messages), budget=budget, context=context)

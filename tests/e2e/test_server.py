@@ -197,3 +197,15 @@ async def test_a_reversed_range_is_a_clear_error(raw_client, tmp_path):
         await raw_client.workspace_execute_command_async(types.ExecuteCommandParams(command="starchat.explain", arguments=[args]))
     assert getattr(error.value, "code", None) == -32803
     assert "ends (3:0) before it starts (4:0)" in str(error.value)
+
+
+async def test_chat_about_a_selection_puts_the_code_in_the_prompt(raw_client, tmp_path):
+    editor = await start_session(raw_client, tmp_path, "neovim", options={"maxNewTokens": 2})
+    uri = editor.open()
+    bare = await ask_chat(editor)
+    about = await ask_chat(editor, textDocument={"uri": uri}, range=plain(raw_client.protocol._converter.unstructure(rng(sc.AREA))))
+    whole = await ask_chat(editor, textDocument={"uri": uri})
+    assert bare["promptTokens"] < about["promptTokens"] <= whole["promptTokens"] + 20
+    with pytest.raises(Exception) as error:
+        await ask_chat(editor, textDocument={"uri": uri}, range={"start": {"line": 5, "character": 0}, "end": {"line": 1, "character": 0}})
+    assert "before it starts" in str(error.value)
