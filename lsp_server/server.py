@@ -256,7 +256,7 @@ class StarChatServer(LanguageServer):
                 os.kill(pid, 0)
             except ProcessLookupError:
                 log.warning("the editor (process %d) is gone: exiting", pid)
-                os._exit(1)
+                self.leave(1)
             except PermissionError:
                 pass  # alive, owned by someone else
 
@@ -305,7 +305,7 @@ class StarChatServer(LanguageServer):
         threading.Thread(target=pump, name="starchat-stdin", daemon=True).start()
         await serve(self.protocol, StreamReaderAdapter(stream), lambda: self.settings.max_message_bytes)
         log.info("stdin closed: exiting")
-        raise SystemExit(0 if self.protocol._shutdown else 1)
+        self.leave(0 if self.protocol._shutdown else 1)
 
     def start_tcp(self, host: str, port: int) -> None:
         """Serve one editor connection at a time on TCP."""
@@ -324,6 +324,16 @@ class StarChatServer(LanguageServer):
             asyncio.run(main())
         finally:
             self.close()
+
+    def leave(self, code: int) -> None:
+        """End the process now. Interpreter finalization is skipped on purpose: a model load or a
+        decoding step still inside torch's C++ when Python finalizes aborts the process."""
+        self.close()
+        logging.shutdown()
+        try:
+            sys.stdout.flush()
+        finally:
+            os._exit(code)
 
     def close(self) -> None:
         """After ``shutdown``: stop all work and send nothing more."""

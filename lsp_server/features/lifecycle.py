@@ -58,4 +58,4 @@ def register(server: StarChatServer) -> None:
 
     @server.feature(types.EXIT)
     def exit(ls: StarChatServer, params: None) -> None:
-        ls.close()  # without shutdown first: stop the engine before the process ends
+        ls.leave(0 if ls.protocol._shutdown else 1)

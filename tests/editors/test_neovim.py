@@ -212,7 +212,8 @@ def test_ctrl_c_in_the_chat_stops_the_answer(nvim):
     assert result["cancelled"]
     assert result["pieces_at_cancel"] >= 8
     assert result["answer"].startswith(sc.LONG_ANSWER_UNIT.strip())
-    assert len(result["answer"]) < len(sc.LONG_ANSWER_UNIT * 120)
+    # stopped before its 1,500-token limit (how far it got depends on how busy the machine is)
+    assert len(result["answer"]) < len(sc.LONG_ANSWER_UNIT * 750)
     assert "\n[cancelled]\n" in result["text_at_cancel"]
     assert result["text_after"] == result["text_at_cancel"]  # nothing more was written
     assert result["acked"]  # the server answered the request with RequestCancelled
