@@ -455,28 +455,9 @@ def main(argv=None) -> int:
                     fn()
             return (time.perf_counter() - t) / reps * 1e6
         with torch.inference_mode():
-            s_ = torch.cuda.Stream(dev)
-            s_.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(s_):
-                fn()
-            torch.cuda.current_stream(dev).wait_stream(s_)
-            sync()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(reps):
-                    fn()
-            graph.replay()
-            sync()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            times = []
-            for _ in range(5):
-                start.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) * 1e3 / reps)
-            del graph
-            return statistics.median(times)
+            from lsp_server.engine.fast import graph_time_us
+
+            return graph_time_us(fn, dev, reps)
 
     def attention_micro():
         """Decode attention alone per layer call (graph of 40 calls), torch vs Triton."""

@@ -658,29 +658,7 @@ class FastEngine:
         return sdpa_kernel([backend])
 
     def _time_us(self, fn, reps: int = 20) -> float:
-        """Median device time of one call of fn (CUDA graph of ``reps`` calls, replayed 5 times)."""
-        torch = self._torch
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                fn()
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(5):
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3 / reps)
-        del graph
-        return sorted(times)[len(times) // 2]
+        return graph_time_us(fn, self.device, reps)
 
     def _gv(self, name: str, li: int, weight):
         """The chosen Triton GEMV configuration of ``name`` bound to layer ``li``'s weight."""
@@ -1205,3 +1183,31 @@ def _first_line(exc: BaseException) -> str:
 
 
 __all__ = ["FastEngine", "batch_buckets", "length_buckets", "common_prefix"]
+
+
+def graph_time_us(fn, device, reps: int = 20) -> float:
+    """Median device time of one call of ``fn`` in microseconds: ``reps`` calls captured in one
+    CUDA graph, replayed 5 times, so launch overhead does not count."""
+    import torch
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / reps)
+    del graph
+    return sorted(times)[len(times) // 2]

@@ -78,6 +78,18 @@ class Editor:
             )
         )
 
+    async def cancel_mid_stream(self, request: "asyncio.Future", token: str) -> Exception:
+        """Once ``token`` has streamed a few pieces, send $/cancelRequest for the request still
+        in flight; returns the error the request ends with."""
+        await wait_until(lambda: len(self.partials.get(token, [])) >= 3)
+        msg_id = next(i for i, f in self.client.protocol._request_futures.items() if not f.done())
+        self.client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id=msg_id))
+        try:
+            await request
+        except Exception as error:
+            return error
+        raise AssertionError("the request was not cancelled")
+
     async def request(self, method: str, params: Any, msg_id: str | None = None) -> Any:
         return await self.client.protocol.send_request_async(method, params, msg_id=msg_id)
 

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 import pytest_lsp
-from lsprotocol import types
 from pytest_lsp import ClientServerConfig, LanguageClient
 
 from lsp_server.testing import scenarios as sc
 
-from .conftest import SERVER, plain, start_session, wait_until
+from .conftest import SERVER, plain, start_session
 from .test_features import resolve, single_text_edit
 
 
@@ -38,12 +36,8 @@ async def test_fix_chat_and_cancel_on_the_fast_engine(fast):
     both = await asyncio.gather(chat(editor, sc.CHAT_QUESTION, "b"), chat(editor, sc.LONG_QUESTION, "c", maxNewTokens=60))
     assert both[0]["text"] == sc.CHAT_ANSWER and both[1]["text"].startswith("tick tock")
     request = asyncio.ensure_future(chat(editor, sc.LONG_QUESTION, "long", maxNewTokens=1500))
-    await wait_until(lambda: len(editor.partials.get("long", [])) >= 3)
-    msg_id = next(i for i, f in editor.client.protocol._request_futures.items() if not f.done())
-    editor.client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id=msg_id))
-    with pytest.raises(Exception) as error:
-        await request
-    assert getattr(error.value, "code", None) == -32800
+    error = await editor.cancel_mid_stream(request, "long")
+    assert getattr(error, "code", None) == -32800
     count = len(editor.partials["long"])
     await asyncio.sleep(0.5)
     assert len(editor.partials["long"]) == count
