@@ -1,8 +1,10 @@
 """How fast the server answers over stdio: initialize, model ready, first streamed chunk.
 
-    python bench/server_latency.py [--model DIR] [--out FILE]
+    python bench/server_latency.py [--model DIR] [--engine fast] [--out FILE]
 
 Without --model it builds and uses the test model (CPU). Prints a table and writes JSON.
+``time_to_ready()`` (used by bench/engine_bench.py for ``ready_s``) times a server process from
+spawn to its ``starchat/status`` "ready" notification.
 """
 
 from __future__ import annotations
@@ -23,11 +25,61 @@ from lsp_server.testing import scenarios as sc  # noqa: E402
 from lsp_server.testing.wire import frame, read_message  # noqa: E402
 
 
-async def measure(model: str, device: str) -> dict:
+async def time_to_ready(model: str, device: str, engine: str = "generate", timeout: float = 300.0) -> dict:
+    """Spawn the server, initialize, and wait for ``starchat/status`` "ready" (weights loaded,
+    engine prepared: for the fast engine its cache allocated and graphs captured). Seconds from
+    spawn; raises with the server's message on "error" and with its log's tail on an exit."""
     started = time.monotonic()
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lsp_server", "--model", model, "--device", device,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        sys.executable, "-m", "lsp_server", "--model", model, "--device", device, "--engine", engine,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+    )
+    assert process.stdin and process.stdout and process.stderr
+    log_tail: list[bytes] = []
+
+    async def drain() -> None:  # the server's log (stderr) must not fill its pipe
+        async for line in process.stderr:  # type: ignore[union-attr]
+            log_tail.append(line)
+            del log_tail[:-20]
+
+    draining = asyncio.ensure_future(drain())
+    send = lambda payload: process.stdin.write(frame(payload))  # noqa: E731
+    send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}}})
+    send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
+    figures: dict = {}
+    try:
+        while True:
+            try:
+                message = await read_message(process.stdout, timeout=max(1.0, timeout - (time.monotonic() - started)))
+            except Exception as exc:
+                tail = b"".join(log_tail).decode(errors="replace")[-1500:]
+                raise RuntimeError(f"no 'ready' from the server ({type(exc).__name__}); its log ends: {tail}") from None
+            if message.get("id") == 1:
+                figures["spawn_to_initialize_s"] = round(time.monotonic() - started, 3)
+            if message.get("method") == "starchat/status":
+                state, text = message["params"]["state"], message["params"]["message"]
+                if state == "ready":
+                    figures["ready_after_spawn_s"] = round(time.monotonic() - started, 3)
+                    figures["ready_message"] = text
+                    return figures
+                if state == "error":
+                    raise RuntimeError(f"the server failed to load: {text}")
+    finally:
+        try:
+            send({"jsonrpc": "2.0", "id": 9, "method": "shutdown"})
+            send({"jsonrpc": "2.0", "method": "exit"})
+            await asyncio.wait_for(process.wait(), 30)
+        except Exception:
+            process.kill()
+            await process.wait()
+        draining.cancel()
+
+
+async def measure(model: str, device: str, engine: str = "generate") -> dict:
+    started = time.monotonic()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lsp_server", "--model", model, "--device", device, "--engine", engine,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd=REPO,
     )
     assert process.stdin and process.stdout
     send = lambda payload: process.stdin.write(frame(payload))  # noqa: E731
@@ -67,6 +119,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="model folder or hub id (default: the test model)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--engine", default="generate", choices=["generate", "fast"])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     model = args.model
@@ -74,8 +127,9 @@ def main() -> int:
         from lsp_server.testing.tiny_model import build
 
         model = str(build(REPO / ".test-model"))
-    figures = asyncio.run(measure(model, args.device))
-    result = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(), "model": model, **figures}
+    figures = asyncio.run(measure(model, args.device, args.engine))
+    result = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(), "model": model,
+              "engine": args.engine, **figures}
     print(f"{'measure':<28}{'value':>12}")
     for key, value in figures.items():
         print(f"{key:<28}{value:>12.1f}" if isinstance(value, float) else f"{key:<28}{value:>12}")

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .base import EngineError, FinishReason, Sampling
+from .lookup import PromptLookup
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,9 @@ class _Request:
     done: bool = False
     reused: int = 0
     prefilled: int = 0
+    lookup: PromptLookup | None = None  # prompt + answer so far, for speculative drafts
+    spec_misses: int = 0  # speculative steps in a row that kept no draft
+    spec_wait: int = 0  # plain steps before the next draft: 1, 2, 4 … 16 after misses in a row
 
 
 class FastEngine:
@@ -116,6 +120,7 @@ class FastEngine:
         fused: bool | None = None,
         prefill_attention: str | None = None,
         gemv: bool | None = None,
+        speculate: int = 7,
         report: Callable[[str], None] = lambda _: None,
     ):
         import torch
@@ -204,6 +209,17 @@ class FastEngine:
             self._rows = torch.arange(S, device=dev)
             self._ranks = torch.arange(self.top_k_cap, device=dev)
             self._arange_len = torch.arange(self.max_len, device=dev)
+            # speculative step (prompt lookup): the slot's last token + `speculate` drafts
+            T = self.spec_tokens = max(1, int(speculate) + 1)
+            self.spec_ctl = torch.zeros(T + 2, device=dev, dtype=torch.long)  # inputs, slot, drafts
+            self.spec_in, self.spec_slot, self.spec_len = self.spec_ctl[:T], self.spec_ctl[T : T + 1], self.spec_ctl[T + 1]
+            self.spec_out = torch.zeros(T + 1, device=dev, dtype=torch.long)  # samples, accepted
+            self._spec_ar = torch.arange(T, device=dev)
+            tri = [(i, j) for i in range(T) for j in range(1, i + 1)]  # row i's context holds drafts 1..i
+            self._spec_tri_rows = torch.tensor([i for i, _ in tri], device=dev, dtype=torch.long)
+            self._spec_tri_cols = torch.tensor([j for _, j in tri], device=dev, dtype=torch.long)
+            self._spec_tri_true = torch.ones(len(tri), device=dev, dtype=torch.bool)
+            self._spec_true = torch.ones(T, device=dev, dtype=torch.bool)
 
         self.gelu_epilogue = "tanh" if dev.type == "cuda" else "off"
         self.prebias = False
@@ -232,6 +248,9 @@ class FastEngine:
             for b in self.batch_buckets:
                 for n in self.length_buckets:
                     self._triton[(b, n)] = TritonMQADecode(b, n, self.n_head, D, dev, self.dtype)
+            if self.spec_tokens > 1:
+                for n in self.length_buckets:
+                    self._triton[("verify", n)] = TritonMQADecode(self.spec_tokens, n, self.n_head, D, dev, self.dtype)
 
         # host mirror of the slots
         self._slot_ids: list[list[int]] = [[] for _ in range(S)]
@@ -243,11 +262,16 @@ class FastEngine:
         self._closed = False
         self._broken: BaseException | None = None
         self.stats = {"requests": 0, "prefill_tokens": 0, "reused_tokens": 0, "steps": 0, "tokens": 0, "max_rows": 0,
-                      "wait_s": 0.0, "host_bound_steps": 0, "prefill_s": 0.0}
+                      "wait_s": 0.0, "host_bound_steps": 0, "prefill_s": 0.0,
+                      "spec_steps": 0, "spec_drafted": 0, "spec_accepted": 0}
         self._graphs: dict[tuple[int, int], Any] = {}
+        self._spec_graphs: dict[int, Any] = {}
+        self.spec_error: str | None = None
         self._pinned = None
         if on_cuda:
             self._pinned = [torch.empty(S, dtype=torch.long, pin_memory=True) for _ in range(2)]
+            self._spec_host_ctl = torch.empty(self.spec_tokens + 2, dtype=torch.long, pin_memory=True)
+            self._spec_host_out = torch.empty(self.spec_tokens + 1, dtype=torch.long, pin_memory=True)
         self._flip = 0
 
         self.graph_error: str | None = None
@@ -255,13 +279,18 @@ class FastEngine:
             if self.use_graphs:
                 report(f"Capturing {len(self.batch_buckets) * len(self.length_buckets)} decode graphs")
                 self._capture_with_fallback()
+                if self.use_graphs and self.spec_tokens > 1:
+                    self._capture_verify()
             self._warm_prefill()
-        self.graphs_captured = len(self._graphs)
+        self.graphs_captured = len(self._graphs) + len(self._spec_graphs)
+        # speculate when a request runs alone (benchmarks switch it off to time plain decoding)
+        self.speculation = self.spec_tokens > 1
         self.description = (
             (description or "model")
             + f" · fast engine ({S} slots × {self.max_len} positions, "
             + f"{'CUDA graphs' if self.use_graphs else 'eager steps'}, {self.attention} attention"
             + (", fused norms" if self.fused else "")
+            + (f", prompt-lookup speculation of {self.spec_tokens - 1} tokens" if self.spec_tokens > 1 else "")
             + ")"
         )
         self.ready_s = time.monotonic() - started
@@ -275,6 +304,7 @@ class FastEngine:
 
         ref = TransformersEngine.load(settings, report)
         max_batch = int(os.environ.get("STARCHAT_FAST_MAX_BATCH", "8"))
+        speculate = int(os.environ.get("STARCHAT_FAST_SPECULATE", "7"))
         report("Preparing the fast engine (static cache, decode graphs)")
         try:
             return cls(
@@ -284,6 +314,7 @@ class FastEngine:
                 max_batch=max_batch,
                 max_len=settings.context_window or None,
                 stop_ids=ref.stop_ids,
+                speculate=speculate,
                 report=report,
             )
         except EngineError:
@@ -447,21 +478,81 @@ class FastEngine:
         """One decoding step for batch rows (= slots) 0..B-1 with attention over at most Lc
         positions. Static shapes, no host sync: capturable as one CUDA graph."""
         torch = self._torch
-        F = torch.nn.functional
-        E, H, D = self.n_embd, self.n_head, self.head_dim
         maxp = self.max_len
         rows = self._rows[:B]
         tok, pos, active = self.tok[:B], self.pos[:B], self.active[:B]
         live = active & (pos < maxp)
         wpos = torch.where(live, pos, maxp)  # idle rows write the scratch position
         lengths = torch.where(live, (pos + 1).clamp(max=Lc), 1)
-        x = F.embedding(tok, self.wte) + F.embedding(pos.clamp(max=maxp - 1), self.wpe)
         triton_attn = self._triton.get((B, Lc))
-        bias = None
-        if triton_attn is None:
-            bias = torch.zeros((B, Lc), device=x.device, dtype=x.dtype).masked_fill(
-                self._arange_len[:Lc][None, :] >= lengths[:, None], float("-inf")
-            )
+        if triton_attn is not None:
+            attend = lambda q, cache: triton_attn(q, cache[:B, :Lc], lengths, self.scale)  # noqa: E731
+        else:
+            bias = self._length_bias(lengths, Lc)
+            attend = lambda q, cache: self._torch_attention(q, cache[:B, :Lc], lengths, bias)  # noqa: E731
+        logits = self._rows_forward(tok, pos.clamp(max=maxp - 1), rows, wpos, attend)
+        new = self._sample(logits, slice(0, B), pos)
+        self.seen.index_put_((rows, new), torch.ones_like(new, dtype=torch.bool))
+        tok.copy_(new)
+        pos.add_(1)
+
+    def _verify_step(self, Lc: int) -> None:
+        """Speculative step for ONE slot (``spec_slot``): the slot's last token and T - 1 drafted
+        tokens (``spec_in``, ``spec_len`` of them real) are T query rows at positions p..p+T-1
+        that attend causally to that slot's cache. Every row samples exactly as a plain decode
+        step at its position would (same penalty context, same counter-based draw), so the
+        drafts the samples confirm, plus the first sample that differs, are the tokens plain
+        decoding gives. The slot's token, position and seen-token mask advance on the device
+        by the accepted count; ``spec_out`` gets the T samples and that count. Static shapes,
+        capturable (one graph per length bucket)."""
+        torch = self._torch
+        T, maxp = self.spec_tokens, self.max_len
+        slot1 = self.spec_slot  # (1,)
+        slots = slot1.expand(T).contiguous()  # one entry per row (the kernel reads slots[b])
+        p = self.pos.index_select(0, slot1)  # (1,)
+        pos = p + self._spec_ar  # (T,)
+        wpos = torch.where(pos < maxp, pos, maxp)
+        lengths = (pos + 1).clamp(max=Lc)
+        triton_attn = self._triton.get(("verify", Lc))
+        if triton_attn is not None:
+            attend = lambda q, cache: triton_attn(q, cache, lengths, self.scale, slots=slots)  # noqa: E731
+        else:
+            bias = self._length_bias(lengths, Lc)
+            attend = lambda q, cache: self._torch_attention(  # noqa: E731
+                q, cache[:, :Lc].index_select(0, slot1).expand(T, -1, -1), lengths, bias)
+        inp = self.spec_in
+        logits = self._rows_forward(inp, pos.clamp(max=maxp - 1), slots, wpos, attend)
+        # row i's context holds the drafts before it: the penalty sees them as seen tokens
+        seen = self.seen.index_select(0, slot1).expand(T, -1).clone()
+        seen.index_put_((self._spec_tri_rows, inp[self._spec_tri_cols]), self._spec_tri_true)
+        out = self._sample(logits, slots, pos, seen)
+        match = (out[:-1] == inp[1:]) & (self._spec_ar[:-1] < self.spec_len)
+        n = match.long().cumprod(0).sum()  # drafts accepted
+        last = out.gather(0, n[None])
+        self.tok.index_put_((slot1,), last)
+        self.pos.index_put_((slot1,), p + n + 1)
+        kept = torch.where(self._spec_ar <= n, out, out[:1])
+        self.seen.index_put_((slots, kept), self._spec_true)
+        self.spec_out[:T].copy_(out)
+        self.spec_out[T:].copy_(n[None])
+
+    def _length_bias(self, lengths, Lc: int):
+        """Additive attention mask (rows, Lc) for the torch attention: -inf past each row's length."""
+        torch = self._torch
+        return torch.zeros((lengths.shape[0], Lc), device=self.device, dtype=self.dtype).masked_fill(
+            self._arange_len[:Lc][None, :] >= lengths[:, None], float("-inf")
+        )
+
+    def _rows_forward(self, tok, epos, slots, wpos, attend):
+        """The layer stack for one step's B query rows: row i is token ``tok[i]`` at position
+        ``epos[i]``; its K/V go to cache slot ``slots[i]`` at position ``wpos[i]``;
+        ``attend(q, layer_cache)`` gives its attention output. Returns the logits (B, V) in
+        float32."""
+        torch = self._torch
+        F = torch.nn.functional
+        E, H, D = self.n_embd, self.n_head, self.head_dim
+        B = tok.shape[0]
+        x = F.embedding(tok, self.wte) + F.embedding(epos, self.wpe)
         if self.fused:
             from .mqa_triton import bias_add_layer_norm
 
@@ -484,13 +575,8 @@ class FastEngine:
             else:
                 qkv = F.linear(h, aw, ab)
             cache = self.cache[li]
-            cache.index_put_((rows, wpos), qkv[:, E:])
-            q = qkv[:, :E].view(B, H, D)
-            kv = cache[:B, :Lc]
-            if triton_attn is not None:
-                a = triton_attn(q, kv, lengths, self.scale)
-            else:
-                a = self._torch_attention(q, kv, lengths, bias)
+            cache.index_put_((slots, wpos), qkv[:, E:])
+            a = attend(qkv[:, :E].view(B, H, D), cache)
             if self.fused:
                 ln2w, ln2b, fcw, fcb, pw, pb = layer[6:]
                 if "attn_proj" in gv:
@@ -524,22 +610,19 @@ class FastEngine:
         if not self.fused:
             h = F.layer_norm(x, (E,), self.ln_f[0], self.ln_f[1], self.eps)
         if "lm_head" in gv:
-            logits = self._gv("lm_head", -1, self.lm_head)(h).float()
-        else:
-            logits = F.linear(h, self.lm_head).float()
-        new = self._sample(logits, slice(0, B), pos)
-        self.seen.index_put_((rows, new), torch.ones_like(new, dtype=torch.bool))
-        tok.copy_(new)
-        pos.add_(1)
+            return self._gv("lm_head", -1, self.lm_head)(h).float()
+        return F.linear(h, self.lm_head).float()
 
-    def _sample(self, logits, rows: slice, pos):
+    def _sample(self, logits, rows, pos, seen=None):
         """Repetition penalty → greedy (temperature 0) or temperature → top-k → top-p → draw.
-        The draw is exponential-race sampling with a counter-based hash of (seed, position,
-        candidate rank), so it needs no generator state."""
+        ``rows`` (a slice, or an index tensor: one slot per logits row) picks each row's
+        sampling parameters; ``seen`` overrides the rows' seen-token masks. The draw is
+        exponential-race sampling with a counter-based hash of (seed, position, candidate
+        rank), so it needs no generator state."""
         torch = self._torch
         pen = self.penalty[rows][:, None]
         penalized = torch.where(logits < 0, logits * pen, logits / pen)
-        logits = torch.where(self.seen[rows], penalized, logits)
+        logits = torch.where(self.seen[rows] if seen is None else seen, penalized, logits)
         greedy = logits.argmax(dim=-1)
         temp = self.temp[rows]
         vals, idx = torch.topk(logits, self.top_k_cap, dim=-1)
@@ -827,6 +910,31 @@ class FastEngine:
                 self._graphs[(b, n)] = graph
         torch.cuda.synchronize(self.device)
 
+    def _capture_verify(self) -> None:
+        """One speculative-step graph per length bucket. If capture fails, speculation is
+        turned off (``spec_error`` says why); plain decoding is unaffected."""
+        torch = self._torch
+        try:
+            pool = torch.cuda.graph_pool_handle()
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for n in self.length_buckets:
+                    self._verify_step(n)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            torch.cuda.synchronize(self.device)
+            for n in self.length_buckets:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._verify_step(n)
+                self._spec_graphs[n] = graph
+            torch.cuda.synchronize(self.device)
+        except Exception as exc:
+            log.warning("speculative step capture failed (%s); speculation off", exc)
+            self.spec_error = _first_line(exc)[:200]
+            self._spec_graphs.clear()
+            self.spec_tokens = 1
+
     def _capture_with_fallback(self) -> None:
         """Graphs with the chosen attention; if that fails, with torch attention; if that fails
         too, eager steps (slower, still correct)."""
@@ -885,6 +993,14 @@ class FastEngine:
         else:
             self._decode_step(B, Lc)
 
+    def run_verify_step(self, Lc: int) -> None:
+        """One speculative step (graph replay on CUDA) with whatever ``spec_ctl`` holds."""
+        graph = self._spec_graphs.get(Lc)
+        if graph is not None:
+            graph.replay()
+        else:
+            self._verify_step(Lc)
+
     # ------------------------------------------------------------------ public API
     def generate(
         self,
@@ -905,10 +1021,14 @@ class FastEngine:
         if should_stop():
             return [], "cancelled"
         req = _Request(prompt, sampling, should_stop)
+        if self.spec_tokens > 1:
+            req.lookup = self._lookup_for(prompt)  # built here, not on the scheduler thread
         with self._cv:
             self._incoming.append(req)
             self._cv.notify()
         failure: BaseException | None = None
+        delivered: list[int] = []
+        cancelled = False
         while True:
             try:
                 kind, value = req.events.get(timeout=1.0)
@@ -917,9 +1037,13 @@ class FastEngine:
                     raise EngineError("The fast engine's scheduler stopped.") from None
                 continue
             if kind == "tok":
-                if failure is None:
+                # a step can yield several tokens (speculation): none reaches the caller after
+                # it asked to stop
+                cancelled = cancelled or failure is not None or should_stop()
+                if not cancelled:
                     try:
                         on_token(value)
+                        delivered.append(value)
                     except BaseException as exc:  # stop generating, re-raise once the slot is free
                         failure = exc
                         req.should_stop = lambda: True
@@ -928,7 +1052,7 @@ class FastEngine:
             elif kind == "done":
                 if failure is not None:
                     raise failure
-                return [t for t in req.produced if t not in self._stop_set], value
+                return delivered, ("cancelled" if cancelled else value)
             else:
                 raise value
 
@@ -976,7 +1100,20 @@ class FastEngine:
                         if req.done:
                             continue
                         self._admit(req)
-                    launched = self._launch() if self._running else None
+                    launched = None
+                    if self._speculation_candidate() is not None:
+                        # one request alone: its tokens must be known before drafting
+                        if pending is not None:
+                            self._collect(pending)
+                            pending = None
+                        req = self._speculation_candidate()
+                        draft = self._draft(req) if req is not None else []
+                        if draft:
+                            self._speculate(req, draft)
+                        elif self._running:
+                            launched = self._launch()
+                    elif self._running:
+                        launched = self._launch()
                     if pending is not None:
                         self._collect(pending)
                     pending = launched
@@ -1106,6 +1243,78 @@ class FastEngine:
             event = None
         return host, event, [(r.slot, r) for r in live]
 
+    def _lookup_for(self, prompt: list[int]) -> PromptLookup:
+        """Where a request's drafts come from (the benchmark substitutes known answers)."""
+        return PromptLookup(prompt)
+
+    def _speculation_candidate(self) -> _Request | None:
+        """The one running request, when it runs alone (speculation checks several tokens of
+        one slot in a step that costs about what a plain step costs; with company, the batch
+        already fills the step)."""
+        if not self.speculation or self.spec_tokens <= 1 or len(self._running) != 1:
+            return None
+        req = self._running[0]
+        if req.done or req.lookup is None:
+            return None
+        return req
+
+    def _draft(self, req: _Request) -> list[int]:
+        if req.spec_wait > 0:  # backing off after drafts the model rejected
+            req.spec_wait -= 1
+            return []
+        p = len(req.prompt) + req.fed  # position of the slot's last token (not yet in the cache)
+        room = min(self.spec_tokens - 1, self.max_len - 1 - p, req.sampling.max_new_tokens - len(req.produced) - 1)
+        if room <= 0:
+            return []
+        return req.lookup.draft(room)  # type: ignore[union-attr]
+
+    def _speculate(self, req: _Request, draft: list[int]) -> None:
+        """One speculative step for ``req`` (synchronous: the next drafts need its result)."""
+        torch = self._torch
+        T = self.spec_tokens
+        slot = req.slot
+        last = req.produced[req.fed]
+        ctl = [last, *draft] + [draft[-1]] * (T - 1 - len(draft)) + [slot, len(draft)]
+        if self.device.type == "cuda":
+            self._spec_host_ctl.copy_(torch.tensor(ctl, dtype=torch.long))
+            self.spec_ctl.copy_(self._spec_host_ctl, non_blocking=True)
+        else:
+            self.spec_ctl.copy_(torch.tensor(ctl, dtype=torch.long))
+        Lc = self._bucket(self.length_buckets, len(req.prompt) + req.fed + T)
+        try:
+            self.run_verify_step(Lc)
+            if self.device.type == "cuda":
+                self._spec_host_out.copy_(self.spec_out, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                t = time.perf_counter()
+                event.synchronize()
+                self.stats["wait_s"] += time.perf_counter() - t
+                out = self._spec_host_out.tolist()
+            else:
+                out = self.spec_out.tolist()
+        except Exception as exc:
+            # the step updates the slot's token, position and seen mask last: a failure before
+            # that leaves the request as it was, and it goes on in plain steps (a failure that
+            # broke the device fails the next plain step, and the loop handles that)
+            log.warning("speculative step failed (%s); speculation off", exc)
+            self.speculation = False
+            self.spec_error = _first_line(exc)[:200]
+            return
+        n = out[T]
+        req.fed += n + 1
+        req.spec_misses = 0 if n else req.spec_misses + 1
+        req.spec_wait = min(16, 2 ** (req.spec_misses - 1)) if req.spec_misses else 0
+        self.stats["steps"] += 1
+        self.stats["spec_steps"] += 1
+        self.stats["spec_drafted"] += len(draft)
+        self.stats["spec_accepted"] += n
+        self.stats["max_rows"] = max(self.stats["max_rows"], 1)
+        for token in out[: n + 1]:
+            if req.done:
+                break
+            self._emit(req, token)
+
     def _collect(self, pending) -> None:
         host, event, rows = pending
         if event is not None:
@@ -1122,6 +1331,8 @@ class FastEngine:
 
     def _emit(self, req: _Request, token: int) -> None:
         req.produced.append(token)
+        if req.lookup is not None:
+            req.lookup.append(token)
         self.stats["tokens"] += 1
         if token in self._stop_set:
             self._finish(req, "stop")
@@ -1148,7 +1359,6 @@ class FastEngine:
 
 def _sdpa_mqa(q, k, v, mask, scale):
     """Prefill attention: q (1,H,T,D) against one K/V head (1,1,S,D), causal (bottom-right)."""
-    import torch
     import torch.nn.functional as F
 
     is_causal = mask is None

@@ -28,13 +28,14 @@ if HAVE_TRITON:
 
     @triton.jit
     def _split_kernel(
-        q_ptr, kv_ptr, len_ptr, o_ptr, lse_ptr,
+        q_ptr, kv_ptr, len_ptr, o_ptr, lse_ptr, slot_ptr,
         stride_qb, stride_qh,
         stride_kb, stride_kt,
         stride_ob, stride_os, stride_oh,
         stride_lb, stride_ls,
         scale, H,
         CHUNK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+        SLOT_MAP: tl.constexpr,
     ):
         b = tl.program_id(0)
         s = tl.program_id(1)
@@ -48,7 +49,10 @@ if HAVE_TRITON:
         m = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, D], tl.float32)
-        base = kv_ptr + b * stride_kb
+        if SLOT_MAP:  # row b reads the cache of slot slots[b] (several query rows, one slot)
+            base = kv_ptr + tl.load(slot_ptr + b).to(tl.int64) * stride_kb
+        else:
+            base = kv_ptr + b * stride_kb
         for i in range(0, CHUNK // BLOCK_N):  # static trip count; blocks past the row's end are masked
             offs_n = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
             nmask = offs_n < end
@@ -118,19 +122,22 @@ class TritonMQADecode:
         self.lse = torch.empty((batch, self.splits, heads), device=device, dtype=torch.float32)
         self.out = torch.empty((batch, heads, head_dim), device=device, dtype=dtype)
 
-    def __call__(self, q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, scale: float) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, scale: float,
+                 slots: torch.Tensor | None = None) -> torch.Tensor:
         """q: (B, H, D); kv: (B, positions, 2D) (a slice of one layer's cache, rows = slots);
-        lengths: (B,) int64 keys per row (>= 1). Returns (B, H, D) in q's dtype."""
+        lengths: (B,) int64 keys per row (>= 1). Returns (B, H, D) in q's dtype.
+        With ``slots`` (B,) int64, row b reads ``kv[slots[b]]`` instead (kv: every slot): the
+        speculative step's query rows all attend to one slot's cache."""
         B = q.shape[0]
         D = self.head_dim
         _split_kernel[(B, self.splits)](
-            q, kv, lengths, self.o, self.lse,
+            q, kv, lengths, self.o, self.lse, slots if slots is not None else lengths,
             q.stride(0), q.stride(1),
             kv.stride(0), kv.stride(1),
             self.o.stride(0), self.o.stride(1), self.o.stride(2),
             self.lse.stride(0), self.lse.stride(1),
             scale, self.heads,
-            CHUNK=self.chunk, BLOCK_H=self.block_h, BLOCK_N=64, D=D,
+            CHUNK=self.chunk, BLOCK_H=self.block_h, BLOCK_N=64, D=D, SLOT_MAP=slots is not None,
             num_warps=4, num_stages=2,
         )
         out = self.out[:B]

@@ -16,6 +16,9 @@ KEYS = [
     "gpu", "date", "copy_tbps", "floor_tok_s", "seed_b1_tok_s", "seed_b8_tok_s", "engine_b1_tok_s",
     "engine_b1_8k_tok_s", "engine_8streams_tok_s", "ttft_512_ms", "ttft_2048_ms", "ttft_prefix_reused_ms",
     "greedy_match_tokens", "ready_s",
+    # speculation and the server process's start
+    "spec_known_answer_tok_s", "spec_prompt_lookup_tok_s", "spec_plain_tok_s", "spec_verify_over_step",
+    "ready_process_first_s", "ready_engine_s",
 ]
 
 
@@ -32,4 +35,9 @@ def test_bench_tiny_writes_every_key(test_model, tmp_path, monkeypatch, capsys):
         assert result.get(key) is not None, key
     assert result["greedy_match_tokens"] == result["greedy_match_of"] == 64  # float32: exact
     assert result["ttft_prefix_reused_tokens"] > 0
+    # every known-answer draft is right: 7 accepted per speculative step (float32: same tokens)
+    assert result["spec_known_answer_same_tokens"] == "16/16"
+    assert result["spec_known_answer_accepted_per_spec_step"] >= 6
+    assert result["spec_known_answer_steps"] < result["spec_plain_steps"]
+    assert result["ready_s"] == result["ready_process_second_s"] > 0
     assert "| engine_b1_tok_s |" in capsys.readouterr().out

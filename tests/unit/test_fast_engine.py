@@ -1,6 +1,10 @@
 """The fast engine on the tiny test model (CPU, float32): greedy tokens equal transformers
 ``generate()``, alone and batched; cancellation frees the slot; prefix reuse prefills less and
-changes nothing; seeded sampling is reproducible and top-k 1 is greedy."""
+changes nothing; seeded sampling is reproducible and top-k 1 is greedy; prompt-lookup
+speculation gives the tokens plain decoding gives, in fewer steps.
+
+The ``engine`` fixture speculates (the default) whenever a request runs alone, so most tests
+here cover the speculative step; ``plain_engine`` never does."""
 
 from __future__ import annotations
 
@@ -32,6 +36,30 @@ def engine(hf_model, tokenizer):
     eng = FastEngine(hf_model, tokenizer, max_batch=4)
     yield eng
     eng.close()
+
+
+@pytest.fixture(scope="module")
+def plain_engine(hf_model, tokenizer):
+    from lsp_server.engine.fast import FastEngine
+
+    eng = FastEngine(hf_model, tokenizer, max_batch=2, speculate=0)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def copying_prompts(tokenizer):
+    """Prompts whose trained answers copy from the prompt (Fix, Optimize) or from themselves
+    (the endless "tick tock" chat answer)."""
+    from lsp_server.testing import scenarios as sc
+    from lsp_server.testing.tiny_model import training_pairs
+
+    pairs = training_pairs(tokenizer)
+    fmt = lambda text: tokenizer.decode(text)  # noqa: E731
+    fix = next(p for p, a, _ in pairs if fmt(a).startswith(sc.FIX_ANSWER[:20]))
+    optimize = next(p for p, a, _ in pairs if fmt(a).startswith(sc.OPTIMIZE_ANSWER[:20]))
+    ticking = next(p for p, _, ends in pairs if not ends)
+    return {"fix": fix, "optimize": optimize, "ticking": ticking}
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +301,14 @@ def test_triton_attention_merge_of_many_splits(Lc):
         k, v = kv[b, :n, :D], kv[b, :n, D:]
         ref = torch.softmax((q[b] @ k.T) * D**-0.5, -1) @ v
         assert torch.allclose(out[b], ref, atol=1e-2 if device == "cuda" else 1e-5)
+    # the speculative step's layout: every row reads the cache of a slot named per row
+    slots = torch.tensor([2, 2, 0], device=device)
+    out = attn(q, kv, lengths, D**-0.5, slots=slots)
+    for b in range(B):
+        n, sl = int(lengths[b]), int(slots[b])
+        k, v = kv[sl, :n, :D], kv[sl, :n, D:]
+        ref = torch.softmax((q[b] @ k.T) * D**-0.5, -1) @ v
+        assert torch.allclose(out[b], ref, atol=1e-2 if device == "cuda" else 1e-5)
 
 
 def test_bias_add_layer_norm_fills_the_next_bias():
@@ -308,6 +344,11 @@ def test_fused_engine_with_triton_attention_matches_generate(hf_model, tokenizer
         for p in prompts[:2]:
             ids, _ = run(eng, p, Sampling(max_new_tokens=12, temperature=0.0))
             assert ids == reference(hf_model, stop_ids, p, new=12)
+        # the speculative step: Triton attention of several query rows over one slot's cache
+        fix = prompts[0]
+        ids, _ = run(eng, fix, Sampling(max_new_tokens=40, temperature=0.0))
+        assert ids == reference(hf_model, stop_ids, fix, new=40)
+        assert eng.stats["spec_accepted"] > 0
     finally:
         eng.close()
 
@@ -342,3 +383,133 @@ def test_triton_gemv_matches_linear():
     out = y.clone()
     g(x, out=out, accumulate=True)
     assert torch.allclose(out, y + F.linear(x, W), atol=1e-5)
+
+
+def _spec_stats(engine, before):
+    return {k: engine.stats[k] - before[k] for k in ("steps", "tokens", "spec_steps", "spec_accepted")}
+
+
+def test_plain_engine_greedy_equals_generate(plain_engine, hf_model, prompts):
+    for prompt in prompts[:3]:
+        assert run(plain_engine, prompt)[0] == reference(hf_model, plain_engine.stop_ids, prompt)
+    assert plain_engine.stats["spec_steps"] == 0
+
+
+def test_speculation_keeps_the_tokens_in_fewer_steps(engine, plain_engine, hf_model, copying_prompts):
+    assert wait_idle(engine)
+    for name, prompt in copying_prompts.items():
+        before = dict(engine.stats)
+        ids, _ = run(engine, prompt, Sampling(max_new_tokens=60, temperature=0.0))
+        assert ids == reference(hf_model, engine.stop_ids, prompt, new=60), name
+        got = _spec_stats(engine, before)
+        assert got["spec_accepted"] > 0, (name, got)
+        assert got["steps"] < got["tokens"] - 1, (name, got)  # several tokens per step
+    # sampling (temperature, top-k, top-p, repetition penalty): every position draws as plain
+    # decoding would, so the same seed gives the same tokens with or without speculation
+    for seed in (1, 2):
+        hot = Sampling(max_new_tokens=60, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.1, seed=seed)
+        for prompt in copying_prompts.values():
+            assert run(engine, prompt, hot)[0] == run(plain_engine, prompt, hot)[0]
+
+
+def test_speculation_stops_at_the_token_limit(engine, plain_engine, copying_prompts):
+    for limit in (1, 2, 9, 13):
+        ids, reason = run(engine, copying_prompts["ticking"], Sampling(max_new_tokens=limit, temperature=0.0))
+        assert (len(ids), reason) == (limit, "length")
+        assert ids == run(plain_engine, copying_prompts["ticking"], Sampling(max_new_tokens=limit, temperature=0.0))[0]
+
+
+def test_cancel_during_speculation(engine, plain_engine, copying_prompts):
+    """Stopping mid-step: no token reaches the caller after it asked to stop, though the step
+    that was running may have produced several."""
+    assert wait_idle(engine)
+    stop = threading.Event()
+    got: list[int] = []
+
+    def on_token(token):
+        got.append(token)
+        if len(got) == 5:
+            stop.set()
+
+    before = dict(engine.stats)
+    ids, reason = run(engine, copying_prompts["ticking"], Sampling(max_new_tokens=300, temperature=0.0), stop.is_set, on_token)
+    assert (len(ids), reason) == (5, "cancelled")
+    assert engine.stats["spec_steps"] > before["spec_steps"]
+    assert wait_idle(engine)
+    expected = run(plain_engine, copying_prompts["fix"], GREEDY)[0]
+    assert run(engine, copying_prompts["fix"], GREEDY)[0] == expected
+
+
+def test_a_request_joining_a_speculating_one(engine, plain_engine, copying_prompts, prompts):
+    """A second request arrives while one speculates: both go on in plain batched steps and
+    both get their own tokens."""
+    assert wait_idle(engine)
+    long = Sampling(max_new_tokens=150, temperature=0.0)
+    expected_long = run(plain_engine, copying_prompts["ticking"], long)[0]
+    expected_other = run(plain_engine, prompts[1], GREEDY)[0]
+    got: list[int] = []
+    going = threading.Event()
+    joined = threading.Event()
+
+    def hold_until_joined():
+        # runs on the scheduler before every step: once the first request is well under way,
+        # hold the scheduler until the second one is queued, so that they surely overlap
+        if threading.current_thread() is engine._thread and len(got) >= 8 and not joined.is_set():
+            end = time.monotonic() + 10
+            while not engine._incoming and time.monotonic() < end:
+                time.sleep(0.001)
+            joined.set()
+        return False
+
+    def on_token(token):
+        got.append(token)
+        if len(got) >= 8:
+            going.set()
+
+    result: dict[str, list[int]] = {}
+    t = threading.Thread(target=lambda: result.setdefault("long", run(engine, copying_prompts["ticking"], long, hold_until_joined, on_token)[0]))
+    t.start()
+    assert going.wait(30)
+    before = dict(engine.stats)
+    engine.stats["max_rows"] = 0
+    other = run(engine, prompts[1], GREEDY)[0]
+    t.join(timeout=60)
+    assert other == expected_other
+    assert result["long"] == expected_long
+    assert before["spec_steps"] > 0 and engine.stats["max_rows"] >= 2
+
+
+def test_a_failing_speculative_step_falls_back_to_plain_steps(hf_model, tokenizer, copying_prompts):
+    from lsp_server.engine.fast import FastEngine
+
+    eng = FastEngine(hf_model, tokenizer, max_batch=1)
+    try:
+        expected = reference(hf_model, eng.stop_ids, copying_prompts["fix"])
+
+        def broken(_Lc):
+            raise RuntimeError("verify kernel failed")
+
+        eng.run_verify_step = broken
+        assert run(eng, copying_prompts["fix"])[0] == expected
+        assert eng.speculation is False and eng.spec_error == "verify kernel failed"
+        assert eng.stats["spec_steps"] == 0
+    finally:
+        eng.close()
+
+
+def test_speculation_is_on_by_default_and_can_be_turned_off(test_model, monkeypatch):
+    from lsp_server.config import Settings
+    from lsp_server.engine import load_engine
+
+    settings = Settings(model=str(test_model), device="cpu", engine="fast")
+    for env, tokens in ((None, 7), ("0", 0), ("3", 3)):
+        if env is None:
+            monkeypatch.delenv("STARCHAT_FAST_SPECULATE", raising=False)
+        else:
+            monkeypatch.setenv("STARCHAT_FAST_SPECULATE", env)
+        eng = load_engine(settings, lambda _: None)
+        try:
+            assert eng.spec_tokens - 1 == tokens and eng.speculation == (tokens > 0)
+            assert ("speculation" in eng.description) == (tokens > 0)
+        finally:
+            eng.close()
