@@ -529,6 +529,13 @@ def main(argv=None) -> int:
                 break
             same += 1
         R["spec_known_answer_same_tokens"] = f"{same}/{len(plain)}"  # bf16: 8-row vs 1-row rounding
+        # speculation on, but no draft ever: plain steps without the one-deep pipelining (the
+        # host reads each token before it drafts): what a non-copying answer pays
+        eng._lookup_for = lambda p: KnownAnswer(p, [])
+        try:
+            run_once("no_draft")
+        finally:
+            del eng._lookup_for
         run_once("prompt_lookup")
         eng.speculation = False
 
@@ -755,6 +762,7 @@ TARGETS = [
     ("spec_known_answer_tok_s", "tok/s", "b1, every draft right (upper bound)"),
     ("spec_prompt_lookup_tok_s", "tok/s", "b1, prompt lookup, random weights"),
     ("spec_plain_tok_s", "tok/s", "b1, same prompt, no speculation"),
+    ("spec_no_draft_tok_s", "tok/s", "b1, speculation on, no draft found"),
     ("spec_verify_over_step", "x", "speculative step / plain b1 step"),
     ("ready_s", "s", "<= 30: server process, spawn to ready, second start"),
     ("ready_process_first_s", "s", "first start"),

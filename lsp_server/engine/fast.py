@@ -27,6 +27,13 @@ Design (bench/NOTES.md has the reasoning and the numbers):
   before the host reads step ``n``'s tokens.
 * Prefix reuse: every slot remembers which tokens its cache rows hold; a new request takes over
   (or copies, one device copy) the longest cached prefix and prefills only the rest.
+* Prompt-lookup speculation (``speculate`` drafts, 7 by default; ``STARCHAT_FAST_SPECULATE``):
+  when a request runs alone and the tail of its context occurred earlier (an answer copying the
+  selection), the tokens that followed are drafts; one step (``_verify_step``, a graph per
+  length bucket) runs the last token and the drafts as query rows over the slot's cache and
+  samples every row exactly as plain decoding would at that position, so the tokens kept (the
+  confirmed drafts and the first sample that differs) are the tokens plain decoding gives,
+  greedy or sampled. A batch of several requests decodes plainly: it already fills the step.
 """
 
 from __future__ import annotations

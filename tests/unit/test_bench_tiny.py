@@ -17,7 +17,7 @@ KEYS = [
     "engine_b1_8k_tok_s", "engine_8streams_tok_s", "ttft_512_ms", "ttft_2048_ms", "ttft_prefix_reused_ms",
     "greedy_match_tokens", "ready_s",
     # speculation and the server process's start
-    "spec_known_answer_tok_s", "spec_prompt_lookup_tok_s", "spec_plain_tok_s", "spec_verify_over_step",
+    "spec_known_answer_tok_s", "spec_prompt_lookup_tok_s", "spec_plain_tok_s", "spec_no_draft_tok_s", "spec_verify_over_step",
     "ready_process_first_s", "ready_engine_s",
 ]
 

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The server's pure-Python dependencies that the GPU machine's image lacks (pygls, lsprotocol,
+# cattrs, and an attrs new enough for them), as wheels in .whl/ (ignored by git) for the device
+# tool's `carry`. The GPU run in bench/NOTES.md installs them with:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rm -rf .whl
+mkdir -p .whl
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation py --abi none \
+  --platform any -d .whl pygls==2.1.1 lsprotocol==2025.0.0 cattrs==26.2.1 attrs==26.1.0
+ls -l .whl
