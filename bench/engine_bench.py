@@ -479,9 +479,12 @@ def main(argv=None) -> int:
         Lc = eng._bucket(eng.length_buckets, 2048 if not args.tiny else 256)
         reps = sz["step_reps"]
         with torch.inference_mode():
-            eng.spec_ctl[:T] = 1
-            eng.spec_ctl[T] = 0  # slot 0
-            eng.spec_ctl[T + 1] = T - 1
+            # one request in slot 0: its last token and T - 1 drafts
+            eng.spec_in.fill_(1)
+            eng.spec_slot.fill_(0)
+            eng.spec_off.copy_(torch.arange(T))
+            eng.spec_start.fill_(0)
+            eng.spec_used.fill_(1)
             eng.temp[0] = 0.0
             eng.pos[0] = Lc - T - 2
             for _ in range(2):

@@ -28,12 +28,13 @@ Design (bench/NOTES.md has the reasoning and the numbers):
 * Prefix reuse: every slot remembers which tokens its cache rows hold; a new request takes over
   (or copies, one device copy) the longest cached prefix and prefills only the rest.
 * Prompt-lookup speculation (``speculate`` drafts, 7 by default; ``STARCHAT_FAST_SPECULATE``):
-  when a request runs alone and the tail of its context occurred earlier (an answer copying the
-  selection), the tokens that followed are drafts; one step (``_verify_step``, a graph per
-  length bucket) runs the last token and the drafts as query rows over the slot's cache and
-  samples every row exactly as plain decoding would at that position, so the tokens kept (the
-  confirmed drafts and the first sample that differs) are the tokens plain decoding gives,
-  greedy or sampled. A batch of several requests decodes plainly: it already fills the step.
+  when the tail of a request's context occurred earlier (an answer copying the selection), the
+  tokens that followed are drafts. One step (``_verify_step``, a graph per length bucket) runs
+  ``speculate + 1`` query rows: every running request's last token and, in the spare rows, its
+  drafts, each row over its own slot's cache (the step costs about what a plain step costs:
+  the weights are read once either way). Every row samples exactly as plain decoding would at
+  that position, so the tokens kept (the confirmed drafts and the first sample that differs)
+  are the tokens plain decoding gives, greedy or sampled.
 """
 
 from __future__ import annotations
@@ -204,29 +205,33 @@ class FastEngine:
         with torch.inference_mode():
             # zeros once so that idle rows always attend to finite numbers
             self.cache = torch.zeros((L, S, self.max_len + 1, 2 * D), device=dev, dtype=self.dtype)
-            self.tok = torch.zeros(S, device=dev, dtype=torch.long)
-            self.pos = torch.zeros(S, device=dev, dtype=torch.long)
+            # token, position and seen-token mask have one more entry than there are slots: the
+            # speculative step sends the writes of rows that must write nothing to entry S
+            self.tok = torch.zeros(S + 1, device=dev, dtype=torch.long)
+            self.pos = torch.zeros(S + 1, device=dev, dtype=torch.long)
             self.active = torch.zeros(S, device=dev, dtype=torch.bool)
             self.temp = torch.zeros(S, device=dev, dtype=torch.float32)
             self.topk = torch.full((S,), self.top_k_cap, device=dev, dtype=torch.long)
             self.topp = torch.ones(S, device=dev, dtype=torch.float32)
             self.penalty = torch.ones(S, device=dev, dtype=torch.float32)
             self.seed = torch.zeros(S, device=dev, dtype=torch.long)
-            self.seen = torch.zeros((S, self.vocab), device=dev, dtype=torch.bool)
+            self.seen = torch.zeros((S + 1, self.vocab), device=dev, dtype=torch.bool)
             self._rows = torch.arange(S, device=dev)
             self._ranks = torch.arange(self.top_k_cap, device=dev)
             self._arange_len = torch.arange(self.max_len, device=dev)
-            # speculative step (prompt lookup): the slot's last token + `speculate` drafts
-            T = self.spec_tokens = max(1, int(speculate) + 1)
-            self.spec_ctl = torch.zeros(T + 2, device=dev, dtype=torch.long)  # inputs, slot, drafts
-            self.spec_in, self.spec_slot, self.spec_len = self.spec_ctl[:T], self.spec_ctl[T : T + 1], self.spec_ctl[T + 1]
-            self.spec_out = torch.zeros(T + 1, device=dev, dtype=torch.long)  # samples, accepted
-            self._spec_ar = torch.arange(T, device=dev)
-            tri = [(i, j) for i in range(T) for j in range(1, i + 1)]  # row i's context holds drafts 1..i
+            # the speculative step (prompt lookup): R = speculate + 1 query rows, each a running
+            # request's last token or one of its drafts (see _verify_step)
+            R = self.spec_tokens = max(1, int(speculate) + 1)
+            self.spec_ctl = torch.zeros(5 * R, device=dev, dtype=torch.long)  # filled by one copy
+            (self.spec_in, self.spec_slot, self.spec_off, self.spec_start, self.spec_used) = self.spec_ctl.view(5, R).unbind(0)
+            self.spec_out = torch.zeros(2 * R, device=dev, dtype=torch.long)  # samples, kept
+            tri = [(i, j) for i in range(R) for j in range(1, i + 1)]  # row j's token precedes row i
             self._spec_tri_rows = torch.tensor([i for i, _ in tri], device=dev, dtype=torch.long)
             self._spec_tri_cols = torch.tensor([j for _, j in tri], device=dev, dtype=torch.long)
             self._spec_tri_true = torch.ones(len(tri), device=dev, dtype=torch.bool)
-            self._spec_true = torch.ones(T, device=dev, dtype=torch.bool)
+            self._spec_ones = torch.ones(R, device=dev, dtype=torch.long)
+            self._spec_true = torch.ones(R, device=dev, dtype=torch.bool)
+            self._spec_false = torch.zeros(1, device=dev, dtype=torch.bool)
 
         self.gelu_epilogue = "tanh" if dev.type == "cuda" else "off"
         self.prebias = False
@@ -270,15 +275,15 @@ class FastEngine:
         self._broken: BaseException | None = None
         self.stats = {"requests": 0, "prefill_tokens": 0, "reused_tokens": 0, "steps": 0, "tokens": 0, "max_rows": 0,
                       "wait_s": 0.0, "host_bound_steps": 0, "prefill_s": 0.0,
-                      "spec_steps": 0, "spec_drafted": 0, "spec_accepted": 0}
+                      "spec_steps": 0, "spec_shared_steps": 0, "spec_drafted": 0, "spec_accepted": 0}
         self._graphs: dict[tuple[int, int], Any] = {}
         self._spec_graphs: dict[int, Any] = {}
         self.spec_error: str | None = None
         self._pinned = None
         if on_cuda:
             self._pinned = [torch.empty(S, dtype=torch.long, pin_memory=True) for _ in range(2)]
-            self._spec_host_ctl = torch.empty(self.spec_tokens + 2, dtype=torch.long, pin_memory=True)
-            self._spec_host_out = torch.empty(self.spec_tokens + 1, dtype=torch.long, pin_memory=True)
+            self._spec_host_ctl = torch.empty(5 * self.spec_tokens, dtype=torch.long, pin_memory=True)
+            self._spec_host_out = torch.empty(2 * self.spec_tokens, dtype=torch.long, pin_memory=True)
         self._flip = 0
 
         self.graph_error: str | None = None
@@ -504,44 +509,49 @@ class FastEngine:
         pos.add_(1)
 
     def _verify_step(self, Lc: int) -> None:
-        """Speculative step for ONE slot (``spec_slot``): the slot's last token and T - 1 drafted
-        tokens (``spec_in``, ``spec_len`` of them real) are T query rows at positions p..p+T-1
-        that attend causally to that slot's cache. Every row samples exactly as a plain decode
-        step at its position would (same penalty context, same counter-based draw), so the
-        drafts the samples confirm, plus the first sample that differs, are the tokens plain
-        decoding gives. The slot's token, position and seen-token mask advance on the device
-        by the accepted count; ``spec_out`` gets the T samples and that count. Static shapes,
-        capturable (one graph per length bucket)."""
+        """The speculative step: R query rows (``spec_*`` buffers, rows ``spec_used``), grouped by
+        request: the first row of a group is the request's last token at its position p, the
+        next ones its drafted tokens at p + 1, p + 2 … (``spec_off``; ``spec_start`` is the
+        group's first row; ``spec_slot`` its slot). Every row attends causally to its slot's
+        cache and samples exactly as a plain decode step at that position would (the penalty
+        sees the group's drafts before it as seen tokens; the same counter-based draw), so a
+        draft is kept iff the row before it sampled it, and the tokens kept are those plain
+        decoding gives. The step advances each slot's token, position and seen mask by what it
+        kept and writes the samples and the kept flags (``spec_out``). Static shapes, no host
+        sync: one graph per length bucket."""
         torch = self._torch
-        T, maxp = self.spec_tokens, self.max_len
-        slot1 = self.spec_slot  # (1,)
-        slots = slot1.expand(T).contiguous()  # one entry per row (the kernel reads slots[b])
-        p = self.pos.index_select(0, slot1)  # (1,)
-        pos = p + self._spec_ar  # (T,)
-        wpos = torch.where(pos < maxp, pos, maxp)
-        lengths = (pos + 1).clamp(max=Lc)
+        R, S, maxp = self.spec_tokens, self.slots, self.max_len
+        inp, slots, off, start = self.spec_in, self.spec_slot, self.spec_off, self.spec_start
+        used = self.spec_used.bool()
+        pos = self.pos.index_select(0, slots) + off
+        wpos = torch.where(used & (pos < maxp), pos, maxp)  # unused rows write the scratch position
+        lengths = torch.where(used, (pos + 1).clamp(max=Lc), 1)
         triton_attn = self._triton.get(("verify", Lc))
         if triton_attn is not None:
             attend = lambda q, cache: triton_attn(q, cache, lengths, self.scale, slots=slots)  # noqa: E731
         else:
             bias = self._length_bias(lengths, Lc)
-            attend = lambda q, cache: self._torch_attention(  # noqa: E731
-                q, cache[:, :Lc].index_select(0, slot1).expand(T, -1, -1), lengths, bias)
-        inp = self.spec_in
+            attend = lambda q, cache: self._torch_attention(q, cache[:, :Lc].index_select(0, slots), lengths, bias)  # noqa: E731
         logits = self._rows_forward(inp, pos.clamp(max=maxp - 1), slots, wpos, attend)
-        # row i's context holds the drafts before it: the penalty sees them as seen tokens
-        seen = self.seen.index_select(0, slot1).expand(T, -1).clone()
-        seen.index_put_((self._spec_tri_rows, inp[self._spec_tri_cols]), self._spec_tri_true)
+        # row i's context holds the drafts of its group before it
+        tr, tc = self._spec_tri_rows, self._spec_tri_cols
+        earlier = (start[tr] == start[tc]) & (off[tc] >= 1)
+        # every write is True (pairs that do not count go to a spare column): duplicates agree
+        extra = torch.zeros((R, self.vocab + 1), device=logits.device, dtype=torch.bool)
+        extra.index_put_((tr, torch.where(earlier, inp[tc], self.vocab)), self._spec_tri_true)
+        seen = self.seen.index_select(0, slots) | extra[:, : self.vocab]
         out = self._sample(logits, slots, pos, seen)
-        match = (out[:-1] == inp[1:]) & (self._spec_ar[:-1] < self.spec_len)
-        n = match.long().cumprod(0).sum()  # drafts accepted
-        last = out.gather(0, n[None])
-        self.tok.index_put_((slot1,), last)
-        self.pos.index_put_((slot1,), p + n + 1)
-        kept = torch.where(self._spec_ar <= n, out, out[:1])
-        self.seen.index_put_((slots, kept), self._spec_true)
-        self.spec_out[:T].copy_(out)
-        self.spec_out[T:].copy_(n[None])
+        # row r + 1 holds the next draft of row r's group
+        has_next = torch.cat([(start[1:] == start[:-1]) & used[1:], self._spec_false])
+        rejected = (has_next & torch.cat([out[:-1] != inp[1:], self._spec_false])).long()
+        before = rejected.cumsum(0) - rejected  # rejections in rows < r
+        kept = used & ((off == 0) | (before == before[start]))  # no rejection in the group before r
+        last = kept & ~torch.cat([kept[1:] & has_next[:-1], self._spec_false])
+        self.pos.index_add_(0, torch.where(kept, slots, S), self._spec_ones)
+        self.tok.index_put_((torch.where(last, slots, S),), out)
+        self.seen.index_put_((torch.where(kept, slots, S), out), self._spec_true)
+        self.spec_out[:R].copy_(out)
+        self.spec_out[R:].copy_(kept.long())
 
     def _length_bias(self, lengths, Lc: int):
         """Additive attention mask (rows, Lc) for the torch attention: -inf past each row's length."""
@@ -1108,15 +1118,14 @@ class FastEngine:
                             continue
                         self._admit(req)
                     launched = None
-                    if self._speculation_candidate() is not None:
-                        # one request alone: its tokens must be known before drafting
+                    if self._may_speculate():
+                        # drafting needs every running request's last token: no pipelining
                         if pending is not None:
                             self._collect(pending)
                             pending = None
-                        req = self._speculation_candidate()
-                        draft = self._draft(req) if req is not None else []
-                        if draft:
-                            self._speculate(req, draft)
+                        plan = self._plan()
+                        if plan is not None:
+                            self._speculate(plan)
                         elif self._running:
                             launched = self._launch()
                     elif self._running:
@@ -1237,6 +1246,7 @@ class FastEngine:
         self.run_step(B, Lc)
         for r in live:
             r.fed += 1
+            r.spec_wait = max(0, r.spec_wait - 1)
         self.stats["steps"] += 1
         self.stats["max_rows"] = max(self.stats["max_rows"], len(live))
         if self._pinned is not None:
@@ -1254,41 +1264,56 @@ class FastEngine:
         """Where a request's drafts come from (the benchmark substitutes known answers)."""
         return PromptLookup(prompt)
 
-    def _speculation_candidate(self) -> _Request | None:
-        """The one running request, when it runs alone (speculation checks several tokens of
-        one slot in a step that costs about what a plain step costs; with company, the batch
-        already fills the step)."""
-        if not self.speculation or self.spec_tokens <= 1 or len(self._running) != 1:
-            return None
-        req = self._running[0]
-        if req.done or req.lookup is None:
-            return None
-        return req
+    def _may_speculate(self) -> bool:
+        """Could the next step be speculative? (Room for a draft beside every running request,
+        and one of them not backing off.)"""
+        live = [r for r in self._running if not r.done]
+        return (self.speculation and 0 < len(live) < self.spec_tokens
+                and any(r.lookup is not None and r.spec_wait == 0 for r in live))
 
-    def _draft(self, req: _Request) -> list[int]:
-        if req.spec_wait > 0:  # backing off after drafts the model rejected
-            req.spec_wait -= 1
+    def _plan(self) -> list[tuple[_Request, list[int]]] | None:
+        """Every running request with its drafts, in admission order, within the step's rows
+        (the step costs the same for 1 to 8 rows: spare rows are free tokens); None when no
+        request has a draft."""
+        live = [r for r in self._running if not r.done]
+        if not live:
+            return None
+        room = self.spec_tokens - len(live)
+        plan = []
+        for req in live:
+            draft = self._draft(req, room) if room > 0 else []
+            room -= len(draft)
+            plan.append((req, draft))
+        return plan if any(d for _, d in plan) else None
+
+    def _draft(self, req: _Request, room: int) -> list[int]:
+        if req.lookup is None:
+            return []
+        if req.spec_wait > 0:  # backing off after drafts the model rejected (counted in _launch)
             return []
         p = len(req.prompt) + req.fed  # position of the slot's last token (not yet in the cache)
-        room = min(self.spec_tokens - 1, self.max_len - 1 - p, req.sampling.max_new_tokens - len(req.produced) - 1)
-        if room <= 0:
-            return []
-        return req.lookup.draft(room)  # type: ignore[union-attr]
+        room = min(room, self.max_len - 1 - p, req.sampling.max_new_tokens - len(req.produced) - 1)
+        return req.lookup.draft(room) if room > 0 else []
 
-    def _speculate(self, req: _Request, draft: list[int]) -> None:
-        """One speculative step for ``req`` (synchronous: the next drafts need its result)."""
+    def _speculate(self, plan: list[tuple[_Request, list[int]]]) -> None:
+        """One speculative step for the planned requests (synchronous: the next drafts need
+        its result)."""
         torch = self._torch
-        T = self.spec_tokens
-        slot = req.slot
-        last = req.produced[req.fed]
-        ctl = [last, *draft] + [draft[-1]] * (T - 1 - len(draft)) + [slot, len(draft)]
-        if self.device.type == "cuda":
-            self._spec_host_ctl.copy_(torch.tensor(ctl, dtype=torch.long))
-            self.spec_ctl.copy_(self._spec_host_ctl, non_blocking=True)
-        else:
-            self.spec_ctl.copy_(torch.tensor(ctl, dtype=torch.long))
-        Lc = self._bucket(self.length_buckets, len(req.prompt) + req.fed + T)
+        R = self.spec_tokens
+        rows: list[tuple[int, int, int, int]] = []  # (token, slot, offset, group's first row)
+        for req, draft in plan:
+            first = len(rows)
+            rows += [(t, req.slot, i, first) for i, t in enumerate([req.produced[req.fed], *draft])]  # type: ignore[misc]
+        used = len(rows)
+        rows += [(0, 0, 0, r) for r in range(used, R)]  # unused rows: a group each, writing nothing
+        ctl = [[row[k] for row in rows] for k in range(4)] + [[1] * used + [0] * (R - used)]
+        Lc = self._bucket(self.length_buckets, max(len(req.prompt) + req.fed + 1 + len(d) for req, d in plan))
         try:
+            if self.device.type == "cuda":
+                self._spec_host_ctl.copy_(torch.tensor(ctl, dtype=torch.long).flatten())
+                self.spec_ctl.copy_(self._spec_host_ctl, non_blocking=True)
+            else:
+                self.spec_ctl.copy_(torch.tensor(ctl, dtype=torch.long).flatten())
             self.run_verify_step(Lc)
             if self.device.type == "cuda":
                 self._spec_host_out.copy_(self.spec_out, non_blocking=True)
@@ -1301,26 +1326,34 @@ class FastEngine:
             else:
                 out = self.spec_out.tolist()
         except Exception as exc:
-            # the step updates the slot's token, position and seen mask last: a failure before
-            # that leaves the request as it was, and it goes on in plain steps (a failure that
-            # broke the device fails the next plain step, and the loop handles that)
+            # the step updates the slots' tokens, positions and seen masks last: a failure
+            # before that leaves the requests as they were, and they go on in plain steps (a
+            # failure that broke the device fails the next plain step, and the loop handles it)
             log.warning("speculative step failed (%s); speculation off", exc)
             self.speculation = False
             self.spec_error = _first_line(exc)[:200]
             return
-        n = out[T]
-        req.fed += n + 1
-        req.spec_misses = 0 if n else req.spec_misses + 1
-        req.spec_wait = min(16, 2 ** (req.spec_misses - 1)) if req.spec_misses else 0
+        samples, kept = out[:R], out[R:]
         self.stats["steps"] += 1
         self.stats["spec_steps"] += 1
-        self.stats["spec_drafted"] += len(draft)
-        self.stats["spec_accepted"] += n
-        self.stats["max_rows"] = max(self.stats["max_rows"], 1)
-        for token in out[: n + 1]:
-            if req.done:
-                break
-            self._emit(req, token)
+        self.stats["spec_shared_steps"] += len(plan) > 1
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(plan))
+        first = 0
+        for req, draft in plan:
+            group = range(first, first + 1 + len(draft))
+            first = group.stop
+            tokens = [samples[r] for r in group if kept[r]]
+            req.fed += len(tokens)
+            if draft:
+                n = len(tokens) - 1
+                self.stats["spec_drafted"] += len(draft)
+                self.stats["spec_accepted"] += n
+                req.spec_misses = 0 if n else req.spec_misses + 1
+                req.spec_wait = min(16, 2 ** (req.spec_misses - 1)) if req.spec_misses else 0
+            for token in tokens:
+                if req.done:
+                    break
+                self._emit(req, token)
 
     def _collect(self, pending) -> None:
         host, event, rows = pending

@@ -404,6 +404,10 @@ def test_speculation_keeps_the_tokens_in_fewer_steps(engine, plain_engine, hf_mo
         got = _spec_stats(engine, before)
         assert got["spec_accepted"] > 0, (name, got)
         assert got["steps"] < got["tokens"] - 1, (name, got)  # several tokens per step
+    # the repetition penalty sees the drafts before each row as seen tokens: as generate() does
+    for name, prompt in copying_prompts.items():
+        got = run(engine, prompt, Sampling(max_new_tokens=60, temperature=0.0, repetition_penalty=1.5))[0]
+        assert got == reference(hf_model, engine.stop_ids, prompt, new=60, penalty=1.5), name
     # sampling (temperature, top-k, top-p, repetition penalty): every position draws as plain
     # decoding would, so the same seed gives the same tokens with or without speculation
     for seed in (1, 2):
@@ -441,12 +445,12 @@ def test_cancel_during_speculation(engine, plain_engine, copying_prompts):
 
 
 def test_a_request_joining_a_speculating_one(engine, plain_engine, copying_prompts, prompts):
-    """A second request arrives while one speculates: both go on in plain batched steps and
-    both get their own tokens."""
+    """A second request arrives while one speculates: they share the speculative steps (each
+    row over its own slot's cache) and both get the tokens plain decoding gives them."""
     assert wait_idle(engine)
     long = Sampling(max_new_tokens=150, temperature=0.0)
     expected_long = run(plain_engine, copying_prompts["ticking"], long)[0]
-    expected_other = run(plain_engine, prompts[1], GREEDY)[0]
+    expected_fix = run(plain_engine, copying_prompts["fix"], long)[0]
     got: list[int] = []
     going = threading.Event()
     joined = threading.Event()
@@ -471,12 +475,38 @@ def test_a_request_joining_a_speculating_one(engine, plain_engine, copying_promp
     t.start()
     assert going.wait(30)
     before = dict(engine.stats)
-    engine.stats["max_rows"] = 0
-    other = run(engine, prompts[1], GREEDY)[0]
+    fix = run(engine, copying_prompts["fix"], long)[0]
     t.join(timeout=60)
-    assert other == expected_other
+    assert fix == expected_fix
     assert result["long"] == expected_long
-    assert before["spec_steps"] > 0 and engine.stats["max_rows"] >= 2
+    assert before["spec_steps"] > 0  # the first one speculated alone
+    assert engine.stats["spec_shared_steps"] > before["spec_shared_steps"]  # then together
+
+
+def test_plain_and_speculative_batches_agree(engine, plain_engine, copying_prompts, prompts):
+    """Three and four requests at once, greedy and sampled: speculative steps carrying several
+    requests' drafts give every request the tokens plain batched decoding gives."""
+    assert wait_idle(engine)
+    group = [copying_prompts["fix"], copying_prompts["optimize"], copying_prompts["ticking"], prompts[1]]
+    for sampling in (Sampling(max_new_tokens=80, temperature=0.0),
+                     Sampling(max_new_tokens=80, temperature=0.7, top_k=30, repetition_penalty=1.1, seed=3)):
+        expected = [run(plain_engine, p, sampling)[0] for p in group]
+        for n in (3, 4):
+            results: dict[int, list[int]] = {}
+            barrier = threading.Barrier(n)
+
+            def worker(i):
+                barrier.wait()
+                results[i] = run(engine, group[i], sampling)[0]
+
+            before = dict(engine.stats)
+            threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(timeout=60)
+            assert [results[i] for i in range(n)] == expected[:n]
+            assert engine.stats["spec_shared_steps"] > before["spec_shared_steps"]
 
 
 def test_a_failing_speculative_step_falls_back_to_plain_steps(hf_model, tokenizer, copying_prompts):
@@ -513,3 +543,45 @@ def test_speculation_is_on_by_default_and_can_be_turned_off(test_model, monkeypa
             assert ("speculation" in eng.description) == (tokens > 0)
         finally:
             eng.close()
+
+
+class _KnownAnswer:
+    """Drafts from an answer known in advance (every draft right)."""
+
+    def __init__(self, prompt, answer):
+        self.start, self.answer, self.length = len(prompt), answer, len(prompt)
+
+    def append(self, _token):
+        self.length += 1
+
+    def draft(self, k):
+        i = self.length - self.start
+        return self.answer[i : i + k]
+
+
+@pytest.mark.parametrize(("text", "sampling"), [
+    ("import", Sampling(max_new_tokens=60, temperature=0.0, repetition_penalty=3.0)),
+    ("x", Sampling(max_new_tokens=60, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=3.0, seed=1)),
+    ("return", Sampling(max_new_tokens=60, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=3.0, seed=1)),
+], ids=["greedy", "sampled", "sampled-2"])
+def test_right_drafts_are_all_kept(engine, plain_engine, tokenizer, text, sampling):
+    """With drafts that are the answer plain decoding gives, every speculative step keeps all
+    of them and gives that answer: each row's penalty context (the drafts before it count as
+    seen) and random draw are exactly those of plain decoding at its position. A one-token
+    prompt and a strong penalty, so that the drafts are new tokens and the penalty on them
+    decides the next ones (the sampled cases fail if the drafts are left out of it)."""
+    assert wait_idle(engine)
+    prompt = tokenizer(text)["input_ids"]
+    answer = run(plain_engine, prompt, sampling)[0]
+    assert len(answer) > 10
+    engine._lookup_for = lambda p: _KnownAnswer(p, answer)
+    try:
+        before = dict(engine.stats)
+        got = run(engine, prompt, sampling)[0]
+    finally:
+        del engine._lookup_for
+    assert got == answer
+    steps = engine.stats["spec_steps"] - before["spec_steps"]
+    kept = engine.stats["spec_accepted"] - before["spec_accepted"]
+    drafted = engine.stats["spec_drafted"] - before["spec_drafted"]
+    assert steps > 0 and kept == drafted
