@@ -272,6 +272,7 @@ def main(argv=None) -> int:
     # plain decoding for every rate below except the speculation section's (comparable runs)
     R["engine_spec_tokens"] = engine.spec_tokens - 1
     R["engine_spec_error"] = engine.spec_error
+    R["engine_spec_check"] = engine.spec_check  # start-up: right drafts kept of drafted
     engine.speculation = False
     R["engine_attention"] = engine.attention
     R["engine_graphs"] = engine.graphs_captured

@@ -305,9 +305,12 @@ class FastEngine:
             + (f", prompt-lookup speculation of {self.spec_tokens - 1} tokens" if self.spec_tokens > 1 else "")
             + ")"
         )
-        self.ready_s = time.monotonic() - started
         self._thread = threading.Thread(target=self._loop, name="starchat-fast-engine", daemon=True)
         self._thread.start()
+        self.spec_check: dict[str, Any] | None = None
+        if self.speculation:
+            self._check_speculation()
+        self.ready_s = time.monotonic() - started
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -1260,6 +1263,40 @@ class FastEngine:
             event = None
         return host, event, [(r.slot, r) for r in live]
 
+    def _check_speculation(self, new: int = 12) -> None:
+        """Start-up check of the speculative step as it will run (graphs, attention, sampling):
+        a greedy answer to a fixed prompt in plain steps, then again with that answer as the
+        drafts. Every draft should be kept; a near-tie of the several-row step's rounding may
+        reject one, a wrong step rejects nearly all: below half kept, speculation is off
+        (``spec_error``)."""
+        prompt = [(i * 7919 + 13) % (min(self.vocab, 1000) - 1) + 1 for i in range(24)]
+        greedy = Sampling(max_new_tokens=new, temperature=0.0)
+        try:
+            self.speculation = False
+            answer, _ = self.generate(prompt, greedy, lambda: False, lambda _: None)
+            self.speculation = True
+            before = dict(self.stats)
+            self._lookup_for = lambda p: _KnownAnswer(len(p), answer)  # type: ignore[method-assign]
+            try:
+                got, _ = self.generate(prompt, greedy, lambda: False, lambda _: None)
+            finally:
+                del self._lookup_for
+            drafted = self.stats["spec_drafted"] - before["spec_drafted"]
+            kept = self.stats["spec_accepted"] - before["spec_accepted"]
+            self.spec_check = {"drafted": drafted, "kept": kept, "same_tokens": got == answer}
+            if drafted and kept * 2 < drafted:
+                self.speculation = False
+                self.spec_error = f"start-up check kept {kept} of {drafted} right drafts"
+                log.warning("speculative step failed its start-up check (%s); speculation off", self.spec_error)
+        except Exception as exc:
+            self.speculation = False
+            self.spec_error = f"start-up check: {_first_line(exc)[:200]}"
+            log.warning("speculative step failed its start-up check (%s); speculation off", exc)
+        for slot in range(self.slots):  # the check's tokens are no prefix worth reusing
+            self._slot_ids[slot] = []
+        for key, value in self.stats.items():  # counters start with the first real request
+            self.stats[key] = type(value)()
+
     def _lookup_for(self, prompt: list[int]) -> PromptLookup:
         """Where a request's drafts come from (the benchmark substitutes known answers)."""
         return PromptLookup(prompt)
@@ -1395,6 +1432,20 @@ class FastEngine:
         req.events.put(("done", reason))
         with self._cv:
             self._cv.notify_all()
+
+
+class _KnownAnswer:
+    """Drafts from an answer known in advance (the start-up check): every draft is right."""
+
+    def __init__(self, start: int, answer: list[int]):
+        self.start, self.answer, self.length = start, answer, start
+
+    def append(self, _token: int) -> None:
+        self.length += 1
+
+    def draft(self, k: int) -> list[int]:
+        i = self.length - self.start
+        return self.answer[i : i + k]
 
 
 def _sdpa_mqa(q, k, v, mask, scale):

@@ -585,3 +585,26 @@ def test_right_drafts_are_all_kept(engine, plain_engine, tokenizer, text, sampli
     kept = engine.stats["spec_accepted"] - before["spec_accepted"]
     drafted = engine.stats["spec_drafted"] - before["spec_drafted"]
     assert steps > 0 and kept == drafted
+
+
+def test_speculation_start_up_check(hf_model, tokenizer, engine):
+    """At start the engine decodes a fixed prompt plainly, then with that answer as drafts: all
+    are kept on a sound step; a step that rejects right drafts turns speculation off."""
+    from lsp_server.engine.fast import FastEngine
+
+    assert engine.spec_check["drafted"] > 0
+    assert engine.spec_check["kept"] == engine.spec_check["drafted"] and engine.spec_check["same_tokens"]
+
+    class Broken(FastEngine):
+        def _verify_step(self, Lc):
+            self.spec_in.copy_(torch.where(self.spec_off > 0, (self.spec_in + 1) % self.vocab, self.spec_in))
+            super()._verify_step(Lc)  # the drafts it checks are all wrong
+
+    eng = Broken(hf_model, tokenizer, max_batch=2)
+    try:
+        assert eng.speculation is False
+        assert eng.spec_error.startswith("start-up check kept 0 of")
+        assert eng.stats["requests"] == 0  # the check's own requests are not counted
+        assert run(eng, [5, 6, 7], GREEDY)[0] == reference(hf_model, eng.stop_ids, [5, 6, 7])
+    finally:
+        eng.close()
