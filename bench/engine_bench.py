@@ -260,6 +260,7 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- the fast engine
     from lsp_server.engine.base import Sampling
     from lsp_server.engine.fast import FastEngine
+    from lsp_server.engine.lookup import KnownAnswer
 
     def make_engine(attention, fused=None):
         return FastEngine(model, tokenizer, max_batch=sz["max_batch"], stop_ids=[], attention=attention, fused=fused)
@@ -451,20 +452,6 @@ def main(argv=None) -> int:
         R.update(out)
 
     b.step("bare decode steps", bare_steps, engine, "")
-
-    class KnownAnswer:
-        """Drafts taken from an answer known in advance: every draft is right, so this is the
-        most speculation can give (a Fix that copies its selection comes close)."""
-
-        def __init__(self, prompt_ids, answer):
-            self.start, self.answer, self.length = len(prompt_ids), answer, len(prompt_ids)
-
-        def append(self, _token):
-            self.length += 1
-
-        def draft(self, k):
-            i = self.length - self.start
-            return self.answer[i : i + k]
 
     def speculation():
         """Prompt-lookup speculation, a request alone: (1) the bare speculative step (the last

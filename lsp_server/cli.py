@@ -21,7 +21,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     add("--revision", help="model revision")
     add("--device", help=f"{' | '.join(DEVICES)} | cuda:N (default: auto)")
     add("--dtype", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
-    add("--engine", choices=ENGINES, help="default: generate")
+    add("--engine", choices=ENGINES, help="default: auto (fast on one GPU, else generate)")
     add("--max-new-tokens", type=int)
     add("--temperature", type=float)
     add("--trust-remote-code", action="store_true", default=None)

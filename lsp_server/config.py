@@ -17,7 +17,7 @@ DEFAULT_SYSTEM_PROMPT = "Below is a conversation between a human user and a help
 
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-ENGINES = ("generate", "fast")
+ENGINES = ("auto", "generate", "fast")
 
 
 def _doc(text: str, check: Callable[[Any], bool] | None = None, reloads: bool = False) -> dict:
@@ -45,10 +45,11 @@ class Settings:
         metadata=_doc("auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32.", lambda v: v in DTYPES, reloads=True),
     )
     engine: str = field(
-        default="generate",
+        default="auto",
         metadata=_doc(
+            "auto: fast when the whole model is on one GPU (and it starts), else generate; "
             "generate: transformers generate() (the reference); fast: static KV cache, CUDA-graph decode, "
-            "continuous batching and prefix reuse (serves up to 8 requests at once).",
+            "continuous batching, prefix reuse and prompt-lookup speculation (serves up to 8 requests at once).",
             lambda v: v in ENGINES,
             reloads=True,
         ),

@@ -14,10 +14,11 @@ __all__ = ["Busy", "Engine", "EngineError", "Generation", "Priority", "Sampling"
 
 def load_engine(settings: Any, report: Callable[[str], None]) -> Engine:
     """Blocking: build the engine the settings name (runs on the worker thread)."""
-    if getattr(settings, "engine", "generate") == "fast":
+    choice = getattr(settings, "engine", "auto")
+    if choice in ("auto", "fast"):
         from .fast import FastEngine
 
-        return FastEngine.load(settings, report)
+        return FastEngine.load(settings, report, fallback=choice == "auto")
     from .local import TransformersEngine
 
     return TransformersEngine.load(settings, report)

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .base import EngineError, FinishReason, Sampling
-from .lookup import PromptLookup
+from .lookup import KnownAnswer, PromptLookup
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class _Request:
     done: bool = False
     reused: int = 0
     prefilled: int = 0
-    lookup: PromptLookup | None = None  # prompt + answer so far, for speculative drafts
+    lookup: PromptLookup | KnownAnswer | None = None  # where its speculative drafts come from
     spec_misses: int = 0  # speculative steps in a row that kept no draft
     spec_wait: int = 0  # plain steps before the next draft: 1, 2, 4 … 16 after misses in a row
 
@@ -314,10 +314,20 @@ class FastEngine:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, settings: Any, report: Callable[[str], None] = lambda _: None) -> "FastEngine":
+    def load(cls, settings: Any, report: Callable[[str], None] = lambda _: None, *, fallback: bool = False) -> Any:
+        """Load the weights (``TransformersEngine.load``) and build the fast engine over them.
+        With ``fallback`` (``engine: auto``), a model the fast engine does not suit (on the
+        CPU, spread over several devices, not multi-query) or a fast engine that fails to start
+        leaves the loaded ``generate()`` engine in its place, with the reason in its
+        description."""
         from .local import TransformersEngine
 
         ref = TransformersEngine.load(settings, report)
+        if fallback:
+            reason = unsuitable(ref.model)
+            if reason is not None:
+                log.info("engine auto: generate() (%s)", reason)
+                return ref
         max_batch = int(os.environ.get("STARCHAT_FAST_MAX_BATCH", "8"))
         speculate = int(os.environ.get("STARCHAT_FAST_SPECULATE", "7"))
         report("Preparing the fast engine (static cache, decode graphs)")
@@ -332,10 +342,19 @@ class FastEngine:
                 speculate=speculate,
                 report=report,
             )
-        except EngineError:
-            raise
         except Exception as exc:
-            if "out of memory" in str(exc).lower():
+            oom = "out of memory" in str(exc).lower()
+            if fallback:
+                log.warning("the fast engine did not start (%s); using generate()", exc)
+                if oom:
+                    import torch
+
+                    torch.cuda.empty_cache()
+                ref.description += f" · fast engine unavailable: {_first_line(exc)[:160]}"
+                return ref
+            if isinstance(exc, EngineError):
+                raise
+            if oom:
                 raise EngineError(f"Not enough GPU memory for the fast engine's cache and graphs: {exc}") from None
             raise
 
@@ -1276,7 +1295,7 @@ class FastEngine:
             answer, _ = self.generate(prompt, greedy, lambda: False, lambda _: None)
             self.speculation = True
             before = dict(self.stats)
-            self._lookup_for = lambda p: _KnownAnswer(len(p), answer)  # type: ignore[method-assign]
+            self._lookup_for = lambda p: KnownAnswer(p, answer)  # type: ignore[method-assign]
             try:
                 got, _ = self.generate(prompt, greedy, lambda: False, lambda _: None)
             finally:
@@ -1297,7 +1316,7 @@ class FastEngine:
         for key, value in self.stats.items():  # counters start with the first real request
             self.stats[key] = type(value)()
 
-    def _lookup_for(self, prompt: list[int]) -> PromptLookup:
+    def _lookup_for(self, prompt: list[int]) -> PromptLookup | KnownAnswer:
         """Where a request's drafts come from (the benchmark substitutes known answers)."""
         return PromptLookup(prompt)
 
@@ -1381,7 +1400,9 @@ class FastEngine:
             first = group.stop
             tokens = [samples[r] for r in group if kept[r]]
             req.fed += len(tokens)
-            if draft:
+            if not draft:
+                req.spec_wait = max(0, req.spec_wait - 1)
+            else:
                 n = len(tokens) - 1
                 self.stats["spec_drafted"] += len(draft)
                 self.stats["spec_accepted"] += n
@@ -1434,18 +1455,17 @@ class FastEngine:
             self._cv.notify_all()
 
 
-class _KnownAnswer:
-    """Drafts from an answer known in advance (the start-up check): every draft is right."""
-
-    def __init__(self, start: int, answer: list[int]):
-        self.start, self.answer, self.length = start, answer, start
-
-    def append(self, _token: int) -> None:
-        self.length += 1
-
-    def draft(self, k: int) -> list[int]:
-        i = self.length - self.start
-        return self.answer[i : i + k]
+def unsuitable(model: Any) -> str | None:
+    """Why ``engine: auto`` leaves a loaded model to ``generate()``; None when the fast engine
+    suits it (a multi-query GPTBigCode model wholly on one CUDA device)."""
+    if not getattr(model.config, "multi_query", False) or getattr(model.config, "model_type", "") != "gpt_bigcode":
+        return "not a multi-query GPTBigCode model"
+    devices = {p.device for p in model.parameters()}
+    if len(devices) != 1:
+        return "the model is spread over several devices"
+    if next(iter(devices)).type != "cuda":
+        return "the model is not on a CUDA GPU"
+    return None
 
 
 def _sdpa_mqa(q, k, v, mask, scale):
@@ -1483,7 +1503,7 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-__all__ = ["FastEngine", "batch_buckets", "length_buckets", "common_prefix"]
+__all__ = ["FastEngine", "batch_buckets", "common_prefix", "length_buckets", "unsuitable"]
 
 
 def graph_time_us(fn, device, reps: int = 20) -> float:

@@ -54,4 +54,20 @@ class PromptLookup:
         return []
 
 
-__all__ = ["PromptLookup"]
+class KnownAnswer:
+    """Drafts from an answer known in advance (every draft right), with PromptLookup's
+    interface: the engine's start-up check of its speculative step, tests and benchmarks."""
+
+    def __init__(self, prompt: list[int], answer: list[int]):
+        self.start = self.length = len(prompt)
+        self.answer = list(answer)
+
+    def append(self, _token: int) -> None:
+        self.length += 1
+
+    def draft(self, k: int) -> list[int]:
+        i = self.length - self.start
+        return self.answer[i : i + k]
+
+
+__all__ = ["KnownAnswer", "PromptLookup"]

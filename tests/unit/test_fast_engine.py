@@ -16,6 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from lsp_server.engine.base import Sampling  # noqa: E402
+from lsp_server.engine.lookup import KnownAnswer  # noqa: E402
 
 NEW = 24
 GREEDY = Sampling(max_new_tokens=NEW, temperature=0.0)
@@ -545,20 +546,6 @@ def test_speculation_is_on_by_default_and_can_be_turned_off(test_model, monkeypa
             eng.close()
 
 
-class _KnownAnswer:
-    """Drafts from an answer known in advance (every draft right)."""
-
-    def __init__(self, prompt, answer):
-        self.start, self.answer, self.length = len(prompt), answer, len(prompt)
-
-    def append(self, _token):
-        self.length += 1
-
-    def draft(self, k):
-        i = self.length - self.start
-        return self.answer[i : i + k]
-
-
 @pytest.mark.parametrize(("text", "sampling"), [
     ("import", Sampling(max_new_tokens=60, temperature=0.0, repetition_penalty=3.0)),
     ("x", Sampling(max_new_tokens=60, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=3.0, seed=1)),
@@ -574,7 +561,7 @@ def test_right_drafts_are_all_kept(engine, plain_engine, tokenizer, text, sampli
     prompt = tokenizer(text)["input_ids"]
     answer = run(plain_engine, prompt, sampling)[0]
     assert len(answer) > 10
-    engine._lookup_for = lambda p: _KnownAnswer(p, answer)
+    engine._lookup_for = lambda p: KnownAnswer(p, answer)
     try:
         before = dict(engine.stats)
         got = run(engine, prompt, sampling)[0]
@@ -608,3 +595,41 @@ def test_speculation_start_up_check(hf_model, tokenizer, engine):
         assert run(eng, [5, 6, 7], GREEDY)[0] == reference(hf_model, eng.stop_ids, [5, 6, 7])
     finally:
         eng.close()
+
+
+def test_engine_auto_picks_and_falls_back(test_model, monkeypatch):
+    """``engine: auto`` (the default): the fast engine for a model wholly on one GPU, else the
+    loaded model stays with generate(); a fast engine that fails to start leaves generate()
+    in its place, saying why."""
+    from lsp_server.config import Settings
+    from lsp_server.engine import load_engine
+    from lsp_server.engine import fast as fast_module
+    from lsp_server.engine.local import TransformersEngine
+
+    assert Settings().engine == "auto"
+    settings = Settings(model=str(test_model), device="cpu")
+    eng = load_engine(settings, lambda _: None)
+    try:  # on the CPU
+        assert type(eng) is TransformersEngine and fast_module.unsuitable(eng.model) == "the model is not on a CUDA GPU"
+    finally:
+        eng.close()
+    monkeypatch.setattr(fast_module, "unsuitable", lambda model: None)  # as if on one GPU
+    eng = load_engine(settings, lambda _: None)
+    try:
+        assert isinstance(eng, fast_module.FastEngine)
+    finally:
+        eng.close()
+
+    def fails(self, *args, **kwargs):
+        raise RuntimeError("CUDA error: no kernel image is available")
+
+    monkeypatch.setattr(fast_module.FastEngine, "__init__", fails)
+    eng = load_engine(settings, lambda _: None)
+    try:
+        assert type(eng) is TransformersEngine
+        assert "fast engine unavailable: CUDA error: no kernel image" in eng.description
+        assert eng.generate([5, 6, 7], GREEDY, lambda: False, lambda _: None)[1] in ("stop", "length")
+    finally:
+        eng.close()
+    with pytest.raises(RuntimeError):  # asked for by name: the failure is the answer
+        load_engine(Settings(model=str(test_model), device="cpu", engine="fast"), lambda _: None)

@@ -58,3 +58,14 @@ def _reference(ids, k, lo, hi):
 @given(st.lists(st.integers(0, 5) | st.integers(0, 2**20), max_size=40), st.integers(0, 8))
 def test_same_as_a_plain_search(ids, k):
     assert PromptLookup(ids).draft(k) == _reference(ids, k, 2, 4)
+
+
+def test_known_answer_drafts_what_comes_next():
+    from lsp_server.engine.lookup import KnownAnswer
+
+    known = KnownAnswer([1, 2, 3], [7, 8, 9, 10])
+    known.append(7)  # the first token, from the prefill
+    assert known.draft(2) == [8, 9]
+    for t in (8, 9, 10):
+        known.append(t)
+    assert known.draft(3) == []
