@@ -33,25 +33,39 @@ async def stream(
     on_text: Callable[[str], None] = lambda _: None,
 ) -> Generation:
     """Generate on the worker thread, calling ``on_text`` on the event loop with each piece of
-    text. If the awaiting task is cancelled, the decoding loop stops before its next step and no
-    ``on_text`` call happens after the cancellation."""
+    text. Text that arrives while the loop is busy (several tokens from one speculative step,
+    or a fast engine outrunning the editor) is joined into one piece: the loop is woken once
+    per piece, not once per token. If the awaiting task is cancelled, the decoding loop stops
+    before its next step and no ``on_text`` call happens after the cancellation."""
     loop = asyncio.get_running_loop()
     stop = threading.Event()
+    lock = threading.Lock()
+    pending: list[str] = []
 
-    def deliver(delta: str) -> None:
-        if not stop.is_set():
-            on_text(delta)
+    def deliver() -> None:
+        with lock:
+            text = "".join(pending)
+            pending.clear()
+        if text and not stop.is_set():
+            on_text(text)
+
+    def send(delta: str) -> None:
+        with lock:
+            wake = not pending  # else a deliver() is already on its way and takes this too
+            pending.append(delta)
+        if wake:
+            loop.call_soon_threadsafe(deliver)
 
     def work() -> Generation:
         decoder = StreamDecoder(engine.tokenizer)
 
         def on_token(token: int) -> None:
             if delta := decoder.push(token):
-                loop.call_soon_threadsafe(deliver, delta)
+                send(delta)
 
         ids, reason = engine.generate(prompt_ids, sampling, stop.is_set, on_token)
         if tail := decoder.flush():
-            loop.call_soon_threadsafe(deliver, tail)
+            send(tail)
         return Generation(decoder.text, reason, len(prompt_ids), len(ids))
 
     future = worker.submit(work, priority, stop)

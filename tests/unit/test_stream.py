@@ -1,0 +1,65 @@
+"""engine.stream(): text from the worker thread reaches the event loop in order, joined into
+one piece when tokens come faster than the loop takes them (a fake engine: this is a unit test
+of the hand-off, not of a model)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from lsp_server.engine import Priority, Sampling, Worker, stream
+
+
+class Letters:
+    """Token i is the letter chr(97 + i % 26)."""
+
+    def decode(self, ids, **_):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+class FakeEngine:
+    tokenizer = Letters()
+    context_window = 1000
+    description = "fake"
+
+    def __init__(self, tokens, started=None, go=None):
+        self.tokens, self.started, self.go = tokens, started, go
+
+    def generate(self, prompt_ids, sampling, should_stop, on_token):
+        if self.started is not None:
+            self.started.set()
+            self.go.wait(5)
+        for t in self.tokens:
+            if should_stop():
+                return [], "cancelled"
+            on_token(t)
+        return list(self.tokens), "stop"
+
+
+async def test_pieces_arrive_in_order_and_join_when_the_loop_is_busy():
+    worker = Worker()
+    started, go = threading.Event(), threading.Event()
+    engine = FakeEngine(list(range(200)), started, go)
+    pieces: list[str] = []
+    task = asyncio.ensure_future(stream(worker, engine, [1], Sampling(), Priority.USER, pieces.append))
+    while not started.is_set():
+        await asyncio.sleep(0.01)
+    go.set()
+    time.sleep(0.3)  # the event loop is busy while all 200 tokens are produced
+    result = await task
+    expected = "".join(chr(97 + i % 26) for i in range(200))
+    assert result.text == "".join(pieces) == expected
+    assert len(pieces) <= 2  # one wake-up for the burst (and at most one for the tail)
+    # a slow producer: every token is its own piece
+    slow = FakeEngine([0, 1, 2])
+    slow_generate = slow.generate
+
+    def paced(prompt_ids, sampling, should_stop, on_token):
+        return slow_generate(prompt_ids, sampling, should_stop, lambda t: (on_token(t), time.sleep(0.05)))
+
+    slow.generate = paced
+    pieces.clear()
+    await stream(worker, slow, [1], Sampling(), Priority.USER, pieces.append)
+    assert pieces == ["a", "b", "c"]
+    worker.close()
