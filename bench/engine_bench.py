@@ -722,10 +722,13 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
             device = "cuda" if cuda else "cpu"
             for label in ("first", "second"):
-                got = asyncio.run(time_to_ready(str(folder), device, "fast"))
+                # the second start also answers a chat through the server (LSP, streaming)
+                got = asyncio.run(time_to_ready(str(folder), device, "fast", chat_tokens=sz["b1_new"] if label == "second" else 0))
                 R[f"ready_process_{label}_s"] = got["ready_after_spawn_s"]
             R["ready_s"] = R["ready_process_second_s"]
             R["ready_message"] = got.get("ready_message")
+            for key in ("chat_first_piece_ms", "chat_tokens", "chat_tok_s", "chat_pieces"):
+                R[f"server_{key}"] = got.get(key)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -755,6 +758,8 @@ TARGETS = [
     ("spec_plain_tok_s", "tok/s", "b1, same prompt, no speculation"),
     ("spec_no_draft_tok_s", "tok/s", "b1, speculation on, no draft found"),
     ("spec_verify_over_step", "x", "speculative step / plain b1 step"),
+    ("server_chat_tok_s", "tok/s", "a chat through the server (LSP, streaming), fast engine"),
+    ("server_chat_first_piece_ms", "ms", "its first streamed piece"),
     ("ready_s", "s", "<= 30: server process, spawn to ready, second start"),
     ("ready_process_first_s", "s", "first start"),
     ("ready_engine_s", "s", "engine part (cache, checks, graphs)"),

@@ -25,10 +25,12 @@ from lsp_server.testing import scenarios as sc  # noqa: E402
 from lsp_server.testing.wire import frame, read_message  # noqa: E402
 
 
-async def time_to_ready(model: str, device: str, engine: str = "generate", timeout: float = 300.0) -> dict:
+async def time_to_ready(model: str, device: str, engine: str = "generate", timeout: float = 300.0, chat_tokens: int = 0) -> dict:
     """Spawn the server, initialize, and wait for ``starchat/status`` "ready" (weights loaded,
     engine prepared: for the fast engine its cache allocated and graphs captured). Seconds from
-    spawn; raises with the server's message on "error" and with its log's tail on an exit."""
+    spawn; raises with the server's message on "error" and with its log's tail on an exit.
+    With ``chat_tokens``, then one ``starchat/chat`` of that many tokens: its first streamed
+    piece, its rate through the server, and how many pieces carried it."""
     started = time.monotonic()
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "lsp_server", "--model", model, "--device", device, "--engine", engine,
@@ -58,12 +60,29 @@ async def time_to_ready(model: str, device: str, engine: str = "generate", timeo
                 figures["spawn_to_initialize_s"] = round(time.monotonic() - started, 3)
             if message.get("method") == "starchat/status":
                 state, text = message["params"]["state"], message["params"]["message"]
-                if state == "ready":
+                if state == "ready" and "ready_after_spawn_s" not in figures:
                     figures["ready_after_spawn_s"] = round(time.monotonic() - started, 3)
                     figures["ready_message"] = text
-                    return figures
+                    if not chat_tokens:
+                        return figures
+                    asked, first, pieces = time.monotonic(), None, 0
+                    send({"jsonrpc": "2.0", "id": 2, "method": "starchat/chat", "params": {
+                        "messages": [{"role": "user", "content": "Write a long Python module."}],
+                        "partialResultToken": "bench", "maxNewTokens": chat_tokens}})
                 if state == "error":
                     raise RuntimeError(f"the server failed to load: {text}")
+            if message.get("method") == "$/progress" and message["params"].get("token") == "bench":
+                pieces += 1
+                if first is None:
+                    first = time.monotonic() - asked
+            if message.get("id") == 2:
+                if "result" not in message:
+                    raise RuntimeError(f"chat failed: {message.get('error')}")
+                total = time.monotonic() - asked
+                tokens = message["result"]["completionTokens"]
+                figures.update(chat_first_piece_ms=round((first or total) * 1e3, 1), chat_tokens=tokens,
+                               chat_tok_s=round(tokens / total, 1), chat_pieces=pieces)
+                return figures
     finally:
         try:
             send({"jsonrpc": "2.0", "id": 9, "method": "shutdown"})

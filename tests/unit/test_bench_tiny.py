@@ -18,7 +18,7 @@ KEYS = [
     "greedy_match_tokens", "ready_s",
     # speculation and the server process's start
     "spec_known_answer_tok_s", "spec_prompt_lookup_tok_s", "spec_plain_tok_s", "spec_no_draft_tok_s", "spec_verify_over_step",
-    "ready_process_first_s", "ready_engine_s",
+    "ready_process_first_s", "ready_engine_s", "server_chat_tok_s", "server_chat_first_piece_ms",
 ]
 
 
