@@ -19,7 +19,6 @@ from lsp_server.text import Pos, offset_at, split_lines
 
 from ..conftest import MODEL_DIR
 
-CLIENTS = ["neovim", "visual-studio-code"]
 SERVER = [sys.executable, "-m", "lsp_server", "--model", str(MODEL_DIR)]
 GREEDY = {"temperature": 0}
 
@@ -51,10 +50,12 @@ class Editor:
 
         features[types.PROGRESS] = progress
         self.statuses: list[str] = []
+        self.status_messages: list[str] = []
 
         @client.feature("starchat/status")
         def status(params: Any) -> None:
             self.statuses.append(plain(params)["state"])
+            self.status_messages.append(plain(params)["message"])
 
     def uri(self, name: str) -> str:
         return (self.root / name).as_uri()
@@ -143,9 +144,17 @@ async def start_session(client: LanguageClient, tmp_path: Path, spec: str, optio
     return editor
 
 
-@pytest_lsp.fixture(config=ClientServerConfig(server_command=SERVER), params=CLIENTS)
+# (client capabilities, engine): every feature under both editors' capabilities, and once more
+# on the fast engine (its CPU path: the same step functions as on a GPU, without CUDA graphs)
+SESSIONS = [("neovim", "auto"), ("visual-studio-code", "auto"), ("visual-studio-code", "fast")]
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=SERVER), params=SESSIONS,
+                    ids=["neovim", "visual-studio-code", "fast-engine"])
 async def lsp(lsp_client: LanguageClient, request, test_model, tmp_path):
-    lsp_client.editor = await start_session(lsp_client, tmp_path, request.param)
+    spec, engine = request.param
+    lsp_client.editor = await start_session(lsp_client, tmp_path, spec, {"engine": engine})
+    lsp_client.editor.engine = engine
     yield
     await lsp_client.shutdown_session()
 

@@ -40,6 +40,13 @@ async def test_initialize_is_answered_at_once_and_advertises_the_features(editor
     assert editor.init_result.server_info.name == "starchat-lsp"
 
 
+async def test_the_ready_status_names_the_engine(editor):
+    await wait_until(lambda: "ready" in editor.statuses, timeout=120)
+    ready = editor.status_messages[editor.statuses.index("ready")]
+    # auto on the CPU: generate(); asked for by name: the fast engine, on its CPU path
+    assert ("fast engine" in ready) == (editor.engine == "fast"), ready
+
+
 async def test_code_actions_are_listed_at_once(editor):
     uri = editor.open()
     started = time.monotonic()
