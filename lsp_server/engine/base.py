@@ -12,6 +12,12 @@ class EngineError(RuntimeError):
     """A failure the user should read (model missing, out of memory, ...), without a traceback."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (its type when it has no text): for messages and reports."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 @dataclass(frozen=True)
 class Sampling:
     max_new_tokens: int = 256

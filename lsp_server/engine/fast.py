@@ -2,6 +2,10 @@
 multi-query KV cache, a decode step captured as CUDA graphs, sampling on the device, continuous
 batching and prefix reuse.
 
+Files: this one holds the engine's state, loading and scheduling (requests, slots, batches,
+speculation's drafts); ``fast_math.py`` what a step computes (forward, speculative step,
+sampling, prefill); ``fast_setup.py`` what is checked, chosen and captured at start.
+
 Design (bench/NOTES.md has the reasoning and the numbers):
 
 * Weights are the ``from_pretrained`` model's own tensors (no copy). The forward is written here
@@ -49,24 +53,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .base import EngineError, FinishReason, Sampling
+from .base import EngineError, FinishReason, Sampling, first_line
+from .fast_math import _M32, StepMath
+from .fast_setup import StartUp, graph_time_us
 from .lookup import KnownAnswer, PromptLookup
 
 log = logging.getLogger(__name__)
 
 TOP_K_CAP = 128  # sampling candidates per step (top_k 0 or above this means this many)
 LENGTH_BUCKETS = (256, 512, 1024, 2048, 4096, 8192)
-_M32 = 0xFFFFFFFF
-
-
-def _mix32(x):
-    """A 32-bit integer hash in int64 arithmetic (every product stays under 2**63)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x2C1B3C6D) & _M32
-    x = x ^ (x >> 16)
-    return x
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -110,7 +105,7 @@ class _Request:
     spec_wait: int = 0  # plain steps before the next draft: 1, 2, 4 … 16 after misses in a row
 
 
-class FastEngine:
+class FastEngine(StartUp, StepMath):
     """Engine protocol (see base.Engine); thread-safe ``generate()`` with continuous batching."""
 
     def __init__(
@@ -177,7 +172,7 @@ class FastEngine:
                     )
                 )
             )
-        del state
+        state = {}  # drop the reference (the weights are bound above)
         self.vocab = self.lm_head.shape[0]
         self.top_k_cap = min(TOP_K_CAP, self.vocab)
 
@@ -246,13 +241,13 @@ class FastEngine:
             except Exception as exc:
                 log.warning("choosing the batch-1 GEMV failed (%s); cuBLAS everywhere", exc)
                 self._gemv = {}
-                self.gemv_report["error"] = _first_line(exc)[:200]
+                self.gemv_report["error"] = first_line(exc)[:200]
             try:
                 self._choose_prefill_attention(prefill_attention)
             except Exception as exc:  # the first run's path
                 log.warning("choosing the prefill attention failed (%s); using SDPA's GQA path", exc)
                 self.prefill_attention = "sdpa_gqa"
-                self.prefill_attention_report = {"error": _first_line(exc)[:200]}
+                self.prefill_attention_report = {"error": first_line(exc)[:200]}
         self._triton: dict[tuple[int, int], Any] = {}
         if self.attention == "triton":
             from .mqa_triton import TritonMQADecode
@@ -350,7 +345,7 @@ class FastEngine:
                     import torch
 
                     torch.cuda.empty_cache()
-                ref.description += f" · fast engine unavailable: {_first_line(exc)[:160]}"
+                ref.description += f" · fast engine unavailable: {first_line(exc)[:160]}"
                 return ref
             if isinstance(exc, EngineError):
                 raise
@@ -358,658 +353,12 @@ class FastEngine:
                 raise EngineError(f"Not enough GPU memory for the fast engine's cache and graphs: {exc}") from None
             raise
 
-    def _choose_attention(self, requested: str) -> str:
-        if requested == "torch" or (self.device.type != "cuda" and requested != "triton"):
-            return "torch"  # on the CPU, "triton" is honoured for tests under TRITON_INTERPRET=1
-        try:
-            from .mqa_triton import HAVE_TRITON
-        except Exception:
-            HAVE_TRITON = False
-        if not HAVE_TRITON:
-            if requested == "triton":
-                raise EngineError("attention='triton' needs the triton package")
-            return "torch"
-        try:
-            err = self.check_triton_attention()
-        except Exception as exc:
-            log.warning("Triton attention failed its self-check (%s); using torch attention", exc)
-            if requested == "triton":
-                raise
-            return "torch"
-        if err > 2e-2:
-            log.warning("Triton attention disagrees with torch (rel err %.3g); using torch attention", err)
-            return "torch"
-        self.triton_check_err = err
-        return "triton"
-
-    def _choose_fused(self, requested: bool | None) -> bool:
-        """Fused decode step (GELU in the matmul epilogue, residual in the matmul's C operand,
-        bias + residual + next LayerNorm in one Triton kernel): CUDA + Triton by default, only
-        after a self-check against the unfused ops."""
-        if requested is False or (requested is None and self.device.type != "cuda"):
-            return False
-        try:
-            from .mqa_triton import HAVE_TRITON
-        except Exception:
-            HAVE_TRITON = False
-        if not HAVE_TRITON or not hasattr(self._torch, "_addmm_activation"):
-            if requested:
-                raise EngineError("fused=True needs triton and torch._addmm_activation")
-            return False
-        try:
-            err = self.check_fused()
-        except Exception as exc:
-            log.warning("fused decode ops failed their self-check (%s); using unfused ops", exc)
-            if requested:
-                raise
-            return False
-        self.fused_check_err = err
-        if err > 2e-2:
-            log.warning("fused decode ops disagree with the unfused ones (rel err %.3g)", err)
-            return False
-        return True
-
-    def check_fused(self) -> float:
-        import torch
-        import torch.nn.functional as F
-
-        from .mqa_triton import bias_add_layer_norm
-
-        torch.manual_seed(4321)
-        E = self.n_embd
-        ln1w, ln1b, aw, ab, cw, cb, ln2w, ln2b, fcw, fcb, pw, pb = self.layers[0]
-        x = torch.randn((3, E), device=self.device, dtype=self.dtype)
-        h_in = torch.randn((3, fcw.shape[1]), device=self.device, dtype=self.dtype)
-        ref_x = x + cb
-        ref_h = F.layer_norm(ref_x, (E,), ln2w, ln2b, self.eps)
-        got_x = x.clone()
-        got_h = bias_add_layer_norm(got_x, cb, ln2w, ln2b, self.eps)
-        ref_g = F.gelu(F.linear(h_in, fcw, fcb), approximate="tanh")
-        got_g = torch._addmm_activation(fcb, h_in, fcw.t(), use_gelu=True)
-        errs = [
-            float((a.float() - b.float()).norm() / b.float().norm())
-            for a, b in ((got_x, ref_x), (got_h, ref_h), (got_g, ref_g))
-        ]
-        errs = [e if e == e else float("inf") for e in errs]  # NaN (an unwritten output) fails
-        # the one-row variant: bias pre-written into the GEMM's output by the LayerNorm kernel
-        # (its own check: a failure here only turns the pre-write off)
-        self.prebias = False
-        try:
-            x1 = x[:1].clone()
-            y1 = torch.full((1, fcw.shape[0]), float("nan"), device=self.device, dtype=self.dtype)
-            h1 = bias_add_layer_norm(x1, cb, ln2w, ln2b, self.eps, fill=(y1, fcb))
-            ref_y1 = F.linear(h1, fcw, fcb)
-            got_y1 = y1.addmm_(h1, fcw.t())
-            e1 = [float((a.float() - b.float()).norm() / b.float().norm()) for a, b in ((got_y1, ref_y1), (h1, ref_h[:1]))]
-            self.prebias_check_err = max(e if e == e else float("inf") for e in e1)
-            self.prebias = self.prebias_check_err < 2e-2
-        except Exception as exc:
-            log.warning("one-row bias pre-write failed its self-check (%s)", exc)
-            self.prebias_error = _first_line(exc)
-        # Which GELU does the epilogue compute? In bf16 tanh and erf GELU are indistinguishable
-        # (both ~3e-3 from each other's rounding); in float32 they differ by ~3e-5 while either
-        # matches itself to ~1e-6. HF's GPTBigCode uses the tanh form: a GELU epilogue with the
-        # erf form would be a real (if small) numerical difference, so it is refused.
-        self.gelu_epilogue = "unknown"
-        try:
-            tf32 = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = False
-            try:
-                a32, w32, b32 = h_in[:, :512].float(), fcw[:256, :512].float(), fcb[:256].float()
-                g32 = torch._addmm_activation(b32, a32, w32.t(), use_gelu=True)
-                lin = F.linear(a32, w32, b32)
-                e_tanh = float((g32 - F.gelu(lin, approximate="tanh")).norm() / g32.norm())
-                e_erf = float((g32 - F.gelu(lin)).norm() / g32.norm())
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = tf32
-            self.gelu_epilogue = "tanh" if e_tanh <= e_erf else "erf"
-            self.gelu_epilogue_err = {"tanh": e_tanh, "erf": e_erf}
-        except Exception as exc:
-            self.gelu_epilogue = f"check failed: {_first_line(exc)}"
-        return float(max(errs))
-
-    def check_triton_attention(self, batch: int = 2, cache_len: int = 1024) -> float:
-        """Relative error of the Triton kernel against the float32 torch attention on random data."""
-        import torch
-
-        from .mqa_triton import TritonMQADecode
-
-        torch.manual_seed(1234)
-        H, D = self.n_head, self.head_dim
-        kv = torch.randn((batch, cache_len + 1, 2 * D), device=self.device, dtype=self.dtype)
-        q = torch.randn((batch, H, D), device=self.device, dtype=self.dtype)
-        lengths = torch.tensor([cache_len - 37 * i for i in range(batch)], device=self.device, dtype=torch.long)
-        out = TritonMQADecode(batch, cache_len, H, D, self.device, self.dtype)(q, kv, lengths, self.scale).float()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        ref = self._torch_attention(q.float(), kv[:, :cache_len].float(), lengths, None).float()
-        return float((out - ref).norm() / ref.norm())
-
-    # ------------------------------------------------------------------ model math
-    def _torch_attention(self, q, kv, lengths, bias):
-        """q (B,H,D); kv (B,Lc,2D); every query head is a row against the one K/V head."""
-        torch = self._torch
-        D = self.head_dim
-        Lc = kv.shape[1]
-        if bias is None:
-            bias = torch.zeros((q.shape[0], Lc), device=q.device, dtype=q.dtype).masked_fill(
-                self._arange_len[:Lc][None, :] >= lengths[:, None], float("-inf")
-            )
-        k = kv[:, :, :D]
-        v = kv[:, :, D:]
-        scores = torch.baddbmm(bias[:, None, :], q, k.transpose(1, 2), alpha=self.scale)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.bmm(probs, v)
-
-    def _mlp_out(self, x, layer):
-        F = self._torch.nn.functional
-        ln2w, ln2b, fcw, fcb, pw, pb = layer[6:]
-        h = F.layer_norm(x, (self.n_embd,), ln2w, ln2b, self.eps)
-        h = F.gelu(F.linear(h, fcw, fcb), approximate="tanh")
-        return x + F.linear(h, pw, pb)
-
-    def _decode_step(self, B: int, Lc: int) -> None:
-        """One decoding step for batch rows (= slots) 0..B-1 with attention over at most Lc
-        positions. Static shapes, no host sync: capturable as one CUDA graph."""
-        torch = self._torch
-        maxp = self.max_len
-        rows = self._rows[:B]
-        tok, pos, active = self.tok[:B], self.pos[:B], self.active[:B]
-        live = active & (pos < maxp)
-        wpos = torch.where(live, pos, maxp)  # idle rows write the scratch position
-        lengths = torch.where(live, (pos + 1).clamp(max=Lc), 1)
-        triton_attn = self._triton.get((B, Lc))
-        if triton_attn is not None:
-            attend = lambda q, cache: triton_attn(q, cache[:B, :Lc], lengths, self.scale)  # noqa: E731
-        else:
-            bias = self._length_bias(lengths, Lc)
-            attend = lambda q, cache: self._torch_attention(q, cache[:B, :Lc], lengths, bias)  # noqa: E731
-        logits = self._rows_forward(tok, pos.clamp(max=maxp - 1), rows, wpos, attend)
-        new = self._sample(logits, slice(0, B), pos)
-        self.seen.index_put_((rows, new), torch.ones_like(new, dtype=torch.bool))
-        tok.copy_(new)
-        pos.add_(1)
-
-    def _verify_step(self, Lc: int) -> None:
-        """The speculative step: R query rows (``spec_*`` buffers, rows ``spec_used``), grouped by
-        request: the first row of a group is the request's last token at its position p, the
-        next ones its drafted tokens at p + 1, p + 2 … (``spec_off``; ``spec_start`` is the
-        group's first row; ``spec_slot`` its slot). Every row attends causally to its slot's
-        cache and samples exactly as a plain decode step at that position would (the penalty
-        sees the group's drafts before it as seen tokens; the same counter-based draw), so a
-        draft is kept iff the row before it sampled it, and the tokens kept are those plain
-        decoding gives. The step advances each slot's token, position and seen mask by what it
-        kept and writes the samples and the kept flags (``spec_out``). Static shapes, no host
-        sync: one graph per length bucket."""
-        torch = self._torch
-        R, S, maxp = self.spec_tokens, self.slots, self.max_len
-        inp, slots, off, start = self.spec_in, self.spec_slot, self.spec_off, self.spec_start
-        used = self.spec_used.bool()
-        pos = self.pos.index_select(0, slots) + off
-        wpos = torch.where(used & (pos < maxp), pos, maxp)  # unused rows write the scratch position
-        lengths = torch.where(used, (pos + 1).clamp(max=Lc), 1)
-        triton_attn = self._triton.get(("verify", Lc))
-        if triton_attn is not None:
-            attend = lambda q, cache: triton_attn(q, cache, lengths, self.scale, slots=slots)  # noqa: E731
-        else:
-            bias = self._length_bias(lengths, Lc)
-            attend = lambda q, cache: self._torch_attention(q, cache[:, :Lc].index_select(0, slots), lengths, bias)  # noqa: E731
-        logits = self._rows_forward(inp, pos.clamp(max=maxp - 1), slots, wpos, attend)
-        # row i's context holds the drafts of its group before it
-        tr, tc = self._spec_tri_rows, self._spec_tri_cols
-        earlier = (start[tr] == start[tc]) & (off[tc] >= 1)
-        # every write is True (pairs that do not count go to a spare column): duplicates agree
-        extra = torch.zeros((R, self.vocab + 1), device=logits.device, dtype=torch.bool)
-        extra.index_put_((tr, torch.where(earlier, inp[tc], self.vocab)), self._spec_tri_true)
-        seen = self.seen.index_select(0, slots) | extra[:, : self.vocab]
-        out = self._sample(logits, slots, pos, seen)
-        # row r + 1 holds the next draft of row r's group
-        has_next = torch.cat([(start[1:] == start[:-1]) & used[1:], self._spec_false])
-        rejected = (has_next & torch.cat([out[:-1] != inp[1:], self._spec_false])).long()
-        before = rejected.cumsum(0) - rejected  # rejections in rows < r
-        kept = used & ((off == 0) | (before == before[start]))  # no rejection in the group before r
-        last = kept & ~torch.cat([kept[1:] & has_next[:-1], self._spec_false])
-        self.pos.index_add_(0, torch.where(kept, slots, S), self._spec_ones)
-        self.tok.index_put_((torch.where(last, slots, S),), out)
-        self.seen.index_put_((torch.where(kept, slots, S), out), self._spec_true)
-        self.spec_out[:R].copy_(out)
-        self.spec_out[R:].copy_(kept.long())
-
-    def _length_bias(self, lengths, Lc: int):
-        """Additive attention mask (rows, Lc) for the torch attention: -inf past each row's length."""
-        torch = self._torch
-        return torch.zeros((lengths.shape[0], Lc), device=self.device, dtype=self.dtype).masked_fill(
-            self._arange_len[:Lc][None, :] >= lengths[:, None], float("-inf")
-        )
-
-    def _rows_forward(self, tok, epos, slots, wpos, attend):
-        """The layer stack for one step's B query rows: row i is token ``tok[i]`` at position
-        ``epos[i]``; its K/V go to cache slot ``slots[i]`` at position ``wpos[i]``;
-        ``attend(q, layer_cache)`` gives its attention output. Returns the logits (B, V) in
-        float32."""
-        torch = self._torch
-        F = torch.nn.functional
-        E, H, D = self.n_embd, self.n_head, self.head_dim
-        B = tok.shape[0]
-        x = F.embedding(tok, self.wte) + F.embedding(epos, self.wpe)
-        if self.fused:
-            from .mqa_triton import bias_add_layer_norm
-
-            h = F.layer_norm(x, (E,), self.layers[0][0], self.layers[0][1], self.eps)
-        # one row: PyTorch's addmm takes the cuBLASLt bias epilogue only from 2 rows up, and at
-        # one row launches a bias copy before the GEMM: the fused LayerNorm kernel writes the
-        # bias into the GEMM's output instead and the GEMM accumulates onto it (beta = 1)
-        prebias = self.fused and B == 1 and self.prebias
-        # batch 1: Triton one-row GEMVs for the weights where start-up timing chose them
-        gv = self._gemv if (self.fused and B == 1) else {}
-        qkv_buf = None
-        for li, layer in enumerate(self.layers):
-            ln1w, ln1b, aw, ab, cw, cb = layer[:6]
-            if not self.fused:
-                h = F.layer_norm(x, (E,), ln1w, ln1b, self.eps)
-            if "qkv" in gv:
-                qkv = self._gv("qkv", li, aw)(h, ab)
-            elif qkv_buf is not None:
-                qkv = qkv_buf.addmm_(h, aw.t())
-            else:
-                qkv = F.linear(h, aw, ab)
-            cache = self.cache[li]
-            cache.index_put_((slots, wpos), qkv[:, E:])
-            a = attend(qkv[:, :E].view(B, H, D), cache)
-            if self.fused:
-                ln2w, ln2b, fcw, fcb, pw, pb = layer[6:]
-                if "attn_proj" in gv:
-                    self._gv("attn_proj", li, cw)(a.reshape(B, E), out=x, accumulate=True)
-                else:
-                    x.addmm_(a.reshape(B, E), cw.t())  # residual as the GEMM's C operand (in place: no copy)
-                if "fc" in gv:
-                    h = bias_add_layer_norm(x, cb, ln2w, ln2b, self.eps)
-                    g = self._gv("fc", li, fcw)(h, fcb, gelu=True)
-                elif prebias:
-                    g = torch.empty((B, fcw.shape[0]), device=x.device, dtype=x.dtype)
-                    h = bias_add_layer_norm(x, cb, ln2w, ln2b, self.eps, fill=(g, fcb))
-                    g = F.gelu(g.addmm_(h, fcw.t()), approximate="tanh")
-                else:
-                    h = bias_add_layer_norm(x, cb, ln2w, ln2b, self.eps)
-                    g = self._fc_gelu(h, fcw, fcb)  # GELU (tanh) epilogue
-                if "mlp_proj" in gv:
-                    self._gv("mlp_proj", li, pw)(g, out=x, accumulate=True)
-                else:
-                    x.addmm_(g, pw.t())
-                nw, nb = (self.layers[li + 1][0], self.layers[li + 1][1]) if li + 1 < self.n_layer else self.ln_f
-                if prebias and li + 1 < self.n_layer and "qkv" not in gv:
-                    nab = self.layers[li + 1][3]
-                    qkv_buf = torch.empty((B, nab.shape[0]), device=x.device, dtype=x.dtype)
-                    h = bias_add_layer_norm(x, pb, nw, nb, self.eps, fill=(qkv_buf, nab))
-                else:
-                    h = bias_add_layer_norm(x, pb, nw, nb, self.eps)
-            else:
-                x = x + F.linear(a.reshape(B, E), cw, cb)
-                x = self._mlp_out(x, layer)
-        if not self.fused:
-            h = F.layer_norm(x, (E,), self.ln_f[0], self.ln_f[1], self.eps)
-        if "lm_head" in gv:
-            return self._gv("lm_head", -1, self.lm_head)(h).float()
-        return F.linear(h, self.lm_head).float()
-
-    def _sample(self, logits, rows, pos, seen=None):
-        """Repetition penalty → greedy (temperature 0) or temperature → top-k → top-p → draw.
-        ``rows`` (a slice, or an index tensor: one slot per logits row) picks each row's
-        sampling parameters; ``seen`` overrides the rows' seen-token masks. The draw is
-        exponential-race sampling with a counter-based hash of (seed, position, candidate
-        rank), so it needs no generator state."""
-        torch = self._torch
-        pen = self.penalty[rows][:, None]
-        penalized = torch.where(logits < 0, logits * pen, logits / pen)
-        logits = torch.where(self.seen[rows] if seen is None else seen, penalized, logits)
-        greedy = logits.argmax(dim=-1)
-        temp = self.temp[rows]
-        vals, idx = torch.topk(logits, self.top_k_cap, dim=-1)
-        vals = vals / temp.clamp(min=1e-4)[:, None]
-        k = self.topk[rows]
-        vals = vals.masked_fill(self._ranks[None, :] >= k[:, None], float("-inf"))
-        probs = torch.softmax(vals, dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        probs = probs.masked_fill(mass_before > self.topp[rows][:, None], 0.0)
-        h = _mix32((self.seed[rows] + 0x632BE5AB) & _M32)
-        h = _mix32((h ^ (pos & _M32)) & _M32)
-        h = _mix32((h[:, None] ^ ((self._ranks[None, :] * 0x61C88647) & _M32)) & _M32)
-        u = ((h >> 8).float() + 0.5) * (1.0 / 16777216.0)
-        choice = (probs / -torch.log(u)).argmax(dim=-1)
-        sampled = idx.gather(1, choice[:, None]).squeeze(1)
-        return torch.where(temp > 0, sampled, greedy)
-
-    def _prefill(self, slot: int, ids: list[int], start: int, all_logits: bool = False):
-        """Run ``ids`` at positions start.. for one slot (its cache holds positions < start);
-        writes their K/V and returns the last position's logits (1, V) in float32 (every
-        position's with ``all_logits``: the bench's teacher-forced check).
-
-        With ``self.fused`` (CUDA, self-checked) the prefill uses the decode step's fused ops:
-        the residual is the C operand of the projection GEMMs (``x.addmm_``: no separate add
-        pass over T x E), GELU is the c_fc GEMM's epilogue (no pass over T x 24576 in and out),
-        and the projection bias + the next LayerNorm are one Triton kernel. A prompt without a
-        reused prefix attends to K/V straight from the QKV output (the cache is written in
-        the same pass, one copy of T x 256) through ``self.prefill_attention`` (chosen at start
-        by timing: SDPA flash / efficient with the K/V head expanded as a stride-0 view, or
-        SDPA's own GQA path)."""
-        torch = self._torch
-        F = torch.nn.functional
-        E, H, D = self.n_embd, self.n_head, self.head_dim
-        T = len(ids)
-        S = start + T
-        dev = self.device
-        tok = torch.tensor(ids, device=dev, dtype=torch.long)
-        x = F.embedding(tok, self.wte) + self.wpe[start:S]
-        mask = None
-        if start > 0:
-            mask = torch.arange(S, device=dev)[None, :] <= torch.arange(start, S, device=dev)[:, None]
-        fused = self.fused
-        if fused:
-            from .mqa_triton import bias_add_layer_norm
-
-            h = F.layer_norm(x, (E,), self.layers[0][0], self.layers[0][1], self.eps)
-        for li, layer in enumerate(self.layers):
-            ln1w, ln1b, aw, ab, cw, cb = layer[:6]
-            if not fused:
-                h = F.layer_norm(x, (E,), ln1w, ln1b, self.eps)
-            qkv = F.linear(h, aw, ab)
-            cache = self.cache[li, slot]
-            cache[start:S].copy_(qkv[:, E:])
-            q = qkv[:, :E].view(T, H, D).transpose(0, 1)[None]  # (1, H, T, D)
-            if start == 0:
-                k = qkv[:, E : E + D][None, None]
-                v = qkv[:, E + D :][None, None]
-                a = self._prefill_attn(q, k, v)
-            else:
-                k = cache[:S, :D][None, None]
-                v = cache[:S, D:][None, None]
-                a = _sdpa_mqa(q, k, v, mask, self.scale)  # (1, H, T, D)
-            a = a[0].transpose(0, 1).reshape(T, E)
-            if fused:
-                ln2w, ln2b, fcw, fcb, pw, pb = layer[6:]
-                x.addmm_(a, cw.t())
-                h = bias_add_layer_norm(x, cb, ln2w, ln2b, self.eps)
-                g = self._fc_gelu(h, fcw, fcb)
-                del h
-                x.addmm_(g, pw.t())
-                del g
-                last = li + 1 == self.n_layer
-                nw, nb = self.ln_f if last else (self.layers[li + 1][0], self.layers[li + 1][1])
-                if last and not all_logits:  # only the last row's hidden state is needed
-                    x[-1:].add_(pb)
-                    h = F.layer_norm(x[-1:], (E,), nw, nb, self.eps)
-                else:
-                    h = bias_add_layer_norm(x, pb, nw, nb, self.eps)
-            else:
-                x = x + F.linear(a, cw, cb)
-                x = self._mlp_out(x, layer)
-        if not fused:
-            h = F.layer_norm(x if all_logits else x[-1:], (E,), self.ln_f[0], self.ln_f[1], self.eps)
-        elif not all_logits:
-            h = h[-1:]
-        return F.linear(h, self.lm_head).float()
-
-    def _fc_gelu(self, h, fcw, fcb):
-        if self.gelu_epilogue == "tanh":
-            return self._torch._addmm_activation(fcb, h, fcw.t(), use_gelu=True)
-        F = self._torch.nn.functional
-        return F.gelu(F.linear(h, fcw, fcb), approximate="tanh")
-
-    def _prefill_attn(self, q, k, v):
-        """Causal attention of a whole prompt: q (1,H,T,D) against one K/V head (1,1,T,D)."""
-        mode = self.prefill_attention
-        if mode == "sdpa_gqa":
-            return _sdpa_mqa(q, k, v, None, self.scale)
-        F = self._torch.nn.functional
-        H = q.shape[1]
-        if mode.endswith("_gqa"):
-            kw = dict(enable_gqa=True)
-        else:
-            k = k.expand(-1, H, -1, -1)  # stride-0 view: no copy of the single head
-            v = v.expand(-1, H, -1, -1)
-            kw = {}
-        with self._sdpa_backend(mode):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, **kw)
-
-    def _sdpa_backend(self, mode: str):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        name = mode.split("_")[0]
-        backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                   "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
-        return sdpa_kernel([backend])
-
-    def _time_us(self, fn, reps: int = 20) -> float:
-        return graph_time_us(fn, self.device, reps)
-
-    def _gv(self, name: str, li: int, weight):
-        """The chosen Triton GEMV configuration of ``name`` bound to layer ``li``'s weight."""
-        key = (name, li)
-        op = self._gemv_ops.get(key)
-        if op is None:
-            from .mqa_triton import TritonGEMV
-
-            proto = self._gemv[name]
-            op = self._gemv_ops[key] = TritonGEMV(weight, proto.block_n, proto.block_k, proto.num_warps, proto.num_stages)
-        return op
-
-    def _choose_gemv(self, requested: bool | None) -> None:
-        """Batch-1 decode GEMMs: a Triton one-row GEMV per weight (layer 0's shapes stand for all
-        40 layers) where it agrees with cuBLAS (rel. err < 1e-2 on random rows) and is >= 3 %
-        faster in a CUDA graph; cuBLAS elsewhere. ``requested=True`` (tests under the
-        interpreter) takes every weight without timing; False: none."""
-        if requested is False or not self.fused:
-            return
-        if requested is None and (self.device.type != "cuda" or os.environ.get("STARCHAT_FAST_GEMV") == "0"):
-            return
-        torch = self._torch
-        F = torch.nn.functional
-        from .mqa_triton import TritonGEMV
-
-        ln1w, ln1b, aw, ab, cw, cb, ln2w, ln2b, fcw, fcb, pw, pb = self.layers[0]
-        cases = {  # name: (weight, bias, accumulate, gelu)
-            "qkv": (aw, ab, False, False), "attn_proj": (cw, None, True, False),
-            "fc": (fcw, fcb, False, True), "mlp_proj": (pw, None, True, False), "lm_head": (self.lm_head, None, False, False),
-        }
-        gen = torch.Generator(device=self.device).manual_seed(7)
-        for name, (wt, bias, acc, gelu) in cases.items():
-            try:
-                x = torch.randn((1, wt.shape[1]), device=self.device, dtype=self.dtype, generator=gen)
-                y0 = torch.randn((1, wt.shape[0]), device=self.device, dtype=self.dtype, generator=gen)
-                if acc:
-                    ref = (y0.float() + F.linear(x, wt).float())
-                else:
-                    ref = F.linear(x, wt, bias)
-                    ref = (F.gelu(ref, approximate="tanh") if gelu else ref).float()
-                best = None
-                for cfg in ((8, 512, 4, 3), (16, 256, 4, 3)):  # each is one Triton compile per shape (~1 s)
-                    try:
-                        g = TritonGEMV(wt, *cfg)
-                        out = y0.clone() if acc else None
-                        got = g(x, bias, out=out, accumulate=acc, gelu=gelu).float()
-                        err = float((got - ref).norm() / ref.norm())
-                        if not err < 1e-2:
-                            self.gemv_report[f"{name}_{cfg}"] = f"rel err {err:.3g}"
-                            continue
-                        if requested:
-                            best = (0.0, g, cfg)
-                            break
-                        yb = y0.clone()
-                        us = self._time_us(lambda g=g, yb=yb: g(x, bias, out=yb, accumulate=acc, gelu=gelu) if acc else g(x, bias, gelu=gelu))
-                        self.gemv_report[f"{name}_triton_{cfg[0]}x{cfg[1]}_us"] = round(us, 2)
-                        if best is None or us < best[0]:
-                            best = (us, g, cfg)
-                    except Exception as exc:
-                        self.gemv_report[f"{name}_{cfg}"] = _first_line(exc)[:160]
-                if best is None:
-                    continue
-                if requested:
-                    self._gemv[name] = best[1]
-                    continue
-                yc = y0.clone()
-                if acc:
-                    cub = lambda: yc.addmm_(x, wt.t())
-                elif gelu:
-                    cub = lambda: F.gelu(F.linear(x, wt, bias), approximate="tanh")
-                else:
-                    cub = lambda: F.linear(x, wt, bias)
-                cublas_us = self._time_us(cub)
-                self.gemv_report[f"{name}_cublas_us"] = round(cublas_us, 2)
-                if best[0] < 0.97 * cublas_us:
-                    self._gemv[name] = best[1]
-            except Exception as exc:
-                self.gemv_report[name] = _first_line(exc)[:160]
-        self.gemv_report["chosen"] = sorted(self._gemv)
-
-    def _choose_prefill_attention(self, forced: str | None = None) -> str:
-        """On CUDA, time the candidate SDPA paths for a 2048-token causal prompt (one layer's
-        shapes, the single K/V head) and keep the fastest one that agrees with a float32
-        reference; the reasons a candidate was dropped go to ``prefill_attention_report``."""
-        self.prefill_attention = "sdpa_gqa"
-        self.prefill_attention_report: dict[str, Any] = {}
-        if forced is not None:
-            self.prefill_attention = forced
-            return forced
-        if self.device.type != "cuda" or os.environ.get("STARCHAT_FAST_PREFILL_ATTN") == "sdpa_gqa":
-            return "sdpa_gqa"
-        torch = self._torch
-        H, D, E = self.n_head, self.head_dim, self.n_embd
-        T = min(2048, self.max_len)
-        gen = torch.Generator(device=self.device).manual_seed(99)
-        qkv = torch.randn((T, E + 2 * D), device=self.device, dtype=self.dtype, generator=gen)
-        q = qkv[:, :E].view(T, H, D).transpose(0, 1)[None]
-        k = qkv[:, E : E + D][None, None]
-        v = qkv[:, E + D :][None, None]
-        ref = None
-        try:  # float32 reference, a quarter of the queries (the last ones: the longest rows)
-            rows = slice(T - T // 4, T)
-            qf, kf, vf = q[0, :, rows].float(), k[0, 0].float(), v[0, 0].float()
-            sc = (qf @ kf.T) * self.scale
-            pos = torch.arange(T, device=self.device)
-            sc = sc.masked_fill(pos[None, None, :] > pos[rows][None, :, None], float("-inf"))
-            ref = (torch.softmax(sc, -1) @ vf, rows)
-        except Exception as exc:
-            self.prefill_attention_report["reference"] = _first_line(exc)
-        best, best_us = "sdpa_gqa", None
-        candidates = ["sdpa_gqa", "flash_expand", "flash_gqa", "cudnn_expand", "efficient_expand"]
-        wanted = os.environ.get("STARCHAT_FAST_PREFILL_ATTN")
-        if wanted in candidates:
-            candidates = ["sdpa_gqa", wanted]
-        for mode in candidates:
-            try:
-                self.prefill_attention = mode
-                out = self._prefill_attn(q, k, v)
-                if ref is not None:
-                    got = out[0, :, ref[1]].float()
-                    err = float((got - ref[0]).norm() / ref[0].norm())
-                    if not err < 2e-2:
-                        self.prefill_attention_report[mode] = f"rel err {err:.3g}"
-                        continue
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                self._prefill_attn(q, k, v)
-                times = []
-                for _ in range(5):
-                    start.record()
-                    self._prefill_attn(q, k, v)
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end) * 1e3)
-                us = sorted(times)[len(times) // 2]
-                self.prefill_attention_report[mode] = round(us, 1)
-                if best_us is None or us < best_us * 0.97:  # a clear gain only; ties keep the default
-                    best, best_us = mode, us
-            except Exception as exc:
-                self.prefill_attention_report[mode] = _first_line(exc)[:160]
-        self.prefill_attention = best
-        return best
-
     # ------------------------------------------------------------------ graphs
     def _bucket(self, buckets: list[int], n: int) -> int:
         for b in buckets:
             if b >= n:
                 return b
         return buckets[-1]
-
-    def _capture_all(self) -> None:
-        torch = self._torch
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for b in self.batch_buckets:
-                for n in self.length_buckets:
-                    self._decode_step(b, n)  # warm-up: kernel selection, Triton compile, workspaces
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
-        for b in self.batch_buckets:
-            for n in self.length_buckets:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._decode_step(b, n)
-                self._graphs[(b, n)] = graph
-        torch.cuda.synchronize(self.device)
-
-    def _capture_verify(self) -> None:
-        """One speculative-step graph per length bucket. If capture fails, speculation is
-        turned off (``spec_error`` says why); plain decoding is unaffected."""
-        torch = self._torch
-        try:
-            pool = torch.cuda.graph_pool_handle()
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for n in self.length_buckets:
-                    self._verify_step(n)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            torch.cuda.synchronize(self.device)
-            for n in self.length_buckets:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._verify_step(n)
-                self._spec_graphs[n] = graph
-            torch.cuda.synchronize(self.device)
-        except Exception as exc:
-            log.warning("speculative step capture failed (%s); speculation off", exc)
-            self.spec_error = _first_line(exc)[:200]
-            self._spec_graphs.clear()
-            self.spec_tokens = 1
-
-    def _capture_with_fallback(self) -> None:
-        """Graphs with the chosen attention; if that fails, with torch attention; if that fails
-        too, eager steps (slower, still correct)."""
-        torch = self._torch
-        for attempt in range(4):
-            try:
-                self._capture_all()
-                return
-            except Exception as exc:
-                what = f"{self.attention}{' + prebias' if self.prebias else ''}{' + gemv' if self._gemv else ''}"
-                log.warning("decode graph capture failed (%s attention): %s", what, exc)
-                self.graph_error = (self.graph_error + " | " if self.graph_error else "") + f"{what}: {_first_line(exc)}"
-                self._graphs.clear()
-                try:
-                    torch.cuda.synchronize(self.device)
-                except Exception:
-                    pass
-                if self._gemv:  # the newest paths go first
-                    self._gemv.clear()
-                    self._gemv_ops.clear()
-                    continue
-                if self.prebias:
-                    self.prebias = False
-                    continue
-                if self.attention != "triton":
-                    break
-                self.attention = "torch"
-                self._triton.clear()
-        self.use_graphs = False
-
-    def _warm_prefill(self) -> None:
-        """One short prefill into the last slot (its content is then forgotten)."""
-        n = min(16, self.max_len - 1)
-        self._prefill(self.slots - 1, [0] * n, 0)
-        if self.device.type == "cuda":
-            self._torch.cuda.synchronize(self.device)
 
     def score(self, ids: list[int]):
         """Logits (T, V) float32 of every position of ``ids`` through the prefill path, in the
@@ -1172,7 +521,7 @@ class FastEngine:
         return any(r is None for r in self._slot_req)
 
     def _fail_all(self, exc: BaseException) -> None:
-        err = exc if isinstance(exc, EngineError) else EngineError(f"The fast engine failed: {_first_line(exc)}")
+        err = exc if isinstance(exc, EngineError) else EngineError(f"The fast engine failed: {first_line(exc)}")
         with self._cv:
             waiting = list(self._incoming)
             self._incoming.clear()
@@ -1247,7 +596,7 @@ class FastEngine:
             if self.device.type == "cuda" and oom:
                 torch.cuda.empty_cache()
             msg = "The GPU ran out of memory for this request" if oom else "The fast engine failed on this request"
-            req.events.put(("error", EngineError(f"{msg}: {_first_line(exc)}")))
+            req.events.put(("error", EngineError(f"{msg}: {first_line(exc)}")))
             if not oom:
                 raise
             return
@@ -1281,40 +630,6 @@ class FastEngine:
             host = self.tok[:B].clone()
             event = None
         return host, event, [(r.slot, r) for r in live]
-
-    def _check_speculation(self, new: int = 12) -> None:
-        """Start-up check of the speculative step as it will run (graphs, attention, sampling):
-        a greedy answer to a fixed prompt in plain steps, then again with that answer as the
-        drafts. Every draft should be kept; a near-tie of the several-row step's rounding may
-        reject one, a wrong step rejects nearly all: below half kept, speculation is off
-        (``spec_error``)."""
-        prompt = [(i * 7919 + 13) % (min(self.vocab, 1000) - 1) + 1 for i in range(24)]
-        greedy = Sampling(max_new_tokens=new, temperature=0.0)
-        try:
-            self.speculation = False
-            answer, _ = self.generate(prompt, greedy, lambda: False, lambda _: None)
-            self.speculation = True
-            before = dict(self.stats)
-            self._lookup_for = lambda p: KnownAnswer(p, answer)  # type: ignore[method-assign]
-            try:
-                got, _ = self.generate(prompt, greedy, lambda: False, lambda _: None)
-            finally:
-                del self._lookup_for
-            drafted = self.stats["spec_drafted"] - before["spec_drafted"]
-            kept = self.stats["spec_accepted"] - before["spec_accepted"]
-            self.spec_check = {"drafted": drafted, "kept": kept, "same_tokens": got == answer}
-            if drafted and kept * 2 < drafted:
-                self.speculation = False
-                self.spec_error = f"start-up check kept {kept} of {drafted} right drafts"
-                log.warning("speculative step failed its start-up check (%s); speculation off", self.spec_error)
-        except Exception as exc:
-            self.speculation = False
-            self.spec_error = f"start-up check: {_first_line(exc)[:200]}"
-            log.warning("speculative step failed its start-up check (%s); speculation off", exc)
-        for slot in range(self.slots):  # the check's tokens are no prefix worth reusing
-            self._slot_ids[slot] = []
-        for key, value in self.stats.items():  # counters start with the first real request
-            self.stats[key] = type(value)()
 
     def _lookup_for(self, prompt: list[int]) -> PromptLookup | KnownAnswer:
         """Where a request's drafts come from (the benchmark substitutes known answers)."""
@@ -1387,7 +702,7 @@ class FastEngine:
             # failure that broke the device fails the next plain step, and the loop handles it)
             log.warning("speculative step failed (%s); speculation off", exc)
             self.speculation = False
-            self.spec_error = _first_line(exc)[:200]
+            self.spec_error = first_line(exc)[:200]
             return
         samples, kept = out[:R], out[R:]
         self.stats["steps"] += 1
@@ -1468,28 +783,6 @@ def unsuitable(model: Any) -> str | None:
     return None
 
 
-def _sdpa_mqa(q, k, v, mask, scale):
-    """Prefill attention: q (1,H,T,D) against one K/V head (1,1,S,D), causal (bottom-right)."""
-    import torch.nn.functional as F
-
-    is_causal = mask is None
-    if mask is not None:
-        try:  # bottom-right causal without a materialised mask (flash / memory-efficient kernels)
-            from torch.nn.attention.bias import causal_lower_right
-
-            bias = causal_lower_right(q.shape[-2], k.shape[-2])
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=True)
-        except Exception:
-            pass
-    try:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True)
-    except (TypeError, RuntimeError):
-        H = q.shape[1]
-        k = k.expand(-1, H, -1, -1)
-        v = v.expand(-1, H, -1, -1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
-
-
 class _null:
     def __enter__(self):
         return self
@@ -1498,37 +791,4 @@ class _null:
         return False
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-__all__ = ["FastEngine", "batch_buckets", "common_prefix", "length_buckets", "unsuitable"]
-
-
-def graph_time_us(fn, device, reps: int = 20) -> float:
-    """Median device time of one call of ``fn`` in microseconds: ``reps`` calls captured in one
-    CUDA graph, replayed 5 times, so launch overhead does not count."""
-    import torch
-
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    del graph
-    return sorted(times)[len(times) // 2]
+__all__ = ["FastEngine", "batch_buckets", "common_prefix", "graph_time_us", "length_buckets", "unsuitable"]

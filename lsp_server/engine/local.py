@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from .base import EngineError, FinishReason, Sampling
+from .base import EngineError, FinishReason, Sampling, first_line
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class TransformersEngine:
                 **common,
             )
         except torch.cuda.OutOfMemoryError as exc:
-            raise EngineError(f"Not enough GPU memory to load {source}: {_first_line(exc)}") from None
+            raise EngineError(f"Not enough GPU memory to load {source}: {first_line(exc)}") from None
         except (OSError, ValueError, ImportError) as exc:
             hint = ""
             folder = Path(source)
@@ -85,7 +85,7 @@ class TransformersEngine:
                 ) from None
             if os.environ.get("HF_HUB_OFFLINE") or "offline" in str(exc).lower() or "connect" in str(exc).lower():
                 hint = " The weights are not in the local cache and the hub cannot be reached; download them first or set model to a local folder."
-            raise EngineError(f"Could not load the model {source!r}: {_first_line(exc)}.{hint}") from None
+            raise EngineError(f"Could not load the model {source!r}: {first_line(exc)}.{hint}") from None
         model.eval()
         if device == "cpu":
             model.to("cpu")
@@ -154,7 +154,7 @@ class TransformersEngine:
                 )
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
-            raise EngineError(f"The GPU ran out of memory for this request: {_first_line(exc)}") from None
+            raise EngineError(f"The GPU ran out of memory for this request: {first_line(exc)}") from None
         if should_stop():
             reason: FinishReason = "cancelled"
         elif generated and generated[-1] in stop_ids:
@@ -172,8 +172,3 @@ def _device_map(device: str) -> Any:
     if device == "cuda":
         return "auto"
     return {"": device} if device.startswith("cuda") else None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

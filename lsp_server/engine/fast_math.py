@@ -1,0 +1,348 @@
+"""The fast engine's model math (a mixin of ``FastEngine``): what one step computes.
+
+* ``_rows_forward``: the layer stack for a step's query rows, each row a token at a position of
+  a cache slot (K/V written there, attention over that slot's first ``length`` positions);
+* ``_decode_step``: batch rows 0..B-1 = slots, one token each (captured as a CUDA graph per
+  batch and length bucket); ``_verify_step``: the speculative step, rows grouped by request
+  (the last token, then drafts), a graph per length bucket;
+* ``_sample``: repetition penalty, greedy or temperature / top-k / top-p and a counter-based
+  draw, on the device;
+* ``_prefill``: a prompt (or the part after a reused prefix) into a slot's cache.
+
+Everything here is static-shape torch (plus the Triton kernels of ``mqa_triton`` on CUDA): no
+host sync inside a step. The state it reads and writes (weights, cache, per-slot buffers) is
+set up by ``FastEngine.__init__``.
+"""
+
+from __future__ import annotations
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """A 32-bit integer hash in int64 arithmetic (every product stays under 2**63)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _M32
+    x = x ^ (x >> 16)
+    return x
+
+
+class StepMath:
+    """Model math of ``FastEngine`` (see the module docstring)."""
+
+    def _torch_attention(self, q, kv, lengths, bias):
+        """q (B,H,D); kv (B,Lc,2D); every query head is a row against the one K/V head."""
+        torch = self._torch
+        D = self.head_dim
+        Lc = kv.shape[1]
+        if bias is None:
+            bias = torch.zeros((q.shape[0], Lc), device=q.device, dtype=q.dtype).masked_fill(
+                self._arange_len[:Lc][None, :] >= lengths[:, None], float("-inf")
+            )
+        k = kv[:, :, :D]
+        v = kv[:, :, D:]
+        scores = torch.baddbmm(bias[:, None, :], q, k.transpose(1, 2), alpha=self.scale)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.bmm(probs, v)
+
+    def _mlp_out(self, x, layer):
+        F = self._torch.nn.functional
+        ln2w, ln2b, fcw, fcb, pw, pb = layer[6:]
+        h = F.layer_norm(x, (self.n_embd,), ln2w, ln2b, self.eps)
+        h = F.gelu(F.linear(h, fcw, fcb), approximate="tanh")
+        return x + F.linear(h, pw, pb)
+
+    def _decode_step(self, B: int, Lc: int) -> None:
+        """One decoding step for batch rows (= slots) 0..B-1 with attention over at most Lc
+        positions. Static shapes, no host sync: capturable as one CUDA graph."""
+        torch = self._torch
+        maxp = self.max_len
+        rows = self._rows[:B]
+        tok, pos, active = self.tok[:B], self.pos[:B], self.active[:B]
+        live = active & (pos < maxp)
+        wpos = torch.where(live, pos, maxp)  # idle rows write the scratch position
+        lengths = torch.where(live, (pos + 1).clamp(max=Lc), 1)
+        triton_attn = self._triton.get((B, Lc))
+        if triton_attn is not None:
+            attend = lambda q, cache: triton_attn(q, cache[:B, :Lc], lengths, self.scale)  # noqa: E731
+        else:
+            bias = self._length_bias(lengths, Lc)
+            attend = lambda q, cache: self._torch_attention(q, cache[:B, :Lc], lengths, bias)  # noqa: E731
+        logits = self._rows_forward(tok, pos.clamp(max=maxp - 1), rows, wpos, attend)
+        new = self._sample(logits, slice(0, B), pos)
+        self.seen.index_put_((rows, new), torch.ones_like(new, dtype=torch.bool))
+        tok.copy_(new)
+        pos.add_(1)
+
+    def _verify_step(self, Lc: int) -> None:
+        """The speculative step: R query rows (``spec_*`` buffers, rows ``spec_used``), grouped by
+        request: the first row of a group is the request's last token at its position p, the
+        next ones its drafted tokens at p + 1, p + 2 … (``spec_off``; ``spec_start`` is the
+        group's first row; ``spec_slot`` its slot). Every row attends causally to its slot's
+        cache and samples exactly as a plain decode step at that position would (the penalty
+        sees the group's drafts before it as seen tokens; the same counter-based draw), so a
+        draft is kept iff the row before it sampled it, and the tokens kept are those plain
+        decoding gives. The step advances each slot's token, position and seen mask by what it
+        kept and writes the samples and the kept flags (``spec_out``). Static shapes, no host
+        sync: one graph per length bucket."""
+        torch = self._torch
+        R, S, maxp = self.spec_tokens, self.slots, self.max_len
+        inp, slots, off, start = self.spec_in, self.spec_slot, self.spec_off, self.spec_start
+        used = self.spec_used.bool()
+        pos = self.pos.index_select(0, slots) + off
+        wpos = torch.where(used & (pos < maxp), pos, maxp)  # unused rows write the scratch position
+        lengths = torch.where(used, (pos + 1).clamp(max=Lc), 1)
+        triton_attn = self._triton.get(("verify", Lc))
+        if triton_attn is not None:
+            attend = lambda q, cache: triton_attn(q, cache, lengths, self.scale, slots=slots)  # noqa: E731
+        else:
+            bias = self._length_bias(lengths, Lc)
+            attend = lambda q, cache: self._torch_attention(q, cache[:, :Lc].index_select(0, slots), lengths, bias)  # noqa: E731
+        logits = self._rows_forward(inp, pos.clamp(max=maxp - 1), slots, wpos, attend)
+        # row i's context holds the drafts of its group before it
+        tr, tc = self._spec_tri_rows, self._spec_tri_cols
+        earlier = (start[tr] == start[tc]) & (off[tc] >= 1)
+        # every write is True (pairs that do not count go to a spare column): duplicates agree
+        extra = torch.zeros((R, self.vocab + 1), device=logits.device, dtype=torch.bool)
+        extra.index_put_((tr, torch.where(earlier, inp[tc], self.vocab)), self._spec_tri_true)
+        seen = self.seen.index_select(0, slots) | extra[:, : self.vocab]
+        out = self._sample(logits, slots, pos, seen)
+        # row r + 1 holds the next draft of row r's group
+        has_next = torch.cat([(start[1:] == start[:-1]) & used[1:], self._spec_false])
+        rejected = (has_next & torch.cat([out[:-1] != inp[1:], self._spec_false])).long()
+        before = rejected.cumsum(0) - rejected  # rejections in rows < r
+        kept = used & ((off == 0) | (before == before[start]))  # no rejection in the group before r
+        last = kept & ~torch.cat([kept[1:] & has_next[:-1], self._spec_false])
+        self.pos.index_add_(0, torch.where(kept, slots, S), self._spec_ones)
+        self.tok.index_put_((torch.where(last, slots, S),), out)
+        self.seen.index_put_((torch.where(kept, slots, S), out), self._spec_true)
+        self.spec_out[:R].copy_(out)
+        self.spec_out[R:].copy_(kept.long())
+
+    def _length_bias(self, lengths, Lc: int):
+        """Additive attention mask (rows, Lc) for the torch attention: -inf past each row's length."""
+        torch = self._torch
+        return torch.zeros((lengths.shape[0], Lc), device=self.device, dtype=self.dtype).masked_fill(
+            self._arange_len[:Lc][None, :] >= lengths[:, None], float("-inf")
+        )
+
+    def _rows_forward(self, tok, epos, slots, wpos, attend):
+        """The layer stack for one step's B query rows: row i is token ``tok[i]`` at position
+        ``epos[i]``; its K/V go to cache slot ``slots[i]`` at position ``wpos[i]``;
+        ``attend(q, layer_cache)`` gives its attention output. Returns the logits (B, V) in
+        float32."""
+        torch = self._torch
+        F = torch.nn.functional
+        E, H, D = self.n_embd, self.n_head, self.head_dim
+        B = tok.shape[0]
+        x = F.embedding(tok, self.wte) + F.embedding(epos, self.wpe)
+        if self.fused:
+            from .mqa_triton import bias_add_layer_norm
+
+            h = F.layer_norm(x, (E,), self.layers[0][0], self.layers[0][1], self.eps)
+        # one row: PyTorch's addmm takes the cuBLASLt bias epilogue only from 2 rows up, and at
+        # one row launches a bias copy before the GEMM: the fused LayerNorm kernel writes the
+        # bias into the GEMM's output instead and the GEMM accumulates onto it (beta = 1)
+        prebias = self.fused and B == 1 and self.prebias
+        # batch 1: Triton one-row GEMVs for the weights where start-up timing chose them
+        gv = self._gemv if (self.fused and B == 1) else {}
+        qkv_buf = None
+        for li, layer in enumerate(self.layers):
+            ln1w, ln1b, aw, ab, cw, cb = layer[:6]
+            if not self.fused:
+                h = F.layer_norm(x, (E,), ln1w, ln1b, self.eps)
+            if "qkv" in gv:
+                qkv = self._gv("qkv", li, aw)(h, ab)
+            elif qkv_buf is not None:
+                qkv = qkv_buf.addmm_(h, aw.t())
+            else:
+                qkv = F.linear(h, aw, ab)
+            cache = self.cache[li]
+            cache.index_put_((slots, wpos), qkv[:, E:])
+            a = attend(qkv[:, :E].view(B, H, D), cache)
+            if self.fused:
+                ln2w, ln2b, fcw, fcb, pw, pb = layer[6:]
+                if "attn_proj" in gv:
+                    self._gv("attn_proj", li, cw)(a.reshape(B, E), out=x, accumulate=True)
+                else:
+                    x.addmm_(a.reshape(B, E), cw.t())  # residual as the GEMM's C operand (in place: no copy)
+                if "fc" in gv:
+                    h = bias_add_layer_norm(x, cb, ln2w, ln2b, self.eps)
+                    g = self._gv("fc", li, fcw)(h, fcb, gelu=True)
+                elif prebias:
+                    g = torch.empty((B, fcw.shape[0]), device=x.device, dtype=x.dtype)
+                    h = bias_add_layer_norm(x, cb, ln2w, ln2b, self.eps, fill=(g, fcb))
+                    g = F.gelu(g.addmm_(h, fcw.t()), approximate="tanh")
+                else:
+                    h = bias_add_layer_norm(x, cb, ln2w, ln2b, self.eps)
+                    g = self._fc_gelu(h, fcw, fcb)  # GELU (tanh) epilogue
+                if "mlp_proj" in gv:
+                    self._gv("mlp_proj", li, pw)(g, out=x, accumulate=True)
+                else:
+                    x.addmm_(g, pw.t())
+                nw, nb = (self.layers[li + 1][0], self.layers[li + 1][1]) if li + 1 < self.n_layer else self.ln_f
+                if prebias and li + 1 < self.n_layer and "qkv" not in gv:
+                    nab = self.layers[li + 1][3]
+                    qkv_buf = torch.empty((B, nab.shape[0]), device=x.device, dtype=x.dtype)
+                    h = bias_add_layer_norm(x, pb, nw, nb, self.eps, fill=(qkv_buf, nab))
+                else:
+                    h = bias_add_layer_norm(x, pb, nw, nb, self.eps)
+            else:
+                x = x + F.linear(a.reshape(B, E), cw, cb)
+                x = self._mlp_out(x, layer)
+        if not self.fused:
+            h = F.layer_norm(x, (E,), self.ln_f[0], self.ln_f[1], self.eps)
+        if "lm_head" in gv:
+            return self._gv("lm_head", -1, self.lm_head)(h).float()
+        return F.linear(h, self.lm_head).float()
+
+    def _sample(self, logits, rows, pos, seen=None):
+        """Repetition penalty → greedy (temperature 0) or temperature → top-k → top-p → draw.
+        ``rows`` (a slice, or an index tensor: one slot per logits row) picks each row's
+        sampling parameters; ``seen`` overrides the rows' seen-token masks. The draw is
+        exponential-race sampling with a counter-based hash of (seed, position, candidate
+        rank), so it needs no generator state."""
+        torch = self._torch
+        pen = self.penalty[rows][:, None]
+        penalized = torch.where(logits < 0, logits * pen, logits / pen)
+        logits = torch.where(self.seen[rows] if seen is None else seen, penalized, logits)
+        greedy = logits.argmax(dim=-1)
+        temp = self.temp[rows]
+        vals, idx = torch.topk(logits, self.top_k_cap, dim=-1)
+        vals = vals / temp.clamp(min=1e-4)[:, None]
+        k = self.topk[rows]
+        vals = vals.masked_fill(self._ranks[None, :] >= k[:, None], float("-inf"))
+        probs = torch.softmax(vals, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill(mass_before > self.topp[rows][:, None], 0.0)
+        h = _mix32((self.seed[rows] + 0x632BE5AB) & _M32)
+        h = _mix32((h ^ (pos & _M32)) & _M32)
+        h = _mix32((h[:, None] ^ ((self._ranks[None, :] * 0x61C88647) & _M32)) & _M32)
+        u = ((h >> 8).float() + 0.5) * (1.0 / 16777216.0)
+        choice = (probs / -torch.log(u)).argmax(dim=-1)
+        sampled = idx.gather(1, choice[:, None]).squeeze(1)
+        return torch.where(temp > 0, sampled, greedy)
+
+    def _prefill(self, slot: int, ids: list[int], start: int, all_logits: bool = False):
+        """Run ``ids`` at positions start.. for one slot (its cache holds positions < start);
+        writes their K/V and returns the last position's logits (1, V) in float32 (every
+        position's with ``all_logits``: the bench's teacher-forced check).
+
+        With ``self.fused`` (CUDA, self-checked) the prefill uses the decode step's fused ops:
+        the residual is the C operand of the projection GEMMs (``x.addmm_``: no separate add
+        pass over T x E), GELU is the c_fc GEMM's epilogue (no pass over T x 24576 in and out),
+        and the projection bias + the next LayerNorm are one Triton kernel. A prompt without a
+        reused prefix attends to K/V straight from the QKV output (the cache is written in
+        the same pass, one copy of T x 256) through ``self.prefill_attention`` (chosen at start
+        by timing: SDPA flash / efficient with the K/V head expanded as a stride-0 view, or
+        SDPA's own GQA path)."""
+        torch = self._torch
+        F = torch.nn.functional
+        E, H, D = self.n_embd, self.n_head, self.head_dim
+        T = len(ids)
+        S = start + T
+        dev = self.device
+        tok = torch.tensor(ids, device=dev, dtype=torch.long)
+        x = F.embedding(tok, self.wte) + self.wpe[start:S]
+        mask = None
+        if start > 0:
+            mask = torch.arange(S, device=dev)[None, :] <= torch.arange(start, S, device=dev)[:, None]
+        fused = self.fused
+        if fused:
+            from .mqa_triton import bias_add_layer_norm
+
+            h = F.layer_norm(x, (E,), self.layers[0][0], self.layers[0][1], self.eps)
+        for li, layer in enumerate(self.layers):
+            ln1w, ln1b, aw, ab, cw, cb = layer[:6]
+            if not fused:
+                h = F.layer_norm(x, (E,), ln1w, ln1b, self.eps)
+            qkv = F.linear(h, aw, ab)
+            cache = self.cache[li, slot]
+            cache[start:S].copy_(qkv[:, E:])
+            q = qkv[:, :E].view(T, H, D).transpose(0, 1)[None]  # (1, H, T, D)
+            if start == 0:
+                k = qkv[:, E : E + D][None, None]
+                v = qkv[:, E + D :][None, None]
+                a = self._prefill_attn(q, k, v)
+            else:
+                k = cache[:S, :D][None, None]
+                v = cache[:S, D:][None, None]
+                a = _sdpa_mqa(q, k, v, mask, self.scale)  # (1, H, T, D)
+            a = a[0].transpose(0, 1).reshape(T, E)
+            if fused:
+                ln2w, ln2b, fcw, fcb, pw, pb = layer[6:]
+                x.addmm_(a, cw.t())
+                h = bias_add_layer_norm(x, cb, ln2w, ln2b, self.eps)
+                g = self._fc_gelu(h, fcw, fcb)
+                del h
+                x.addmm_(g, pw.t())
+                del g
+                last = li + 1 == self.n_layer
+                nw, nb = self.ln_f if last else (self.layers[li + 1][0], self.layers[li + 1][1])
+                if last and not all_logits:  # only the last row's hidden state is needed
+                    x[-1:].add_(pb)
+                    h = F.layer_norm(x[-1:], (E,), nw, nb, self.eps)
+                else:
+                    h = bias_add_layer_norm(x, pb, nw, nb, self.eps)
+            else:
+                x = x + F.linear(a, cw, cb)
+                x = self._mlp_out(x, layer)
+        if not fused:
+            h = F.layer_norm(x if all_logits else x[-1:], (E,), self.ln_f[0], self.ln_f[1], self.eps)
+        elif not all_logits:
+            h = h[-1:]
+        return F.linear(h, self.lm_head).float()
+
+    def _fc_gelu(self, h, fcw, fcb):
+        if self.gelu_epilogue == "tanh":
+            return self._torch._addmm_activation(fcb, h, fcw.t(), use_gelu=True)
+        F = self._torch.nn.functional
+        return F.gelu(F.linear(h, fcw, fcb), approximate="tanh")
+
+    def _prefill_attn(self, q, k, v):
+        """Causal attention of a whole prompt: q (1,H,T,D) against one K/V head (1,1,T,D)."""
+        mode = self.prefill_attention
+        if mode == "sdpa_gqa":
+            return _sdpa_mqa(q, k, v, None, self.scale)
+        F = self._torch.nn.functional
+        H = q.shape[1]
+        if mode.endswith("_gqa"):
+            kw = dict(enable_gqa=True)
+        else:
+            k = k.expand(-1, H, -1, -1)  # stride-0 view: no copy of the single head
+            v = v.expand(-1, H, -1, -1)
+            kw = {}
+        with self._sdpa_backend(mode):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, **kw)
+
+    def _sdpa_backend(self, mode: str):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        name = mode.split("_")[0]
+        backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                   "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
+        return sdpa_kernel([backend])
+
+
+def _sdpa_mqa(q, k, v, mask, scale):
+    """Prefill attention: q (1,H,T,D) against one K/V head (1,1,S,D), causal (bottom-right)."""
+    import torch.nn.functional as F
+
+    is_causal = mask is None
+    if mask is not None:
+        try:  # bottom-right causal without a materialised mask (flash / memory-efficient kernels)
+            from torch.nn.attention.bias import causal_lower_right
+
+            bias = causal_lower_right(q.shape[-2], k.shape[-2])
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=True)
+        except Exception:
+            pass
+    try:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True)
+    except (TypeError, RuntimeError):
+        H = q.shape[1]
+        k = k.expand(-1, H, -1, -1)
+        v = v.expand(-1, H, -1, -1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)

@@ -1,0 +1,442 @@
+"""The fast engine's start-up (a mixin of ``FastEngine``): what it checks, chooses and captures.
+
+Every GPU-only path is checked against a plain torch reference before it is used, and timed
+where there is a choice; a path that fails its check is not used, and why is kept for the
+benchmark's JSON:
+
+* attention: the Triton split-KV kernel, or torch; fused decode ops (GELU epilogue, residual as
+  the GEMM's C operand, bias + LayerNorm in one kernel); the one-row bias pre-write;
+* the batch-1 GEMV per weight (Triton where faster than cuBLAS); the prefill attention (the
+  fastest SDPA path that agrees with float32);
+* CUDA graphs of the decode step (batch x length buckets) and of the speculative step (length
+  buckets), with fallbacks down to eager steps; the speculative step's check on a known answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from .base import EngineError, Sampling, first_line
+from .lookup import KnownAnswer
+
+log = logging.getLogger("lsp_server.engine.fast")
+
+
+class StartUp:
+    """Start-up checks, choices and graph capture of ``FastEngine`` (see the module docstring)."""
+
+    def _choose_attention(self, requested: str) -> str:
+        if requested == "torch" or (self.device.type != "cuda" and requested != "triton"):
+            return "torch"  # on the CPU, "triton" is honoured for tests under TRITON_INTERPRET=1
+        try:
+            from .mqa_triton import HAVE_TRITON
+        except Exception:
+            HAVE_TRITON = False
+        if not HAVE_TRITON:
+            if requested == "triton":
+                raise EngineError("attention='triton' needs the triton package")
+            return "torch"
+        try:
+            err = self.check_triton_attention()
+        except Exception as exc:
+            log.warning("Triton attention failed its self-check (%s); using torch attention", exc)
+            if requested == "triton":
+                raise
+            return "torch"
+        if err > 2e-2:
+            log.warning("Triton attention disagrees with torch (rel err %.3g); using torch attention", err)
+            return "torch"
+        self.triton_check_err = err
+        return "triton"
+
+    def _choose_fused(self, requested: bool | None) -> bool:
+        """Fused decode step (GELU in the matmul epilogue, residual in the matmul's C operand,
+        bias + residual + next LayerNorm in one Triton kernel): CUDA + Triton by default, only
+        after a self-check against the unfused ops."""
+        if requested is False or (requested is None and self.device.type != "cuda"):
+            return False
+        try:
+            from .mqa_triton import HAVE_TRITON
+        except Exception:
+            HAVE_TRITON = False
+        if not HAVE_TRITON or not hasattr(self._torch, "_addmm_activation"):
+            if requested:
+                raise EngineError("fused=True needs triton and torch._addmm_activation")
+            return False
+        try:
+            err = self.check_fused()
+        except Exception as exc:
+            log.warning("fused decode ops failed their self-check (%s); using unfused ops", exc)
+            if requested:
+                raise
+            return False
+        self.fused_check_err = err
+        if err > 2e-2:
+            log.warning("fused decode ops disagree with the unfused ones (rel err %.3g)", err)
+            return False
+        return True
+
+    def check_fused(self) -> float:
+        import torch
+        import torch.nn.functional as F
+
+        from .mqa_triton import bias_add_layer_norm
+
+        torch.manual_seed(4321)
+        E = self.n_embd
+        ln1w, ln1b, aw, ab, cw, cb, ln2w, ln2b, fcw, fcb, pw, pb = self.layers[0]
+        x = torch.randn((3, E), device=self.device, dtype=self.dtype)
+        h_in = torch.randn((3, fcw.shape[1]), device=self.device, dtype=self.dtype)
+        ref_x = x + cb
+        ref_h = F.layer_norm(ref_x, (E,), ln2w, ln2b, self.eps)
+        got_x = x.clone()
+        got_h = bias_add_layer_norm(got_x, cb, ln2w, ln2b, self.eps)
+        ref_g = F.gelu(F.linear(h_in, fcw, fcb), approximate="tanh")
+        got_g = torch._addmm_activation(fcb, h_in, fcw.t(), use_gelu=True)
+        errs = [
+            float((a.float() - b.float()).norm() / b.float().norm())
+            for a, b in ((got_x, ref_x), (got_h, ref_h), (got_g, ref_g))
+        ]
+        errs = [e if e == e else float("inf") for e in errs]  # NaN (an unwritten output) fails
+        # the one-row variant: bias pre-written into the GEMM's output by the LayerNorm kernel
+        # (its own check: a failure here only turns the pre-write off)
+        self.prebias = False
+        try:
+            x1 = x[:1].clone()
+            y1 = torch.full((1, fcw.shape[0]), float("nan"), device=self.device, dtype=self.dtype)
+            h1 = bias_add_layer_norm(x1, cb, ln2w, ln2b, self.eps, fill=(y1, fcb))
+            ref_y1 = F.linear(h1, fcw, fcb)
+            got_y1 = y1.addmm_(h1, fcw.t())
+            e1 = [float((a.float() - b.float()).norm() / b.float().norm()) for a, b in ((got_y1, ref_y1), (h1, ref_h[:1]))]
+            self.prebias_check_err = max(e if e == e else float("inf") for e in e1)
+            self.prebias = self.prebias_check_err < 2e-2
+        except Exception as exc:
+            log.warning("one-row bias pre-write failed its self-check (%s)", exc)
+            self.prebias_error = first_line(exc)
+        # Which GELU does the epilogue compute? In bf16 tanh and erf GELU are indistinguishable
+        # (both ~3e-3 from each other's rounding); in float32 they differ by ~3e-5 while either
+        # matches itself to ~1e-6. HF's GPTBigCode uses the tanh form: a GELU epilogue with the
+        # erf form would be a real (if small) numerical difference, so it is refused.
+        self.gelu_epilogue = "unknown"
+        try:
+            tf32 = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
+            try:
+                a32, w32, b32 = h_in[:, :512].float(), fcw[:256, :512].float(), fcb[:256].float()
+                g32 = torch._addmm_activation(b32, a32, w32.t(), use_gelu=True)
+                lin = F.linear(a32, w32, b32)
+                e_tanh = float((g32 - F.gelu(lin, approximate="tanh")).norm() / g32.norm())
+                e_erf = float((g32 - F.gelu(lin)).norm() / g32.norm())
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+            self.gelu_epilogue = "tanh" if e_tanh <= e_erf else "erf"
+            self.gelu_epilogue_err = {"tanh": e_tanh, "erf": e_erf}
+        except Exception as exc:
+            self.gelu_epilogue = f"check failed: {first_line(exc)}"
+        return float(max(errs))
+
+    def check_triton_attention(self, batch: int = 2, cache_len: int = 1024) -> float:
+        """Relative error of the Triton kernel against the float32 torch attention on random data."""
+        import torch
+
+        from .mqa_triton import TritonMQADecode
+
+        torch.manual_seed(1234)
+        H, D = self.n_head, self.head_dim
+        kv = torch.randn((batch, cache_len + 1, 2 * D), device=self.device, dtype=self.dtype)
+        q = torch.randn((batch, H, D), device=self.device, dtype=self.dtype)
+        lengths = torch.tensor([cache_len - 37 * i for i in range(batch)], device=self.device, dtype=torch.long)
+        out = TritonMQADecode(batch, cache_len, H, D, self.device, self.dtype)(q, kv, lengths, self.scale).float()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        ref = self._torch_attention(q.float(), kv[:, :cache_len].float(), lengths, None).float()
+        return float((out - ref).norm() / ref.norm())
+
+    def _time_us(self, fn, reps: int = 20) -> float:
+        return graph_time_us(fn, self.device, reps)
+
+    def _gv(self, name: str, li: int, weight):
+        """The chosen Triton GEMV configuration of ``name`` bound to layer ``li``'s weight."""
+        key = (name, li)
+        op = self._gemv_ops.get(key)
+        if op is None:
+            from .mqa_triton import TritonGEMV
+
+            proto = self._gemv[name]
+            op = self._gemv_ops[key] = TritonGEMV(weight, proto.block_n, proto.block_k, proto.num_warps, proto.num_stages)
+        return op
+
+    def _choose_gemv(self, requested: bool | None) -> None:
+        """Batch-1 decode GEMMs: a Triton one-row GEMV per weight (layer 0's shapes stand for all
+        40 layers) where it agrees with cuBLAS (rel. err < 1e-2 on random rows) and is >= 3 %
+        faster in a CUDA graph; cuBLAS elsewhere. ``requested=True`` (tests under the
+        interpreter) takes every weight without timing; False: none."""
+        if requested is False or not self.fused:
+            return
+        if requested is None and (self.device.type != "cuda" or os.environ.get("STARCHAT_FAST_GEMV") == "0"):
+            return
+        torch = self._torch
+        F = torch.nn.functional
+        from .mqa_triton import TritonGEMV
+
+        ln1w, ln1b, aw, ab, cw, cb, ln2w, ln2b, fcw, fcb, pw, pb = self.layers[0]
+        cases = {  # name: (weight, bias, accumulate, gelu)
+            "qkv": (aw, ab, False, False), "attn_proj": (cw, None, True, False),
+            "fc": (fcw, fcb, False, True), "mlp_proj": (pw, None, True, False), "lm_head": (self.lm_head, None, False, False),
+        }
+        gen = torch.Generator(device=self.device).manual_seed(7)
+        for name, (wt, bias, acc, gelu) in cases.items():
+            try:
+                x = torch.randn((1, wt.shape[1]), device=self.device, dtype=self.dtype, generator=gen)
+                y0 = torch.randn((1, wt.shape[0]), device=self.device, dtype=self.dtype, generator=gen)
+                if acc:
+                    ref = (y0.float() + F.linear(x, wt).float())
+                else:
+                    ref = F.linear(x, wt, bias)
+                    ref = (F.gelu(ref, approximate="tanh") if gelu else ref).float()
+                best = None
+                for cfg in ((8, 512, 4, 3), (16, 256, 4, 3)):  # each is one Triton compile per shape (~1 s)
+                    try:
+                        g = TritonGEMV(wt, *cfg)
+                        out = y0.clone() if acc else None
+                        got = g(x, bias, out=out, accumulate=acc, gelu=gelu).float()
+                        err = float((got - ref).norm() / ref.norm())
+                        if not err < 1e-2:
+                            self.gemv_report[f"{name}_{cfg}"] = f"rel err {err:.3g}"
+                            continue
+                        if requested:
+                            best = (0.0, g, cfg)
+                            break
+                        yb = y0.clone()
+                        us = self._time_us(lambda g=g, yb=yb: g(x, bias, out=yb, accumulate=acc, gelu=gelu) if acc else g(x, bias, gelu=gelu))
+                        self.gemv_report[f"{name}_triton_{cfg[0]}x{cfg[1]}_us"] = round(us, 2)
+                        if best is None or us < best[0]:
+                            best = (us, g, cfg)
+                    except Exception as exc:
+                        self.gemv_report[f"{name}_{cfg}"] = first_line(exc)[:160]
+                if best is None:
+                    continue
+                if requested:
+                    self._gemv[name] = best[1]
+                    continue
+                yc = y0.clone()
+                if acc:
+                    cub = lambda: yc.addmm_(x, wt.t())
+                elif gelu:
+                    cub = lambda: F.gelu(F.linear(x, wt, bias), approximate="tanh")
+                else:
+                    cub = lambda: F.linear(x, wt, bias)
+                cublas_us = self._time_us(cub)
+                self.gemv_report[f"{name}_cublas_us"] = round(cublas_us, 2)
+                if best[0] < 0.97 * cublas_us:
+                    self._gemv[name] = best[1]
+            except Exception as exc:
+                self.gemv_report[name] = first_line(exc)[:160]
+        self.gemv_report["chosen"] = sorted(self._gemv)
+
+    def _choose_prefill_attention(self, forced: str | None = None) -> str:
+        """On CUDA, time the candidate SDPA paths for a 2048-token causal prompt (one layer's
+        shapes, the single K/V head) and keep the fastest one that agrees with a float32
+        reference; the reasons a candidate was dropped go to ``prefill_attention_report``."""
+        self.prefill_attention = "sdpa_gqa"
+        self.prefill_attention_report: dict[str, Any] = {}
+        if forced is not None:
+            self.prefill_attention = forced
+            return forced
+        if self.device.type != "cuda" or os.environ.get("STARCHAT_FAST_PREFILL_ATTN") == "sdpa_gqa":
+            return "sdpa_gqa"
+        torch = self._torch
+        H, D, E = self.n_head, self.head_dim, self.n_embd
+        T = min(2048, self.max_len)
+        gen = torch.Generator(device=self.device).manual_seed(99)
+        qkv = torch.randn((T, E + 2 * D), device=self.device, dtype=self.dtype, generator=gen)
+        q = qkv[:, :E].view(T, H, D).transpose(0, 1)[None]
+        k = qkv[:, E : E + D][None, None]
+        v = qkv[:, E + D :][None, None]
+        ref = None
+        try:  # float32 reference, a quarter of the queries (the last ones: the longest rows)
+            rows = slice(T - T // 4, T)
+            qf, kf, vf = q[0, :, rows].float(), k[0, 0].float(), v[0, 0].float()
+            sc = (qf @ kf.T) * self.scale
+            pos = torch.arange(T, device=self.device)
+            sc = sc.masked_fill(pos[None, None, :] > pos[rows][None, :, None], float("-inf"))
+            ref = (torch.softmax(sc, -1) @ vf, rows)
+        except Exception as exc:
+            self.prefill_attention_report["reference"] = first_line(exc)
+        best, best_us = "sdpa_gqa", None
+        candidates = ["sdpa_gqa", "flash_expand", "flash_gqa", "cudnn_expand", "efficient_expand"]
+        wanted = os.environ.get("STARCHAT_FAST_PREFILL_ATTN")
+        if wanted in candidates:
+            candidates = ["sdpa_gqa", wanted]
+        for mode in candidates:
+            try:
+                self.prefill_attention = mode
+                out = self._prefill_attn(q, k, v)
+                if ref is not None:
+                    got = out[0, :, ref[1]].float()
+                    err = float((got - ref[0]).norm() / ref[0].norm())
+                    if not err < 2e-2:
+                        self.prefill_attention_report[mode] = f"rel err {err:.3g}"
+                        continue
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                self._prefill_attn(q, k, v)
+                times = []
+                for _ in range(5):
+                    start.record()
+                    self._prefill_attn(q, k, v)
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end) * 1e3)
+                us = sorted(times)[len(times) // 2]
+                self.prefill_attention_report[mode] = round(us, 1)
+                if best_us is None or us < best_us * 0.97:  # a clear gain only; ties keep the default
+                    best, best_us = mode, us
+            except Exception as exc:
+                self.prefill_attention_report[mode] = first_line(exc)[:160]
+        self.prefill_attention = best
+        return best
+
+    def _capture_all(self) -> None:
+        torch = self._torch
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for b in self.batch_buckets:
+                for n in self.length_buckets:
+                    self._decode_step(b, n)  # warm-up: kernel selection, Triton compile, workspaces
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        for b in self.batch_buckets:
+            for n in self.length_buckets:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._decode_step(b, n)
+                self._graphs[(b, n)] = graph
+        torch.cuda.synchronize(self.device)
+
+    def _capture_verify(self) -> None:
+        """One speculative-step graph per length bucket. If capture fails, speculation is
+        turned off (``spec_error`` says why); plain decoding is unaffected."""
+        torch = self._torch
+        try:
+            pool = torch.cuda.graph_pool_handle()
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for n in self.length_buckets:
+                    self._verify_step(n)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            torch.cuda.synchronize(self.device)
+            for n in self.length_buckets:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._verify_step(n)
+                self._spec_graphs[n] = graph
+            torch.cuda.synchronize(self.device)
+        except Exception as exc:
+            log.warning("speculative step capture failed (%s); speculation off", exc)
+            self.spec_error = first_line(exc)[:200]
+            self._spec_graphs.clear()
+            self.spec_tokens = 1
+
+    def _capture_with_fallback(self) -> None:
+        """Graphs with the chosen attention; if that fails, with torch attention; if that fails
+        too, eager steps (slower, still correct)."""
+        torch = self._torch
+        for attempt in range(4):
+            try:
+                self._capture_all()
+                return
+            except Exception as exc:
+                what = f"{self.attention}{' + prebias' if self.prebias else ''}{' + gemv' if self._gemv else ''}"
+                log.warning("decode graph capture failed (%s attention): %s", what, exc)
+                self.graph_error = (self.graph_error + " | " if self.graph_error else "") + f"{what}: {first_line(exc)}"
+                self._graphs.clear()
+                try:
+                    torch.cuda.synchronize(self.device)
+                except Exception:
+                    pass
+                if self._gemv:  # the newest paths go first
+                    self._gemv.clear()
+                    self._gemv_ops.clear()
+                    continue
+                if self.prebias:
+                    self.prebias = False
+                    continue
+                if self.attention != "triton":
+                    break
+                self.attention = "torch"
+                self._triton.clear()
+        self.use_graphs = False
+
+    def _warm_prefill(self) -> None:
+        """One short prefill into the last slot (its content is then forgotten)."""
+        n = min(16, self.max_len - 1)
+        self._prefill(self.slots - 1, [0] * n, 0)
+        if self.device.type == "cuda":
+            self._torch.cuda.synchronize(self.device)
+
+    def _check_speculation(self, new: int = 12) -> None:
+        """Start-up check of the speculative step as it will run (graphs, attention, sampling):
+        a greedy answer to a fixed prompt in plain steps, then again with that answer as the
+        drafts. Every draft should be kept; a near-tie of the several-row step's rounding may
+        reject one, a wrong step rejects nearly all: below half kept, speculation is off
+        (``spec_error``)."""
+        prompt = [(i * 7919 + 13) % (min(self.vocab, 1000) - 1) + 1 for i in range(24)]
+        greedy = Sampling(max_new_tokens=new, temperature=0.0)
+        try:
+            self.speculation = False
+            answer, _ = self.generate(prompt, greedy, lambda: False, lambda _: None)
+            self.speculation = True
+            before = dict(self.stats)
+            self._lookup_for = lambda p: KnownAnswer(p, answer)  # type: ignore[method-assign]
+            try:
+                got, _ = self.generate(prompt, greedy, lambda: False, lambda _: None)
+            finally:
+                del self._lookup_for
+            drafted = self.stats["spec_drafted"] - before["spec_drafted"]
+            kept = self.stats["spec_accepted"] - before["spec_accepted"]
+            self.spec_check = {"drafted": drafted, "kept": kept, "same_tokens": got == answer}
+            if drafted and kept * 2 < drafted:
+                self.speculation = False
+                self.spec_error = f"start-up check kept {kept} of {drafted} right drafts"
+                log.warning("speculative step failed its start-up check (%s); speculation off", self.spec_error)
+        except Exception as exc:
+            self.speculation = False
+            self.spec_error = f"start-up check: {first_line(exc)[:200]}"
+            log.warning("speculative step failed its start-up check (%s); speculation off", exc)
+        for slot in range(self.slots):  # the check's tokens are no prefix worth reusing
+            self._slot_ids[slot] = []
+        for key, value in self.stats.items():  # counters start with the first real request
+            self.stats[key] = type(value)()
+
+
+def graph_time_us(fn, device, reps: int = 20) -> float:
+    """Median device time of one call of ``fn`` in microseconds: ``reps`` calls captured in one
+    CUDA graph, replayed 5 times, so launch overhead does not count."""
+    import torch
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / reps)
+    del graph
+    return sorted(times)[len(times) // 2]
