@@ -54,6 +54,16 @@ class Settings:
             reloads=True,
         ),
     )
+    fast_max_batch: int = field(
+        default=8,
+        metadata=_doc("Fast engine: requests decoded together (each holds a KV-cache slot of contextWindow tokens).",
+                      lambda v: 1 <= v <= 64, reloads=True),
+    )
+    speculative_tokens: int = field(
+        default=7,
+        metadata=_doc("Fast engine: tokens drafted by prompt lookup and checked per step; 0 turns speculation off.",
+                      lambda v: 0 <= v <= 31, reloads=True),
+    )
     trust_remote_code: bool = field(default=False, metadata=_doc("Run code shipped with the model. Off unless you trust it.", reloads=True))
     allow_unsafe_weights: bool = field(
         default=False, metadata=_doc("Also load pickled .bin weights (safetensors only otherwise).", reloads=True)

@@ -31,7 +31,7 @@ Design (bench/NOTES.md has the reasoning and the numbers):
   before the host reads step ``n``'s tokens.
 * Prefix reuse: every slot remembers which tokens its cache rows hold; a new request takes over
   (or copies, one device copy) the longest cached prefix and prefills only the rest.
-* Prompt-lookup speculation (``speculate`` drafts, 7 by default; ``STARCHAT_FAST_SPECULATE``):
+* Prompt-lookup speculation (``speculate`` drafts, 7 by default; setting ``speculativeTokens``):
   when the tail of a request's context occurred earlier (an answer copying the selection), the
   tokens that followed are drafts. One step (``_verify_step``, a graph per length bucket) runs
   ``speculate + 1`` query rows: every running request's last token and, in the spare rows, its
@@ -323,18 +323,16 @@ class FastEngine(StartUp, StepMath):
             if reason is not None:
                 log.info("engine auto: generate() (%s)", reason)
                 return ref
-        max_batch = int(os.environ.get("STARCHAT_FAST_MAX_BATCH", "8"))
-        speculate = int(os.environ.get("STARCHAT_FAST_SPECULATE", "7"))
         report("Preparing the fast engine (static cache, decode graphs)")
         try:
             return cls(
                 ref.model,
                 ref.tokenizer,
                 description=ref.description,
-                max_batch=max_batch,
+                max_batch=settings.fast_max_batch,
                 max_len=settings.context_window or None,
                 stop_ids=ref.stop_ids,
-                speculate=speculate,
+                speculate=settings.speculative_tokens,
                 report=report,
             )
         except Exception as exc:

@@ -50,3 +50,20 @@ def test_which_changes_reload_the_model():
 def test_every_setting_is_documented():
     for key, _default, doc in describe():
         assert doc and key[0].islower() and "_" not in key
+
+
+def test_the_vscode_extension_knows_every_setting():
+    """Each server setting is a `starchat.<key>` VS Code setting that the extension forwards."""
+    import json
+    import re
+    from pathlib import Path
+
+    ext = Path(__file__).resolve().parents[2] / "editor-clients" / "vscode"
+    forwarded = set(re.findall(r'^\s+"(\w+)",$', (ext / "src" / "server.ts").read_text().split("SERVER_SETTINGS")[1].split("] as const")[0], re.M))
+    package = json.loads((ext / "package.json").read_text())
+    contributed = set()
+    for section in package["contributes"]["configuration"] if isinstance(package["contributes"]["configuration"], list) else [package["contributes"]["configuration"]]:
+        contributed |= {k.removeprefix("starchat.") for k in section["properties"]}
+    keys = {key for key, _default, _doc in describe()}
+    assert keys == forwarded
+    assert keys <= contributed

@@ -12,6 +12,8 @@ export const SERVER_SETTINGS = [
   "device",
   "dtype",
   "engine",
+  "fastMaxBatch",
+  "speculativeTokens",
   "trustRemoteCode",
   "allowUnsafeWeights",
   "maxNewTokens",
