@@ -5,7 +5,7 @@ the prompt. When the last ``n`` tokens of the context (prompt + answer so far) o
 the tokens that followed that earlier occurrence are a good guess for what comes next; the
 engine checks all of them in one step and keeps the ones the model agrees with.
 
-The context is kept as bytes (4 per token), so a lookup is one ``bytes.rfind`` (C speed: a few
+The context is kept as bytes (4 per token, ``array("I")``), so a lookup is one ``bytes.rfind`` (C speed: a few
 microseconds over an 8K-token context) instead of a Python loop or an index built per request.
 """
 
@@ -35,22 +35,22 @@ class PromptLookup:
     def draft(self, k: int) -> list[int]:
         """Up to ``k`` tokens that followed the most recent earlier occurrence of the longest
         matching tail (``max_ngram`` down to ``min_ngram`` tokens); [] when there is none."""
-        ids, data = self._ids, self._bytes
+        ids, data, w = self._ids, self._bytes, self._ids.itemsize
         n_ids = len(ids)
         if k <= 0:
             return []
         for n in range(min(self.max_ngram, n_ids - 1), self.min_ngram - 1, -1):
-            tail = data[-4 * n :]
+            tail = data[-w * n :]
             # an earlier occurrence must end before the last token (so a continuation exists)
-            end = len(data) - 4
+            end = len(data) - w
             while True:
                 at = data.rfind(tail, 0, end)
                 if at < 0:
                     break
-                if at % 4 == 0:  # aligned on a token, not inside one
-                    start = at // 4 + n
+                if at % w == 0:  # aligned on a token, not inside one
+                    start = at // w + n
                     return ids[start : start + k].tolist()
-                end = at + 4 * n - 1
+                end = at + w * n - 1
         return []
 
 
