@@ -528,6 +528,30 @@ def main(argv=None) -> int:
         finally:
             del eng._lookup_for
         run_once("prompt_lookup")
+
+        # the known-answer request again, beside a second request without drafts (a Fix while a
+        # hover or a chat runs): they share speculative steps, 1 row for the other one
+        other_ids = prompt(sz["b1_prompt"])
+        stamps_other: list[float] = []
+        go = threading.Barrier(2)
+
+        def other():
+            go.wait()
+            eng.generate(other_ids, greedy, lambda: False, lambda _: stamps_other.append(time.perf_counter()))
+
+        eng._lookup_for = lambda p: KnownAnswer(p, plain) if p == ids else KnownAnswer(p, [])
+        try:
+            th = threading.Thread(target=other)
+            th.start()
+            go.wait()
+            before = dict(eng.stats)
+            _, _, _, stamps = timed(eng, ids, greedy)
+            th.join()
+        finally:
+            del eng._lookup_for
+        R["spec_shared_known_answer_tok_s"] = rate(stamps)
+        R["spec_shared_other_tok_s"] = rate(stamps_other)
+        R["spec_shared_steps"] = eng.stats["spec_shared_steps"] - before["spec_shared_steps"]
         eng.speculation = False
 
     b.step("speculation", speculation)
@@ -757,6 +781,7 @@ TARGETS = [
     ("spec_prompt_lookup_tok_s", "tok/s", "b1, prompt lookup, random weights"),
     ("spec_plain_tok_s", "tok/s", "b1, same prompt, no speculation"),
     ("spec_no_draft_tok_s", "tok/s", "b1, speculation on, no draft found"),
+    ("spec_shared_known_answer_tok_s", "tok/s", "the same beside a second request"),
     ("spec_verify_over_step", "x", "speculative step / plain b1 step"),
     ("server_chat_tok_s", "tok/s", "a chat through the server (LSP, streaming), fast engine"),
     ("server_chat_first_piece_ms", "ms", "its first streamed piece"),
