@@ -26,7 +26,8 @@ Design (bench/NOTES.md has the reasoning and the numbers):
   a seeded request gives the same tokens whatever else shares its batch.
 * One scheduler thread owns the device. ``generate()`` (called from any number of threads)
   queues its request and streams tokens from a per-request queue. A request is prefilled
-  between decode steps, then joins the batch; a finished or cancelled one leaves at the next
+  between decode steps (whole when nothing decodes, else in chunks of ``prefill_chunk``
+  tokens, one chunk between two steps), then joins the batch; a finished or cancelled one leaves at the next
   step boundary and frees its slot. Steps are pipelined one deep: step ``n+1`` is launched
   before the host reads step ``n``'s tokens.
 * Prefix reuse: every slot remembers which tokens its cache rows hold; a new request takes over
@@ -100,6 +101,7 @@ class _Request:
     done: bool = False
     reused: int = 0
     prefilled: int = 0
+    prefill_pos: int = 0  # prompt tokens in its slot's cache so far (chunked prefill)
     lookup: PromptLookup | KnownAnswer | None = None  # where its speculative drafts come from
     spec_misses: int = 0  # speculative steps in a row that kept no draft
     spec_wait: int = 0  # plain steps before the next draft: 1, 2, 4 … 16 after misses in a row
@@ -124,6 +126,7 @@ class FastEngine(StartUp, StepMath):
         prefill_attention: str | None = None,
         gemv: bool | None = None,
         speculate: int = 7,
+        prefill_chunk: int = 1024,
         report: Callable[[str], None] = lambda _: None,
     ):
         import torch
@@ -265,11 +268,15 @@ class FastEngine(StartUp, StepMath):
         self._slot_used = [0.0] * S
         self._running: list[_Request] = []
         self._incoming: deque[_Request] = deque()
+        # admitted (slot taken), prompt still going into the cache: whole when nothing decodes,
+        # else `prefill_chunk` tokens between two decode steps
+        self._prefilling: deque[_Request] = deque()
+        self.prefill_chunk = max(1, int(prefill_chunk))
         self._cv = threading.Condition()
         self._closed = False
         self._broken: BaseException | None = None
         self.stats = {"requests": 0, "prefill_tokens": 0, "reused_tokens": 0, "steps": 0, "tokens": 0, "max_rows": 0,
-                      "wait_s": 0.0, "host_bound_steps": 0, "prefill_s": 0.0,
+                      "wait_s": 0.0, "host_bound_steps": 0, "prefill_s": 0.0, "prefill_chunks": 0,
                       "spec_steps": 0, "spec_shared_steps": 0, "spec_drafted": 0, "spec_accepted": 0}
         self._graphs: dict[tuple[int, int], Any] = {}
         self._spec_graphs: dict[int, Any] = {}
@@ -362,7 +369,7 @@ class FastEngine(StartUp, StepMath):
         """Logits (T, V) float32 of every position of ``ids`` through the prefill path, in the
         last slot (forgotten afterwards). For benchmarks and checks only: call it while the
         engine is idle (no request queued or running)."""
-        if self._running or self._incoming:
+        if self._running or self._incoming or self._prefilling:
             raise EngineError("score() needs an idle engine")
         slot = self.slots - 1
         self._slot_ids[slot] = []
@@ -464,7 +471,7 @@ class FastEngine(StartUp, StepMath):
             pending = None
             while True:
                 with self._cv:
-                    while not self._closed and not self._incoming and not self._running and pending is None:
+                    while not self._closed and not (self._incoming or self._running or self._prefilling or pending):
                         self._cv.wait(timeout=0.5)
                     if self._closed:
                         break
@@ -478,6 +485,9 @@ class FastEngine(StartUp, StepMath):
                     for req in list(self._running):
                         if not req.done and req.should_stop():
                             self._finish(req, "cancelled")
+                    for req in list(self._prefilling):
+                        if req.should_stop():
+                            self._drop_prefilling(req, ("done", "cancelled"))
                     while self._free_slot_exists():
                         with self._cv:
                             if not self._incoming:
@@ -486,6 +496,7 @@ class FastEngine(StartUp, StepMath):
                         if req.done:
                             continue
                         self._admit(req)
+                    self._advance_prefill()
                     launched = None
                     if self._may_speculate():
                         # drafting needs every running request's last token: no pipelining
@@ -523,11 +534,12 @@ class FastEngine(StartUp, StepMath):
         with self._cv:
             waiting = list(self._incoming)
             self._incoming.clear()
-        for req in list(self._running) + waiting:
+        for req in list(self._running) + list(self._prefilling) + waiting:
             if not req.done:
                 req.done = True
                 req.events.put(("error", err))
         self._running.clear()
+        self._prefilling.clear()
         for s in range(self.slots):
             self._slot_req[s] = None
             self._slot_ids[s] = []
@@ -555,9 +567,10 @@ class FastEngine(StartUp, StepMath):
         return target, reuse, (source if reuse > 0 else None)
 
     def _admit(self, req: _Request) -> None:
+        """Give ``req`` a slot (taking over or copying the longest cached prefix of its prompt)
+        and its sampling parameters; its prompt goes into the cache in ``_advance_prefill``."""
         torch = self._torch
         prompt = req.prompt
-        P = len(prompt)
         slot, reuse, source = self._pick_slot(prompt)
         self._slot_req[slot] = req
         self._slot_used[slot] = time.monotonic()
@@ -576,8 +589,35 @@ class FastEngine(StartUp, StepMath):
             self.seed[slot] = int(seed) & _M32
             self.seen[slot].zero_()
             self.seen[slot, torch.tensor(prompt, device=self.device)] = True
+        except Exception as exc:
+            self._request_failed(req, exc)
+            return
+        req.reused = req.prefill_pos = reuse
+        self._prefilling.append(req)
+
+    def _advance_prefill(self) -> None:
+        """Put the oldest waiting prompt into its slot's cache: whole when nothing is decoding
+        (its first token comes soonest), else ``prefill_chunk`` tokens of it between two decode
+        steps (a long prompt delays the others' next token by one chunk, not by all of it).
+        After its last chunk the request samples its first token and joins the batch."""
+        if not self._prefilling:
+            return
+        torch = self._torch
+        req = self._prefilling[0]
+        prompt, P, slot = req.prompt, len(req.prompt), req.slot
+        start = req.prefill_pos
+        n = P - start
+        if any(not r.done for r in self._running):
+            n = min(n, self.prefill_chunk)
+        try:
             t_prefill = time.perf_counter()
-            logits = self._prefill(slot, prompt[reuse:], reuse)
+            logits = self._prefill(slot, prompt[start : start + n], start)
+            req.prefill_pos += n
+            self._slot_ids[slot] = prompt[: req.prefill_pos]
+            self.stats["prefill_chunks"] += 1
+            if req.prefill_pos < P:
+                self.stats["prefill_s"] += time.perf_counter() - t_prefill
+                return
             pos = torch.full((1,), P - 1, device=self.device, dtype=torch.long)
             first = self._sample(logits, slice(slot, slot + 1), pos)
             self.seen[slot, first] = True
@@ -587,23 +627,45 @@ class FastEngine(StartUp, StepMath):
             token = int(first.item())
             self.stats["prefill_s"] += time.perf_counter() - t_prefill
         except Exception as exc:
-            self._slot_req[slot] = None
-            self._slot_ids[slot] = []
-            req.done = True
-            oom = "out of memory" in str(exc).lower()
-            if self.device.type == "cuda" and oom:
-                torch.cuda.empty_cache()
-            msg = "The GPU ran out of memory for this request" if oom else "The fast engine failed on this request"
-            req.events.put(("error", EngineError(f"{msg}: {first_line(exc)}")))
-            if not oom:
-                raise
+            self._prefilling.remove(req)
+            self._request_failed(req, exc)
             return
-        self._slot_ids[slot] = list(prompt)
-        req.reused, req.prefilled = reuse, P - reuse
-        self.stats["reused_tokens"] += reuse
-        self.stats["prefill_tokens"] += P - reuse
+        self._prefilling.popleft()
+        req.prefilled = P - req.reused
+        self.stats["reused_tokens"] += req.reused
+        self.stats["prefill_tokens"] += req.prefilled
         self._running.append(req)
         self._emit(req, token)
+
+    def _drop_prefilling(self, req: _Request, event: tuple[str, Any]) -> None:
+        """A request leaves before its prompt is all in: its slot is free again, and the part of
+        the prompt already in the cache stays reusable."""
+        self._prefilling.remove(req)
+        slot = req.slot
+        if slot is not None and self._slot_req[slot] is req:
+            self._slot_req[slot] = None
+            self._slot_ids[slot] = req.prompt[: req.prefill_pos]
+            self._slot_used[slot] = time.monotonic()
+        req.done = True
+        req.events.put(event)
+        with self._cv:
+            self._cv.notify_all()
+
+    def _request_failed(self, req: _Request, exc: BaseException) -> None:
+        """Admission or prefill failed: out of memory fails this request only; anything else
+        is re-raised for the loop (which fails everything in flight)."""
+        slot = req.slot
+        if slot is not None and self._slot_req[slot] is req:
+            self._slot_req[slot] = None
+            self._slot_ids[slot] = []
+        req.done = True
+        oom = "out of memory" in str(exc).lower()
+        if self.device.type == "cuda" and oom:
+            self._torch.cuda.empty_cache()
+        msg = "The GPU ran out of memory for this request" if oom else "The fast engine failed on this request"
+        req.events.put(("error", EngineError(f"{msg}: {first_line(exc)}")))
+        if not oom:
+            raise exc
 
     def _launch(self):
         torch = self._torch

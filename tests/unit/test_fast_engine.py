@@ -542,6 +542,34 @@ def test_speculation_is_on_by_default_and_can_be_turned_off(test_model):
             eng.close()
 
 
+@pytest.mark.parametrize(("text", "sampling"), [
+    ("import", Sampling(max_new_tokens=60, temperature=0.0, repetition_penalty=3.0)),
+    ("x", Sampling(max_new_tokens=60, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=3.0, seed=1)),
+    ("return", Sampling(max_new_tokens=60, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=3.0, seed=1)),
+], ids=["greedy", "sampled", "sampled-2"])
+def test_right_drafts_are_all_kept(engine, plain_engine, tokenizer, text, sampling):
+    """With drafts that are the answer plain decoding gives, every speculative step keeps all
+    of them and gives that answer: each row's penalty context (the drafts before it count as
+    seen) and random draw are exactly those of plain decoding at its position. A one-token
+    prompt and a strong penalty, so that the drafts are new tokens and the penalty on them
+    decides the next ones (the sampled cases fail if the drafts are left out of it)."""
+    assert wait_idle(engine)
+    prompt = tokenizer(text)["input_ids"]
+    answer = run(plain_engine, prompt, sampling)[0]
+    assert len(answer) > 10
+    engine._lookup_for = lambda p: KnownAnswer(p, answer)
+    try:
+        before = dict(engine.stats)
+        got = run(engine, prompt, sampling)[0]
+    finally:
+        del engine._lookup_for
+    assert got == answer
+    steps = engine.stats["spec_steps"] - before["spec_steps"]
+    kept = engine.stats["spec_accepted"] - before["spec_accepted"]
+    drafted = engine.stats["spec_drafted"] - before["spec_drafted"]
+    assert steps > 0 and kept == drafted
+
+
 def test_speculation_start_up_check(hf_model, tokenizer, engine):
     """At start the engine decodes a fixed prompt plainly, then with that answer as drafts: all
     are kept on a sound step; a step that rejects right drafts turns speculation off."""
@@ -601,3 +629,64 @@ def test_engine_auto_picks_and_falls_back(test_model, monkeypatch):
         eng.close()
     with pytest.raises(RuntimeError):  # asked for by name: the failure is the answer
         load_engine(Settings(model=str(test_model), device="cpu", engine="fast"), lambda _: None)
+
+
+def _hold_scheduler_until_queued(eng, got, after=3):
+    """A should_stop for a first request: once it has streamed ``after`` tokens, it holds the
+    scheduler (it runs there, before each step) until a second request is queued, so that the
+    second one surely arrives while the first is decoding."""
+    joined = threading.Event()
+
+    def should_stop():
+        if threading.current_thread() is eng._thread and len(got) >= after and not joined.is_set():
+            end = time.monotonic() + 10
+            while not eng._incoming and time.monotonic() < end:
+                time.sleep(0.001)
+            joined.set()
+        return False
+
+    return should_stop
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(hf_model, tokenizer, copying_prompts, prompts):
+    from lsp_server.engine.fast import FastEngine
+
+    eng = FastEngine(hf_model, tokenizer, max_batch=2, speculate=0, prefill_chunk=8)
+    try:
+        long = Sampling(max_new_tokens=120, temperature=0.0)
+        expected_long = reference(hf_model, eng.stop_ids, copying_prompts["ticking"], new=120)
+        second = copying_prompts["fix"]
+        expected_second = reference(hf_model, eng.stop_ids, second)
+        got: list[int] = []
+        result: dict[str, list[int]] = {}
+        t = threading.Thread(target=lambda: result.setdefault("long", run(
+            eng, copying_prompts["ticking"], long, _hold_scheduler_until_queued(eng, got), got.append)[0]))
+        t.start()
+        end = time.monotonic() + 30
+        while len(got) < 3 and time.monotonic() < end:
+            time.sleep(0.005)
+        before = dict(eng.stats)
+        assert run(eng, second)[0] == expected_second
+        t.join(timeout=60)
+        assert result["long"] == expected_long
+        # the second prompt went in 8 tokens at a time, with decode steps of the first between
+        prefilled = eng.stats["prefill_tokens"] - before["prefill_tokens"]
+        assert prefilled > 64 and eng.stats["prefill_chunks"] - before["prefill_chunks"] >= prefilled // 8
+        # cancelled while its prompt goes in: the slot is free at once, and what is in the
+        # cache is reused by the next request with that prompt
+        assert wait_idle(eng)
+        got.clear()
+        t = threading.Thread(target=lambda: run(eng, copying_prompts["ticking"], long, _hold_scheduler_until_queued(eng, got), got.append))
+        t.start()
+        while len(got) < 3 and time.monotonic() < end + 30:
+            time.sleep(0.005)
+        calls = []
+        cancelled = eng.generate(prompts[1], GREEDY, lambda: calls.append(1) or len(calls) > 3, lambda _: None)
+        t.join(timeout=60)
+        assert cancelled == ([], "cancelled")
+        assert wait_idle(eng)
+        before = dict(eng.stats)
+        assert run(eng, prompts[1])[0] == reference(hf_model, eng.stop_ids, prompts[1])
+        assert eng.stats["reused_tokens"] - before["reused_tokens"] >= 8
+    finally:
+        eng.close()
