@@ -735,12 +735,7 @@ def main(argv=None) -> int:
         try:
             t = time.monotonic()
             model.save_pretrained(folder, max_shard_size="4GB")
-            if tokenizer is not None:
-                tokenizer.save_pretrained(folder)
-            else:
-                from lsp_server.testing.tiny_model import _build_tokenizer
-
-                _build_tokenizer(["def f(x):\n    return x + 1\n"] * 4).save_pretrained(folder)
+            (tokenizer or word_tokenizer(model.config.vocab_size)).save_pretrained(folder)
             R["ready_save_s"] = round(time.monotonic() - t, 1)
             if cuda:
                 torch.cuda.empty_cache()
@@ -761,6 +756,24 @@ def main(argv=None) -> int:
     if watchdog is not None:
         watchdog.cancel()
     return finish(b, cuda, wall0)
+
+
+def word_tokenizer(vocab_size: int):
+    """A tokenizer for the random full-size model: StarChat's special tokens, then one word per
+    remaining id ("w5", "w6", ...), so that every token the model generates has text and the
+    server streams it (a small trained tokenizer would leave most ids without text)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lsp_server.testing.tiny_model import CHAT_TOKENS, SPECIAL_TOKENS
+
+    specials = SPECIAL_TOKENS + CHAT_TOKENS
+    vocab = {t: i for i, t in enumerate(specials)}
+    vocab.update({f"w{i}": i for i in range(len(specials), vocab_size)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", additional_special_tokens=specials[1:])
 
 
 TARGETS = [
