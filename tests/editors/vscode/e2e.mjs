@@ -348,8 +348,8 @@ try {
       const last = list[list.length - 1];
       return last?.role === "assistant" && last.status === "streaming" && last.text.length >= 60;
     }, 60000, 50);
-    await screenshot("streaming");
-    await chatFrame().locator("#stop").click();
+    // the screenshot and the click together: the whole answer can take well under a second
+    await Promise.all([screenshot("streaming"), chatFrame().locator("#stop").click()]);
     const stopped = await until("the answer to stop", async () => {
       const list = await chatTurns();
       const last = list[list.length - 1];

@@ -117,6 +117,14 @@ M.handlers = {
       changed()
     end
   end,
+  -- Neovim's own handler also prints "Workspace edit <label>" for every edit; two edits in a
+  -- row then stop the editor at a hit-enter prompt. The edit is the same; the status line
+  -- already tells what StarChat is doing.
+  ["workspace/applyEdit"] = function(_, params, ctx)
+    local client = vim.lsp.get_client_by_id(ctx.client_id)
+    local ok, err = pcall(vim.lsp.util.apply_workspace_edit, params.edit, client and client.offset_encoding or "utf-16")
+    return { applied = ok, failureReason = (not ok) and tostring(err) or nil }
+  end,
 }
 
 function M.clients(bufnr)
