@@ -180,12 +180,10 @@ class StarChatServer(LanguageServer):
         engine = await self.ready_engine()
         sampling = Sampling.from_settings(self.settings, max_new_tokens)
         async with WorkDone(self, title, token=work_done_token, cancellable=True) as progress:
-            pieces = 0
+            def on_count(tokens: int) -> None:
+                progress.report(f"{tokens} token{'s' if tokens != 1 else ''}", throttle=True)
 
             def on_piece(delta: str) -> None:
-                nonlocal pieces
-                pieces += 1
-                progress.report(f"{pieces} token{'s' if pieces != 1 else ''}", throttle=True)
                 if on_text is not None:
                     on_text(delta)
 
@@ -193,7 +191,7 @@ class StarChatServer(LanguageServer):
             limit = self.settings.request_timeout
             try:
                 async with asyncio.timeout(limit):
-                    return await stream(self.worker, engine, prompt_ids, sampling, priority, on_piece)
+                    return await stream(self.worker, engine, prompt_ids, sampling, priority, on_piece, on_count)
             except TimeoutError:
                 raise RequestFailed(f"Generation took longer than {limit:g} s and was stopped (setting requestTimeout).") from None
             except (Busy, EngineError) as exc:

@@ -31,22 +31,27 @@ async def stream(
     sampling: Sampling,
     priority: Priority,
     on_text: Callable[[str], None] = lambda _: None,
+    on_count: Callable[[int], None] = lambda _: None,
 ) -> Generation:
     """Generate on the worker thread, calling ``on_text`` on the event loop with each piece of
     text. Text that arrives while the loop is busy (several tokens from one speculative step,
     or a fast engine outrunning the editor) is joined into one piece: the loop is woken once
     per piece, not once per token. If the awaiting task is cancelled, the decoding loop stops
-    before its next step and no ``on_text`` call happens after the cancellation."""
+    before its next step and no ``on_text`` call happens after the cancellation. ``on_count``
+    gets the number of tokens generated so far with each piece."""
     loop = asyncio.get_running_loop()
     stop = threading.Event()
     lock = threading.Lock()
     pending: list[str] = []
+    count = 0
 
     def deliver() -> None:
         with lock:
             text = "".join(pending)
             pending.clear()
+            tokens = count
         if text and not stop.is_set():
+            on_count(tokens)
             on_text(text)
 
     def send(delta: str) -> None:
@@ -60,6 +65,9 @@ async def stream(
         decoder = StreamDecoder(engine.tokenizer)
 
         def on_token(token: int) -> None:
+            nonlocal count
+            with lock:
+                count += 1
             if delta := decoder.push(token):
                 send(delta)
 

@@ -42,7 +42,8 @@ async def test_pieces_arrive_in_order_and_join_when_the_loop_is_busy():
     started, go = threading.Event(), threading.Event()
     engine = FakeEngine(list(range(200)), started, go)
     pieces: list[str] = []
-    task = asyncio.ensure_future(stream(worker, engine, [1], Sampling(), Priority.USER, pieces.append))
+    counts: list[int] = []
+    task = asyncio.ensure_future(stream(worker, engine, [1], Sampling(), Priority.USER, pieces.append, counts.append))
     while not started.is_set():
         await asyncio.sleep(0.01)
     go.set()
@@ -51,6 +52,7 @@ async def test_pieces_arrive_in_order_and_join_when_the_loop_is_busy():
     expected = "".join(chr(97 + i % 26) for i in range(200))
     assert result.text == "".join(pieces) == expected
     assert len(pieces) <= 2  # one wake-up for the burst (and at most one for the tail)
+    assert counts[-1] == 200  # the token count still counts tokens, not pieces
     # a slow producer: every token is its own piece
     slow = FakeEngine([0, 1, 2])
     slow_generate = slow.generate
