@@ -25,113 +25,129 @@ from lsp_server.testing import scenarios as sc  # noqa: E402
 from lsp_server.testing.wire import frame, read_message  # noqa: E402
 
 
-async def time_to_ready(model: str, device: str, engine: str = "generate", timeout: float = 300.0, chat_tokens: int = 0) -> dict:
-    """Spawn the server, initialize, and wait for ``starchat/status`` "ready" (weights loaded,
-    engine prepared: for the fast engine its cache allocated and graphs captured). Seconds from
-    spawn; raises with the server's message on "error" and with its log's tail on an exit.
-    With ``chat_tokens``, then one ``starchat/chat`` of that many tokens: its first streamed
-    piece, its rate through the server, and how many pieces carried it."""
-    started = time.monotonic()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lsp_server", "--model", model, "--device", device, "--engine", engine,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
-    )
-    assert process.stdin and process.stdout and process.stderr
-    log_tail: list[bytes] = []
+class Server:
+    """``python -m lsp_server`` over stdio, driven by hand (no client library): frames in and
+    out, its log (stderr) kept to the last lines for error messages."""
 
-    async def drain() -> None:  # the server's log (stderr) must not fill its pipe
-        async for line in process.stderr:  # type: ignore[union-attr]
-            log_tail.append(line)
-            del log_tail[:-20]
+    def __init__(self, process: asyncio.subprocess.Process):
+        self.process = process
+        self.started = time.monotonic()
+        self.log_tail: list[bytes] = []
+        self._draining = asyncio.ensure_future(self._drain())
 
-    draining = asyncio.ensure_future(drain())
-    send = lambda payload: process.stdin.write(frame(payload))  # noqa: E731
-    send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}}})
-    send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
-    figures: dict = {}
-    try:
+    @classmethod
+    async def start(cls, model: str, device: str, engine: str) -> "Server":
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "lsp_server", "--model", model, "--device", device, "--engine", engine,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+        )
+        return cls(process)
+
+    async def _drain(self) -> None:  # the log must not fill its pipe
+        async for line in self.process.stderr:  # type: ignore[union-attr]
+            self.log_tail.append(line)
+            del self.log_tail[:-20]
+
+    def since_start(self) -> float:
+        return time.monotonic() - self.started
+
+    def send(self, payload: dict) -> None:
+        self.process.stdin.write(frame(payload))  # type: ignore[union-attr]
+
+    async def receive(self, timeout: float = 900) -> dict:
+        try:
+            return await read_message(self.process.stdout, timeout=timeout)  # type: ignore[arg-type]
+        except Exception as exc:
+            tail = b"".join(self.log_tail).decode(errors="replace")[-1500:]
+            raise RuntimeError(f"the server did not answer ({type(exc).__name__}); its log ends: {tail}") from None
+
+    async def initialize(self, options: dict | None = None) -> float:
+        """Seconds initialize took."""
+        sent = time.monotonic()
+        self.send({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                   "params": {"capabilities": {}, "initializationOptions": options or {}}})
+        while (await self.receive()).get("id") != 1:
+            pass
+        took = time.monotonic() - sent
+        self.send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
+        return took
+
+    async def ready(self, timeout: float) -> str:
+        """Wait for starchat/status "ready"; its message."""
         while True:
-            try:
-                message = await read_message(process.stdout, timeout=max(1.0, timeout - (time.monotonic() - started)))
-            except Exception as exc:
-                tail = b"".join(log_tail).decode(errors="replace")[-1500:]
-                raise RuntimeError(f"no 'ready' from the server ({type(exc).__name__}); its log ends: {tail}") from None
-            if message.get("id") == 1:
-                figures["spawn_to_initialize_s"] = round(time.monotonic() - started, 3)
+            message = await self.receive(max(1.0, timeout - self.since_start()))
             if message.get("method") == "starchat/status":
                 state, text = message["params"]["state"], message["params"]["message"]
-                if state == "ready" and "ready_after_spawn_s" not in figures:
-                    figures["ready_after_spawn_s"] = round(time.monotonic() - started, 3)
-                    figures["ready_message"] = text
-                    if not chat_tokens:
-                        return figures
-                    asked, first, pieces = time.monotonic(), None, 0
-                    send({"jsonrpc": "2.0", "id": 2, "method": "starchat/chat", "params": {
-                        "messages": [{"role": "user", "content": "Write a long Python module."}],
-                        "partialResultToken": "bench", "maxNewTokens": chat_tokens}})
+                if state == "ready":
+                    return text
                 if state == "error":
                     raise RuntimeError(f"the server failed to load: {text}")
-            if message.get("method") == "$/progress" and message["params"].get("token") == "bench":
+
+    async def chat(self, request_id: int, question: str, max_new_tokens: int | None = None) -> dict:
+        """One streamed starchat/chat: seconds to its first piece and in all, tokens, pieces."""
+        token = f"p{request_id}"
+        params: dict = {"messages": [{"role": "user", "content": question}], "partialResultToken": token}
+        if max_new_tokens:
+            params["maxNewTokens"] = max_new_tokens
+        asked, first, pieces = time.monotonic(), None, 0
+        self.send({"jsonrpc": "2.0", "id": request_id, "method": "starchat/chat", "params": params})
+        while True:
+            message = await self.receive()
+            if message.get("method") == "$/progress" and message["params"].get("token") == token:
                 pieces += 1
-                if first is None:
-                    first = time.monotonic() - asked
-            if message.get("id") == 2:
+                first = first if first is not None else time.monotonic() - asked
+            if message.get("id") == request_id:
                 if "result" not in message:
                     raise RuntimeError(f"chat failed: {message.get('error')}")
                 total = time.monotonic() - asked
-                tokens = message["result"]["completionTokens"]
-                figures.update(chat_first_piece_ms=round((first or total) * 1e3, 1), chat_tokens=tokens,
-                               chat_tok_s=round(tokens / total, 1), chat_pieces=pieces)
-                return figures
-    finally:
+                return {"first_s": first if first is not None else total, "total_s": total,
+                        "tokens": message["result"]["completionTokens"], "pieces": pieces}
+
+    async def close(self) -> None:
         try:
-            send({"jsonrpc": "2.0", "id": 9, "method": "shutdown"})
-            send({"jsonrpc": "2.0", "method": "exit"})
-            await asyncio.wait_for(process.wait(), 30)
+            self.send({"jsonrpc": "2.0", "id": 9, "method": "shutdown"})
+            self.send({"jsonrpc": "2.0", "method": "exit"})
+            await asyncio.wait_for(self.process.wait(), 30)
         except Exception:
-            process.kill()
-            await process.wait()
-        draining.cancel()
+            self.process.kill()
+            await self.process.wait()
+        self._draining.cancel()
+
+
+async def time_to_ready(model: str, device: str, engine: str = "generate", timeout: float = 300.0, chat_tokens: int = 0) -> dict:
+    """Seconds from spawning the server to its ``starchat/status`` "ready" (weights loaded,
+    engine prepared: for the fast engine its cache allocated and graphs captured). With
+    ``chat_tokens``, then one chat of that many tokens: its first streamed piece, its rate
+    through the server, and how many pieces carried it."""
+    server = await Server.start(model, device, engine)
+    try:
+        await server.initialize()
+        figures: dict = {"ready_message": await server.ready(timeout)}
+        figures["ready_after_spawn_s"] = round(server.since_start(), 3)
+        if chat_tokens:
+            got = await server.chat(2, "Write a long Python module.", chat_tokens)
+            figures.update(chat_first_piece_ms=round(got["first_s"] * 1e3, 1), chat_tokens=got["tokens"],
+                           chat_tok_s=round(got["tokens"] / got["total_s"], 1), chat_pieces=got["pieces"])
+        return figures
+    finally:
+        await server.close()
 
 
 async def measure(model: str, device: str, engine: str = "generate") -> dict:
-    started = time.monotonic()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lsp_server", "--model", model, "--device", device, "--engine", engine,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd=REPO,
-    )
-    assert process.stdin and process.stdout
-    send = lambda payload: process.stdin.write(frame(payload))  # noqa: E731
-    send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}, "initializationOptions": {"temperature": 0}}})
-    sent = time.monotonic()
-    while (await read_message(process.stdout)).get("id") != 1:
-        pass
-    figures = {"initialize_ms": (time.monotonic() - sent) * 1000, "spawn_to_initialize_ms": (time.monotonic() - started) * 1000}
-    send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
-
-    async def chat(request_id: int) -> tuple[float, float, int]:
-        asked = time.monotonic()
-        first = None
-        send({"jsonrpc": "2.0", "id": request_id, "method": "starchat/chat",
-              "params": {"messages": [{"role": "user", "content": sc.CHAT_QUESTION}], "partialResultToken": f"p{request_id}"}})
-        while True:
-            message = await read_message(process.stdout, timeout=900)
-            if message.get("method") == "$/progress" and message["params"]["token"] == f"p{request_id}" and first is None:
-                first = time.monotonic() - asked
-            if message.get("id") == request_id:
-                return first or 0.0, time.monotonic() - asked, message["result"]["completionTokens"]
-
-    cold_first, _, _ = await chat(2)  # sent while the model loads
-    figures["first_chunk_cold_ms"] = cold_first * 1000
-    figures["ready_after_spawn_s"] = time.monotonic() - started
-    warm_first, total, tokens = await chat(3)
-    figures["first_chunk_warm_ms"] = warm_first * 1000
-    figures["answer_tokens"] = tokens
-    figures["tok_s"] = tokens / total
-    send({"jsonrpc": "2.0", "id": 9, "method": "shutdown"})
-    send({"jsonrpc": "2.0", "method": "exit"})
-    await process.wait()
-    return figures
+    server = await Server.start(model, device, engine)
+    try:
+        took = await server.initialize({"temperature": 0})
+        figures = {"initialize_ms": took * 1000, "spawn_to_initialize_ms": server.since_start() * 1000}
+        cold = await server.chat(2, sc.CHAT_QUESTION)  # sent while the model loads
+        figures["first_chunk_cold_ms"] = cold["first_s"] * 1000
+        figures["ready_after_spawn_s"] = server.since_start()
+        warm = await server.chat(3, sc.CHAT_QUESTION)
+        figures["first_chunk_warm_ms"] = warm["first_s"] * 1000
+        figures["answer_tokens"] = warm["tokens"]
+        figures["tok_s"] = warm["tokens"] / warm["total_s"]
+        return figures
+    finally:
+        await server.close()
 
 
 def main() -> int:

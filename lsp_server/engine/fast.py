@@ -45,12 +45,12 @@ Design (bench/NOTES.md has the reasoning and the numbers):
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import secrets
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -103,8 +103,8 @@ class _Request:
     prefilled: int = 0
     prefill_pos: int = 0  # prompt tokens in its slot's cache so far (chunked prefill)
     lookup: PromptLookup | KnownAnswer | None = None  # where its speculative drafts come from
-    spec_misses: int = 0  # speculative steps in a row that kept no draft
-    spec_wait: int = 0  # plain steps before the next draft: 1, 2, 4 … 16 after misses in a row
+    spec_misses: int = 0  # speculative steps in a row that kept none of its drafts
+    spec_resume: int = 0  # no drafts before ``fed`` reaches this (1, 2, 4 … 16 steps after misses)
 
 
 class FastEngine(StartUp, StepMath):
@@ -175,7 +175,7 @@ class FastEngine(StartUp, StepMath):
                     )
                 )
             )
-        state = {}  # drop the reference (the weights are bound above)
+        del state
         self.vocab = self.lm_head.shape[0]
         self.top_k_cap = min(TOP_K_CAP, self.vocab)
 
@@ -282,6 +282,7 @@ class FastEngine(StartUp, StepMath):
         self._spec_graphs: dict[int, Any] = {}
         self.spec_error: str | None = None
         self._pinned = None
+        self._spec_host_ctl = self._spec_host_out = None  # pinned staging (CUDA)
         if on_cuda:
             self._pinned = [torch.empty(S, dtype=torch.long, pin_memory=True) for _ in range(2)]
             self._spec_host_ctl = torch.empty(5 * self.spec_tokens, dtype=torch.long, pin_memory=True)
@@ -297,8 +298,9 @@ class FastEngine(StartUp, StepMath):
                     self._capture_verify()
             self._warm_prefill()
         self.graphs_captured = len(self._graphs) + len(self._spec_graphs)
-        # speculate when a request runs alone (benchmarks switch it off to time plain decoding)
+        # speculate (benchmarks switch it off to time plain decoding)
         self.speculation = self.spec_tokens > 1
+        self._draft_source: Callable[[list[int]], Any] = PromptLookup
         self.description = (
             (description or "model")
             + f" · fast engine ({S} slots × {self.max_len} positions, "
@@ -415,7 +417,7 @@ class FastEngine(StartUp, StepMath):
             return [], "cancelled"
         req = _Request(prompt, sampling, should_stop)
         if self.spec_tokens > 1:
-            req.lookup = self._lookup_for(prompt)  # built here, not on the scheduler thread
+            req.lookup = self._draft_source(prompt)  # built here, not on the scheduler thread
         with self._cv:
             self._incoming.append(req)
             self._cv.notify()
@@ -609,14 +611,13 @@ class FastEngine(StartUp, StepMath):
         n = P - start
         if any(not r.done for r in self._running):
             n = min(n, self.prefill_chunk)
+        t_prefill = time.perf_counter()
         try:
-            t_prefill = time.perf_counter()
             logits = self._prefill(slot, prompt[start : start + n], start)
             req.prefill_pos += n
             self._slot_ids[slot] = prompt[: req.prefill_pos]
             self.stats["prefill_chunks"] += 1
             if req.prefill_pos < P:
-                self.stats["prefill_s"] += time.perf_counter() - t_prefill
                 return
             pos = torch.full((1,), P - 1, device=self.device, dtype=torch.long)
             first = self._sample(logits, slice(slot, slot + 1), pos)
@@ -625,11 +626,12 @@ class FastEngine(StartUp, StepMath):
             self.pos[slot] = P
             self.active[slot] = True
             token = int(first.item())
-            self.stats["prefill_s"] += time.perf_counter() - t_prefill
         except Exception as exc:
             self._prefilling.remove(req)
             self._request_failed(req, exc)
             return
+        finally:
+            self.stats["prefill_s"] += time.perf_counter() - t_prefill
         self._prefilling.popleft()
         req.prefilled = P - req.reused
         self.stats["reused_tokens"] += req.reused
@@ -641,12 +643,7 @@ class FastEngine(StartUp, StepMath):
         """A request leaves before its prompt is all in: its slot is free again, and the part of
         the prompt already in the cache stays reusable."""
         self._prefilling.remove(req)
-        slot = req.slot
-        if slot is not None and self._slot_req[slot] is req:
-            self._slot_req[slot] = None
-            self._slot_ids[slot] = req.prompt[: req.prefill_pos]
-            self._slot_used[slot] = time.monotonic()
-        req.done = True
+        self._release(req, req.prompt[: req.prefill_pos])
         req.events.put(event)
         with self._cv:
             self._cv.notify_all()
@@ -654,11 +651,7 @@ class FastEngine(StartUp, StepMath):
     def _request_failed(self, req: _Request, exc: BaseException) -> None:
         """Admission or prefill failed: out of memory fails this request only; anything else
         is re-raised for the loop (which fails everything in flight)."""
-        slot = req.slot
-        if slot is not None and self._slot_req[slot] is req:
-            self._slot_req[slot] = None
-            self._slot_ids[slot] = []
-        req.done = True
+        self._release(req, [])
         oom = "out of memory" in str(exc).lower()
         if self.device.type == "cuda" and oom:
             self._torch.cuda.empty_cache()
@@ -677,7 +670,6 @@ class FastEngine(StartUp, StepMath):
         self.run_step(B, Lc)
         for r in live:
             r.fed += 1
-            r.spec_wait = max(0, r.spec_wait - 1)
         self.stats["steps"] += 1
         self.stats["max_rows"] = max(self.stats["max_rows"], len(live))
         if self._pinned is not None:
@@ -691,16 +683,23 @@ class FastEngine(StartUp, StepMath):
             event = None
         return host, event, [(r.slot, r) for r in live]
 
-    def _lookup_for(self, prompt: list[int]) -> PromptLookup | KnownAnswer:
-        """Where a request's drafts come from (the benchmark substitutes known answers)."""
-        return PromptLookup(prompt)
+    @contextmanager
+    def drafts_from(self, source: Callable[[list[int]], Any]):
+        """Requests that start inside take their drafts from ``source(prompt)`` (an object like
+        ``PromptLookup``) instead of prompt lookup: the start-up check, tests and benchmarks
+        use known answers."""
+        self._draft_source = source
+        try:
+            yield
+        finally:
+            self._draft_source = PromptLookup
 
     def _may_speculate(self) -> bool:
         """Could the next step be speculative? (Room for a draft beside every running request,
         and one of them not backing off.)"""
         live = [r for r in self._running if not r.done]
         return (self.speculation and 0 < len(live) < self.spec_tokens
-                and any(r.lookup is not None and r.spec_wait == 0 for r in live))
+                and any(r.lookup is not None and r.fed >= r.spec_resume for r in live))
 
     def _plan(self) -> list[tuple[_Request, list[int]]] | None:
         """Every running request with its drafts, in admission order, within the step's rows
@@ -718,9 +717,7 @@ class FastEngine(StartUp, StepMath):
         return plan if any(d for _, d in plan) else None
 
     def _draft(self, req: _Request, room: int) -> list[int]:
-        if req.lookup is None:
-            return []
-        if req.spec_wait > 0:  # backing off after drafts the model rejected (counted in _launch)
+        if req.lookup is None or req.fed < req.spec_resume:  # none, or backing off after misses
             return []
         p = len(req.prompt) + req.fed  # position of the slot's last token (not yet in the cache)
         room = min(room, self.max_len - 1 - p, req.sampling.max_new_tokens - len(req.produced) - 1)
@@ -740,22 +737,12 @@ class FastEngine(StartUp, StepMath):
         ctl = [[row[k] for row in rows] for k in range(4)] + [[1] * used + [0] * (R - used)]
         Lc = self._bucket(self.length_buckets, max(len(req.prompt) + req.fed + 1 + len(d) for req, d in plan))
         try:
-            if self.device.type == "cuda":
-                self._spec_host_ctl.copy_(torch.tensor(ctl, dtype=torch.long).flatten())
-                self.spec_ctl.copy_(self._spec_host_ctl, non_blocking=True)
-            else:
-                self.spec_ctl.copy_(torch.tensor(ctl, dtype=torch.long).flatten())
+            values = torch.tensor(ctl, dtype=torch.long).flatten()
+            if self._spec_host_ctl is not None:  # from pinned memory the copy is asynchronous
+                values = self._spec_host_ctl.copy_(values)
+            self.spec_ctl.copy_(values, non_blocking=True)
             self.run_verify_step(Lc)
-            if self.device.type == "cuda":
-                self._spec_host_out.copy_(self.spec_out, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-                t = time.perf_counter()
-                event.synchronize()
-                self.stats["wait_s"] += time.perf_counter() - t
-                out = self._spec_host_out.tolist()
-            else:
-                out = self.spec_out.tolist()
+            out = self._read(self.spec_out, self._spec_host_out)
         except Exception as exc:
             # the step updates the slots' tokens, positions and seen masks last: a failure
             # before that leaves the requests as they were, and they go on in plain steps (a
@@ -775,18 +762,29 @@ class FastEngine(StartUp, StepMath):
             first = group.stop
             tokens = [samples[r] for r in group if kept[r]]
             req.fed += len(tokens)
-            if not draft:
-                req.spec_wait = max(0, req.spec_wait - 1)
-            else:
+            if draft:
                 n = len(tokens) - 1
                 self.stats["spec_drafted"] += len(draft)
                 self.stats["spec_accepted"] += n
                 req.spec_misses = 0 if n else req.spec_misses + 1
-                req.spec_wait = min(16, 2 ** (req.spec_misses - 1)) if req.spec_misses else 0
+                if req.spec_misses:
+                    req.spec_resume = req.fed + min(16, 2 ** (req.spec_misses - 1))
             for token in tokens:
                 if req.done:
                     break
                 self._emit(req, token)
+
+    def _read(self, src, pinned) -> list[int]:
+        """``src``'s values now (through ``pinned`` host memory on CUDA: the host waits)."""
+        if pinned is None:
+            return src.tolist()
+        pinned.copy_(src, non_blocking=True)
+        event = self._torch.cuda.Event()
+        event.record()
+        t = time.perf_counter()
+        event.synchronize()
+        self.stats["wait_s"] += time.perf_counter() - t
+        return pinned.tolist()
 
     def _collect(self, pending) -> None:
         host, event, rows = pending
@@ -814,15 +812,18 @@ class FastEngine(StartUp, StepMath):
         if len(req.produced) >= req.sampling.max_new_tokens or len(req.prompt) + len(req.produced) >= self.max_len:
             self._finish(req, "length")
 
-    def _finish(self, req: _Request, reason: FinishReason) -> None:
+    def _release(self, req: _Request, cached: list[int]) -> None:
+        """``req`` leaves its slot; the slot remembers that its cache holds ``cached``."""
         req.done = True
         slot = req.slot
         if slot is not None and self._slot_req[slot] is req:
             self.active[slot] = False
-            fed = min(req.fed, len(req.produced))
-            self._slot_ids[slot] = req.prompt + req.produced[:fed]
+            self._slot_ids[slot] = cached
             self._slot_req[slot] = None
             self._slot_used[slot] = time.monotonic()
+
+    def _finish(self, req: _Request, reason: FinishReason) -> None:
+        self._release(req, req.prompt + req.produced[: min(req.fed, len(req.produced))])
         if req in self._running:
             self._running.remove(req)
         req.events.put(("done", reason))

@@ -38,9 +38,7 @@ class StepMath:
         D = self.head_dim
         Lc = kv.shape[1]
         if bias is None:
-            bias = torch.zeros((q.shape[0], Lc), device=q.device, dtype=q.dtype).masked_fill(
-                self._arange_len[:Lc][None, :] >= lengths[:, None], float("-inf")
-            )
+            bias = self._length_bias(lengths, Lc, q.dtype)
         k = kv[:, :, :D]
         v = kv[:, :, D:]
         scores = torch.baddbmm(bias[:, None, :], q, k.transpose(1, 2), alpha=self.scale)
@@ -121,10 +119,10 @@ class StepMath:
         self.spec_out[:R].copy_(out)
         self.spec_out[R:].copy_(kept.long())
 
-    def _length_bias(self, lengths, Lc: int):
+    def _length_bias(self, lengths, Lc: int, dtype=None):
         """Additive attention mask (rows, Lc) for the torch attention: -inf past each row's length."""
         torch = self._torch
-        return torch.zeros((lengths.shape[0], Lc), device=self.device, dtype=self.dtype).masked_fill(
+        return torch.zeros((lengths.shape[0], Lc), device=lengths.device, dtype=dtype or self.dtype).masked_fill(
             self._arange_len[:Lc][None, :] >= lengths[:, None], float("-inf")
         )
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from typing import Any
 
 from .base import EngineError, Sampling, first_line
@@ -298,48 +299,41 @@ class StartUp:
         self.prefill_attention = best
         return best
 
-    def _capture_all(self) -> None:
+    def _capture(self, steps: dict[Any, Any]) -> dict[Any, Any]:
+        """One CUDA graph per entry of ``steps`` (key → step function), in one memory pool:
+        each step runs once on a side stream first (kernel selection, Triton compiles,
+        workspaces), then is captured."""
         torch = self._torch
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for b in self.batch_buckets:
-                for n in self.length_buckets:
-                    self._decode_step(b, n)  # warm-up: kernel selection, Triton compile, workspaces
+            for step in steps.values():
+                step()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
-        for b in self.batch_buckets:
-            for n in self.length_buckets:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._decode_step(b, n)
-                self._graphs[(b, n)] = graph
+        graphs = {}
+        for key, step in steps.items():
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                step()
+            graphs[key] = graph
         torch.cuda.synchronize(self.device)
+        return graphs
+
+    def _capture_all(self) -> None:
+        self._graphs = self._capture({(b, n): partial(self._decode_step, b, n)
+                                      for b in self.batch_buckets for n in self.length_buckets})
 
     def _capture_verify(self) -> None:
         """One speculative-step graph per length bucket. If capture fails, speculation is
         turned off (``spec_error`` says why); plain decoding is unaffected."""
-        torch = self._torch
         try:
-            pool = torch.cuda.graph_pool_handle()
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for n in self.length_buckets:
-                    self._verify_step(n)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            torch.cuda.synchronize(self.device)
-            for n in self.length_buckets:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._verify_step(n)
-                self._spec_graphs[n] = graph
-            torch.cuda.synchronize(self.device)
+            self._spec_graphs = self._capture({n: partial(self._verify_step, n) for n in self.length_buckets})
         except Exception as exc:
             log.warning("speculative step capture failed (%s); speculation off", exc)
             self.spec_error = first_line(exc)[:200]
-            self._spec_graphs.clear()
+            self._spec_graphs = {}
             self.spec_tokens = 1
 
     def _capture_with_fallback(self) -> None:
@@ -392,11 +386,8 @@ class StartUp:
             answer, _ = self.generate(prompt, greedy, lambda: False, lambda _: None)
             self.speculation = True
             before = dict(self.stats)
-            self._lookup_for = lambda p: KnownAnswer(p, answer)  # type: ignore[method-assign]
-            try:
+            with self.drafts_from(lambda p: KnownAnswer(p, answer)):
                 got, _ = self.generate(prompt, greedy, lambda: False, lambda _: None)
-            finally:
-                del self._lookup_for
             drafted = self.stats["spec_drafted"] - before["spec_drafted"]
             kept = self.stats["spec_accepted"] - before["spec_accepted"]
             self.spec_check = {"drafted": drafted, "kept": kept, "same_tokens": got == answer}

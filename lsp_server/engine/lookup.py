@@ -5,8 +5,9 @@ the prompt. When the last ``n`` tokens of the context (prompt + answer so far) o
 the tokens that followed that earlier occurrence are a good guess for what comes next; the
 engine checks all of them in one step and keeps the ones the model agrees with.
 
-The context is kept as bytes (4 per token, ``array("I")``), so a lookup is one ``bytes.rfind`` (C speed: a few
-microseconds over an 8K-token context) instead of a Python loop or an index built per request.
+The context is an ``array("I")`` (4 bytes per token), so a lookup is one ``bytes.rfind`` over
+its bytes (C speed: a few microseconds over an 8K-token context) instead of a Python loop or an
+index built per request.
 """
 
 from __future__ import annotations
@@ -22,23 +23,21 @@ class PromptLookup:
             raise ValueError("need 1 <= min_ngram <= max_ngram")
         self.min_ngram, self.max_ngram = min_ngram, max_ngram
         self._ids = array("I", tokens)
-        self._bytes = bytearray(self._ids.tobytes())
 
     def __len__(self) -> int:
         return len(self._ids)
 
     def append(self, token: int) -> None:
-        one = array("I", (token,))
         self._ids.append(token)
-        self._bytes += one.tobytes()
 
     def draft(self, k: int) -> list[int]:
         """Up to ``k`` tokens that followed the most recent earlier occurrence of the longest
         matching tail (``max_ngram`` down to ``min_ngram`` tokens); [] when there is none."""
-        ids, data, w = self._ids, self._bytes, self._ids.itemsize
+        ids, w = self._ids, self._ids.itemsize
         n_ids = len(ids)
-        if k <= 0:
+        if k <= 0 or n_ids < 2:
             return []
+        data = ids.tobytes()
         for n in range(min(self.max_ngram, n_ids - 1), self.min_ngram - 1, -1):
             tail = data[-w * n :]
             # an earlier occurrence must end before the last token (so a continuation exists)

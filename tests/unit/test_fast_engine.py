@@ -109,6 +109,73 @@ def wait_idle(engine, timeout=5.0):
     return False
 
 
+def stop_after(n):
+    """(should_stop, on_token, got): asks to stop once ``n`` tokens were streamed."""
+    stop = threading.Event()
+    got: list[int] = []
+
+    def on_token(token):
+        got.append(token)
+        if len(got) == n:
+            stop.set()
+
+    return stop.is_set, on_token, got
+
+
+def run_together(engine, prompts, sampling=GREEDY):
+    """The prompts as concurrent requests, released together; their tokens in order."""
+    results: dict[int, list[int]] = {}
+    barrier = threading.Barrier(len(prompts))
+
+    def worker(i):
+        barrier.wait()
+        results[i] = run(engine, prompts[i], sampling)[0]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return [results.get(i) for i in range(len(prompts))]
+
+
+class Running:
+    """A first request on a thread. ``wait()`` returns once it has streamed ``after`` tokens;
+    from then on its should_stop (run by the scheduler before each step) holds the scheduler
+    until a second request is queued, so that the second one surely arrives while the first
+    is decoding. ``join()`` gives its tokens."""
+
+    def __init__(self, engine, prompt, sampling, after=3):
+        self.engine, self.after, self.got = engine, after, []
+        self.going, self.joined = threading.Event(), threading.Event()
+        self.result: list[int] | None = None
+        self.thread = threading.Thread(target=self._run, args=(prompt, sampling))
+        self.thread.start()
+
+    def _run(self, prompt, sampling):
+        self.result = run(self.engine, prompt, sampling, self._hold, self._token)[0]
+
+    def _token(self, token):
+        self.got.append(token)
+        if len(self.got) >= self.after:
+            self.going.set()
+
+    def _hold(self):
+        if threading.current_thread() is self.engine._thread and len(self.got) >= self.after and not self.joined.is_set():
+            end = time.monotonic() + 10
+            while not self.engine._incoming and time.monotonic() < end:
+                time.sleep(0.001)
+            self.joined.set()
+        return False
+
+    def wait(self):
+        assert self.going.wait(30)
+
+    def join(self):
+        self.thread.join(timeout=60)
+        return self.result
+
+
 def test_greedy_equals_generate(engine, hf_model, prompts):
     for prompt in prompts:
         ids, reason = run(engine, prompt)
@@ -118,37 +185,18 @@ def test_greedy_equals_generate(engine, hf_model, prompts):
 
 def test_concurrent_requests_share_steps_and_match(engine, hf_model, prompts):
     expected = [reference(hf_model, engine.stop_ids, p) for p in prompts[:4]]
-    results: dict[int, list[int]] = {}
-    barrier = threading.Barrier(4)
     engine.stats["max_rows"] = 0
-
-    def worker(i):
-        barrier.wait()
-        results[i] = run(engine, prompts[i])[0]
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert [results[i] for i in range(4)] == expected
+    assert run_together(engine, prompts[:4]) == expected
     assert engine.stats["max_rows"] >= 2  # they really were batched together
 
 
 def test_cancel_leaves_at_once_and_frees_the_slot(engine, hf_model, prompts):
     expected_other = reference(hf_model, engine.stop_ids, prompts[1])
-    stop = threading.Event()
-    got: list[int] = []
-
-    def on_token(token):
-        got.append(token)
-        if len(got) == 3:
-            stop.set()
-
+    should_stop, on_token, _ = stop_after(3)
     other: dict[str, list[int]] = {}
     t = threading.Thread(target=lambda: other.setdefault("ids", run(engine, prompts[1])[0]))
     t.start()
-    ids, reason = run(engine, prompts[0], Sampling(max_new_tokens=200, temperature=0.0), stop.is_set, on_token)
+    ids, reason = run(engine, prompts[0], Sampling(max_new_tokens=200, temperature=0.0), should_stop, on_token)
     t.join(timeout=60)
     assert reason == "cancelled"
     assert 3 <= len(ids) <= 5  # leaves at the next step boundary (one step may be in flight)
@@ -428,16 +476,9 @@ def test_cancel_during_speculation(engine, plain_engine, copying_prompts):
     """Stopping mid-step: no token reaches the caller after it asked to stop, though the step
     that was running may have produced several."""
     assert wait_idle(engine)
-    stop = threading.Event()
-    got: list[int] = []
-
-    def on_token(token):
-        got.append(token)
-        if len(got) == 5:
-            stop.set()
-
+    should_stop, on_token, _ = stop_after(5)
     before = dict(engine.stats)
-    ids, reason = run(engine, copying_prompts["ticking"], Sampling(max_new_tokens=300, temperature=0.0), stop.is_set, on_token)
+    ids, reason = run(engine, copying_prompts["ticking"], Sampling(max_new_tokens=300, temperature=0.0), should_stop, on_token)
     assert (len(ids), reason) == (5, "cancelled")
     assert engine.stats["spec_steps"] > before["spec_steps"]
     assert wait_idle(engine)
@@ -452,34 +493,12 @@ def test_a_request_joining_a_speculating_one(engine, plain_engine, copying_promp
     long = Sampling(max_new_tokens=150, temperature=0.0)
     expected_long = run(plain_engine, copying_prompts["ticking"], long)[0]
     expected_fix = run(plain_engine, copying_prompts["fix"], long)[0]
-    got: list[int] = []
-    going = threading.Event()
-    joined = threading.Event()
-
-    def hold_until_joined():
-        # runs on the scheduler before every step: once the first request is well under way,
-        # hold the scheduler until the second one is queued, so that they surely overlap
-        if threading.current_thread() is engine._thread and len(got) >= 8 and not joined.is_set():
-            end = time.monotonic() + 10
-            while not engine._incoming and time.monotonic() < end:
-                time.sleep(0.001)
-            joined.set()
-        return False
-
-    def on_token(token):
-        got.append(token)
-        if len(got) >= 8:
-            going.set()
-
-    result: dict[str, list[int]] = {}
-    t = threading.Thread(target=lambda: result.setdefault("long", run(engine, copying_prompts["ticking"], long, hold_until_joined, on_token)[0]))
-    t.start()
-    assert going.wait(30)
+    first = Running(engine, copying_prompts["ticking"], long, after=8)
+    first.wait()
     before = dict(engine.stats)
     fix = run(engine, copying_prompts["fix"], long)[0]
-    t.join(timeout=60)
+    assert first.join() == expected_long
     assert fix == expected_fix
-    assert result["long"] == expected_long
     assert before["spec_steps"] > 0  # the first one speculated alone
     assert engine.stats["spec_shared_steps"] > before["spec_shared_steps"]  # then together
 
@@ -493,20 +512,8 @@ def test_plain_and_speculative_batches_agree(engine, plain_engine, copying_promp
                      Sampling(max_new_tokens=80, temperature=0.7, top_k=30, repetition_penalty=1.1, seed=3)):
         expected = [run(plain_engine, p, sampling)[0] for p in group]
         for n in (3, 4):
-            results: dict[int, list[int]] = {}
-            barrier = threading.Barrier(n)
-
-            def worker(i):
-                barrier.wait()
-                results[i] = run(engine, group[i], sampling)[0]
-
             before = dict(engine.stats)
-            threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join(timeout=60)
-            assert [results[i] for i in range(n)] == expected[:n]
+            assert run_together(engine, group[:n], sampling) == expected[:n]
             assert engine.stats["spec_shared_steps"] > before["spec_shared_steps"]
 
 
@@ -557,12 +564,9 @@ def test_right_drafts_are_all_kept(engine, plain_engine, tokenizer, text, sampli
     prompt = tokenizer(text)["input_ids"]
     answer = run(plain_engine, prompt, sampling)[0]
     assert len(answer) > 10
-    engine._lookup_for = lambda p: KnownAnswer(p, answer)
-    try:
+    with engine.drafts_from(lambda p: KnownAnswer(p, answer)):
         before = dict(engine.stats)
         got = run(engine, prompt, sampling)[0]
-    finally:
-        del engine._lookup_for
     assert got == answer
     steps = engine.stats["spec_steps"] - before["spec_steps"]
     kept = engine.stats["spec_accepted"] - before["spec_accepted"]
@@ -631,23 +635,6 @@ def test_engine_auto_picks_and_falls_back(test_model, monkeypatch):
         load_engine(Settings(model=str(test_model), device="cpu", engine="fast"), lambda _: None)
 
 
-def _hold_scheduler_until_queued(eng, got, after=3):
-    """A should_stop for a first request: once it has streamed ``after`` tokens, it holds the
-    scheduler (it runs there, before each step) until a second request is queued, so that the
-    second one surely arrives while the first is decoding."""
-    joined = threading.Event()
-
-    def should_stop():
-        if threading.current_thread() is eng._thread and len(got) >= after and not joined.is_set():
-            end = time.monotonic() + 10
-            while not eng._incoming and time.monotonic() < end:
-                time.sleep(0.001)
-            joined.set()
-        return False
-
-    return should_stop
-
-
 def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(hf_model, tokenizer, copying_prompts, prompts):
     from lsp_server.engine.fast import FastEngine
 
@@ -657,32 +644,22 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(hf_model, tok
         expected_long = reference(hf_model, eng.stop_ids, copying_prompts["ticking"], new=120)
         second = copying_prompts["fix"]
         expected_second = reference(hf_model, eng.stop_ids, second)
-        got: list[int] = []
-        result: dict[str, list[int]] = {}
-        t = threading.Thread(target=lambda: result.setdefault("long", run(
-            eng, copying_prompts["ticking"], long, _hold_scheduler_until_queued(eng, got), got.append)[0]))
-        t.start()
-        end = time.monotonic() + 30
-        while len(got) < 3 and time.monotonic() < end:
-            time.sleep(0.005)
+        first = Running(eng, copying_prompts["ticking"], long)
+        first.wait()
         before = dict(eng.stats)
         assert run(eng, second)[0] == expected_second
-        t.join(timeout=60)
-        assert result["long"] == expected_long
+        assert first.join() == expected_long
         # the second prompt went in 8 tokens at a time, with decode steps of the first between
         prefilled = eng.stats["prefill_tokens"] - before["prefill_tokens"]
         assert prefilled > 64 and eng.stats["prefill_chunks"] - before["prefill_chunks"] >= prefilled // 8
         # cancelled while its prompt goes in: the slot is free at once, and what is in the
         # cache is reused by the next request with that prompt
         assert wait_idle(eng)
-        got.clear()
-        t = threading.Thread(target=lambda: run(eng, copying_prompts["ticking"], long, _hold_scheduler_until_queued(eng, got), got.append))
-        t.start()
-        while len(got) < 3 and time.monotonic() < end + 30:
-            time.sleep(0.005)
+        first = Running(eng, copying_prompts["ticking"], long)
+        first.wait()
         calls = []
         cancelled = eng.generate(prompts[1], GREEDY, lambda: calls.append(1) or len(calls) > 3, lambda _: None)
-        t.join(timeout=60)
+        first.join()
         assert cancelled == ([], "cancelled")
         assert wait_idle(eng)
         before = dict(eng.stats)
