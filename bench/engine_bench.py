@@ -263,8 +263,10 @@ def main(argv=None) -> int:
     from lsp_server.engine.lookup import KnownAnswer
 
     def make_engine(attention, fused=None, speculate=7):
+        # fused=False: the plain baseline of earlier runs (torch sampling, separate cache write)
+        off = False if fused is False else None
         return FastEngine(model, tokenizer, max_batch=sz["max_batch"], stop_ids=[], attention=attention, fused=fused,
-                          speculate=speculate)
+                          speculate=speculate, fused_sampling=off, kv_in_attention=off, prefetch=off)
 
     t = time.monotonic()
     engine = b.step("engine start (cache, graphs)", make_engine, args.attention, {"auto": None, "on": True, "off": False}[args.fused])
@@ -290,6 +292,13 @@ def main(argv=None) -> int:
     R["engine_prebias"] = getattr(engine, "prebias", None)
     R["engine_gemv"] = sorted(getattr(engine, "_gemv", {}) or [])
     R["gemv_report"] = getattr(engine, "gemv_report", None)
+    R["engine_sample_kernels"] = getattr(engine, "sample_kernels", None)
+    R["sample_report"] = getattr(engine, "sample_report", None)
+    R["engine_kv_in_attention"] = getattr(engine, "kv_in_attention", None)
+    R["kv_in_attention_check"] = getattr(engine, "kv_in_attention_check", None)
+    R["kv_in_attention_us"] = getattr(engine, "kv_in_attention_us", None)
+    R["prefetch_us"] = getattr(engine, "prefetch_us", None)
+    R["engine_prefetch"] = (getattr(engine, "prefetch_us", None) or {}).get("chosen")
     for k in ("prebias_check_err", "prebias_error"):
         if getattr(engine, k, None) is not None:
             R[k] = getattr(engine, k)
@@ -605,12 +614,76 @@ def main(argv=None) -> int:
             B = 8
             logits = torch.randn((B, engine.vocab), device=dev)
             pos = torch.full((B,), 1000, device=dev, dtype=torch.long)
-            out["sample_b8_us"] = round(device_us(lambda: engine._sample(logits, slice(0, B), pos), 20), 2)
-            out["sample_b1_us"] = round(device_us(lambda: engine._sample(logits[:1], slice(0, 1), pos[:1]), 20), 2)
+            chosen = engine.sample_kernels
+            try:
+                for on in (False, True) if chosen else (False,):  # the torch path, and the kernels where chosen
+                    engine.sample_kernels = on
+                    tag = "_kernels" if on else ""
+                    out[f"sample_b8{tag}_us"] = round(device_us(lambda: engine._sample(logits, slice(0, B), pos), 20), 2)
+                    out[f"sample_b1{tag}_us"] = round(device_us(lambda: engine._sample(logits[:1], slice(0, 1), pos[:1]), 20), 2)
+            finally:
+                engine.sample_kernels = chosen
         R["gemm_micro"] = out
 
     b.step("attention micro-benchmark", attention_micro)
     b.step("gemm micro-benchmark", gemm_micro)
+
+    def kernel_profile():
+        """Where a 2048-token prefill and an (eager) batch-1 decode step at a 2K context spend
+        device time: kernel time by kind and the top kernels (torch.profiler). The prefill's
+        wall time minus its GEMMs is what ttft_2048 could still lose; the step's kernel time
+        against step_ms_b1_2048 splits the step into work and gaps between kernels."""
+        from torch.profiler import ProfilerActivity, profile
+
+        def kind(name):
+            n = name.lower()
+            if any(k in n for k in ("gemm", "gemv", "cutlass", "nvjet", "xmma", "cublas")):
+                return "gemm"
+            if any(k in n for k in ("flash", "fmha", "attention", "_split_kernel", "_merge_kernel", "cudnn")):
+                return "attention"
+            if n.startswith("_") or "triton" in n:
+                return "triton"
+            return "torch_other"
+
+        sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
+
+        def run(fn):
+            fn()
+            sync()
+            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+                t = time.perf_counter()
+                fn()
+                sync()
+                wall = (time.perf_counter() - t) * 1e3
+            totals: dict[str, list] = {}
+            for ev in prof.key_averages():  # kernels are the events on the device
+                if "CUDA" not in str(getattr(ev, "device_type", "")):
+                    continue
+                us = getattr(ev, "device_time_total", None)
+                totals[ev.key] = [ev.count, us if us is not None else ev.cuda_time_total]
+            by_kind: dict[str, float] = {}
+            for name, (_, us) in totals.items():
+                by_kind[kind(name)] = by_kind.get(kind(name), 0.0) + us
+            top = sorted(totals.items(), key=lambda kv: -kv[1][1])[:12]
+            return dict(wall_ms=round(wall, 2), kernel_ms=round(sum(u for _, u in totals.values()) / 1e3, 2),
+                        by_kind_ms={k: round(v / 1e3, 2) for k, v in sorted(by_kind.items())},
+                        top=[[name[:80], n, round(us, 1)] for name, (n, us) in top])
+
+        out = {}
+        with torch.inference_mode():
+            ids = prompt(min(2048, engine.max_len - 2))
+            out["prefill_2048"] = run(lambda: engine._prefill(engine.slots - 1, ids, 0))
+            Lc = max(n for n in engine.length_buckets if n <= 2048)
+            try:
+                engine.pos[0], engine.active[0] = Lc - 64, True
+                out["decode_b1_2048_eager"] = run(lambda: engine._decode_step(1, Lc))
+            finally:
+                engine.pos[0], engine.active[0], engine.tok[0] = 0, False, 0
+                engine.seen[0].zero_()
+                engine._slot_ids[0] = engine._slot_ids[engine.slots - 1] = []
+        R["kernel_profile"] = out
+
+    b.step("kernel profile", kernel_profile)  # on the CPU: runs, finds no device kernels
     R["engine_stats"] = dict(engine.stats)
     if cuda:
         R["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(dev) / 1e9, 2)
@@ -823,7 +896,8 @@ def finish(b: Bench, cuda: bool, wall0: float) -> int:
         print(f"| {key} | {R[key]} | | |")
     print(f"| engine | {R.get('engine_attention')} attention, fused={R.get('engine_fused')}, graphs={R.get('engine_graphs')}, "
           f"prefill attention {R.get('engine_prefill_attention')}, gelu epilogue {R.get('gelu_epilogue')} | | |")
-    for key in ("greedy_analysis", "prefill_attention_us", "gemv_report", "gemm_micro"):
+    for key in ("greedy_analysis", "prefill_attention_us", "gemv_report", "sample_report", "kv_in_attention_us", "prefetch_us", "gemm_micro",
+                "kernel_profile"):
         if R.get(key):
             print(f"| {key} | {json.dumps(R[key], sort_keys=True)} | | |")
     if b.errors:

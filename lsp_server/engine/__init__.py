@@ -71,7 +71,7 @@ async def stream(
             if delta := decoder.push(token):
                 send(delta)
 
-        ids, reason = engine.generate(prompt_ids, sampling, stop.is_set, on_token)
+        ids, reason = engine.generate(prompt_ids, sampling, stop.is_set, on_token, priority=int(priority))
         if tail := decoder.flush():
             send(tail)
         return Generation(decoder.text, reason, len(prompt_ids), len(ids))

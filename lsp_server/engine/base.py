@@ -58,9 +58,12 @@ class Engine(Protocol):
         sampling: Sampling,
         should_stop: Callable[[], bool],
         on_token: Callable[[int], None],
+        priority: int = 1,
     ) -> tuple[list[int], FinishReason]:
         """Blocking; runs on the engine's worker thread. Calls ``on_token`` for every new token
-        (stop tokens excluded) and checks ``should_stop`` before every decoding step."""
+        (stop tokens excluded) and checks ``should_stop`` before every decoding step.
+        ``priority`` (``worker.Priority``, lower first) orders the work of an engine that runs
+        several requests at once; the worker already orders the requests waiting for it."""
 
     def close(self) -> None: ...
 

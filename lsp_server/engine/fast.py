@@ -40,6 +40,14 @@ Design (bench/NOTES.md has the reasoning and the numbers):
   the weights are read once either way). Every row samples exactly as plain decoding would at
   that position, so the tokens kept (the confirmed drafts and the first sample that differs)
   are the tokens plain decoding gives, greedy or sampled.
+* Priorities (``generate(priority=...)``, the worker's ``Priority``): a waiting prompt of an
+  explicit action goes into the cache before a hover's, and gets a speculative step's spare
+  rows first.
+* On CUDA, paths that only pay on the device are chosen at start by a check and a timing
+  (``fast_setup.py``): Triton attention (writing the step's K/V to the cache itself), fused
+  norms and epilogues, one-row GEMVs, sampling in three kernels (``sample_triton.py``), and an
+  L2 prefetch of the next GEMM's weights on a side stream while the small kernels between two
+  GEMMs leave the memory bus idle.
 """
 
 from __future__ import annotations
@@ -105,6 +113,7 @@ class _Request:
     lookup: PromptLookup | KnownAnswer | None = None  # where its speculative drafts come from
     spec_misses: int = 0  # speculative steps in a row that kept none of its drafts
     spec_resume: int = 0  # no drafts before ``fed`` reaches this (1, 2, 4 … 16 steps after misses)
+    priority: int = 1  # worker.Priority: lower first (an explicit action before a hover)
 
 
 class FastEngine(StartUp, StepMath):
@@ -125,6 +134,9 @@ class FastEngine(StartUp, StepMath):
         fused: bool | None = None,
         prefill_attention: str | None = None,
         gemv: bool | None = None,
+        fused_sampling: bool | None = None,
+        kv_in_attention: bool | None = None,
+        prefetch: bool | None = None,
         speculate: int = 7,
         prefill_chunk: int = 1024,
         report: Callable[[str], None] = lambda _: None,
@@ -233,8 +245,12 @@ class FastEngine(StartUp, StepMath):
 
         self.gelu_epilogue = "tanh" if dev.type == "cuda" else "off"
         self.prebias = False
+        self._l2 = self._side = None  # L2 prefetch on a side stream (_choose_prefetch, after the other paths)
         self.attention = self._choose_attention(attention)
         self.fused = self._choose_fused(fused)
+        self._sample_params = {"penalty": self.penalty, "temp": self.temp, "topk": self.topk, "topp": self.topp, "seed": self.seed}
+        with torch.inference_mode():
+            self._choose_sampling(fused_sampling)
         self._gemv: dict[str, Any] = {}
         self._gemv_ops: dict[tuple[str, int], Any] = {}
         self.gemv_report: dict[str, Any] = {}
@@ -261,6 +277,9 @@ class FastEngine(StartUp, StepMath):
             if self.spec_tokens > 1:
                 for n in self.length_buckets:
                     self._triton[("verify", n)] = TritonMQADecode(self.spec_tokens, n, self.n_head, D, dev, self.dtype)
+        with torch.inference_mode():
+            self._choose_kv_in_attention(kv_in_attention)
+            self._choose_prefetch(prefetch)
 
         # host mirror of the slots
         self._slot_ids: list[list[int]] = [[] for _ in range(S)]
@@ -403,6 +422,7 @@ class FastEngine(StartUp, StepMath):
         sampling: Sampling,
         should_stop: Callable[[], bool],
         on_token: Callable[[int], None],
+        priority: int = 1,
     ) -> tuple[list[int], FinishReason]:
         if self._broken is not None:
             raise EngineError(f"The fast engine stopped after an error: {self._broken}")
@@ -415,7 +435,7 @@ class FastEngine(StartUp, StepMath):
             raise EngineError(f"The prompt has {len(prompt)} tokens; the context window is {self.max_len}.")
         if should_stop():
             return [], "cancelled"
-        req = _Request(prompt, sampling, should_stop)
+        req = _Request(prompt, sampling, should_stop, priority=int(priority))
         if self.spec_tokens > 1:
             req.lookup = self._draft_source(prompt)  # built here, not on the scheduler thread
         with self._cv:
@@ -597,15 +617,21 @@ class FastEngine(StartUp, StepMath):
         req.reused = req.prefill_pos = reuse
         self._prefilling.append(req)
 
+    def _next_prefill(self) -> _Request:
+        """The waiting prompt to advance: the most urgent (an explicit action before a hover),
+        the oldest of those."""
+        return min(self._prefilling, key=lambda r: r.priority)
+
     def _advance_prefill(self) -> None:
-        """Put the oldest waiting prompt into its slot's cache: whole when nothing is decoding
-        (its first token comes soonest), else ``prefill_chunk`` tokens of it between two decode
-        steps (a long prompt delays the others' next token by one chunk, not by all of it).
-        After its last chunk the request samples its first token and joins the batch."""
+        """Put the next waiting prompt (``_next_prefill``) into its slot's cache: whole when
+        nothing is decoding (its first token comes soonest), else ``prefill_chunk`` tokens of it
+        between two decode steps (a long prompt delays the others' next token by one chunk, not
+        by all of it). After its last chunk the request samples its first token and joins the
+        batch."""
         if not self._prefilling:
             return
         torch = self._torch
-        req = self._prefilling[0]
+        req = self._next_prefill()
         prompt, P, slot = req.prompt, len(req.prompt), req.slot
         start = req.prefill_pos
         n = P - start
@@ -632,7 +658,7 @@ class FastEngine(StartUp, StepMath):
             return
         finally:
             self.stats["prefill_s"] += time.perf_counter() - t_prefill
-        self._prefilling.popleft()
+        self._prefilling.remove(req)
         req.prefilled = P - req.reused
         self.stats["reused_tokens"] += req.reused
         self.stats["prefill_tokens"] += req.prefilled
@@ -702,15 +728,16 @@ class FastEngine(StartUp, StepMath):
                 and any(r.lookup is not None and r.fed >= r.spec_resume for r in live))
 
     def _plan(self) -> list[tuple[_Request, list[int]]] | None:
-        """Every running request with its drafts, in admission order, within the step's rows
-        (the step costs the same for 1 to 8 rows: spare rows are free tokens); None when no
-        request has a draft."""
+        """Every running request with its drafts within the step's rows (the step costs the same
+        for 1 to 8 rows: spare rows are free tokens), the spare rows going to the most urgent
+        requests first (an explicit action before a hover), in admission order among equals;
+        None when no request has a draft."""
         live = [r for r in self._running if not r.done]
         if not live:
             return None
         room = self.spec_tokens - len(live)
         plan = []
-        for req in live:
+        for req in sorted(live, key=lambda r: r.priority):
             draft = self._draft(req, room) if room > 0 else []
             room -= len(draft)
             plan.append((req, draft))

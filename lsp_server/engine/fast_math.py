@@ -63,12 +63,17 @@ class StepMath:
         wpos = torch.where(live, pos, maxp)  # idle rows write the scratch position
         lengths = torch.where(live, (pos + 1).clamp(max=Lc), 1)
         triton_attn = self._triton.get((B, Lc))
-        if triton_attn is not None:
-            attend = lambda q, cache: triton_attn(q, cache[:B, :Lc], lengths, self.scale)  # noqa: E731
+        # the Triton kernel can take this step's K/V from the QKV output and write the cache
+        # itself (one launch per layer fewer)
+        kv_in_attention = triton_attn is not None and self.kv_in_attention
+        if kv_in_attention:
+            attend = lambda q, cache, new: triton_attn(q, cache[:B, :Lc], lengths, self.scale, new=new, wpos=wpos)  # noqa: E731
+        elif triton_attn is not None:
+            attend = lambda q, cache, new: triton_attn(q, cache[:B, :Lc], lengths, self.scale)  # noqa: E731
         else:
             bias = self._length_bias(lengths, Lc)
-            attend = lambda q, cache: self._torch_attention(q, cache[:B, :Lc], lengths, bias)  # noqa: E731
-        logits = self._rows_forward(tok, pos.clamp(max=maxp - 1), rows, wpos, attend)
+            attend = lambda q, cache, new: self._torch_attention(q, cache[:B, :Lc], lengths, bias)  # noqa: E731
+        logits = self._rows_forward(tok, pos.clamp(max=maxp - 1), rows, wpos, attend, kv_in_attention)
         new = self._sample(logits, slice(0, B), pos)
         self.seen.index_put_((rows, new), torch.ones_like(new, dtype=torch.bool))
         tok.copy_(new)
@@ -94,10 +99,10 @@ class StepMath:
         lengths = torch.where(used, (pos + 1).clamp(max=Lc), 1)
         triton_attn = self._triton.get(("verify", Lc))
         if triton_attn is not None:
-            attend = lambda q, cache: triton_attn(q, cache, lengths, self.scale, slots=slots)  # noqa: E731
+            attend = lambda q, cache, new: triton_attn(q, cache, lengths, self.scale, slots=slots)  # noqa: E731
         else:
             bias = self._length_bias(lengths, Lc)
-            attend = lambda q, cache: self._torch_attention(q, cache[:, :Lc].index_select(0, slots), lengths, bias)  # noqa: E731
+            attend = lambda q, cache, new: self._torch_attention(q, cache[:, :Lc].index_select(0, slots), lengths, bias)  # noqa: E731
         logits = self._rows_forward(inp, pos.clamp(max=maxp - 1), slots, wpos, attend)
         # row i's context holds the drafts of its group before it
         tr, tc = self._spec_tri_rows, self._spec_tri_cols
@@ -126,11 +131,12 @@ class StepMath:
             self._arange_len[:Lc][None, :] >= lengths[:, None], float("-inf")
         )
 
-    def _rows_forward(self, tok, epos, slots, wpos, attend):
+    def _rows_forward(self, tok, epos, slots, wpos, attend, kv_in_attention=False):
         """The layer stack for one step's B query rows: row i is token ``tok[i]`` at position
         ``epos[i]``; its K/V go to cache slot ``slots[i]`` at position ``wpos[i]``;
-        ``attend(q, layer_cache)`` gives its attention output. Returns the logits (B, V) in
-        float32."""
+        ``attend(q, layer_cache, new_kv)`` gives its attention output (and, with
+        ``kv_in_attention``, writes ``new_kv`` to the cache itself). Returns the logits (B, V)
+        in float32."""
         torch = self._torch
         F = torch.nn.functional
         E, H, D = self.n_embd, self.n_head, self.head_dim
@@ -157,29 +163,38 @@ class StepMath:
                 qkv = qkv_buf.addmm_(h, aw.t())
             else:
                 qkv = F.linear(h, aw, ab)
+            self._prefetch(cw, 2.5)  # while the cache write and the attention run
             cache = self.cache[li]
-            cache.index_put_((slots, wpos), qkv[:, E:])
-            a = attend(qkv[:, :E].view(B, H, D), cache)
+            new = qkv[:, E:]
+            if not kv_in_attention:
+                cache.index_put_((slots, wpos), new)
+            a = attend(qkv[:, :E].view(B, H, D), cache, new)
             if self.fused:
                 ln2w, ln2b, fcw, fcb, pw, pb = layer[6:]
                 if "attn_proj" in gv:
                     self._gv("attn_proj", li, cw)(a.reshape(B, E), out=x, accumulate=True)
                 else:
                     x.addmm_(a.reshape(B, E), cw.t())  # residual as the GEMM's C operand (in place: no copy)
+                self._prefetch(fcw)  # while the norm runs
                 if "fc" in gv:
                     h = bias_add_layer_norm(x, cb, ln2w, ln2b, self.eps)
                     g = self._gv("fc", li, fcw)(h, fcb, gelu=True)
+                    self._prefetch(pw)
                 elif prebias:
                     g = torch.empty((B, fcw.shape[0]), device=x.device, dtype=x.dtype)
                     h = bias_add_layer_norm(x, cb, ln2w, ln2b, self.eps, fill=(g, fcb))
-                    g = F.gelu(g.addmm_(h, fcw.t()), approximate="tanh")
+                    g.addmm_(h, fcw.t())
+                    self._prefetch(pw)  # while the GELU runs
+                    g = F.gelu(g, approximate="tanh")
                 else:
                     h = bias_add_layer_norm(x, cb, ln2w, ln2b, self.eps)
                     g = self._fc_gelu(h, fcw, fcb)  # GELU (tanh) epilogue
+                    self._prefetch(pw)
                 if "mlp_proj" in gv:
                     self._gv("mlp_proj", li, pw)(g, out=x, accumulate=True)
                 else:
                     x.addmm_(g, pw.t())
+                self._prefetch(self.layers[li + 1][2] if li + 1 < self.n_layer else self.lm_head)  # while the norm runs
                 nw, nb = (self.layers[li + 1][0], self.layers[li + 1][1]) if li + 1 < self.n_layer else self.ln_f
                 if prebias and li + 1 < self.n_layer and "qkv" not in gv:
                     nab = self.layers[li + 1][3]
@@ -193,16 +208,45 @@ class StepMath:
         if not self.fused:
             h = F.layer_norm(x, (E,), self.ln_f[0], self.ln_f[1], self.eps)
         if "lm_head" in gv:
-            return self._gv("lm_head", -1, self.lm_head)(h).float()
-        return F.linear(h, self.lm_head).float()
+            logits = self._gv("lm_head", -1, self.lm_head)(h).float()
+        else:
+            logits = F.linear(h, self.lm_head).float()
+        if self._side is not None and self._l2 is not None:  # the side stream joins the step (a captured graph needs it)
+            torch.cuda.current_stream(self.device).wait_stream(self._side)
+        return logits
+
+    def _prefetch(self, weight, windows: float = 1.0) -> None:
+        """With an L2 prefetch chosen at start (CUDA graphs only): on a side stream, once the
+        work launched so far is done, bring the first ``windows`` x ``prefetch_bytes`` of
+        ``weight`` (the next GEMM's) into L2, while the main stream's small kernels (norm,
+        attention, GELU) leave the memory bus idle. Changes no value; a no-op otherwise."""
+        if self._l2 is None:
+            return
+        if self._side is None:  # tests on the CPU: inline
+            self._l2(weight, int(self.prefetch_bytes * windows))
+            return
+        torch = self._torch
+        self._side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._side):
+            self._l2(weight, int(self.prefetch_bytes * windows))
 
     def _sample(self, logits, rows, pos, seen=None):
         """Repetition penalty → greedy (temperature 0) or temperature → top-k → top-p → draw.
         ``rows`` (a slice, or an index tensor: one slot per logits row) picks each row's
         sampling parameters; ``seen`` overrides the rows' seen-token masks. The draw is
         exponential-race sampling with a counter-based hash of (seed, position, candidate
-        rank), so it needs no generator state."""
+        rank), so it needs no generator state. With ``self.sample_kernels`` (CUDA, checked at
+        start) the same in three kernels (``sample_triton``)."""
         torch = self._torch
+        if self.sample_kernels:
+            from .sample_triton import sample
+
+            slots = self._rows[rows] if isinstance(rows, slice) else rows
+            if seen is None:
+                seen, seen_rows = self.seen, slots
+            else:
+                seen_rows = self._arange_len[: logits.shape[0]]
+            return sample(logits, slots, pos, seen, seen_rows, self._sample_params, self.top_k_cap)
         pen = self.penalty[rows][:, None]
         penalized = torch.where(logits < 0, logits * pen, logits / pen)
         logits = torch.where(self.seen[rows] if seen is None else seen, penalized, logits)

@@ -4,10 +4,12 @@ Every GPU-only path is checked against a plain torch reference before it is used
 where there is a choice; a path that fails its check is not used, and why is kept for the
 benchmark's JSON:
 
-* attention: the Triton split-KV kernel, or torch; fused decode ops (GELU epilogue, residual as
-  the GEMM's C operand, bias + LayerNorm in one kernel); the one-row bias pre-write;
+* attention: the Triton split-KV kernel, or torch; whether that kernel also writes the step's
+  K/V to the cache (checked, then timed on the whole step); fused decode ops (GELU epilogue,
+  residual as the GEMM's C operand, bias + LayerNorm in one kernel); the one-row bias pre-write;
 * the batch-1 GEMV per weight (Triton where faster than cuBLAS); the prefill attention (the
-  fastest SDPA path that agrees with float32);
+  fastest SDPA path that agrees with float32); sampling in three kernels (checked against the
+  torch ops, timed); the L2 prefetch of the next GEMM's weights (timed on the whole step);
 * CUDA graphs of the decode step (batch x length buckets) and of the speculative step (length
   buckets), with fallbacks down to eager steps; the speculative step's check on a known answer.
 """
@@ -138,6 +140,95 @@ class StartUp:
             self.gelu_epilogue = f"check failed: {first_line(exc)}"
         return float(max(errs))
 
+    def _choose_sampling(self, requested: bool | None) -> None:
+        """Sampling in three kernels (``sample_triton``) instead of the torch ops, on CUDA by
+        default: only if it gives the torch path's greedy tokens exactly and its sampled ones
+        in >= 95 % of the draws (they may differ only where two candidates' scores are within
+        a few ulps), and, unless ``requested`` (tests under the interpreter), only if it is
+        >= 3 % faster at one row in a CUDA graph. What was measured: ``sample_report``."""
+        self.sample_kernels = False
+        self.sample_report: dict[str, Any] = {}
+        if requested is False or (requested is None and self.device.type != "cuda"):
+            return
+        try:
+            from .sample_triton import HAVE_TRITON
+        except Exception:
+            HAVE_TRITON = False
+        if not HAVE_TRITON:
+            if requested:
+                raise EngineError("fused sampling needs the triton package")
+            return
+        try:
+            same_greedy, agree = self.check_sampling()
+            self.sample_report.update(greedy_same=same_greedy, sampled_agree=round(agree, 4))
+            if not (same_greedy and agree >= 0.95):
+                log.warning("sampling kernels disagree with torch (%s); torch sampling", self.sample_report)
+                return
+            if not requested:
+                torch = self._torch
+                logits = torch.randn((1, self.vocab), device=self.device, dtype=torch.float32)
+                pos = self.pos[:1]
+                us = {}
+                for name, on in (("torch", False), ("triton", True)):
+                    self.sample_kernels = on
+                    us[name] = round(self._time_us(lambda: self._sample(logits, slice(0, 1), pos)), 2)
+                self.sample_kernels = False
+                self.sample_report["us_b1"] = us
+                if not us["triton"] < 0.97 * us["torch"]:
+                    return
+            self.sample_kernels = True
+        except Exception as exc:
+            self.sample_kernels = False
+            self.sample_report["error"] = first_line(exc)[:200]
+            log.warning("sampling kernels failed their check (%s); torch sampling", exc)
+            if requested:
+                raise
+
+    def check_sampling(self, trials: int = 16) -> tuple[bool, float]:
+        """Both sampling paths on the same random logits, 8 rows with different parameters
+        (greedy, top-k 1, penalties, top-p, temperatures): are the greedy rows identical, and
+        in what share of the sampled rows is the token the same? The per-slot parameters are
+        set for the check and reset after it (no request runs yet)."""
+        torch = self._torch
+        dev, S, V = self.device, self.slots, self.vocab
+        gen = torch.Generator(device=dev).manual_seed(2024)
+        temps = [0.0, 0.2, 0.7, 1.0, 0.2, 0.0, 1.3, 0.2]
+        topks = [self.top_k_cap, 50, self.top_k_cap, 1, 10, 5, self.top_k_cap, 50]
+        topps = [1.0, 0.95, 0.5, 1.0, 0.9, 1.0, 1.0, 0.95]
+        pens = [1.0, 1.2, 1.0, 1.5, 1.0, 1.3, 2.0, 1.0]
+        rows = torch.arange(8, device=dev) % S
+        same_greedy, agree, drawn = True, 0, 0
+        try:
+            for r in range(min(8, S)):
+                self.temp[r], self.topk[r], self.topp[r], self.penalty[r] = temps[r], min(topks[r], self.top_k_cap), topps[r], pens[r]
+                self.seed[r] = 1000 + r
+            self.seen[:S] = torch.rand((S, V), device=dev, generator=gen) < 0.01
+            greedy_rows = self.temp[rows] <= 0
+            for t in range(trials):
+                logits = torch.randn((8, V), device=dev, generator=gen) * 3.0
+                top = logits[t % 8].max()
+                logits[t % 8, : min(V, 64)] = top  # ties: the first maximum wins, also over a later block
+                logits[t % 8, V - 1] = top
+                pos = torch.full((8,), 100 + t, device=dev, dtype=torch.long)
+                outs = []
+                for on in (False, True):
+                    self.sample_kernels = on
+                    outs.append(self._sample(logits, rows, pos))
+                self.sample_kernels = False
+                same = outs[0] == outs[1]
+                same_greedy = same_greedy and bool(same[greedy_rows].all())
+                agree += int(same[~greedy_rows].sum())
+                drawn += int((~greedy_rows).sum())
+        finally:
+            self.sample_kernels = False
+            self.temp.zero_()
+            self.topk.fill_(self.top_k_cap)
+            self.topp.fill_(1.0)
+            self.penalty.fill_(1.0)
+            self.seed.zero_()
+            self.seen.zero_()
+        return same_greedy, agree / max(1, drawn)
+
     def check_triton_attention(self, batch: int = 2, cache_len: int = 1024) -> float:
         """Relative error of the Triton kernel against the float32 torch attention on random data."""
         import torch
@@ -149,11 +240,107 @@ class StartUp:
         kv = torch.randn((batch, cache_len + 1, 2 * D), device=self.device, dtype=self.dtype)
         q = torch.randn((batch, H, D), device=self.device, dtype=self.dtype)
         lengths = torch.tensor([cache_len - 37 * i for i in range(batch)], device=self.device, dtype=torch.long)
-        out = TritonMQADecode(batch, cache_len, H, D, self.device, self.dtype)(q, kv, lengths, self.scale).float()
+        attn = TritonMQADecode(batch, cache_len, H, D, self.device, self.dtype)
+        out = attn(q, kv, lengths, self.scale).float()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         ref = self._torch_attention(q.float(), kv[:, :cache_len].float(), lengths, None).float()
-        return float((out - ref).norm() / ref.norm())
+        err = float((out - ref).norm() / ref.norm())
+        # the variant that takes the step's own K/V from the QKV output and writes the cache
+        # (its own result: a failure only keeps the separate cache write)
+        self.kv_in_attention_check = None
+        try:
+            new = torch.randn((batch, 2 * D), device=self.device, dtype=self.dtype)
+            rows = torch.arange(batch, device=self.device)
+            got_kv, ref_kv = kv.clone(), kv.clone()
+            ref_kv[rows, lengths - 1] = new
+            out = attn(q, got_kv[:, :cache_len], lengths, self.scale, new=new, wpos=lengths - 1).float()
+            ref = self._torch_attention(q.float(), ref_kv[:, :cache_len].float(), lengths, None).float()
+            e = float((out - ref).norm() / ref.norm())
+            self.kv_in_attention_check = {"rel_err": e, "cache_written": bool(torch.equal(got_kv, ref_kv))}
+        except Exception as exc:
+            self.kv_in_attention_check = {"error": first_line(exc)[:200]}
+        return err
+
+    def _choose_kv_in_attention(self, requested: bool | None) -> None:
+        """Let the decode step's Triton attention write the step's K/V to the cache (one
+        kernel per layer fewer) if its check passed and, on CUDA (unless ``requested``), a
+        batch-1 step at a 2K context is not slower with it (``kv_in_attention_us``)."""
+        self.kv_in_attention = False
+        check = getattr(self, "kv_in_attention_check", None) or {}
+        if requested is False or self.attention != "triton" or not (check.get("rel_err", 1.0) < 2e-2 and check.get("cache_written")):
+            if requested:
+                raise EngineError(f"the cache write in the attention kernel failed its check: {check}")
+            return
+        if requested or self.device.type != "cuda":
+            self.kv_in_attention = bool(requested)
+            return
+        us = {}
+        try:
+            for on in (False, True):
+                self.kv_in_attention = on
+                us["on" if on else "off"] = self._step_us()
+        except Exception as exc:
+            us["error"] = first_line(exc)[:200]
+        self.kv_in_attention_us = us
+        self.kv_in_attention = "error" not in us and us["on"] <= us["off"] * 1.002
+
+    def _step_us(self) -> float:
+        """Device time of a batch-1 decode step (in a CUDA graph of 3 steps) with one row live
+        at ~1K keys of a 2K-or-smaller bucket: what start-up choices between whole-step variants
+        compare. Slot 0 is left as it was (no request runs yet)."""
+        Lc = max([n for n in self.length_buckets if n <= 2048] or self.length_buckets[:1])
+        try:
+            self.pos[0], self.active[0] = Lc // 2, True
+            return round(self._time_us(lambda: self._decode_step(1, Lc), reps=3), 1)
+        finally:
+            self.pos[0], self.active[0], self.tok[0] = 0, False, 0
+            self.seen[0].zero_()
+
+    def _choose_prefetch(self, requested: bool | None) -> None:
+        """L2 prefetch of the next GEMM's weights on a side stream during the small kernels
+        between GEMMs (``_prefetch``): CUDA graphs with fused ops only; each candidate (plain
+        loads or ``prefetch`` instructions; 8 or 16 MB a window) is timed on the whole batch-1
+        step and the fastest is kept only if it gains >= 1 % (``prefetch_us``). It cannot
+        change a value, so there is no numerical check: speed is the only question."""
+        self._l2 = self._side = None
+        self.prefetch_us: dict[str, Any] = {}
+        if requested is False:
+            return
+        from .mqa_triton import L2Prefetch
+
+        if requested and self.device.type != "cuda":  # tests under the interpreter: inline, no side stream
+            self._l2, self.prefetch_bytes = L2Prefetch(self.device, "load", programs=4), 1 << 16
+            self.prefetch_us["chosen"] = "load (inline)"
+            return
+        if not (self.use_graphs and self.fused and self.device.type == "cuda"):
+            return
+        if os.environ.get("STARCHAT_FAST_PREFETCH") == "0":
+            return
+        self._side = self._torch.cuda.Stream(self.device)
+        best, best_us = None, None
+        try:
+            base = self._step_us()
+            self.prefetch_us["off"] = base
+            for mode in ("load", "prefetch"):
+                for mb in (8, 16):
+                    name = f"{mode}_{mb}mb"
+                    try:
+                        self._l2, self.prefetch_bytes = L2Prefetch(self.device, mode), mb << 20
+                        us = self.prefetch_us[name] = self._step_us()
+                        if best_us is None or us < best_us:
+                            best, best_us = (self._l2, self.prefetch_bytes, name), us
+                    except Exception as exc:
+                        self.prefetch_us[name] = first_line(exc)[:160]
+                    finally:
+                        self._l2 = None
+            base = min(base, self._step_us())  # the baseline again: drift is not a gain
+            self.prefetch_us["off_again"] = base
+        except Exception as exc:
+            self.prefetch_us["error"] = first_line(exc)[:200]
+            return
+        if best is not None and (requested or best_us < 0.99 * base):
+            self._l2, self.prefetch_bytes, self.prefetch_us["chosen"] = best
 
     def _time_us(self, fn, reps: int = 20) -> float:
         return graph_time_us(fn, self.device, reps)
@@ -340,12 +527,14 @@ class StartUp:
         """Graphs with the chosen attention; if that fails, with torch attention; if that fails
         too, eager steps (slower, still correct)."""
         torch = self._torch
-        for attempt in range(4):
+        for attempt in range(6):
             try:
                 self._capture_all()
                 return
             except Exception as exc:
-                what = f"{self.attention}{' + prebias' if self.prebias else ''}{' + gemv' if self._gemv else ''}"
+                what = (f"{self.attention}{' + prebias' if self.prebias else ''}{' + gemv' if self._gemv else ''}"
+                        f"{' + kv in attention' if self.kv_in_attention else ''}{' + sampling kernels' if self.sample_kernels else ''}"
+                        f"{' + L2 prefetch' if self._l2 is not None else ''}")
                 log.warning("decode graph capture failed (%s attention): %s", what, exc)
                 self.graph_error = (self.graph_error + " | " if self.graph_error else "") + f"{what}: {first_line(exc)}"
                 self._graphs.clear()
@@ -353,7 +542,11 @@ class StartUp:
                     torch.cuda.synchronize(self.device)
                 except Exception:
                     pass
-                if self._gemv:  # the newest paths go first
+                if self.sample_kernels or self.kv_in_attention or self._l2 is not None:  # the newest paths go first
+                    self.sample_kernels = self.kv_in_attention = False
+                    self._l2 = None
+                    continue
+                if self._gemv:
                     self._gemv.clear()
                     self._gemv_ops.clear()
                     continue

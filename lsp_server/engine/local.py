@@ -100,6 +100,7 @@ class TransformersEngine:
         sampling: Sampling,
         should_stop: Callable[[], bool],
         on_token: Callable[[int], None],
+        priority: int = 1,  # one request at a time: the worker's queue orders them
     ) -> tuple[list[int], FinishReason]:
         import torch
         from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList

@@ -9,6 +9,8 @@ chunks that hold keys (the row's length is read from device memory, so a CUDA gr
 for a cache-length bucket serves every length below it).
 
 Cache layout: ``kv[slot, position, 0:D]`` is K and ``kv[slot, position, D:2D]`` is V.
+
+Also here: the decode step's bias + LayerNorm kernel, a one-row GEMV, and the L2 prefetch kernel.
 """
 
 from __future__ import annotations
@@ -34,14 +36,18 @@ if HAVE_TRITON:
         stride_ob, stride_os, stride_oh,
         stride_lb, stride_ls,
         scale, H,
+        new_ptr, wpos_ptr, stride_nb,
         CHUNK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-        SLOT_MAP: tl.constexpr,
+        SLOT_MAP: tl.constexpr, NEW_KV: tl.constexpr,
     ):
         b = tl.program_id(0)
         s = tl.program_id(1)
         length = tl.load(len_ptr + b).to(tl.int32)
         start = s * CHUNK
-        end = tl.minimum(start + CHUNK, length)  # masks only: loops have static trip counts
+        # with NEW_KV the row's last key is this step's token: it comes from new_ptr (the QKV
+        # output), not from the cache, and the program whose chunk holds it writes it there
+        cached = length - 1 if NEW_KV else length
+        end = tl.minimum(start + CHUNK, cached)  # masks only: loops have static trip counts
         offs_h = tl.arange(0, BLOCK_H)
         offs_d = tl.arange(0, D)
         hmask = offs_h < H
@@ -60,12 +66,27 @@ if HAVE_TRITON:
             sc = tl.dot(q, k) * scale
             sc = tl.where(nmask[None, :], sc, float("-inf"))
             m_new = tl.maximum(m, tl.max(sc, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(sc - m_new[:, None])
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: no NaN from -inf - -inf
+            alpha = tl.exp(m - m_use)
+            p = tl.exp(sc - m_use[:, None])
             l = l * alpha + tl.sum(p, 1)
             v = tl.load(base + offs_n[:, None] * stride_kt + D + offs_d[None, :], mask=nmask[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
+        if NEW_KV:
+            if s == (length - 1) // CHUNK:
+                k1 = tl.load(new_ptr + b * stride_nb + offs_d)
+                v1 = tl.load(new_ptr + b * stride_nb + D + offs_d)
+                sc1 = tl.sum(q.to(tl.float32) * k1.to(tl.float32)[None, :], 1) * scale
+                m_new = tl.maximum(m, sc1)
+                alpha = tl.exp(m - m_new)
+                p1 = tl.exp(sc1 - m_new)
+                l = l * alpha + p1
+                acc = acc * alpha[:, None] + p1.to(v1.dtype).to(tl.float32)[:, None] * v1.to(tl.float32)[None, :]
+                m = m_new
+                wpos = tl.load(wpos_ptr + b).to(tl.int64)  # the scratch position for idle rows
+                tl.store(base + wpos * stride_kt + offs_d, k1)
+                tl.store(base + wpos * stride_kt + D + offs_d, v1)
         has = l > 0
         l_safe = tl.where(has, l, 1.0)
         out = acc / l_safe[:, None]
@@ -123,13 +144,21 @@ class TritonMQADecode:
         self.out = torch.empty((batch, heads, head_dim), device=device, dtype=dtype)
 
     def __call__(self, q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, scale: float,
-                 slots: torch.Tensor | None = None) -> torch.Tensor:
+                 slots: torch.Tensor | None = None, new: torch.Tensor | None = None,
+                 wpos: torch.Tensor | None = None) -> torch.Tensor:
         """q: (B, H, D); kv: (B, positions, 2D) (a slice of one layer's cache, rows = slots);
         lengths: (B,) int64 keys per row (>= 1). Returns (B, H, D) in q's dtype.
         With ``slots`` (B,) int64, row b reads ``kv[slots[b]]`` instead (kv: every slot): the
-        speculative step's query rows all attend to one slot's cache."""
+        speculative step's query rows all attend to one slot's cache.
+        With ``new`` (B, 2D) and ``wpos`` (B,): row b's last key and value are ``new[b]`` (this
+        step's token; the cache holds the ``lengths[b] - 1`` before it), and the kernel writes
+        them to ``kv[b, wpos[b]]`` (one launch fewer than writing the cache first; wpos may be
+        past the slice's positions: the cache's scratch row)."""
         B = q.shape[0]
         D = self.head_dim
+        fused_kv = new is not None
+        if fused_kv and (slots is not None or wpos is None):
+            raise ValueError("new K/V needs wpos and no slot map")
         _split_kernel[(B, self.splits)](
             q, kv, lengths, self.o, self.lse, slots if slots is not None else lengths,
             q.stride(0), q.stride(1),
@@ -137,7 +166,8 @@ class TritonMQADecode:
             self.o.stride(0), self.o.stride(1), self.o.stride(2),
             self.lse.stride(0), self.lse.stride(1),
             scale, self.heads,
-            CHUNK=self.chunk, BLOCK_H=self.block_h, BLOCK_N=64, D=D, SLOT_MAP=slots is not None,
+            new if fused_kv else q, wpos if fused_kv else lengths, new.stride(0) if fused_kv else 0,
+            CHUNK=self.chunk, BLOCK_H=self.block_h, BLOCK_N=64, D=D, SLOT_MAP=slots is not None, NEW_KV=fused_kv,
             num_warps=4, num_stages=2,
         )
         out = self.out[:B]
@@ -267,3 +297,62 @@ class TritonGEMV:
             num_warps=self.num_warps, num_stages=self.num_stages,
         )
         return out
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _prefetch_kernel(w_ptr, addr, n, per_prog, iters, sink_ptr,
+                         BLOCK: tl.constexpr, MODE: tl.constexpr, ESIZE: tl.constexpr):
+        """Bring elements [0, n) of ``w`` into L2 (program p: its ``per_prog`` of them), so that
+        the GEMM that reads them next finds them there. MODE 0: loads with the evict-last
+        policy (a per-program sum goes to ``sink`` so that nothing is optimised away); MODE 1:
+        one ``prefetch.global.L2::evict_last`` per 128-byte line (``addr``: w's address; no
+        registers wait for the data). Changes no value the model computes."""
+        pid = tl.program_id(0)
+        start = pid * per_prog
+        end = tl.minimum(start + per_prog, n)
+        if MODE == 0:
+            acc = tl.zeros([BLOCK], tl.float32)
+            i = 0
+            while i < iters:  # a runtime bound: one compile for every size
+                offs = start + i * BLOCK + tl.arange(0, BLOCK)
+                acc += tl.load(w_ptr + offs, mask=offs < end, other=0.0, eviction_policy="evict_last").to(tl.float32)
+                i += 1
+            tl.store(sink_ptr + pid, tl.sum(acc, 0))
+        else:
+            i = 0
+            while i < iters:  # BLOCK lines of 128 bytes per iteration
+                line = start + (i * BLOCK + tl.arange(0, BLOCK)) * (128 // ESIZE)
+                tl.inline_asm_elementwise(
+                    "prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                    [tl.where(line < end, addr + line.to(tl.int64) * ESIZE, addr)], dtype=tl.int32, is_pure=False, pack=1,
+                )
+                i += 1
+
+
+class L2Prefetch:
+    """Graph-capturable: ``self(weight, nbytes)`` brings a weight's first ``nbytes`` into L2.
+    The decode step runs it on a side stream while the small kernels between two GEMMs (norm,
+    attention, GELU) leave the memory bus idle (see ``fast_math._rows_forward``)."""
+
+    def __init__(self, device, mode: str = "load", programs: int | None = None):
+        if mode not in ("load", "prefetch"):
+            raise ValueError(mode)
+        self.mode = 0 if mode == "load" else 1
+        if programs is None:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda" else 4
+            programs = 2 * sms
+        self.programs = programs
+        self.sink = torch.zeros(programs, device=device, dtype=torch.float32)
+
+    def __call__(self, weight: torch.Tensor, nbytes: int) -> None:
+        if not weight.is_contiguous():
+            raise ValueError("L2Prefetch expects a contiguous weight")
+        esize = weight.element_size()
+        n = min(weight.numel(), nbytes // esize)
+        per = triton.cdiv(n, self.programs)
+        step = 2048 if self.mode == 0 else 128 * (128 // esize)  # elements per iteration
+        per = triton.cdiv(per, step) * step
+        _prefetch_kernel[(self.programs,)](weight, weight.data_ptr(), n, per, per // step, self.sink,
+                                           BLOCK=2048 if self.mode == 0 else 128, MODE=self.mode, ESIZE=esize, num_warps=4)

@@ -350,6 +350,20 @@ def test_triton_attention_merge_of_many_splits(Lc):
         k, v = kv[b, :n, :D], kv[b, :n, D:]
         ref = torch.softmax((q[b] @ k.T) * D**-0.5, -1) @ v
         assert torch.allclose(out[b], ref, atol=1e-2 if device == "cuda" else 1e-5)
+    # this step's own K/V from the QKV output, written to the cache by the kernel (at the
+    # row's last position, or past the slice: the scratch row of an idle row)
+    new = torch.randn(B, 2 * D, device=device)
+    wpos = torch.tensor([Lc - 1, int(lengths[1]) - 1, Lc], device=device)
+    got_kv = kv.clone()
+    out = attn(q, got_kv[:, :Lc], lengths, D**-0.5, new=new, wpos=wpos)
+    want_kv = kv.clone()
+    want_kv[torch.arange(B, device=device), wpos] = new
+    assert torch.equal(got_kv, want_kv)
+    for b in range(B):
+        n = int(lengths[b])
+        keys = torch.cat([kv[b, : n - 1], new[b : b + 1]])
+        ref = torch.softmax((q[b] @ keys[:, :D].T) * D**-0.5, -1) @ keys[:, D:]
+        assert torch.allclose(out[b], ref, atol=1e-2 if device == "cuda" else 1e-5)
     # the speculative step's layout: every row reads the cache of a slot named per row
     slots = torch.tensor([2, 2, 0], device=device)
     out = attn(q, kv, lengths, D**-0.5, slots=slots)
@@ -358,6 +372,25 @@ def test_triton_attention_merge_of_many_splits(Lc):
         k, v = kv[sl, :n, :D], kv[sl, :n, D:]
         ref = torch.softmax((q[b] @ k.T) * D**-0.5, -1) @ v
         assert torch.allclose(out[b], ref, atol=1e-2 if device == "cuda" else 1e-5)
+
+
+def test_l2_prefetch_reads_the_weights_head():
+    """The prefetch kernel's load mode reads exactly the first bytes asked for, split over its
+    programs (their sums land in its sink); the prefetch-instruction mode needs a GPU."""
+    device = _interpreter_or_gpu()
+    from lsp_server.engine.mqa_triton import L2Prefetch
+
+    w = torch.randn(300, 1000, device=device, dtype=torch.float16)
+    pf = L2Prefetch(device, "load", programs=4)
+    pf(w, 100_000)  # 50,000 two-byte elements
+    per = -(-50_000 // 4)
+    per = -(-per // 2048) * 2048
+    flat = w.flatten()[:50_000].float()
+    want = torch.stack([flat[i * per : (i + 1) * per].sum() for i in range(4)])
+    assert torch.allclose(pf.sink, want, rtol=1e-3, atol=1e-2)
+    if device == "cuda":
+        L2Prefetch(device, "prefetch")(w, 100_000)  # compiles and runs
+        torch.cuda.synchronize()
 
 
 def test_bias_add_layer_norm_fills_the_next_bias():
@@ -377,16 +410,22 @@ def test_bias_add_layer_norm_fills_the_next_bias():
     assert torch.allclose(h, F.layer_norm(x + b, (96,), w, beta, 1e-5), atol=1e-5)
 
 
-@pytest.mark.parametrize("gemv", [False, True])
-def test_fused_engine_with_triton_attention_matches_generate(hf_model, tokenizer, prompts, gemv):
-    """Triton attention, fused decode ops (one-row bias pre-write, or the Triton one-row GEMVs)
-    and the fused prefill give HF's greedy tokens (float32, interpreter on the CPU)."""
+@pytest.mark.parametrize("gemv,kv_in_attention,prefetch", [(False, True, True), (True, False, False)])
+def test_fused_engine_with_triton_attention_matches_generate(hf_model, tokenizer, prompts, gemv, kv_in_attention, prefetch):
+    """Triton attention (writing the cache itself, or after a separate write), fused decode ops
+    (one-row bias pre-write, or the Triton one-row GEMVs), the L2 prefetch of the next weights
+    (inline here; a side stream on a GPU) and the fused prefill give HF's greedy tokens
+    (float32, interpreter on the CPU)."""
     _interpreter_or_gpu()
     from lsp_server.engine.fast import FastEngine
 
-    eng = FastEngine(hf_model, tokenizer, max_batch=2, max_len=2048, attention="triton", fused=True, gemv=gemv)
+    eng = FastEngine(hf_model, tokenizer, max_batch=2, max_len=2048, attention="triton", fused=True, gemv=gemv,
+                     kv_in_attention=kv_in_attention, prefetch=prefetch)
     try:
         assert eng.fused and eng.attention == "triton"
+        assert eng.kv_in_attention == kv_in_attention
+        assert (eng._l2 is not None) == prefetch
+        assert eng.kv_in_attention_check["cache_written"] and eng.kv_in_attention_check["rel_err"] < 1e-5
         assert eng.prebias
         assert sorted(eng._gemv) == (["attn_proj", "fc", "lm_head", "mlp_proj", "qkv"] if gemv else [])
         stop_ids = eng.stop_ids or [0]
@@ -397,6 +436,34 @@ def test_fused_engine_with_triton_attention_matches_generate(hf_model, tokenizer
         fix = prompts[0]
         ids, _ = run(eng, fix, Sampling(max_new_tokens=40, temperature=0.0))
         assert ids == reference(hf_model, stop_ids, fix, new=40)
+        assert eng.stats["spec_accepted"] > 0
+    finally:
+        eng.close()
+
+
+def test_sampling_kernels_give_the_torch_paths_tokens(hf_model, tokenizer, prompts, copying_prompts):
+    """The three sampling kernels (penalty + greedy, top-k, the draw) against the torch ops:
+    the start-up check passes, and whole answers are the same token for token, greedy with a
+    repetition penalty (= HF's) and seeded sampling, plain and speculative."""
+    _interpreter_or_gpu()
+    from lsp_server.engine.fast import FastEngine
+
+    eng = FastEngine(hf_model, tokenizer, max_batch=2, max_len=512, fused_sampling=True, speculate=3)
+    try:
+        assert eng.sample_kernels
+        assert eng.sample_report["greedy_same"] and eng.sample_report["sampled_agree"] >= 0.95
+        stop_ids = eng.stop_ids or [0]
+        penalized = Sampling(max_new_tokens=12, temperature=0.0, repetition_penalty=1.3)
+        assert run(eng, prompts[4], penalized)[0] == reference(hf_model, stop_ids, prompts[4], new=12, penalty=1.3)
+        cases = [(prompts[4], Sampling(max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9, seed=5, repetition_penalty=1.2)),
+                 (copying_prompts["fix"], Sampling(max_new_tokens=40, temperature=0.2, seed=3))]
+        for prompt, sampling in cases:
+            got = run(eng, prompt, sampling)[0]
+            eng.sample_kernels = False
+            try:
+                assert run(eng, prompt, sampling)[0] == got
+            finally:
+                eng.sample_kernels = True
         assert eng.stats["spec_accepted"] > 0
     finally:
         eng.close()
@@ -667,3 +734,27 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(hf_model, tok
         assert eng.stats["reused_tokens"] - before["reused_tokens"] >= 8
     finally:
         eng.close()
+
+
+def test_explicit_actions_get_the_spare_rows_and_prefill_first(tokenizer):
+    """Priorities inside the engine: the spare rows of a speculative step go to an explicit
+    action before a hover admitted earlier, and a waiting action's prompt goes in first."""
+    from types import SimpleNamespace
+
+    from lsp_server.engine.fast import FastEngine, _Request
+    from lsp_server.engine.worker import Priority
+
+    def request(priority, answer):
+        req = _Request([1, 2, 3], Sampling(max_new_tokens=50), lambda: False, priority=int(priority))
+        req.lookup = KnownAnswer(req.prompt, answer)
+        req.produced = [answer[0]]
+        return req
+
+    hover, action = request(Priority.HOVER, list(range(10, 30))), request(Priority.USER, list(range(40, 60)))
+    state = SimpleNamespace(_running=[hover, action], spec_tokens=4, max_len=100, _prefilling=[hover, action])
+    state._draft = lambda req, room: FastEngine._draft(state, req, room)
+    plan = dict((id(req), draft) for req, draft in FastEngine._plan(state))
+    assert len(plan[id(action)]) == 2 and plan[id(hover)] == []  # 4 rows: 2 last tokens + 2 drafts
+    assert FastEngine._next_prefill(state) is action
+    state._prefilling = [hover, request(Priority.HOVER, [1])]
+    assert FastEngine._next_prefill(state) is hover  # the oldest among equals

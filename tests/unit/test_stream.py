@@ -26,7 +26,8 @@ class FakeEngine:
     def __init__(self, tokens, started=None, go=None):
         self.tokens, self.started, self.go = tokens, started, go
 
-    def generate(self, prompt_ids, sampling, should_stop, on_token):
+    def generate(self, prompt_ids, sampling, should_stop, on_token, priority=1):
+        self.priority = priority
         if self.started is not None:
             self.started.set()
             self.go.wait(5)
@@ -57,11 +58,12 @@ async def test_pieces_arrive_in_order_and_join_when_the_loop_is_busy():
     slow = FakeEngine([0, 1, 2])
     slow_generate = slow.generate
 
-    def paced(prompt_ids, sampling, should_stop, on_token):
-        return slow_generate(prompt_ids, sampling, should_stop, lambda t: (on_token(t), time.sleep(0.05)))
+    def paced(prompt_ids, sampling, should_stop, on_token, priority=1):
+        return slow_generate(prompt_ids, sampling, should_stop, lambda t: (on_token(t), time.sleep(0.05)), priority)
 
     slow.generate = paced
     pieces.clear()
-    await stream(worker, slow, [1], Sampling(), Priority.USER, pieces.append)
+    await stream(worker, slow, [1], Sampling(), Priority.HOVER, pieces.append)
     assert pieces == ["a", "b", "c"]
+    assert engine.priority == Priority.USER and slow.priority == Priority.HOVER  # the engine orders by it
     worker.close()
