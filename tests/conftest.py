@@ -7,6 +7,16 @@ from pathlib import Path
 
 import pytest
 
+# Without a GPU, the Triton kernels' tests run under Triton's interpreter (float32 on the CPU)
+# where triton is installed (.ci/run installs it); set before any kernel is defined.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover - torch is a dependency
+    pass
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path(os.environ.get("STARCHAT_TEST_MODEL", REPO / ".test-model"))
 
