@@ -513,15 +513,24 @@ class StartUp:
                                       for b in self.batch_buckets for n in self.length_buckets})
 
     def _capture_verify(self) -> None:
-        """One speculative-step graph per length bucket. If capture fails, speculation is
-        turned off (``spec_error`` says why); plain decoding is unaffected."""
-        try:
-            self._spec_graphs = self._capture({n: partial(self._verify_step, n) for n in self.length_buckets})
-        except Exception as exc:
-            log.warning("speculative step capture failed (%s); speculation off", exc)
-            self.spec_error = first_line(exc)[:200]
-            self._spec_graphs = {}
-            self.spec_tokens = 1
+        """One speculative-step graph per length bucket. If capture fails, it is tried once
+        more without the L2 prefetch (the decode graphs keep theirs: a graph holds what was
+        captured), then speculation is turned off (``spec_error`` says why); plain decoding is
+        unaffected."""
+        while True:
+            try:
+                self._spec_graphs = self._capture({n: partial(self._verify_step, n) for n in self.length_buckets})
+                return
+            except Exception as exc:
+                if self._l2 is not None:
+                    log.warning("speculative step capture failed with the L2 prefetch (%s); trying without", exc)
+                    self._l2 = None
+                    continue
+                log.warning("speculative step capture failed (%s); speculation off", exc)
+                self.spec_error = first_line(exc)[:200]
+                self._spec_graphs = {}
+                self.spec_tokens = 1
+                return
 
     def _capture_with_fallback(self) -> None:
         """Graphs with the chosen attention; if that fails, with torch attention; if that fails

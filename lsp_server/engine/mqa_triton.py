@@ -340,9 +340,9 @@ class L2Prefetch:
         if mode not in ("load", "prefetch"):
             raise ValueError(mode)
         self.mode = 0 if mode == "load" else 1
-        if programs is None:
+        if programs is None:  # loads wait for their data: more programs, each 1-2 wide loads
             sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda" else 4
-            programs = 2 * sms
+            programs = (4 if self.mode == 0 else 2) * sms
         self.programs = programs
         self.sink = torch.zeros(programs, device=device, dtype=torch.float32)
 
@@ -352,7 +352,8 @@ class L2Prefetch:
         esize = weight.element_size()
         n = min(weight.numel(), nbytes // esize)
         per = triton.cdiv(n, self.programs)
-        step = 2048 if self.mode == 0 else 128 * (128 // esize)  # elements per iteration
+        block = 8192 if self.mode == 0 else 128  # elements per load, or 128-byte lines per iteration
+        step = block if self.mode == 0 else block * (128 // esize)  # elements per iteration
         per = triton.cdiv(per, step) * step
         _prefetch_kernel[(self.programs,)](weight, weight.data_ptr(), n, per, per // step, self.sink,
-                                           BLOCK=2048 if self.mode == 0 else 128, MODE=self.mode, ESIZE=esize, num_warps=4)
+                                           BLOCK=block, MODE=self.mode, ESIZE=esize, num_warps=4)
