@@ -525,6 +525,7 @@ class StartUp:
                 if self._l2 is not None:
                     log.warning("speculative step capture failed with the L2 prefetch (%s); trying without", exc)
                     self._l2 = None
+                    self.prefetch_us["speculative_step"] = f"without: {first_line(exc)[:160]}"
                     continue
                 log.warning("speculative step capture failed (%s); speculation off", exc)
                 self.spec_error = first_line(exc)[:200]
