@@ -426,6 +426,17 @@ def test_fused_engine_with_triton_attention_matches_generate(hf_model, tokenizer
         assert eng.kv_in_attention == kv_in_attention
         assert (eng._l2 is not None) == prefetch
         assert eng.kv_in_attention_check["cache_written"] and eng.kv_in_attention_check["rel_err"] < 1e-5
+        if prefetch:  # each window prefetches the weight of the GEMM that comes next
+            real, seen = eng._l2, []
+            eng._l2 = lambda w, n: (seen.append(w), real(w, n))
+            try:
+                with torch.inference_mode():
+                    eng._decode_step(1, 256)  # idle rows only: nothing that a request holds changes
+            finally:
+                eng._l2 = real
+            want = [w for i, layer in enumerate(eng.layers) for w in (layer[4], layer[8], layer[10],
+                    eng.layers[i + 1][2] if i + 1 < len(eng.layers) else eng.lm_head)]
+            assert len(seen) == len(want) and all(a is b for a, b in zip(seen, want))
         assert eng.prebias
         assert sorted(eng._gemv) == (["attn_proj", "fc", "lm_head", "mlp_proj", "qkv"] if gemv else [])
         stop_ids = eng.stop_ids or [0]
