@@ -298,6 +298,8 @@ def main(argv=None) -> int:
     R["kv_in_attention_check"] = getattr(engine, "kv_in_attention_check", None)
     R["kv_in_attention_us"] = getattr(engine, "kv_in_attention_us", None)
     R["prefetch_us"] = getattr(engine, "prefetch_us", None)
+    R["engine_choices_reused"] = list(engine.choices.reused)  # answered by an earlier start's timing
+    R["engine_choices_file"] = str(engine.choices.path) if engine.choices.path else None
     R["engine_prefetch"] = (getattr(engine, "prefetch_us", None) or {}).get("chosen")
     for k in ("prebias_check_err", "prebias_error"):
         if getattr(engine, k, None) is not None:

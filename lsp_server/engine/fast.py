@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .base import EngineError, FinishReason, Sampling, first_line
+from .choices import Choices, default_path, fingerprint
 from .fast_math import _M32, StepMath
 from .fast_setup import StartUp, graph_time_us
 from .lookup import KnownAnswer, PromptLookup
@@ -243,6 +244,8 @@ class FastEngine(StartUp, StepMath):
             self._spec_true = torch.ones(R, device=dev, dtype=torch.bool)
             self._spec_false = torch.zeros(1, device=dev, dtype=torch.bool)
 
+        # what start-up timing decided before, for this GPU, software and engine shape
+        self.choices = Choices(default_path() if on_cuda else None, *_engine_fingerprint(self, torch, speculate))
         self.gelu_epilogue = "tanh" if dev.type == "cuda" else "off"
         self.prebias = False
         self._l2 = self._side = None  # L2 prefetch on a side stream (_choose_prefetch, after the other paths)
@@ -333,6 +336,7 @@ class FastEngine(StartUp, StepMath):
         self.spec_check: dict[str, Any] | None = None
         if self.speculation:
             self._check_speculation()
+        self.choices.save()
         self.ready_s = time.monotonic() - started
 
     # ------------------------------------------------------------------ loading
@@ -856,6 +860,25 @@ class FastEngine(StartUp, StepMath):
         req.events.put(("done", reason))
         with self._cv:
             self._cv.notify_all()
+
+
+def _engine_fingerprint(engine: Any, torch: Any, speculate: int) -> tuple[str, dict[str, Any]]:
+    """What start-up timing depends on: the GPU, the software, the model's shape and the
+    engine's size (not the weights' values)."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    dev = engine.device
+    parts = {
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
+        "dtype": str(engine.dtype), "layers": engine.n_layer, "embd": engine.n_embd, "heads": engine.n_head,
+        "vocab": engine.vocab, "slots": engine.max_batch, "positions": engine.max_len, "speculate": max(1, int(speculate) + 1),
+    }
+    return fingerprint(parts), parts
 
 
 def unsuitable(model: Any) -> str | None:

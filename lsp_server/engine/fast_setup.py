@@ -165,18 +165,8 @@ class StartUp:
             if not (same_greedy and agree >= 0.95):
                 log.warning("sampling kernels disagree with torch (%s); torch sampling", self.sample_report)
                 return
-            if not requested:
-                torch = self._torch
-                logits = torch.randn((1, self.vocab), device=self.device, dtype=torch.float32)
-                pos = self.pos[:1]
-                us = {}
-                for name, on in (("torch", False), ("triton", True)):
-                    self.sample_kernels = on
-                    us[name] = round(self._time_us(lambda: self._sample(logits, slice(0, 1), pos)), 2)
-                self.sample_kernels = False
-                self.sample_report["us_b1"] = us
-                if not us["triton"] < 0.97 * us["torch"]:
-                    return
+            if not requested and not self.choices.ask("sample_kernels", self._sampling_kernels_faster):
+                return
             self.sample_kernels = True
         except Exception as exc:
             self.sample_kernels = False
@@ -184,6 +174,21 @@ class StartUp:
             log.warning("sampling kernels failed their check (%s); torch sampling", exc)
             if requested:
                 raise
+
+    def _sampling_kernels_faster(self) -> bool:
+        """Are the sampling kernels >= 3 % faster than the torch ops at one row (CUDA graph)?"""
+        torch = self._torch
+        logits = torch.randn((1, self.vocab), device=self.device, dtype=torch.float32)
+        pos = self.pos[:1]
+        us = {}
+        try:
+            for name, on in (("torch", False), ("triton", True)):
+                self.sample_kernels = on
+                us[name] = round(self._time_us(lambda: self._sample(logits, slice(0, 1), pos)), 2)
+        finally:
+            self.sample_kernels = False
+        self.sample_report["us_b1"] = us
+        return us["triton"] < 0.97 * us["torch"]
 
     def check_sampling(self, trials: int = 16) -> tuple[bool, float]:
         """Both sampling paths on the same random logits, 8 rows with different parameters
@@ -276,15 +281,20 @@ class StartUp:
         if requested or self.device.type != "cuda":
             self.kv_in_attention = bool(requested)
             return
-        us = {}
-        try:
+        self.kv_in_attention_us = {}
+
+        def not_slower() -> bool:
+            us = self.kv_in_attention_us
             for on in (False, True):
                 self.kv_in_attention = on
                 us["on" if on else "off"] = self._step_us()
+            return us["on"] <= us["off"] * 1.002
+
+        try:
+            self.kv_in_attention = bool(self.choices.ask("kv_in_attention", not_slower))
         except Exception as exc:
-            us["error"] = first_line(exc)[:200]
-        self.kv_in_attention_us = us
-        self.kv_in_attention = "error" not in us and us["on"] <= us["off"] * 1.002
+            self.kv_in_attention_us["error"] = first_line(exc)[:200]
+            self.kv_in_attention = False
 
     def _step_us(self) -> float:
         """Device time of a batch-1 decode step (in a CUDA graph of 3 steps) with one row live
@@ -319,10 +329,11 @@ class StartUp:
         if os.environ.get("STARCHAT_FAST_PREFETCH") == "0":
             return
         self._side = self._torch.cuda.Stream(self.device)
-        best, best_us = None, None
-        try:
-            base = self._step_us()
-            self.prefetch_us["off"] = base
+
+        def fastest() -> list:
+            """[mode, MB a window] of the fastest candidate, or [] (none gains 1 %)."""
+            best, best_us = [], None
+            base = self.prefetch_us["off"] = self._step_us()
             for mode in ("load", "prefetch"):
                 for mb in (8, 16):
                     name = f"{mode}_{mb}mb"
@@ -330,18 +341,24 @@ class StartUp:
                         self._l2, self.prefetch_bytes = L2Prefetch(self.device, mode), mb << 20
                         us = self.prefetch_us[name] = self._step_us()
                         if best_us is None or us < best_us:
-                            best, best_us = (self._l2, self.prefetch_bytes, name), us
+                            best, best_us = [mode, mb], us
                     except Exception as exc:
                         self.prefetch_us[name] = first_line(exc)[:160]
                     finally:
                         self._l2 = None
             base = min(base, self._step_us())  # the baseline again: drift is not a gain
             self.prefetch_us["off_again"] = base
+            return best if best and (requested or best_us < 0.99 * base) else []
+
+        try:
+            chosen = self.choices.ask("prefetch", fastest)
+            if chosen:
+                mode, mb = chosen
+                self._l2, self.prefetch_bytes = L2Prefetch(self.device, mode), int(mb) << 20
+                self.prefetch_us["chosen"] = f"{mode}_{mb}mb"
         except Exception as exc:
+            self._l2 = None
             self.prefetch_us["error"] = first_line(exc)[:200]
-            return
-        if best is not None and (requested or best_us < 0.99 * base):
-            self._l2, self.prefetch_bytes, self.prefetch_us["chosen"] = best
 
     def _time_us(self, fn, reps: int = 20) -> float:
         return graph_time_us(fn, self.device, reps)
@@ -376,7 +393,11 @@ class StartUp:
             "fc": (fcw, fcb, False, True), "mlp_proj": (pw, None, True, False), "lm_head": (self.lm_head, None, False, False),
         }
         gen = torch.Generator(device=self.device).manual_seed(7)
+        # the weights and configurations an earlier start chose by timing: checked, not timed
+        remembered = None if requested else self.choices.recall("gemv")
         for name, (wt, bias, acc, gelu) in cases.items():
+            if remembered is not None and name not in remembered:
+                continue
             try:
                 x = torch.randn((1, wt.shape[1]), device=self.device, dtype=self.dtype, generator=gen)
                 y0 = torch.randn((1, wt.shape[0]), device=self.device, dtype=self.dtype, generator=gen)
@@ -386,7 +407,8 @@ class StartUp:
                     ref = F.linear(x, wt, bias)
                     ref = (F.gelu(ref, approximate="tanh") if gelu else ref).float()
                 best = None
-                for cfg in ((8, 512, 4, 3), (16, 256, 4, 3)):  # each is one Triton compile per shape (~1 s)
+                configs = [tuple(remembered[name])] if remembered is not None else [(8, 512, 4, 3), (16, 256, 4, 3)]
+                for cfg in configs:  # each is one Triton compile per shape (~1 s)
                     try:
                         g = TritonGEMV(wt, *cfg)
                         out = y0.clone() if acc else None
@@ -395,7 +417,7 @@ class StartUp:
                         if not err < 1e-2:
                             self.gemv_report[f"{name}_{cfg}"] = f"rel err {err:.3g}"
                             continue
-                        if requested:
+                        if requested or remembered is not None:
                             best = (0.0, g, cfg)
                             break
                         yb = y0.clone()
@@ -406,8 +428,10 @@ class StartUp:
                     except Exception as exc:
                         self.gemv_report[f"{name}_{cfg}"] = first_line(exc)[:160]
                 if best is None:
+                    if remembered is not None:
+                        self.choices.forget("gemv")
                     continue
-                if requested:
+                if requested or remembered is not None:
                     self._gemv[name] = best[1]
                     continue
                 yc = y0.clone()
@@ -424,6 +448,8 @@ class StartUp:
             except Exception as exc:
                 self.gemv_report[name] = first_line(exc)[:160]
         self.gemv_report["chosen"] = sorted(self._gemv)
+        if requested is None and remembered is None:
+            self.choices.remember("gemv", {n: [g.block_n, g.block_k, g.num_warps, g.num_stages] for n, g in self._gemv.items()})
 
     def _choose_prefill_attention(self, forced: str | None = None) -> str:
         """On CUDA, time the candidate SDPA paths for a 2048-token causal prompt (one layer's
@@ -462,6 +488,7 @@ class StartUp:
         wanted = os.environ.get("STARCHAT_FAST_PREFILL_ATTN")
         if wanted in candidates:
             candidates = ["sdpa_gqa", wanted]
+
         def wall_us(n):  # host wall time of one call on the first n positions, device work included
             torch.cuda.synchronize(self.device)
             t = time.perf_counter()
@@ -469,16 +496,32 @@ class StartUp:
             torch.cuda.synchronize(self.device)
             return (time.perf_counter() - t) * 1e6
 
+        def disagrees(mode) -> str | None:
+            """Why ``mode`` is not correct here (None: it agrees with float32)."""
+            self.prefill_attention = mode
+            out = self._prefill_attn(q, k, v)
+            if ref is not None:
+                err = float((out[0, :, ref[1]].float() - ref[0]).norm() / ref[0].norm())
+                if not err < 2e-2:
+                    return f"rel err {err:.3g}"
+            return None
+
+        remembered = None if wanted else self.choices.recall("prefill_attention")
+        if remembered is not None:  # an earlier start's choice by timing: checked, not timed
+            try:
+                why = disagrees(remembered)
+            except Exception as exc:
+                why = first_line(exc)[:160]
+            if why is None:
+                return remembered
+            self.prefill_attention_report[remembered] = why
+            self.choices.forget("prefill_attention")
         for i, mode in enumerate(candidates):
             try:
-                self.prefill_attention = mode
-                out = self._prefill_attn(q, k, v)
-                if ref is not None:
-                    got = out[0, :, ref[1]].float()
-                    err = float((got - ref[0]).norm() / ref[0].norm())
-                    if not err < 2e-2:
-                        self.prefill_attention_report[mode] = f"rel err {err:.3g}"
-                        continue
+                why = disagrees(mode)
+                if why is not None:
+                    self.prefill_attention_report[mode] = why
+                    continue
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 self._prefill_attn(q, k, v)
                 times = []
@@ -500,6 +543,8 @@ class StartUp:
             except Exception as exc:
                 self.prefill_attention_report[mode] = first_line(exc)[:160]
         self.prefill_attention = best
+        if not wanted:
+            self.choices.remember("prefill_attention", best)
         return best
 
     def _capture(self, steps: dict[Any, Any]) -> dict[Any, Any]:
