@@ -4,7 +4,8 @@ batching and prefix reuse.
 
 Files: this one holds the engine's state, loading and scheduling (requests, slots, batches,
 speculation's drafts); ``fast_math.py`` what a step computes (forward, speculative step,
-sampling, prefill); ``fast_setup.py`` what is checked, chosen and captured at start.
+sampling, prefill); ``fast_setup.py`` what is checked and chosen at start (``choices.py``: the
+timing answers kept between starts); ``fast_graphs.py`` the CUDA graphs.
 
 Design (bench/NOTES.md has the reasoning and the numbers):
 
@@ -64,8 +65,9 @@ from typing import Any, Callable
 
 from .base import EngineError, FinishReason, Sampling, first_line
 from .choices import Choices, default_path, fingerprint
+from .fast_graphs import Graphs, graph_time_us
 from .fast_math import _M32, StepMath
-from .fast_setup import StartUp, graph_time_us
+from .fast_setup import StartUp
 from .lookup import KnownAnswer, PromptLookup
 
 log = logging.getLogger(__name__)
@@ -117,7 +119,7 @@ class _Request:
     priority: int = 1  # worker.Priority: lower first (an explicit action before a hover)
 
 
-class FastEngine(StartUp, StepMath):
+class FastEngine(StartUp, Graphs, StepMath):
     """Engine protocol (see base.Engine); thread-safe ``generate()`` with continuous batching."""
 
     def __init__(
