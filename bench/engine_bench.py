@@ -694,13 +694,9 @@ def main(argv=None) -> int:
             ids = prompt(min(2048, engine.max_len - 2))
             out["prefill_2048"] = run(lambda: engine._prefill(engine.slots - 1, ids, 0))
             Lc = max(n for n in engine.length_buckets if n <= 2048)
-            try:
-                engine.pos[0], engine.active[0] = Lc - 64, True
+            with engine.live_row(Lc - 64):
                 out["decode_b1_2048_eager"] = run(lambda: engine._decode_step(1, Lc))
-            finally:
-                engine.pos[0], engine.active[0], engine.tok[0] = 0, False, 0
-                engine.seen[0].zero_()
-                engine._slot_ids[0] = engine._slot_ids[engine.slots - 1] = []
+            engine._slot_ids[0] = engine._slot_ids[engine.slots - 1] = []  # their caches were written
         R["kernel_profile"] = out
 
     b.step("kernel profile", kernel_profile)  # on the CPU: runs, finds no device kernels

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from typing import Any
 
 from .base import EngineError, first_line
@@ -299,11 +300,18 @@ class StartUp:
     def _step_us(self) -> float:
         """Device time of a batch-1 decode step (in a CUDA graph of 3 steps) with one row live
         at ~1K keys of a 2K-or-smaller bucket: what start-up choices between whole-step variants
-        compare. Slot 0 is left as it was (no request runs yet)."""
+        compare."""
         Lc = max([n for n in self.length_buckets if n <= 2048] or self.length_buckets[:1])
-        try:
-            self.pos[0], self.active[0] = Lc // 2, True
+        with self.live_row(Lc // 2):
             return round(self._time_us(lambda: self._decode_step(1, Lc), reps=3), 1)
+
+    @contextmanager
+    def live_row(self, pos: int):
+        """Slot 0 as one running row at ``pos`` while no request runs (start-up timings, the
+        bench's profile); idle again afterwards (its token, position and seen mask reset)."""
+        try:
+            self.pos[0], self.active[0] = pos, True
+            yield
         finally:
             self.pos[0], self.active[0], self.tok[0] = 0, False, 0
             self.seen[0].zero_()
