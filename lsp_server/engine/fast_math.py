@@ -222,13 +222,14 @@ class StepMath:
         attention, GELU) leave the memory bus idle. Changes no value; a no-op otherwise."""
         if self._l2 is None:
             return
+        nbytes = int(self.prefetch_bytes * windows)
         if self._side is None:  # tests on the CPU: inline
-            self._l2(weight, int(self.prefetch_bytes * windows))
+            self._l2(weight, nbytes)
             return
         torch = self._torch
         self._side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._side):
-            self._l2(weight, int(self.prefetch_bytes * windows))
+            self._l2(weight, nbytes)
 
     def _sample(self, logits, rows, pos, seen=None):
         """Repetition penalty → greedy (temperature 0) or temperature → top-k → top-p → draw.
