@@ -410,8 +410,51 @@ def test_bias_add_layer_norm_fills_the_next_bias():
     assert torch.allclose(h, F.layer_norm(x + b, (96,), w, beta, 1e-5), atol=1e-5)
 
 
+def _check_prefetch_windows(eng, monkeypatch):
+    """Each window prefetches the weight of the GEMM that comes next, on the side stream after
+    the main stream's work so far, and the side stream joins the step once, at its end (the
+    streams are recorded by fakes: the CPU has none)."""
+    import contextlib
+
+    events = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits for {other.name}")
+
+    main = Stream("main")
+
+    @contextlib.contextmanager
+    def on(stream):
+        events.append(f"on {stream.name}")
+        yield
+        events.append("back")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    real = eng._l2
+    names = {id(w): f"{i}.{n}" for i, layer in enumerate(eng.layers) for n, w in (("attn_proj", layer[4]), ("fc", layer[8]),
+                                                                              ("mlp_proj", layer[10]), ("qkv", layer[2]))}
+    names[id(eng.lm_head)] = "lm_head"
+    eng._l2, eng._side = (lambda w, n: (events.append(names.get(id(w), "?")), real(w, n))), Stream("side")
+    try:
+        with torch.inference_mode():
+            eng._decode_step(1, 256)  # idle rows only: nothing that a request holds changes
+    finally:
+        eng._l2, eng._side = real, None
+    want = []
+    for i in range(len(eng.layers)):
+        for target in (f"{i}.attn_proj", f"{i}.fc", f"{i}.mlp_proj", f"{i + 1}.qkv" if i + 1 < len(eng.layers) else "lm_head"):
+            want += ["side waits for main", "on side", target, "back"]
+    assert events == want + ["main waits for side"]
+
+
 @pytest.mark.parametrize("gemv,kv_in_attention,prefetch", [(False, True, True), (True, False, False)])
-def test_fused_engine_with_triton_attention_matches_generate(hf_model, tokenizer, prompts, gemv, kv_in_attention, prefetch):
+def test_fused_engine_with_triton_attention_matches_generate(hf_model, tokenizer, prompts, gemv, kv_in_attention, prefetch,
+                                                             monkeypatch):
     """Triton attention (writing the cache itself, or after a separate write), fused decode ops
     (one-row bias pre-write, or the Triton one-row GEMVs), the L2 prefetch of the next weights
     (inline here; a side stream on a GPU) and the fused prefill give HF's greedy tokens
@@ -426,17 +469,8 @@ def test_fused_engine_with_triton_attention_matches_generate(hf_model, tokenizer
         assert eng.kv_in_attention == kv_in_attention
         assert (eng._l2 is not None) == prefetch
         assert eng.kv_in_attention_check["cache_written"] and eng.kv_in_attention_check["rel_err"] < 1e-5
-        if prefetch:  # each window prefetches the weight of the GEMM that comes next
-            real, seen = eng._l2, []
-            eng._l2 = lambda w, n: (seen.append(w), real(w, n))
-            try:
-                with torch.inference_mode():
-                    eng._decode_step(1, 256)  # idle rows only: nothing that a request holds changes
-            finally:
-                eng._l2 = real
-            want = [w for i, layer in enumerate(eng.layers) for w in (layer[4], layer[8], layer[10],
-                    eng.layers[i + 1][2] if i + 1 < len(eng.layers) else eng.lm_head)]
-            assert len(seen) == len(want) and all(a is b for a, b in zip(seen, want))
+        if prefetch:
+            _check_prefetch_windows(eng, monkeypatch)
         assert eng.prebias
         assert sorted(eng._gemv) == (["attn_proj", "fc", "lm_head", "mlp_proj", "qkv"] if gemv else [])
         stop_ids = eng.stop_ids or [0]
