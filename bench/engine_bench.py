@@ -649,8 +649,8 @@ def main(argv=None) -> int:
     b.step("gemm micro-benchmark", gemm_micro)
 
     def kernel_profile():
-        """Where a 2048-token prefill and an (eager) batch-1 decode step at a 2K context spend
-        device time: kernel time by kind and the top kernels (torch.profiler). The prefill's
+        """Where a 2048-token prefill and a batch-1 decode step at a 2K context (eager, and its
+        graph replay) spend device time: kernel time by kind and the top kernels (torch.profiler). The prefill's
         wall time minus its GEMMs is what ttft_2048 could still lose; the step's kernel time
         against step_ms_b1_2048 splits the step into work and gaps between kernels."""
         from torch.profiler import ProfilerActivity, profile
@@ -696,6 +696,8 @@ def main(argv=None) -> int:
             Lc = max(n for n in engine.length_buckets if n <= 2048)
             with engine.live_row(Lc - 64):
                 out["decode_b1_2048_eager"] = run(lambda: engine._decode_step(1, Lc))
+                if (1, Lc) in engine._graphs:  # the replayed graph (kernels inside graphs, where the profiler sees them)
+                    out["decode_b1_2048_graph"] = run(lambda: engine.run_step(1, Lc))
             engine._slot_ids[0] = engine._slot_ids[engine.slots - 1] = []  # their caches were written
         R["kernel_profile"] = out
 
