@@ -297,24 +297,23 @@ class StartUp:
             self.kv_in_attention_us["error"] = first_line(exc)[:200]
             self.kv_in_attention = False
 
-    def _step_us(self) -> float:
-        """Device time of a batch-1 decode step (in a CUDA graph of 3 steps) with one row live
-        at ~1K keys of a 2K-or-smaller bucket: what start-up choices between whole-step variants
-        compare."""
+    def _step_us(self, B: int = 1) -> float:
+        """Device time of a decode step of B live rows (in a CUDA graph of 3 steps) at ~1K keys
+        of a 2K-or-smaller bucket: what start-up choices between whole-step variants compare."""
         Lc = max([n for n in self.length_buckets if n <= 2048] or self.length_buckets[:1])
-        with self.live_row(Lc // 2):
-            return round(self._time_us(lambda: self._decode_step(1, Lc), reps=3), 1)
+        with self.live_row(Lc // 2, B):
+            return round(self._time_us(lambda: self._decode_step(B, Lc), reps=3), 1)
 
     @contextmanager
-    def live_row(self, pos: int):
-        """Slot 0 as one running row at ``pos`` while no request runs (start-up timings, the
-        bench's profile); idle again afterwards (its token, position and seen mask reset)."""
+    def live_row(self, pos: int, rows: int = 1):
+        """Slots 0..rows-1 as running rows at ``pos`` while no request runs (start-up timings,
+        the bench's profile); idle again afterwards (tokens, positions, seen masks reset)."""
         try:
-            self.pos[0], self.active[0] = pos, True
+            self.pos[:rows], self.active[:rows] = pos, True
             yield
         finally:
-            self.pos[0], self.active[0], self.tok[0] = 0, False, 0
-            self.seen[0].zero_()
+            self.pos[:rows], self.active[:rows], self.tok[:rows] = 0, False, 0
+            self.seen[:rows].zero_()
 
     def _choose_prefetch(self, requested: bool | None) -> None:
         """L2 prefetch of the next GEMM's weights on a side stream during the small kernels
@@ -356,6 +355,14 @@ class StartUp:
                         self._l2 = None
             base = min(base, self._step_us())  # the baseline again: drift is not a gain
             self.prefetch_us["off_again"] = base
+            if best:  # for the record: the full batch with and without the fastest candidate
+                B = max(self.batch_buckets)
+                self.prefetch_us[f"off_b{B}"] = self._step_us(B)
+                try:
+                    self._l2, self.prefetch_bytes = L2Prefetch(self.device, best[0]), best[1] << 20
+                    self.prefetch_us[f"{best[0]}_{best[1]}mb_b{B}"] = self._step_us(B)
+                finally:
+                    self._l2 = None
             return best if best and (requested or best_us < 0.99 * base) else []
 
         try:
