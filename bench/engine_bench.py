@@ -373,12 +373,12 @@ def main(argv=None) -> int:
     b.step("engine b1 decode, 2K context", decode_rate, engine, sz["b1_prompt"], sz["b1_new"], "engine_b1_tok_s")
     b.step("engine b1 decode, 8K context", decode_rate, engine, sz["b8k_prompt"], sz["b8k_new"], "engine_b1_8k_tok_s")
 
+    def first_token_ms(ids):
+        _, _, t0, stamps = timed(engine, ids, Sampling(max_new_tokens=1, temperature=0.0))
+        return round((stamps[0] - t0) * 1e3, 2)
+
     def ttft(n, key):
-        vals = []
-        for _ in range(3):
-            _, _, t0, stamps = timed(engine, prompt(n), Sampling(max_new_tokens=1, temperature=0.0))
-            vals.append((stamps[0] - t0) * 1e3)
-        R[key] = round(statistics.median(vals), 2)
+        R[key] = statistics.median(first_token_ms(prompt(n)) for _ in range(3))
 
     b.step("ttft 512", ttft, sz["ttft_short"], "ttft_512_ms")
     b.step("ttft 2048", ttft, sz["ttft_long"], "ttft_2048_ms")
@@ -387,32 +387,23 @@ def main(argv=None) -> int:
         """First token for prompts of lengths not seen before (real prompts rarely repeat a
         length: a path that builds a plan per shape would pay it here, not in ttft_2048_ms)."""
         L = sz["ttft_long"]
-        vals = []
-        for n in (int(L * 0.75) + 1, int(L * 0.87) + 3, int(L * 0.97) - 1, L - 9):
-            _, _, t0, stamps = timed(engine, prompt(n), Sampling(max_new_tokens=1, temperature=0.0))
-            vals.append(round((stamps[0] - t0) * 1e3, 2))
-        R["ttft_new_lengths_ms"] = vals
+        R["ttft_new_lengths_ms"] = [first_token_ms(prompt(n)) for n in (int(L * 0.75) + 1, int(L * 0.87) + 3, int(L * 0.97) - 1, L - 9)]
 
     b.step("ttft at new prompt lengths", ttft_new_lengths)
 
     def ttft_reused():
         base = prompt(sz["ttft_long"])
-        timed(engine, base, Sampling(max_new_tokens=1, temperature=0.0))
+        first_token_ms(base)
         vals, reused = [], []
         for _ in range(3):
-            ids = base[: -sz["reuse_suffix"]] + prompt(sz["reuse_suffix"])
             before = engine.stats["reused_tokens"]
-            _, _, t0, stamps = timed(engine, ids, Sampling(max_new_tokens=1, temperature=0.0))
-            vals.append((stamps[0] - t0) * 1e3)
+            vals.append(first_token_ms(base[: -sz["reuse_suffix"]] + prompt(sz["reuse_suffix"])))
             reused.append(engine.stats["reused_tokens"] - before)
-        R["ttft_prefix_reused_ms"] = round(statistics.median(vals), 2)
+        R["ttft_prefix_reused_ms"] = statistics.median(vals)
         R["ttft_prefix_reused_tokens"] = min(reused)
-        new_lengths = []  # suffixes of lengths not seen before (each request's differs in real use)
-        for extra in (37, 71, 150):
-            ids = base[: -sz["reuse_suffix"]] + prompt(sz["reuse_suffix"] + extra)
-            _, _, t0, stamps = timed(engine, ids, Sampling(max_new_tokens=1, temperature=0.0))
-            new_lengths.append(round((stamps[0] - t0) * 1e3, 2))
-        R["ttft_prefix_reused_new_lengths_ms"] = new_lengths
+        # suffixes of lengths not seen before (each request's differs in real use)
+        R["ttft_prefix_reused_new_lengths_ms"] = [first_token_ms(base[: -sz["reuse_suffix"]] + prompt(sz["reuse_suffix"] + extra))
+                                                  for extra in (37, 71, 150)]
 
     b.step("ttft with prefix reuse", ttft_reused)
 

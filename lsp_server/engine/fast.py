@@ -190,7 +190,7 @@ class FastEngine(StartUp, Graphs, StepMath):
                     )
                 )
             )
-        del state
+        state = None  # the dict of references only: the tensors are the model's own
         self.vocab = self.lm_head.shape[0]
         self.top_k_cap = min(TOP_K_CAP, self.vocab)
 
@@ -245,6 +245,7 @@ class FastEngine(StartUp, Graphs, StepMath):
             self._spec_ones = torch.ones(R, device=dev, dtype=torch.long)
             self._spec_true = torch.ones(R, device=dev, dtype=torch.bool)
             self._spec_false = torch.zeros(1, device=dev, dtype=torch.bool)
+        self._sample_params = {"penalty": self.penalty, "temp": self.temp, "topk": self.topk, "topp": self.topp, "seed": self.seed}
 
         # what start-up timing decided before, for this GPU, software and engine shape
         self.choices = Choices(default_path() if on_cuda else None, *_engine_fingerprint(self, torch, speculate))
@@ -253,13 +254,21 @@ class FastEngine(StartUp, Graphs, StepMath):
         self._l2 = self._side = None  # L2 prefetch on a side stream (_choose_prefetch, after the other paths)
         self.attention = self._choose_attention(attention)
         self.fused = self._choose_fused(fused)
-        self._sample_params = {"penalty": self.penalty, "temp": self.temp, "topk": self.topk, "topp": self.topp, "seed": self.seed}
-        with torch.inference_mode():
-            self._choose_sampling(fused_sampling)
+        self._triton: dict[tuple[int, int], Any] = {}
+        if self.attention == "triton":
+            from .mqa_triton import TritonMQADecode
+
+            for b in self.batch_buckets:
+                for n in self.length_buckets:
+                    self._triton[(b, n)] = TritonMQADecode(b, n, self.n_head, D, dev, self.dtype)
+            if self.spec_tokens > 1:
+                for n in self.length_buckets:
+                    self._triton[("verify", n)] = TritonMQADecode(self.spec_tokens, n, self.n_head, D, dev, self.dtype)
         self._gemv: dict[str, Any] = {}
         self._gemv_ops: dict[tuple[str, int], Any] = {}
         self.gemv_report: dict[str, Any] = {}
         with torch.inference_mode():
+            self._choose_sampling(fused_sampling)
             try:
                 self._choose_gemv(gemv)
             except Exception as exc:
@@ -272,17 +281,7 @@ class FastEngine(StartUp, Graphs, StepMath):
                 log.warning("choosing the prefill attention failed (%s); using SDPA's GQA path", exc)
                 self.prefill_attention = "sdpa_gqa"
                 self.prefill_attention_report = {"error": first_line(exc)[:200]}
-        self._triton: dict[tuple[int, int], Any] = {}
-        if self.attention == "triton":
-            from .mqa_triton import TritonMQADecode
-
-            for b in self.batch_buckets:
-                for n in self.length_buckets:
-                    self._triton[(b, n)] = TritonMQADecode(b, n, self.n_head, D, dev, self.dtype)
-            if self.spec_tokens > 1:
-                for n in self.length_buckets:
-                    self._triton[("verify", n)] = TritonMQADecode(self.spec_tokens, n, self.n_head, D, dev, self.dtype)
-        with torch.inference_mode():
+            # whole-step timings last: they run the step with every path chosen above
             self._choose_kv_in_attention(kv_in_attention)
             self._choose_prefetch(prefetch)
 
@@ -293,8 +292,8 @@ class FastEngine(StartUp, Graphs, StepMath):
         self._running: list[_Request] = []
         self._incoming: deque[_Request] = deque()
         # admitted (slot taken), prompt still going into the cache: whole when nothing decodes,
-        # else `prefill_chunk` tokens between two decode steps
-        self._prefilling: deque[_Request] = deque()
+        # else `prefill_chunk` tokens between two decode steps (_next_prefill picks which)
+        self._prefilling: list[_Request] = []
         self.prefill_chunk = max(1, int(prefill_chunk))
         self._cv = threading.Condition()
         self._closed = False

@@ -63,17 +63,17 @@ class StepMath:
         wpos = torch.where(live, pos, maxp)  # idle rows write the scratch position
         lengths = torch.where(live, (pos + 1).clamp(max=Lc), 1)
         triton_attn = self._triton.get((B, Lc))
-        # the Triton kernel can take this step's K/V from the QKV output and write the cache
-        # itself (one launch per layer fewer)
-        kv_in_attention = triton_attn is not None and self.kv_in_attention
-        if kv_in_attention:
-            attend = lambda q, cache, new: triton_attn(q, cache[:B, :Lc], lengths, self.scale, new=new, wpos=wpos)  # noqa: E731
-        elif triton_attn is not None:
-            attend = lambda q, cache, new: triton_attn(q, cache[:B, :Lc], lengths, self.scale)  # noqa: E731
-        else:
-            bias = self._length_bias(lengths, Lc)
-            attend = lambda q, cache, new: self._torch_attention(q, cache[:B, :Lc], lengths, bias)  # noqa: E731
-        logits = self._rows_forward(tok, pos.clamp(max=maxp - 1), rows, wpos, attend, kv_in_attention)
+        bias = None if triton_attn is not None else self._length_bias(lengths, Lc)
+        in_kernel = triton_attn is not None and self.kv_in_attention
+
+        def attend(q, cache, new):
+            if in_kernel:  # the kernel takes this step's K/V from the QKV output and writes the cache
+                return triton_attn(q, cache[:B, :Lc], lengths, self.scale, new=new, wpos=wpos)
+            cache.index_put_((rows, wpos), new)
+            if triton_attn is not None:
+                return triton_attn(q, cache[:B, :Lc], lengths, self.scale)
+            return self._torch_attention(q, cache[:B, :Lc], lengths, bias)
+        logits = self._rows_forward(tok, pos.clamp(max=maxp - 1), attend)
         new = self._sample(logits, slice(0, B), pos)
         self.seen.index_put_((rows, new), torch.ones_like(new, dtype=torch.bool))
         tok.copy_(new)
@@ -98,12 +98,14 @@ class StepMath:
         wpos = torch.where(used & (pos < maxp), pos, maxp)  # unused rows write the scratch position
         lengths = torch.where(used, (pos + 1).clamp(max=Lc), 1)
         triton_attn = self._triton.get(("verify", Lc))
-        if triton_attn is not None:
-            attend = lambda q, cache, new: triton_attn(q, cache, lengths, self.scale, slots=slots)  # noqa: E731
-        else:
-            bias = self._length_bias(lengths, Lc)
-            attend = lambda q, cache, new: self._torch_attention(q, cache[:, :Lc].index_select(0, slots), lengths, bias)  # noqa: E731
-        logits = self._rows_forward(inp, pos.clamp(max=maxp - 1), slots, wpos, attend)
+        bias = None if triton_attn is not None else self._length_bias(lengths, Lc)
+
+        def attend(q, cache, new):  # rows read each other's new K/V: written first
+            cache.index_put_((slots, wpos), new)
+            if triton_attn is not None:
+                return triton_attn(q, cache, lengths, self.scale, slots=slots)
+            return self._torch_attention(q, cache[:, :Lc].index_select(0, slots), lengths, bias)
+        logits = self._rows_forward(inp, pos.clamp(max=maxp - 1), attend)
         # row i's context holds the drafts of its group before it
         tr, tc = self._spec_tri_rows, self._spec_tri_cols
         earlier = (start[tr] == start[tc]) & (off[tc] >= 1)
@@ -131,12 +133,11 @@ class StepMath:
             self._arange_len[:Lc][None, :] >= lengths[:, None], float("-inf")
         )
 
-    def _rows_forward(self, tok, epos, slots, wpos, attend, kv_in_attention=False):
+    def _rows_forward(self, tok, epos, attend):
         """The layer stack for one step's B query rows: row i is token ``tok[i]`` at position
-        ``epos[i]``; its K/V go to cache slot ``slots[i]`` at position ``wpos[i]``;
-        ``attend(q, layer_cache, new_kv)`` gives its attention output (and, with
-        ``kv_in_attention``, writes ``new_kv`` to the cache itself). Returns the logits (B, V)
-        in float32."""
+        ``epos[i]``; ``attend(q, layer_cache, new_kv)`` writes the rows' new K/V to the cache
+        (each row's slot and position are the caller's) and gives their attention output.
+        Returns the logits (B, V) in float32."""
         torch = self._torch
         F = torch.nn.functional
         E, H, D = self.n_embd, self.n_head, self.head_dim
@@ -164,11 +165,7 @@ class StepMath:
             else:
                 qkv = F.linear(h, aw, ab)
             self._prefetch(cw, 2.5)  # while the cache write and the attention run
-            cache = self.cache[li]
-            new = qkv[:, E:]
-            if not kv_in_attention:
-                cache.index_put_((slots, wpos), new)
-            a = attend(qkv[:, :E].view(B, H, D), cache, new)
+            a = attend(qkv[:, :E].view(B, H, D), self.cache[li], qkv[:, E:])
             if self.fused:
                 ln2w, ln2b, fcw, fcb, pw, pb = layer[6:]
                 if "attn_proj" in gv:

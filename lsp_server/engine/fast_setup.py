@@ -29,17 +29,27 @@ from .fast_graphs import graph_time_us
 log = logging.getLogger("lsp_server.engine.fast")
 
 
+def have_triton() -> bool:
+    try:
+        from .mqa_triton import HAVE_TRITON
+    except Exception:
+        return False
+    return HAVE_TRITON
+
+
+def rel_err(got, ref) -> float:
+    """||got - ref|| / ||ref|| in float32; a NaN (an unwritten output) counts as infinitely wrong."""
+    err = float((got.float() - ref.float()).norm() / ref.float().norm())
+    return err if err == err else float("inf")
+
+
 class StartUp:
     """Start-up checks and choices of ``FastEngine`` (see the module docstring)."""
 
     def _choose_attention(self, requested: str) -> str:
         if requested == "torch" or (self.device.type != "cuda" and requested != "triton"):
             return "torch"  # on the CPU, "triton" is honoured for tests under TRITON_INTERPRET=1
-        try:
-            from .mqa_triton import HAVE_TRITON
-        except Exception:
-            HAVE_TRITON = False
-        if not HAVE_TRITON:
+        if not have_triton():
             if requested == "triton":
                 raise EngineError("attention='triton' needs the triton package")
             return "torch"
@@ -62,11 +72,7 @@ class StartUp:
         after a self-check against the unfused ops."""
         if requested is False or (requested is None and self.device.type != "cuda"):
             return False
-        try:
-            from .mqa_triton import HAVE_TRITON
-        except Exception:
-            HAVE_TRITON = False
-        if not HAVE_TRITON or not hasattr(self._torch, "_addmm_activation"):
+        if not have_triton() or not hasattr(self._torch, "_addmm_activation"):
             if requested:
                 raise EngineError("fused=True needs triton and torch._addmm_activation")
             return False
@@ -100,11 +106,7 @@ class StartUp:
         got_h = bias_add_layer_norm(got_x, cb, ln2w, ln2b, self.eps)
         ref_g = F.gelu(F.linear(h_in, fcw, fcb), approximate="tanh")
         got_g = torch._addmm_activation(fcb, h_in, fcw.t(), use_gelu=True)
-        errs = [
-            float((a.float() - b.float()).norm() / b.float().norm())
-            for a, b in ((got_x, ref_x), (got_h, ref_h), (got_g, ref_g))
-        ]
-        errs = [e if e == e else float("inf") for e in errs]  # NaN (an unwritten output) fails
+        errs = [rel_err(a, b) for a, b in ((got_x, ref_x), (got_h, ref_h), (got_g, ref_g))]
         # the one-row variant: bias pre-written into the GEMM's output by the LayerNorm kernel
         # (its own check: a failure here only turns the pre-write off)
         self.prebias = False
@@ -114,8 +116,7 @@ class StartUp:
             h1 = bias_add_layer_norm(x1, cb, ln2w, ln2b, self.eps, fill=(y1, fcb))
             ref_y1 = F.linear(h1, fcw, fcb)
             got_y1 = y1.addmm_(h1, fcw.t())
-            e1 = [float((a.float() - b.float()).norm() / b.float().norm()) for a, b in ((got_y1, ref_y1), (h1, ref_h[:1]))]
-            self.prebias_check_err = max(e if e == e else float("inf") for e in e1)
+            self.prebias_check_err = max(rel_err(got_y1, ref_y1), rel_err(h1, ref_h[:1]))
             self.prebias = self.prebias_check_err < 2e-2
         except Exception as exc:
             log.warning("one-row bias pre-write failed its self-check (%s)", exc)
@@ -132,8 +133,8 @@ class StartUp:
                 a32, w32, b32 = h_in[:, :512].float(), fcw[:256, :512].float(), fcb[:256].float()
                 g32 = torch._addmm_activation(b32, a32, w32.t(), use_gelu=True)
                 lin = F.linear(a32, w32, b32)
-                e_tanh = float((g32 - F.gelu(lin, approximate="tanh")).norm() / g32.norm())
-                e_erf = float((g32 - F.gelu(lin)).norm() / g32.norm())
+                e_tanh = rel_err(F.gelu(lin, approximate="tanh"), g32)
+                e_erf = rel_err(F.gelu(lin), g32)
             finally:
                 torch.backends.cuda.matmul.allow_tf32 = tf32
             self.gelu_epilogue = "tanh" if e_tanh <= e_erf else "erf"
@@ -152,11 +153,7 @@ class StartUp:
         self.sample_report: dict[str, Any] = {}
         if requested is False or (requested is None and self.device.type != "cuda"):
             return
-        try:
-            from .sample_triton import HAVE_TRITON
-        except Exception:
-            HAVE_TRITON = False
-        if not HAVE_TRITON:
+        if not have_triton():
             if requested:
                 raise EngineError("fused sampling needs the triton package")
             return
@@ -252,7 +249,7 @@ class StartUp:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         ref = self._torch_attention(q.float(), kv[:, :cache_len].float(), lengths, None).float()
-        err = float((out - ref).norm() / ref.norm())
+        err = rel_err(out, ref)
         # the variant that takes the step's own K/V from the QKV output and writes the cache
         # (its own result: a failure only keeps the separate cache write)
         self.kv_in_attention_check = None
@@ -263,8 +260,7 @@ class StartUp:
             ref_kv[rows, lengths - 1] = new
             out = attn(q, got_kv[:, :cache_len], lengths, self.scale, new=new, wpos=lengths - 1).float()
             ref = self._torch_attention(q.float(), ref_kv[:, :cache_len].float(), lengths, None).float()
-            e = float((out - ref).norm() / ref.norm())
-            self.kv_in_attention_check = {"rel_err": e, "cache_written": bool(torch.equal(got_kv, ref_kv))}
+            self.kv_in_attention_check = {"rel_err": rel_err(out, ref), "cache_written": bool(torch.equal(got_kv, ref_kv))}
         except Exception as exc:
             self.kv_in_attention_check = {"error": first_line(exc)[:200]}
         return err
@@ -428,7 +424,7 @@ class StartUp:
                         g = TritonGEMV(wt, *cfg)
                         out = y0.clone() if acc else None
                         got = g(x, bias, out=out, accumulate=acc, gelu=gelu).float()
-                        err = float((got - ref).norm() / ref.norm())
+                        err = rel_err(got, ref)
                         if not err < 1e-2:
                             self.gemv_report[f"{name}_{cfg}"] = f"rel err {err:.3g}"
                             continue
@@ -516,7 +512,7 @@ class StartUp:
             self.prefill_attention = mode
             out = self._prefill_attn(q, k, v)
             if ref is not None:
-                err = float((out[0, :, ref[1]].float() - ref[0]).norm() / ref[0].norm())
+                err = rel_err(out[0, :, ref[1]], ref[0])
                 if not err < 2e-2:
                     return f"rel err {err:.3g}"
             return None
