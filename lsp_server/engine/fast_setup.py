@@ -28,6 +28,9 @@ from .fast_graphs import graph_time_us
 
 log = logging.getLogger("lsp_server.engine.fast")
 
+# one-row GEMV candidates timed against cuBLAS at start: (block_n, block_k, num_warps, num_stages)
+GEMV_CONFIGS = ((8, 512, 4, 3), (16, 256, 4, 3))
+
 
 def have_triton() -> bool:
     try:
@@ -418,7 +421,7 @@ class StartUp:
                     ref = F.linear(x, wt, bias)
                     ref = (F.gelu(ref, approximate="tanh") if gelu else ref).float()
                 best = None
-                configs = [tuple(remembered[name])] if remembered is not None else [(8, 512, 4, 3), (16, 256, 4, 3)]
+                configs = [tuple(remembered[name])] if remembered is not None else list(GEMV_CONFIGS)
                 for cfg in configs:  # each is one Triton compile per shape (~1 s)
                     try:
                         g = TritonGEMV(wt, *cfg)
