@@ -28,8 +28,13 @@ from .fast_graphs import graph_time_us
 
 log = logging.getLogger("lsp_server.engine.fast")
 
-# one-row GEMV candidates timed against cuBLAS at start: (block_n, block_k, num_warps, num_stages)
-GEMV_CONFIGS = ((8, 512, 4, 3), (16, 256, 4, 3))
+# one-row GEMV candidates timed against cuBLAS at start: (block_n, block_k, num_warps, num_stages).
+# H200 run 2 had the first two only: (8, 512) won lm_head (163 us against cuBLAS' 197) and lost
+# qkv / attn_proj by ~2.5 us and fc / mlp_proj by ~18 us; (16, 256) lost everywhere (dropped).
+# A program waits on one [block_n, block_k] tile of loads per iteration, so the bytes in flight
+# per SM grow with the tile: the three newer ones load 16-32 KB tiles (8 KB before), compiled
+# for sm_90 without spills (python -m lsp_server.testing.triton_targets).
+GEMV_CONFIGS = ((8, 512, 4, 3), (4, 2048, 8, 1), (8, 1024, 8, 1), (16, 1024, 8, 1))
 
 
 def have_triton() -> bool:

@@ -16,6 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from lsp_server.engine.base import Sampling  # noqa: E402
+from lsp_server.engine.fast_setup import GEMV_CONFIGS  # noqa: E402
 from lsp_server.engine.lookup import KnownAnswer  # noqa: E402
 
 NEW = 24
@@ -527,16 +528,20 @@ def test_score_gives_every_positions_logits(engine, hf_model, prompts):
     assert engine.prefill_attention == "sdpa_gqa"  # CPU: no timing-based choice
 
 
-def test_triton_gemv_matches_linear():
+@pytest.mark.parametrize("cfg", GEMV_CONFIGS)
+def test_triton_gemv_matches_linear(cfg):
+    """Every start-up candidate (block_n, block_k, warps, stages); K = 4096 gives each at least
+    two K blocks and N = 100 a partial last block of rows."""
     device = _interpreter_or_gpu()
     import torch.nn.functional as F
 
     from lsp_server.engine.mqa_triton import TritonGEMV
 
-    W = torch.randn(100, 1024, device=device) * 0.02
+    W = torch.randn(100, 4096, device=device) * 0.02
     b = torch.randn(100, device=device)
-    x = torch.randn(1, 1024, device=device)
-    g = TritonGEMV(W)
+    x = torch.randn(1, 4096, device=device)
+    g = TritonGEMV(W, *cfg)
+    assert (g.block_n, g.block_k) == cfg[:2]
     ref = F.linear(x, W, b)
     assert torch.allclose(g(x, b), ref, atol=1e-5)
     assert torch.allclose(g(x, b, gelu=True), F.gelu(ref, approximate="tanh"), atol=1e-5)
