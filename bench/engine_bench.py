@@ -84,6 +84,43 @@ class Bench:
                 pass
 
 
+NVSMI_FIELDS = "clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu"
+
+
+def gpu_clocks_during(fn) -> dict:
+    """``nvidia-smi`` samples (SM MHz, max SM MHz, W, W limit, °C) taken before and while ``fn``
+    runs; {} where there is no nvidia-smi (CPU runs)."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return {}
+
+    def sample():
+        try:
+            line = subprocess.run(["nvidia-smi", "-i", "0", f"--query-gpu={NVSMI_FIELDS}", "--format=csv,noheader,nounits"],
+                                  capture_output=True, text=True, timeout=5).stdout.strip()
+            return [float(v) if v.strip().replace(".", "", 1).isdigit() else v.strip() for v in line.split(",")]
+        except Exception as exc:  # a field this driver lacks, a timeout
+            return [f"{type(exc).__name__}: {exc}"[:120]]
+
+    idle = sample()
+    samples, stop = [], threading.Event()
+
+    def poll():
+        while len(samples) < 40 and not stop.wait(0.05):
+            samples.append(sample())
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    t0 = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - t0
+    stop.set()
+    t.join(10)
+    return {"fields": NVSMI_FIELDS, "idle": idle, "under_load": samples, "load_s": round(wall, 3)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny test model on the CPU (CI)")
@@ -684,6 +721,14 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             ids = prompt(min(2048, engine.max_len - 2))
             out["prefill_2048"] = run(lambda: engine._prefill(engine.slots - 1, ids, 0))
+            # the SM clock and power while prefills run back to back: GEMMs at a clock the card
+            # does not sustain would explain a prefill slower than the GEMM micro-benchmark
+            def prefills():
+                for _ in range(8):
+                    engine._prefill(engine.slots - 1, ids, 0)
+                sync()
+
+            out["prefill_clocks"] = gpu_clocks_during(prefills)
             Lc = max(n for n in engine.length_buckets if n <= 2048)
             with engine.live_row(Lc - 64):
                 out["decode_b1_2048_eager"] = run(lambda: engine._decode_step(1, Lc))
