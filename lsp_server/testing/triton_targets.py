@@ -42,9 +42,11 @@ SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
 @contextmanager
-def compile_only(capability: int, records: list[dict]):
+def compile_only(capability: int):
     """Inside: every ``kernel[grid](...)`` compiles for ``cuda:<capability>`` and appends a
-    record (kernel name, constexprs, options, the compiled kernel) instead of launching."""
+    record (kernel name, constexprs, options, the compiled kernel) to the yielded list instead
+    of launching. Uses Triton 3.6's launch internals (``_pack_args``, the binder): the version
+    CI installs; a Triton that changes them fails this loudly rather than checking less."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -53,6 +55,7 @@ def compile_only(capability: int, records: list[dict]):
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
     binders: dict[int, object] = {}
+    records: list[dict] = []
 
     def run(self, *args, grid, warmup, **kwargs):
         kwargs.setdefault("debug", False)
@@ -174,14 +177,14 @@ def resource_usage(cubin: bytes) -> dict:
 
 
 def compile_all(archs=ARCHS, shape: dict = STARCHAT) -> list[dict]:
-    """One row per (architecture, launch): what compiled, with its resources, or the error."""
+    """One row per kernel compiled, per architecture and launch (the attention launch compiles
+    two kernels), with its resources; a launch that failed to compile gets a row with the error."""
     rows = []
     for cap in archs:
         for label, thunk in engine_launches(shape):
-            records: list[dict] = []
             row = {"arch": f"sm_{cap}", "launch": label}
             try:
-                with compile_only(cap, records):
+                with compile_only(cap) as records:
                     thunk()
             except Exception as exc:  # a kernel that does not compile for this target
                 lines = str(exc).strip().splitlines() or [""]
