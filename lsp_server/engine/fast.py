@@ -268,6 +268,7 @@ class FastEngine(StartUp, Graphs, StepMath):
         self._gemv_ops: dict[tuple[str, int], Any] = {}
         self.gemv_report: dict[str, Any] = {}
         with torch.inference_mode():
+            self._choose_gelu_fusion()
             self._choose_sampling(fused_sampling)
             try:
                 self._choose_gemv(gemv)

@@ -16,6 +16,8 @@ set up by ``FastEngine.__init__``.
 
 from __future__ import annotations
 
+from .fast_setup import FEW_ROWS
+
 _M32 = 0xFFFFFFFF
 
 
@@ -336,7 +338,9 @@ class StepMath:
         return F.linear(h, self.lm_head).float()
 
     def _fc_gelu(self, h, fcw, fcb):
-        if self.gelu_epilogue == "tanh":
+        """GELU(h @ fcw.T + fcb), tanh form: in the GEMM's epilogue where the start-up chose it
+        for GEMMs of this many rows (``_choose_gelu_fusion``), else a GELU kernel after it."""
+        if self.gelu_epilogue == "tanh" and self.gelu_fused["prefill" if h.shape[0] > FEW_ROWS else "decode"]:
             return self._torch._addmm_activation(fcb, h, fcw.t(), use_gelu=True)
         F = self._torch.nn.functional
         return F.gelu(F.linear(h, fcw, fcb), approximate="tanh")

@@ -28,6 +28,9 @@ from .fast_graphs import graph_time_us
 
 log = logging.getLogger("lsp_server.engine.fast")
 
+# a GEMM of at most this many rows is a decode step's (weight-bound, GEMV-like); more: a prefill's
+FEW_ROWS = 64
+
 # one-row GEMV candidates timed against cuBLAS at start: (block_n, block_k, num_warps, num_stages).
 # H200 run 2 had the first two only: (8, 512) won lm_head (163 us against cuBLAS' 197) and lost
 # qkv / attn_proj by ~2.5 us and fc / mlp_proj by ~18 us; (16, 256) lost everywhere (dropped).
@@ -150,6 +153,37 @@ class StartUp:
         except Exception as exc:
             self.gelu_epilogue = f"check failed: {first_line(exc)}"
         return float(max(errs))
+
+    def _choose_gelu_fusion(self, timed: bool | None = None) -> None:
+        """Whether c_fc computes bias + GELU in cuBLASLt's epilogue (one kernel) or a GELU kernel
+        follows the GEMM, for decode-step GEMMs (<= FEW_ROWS rows; timed at 8) and prefill ones
+        (timed at 2048) separately: only where the numerical check found the tanh epilogue,
+        and on CUDA (or when ``timed``) only where the fused GEMM is not slower than the two
+        kernels. cuBLASLt may serve an epilogue with a different, slower kernel than the plain
+        GEMM, by card and library version; the prefill's c_fc is its biggest GEMM (~0.8 ms a
+        layer at 2048 tokens on an H200), so a slower epilogue kernel there costs milliseconds
+        of first-token time. Timings: ``gelu_fusion_us``."""
+        fusable = self.gelu_epilogue == "tanh"
+        self.gelu_fused = {"decode": fusable, "prefill": fusable}
+        if not fusable or not (timed or (timed is None and self.device.type == "cuda")):
+            return
+        torch = self._torch
+        F = torch.nn.functional
+        fcw, fcb = self.layers[0][8], self.layers[0][9]
+        us = self.gelu_fusion_us = {}
+
+        def not_slower() -> dict:
+            for phase, rows, reps in (("decode", 8, 20), ("prefill", 2048, 5)):
+                h = torch.randn((rows, fcw.shape[1]), device=self.device, dtype=self.dtype)
+                us[f"{phase}_fused"] = round(self._time_us(lambda h=h: torch._addmm_activation(fcb, h, fcw.t(), use_gelu=True), reps), 1)
+                us[f"{phase}_separate"] = round(self._time_us(lambda h=h: F.gelu(F.linear(h, fcw, fcb), approximate="tanh"), reps), 1)
+                del h
+            return {p: us[f"{p}_fused"] <= us[f"{p}_separate"] * 1.01 for p in ("decode", "prefill")}
+
+        try:
+            self.gelu_fused = dict(self.choices.ask("gelu_fusion", not_slower))
+        except Exception as exc:  # keep the fused epilogue the numerical check accepted
+            us["error"] = first_line(exc)[:200]
 
     def _choose_sampling(self, requested: bool | None) -> None:
         """Sampling in three kernels (``sample_triton``) instead of the torch ops, on CUDA by

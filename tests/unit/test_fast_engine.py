@@ -808,3 +808,39 @@ def test_explicit_actions_get_the_spare_rows_and_prefill_first(tokenizer):
     assert FastEngine._next_prefill(state) is action
     state._prefilling = [hover, request(Priority.HOVER, [1])]
     assert FastEngine._next_prefill(state) is hover  # the oldest among equals
+
+
+def test_gelu_epilogue_is_kept_only_where_it_is_not_slower(hf_model, tokenizer, monkeypatch):
+    """The start-up times c_fc with the GELU in cuBLASLt's epilogue against GEMM + GELU kernel,
+    for decode-step rows and prefill rows separately, and ``_fc_gelu`` follows each answer."""
+    from lsp_server.engine.fast import FastEngine
+    from lsp_server.engine.fast_setup import FEW_ROWS
+
+    eng = FastEngine(hf_model, tokenizer, max_batch=1, speculate=0, fused=True)
+    try:
+        assert eng.gelu_fused == {"decode": False, "prefill": False}  # CPU: no tanh epilogue to time
+        eng.gelu_epilogue = "tanh"  # as if the numerical check on a GPU had accepted it
+        times = iter([10.0, 20.0, 30.0, 25.0])  # decode fused, separate; prefill fused, separate
+        ran = []
+
+        def fake_time_us(fn, reps=20):
+            fn()
+            ran.append(reps)
+            return next(times)
+
+        monkeypatch.setattr(eng, "_time_us", fake_time_us)
+        eng._choose_gelu_fusion(timed=True)
+        assert eng.gelu_fused == {"decode": True, "prefill": False}
+        assert eng.gelu_fusion_us == {"decode_fused": 10.0, "decode_separate": 20.0, "prefill_fused": 30.0, "prefill_separate": 25.0}
+        assert len(ran) == 4
+
+        fused_rows = []
+        real = torch._addmm_activation
+        monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **k: fused_rows.append(a[1].shape[0]) or real(*a, **k))
+        fcw, fcb = eng.layers[0][8], eng.layers[0][9]
+        for rows in (1, FEW_ROWS, FEW_ROWS + 1, 300):
+            out = eng._fc_gelu(torch.randn(rows, fcw.shape[1]), fcw, fcb)
+            assert out.shape == (rows, fcw.shape[0])
+        assert fused_rows == [1, FEW_ROWS]  # decode-sized GEMMs fused, prefill-sized ones not
+    finally:
+        eng.close()
