@@ -329,6 +329,7 @@ def main(argv=None) -> int:
     R["engine_gelu_fused"] = getattr(engine, "gelu_fused", None)
     R["gelu_fusion_us"] = getattr(engine, "gelu_fusion_us", None)
     R["engine_prebias"] = getattr(engine, "prebias", None)
+    R["prebias_us"] = getattr(engine, "prebias_us", None)
     R["engine_gemv"] = sorted(getattr(engine, "_gemv", {}) or [])
     R["gemv_report"] = getattr(engine, "gemv_report", None)
     R["engine_sample_kernels"] = getattr(engine, "sample_kernels", None)

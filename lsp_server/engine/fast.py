@@ -283,6 +283,7 @@ class FastEngine(StartUp, Graphs, StepMath):
                 self.prefill_attention = "sdpa_gqa"
                 self.prefill_attention_report = {"error": first_line(exc)[:200]}
             # whole-step timings last: they run the step with every path chosen above
+            self._choose_prebias()
             self._choose_kv_in_attention(kv_in_attention)
             self._choose_prefetch(prefetch)
 

@@ -321,19 +321,38 @@ class StartUp:
             self.kv_in_attention = bool(requested)
             return
         self.kv_in_attention_us = {}
-
-        def not_slower() -> bool:
-            us = self.kv_in_attention_us
-            for on in (False, True):
-                self.kv_in_attention = on
-                us["on" if on else "off"] = self._step_us()
-            return us["on"] <= us["off"] * 1.002
-
         try:
-            self.kv_in_attention = bool(self.choices.ask("kv_in_attention", not_slower))
+            self.kv_in_attention = self._kept_if_not_slower("kv_in_attention", self.kv_in_attention_us)
         except Exception as exc:
             self.kv_in_attention_us["error"] = first_line(exc)[:200]
             self.kv_in_attention = False
+
+    def _choose_prebias(self, timed: bool | None = None) -> None:
+        """Keep the batch-1 bias pre-write (the LayerNorm kernel writes the next GEMM's bias
+        into its output, the GEMM accumulates onto it: no bias-copy kernel before qkv and c_fc)
+        only if, on CUDA (or when ``timed``), a batch-1 step is not slower with it
+        (``prebias_us``). Its numerical check (``check_fused``) alone decided before."""
+        if not self.prebias or not (timed or (timed is None and self.device.type == "cuda")):
+            return
+        self.prebias_us = {}
+        try:
+            self.prebias = self._kept_if_not_slower("prebias", self.prebias_us)
+        except Exception as exc:  # keep what the numerical check accepted
+            self.prebias_us["error"] = first_line(exc)[:200]
+            self.prebias = True
+
+    def _kept_if_not_slower(self, attr: str, report: dict, tolerance: float = 1.002) -> bool:
+        """Whether the step path switched by the flag ``attr`` stays on: a batch-1 step timed
+        with it off and on (``report``), kept unless > ``tolerance`` x slower; or the answer an
+        earlier start's timing gave (``choices``)."""
+
+        def not_slower() -> bool:
+            for on in (False, True):
+                setattr(self, attr, on)
+                report["on" if on else "off"] = self._step_us()
+            return report["on"] <= report["off"] * tolerance
+
+        return bool(self.choices.ask(attr, not_slower))
 
     def _step_us(self, B: int = 1) -> float:
         """Device time of a decode step of B live rows (in a CUDA graph of 3 steps) at ~1K keys

@@ -844,3 +844,27 @@ def test_gelu_epilogue_is_kept_only_where_it_is_not_slower(hf_model, tokenizer, 
         assert fused_rows == [1, FEW_ROWS]  # decode-sized GEMMs fused, prefill-sized ones not
     finally:
         eng.close()
+
+
+def test_whole_step_choice_keeps_a_path_only_if_not_slower(hf_model, tokenizer, monkeypatch):
+    """The batch-1 bias pre-write (like the cache write in the attention) stays on only if a
+    batch-1 step timed with it is not > 0.2 % slower than without; the answer is remembered."""
+    from lsp_server.engine.fast import FastEngine
+
+    eng = FastEngine(hf_model, tokenizer, max_batch=1, speculate=0, fused=True)
+    try:
+        assert eng.prebias  # its numerical check passed; on the CPU nothing is timed
+        for off, on, kept in ((100.0, 100.1, True), (100.0, 101.0, False)):
+            eng.prebias = True
+            eng.choices.forget("prebias")
+            times, flags = iter([off, on]), []
+            monkeypatch.setattr(eng, "_step_us", lambda B=1: (flags.append(eng.prebias), next(times))[1])
+            eng._choose_prebias(timed=True)
+            assert flags == [False, True]  # the step was timed without, then with the pre-write
+            assert eng.prebias is kept and eng.prebias_us == {"off": off, "on": on}
+        eng.prebias = True
+        monkeypatch.setattr(eng, "_step_us", lambda B=1: pytest.fail("timed again"))
+        eng._choose_prebias(timed=True)  # an earlier start's answer (here: off)
+        assert eng.prebias is False
+    finally:
+        eng.close()
