@@ -311,7 +311,10 @@ class StepMath:
             else:
                 k = cache[:S, :D][None, None]
                 v = cache[:S, D:][None, None]
-                a = _sdpa_mqa(q, k, v, mask, self.scale)  # (1, H, T, D)
+                if self.prefill_attention.startswith("triton"):  # its causal diagonal is bottom-right already
+                    a = self._prefill_attn(q, k, v)
+                else:
+                    a = _sdpa_mqa(q, k, v, mask, self.scale)  # (1, H, T, D)
             a = a[0].transpose(0, 1).reshape(T, E)
             if fused:
                 ln2w, ln2b, fcw, fcb, pw, pb = layer[6:]
@@ -346,10 +349,15 @@ class StepMath:
         return F.gelu(F.linear(h, fcw, fcb), approximate="tanh")
 
     def _prefill_attn(self, q, k, v):
-        """Causal attention of a whole prompt: q (1,H,T,D) against one K/V head (1,1,T,D)."""
+        """Causal attention of a whole prompt: q (1,H,T,D) against one K/V head (1,1,T,D);
+        the Triton modes also take a prompt's suffix (1,1,S,D) after a cached prefix."""
         mode = self.prefill_attention
         if mode == "sdpa_gqa":
             return _sdpa_mqa(q, k, v, None, self.scale)
+        if mode.startswith("triton"):
+            from .prefill_triton import prefill_attention
+
+            return prefill_attention(q[0], k[0, 0], v[0, 0], self.scale, mode).permute(1, 0, 2)[None]
         F = self._torch.nn.functional
         H = q.shape[1]
         if mode.endswith("_gqa"):

@@ -524,12 +524,14 @@ class StartUp:
             self.choices.remember("gemv", {n: [g.block_n, g.block_k, g.num_warps, g.num_stages] for n, g in self._gemv.items()})
 
     def _choose_prefill_attention(self, forced: str | None = None) -> str:
-        """On CUDA, time the candidate SDPA paths for a 2048-token causal prompt (one layer's
-        shapes, the single K/V head) and keep the fastest one that agrees with a float32
-        reference and costs no more than ~2 ms extra on the first prompt of a length it has
-        not seen (a backend that builds a plan per shape would pay that on nearly every
-        request: prompts rarely repeat a length); the reasons a candidate was dropped go to
-        ``prefill_attention_report`` (``<mode>_new_length_extra_us``: that first-call cost)."""
+        """On CUDA, time the candidate SDPA paths and the Triton MQA kernel's configurations
+        for a 2048-token causal prompt (one layer's shapes, the single K/V head; timed with
+        the output laid out as the projection reads it: a copy for some paths) and keep the
+        fastest one that agrees with a float32 reference and costs no more than ~2 ms extra on
+        the first prompt of a length it has not seen (a backend that builds a plan per shape
+        would pay that on nearly every request: prompts rarely repeat a length); the reasons a
+        candidate was dropped go to ``prefill_attention_report``
+        (``<mode>_new_length_extra_us``: that first-call cost)."""
         self.prefill_attention = "sdpa_gqa"
         self.prefill_attention_report: dict[str, Any] = {}
         if forced is not None:
@@ -557,23 +559,34 @@ class StartUp:
             self.prefill_attention_report["reference"] = first_line(exc)
         best, best_us = "sdpa_gqa", None
         candidates = ["sdpa_gqa", "flash_expand", "flash_gqa", "cudnn_expand", "efficient_expand"]
+        if have_triton():  # MQA in Triton: the K/V tile loaded once for G heads (prefill_triton.py)
+            from .prefill_triton import CONFIGS
+
+            candidates += list(CONFIGS)
         wanted = os.environ.get("STARCHAT_FAST_PREFILL_ATTN")
         if wanted in candidates:
             candidates = ["sdpa_gqa", wanted]
 
+        def attend(n=T):  # as the prefill uses it: the output as (n, E) rows for the projection
+            return self._prefill_attn(q[:, :, :n], k[:, :, :n], v[:, :, :n])[0].transpose(0, 1).reshape(n, E)
+
         def wall_us(n):  # host wall time of one call on the first n positions, device work included
             torch.cuda.synchronize(self.device)
             t = time.perf_counter()
-            self._prefill_attn(q[:, :, :n], k[:, :, :n], v[:, :, :n])
+            attend(n)
             torch.cuda.synchronize(self.device)
             return (time.perf_counter() - t) * 1e6
 
         def disagrees(mode) -> str | None:
-            """Why ``mode`` is not correct here (None: it agrees with float32)."""
+            """Why ``mode`` is not correct here (None: it agrees with float32). A Triton mode
+            also serves a prompt's suffix after a cached prefix: the reference's queries alone
+            against all the keys must give the same rows."""
             self.prefill_attention = mode
             out = self._prefill_attn(q, k, v)
             if ref is not None:
                 err = rel_err(out[0, :, ref[1]], ref[0])
+                if mode.startswith("triton"):
+                    err = max(err, rel_err(self._prefill_attn(q[:, :, ref[1]], k, v)[0], ref[0]))
                 if not err < 2e-2:
                     return f"rel err {err:.3g}"
             return None
@@ -595,11 +608,11 @@ class StartUp:
                     self.prefill_attention_report[mode] = why
                     continue
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                self._prefill_attn(q, k, v)
+                attend()
                 times = []
                 for _ in range(5):
                     start.record()
-                    self._prefill_attn(q, k, v)
+                    attend()
                     end.record()
                     end.synchronize()
                     times.append(start.elapsed_time(end) * 1e3)

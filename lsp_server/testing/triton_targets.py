@@ -45,8 +45,9 @@ SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 def compile_only(capability: int):
     """Inside: every ``kernel[grid](...)`` compiles for ``cuda:<capability>`` and appends a
     record (kernel name, constexprs, options, the compiled kernel) to the yielded list instead
-    of launching. Uses Triton 3.6's launch internals (``_pack_args``, the binder): the version
-    CI installs; a Triton that changes them fails this loudly rather than checking less."""
+    of launching. Uses Triton's launch internals (``_pack_args``, the binder), the same in
+    3.5 to 3.8 (all four compile every kernel here); a Triton that changes them fails this
+    loudly rather than checking less."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -86,8 +87,8 @@ def engine_launches(shape: dict = STARCHAT):
     """(label, thunk) for every kernel variant the fast engine launches on a GPU of this shape:
     the decode attention per cache-length bucket (plain, writing the step's K/V, and the
     speculative step's slot map), the bias + LayerNorm kernel (with and without the bias
-    pre-fill), each GEMV start-up candidate per weight, both L2-prefetch modes, and the two
-    sampling kernels. CPU tensors stand in for the GPU ones (only shapes, dtypes and
+    pre-fill), each GEMV start-up candidate per weight, both L2-prefetch modes, each prefill
+    attention candidate, and the two sampling kernels. CPU tensors stand in for the GPU ones (only shapes, dtypes and
     alignment reach the compiler); big weights are allocated, never touched."""
     import torch
 
@@ -99,6 +100,8 @@ def engine_launches(shape: dict = STARCHAT):
         TritonMQADecode,
         bias_add_layer_norm,
     )
+    from ..engine.prefill_triton import CONFIGS as PREFILL_CONFIGS
+    from ..engine.prefill_triton import prefill_attention
     from ..engine.sample_triton import sample
 
     E, H, D, F, V = shape["n_embd"], shape["n_head"], shape["head_dim"], shape["n_inner"], shape["vocab"]
@@ -141,6 +144,13 @@ def engine_launches(shape: dict = STARCHAT):
     for mode in ("load", "prefetch"):
         pf = L2Prefetch("cpu", mode, programs=(4 if mode == "load" else 2) * shape["sms"])
         launches.append((f"l2 prefetch {mode}", lambda pf=pf: pf(w, 16 << 20)))
+
+    T = 2048  # a prompt: queries, keys and values read where the QKV projection wrote them
+    qkv = torch.empty((T, qkv_out), dtype=bf16)
+    q = qkv[:, :E].view(T, H, D).transpose(0, 1)
+    for config in PREFILL_CONFIGS:
+        launches.append((f"prefill attention {config}",
+                         lambda c=config: prefill_attention(q, qkv[:, E : E + D], qkv[:, E + D :], 0.088, c)))
 
     slots = torch.zeros(R, dtype=torch.long)
     params = {"penalty": torch.ones(S), "temp": torch.ones(S), "topk": torch.full((S,), TOP_K_CAP),

@@ -868,3 +868,56 @@ def test_whole_step_choice_keeps_a_path_only_if_not_slower(hf_model, tokenizer, 
         assert eng.prebias is False
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("config", ["triton_m128_g1", "triton_m64_g2"])
+def test_triton_prefill_attention_matches_torch(config):
+    """Causal MQA with the diagonal at the bottom right: a whole prompt (S = T), and a suffix
+    after a cached prefix long enough for unmasked key blocks; queries read through the QKV
+    output's strides, several query blocks, a partial last one."""
+    device = _interpreter_or_gpu()
+    from lsp_server.engine.prefill_triton import prefill_attention
+
+    H, D = 4, 32
+    torch.manual_seed(11)
+    for T, S in ((150, 150), (40, 200), (150, 300)):
+        qkv = torch.randn(S, H * D + 2 * D, device=device)
+        q = qkv[S - T :, : H * D].view(T, H, D).transpose(0, 1)  # (H, T, D), strided like the engine's
+        k, v = qkv[:, H * D : H * D + D], qkv[:, H * D + D :]
+        got = prefill_attention(q, k, v, 0.3, config)
+        sc = (q @ k.T) * 0.3  # (H, T, S)
+        pos = torch.arange(S - T, S, device=device)
+        sc = sc.masked_fill(torch.arange(S, device=device)[None, None, :] > pos[None, :, None], float("-inf"))
+        ref = (torch.softmax(sc, -1) @ v).transpose(0, 1)  # (T, H, D)
+        assert got.shape == (T, H, D) and got.is_contiguous()
+        assert torch.allclose(got, ref, atol=2e-5, rtol=1e-4), (T, S, (got - ref).abs().max())
+
+
+def test_engine_with_triton_prefill_attention_matches_generate(hf_model, tokenizer, prompts, copying_prompts):
+    """The Triton MQA prefill attention in the engine: whole prompts, a prompt's suffix after a
+    reused prefix, and a prompt put in 8 tokens at a time give HF's greedy tokens."""
+    _interpreter_or_gpu()
+    from lsp_server.engine.fast import FastEngine
+
+    eng = FastEngine(hf_model, tokenizer, max_batch=2, max_len=512, speculate=0, prefill_attention="triton_m64_g2",
+                     prefill_chunk=8)
+    try:
+        assert eng.prefill_attention == "triton_m64_g2"
+        for p in (prompts[1], prompts[0]):
+            assert run(eng, p)[0] == reference(hf_model, eng.stop_ids, p)
+        base = prompts[0]  # still cached: its suffix goes in after the prefix it shares
+        second = base[:-5] + tokenizer(" two three")["input_ids"]
+        before = dict(eng.stats)
+        assert run(eng, second)[0] == reference(hf_model, eng.stop_ids, second)
+        assert eng.stats["reused_tokens"] - before["reused_tokens"] >= len(base) - 5
+        # beside a running request a prompt goes in 8 tokens at a time: each chunk a suffix
+        long = Sampling(max_new_tokens=60, temperature=0.0)
+        expected_long = reference(hf_model, eng.stop_ids, copying_prompts["ticking"], new=60)
+        first = Running(eng, copying_prompts["ticking"], long)
+        first.wait()
+        before = dict(eng.stats)
+        assert run(eng, copying_prompts["fix"])[0] == reference(hf_model, eng.stop_ids, copying_prompts["fix"])
+        assert first.join() == expected_long
+        assert eng.stats["prefill_chunks"] - before["prefill_chunks"] > 4
+    finally:
+        eng.close()
