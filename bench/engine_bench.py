@@ -662,6 +662,14 @@ def main(argv=None) -> int:
                 out[f"{name}_m{T}"] = dict(us=round(us, 1), tflops=round(2 * T * wt.numel() / us / 1e6, 1))
                 del x
             out[f"prefill_gemms_{T}_ms_40_layers"] = round(total_us * engine.n_layer / 1e3, 2)
+            # the projections as the fused prefill runs them: the residual as the GEMM's C operand
+            # (x.addmm_, beta = 1: cuBLAS, not cuBLASLt's bias epilogue as F.linear above)
+            for name, wt in (("attn_proj", cw), ("mlp_proj", pw)):
+                a = torch.randn((T, wt.shape[1]), device=dev, dtype=engine.dtype)
+                x = torch.randn((T, wt.shape[0]), device=dev, dtype=engine.dtype)
+                us = device_us(lambda a=a, x=x, wt=wt: x.addmm_(a, wt.t()), 5)
+                out[f"{name}_residual_m{T}"] = dict(us=round(us, 1), tflops=round(2 * T * wt.numel() / us / 1e6, 1))
+                del a, x
             B = 8
             logits = torch.randn((B, engine.vocab), device=dev)
             pos = torch.full((B,), 1000, device=dev, dtype=torch.long)
