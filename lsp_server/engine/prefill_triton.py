@@ -31,9 +31,11 @@ LOG2E = 1.4426950408889634
 
 # start-up candidates: name -> (BLOCK_M query positions, G heads, BLOCK_N keys, num_warps, num_stages)
 # (128-key blocks spill registers on sm_80 at 8 warps: tests/unit/test_triton_targets.py)
+# 64-row programs (4 warps) are twice as many: better balanced over the SMs for short prompts
 CONFIGS = {
     "triton_m128_g1": (128, 1, 64, 8, 3),
     "triton_m64_g2": (64, 2, 64, 8, 3),
+    "triton_m32_g2": (32, 2, 64, 4, 3),
 }
 
 

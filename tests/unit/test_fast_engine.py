@@ -870,7 +870,7 @@ def test_whole_step_choice_keeps_a_path_only_if_not_slower(hf_model, tokenizer, 
         eng.close()
 
 
-@pytest.mark.parametrize("config", ["triton_m128_g1", "triton_m64_g2"])
+@pytest.mark.parametrize("config", ["triton_m128_g1", "triton_m64_g2", "triton_m32_g2"])
 def test_triton_prefill_attention_matches_torch(config):
     """Causal MQA with the diagonal at the bottom right: a whole prompt (S = T), and a suffix
     after a cached prefix long enough for unmasked key blocks; queries read through the QKV
