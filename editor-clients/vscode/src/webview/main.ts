@@ -137,22 +137,27 @@ function scrollToEnd(): void {
   transcript.scrollTop = transcript.scrollHeight;
 }
 
-// Deltas arrive often; re-render the streaming answer at most once per frame.
+// Deltas arrive often; re-render the streaming answer at most once per frame. The first words
+// of an answer are shown at once: a frame can be late (a busy or throttled webview), and the
+// user should see that the answer has started.
 const dirty = new Set<number>();
 let frame = 0;
+function renderNow(ids: Iterable<number>): void {
+  const atEnd = transcript.scrollHeight - transcript.scrollTop - transcript.clientHeight < 40;
+  for (const id of ids) {
+    const turn = turns.find((t) => t.id === id);
+    const element = transcript.querySelector<HTMLElement>(`.turn[data-id="${id}"]`);
+    if (turn && element) update(element, turn);
+  }
+  if (atEnd) scrollToEnd();
+}
 function scheduleRender(id: number): void {
   dirty.add(id);
   if (frame) return;
   frame = requestAnimationFrame(() => {
     frame = 0;
-    const atEnd = transcript.scrollHeight - transcript.scrollTop - transcript.clientHeight < 40;
-    for (const dirtyId of dirty) {
-      const turn = turns.find((t) => t.id === dirtyId);
-      const element = transcript.querySelector<HTMLElement>(`.turn[data-id="${dirtyId}"]`);
-      if (turn && element) update(element, turn);
-    }
+    renderNow(dirty);
     dirty.clear();
-    if (atEnd) scrollToEnd();
   });
 }
 
@@ -174,9 +179,11 @@ window.addEventListener("message", (event: MessageEvent<FromExtension>) => {
   } else if (message.type === "delta") {
     const turn = turns.find((t) => t.id === message.id);
     if (!turn || turn.status !== "streaming") return;
+    const first = turn.content === "";
     turn.content += message.delta;
     updates.set(message.id, (updates.get(message.id) ?? 0) + 1);
-    scheduleRender(message.id);
+    if (first) renderNow([message.id]);
+    else scheduleRender(message.id);
   } else if (message.type === "progress") {
     const turn = turns.find((t) => t.id === message.id);
     if (!turn) return;
