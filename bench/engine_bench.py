@@ -654,22 +654,23 @@ def main(argv=None) -> int:
                 out[f"{name}_b{B}"] = dict(us=round(us, 2), tbps=round(wt.numel() * wt.element_size() / us / 1e6, 3))
         if cuda:  # the prefill's GEMMs at 2048 rows: the real compute floor of a 2048-token prompt
             T = 2048
+
+            def prefill_gemm(key, wt, fn):
+                us = device_us(fn, 5)
+                out[key] = dict(us=round(us, 1), tflops=round(2 * T * wt.numel() / us / 1e6, 1))
+                return us
+
             total_us = 0.0
             for name, wt, bias in (("qkv", aw, ab), ("attn_proj", cw, cb), ("fc", fcw, fcb), ("mlp_proj", pw, pb)):
                 x = torch.randn((T, wt.shape[1]), device=dev, dtype=engine.dtype)
-                us = device_us(lambda x=x, wt=wt, bias=bias: torch.nn.functional.linear(x, wt, bias), 5)
-                total_us += us
-                out[f"{name}_m{T}"] = dict(us=round(us, 1), tflops=round(2 * T * wt.numel() / us / 1e6, 1))
+                total_us += prefill_gemm(f"{name}_m{T}", wt, lambda: torch.nn.functional.linear(x, wt, bias))
+                if name.endswith("proj"):  # as the fused prefill runs it: the residual as the GEMM's C
+                    # operand (x.addmm_, beta = 1: cuBLAS, not cuBLASLt's bias epilogue as F.linear)
+                    res = torch.randn((T, wt.shape[0]), device=dev, dtype=engine.dtype)
+                    prefill_gemm(f"{name}_residual_m{T}", wt, lambda: res.addmm_(x, wt.t()))
+                    del res
                 del x
             out[f"prefill_gemms_{T}_ms_40_layers"] = round(total_us * engine.n_layer / 1e3, 2)
-            # the projections as the fused prefill runs them: the residual as the GEMM's C operand
-            # (x.addmm_, beta = 1: cuBLAS, not cuBLASLt's bias epilogue as F.linear above)
-            for name, wt in (("attn_proj", cw), ("mlp_proj", pw)):
-                a = torch.randn((T, wt.shape[1]), device=dev, dtype=engine.dtype)
-                x = torch.randn((T, wt.shape[0]), device=dev, dtype=engine.dtype)
-                us = device_us(lambda a=a, x=x, wt=wt: x.addmm_(a, wt.t()), 5)
-                out[f"{name}_residual_m{T}"] = dict(us=round(us, 1), tflops=round(2 * T * wt.numel() / us / 1e6, 1))
-                del a, x
             B = 8
             logits = torch.randn((B, engine.vocab), device=dev)
             pos = torch.full((B,), 1000, device=dev, dtype=torch.long)
@@ -689,9 +690,10 @@ def main(argv=None) -> int:
 
     def kernel_profile():
         """Where a 2048-token prefill and a batch-1 decode step at a 2K context (eager, and its
-        graph replay) spend device time: kernel time by kind and the top kernels (torch.profiler). The prefill's
-        wall time minus its GEMMs is what ttft_2048 could still lose; the step's kernel time
-        against step_ms_b1_2048 splits the step into work and gaps between kernels."""
+        graph replay) spend device time: kernel time by kind and the top kernels
+        (torch.profiler). The prefill's wall time minus its GEMMs is what ttft_2048 could still
+        lose; the step's kernel time against step_ms_b1_2048 splits the step into work and gaps
+        between kernels. Also the SM clock while prefills run back to back (``prefill_clocks``)."""
         from torch.profiler import ProfilerActivity, profile
 
         def kind(name):

@@ -16,9 +16,10 @@ set up by ``FastEngine.__init__``.
 
 from __future__ import annotations
 
-from .fast_setup import FEW_ROWS
-
 _M32 = 0xFFFFFFFF
+
+# a GEMM of at most this many rows is a decode step's (weight-bound, GEMV-like); more: a prefill's
+FEW_ROWS = 64
 
 
 def _mix32(x):
@@ -274,12 +275,12 @@ class StepMath:
 
         With ``self.fused`` (CUDA, self-checked) the prefill uses the decode step's fused ops:
         the residual is the C operand of the projection GEMMs (``x.addmm_``: no separate add
-        pass over T x E), GELU is the c_fc GEMM's epilogue (no pass over T x 24576 in and out),
-        and the projection bias + the next LayerNorm are one Triton kernel. A prompt without a
-        reused prefix attends to K/V straight from the QKV output (the cache is written in
-        the same pass, one copy of T x 256) through ``self.prefill_attention`` (chosen at start
-        by timing: SDPA flash / efficient with the K/V head expanded as a stride-0 view, or
-        SDPA's own GQA path)."""
+        pass over T x E), GELU is the c_fc GEMM's epilogue where timing chose it (no pass over
+        T x 24576 in and out), and the projection bias + the next LayerNorm are one Triton
+        kernel. A prompt without a reused prefix attends to K/V straight from the QKV output
+        (the cache is written in the same pass, one copy of T x 256), a suffix to the cache;
+        both through ``_prefill_attn`` (``self.prefill_attention``, chosen at start by timing:
+        an SDPA path or the Triton MQA kernel)."""
         torch = self._torch
         F = torch.nn.functional
         E, H, D = self.n_embd, self.n_head, self.head_dim
@@ -288,9 +289,6 @@ class StepMath:
         dev = self.device
         tok = torch.tensor(ids, device=dev, dtype=torch.long)
         x = F.embedding(tok, self.wte) + self.wpe[start:S]
-        mask = None
-        if start > 0:
-            mask = torch.arange(S, device=dev)[None, :] <= torch.arange(start, S, device=dev)[:, None]
         fused = self.fused
         if fused:
             from .mqa_triton import bias_add_layer_norm
@@ -307,15 +305,10 @@ class StepMath:
             if start == 0:
                 k = qkv[:, E : E + D][None, None]
                 v = qkv[:, E + D :][None, None]
-                a = self._prefill_attn(q, k, v)
             else:
                 k = cache[:S, :D][None, None]
                 v = cache[:S, D:][None, None]
-                if self.prefill_attention.startswith("triton"):  # its causal diagonal is bottom-right already
-                    a = self._prefill_attn(q, k, v)
-                else:
-                    a = _sdpa_mqa(q, k, v, mask, self.scale)  # (1, H, T, D)
-            a = a[0].transpose(0, 1).reshape(T, E)
+            a = self._prefill_attn(q, k, v)[0].transpose(0, 1).reshape(T, E)
             if fused:
                 ln2w, ln2b, fcw, fcb, pw, pb = layer[6:]
                 x.addmm_(a, cw.t())
@@ -349,15 +342,16 @@ class StepMath:
         return F.gelu(F.linear(h, fcw, fcb), approximate="tanh")
 
     def _prefill_attn(self, q, k, v):
-        """Causal attention of a whole prompt: q (1,H,T,D) against one K/V head (1,1,T,D);
-        the Triton modes also take a prompt's suffix (1,1,S,D) after a cached prefix."""
+        """Causal attention of the last T positions' queries q (1,H,T,D) against one K/V head
+        (1,1,S,D) of positions 0..S-1: S = T for a whole prompt, S > T for a suffix after a
+        cached prefix (the diagonal at the bottom right). Returns (1,H,T,D), maybe a view."""
         mode = self.prefill_attention
-        if mode == "sdpa_gqa":
-            return _sdpa_mqa(q, k, v, None, self.scale)
         if mode.startswith("triton"):
             from .prefill_triton import prefill_attention
 
             return prefill_attention(q[0], k[0, 0], v[0, 0], self.scale, mode).permute(1, 0, 2)[None]
+        if mode == "sdpa_gqa" or k.shape[-2] != q.shape[-2]:  # the other SDPA paths: whole prompts
+            return _sdpa_mqa(q, k, v, self.scale)
         F = self._torch.nn.functional
         H = q.shape[1]
         if mode.endswith("_gqa"):
@@ -378,23 +372,25 @@ class StepMath:
         return sdpa_kernel([backend])
 
 
-def _sdpa_mqa(q, k, v, mask, scale):
-    """Prefill attention: q (1,H,T,D) against one K/V head (1,1,S,D), causal (bottom-right)."""
+def _sdpa_mqa(q, k, v, scale):
+    """Prefill attention through SDPA's own choice: q (1,H,T,D), the last T positions, against
+    one K/V head (1,1,S,D) of positions 0..S-1, causal with the diagonal at the bottom right."""
+    import torch
     import torch.nn.functional as F
 
-    is_causal = mask is None
-    if mask is not None:
+    T, S = q.shape[-2], k.shape[-2]
+    mask = None
+    if S != T:
         try:  # bottom-right causal without a materialised mask (flash / memory-efficient kernels)
             from torch.nn.attention.bias import causal_lower_right
 
-            bias = causal_lower_right(q.shape[-2], k.shape[-2])
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, S), scale=scale, enable_gqa=True)
         except Exception:
-            pass
+            mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(S - T, S, device=q.device)[:, None]
     try:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
     except (TypeError, RuntimeError):
         H = q.shape[1]
         k = k.expand(-1, H, -1, -1)
         v = v.expand(-1, H, -1, -1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)

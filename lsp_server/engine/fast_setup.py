@@ -7,9 +7,11 @@ benchmark's JSON:
 * attention: the Triton split-KV kernel, or torch; whether that kernel also writes the step's
   K/V to the cache (checked, then timed on the whole step); fused decode ops (GELU epilogue,
   residual as the GEMM's C operand, bias + LayerNorm in one kernel); the one-row bias pre-write;
-* the batch-1 GEMV per weight (Triton where faster than cuBLAS); the prefill attention (the
-  fastest SDPA path that agrees with float32); sampling in three kernels (checked against the
-  torch ops, timed); the L2 prefetch of the next GEMM's weights (timed on the whole step).
+* the batch-1 GEMV per weight (Triton where faster than cuBLAS); whether c_fc's GELU runs in
+  the GEMM's epilogue (timed for decode and prefill rows); the prefill attention (the fastest
+  SDPA path or Triton kernel that agrees with float32); sampling in three kernels (checked
+  against the torch ops, timed); the one-row bias pre-write, the cache write in the attention
+  kernel and the L2 prefetch of the next GEMM's weights (each timed on the whole step).
 
 What the timings decided is remembered between starts (``choices.py``). The CUDA graphs and
 the speculative step's start-up check are in ``fast_graphs.py``.
@@ -27,9 +29,6 @@ from .base import EngineError, first_line
 from .fast_graphs import graph_time_us
 
 log = logging.getLogger("lsp_server.engine.fast")
-
-# a GEMM of at most this many rows is a decode step's (weight-bound, GEMV-like); more: a prefill's
-FEW_ROWS = 64
 
 # one-row GEMV candidates timed against cuBLAS at start: (block_n, block_k, num_warps, num_stages).
 # H200 run 2 had the first two only: (8, 512) won lm_head (163 us against cuBLAS' 197) and lost
@@ -156,10 +155,10 @@ class StartUp:
 
     def _choose_gelu_fusion(self, timed: bool | None = None) -> None:
         """Whether c_fc computes bias + GELU in cuBLASLt's epilogue (one kernel) or a GELU kernel
-        follows the GEMM, for decode-step GEMMs (<= FEW_ROWS rows; timed at 8) and prefill ones
-        (timed at 2048) separately: only where the numerical check found the tanh epilogue,
-        and on CUDA (or when ``timed``) only where the fused GEMM is not slower than the two
-        kernels. cuBLASLt may serve an epilogue with a different, slower kernel than the plain
+        follows the GEMM, for decode-step GEMMs (<= fast_math.FEW_ROWS rows; timed at 8) and
+        prefill ones (timed at 2048) separately: only where the numerical check found the tanh
+        epilogue, and on CUDA (or when ``timed``) only where the fused GEMM is not slower than
+        the two kernels. cuBLASLt may serve an epilogue with a different, slower kernel than the plain
         GEMM, by card and library version; the prefill's c_fc is its biggest GEMM (~0.8 ms a
         layer at 2048 tokens on an H200), so a slower epilogue kernel there costs milliseconds
         of first-token time. Timings: ``gelu_fusion_us``."""
@@ -167,23 +166,22 @@ class StartUp:
         self.gelu_fused = {"decode": fusable, "prefill": fusable}
         if not fusable or not (timed or (timed is None and self.device.type == "cuda")):
             return
-        torch = self._torch
-        F = torch.nn.functional
         fcw, fcb = self.layers[0][8], self.layers[0][9]
         us = self.gelu_fusion_us = {}
 
-        def not_slower() -> dict:
+        def not_slower() -> dict:  # _fc_gelu itself, each way, at each phase's rows
             for phase, rows, reps in (("decode", 8, 20), ("prefill", 2048, 5)):
-                h = torch.randn((rows, fcw.shape[1]), device=self.device, dtype=self.dtype)
-                us[f"{phase}_fused"] = round(self._time_us(lambda h=h: torch._addmm_activation(fcb, h, fcw.t(), use_gelu=True), reps), 1)
-                us[f"{phase}_separate"] = round(self._time_us(lambda h=h: F.gelu(F.linear(h, fcw, fcb), approximate="tanh"), reps), 1)
-                del h
+                h = self._torch.randn((rows, fcw.shape[1]), device=self.device, dtype=self.dtype)
+                for fused, way in ((True, "fused"), (False, "separate")):
+                    self.gelu_fused[phase] = fused
+                    us[f"{phase}_{way}"] = round(self._time_us(lambda: self._fc_gelu(h, fcw, fcb), reps), 1)
             return {p: us[f"{p}_fused"] <= us[f"{p}_separate"] * 1.01 for p in ("decode", "prefill")}
 
         try:
             self.gelu_fused = dict(self.choices.ask("gelu_fusion", not_slower))
         except Exception as exc:  # keep the fused epilogue the numerical check accepted
             us["error"] = first_line(exc)[:200]
+            self.gelu_fused = {"decode": True, "prefill": True}
 
     def _choose_sampling(self, requested: bool | None) -> None:
         """Sampling in three kernels (``sample_triton``) instead of the torch ops, on CUDA by

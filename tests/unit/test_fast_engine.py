@@ -814,7 +814,7 @@ def test_gelu_epilogue_is_kept_only_where_it_is_not_slower(hf_model, tokenizer, 
     """The start-up times c_fc with the GELU in cuBLASLt's epilogue against GEMM + GELU kernel,
     for decode-step rows and prefill rows separately, and ``_fc_gelu`` follows each answer."""
     from lsp_server.engine.fast import FastEngine
-    from lsp_server.engine.fast_setup import FEW_ROWS
+    from lsp_server.engine.fast_math import FEW_ROWS
 
     eng = FastEngine(hf_model, tokenizer, max_batch=1, speculate=0, fused=True)
     try:
