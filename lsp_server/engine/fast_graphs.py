@@ -32,11 +32,15 @@ class Graphs:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         graphs = {}
-        for key, step in steps.items():
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                step()
-            graphs[key] = graph
+        current = torch.cuda.current_stream(self.device)
+        try:
+            for key, step in steps.items():
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    step()
+                graphs[key] = graph
+        finally:  # a capture that fails to end leaves its capture stream current: not the next one's problem
+            torch.cuda.set_stream(current)
         torch.cuda.synchronize(self.device)
         return graphs
 
@@ -66,12 +70,19 @@ class Graphs:
                 return
 
     def _capture_with_fallback(self) -> None:
-        """Graphs with the chosen attention; if that fails, with torch attention; if that fails
-        too, eager steps (slower, still correct)."""
+        """Graphs with the chosen paths; if capture fails, again with the newest optional path
+        off (one at a time: L2 prefetch, cache write in the attention, sampling kernels, Triton
+        GEMVs, bias pre-write), then with torch attention; if that fails too, eager steps
+        (slower, still correct). The path whose removal let the capture succeed is remembered
+        as off for this fingerprint: the next start neither times it nor pays the failed
+        capture again."""
         torch = self._torch
-        for attempt in range(6):
+        last_off = None
+        while True:
             try:
                 self._capture_all()
+                if last_off is not None:
+                    self.choices.remember(*last_off)
                 return
             except Exception as exc:
                 what = (f"{self.attention}{' + prebias' if self.prebias else ''}{' + gemv' if self._gemv else ''}"
@@ -84,22 +95,33 @@ class Graphs:
                     torch.cuda.synchronize(self.device)
                 except Exception:
                     pass
-                if self.sample_kernels or self.kv_in_attention or self._l2 is not None:  # the newest paths go first
-                    self.sample_kernels = self.kv_in_attention = False
-                    self._l2 = None
-                    continue
-                if self._gemv:
-                    self._gemv.clear()
-                    self._gemv_ops.clear()
-                    continue
-                if self.prebias:
-                    self.prebias = False
+                last_off = self._turn_off_newest_path()
+                if last_off is not None:
                     continue
                 if self.attention != "triton":
                     break
                 self.attention = "torch"
                 self._triton.clear()
         self.use_graphs = False
+
+    def _turn_off_newest_path(self) -> tuple[str, Any] | None:
+        """Turn off the newest optional decode path still on; returns its ``choices`` entry as
+        off (question, answer), or None when none is on."""
+        if self._l2 is not None:
+            self._l2 = None
+            return "prefetch", []
+        for attr in ("kv_in_attention", "sample_kernels"):
+            if getattr(self, attr):
+                setattr(self, attr, False)
+                return attr, False
+        if self._gemv:
+            self._gemv.clear()
+            self._gemv_ops.clear()
+            return "gemv", {}
+        if self.prebias:
+            self.prebias = False
+            return "prebias", False
+        return None
 
     def _warm_prefill(self) -> None:
         """One short prefill into the last slot (its content is then forgotten)."""

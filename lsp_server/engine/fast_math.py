@@ -78,7 +78,8 @@ class StepMath:
             return self._torch_attention(q, cache[:B, :Lc], lengths, bias)
         logits = self._rows_forward(tok, pos.clamp(max=maxp - 1), attend)
         new = self._sample(logits, slice(0, B), pos)
-        self.seen.index_put_((rows, new), torch.ones_like(new, dtype=torch.bool))
+        # idle rows (a slot whose prompt is still going in among them) mark the spare row
+        self.seen.index_put_((torch.where(live, rows, self.slots), new), torch.ones_like(new, dtype=torch.bool))
         tok.copy_(new)
         pos.add_(1)
 
@@ -286,8 +287,7 @@ class StepMath:
         E, H, D = self.n_embd, self.n_head, self.head_dim
         T = len(ids)
         S = start + T
-        dev = self.device
-        tok = torch.tensor(ids, device=dev, dtype=torch.long)
+        tok = self._ids_on_device(ids)
         x = F.embedding(tok, self.wte) + self.wpe[start:S]
         fused = self.fused
         if fused:
@@ -332,6 +332,16 @@ class StepMath:
         elif not all_logits:
             h = h[-1:]
         return F.linear(h, self.lm_head).float()
+
+    def _ids_on_device(self, ids: list[int]):
+        """Token ids as a device tensor without waiting for the device: from pinned memory the
+        copy is queued behind the step in flight (``torch.tensor(..., device=cuda)`` copies
+        from pageable memory and synchronises the stream: the host would wait for that step)."""
+        torch = self._torch
+        host = torch.tensor(ids, dtype=torch.long)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _fc_gelu(self, h, fcw, fcb):
         """GELU(h @ fcw.T + fcb), tanh form: in the GEMM's epilogue where the start-up chose it

@@ -47,6 +47,23 @@ def have_triton() -> bool:
     return HAVE_TRITON
 
 
+@contextmanager
+def _ieee_float32_matmul(torch):
+    """float32 matmuls in full precision (no TF32) inside the block. The ``fp32_precision``
+    API where torch has it: since torch 2.9 reading the old ``allow_tf32`` flag raises once
+    anything in the process has used the new one."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        old, attr, value = matmul.fp32_precision, "fp32_precision", "ieee"
+    else:
+        old, attr, value = matmul.allow_tf32, "allow_tf32", False
+    setattr(matmul, attr, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, attr, old)
+
+
 def rel_err(got, ref) -> float:
     """||got - ref|| / ||ref|| in float32; a NaN (an unwritten output) counts as infinitely wrong."""
     err = float((got.float() - ref.float()).norm() / ref.float().norm())
@@ -55,6 +72,14 @@ def rel_err(got, ref) -> float:
 
 class StartUp:
     """Start-up checks and choices of ``FastEngine`` (see the module docstring)."""
+
+    # tests: run the timed choices that only a GPU runs (with ``_time_us`` replaced), so the
+    # start-up sequence's CUDA branches (their order, the state each leaves) run on the CPU
+    time_on_cpu = False
+
+    def _timed(self, timed: bool | None = None) -> bool:
+        """Whether a choice is made by timing: on CUDA (or as ``timed`` says)."""
+        return timed if timed is not None else (self.device.type == "cuda" or self.time_on_cpu)
 
     def _choose_attention(self, requested: str) -> str:
         if requested == "torch" or (self.device.type != "cuda" and requested != "triton"):
@@ -137,16 +162,12 @@ class StartUp:
         # erf form would be a real (if small) numerical difference, so it is refused.
         self.gelu_epilogue = "unknown"
         try:
-            tf32 = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = False
-            try:
+            with _ieee_float32_matmul(torch):
                 a32, w32, b32 = h_in[:, :512].float(), fcw[:256, :512].float(), fcb[:256].float()
                 g32 = torch._addmm_activation(b32, a32, w32.t(), use_gelu=True)
                 lin = F.linear(a32, w32, b32)
                 e_tanh = rel_err(F.gelu(lin, approximate="tanh"), g32)
                 e_erf = rel_err(F.gelu(lin), g32)
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = tf32
             self.gelu_epilogue = "tanh" if e_tanh <= e_erf else "erf"
             self.gelu_epilogue_err = {"tanh": e_tanh, "erf": e_erf}
         except Exception as exc:
@@ -164,7 +185,7 @@ class StartUp:
         of first-token time. Timings: ``gelu_fusion_us``."""
         fusable = self.gelu_epilogue == "tanh"
         self.gelu_fused = {"decode": fusable, "prefill": fusable}
-        if not fusable or not (timed or (timed is None and self.device.type == "cuda")):
+        if not fusable or not self._timed(timed):
             return
         fcw, fcb = self.layers[0][8], self.layers[0][9]
         us = self.gelu_fusion_us = {}
@@ -191,7 +212,7 @@ class StartUp:
         >= 3 % faster at one row in a CUDA graph. What was measured: ``sample_report``."""
         self.sample_kernels = False
         self.sample_report: dict[str, Any] = {}
-        if requested is False or (requested is None and self.device.type != "cuda"):
+        if requested is False or (requested is None and not self._timed()):
             return
         if not have_triton():
             if requested:
@@ -274,16 +295,18 @@ class StartUp:
         return same_greedy, agree / max(1, drawn)
 
     def check_triton_attention(self, batch: int = 2, cache_len: int = 1024) -> float:
-        """Relative error of the Triton kernel against the float32 torch attention on random data."""
+        """Relative error of the Triton kernel against the float32 torch attention on random data
+        (``cache_len`` keys at most: no more than the engine's context window)."""
         import torch
 
         from .mqa_triton import TritonMQADecode
 
+        cache_len = min(cache_len, self.max_len)
         torch.manual_seed(1234)
         H, D = self.n_head, self.head_dim
         kv = torch.randn((batch, cache_len + 1, 2 * D), device=self.device, dtype=self.dtype)
         q = torch.randn((batch, H, D), device=self.device, dtype=self.dtype)
-        lengths = torch.tensor([cache_len - 37 * i for i in range(batch)], device=self.device, dtype=torch.long)
+        lengths = torch.tensor([max(1, cache_len - 37 * i) for i in range(batch)], device=self.device, dtype=torch.long)
         attn = TritonMQADecode(batch, cache_len, H, D, self.device, self.dtype)
         out = attn(q, kv, lengths, self.scale).float()
         if self.device.type == "cuda":
@@ -315,7 +338,7 @@ class StartUp:
             if requested:
                 raise EngineError(f"the cache write in the attention kernel failed its check: {check}")
             return
-        if requested or self.device.type != "cuda":
+        if requested or not self._timed():
             self.kv_in_attention = bool(requested)
             return
         self.kv_in_attention_us = {}
@@ -330,7 +353,7 @@ class StartUp:
         into its output, the GEMM accumulates onto it: no bias-copy kernel before qkv and c_fc)
         only if, on CUDA (or when ``timed``), a batch-1 step is not slower with it
         (``prebias_us``). Its numerical check (``check_fused``) alone decided before."""
-        if not self.prebias or not (timed or (timed is None and self.device.type == "cuda")):
+        if not self.prebias or not self._timed(timed):
             return
         self.prebias_us = {}
         try:
@@ -341,13 +364,15 @@ class StartUp:
 
     def _kept_if_not_slower(self, attr: str, report: dict, tolerance: float = 1.002) -> bool:
         """Whether the step path switched by the flag ``attr`` stays on: a batch-1 step timed
-        with it off and on (``report``), kept unless > ``tolerance`` x slower; or the answer an
+        off, on, off, on (``report``: the faster of each pair, so a drift of the clock between
+        two timings does not decide), kept unless > ``tolerance`` x slower; or the answer an
         earlier start's timing gave (``choices``)."""
 
         def not_slower() -> bool:
-            for on in (False, True):
+            for on in (False, True, False, True):
                 setattr(self, attr, on)
-                report["on" if on else "off"] = self._step_us()
+                key = "on" if on else "off"
+                report[key] = min(report.get(key, float("inf")), self._step_us())
             return report["on"] <= report["off"] * tolerance
 
         return bool(self.choices.ask(attr, not_slower))
@@ -420,8 +445,8 @@ class StartUp:
                     self._l2 = None
             return best if best and (requested or best_us < 0.99 * base) else []
 
-        try:
-            chosen = self.choices.ask("prefetch", fastest)
+        try:  # asked for: the fastest candidate, not remembered (it did not earn its place by timing)
+            chosen = fastest() if requested else self.choices.ask("prefetch", fastest)
             if chosen:
                 mode, mb = chosen
                 self._l2, self.prefetch_bytes = L2Prefetch(self.device, mode), int(mb) << 20
@@ -451,7 +476,7 @@ class StartUp:
         interpreter) takes every weight without timing; False: none."""
         if requested is False or not self.fused:
             return
-        if requested is None and (self.device.type != "cuda" or os.environ.get("STARCHAT_FAST_GEMV") == "0"):
+        if requested is None and (not self._timed() or os.environ.get("STARCHAT_FAST_GEMV") == "0"):
             return
         torch = self._torch
         F = torch.nn.functional
@@ -504,14 +529,7 @@ class StartUp:
                 if requested or remembered is not None:
                     self._gemv[name] = best[1]
                     continue
-                yc = y0.clone()
-                if acc:
-                    cub = lambda: yc.addmm_(x, wt.t())
-                elif gelu:
-                    cub = lambda: F.gelu(F.linear(x, wt, bias), approximate="tanh")
-                else:
-                    cub = lambda: F.linear(x, wt, bias)
-                cublas_us = self._time_us(cub)
+                cublas_us = self._time_us(self._gemm_as_the_step_runs_it(name, x, wt, bias, y0))
                 self.gemv_report[f"{name}_cublas_us"] = round(cublas_us, 2)
                 if best[0] < 0.97 * cublas_us:
                     self._gemv[name] = best[1]
@@ -520,6 +538,23 @@ class StartUp:
         self.gemv_report["chosen"] = sorted(self._gemv)
         if requested is None and remembered is None:
             self.choices.remember("gemv", {n: [g.block_n, g.block_k, g.num_warps, g.num_stages] for n, g in self._gemv.items()})
+
+    def _gemm_as_the_step_runs_it(self, name: str, x, wt, bias, y0):
+        """The cuBLAS path a Triton GEMV would replace, as ``_rows_forward`` runs it at one row:
+        residual projections accumulate onto the residual; with the bias pre-write, qkv and c_fc
+        accumulate onto their pre-written bias (the LayerNorm kernel before them writes it in
+        any case); c_fc's GELU as ``_fc_gelu`` computes it (epilogue or kernel)."""
+        F = self._torch.nn.functional
+        yc = y0.clone()
+        if name in ("attn_proj", "mlp_proj"):
+            return lambda: yc.addmm_(x, wt.t())
+        if name == "fc":
+            if self.prebias:
+                return lambda: F.gelu(yc.addmm_(x, wt.t()), approximate="tanh")
+            return lambda: self._fc_gelu(x, wt, bias)
+        if name == "qkv" and self.prebias:
+            return lambda: yc.addmm_(x, wt.t())
+        return lambda: F.linear(x, wt, bias)
 
     def _choose_prefill_attention(self, forced: str | None = None) -> str:
         """On CUDA, time the candidate SDPA paths and the Triton MQA kernel's configurations

@@ -247,6 +247,22 @@ def test_prefix_copied_from_a_busy_slot(engine, hf_model, tokenizer, prompts):
     assert ids == reference(hf_model, engine.stop_ids, fast_prompt)
 
 
+def test_a_decode_step_leaves_idle_rows_seen_masks_alone(plain_engine):
+    """A slot whose prompt is still going into the cache (chunked, between decode steps) is an
+    idle row of the steps meanwhile: their junk samples must not mark tokens as seen there
+    (with a repetition penalty they would change that request's answer)."""
+    eng = plain_engine
+    wait_idle(eng)
+    Lc = eng.length_buckets[0]
+    with torch.inference_mode(), eng.live_row(5):  # row 0 decodes, row 1 is idle
+        eng.seen[1].zero_()
+        eng.seen[1, 7] = True  # e.g. a waiting prompt's token
+        eng._decode_step(2, Lc)
+        assert int(eng.seen[0].sum()) == 1  # the live row's sample
+        assert eng.seen[1].nonzero().flatten().tolist() == [7]
+        eng.seen[1].zero_()
+
+
 def test_repetition_penalty_matches_generate(engine, hf_model, prompts):
     sampling = Sampling(max_new_tokens=NEW, temperature=0.0, repetition_penalty=1.3)
     for prompt in prompts[:2]:
@@ -848,24 +864,64 @@ def test_gelu_epilogue_is_kept_only_where_it_is_not_slower(hf_model, tokenizer, 
 
 def test_whole_step_choice_keeps_a_path_only_if_not_slower(hf_model, tokenizer, monkeypatch):
     """The batch-1 bias pre-write (like the cache write in the attention) stays on only if a
-    batch-1 step timed with it is not > 0.2 % slower than without; the answer is remembered."""
+    batch-1 step timed with it is not > 0.2 % slower than without (off, on, off, on: the faster
+    of each pair counts); the answer is remembered."""
     from lsp_server.engine.fast import FastEngine
 
     eng = FastEngine(hf_model, tokenizer, max_batch=1, speculate=0, fused=True)
     try:
         assert eng.prebias  # its numerical check passed; on the CPU nothing is timed
-        for off, on, kept in ((100.0, 100.1, True), (100.0, 101.0, False)):
+        for times, kept in (([100.0, 100.1, 100.0, 100.1], True),
+                            ([103.0, 100.1, 100.0, 104.0], True),  # one slow timing each way does not decide
+                            ([100.0, 101.0, 100.0, 101.0], False)):
             eng.prebias = True
             eng.choices.forget("prebias")
-            times, flags = iter([off, on]), []
-            monkeypatch.setattr(eng, "_step_us", lambda B=1: (flags.append(eng.prebias), next(times))[1])
+            it, flags = iter(times), []
+            monkeypatch.setattr(eng, "_step_us", lambda B=1: (flags.append(eng.prebias), next(it))[1])
             eng._choose_prebias(timed=True)
-            assert flags == [False, True]  # the step was timed without, then with the pre-write
-            assert eng.prebias is kept and eng.prebias_us == {"off": off, "on": on}
+            assert flags == [False, True, False, True]
+            assert eng.prebias is kept and eng.prebias_us == {"off": min(times[0::2]), "on": min(times[1::2])}
         eng.prebias = True
         monkeypatch.setattr(eng, "_step_us", lambda B=1: pytest.fail("timed again"))
         eng._choose_prebias(timed=True)  # an earlier start's answer (here: off)
         assert eng.prebias is False
+    finally:
+        eng.close()
+
+
+def test_start_up_runs_every_timed_choice_with_the_paths_before_it(hf_model, tokenizer, prompts, monkeypatch):
+    """The choices a GPU makes by timing, made here as on a GPU (``time_on_cpu``; a timing
+    runs the timed function once and reports 1 µs), in the engine's own start-up order: each
+    runs the real step with the paths chosen before it and records no error (a whole-step
+    timing once ran before a later chooser had set its flag: an AttributeError, caught and
+    reported, on every GPU start), ties keep the path on, and the engine that results gives
+    HF's greedy tokens."""
+    _interpreter_or_gpu()
+    from lsp_server.engine.fast import FastEngine
+    from lsp_server.engine.fast_setup import StartUp
+
+    timed = []
+
+    def fake_time_us(self, fn, reps=20):
+        fn()
+        timed.append(reps)
+        return 1.0
+
+    monkeypatch.setattr(StartUp, "time_on_cpu", True)
+    monkeypatch.setattr(StartUp, "_time_us", fake_time_us)
+    eng = FastEngine(hf_model, tokenizer, max_batch=2, max_len=512, speculate=0, attention="triton", fused=True)
+    try:
+        assert eng.attention == "triton" and eng.fused
+        assert eng.sample_report.get("us_b1") == {"torch": 1.0, "triton": 1.0}, eng.sample_report
+        assert not eng.sample_kernels  # not 3 % faster
+        names = ("qkv", "attn_proj", "fc", "mlp_proj", "lm_head")
+        assert all(eng.gemv_report.get(f"{n}_cublas_us") == 1.0 for n in names), eng.gemv_report
+        assert eng.gemv_report["chosen"] == []  # not 3 % faster
+        assert eng.prebias and eng.prebias_us == {"off": 1.0, "on": 1.0}, eng.prebias_us
+        assert eng.kv_in_attention and eng.kv_in_attention_us == {"off": 1.0, "on": 1.0}, eng.kv_in_attention_us
+        assert timed.count(3) == 8  # two whole-step choices, each timed off, on, off, on
+        for p in prompts[:2]:
+            assert run(eng, p)[0] == reference(hf_model, eng.stop_ids, p)
     finally:
         eng.close()
 
