@@ -25,6 +25,7 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+STARTED = time.monotonic()
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -142,8 +143,23 @@ def main(argv=None) -> int:
     if args.out is None and os.environ.get("OUT"):
         args.out = Path(os.environ["OUT"]) / "engine_bench.json"
     wall0 = time.monotonic()
+    # a fresh memory of the start-up choices for this run (the server processes it starts
+    # inherit it): a rerun on a warm machine times every choice again instead of reporting
+    # an earlier run's answers with no timings
+    if "STARCHAT_FAST_CHOICES" not in os.environ:
+        import tempfile
+
+        os.environ["STARCHAT_FAST_CHOICES"] = str(Path(tempfile.mkdtemp(prefix="starchat-bench-")) / "choices.json")
 
     import torch
+
+    if torch.cuda.is_available() and not (args.tiny or args.cpu_dry_run):
+        try:  # the profiler over CUDA graphs captured before its first use (kernel_profile) needs this first
+            from torch.profiler._utils import _init_for_cuda_graphs
+
+            _init_for_cuda_graphs()
+        except Exception as exc:
+            print(f"[bench] profiler init for CUDA graphs: {exc}", flush=True)
 
     b = Bench(args)
     R = b.results
@@ -157,7 +173,8 @@ def main(argv=None) -> int:
             finally:
                 os._exit(3)
 
-        watchdog = threading.Timer(args.budget_s, out_of_time)
+        # counted from the start of this module (the torch / CUDA import included)
+        watchdog = threading.Timer(max(1.0, args.budget_s - (time.monotonic() - STARTED)), out_of_time)
         watchdog.daemon = True
         watchdog.start()
     sz = SIZES["tiny" if args.tiny else "full"]
@@ -297,6 +314,7 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- the fast engine
     from lsp_server.engine.base import Sampling
     from lsp_server.engine.fast import FastEngine
+    from lsp_server.engine.fast_setup import _ieee_float32_matmul
     from lsp_server.engine.lookup import KnownAnswer
 
     def make_engine(attention, fused=None, speculate=7):
@@ -520,7 +538,7 @@ def main(argv=None) -> int:
         what speculation costs when it does not pay)."""
         eng = engine
         T = eng.spec_tokens
-        if T <= 1:
+        if T <= 1 or eng.spec_error:  # off, or refused by the engine's start-up check
             R["spec"] = f"off ({eng.spec_error or 'speculate=0'})"
             return
         Lc = eng._bucket(eng.length_buckets, 2048 if not args.tiny else 256)
@@ -757,10 +775,13 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------- the other attention, second start
     if not args.no_compare:
-        engine.close()
-        engine = None
-        if cuda:
-            torch.cuda.empty_cache()
+        try:  # a device error left by an earlier step must not end the run here
+            engine.close()
+            engine = None
+            if cuda:
+                torch.cuda.empty_cache()
+        except Exception as exc:
+            b.errors["close"] = repr(exc)[:300]
 
         def second():
             """The plain variant: torch attention, unfused ops, same graphs and scheduler."""
@@ -779,9 +800,15 @@ def main(argv=None) -> int:
 
         b.step("second engine (plain: torch attention, unfused)", second)
     elif engine is not None:
-        engine.close()
+        try:
+            engine.close()
+        except Exception as exc:
+            b.errors["close"] = repr(exc)[:300]
     if cuda:
-        R["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(dev) / 1e9, 2)
+        try:
+            R["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(dev) / 1e9, 2)
+        except Exception as exc:
+            b.errors["peak_gpu_gb"] = repr(exc)[:300]
 
     # ---------------------------------------------------------------- greedy equality where it means something
     def greedy_fp32():
@@ -809,34 +836,32 @@ def main(argv=None) -> int:
             m32.tie_weights()
         m32.generation_config.eos_token_id = None
         m32.generation_config.pad_token_id = 0
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
         eng32 = None
-        try:
-            ids = torch.tensor([greedy_prompt], device=dev)
-            with torch.inference_mode():
-                ref = m32.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=sz["greedy_new"],
-                                   pad_token_id=0, do_sample=False)[0, ids.shape[1] :].tolist()
-            eng32 = FastEngine(m32, tokenizer, max_batch=1, max_len=min(2048, model.config.n_positions), stop_ids=[],
-                               use_graphs=False, attention="torch", fused=False, prefill_attention="sdpa_gqa")
-            out, _ = eng32.generate(greedy_prompt, Sampling(max_new_tokens=sz["greedy_new"], temperature=0.0),
-                                    lambda: False, lambda _: None)
-            n = 0
-            for x, y in zip(out, ref):
-                if x != y:
-                    break
-                n += 1
-            R["greedy_match_fp32_tokens"] = n
-            R["greedy_match_fp32_of"] = len(ref)
-            R["greedy_fp32_bf16_ref_same"] = sum(x == y for x, y in zip(ref, ref_greedy or []))
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            if eng32 is not None:
-                eng32.close()
-            del m32
-            if cuda:
-                R["greedy_fp32_peak_gb"] = round(torch.cuda.max_memory_allocated(dev) / 1e9, 2)
-                torch.cuda.empty_cache()
+        with _ieee_float32_matmul(torch):  # float32 GEMMs without TF32, on both sides
+            try:
+                ids = torch.tensor([greedy_prompt], device=dev)
+                with torch.inference_mode():
+                    ref = m32.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=sz["greedy_new"],
+                                       pad_token_id=0, do_sample=False)[0, ids.shape[1] :].tolist()
+                eng32 = FastEngine(m32, tokenizer, max_batch=1, max_len=min(2048, model.config.n_positions), stop_ids=[],
+                                   use_graphs=False, attention="torch", fused=False, prefill_attention="sdpa_gqa", speculate=0)
+                out, _ = eng32.generate(greedy_prompt, Sampling(max_new_tokens=sz["greedy_new"], temperature=0.0),
+                                        lambda: False, lambda _: None)
+                n = 0
+                for x, y in zip(out, ref):
+                    if x != y:
+                        break
+                    n += 1
+                R["greedy_match_fp32_tokens"] = n
+                R["greedy_match_fp32_of"] = len(ref)
+                R["greedy_fp32_bf16_ref_same"] = sum(x == y for x, y in zip(ref, ref_greedy or []))
+            finally:
+                if eng32 is not None:
+                    eng32.close()
+                del m32
+                if cuda:
+                    R["greedy_fp32_peak_gb"] = round(torch.cuda.max_memory_allocated(dev) / 1e9, 2)
+                    torch.cuda.empty_cache()
 
     if not args.no_fp32_check:
         b.step("greedy match in float32 (both sides)", greedy_fp32)
@@ -853,11 +878,15 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(REPO / "bench"))
         from server_latency import time_to_ready
 
-        root = Path(args.ready_dir or tempfile.gettempdir())
-        free = shutil.disk_usage(root).free
-        if free < 1.1 * weight_bytes + 2e9:
-            R["ready_process_skipped"] = f"needs {1.1 * weight_bytes / 1e9 + 2:.0f} GB of disk in {root}, {free / 1e9:.0f} GB free"
+        need = 1.1 * weight_bytes + 2e9
+        roots = [Path(args.ready_dir)] if args.ready_dir else [Path(tempfile.gettempdir()), Path("/dev/shm")]
+        free = {r: shutil.disk_usage(r).free if r.is_dir() else 0 for r in roots}
+        root = next((r for r in roots if free[r] >= need), None)
+        if root is None:
+            R["ready_process_skipped"] = f"needs {need / 1e9:.0f} GB of disk, free: " + ", ".join(
+                f"{r} {f / 1e9:.0f} GB" for r, f in free.items())
             return
+        R["ready_dir"] = str(root)
         folder = Path(tempfile.mkdtemp(prefix="starchat-ready-", dir=root))
         try:
             t = time.monotonic()

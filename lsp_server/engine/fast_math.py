@@ -32,6 +32,14 @@ def _mix32(x):
     return x
 
 
+def _uniform(h):
+    """A uniform number in (0, 1) from a 32-bit hash: 23 bits, so ``+ 0.5`` stays exact in
+    float32 and u < 1 (from 24 bits the largest rounded to 1.0: -log(u) = -0, and a candidate
+    of probability 0 scored 0 / -0 = NaN, which argmax takes: a token outside top-k / top-p,
+    a few times per million draws). ``sample_triton._draw_kernel`` computes the same."""
+    return ((h >> 9).float() + 0.5) * (1.0 / 8388608.0)
+
+
 class StepMath:
     """Model math of ``FastEngine`` (see the module docstring)."""
 
@@ -264,8 +272,7 @@ class StepMath:
         h = _mix32((self.seed[rows] + 0x632BE5AB) & _M32)
         h = _mix32((h ^ (pos & _M32)) & _M32)
         h = _mix32((h[:, None] ^ ((self._ranks[None, :] * 0x61C88647) & _M32)) & _M32)
-        u = ((h >> 8).float() + 0.5) * (1.0 / 16777216.0)
-        choice = (probs / -torch.log(u)).argmax(dim=-1)
+        choice = (probs / -torch.log(_uniform(h))).argmax(dim=-1)
         sampled = idx.gather(1, choice[:, None]).squeeze(1)
         return torch.where(temp > 0, sampled, greedy)
 

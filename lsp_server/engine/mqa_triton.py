@@ -38,7 +38,7 @@ if HAVE_TRITON:
         scale, H,
         new_ptr, wpos_ptr, stride_nb,
         CHUNK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-        SLOT_MAP: tl.constexpr, NEW_KV: tl.constexpr,
+        SLOT_MAP: tl.constexpr, NEW_KV: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         b = tl.program_id(0)
         s = tl.program_id(1)
@@ -63,7 +63,7 @@ if HAVE_TRITON:
             offs_n = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
             nmask = offs_n < end
             k = tl.load(base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=nmask[None, :], other=0.0)
-            sc = tl.dot(q, k) * scale
+            sc = tl.dot(q, k, input_precision=DOT_PREC) * scale
             sc = tl.where(nmask[None, :], sc, float("-inf"))
             m_new = tl.maximum(m, tl.max(sc, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: no NaN from -inf - -inf
@@ -71,7 +71,7 @@ if HAVE_TRITON:
             p = tl.exp(sc - m_use[:, None])
             l = l * alpha + tl.sum(p, 1)
             v = tl.load(base + offs_n[:, None] * stride_kt + D + offs_d[None, :], mask=nmask[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
             m = m_new
         if NEW_KV:
             if s == (length - 1) // CHUNK:
@@ -122,6 +122,13 @@ if HAVE_TRITON:
         tl.store(out_ptr + b * stride_outb + h * stride_outh + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: float32 inputs in full precision ("ieee"; Triton's default
+    on a GPU is TF32, ~1e-3 off: a float32 model must match its float32 reference); half types
+    get the default ("tf32", ignored for them: the same compile as without)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def chunk_for(cache_len: int) -> int:
     """Keys per program (a multiple of 64): up to 64 chunks per row (one or two 64-key blocks per
     program: at batch 1 the kernel is latency-bound, so more and shorter programs finish sooner;
@@ -168,6 +175,7 @@ class TritonMQADecode:
             scale, self.heads,
             new if fused_kv else q, wpos if fused_kv else lengths, new.stride(0) if fused_kv else 0,
             CHUNK=self.chunk, BLOCK_H=self.block_h, BLOCK_N=64, D=D, SLOT_MAP=slots is not None, NEW_KV=fused_kv,
+            DOT_PREC=dot_precision(q.dtype),
             num_warps=4, num_stages=2,
         )
         out = self.out[:B]

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .mqa_triton import dot_precision
+
 try:  # optional: CPU machines and CI without triton use SDPA
     import triton
     import triton.language as tl
@@ -45,7 +47,7 @@ if HAVE_TRITON:
     def _prefill_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, T, S,
         stride_qh, stride_qt, stride_kt, stride_vt, stride_ot, stride_oh, qk_scale,
-        D: tl.constexpr, BLOCK_M: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest rows first
         ROWS: tl.constexpr = BLOCK_M * G
@@ -66,26 +68,26 @@ if HAVE_TRITON:
         for n0 in range(0, unmasked, BLOCK_N):
             n = n0 + n_off
             k = tl.load(k_ptr + n[None, :] * stride_kt + d[:, None])
-            s = tl.dot(q, k) * qk_scale
+            s = tl.dot(q, k, input_precision=DOT_PREC) * qk_scale
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + n[:, None] * stride_vt + d[None, :])
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
             m_i = m_new
         for n0 in range(unmasked, end, BLOCK_N):  # the diagonal: keys past a row's position masked
             n = n0 + n_off
             nmask = n < S
             k = tl.load(k_ptr + n[None, :] * stride_kt + d[:, None], mask=nmask[None, :], other=0.0)
-            s = tl.dot(q, k) * qk_scale
+            s = tl.dot(q, k, input_precision=DOT_PREC) * qk_scale
             s = tl.where((n[None, :] <= pos[:, None]) & nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key 0 is in the first block any row reads
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + n[:, None] * stride_vt + d[None, :], mask=nmask[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
             m_i = m_new
         out = acc / l_i[:, None]
         tl.store(o_ptr + t[:, None] * stride_ot + h[:, None] * stride_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
@@ -105,6 +107,6 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     _prefill_kernel[(triton.cdiv(T, block_m), H // g)](
         q, k, v, out, T, S,
         q.stride(0), q.stride(1), k.stride(0), v.stride(0), out.stride(0), out.stride(1), scale * LOG2E,
-        D=D, BLOCK_M=block_m, G=g, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+        D=D, BLOCK_M=block_m, G=g, BLOCK_N=block_n, DOT_PREC=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
     )
     return out

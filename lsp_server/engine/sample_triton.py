@@ -91,7 +91,7 @@ if HAVE_TRITON:
         h = _mix32((tl.load(seed_ptr + slot).to(tl.int64) + 0x632BE5AB) & 0xFFFFFFFF)
         h = _mix32((h ^ (tl.load(pos_ptr + r).to(tl.int64) & 0xFFFFFFFF)) & 0xFFFFFFFF)
         h = _mix32((h ^ ((ranks.to(tl.int64) * 0x61C88647) & 0xFFFFFFFF)) & 0xFFFFFFFF)
-        u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # in (0, 1): fast_math._uniform
         choice = tl.argmax(p / -tl.log(u), 0)
         sampled = tl.load(idx_ptr + r * stride_i + choice)
         greedy = tl.load(greedy_ptr + r)

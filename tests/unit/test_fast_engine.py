@@ -531,6 +531,21 @@ def test_sampling_kernels_give_the_torch_paths_tokens(hf_model, tokenizer, promp
         eng.close()
 
 
+def test_the_draws_uniform_numbers_stay_inside_0_1():
+    """The draw divides by -log(u): u = 1 gave -0 and a NaN score for every candidate of
+    probability 0 (argmax took it: a token outside top-k / top-p). Every 32-bit hash, the
+    extremes included, maps strictly inside (0, 1), and equal hashes to equal numbers in
+    both paths (the kernel's copy of the formula is checked by the sampling tests)."""
+    from lsp_server.engine.fast_math import _uniform
+
+    h = torch.tensor([0, 1, 511, 512, 0x7FFFFFFF, 0xFFFFFE00, 0xFFFFFFFF], dtype=torch.long)
+    u = _uniform(h)
+    assert bool((u > 0).all() and (u < 1).all()), u
+    assert float(-torch.log(u).min()) > 0
+    probs = torch.tensor([[0.0, 1.0]])
+    assert int((probs / -torch.log(_uniform(torch.tensor([[0xFFFFFFFF, 0]])))).argmax()) == 1
+
+
 def test_score_gives_every_positions_logits(engine, hf_model, prompts):
     """The teacher-forced scoring the bench uses for its near-tie analysis: the prefill path's
     logits at every position equal HF's forward (float32)."""
