@@ -80,7 +80,7 @@ class Settings:
     )
     hover_enabled: bool = field(default=True, metadata=_doc("Answer textDocument/hover with an explanation."))
     hover_max_new_tokens: int = field(default=128, metadata=_doc("Longest hover answer, in tokens.", _positive))
-    request_timeout: float = field(default=300.0, metadata=_doc("Seconds one generation may take before it is stopped.", _positive))
+    request_timeout: float = field(default=300.0, metadata=_doc("Seconds one generation may run (not counting its wait for the engine) before it is stopped.", _positive))
     load_timeout: float = field(default=900.0, metadata=_doc("Seconds a request waits for the model to load.", _positive))
     queue_size: int = field(default=16, metadata=_doc("Requests waiting for the engine before new ones get 'busy'.", _positive))
     max_message_bytes: int = field(default=64 * 1024 * 1024, metadata=_doc("Largest JSON-RPC message read; larger ones are skipped.", _positive))

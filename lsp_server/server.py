@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import attrs
 from lsprotocol import types
-from pygls.exceptions import JsonRpcException, JsonRpcInternalError
+from pygls.exceptions import JsonRpcException, JsonRpcInternalError, JsonRpcRequestCancelled
 from pygls.io_ import StdoutWriter
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import JsonRPCNotification, JsonRPCRequestMessage, default_converter
@@ -73,6 +73,7 @@ class StarChatServer(LanguageServer):
         self.hover_cache: OrderedDict[tuple, types.Hover | None] = OrderedDict()
         self._background: set[asyncio.Task] = set()
         self.shutting_down = False
+        self._generating = 0  # requests inside generate(): the status is "ready" when none is
         self._format: PromptFormat | None = None
         self._format_engine: Engine | None = None
 
@@ -188,16 +189,20 @@ class StarChatServer(LanguageServer):
                     on_text(delta)
 
             self.status("generating", title)
-            limit = self.settings.request_timeout
+            self._generating += 1
             try:
-                async with asyncio.timeout(limit):
-                    return await stream(self.worker, engine, prompt_ids, sampling, priority, on_piece, on_count)
-            except TimeoutError:
-                raise RequestFailed(f"Generation took longer than {limit:g} s and was stopped (setting requestTimeout).") from None
+                generation = await stream(self.worker, engine, prompt_ids, sampling, priority, on_piece, on_count,
+                                          time_limit=self.settings.request_timeout)
             except (Busy, EngineError) as exc:
                 raise RequestFailed(str(exc)) from None
             finally:
-                self.status("ready" if self.worker.waiting == 0 else "generating", "Ready")
+                self._generating -= 1
+                ready = self.engine_ready
+                if self._generating == 0 and ready is not None and ready.done() and not ready.exception():
+                    self.status("ready", f"Ready: {ready.result().description}")
+            if generation.finish_reason == "cancelled":  # stopped by shutdown: no half answer
+                raise JsonRpcRequestCancelled("The server is shutting down; the request was stopped.")
+            return generation
 
     # ---- documents ------------------------------------------------------------------------
     def open_document(self, uri: str):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any, Callable
 
-from .base import Engine, EngineError, Generation, Sampling, StreamDecoder
+from .base import Engine, EngineError, Generation, Sampling, StreamDecoder, TimedOut
 from .worker import Busy, Priority, Worker
 
-__all__ = ["Busy", "Engine", "EngineError", "Generation", "Priority", "Sampling", "Worker", "load_engine", "stream"]
+__all__ = ["Busy", "Engine", "EngineError", "Generation", "Priority", "Sampling", "TimedOut", "Worker", "load_engine", "stream"]
 
 
 def load_engine(settings: Any, report: Callable[[str], None]) -> Engine:
@@ -32,13 +33,16 @@ async def stream(
     priority: Priority,
     on_text: Callable[[str], None] = lambda _: None,
     on_count: Callable[[int], None] = lambda _: None,
+    time_limit: float | None = None,
 ) -> Generation:
     """Generate on the worker thread, calling ``on_text`` on the event loop with each piece of
     text. Text that arrives while the loop is busy (several tokens from one speculative step,
     or a fast engine outrunning the editor) is joined into one piece: the loop is woken once
     per piece, not once per token. If the awaiting task is cancelled, the decoding loop stops
     before its next step and no ``on_text`` call happens after the cancellation. ``on_count``
-    gets the number of tokens generated so far with each piece."""
+    gets the number of tokens generated so far with each piece. ``time_limit``: seconds the
+    generation may run once it has started (time waiting for the engine does not count);
+    past it the engine stops before its next step and ``TimedOut`` is raised."""
     loop = asyncio.get_running_loop()
     stop = threading.Event()
     lock = threading.Lock()
@@ -63,6 +67,10 @@ async def stream(
 
     def work() -> Generation:
         decoder = StreamDecoder(engine.tokenizer)
+        deadline = None if time_limit is None else time.monotonic() + time_limit
+
+        def should_stop() -> bool:
+            return stop.is_set() or (deadline is not None and time.monotonic() > deadline)
 
         def on_token(token: int) -> None:
             nonlocal count
@@ -71,7 +79,10 @@ async def stream(
             if delta := decoder.push(token):
                 send(delta)
 
-        ids, reason = engine.generate(prompt_ids, sampling, stop.is_set, on_token, priority=int(priority))
+        ids, reason = engine.generate(prompt_ids, sampling, should_stop, on_token, priority=int(priority))
+        if reason == "cancelled" and not stop.is_set() and deadline is not None and time.monotonic() > deadline:
+            stop.set()  # nothing more goes to the editor
+            raise TimedOut(time_limit)
         if tail := decoder.flush():
             send(tail)
         return Generation(decoder.text, reason, len(prompt_ids), len(ids))

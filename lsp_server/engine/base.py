@@ -12,6 +12,13 @@ class EngineError(RuntimeError):
     """A failure the user should read (model missing, out of memory, ...), without a traceback."""
 
 
+class TimedOut(EngineError):
+    """A generation that ran past its time limit and was stopped."""
+
+    def __init__(self, limit: float):
+        super().__init__(f"Generation took longer than {limit:g} s and was stopped (setting requestTimeout).")
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's first line (its type when it has no text): for messages and reports."""
     text = str(exc).strip().splitlines()

@@ -112,7 +112,8 @@ class _Request:
     slot: int | None = None
     produced: list[int] = field(default_factory=list)
     fed: int = 0  # decode steps launched with this request in the batch
-    done: bool = False
+    done: bool = False  # left the batch (no more tokens for it)
+    answered: bool = False  # its final event ("done" or "error") was sent: FastEngine._answer
     reused: int = 0
     prefilled: int = 0
     prefill_pos: int = 0  # prompt tokens in its slot's cache so far (chunked prefill)
@@ -468,6 +469,8 @@ class FastEngine(StartUp, Graphs, StepMath):
             except queue.Empty:
                 if not self._thread.is_alive():
                     raise EngineError("The fast engine's scheduler stopped.") from None
+                if self._broken is not None and not req.answered:  # lost in the failure: not waited for
+                    raise EngineError(f"The fast engine stopped after an error: {self._broken}") from None
                 continue
             if kind == "tok":
                 # a step can yield several tokens (speculation): none reaches the caller after
@@ -521,8 +524,7 @@ class FastEngine(StartUp, Graphs, StepMath):
                     for req in incoming:  # cancelled while waiting for a slot
                         if req.should_stop():
                             self._remove_incoming(req)
-                            req.done = True
-                            req.events.put(("done", "cancelled"))
+                            self._answer(req, ("done", "cancelled"))
                     for req in list(self._running):
                         if not req.done and req.should_stop():
                             self._finish(req, "cancelled")
@@ -576,9 +578,7 @@ class FastEngine(StartUp, Graphs, StepMath):
             waiting = list(self._incoming)
             self._incoming.clear()
         for req in list(self._running) + list(self._prefilling) + waiting:
-            if not req.done:
-                req.done = True
-                req.events.put(("error", err))
+            self._answer(req, ("error", err))
         self._running.clear()
         self._prefilling.clear()
         for s in range(self.slots):
@@ -687,20 +687,22 @@ class FastEngine(StartUp, Graphs, StepMath):
         """A request leaves before its prompt is all in: its slot is free again, and the part of
         the prompt already in the cache stays reusable."""
         self._prefilling.remove(req)
-        self._release(req, req.prompt[: req.prefill_pos])
-        req.events.put(event)
-        with self._cv:
-            self._cv.notify_all()
+        try:
+            self._release(req, req.prompt[: req.prefill_pos])
+        finally:
+            self._answer(req, event)
 
     def _request_failed(self, req: _Request, exc: BaseException) -> None:
         """Admission or prefill failed: out of memory fails this request only; anything else
         is re-raised for the loop (which fails everything in flight)."""
-        self._release(req, [])
         oom = "out of memory" in str(exc).lower()
-        if self.device.type == "cuda" and oom:
-            self._torch.cuda.empty_cache()
         msg = "The GPU ran out of memory for this request" if oom else "The fast engine failed on this request"
-        req.events.put(("error", EngineError(f"{msg}: {first_line(exc)}")))
+        try:
+            self._release(req, [])
+            if self.device.type == "cuda" and oom:
+                self._torch.cuda.empty_cache()
+        finally:  # answered even when the device is gone (the write in _release fails then)
+            self._answer(req, ("error", EngineError(f"{msg}: {first_line(exc)}")))
         if not oom:
             raise exc
 
@@ -858,20 +860,30 @@ class FastEngine(StartUp, Graphs, StepMath):
             self._finish(req, "length")
 
     def _release(self, req: _Request, cached: list[int]) -> None:
-        """``req`` leaves its slot; the slot remembers that its cache holds ``cached``."""
+        """``req`` leaves its slot; the slot remembers that its cache holds ``cached``. The
+        host's bookkeeping first: the device write last (it raises when the device is gone)."""
         req.done = True
         slot = req.slot
         if slot is not None and self._slot_req[slot] is req:
-            self.active[slot] = False
             self._slot_ids[slot] = cached
             self._slot_req[slot] = None
             self._slot_used[slot] = time.monotonic()
+            self.active[slot] = False
 
     def _finish(self, req: _Request, reason: FinishReason) -> None:
-        self._release(req, req.prompt + req.produced[: min(req.fed, len(req.produced))])
         if req in self._running:
             self._running.remove(req)
-        req.events.put(("done", reason))
+        try:
+            self._release(req, req.prompt + req.produced[: min(req.fed, len(req.produced))])
+        finally:
+            self._answer(req, ("done", reason))
+
+    def _answer(self, req: _Request, event: tuple[str, Any]) -> None:
+        """Send ``req`` its final event, once: its caller stops waiting."""
+        req.done = True
+        if not req.answered:
+            req.answered = True
+            req.events.put(event)
         with self._cv:
             self._cv.notify_all()
 

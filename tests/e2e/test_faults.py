@@ -59,6 +59,42 @@ async def test_request_timeout_stops_generation(test_model):
         await session.finish()
 
 
+async def test_on_the_fast_engine_ready_waits_for_every_request_and_shutdown_sends_no_half_answer(test_model):
+    """Two chats at once on the fast engine: the status says "ready" only when both are done
+    (not when the first one is). A chat still generating when the editor shuts the server down
+    is answered with RequestCancelled, not with its answer cut short as if it were complete."""
+    session = await Raw.start("--engine", "fast")
+    try:
+        await session.initialize()
+        session.send(id=1, method="starchat/chat", params=chat_params())  # loads the model
+        await session.reply(1, timeout=60)
+        start = len(session.seen)
+        session.send(id=2, method="starchat/chat", params=chat_params(sc.LONG_QUESTION, maxNewTokens=1500))
+        session.send(id=3, method="starchat/chat", params=chat_params())
+        assert (await session.reply(3, timeout=60))["result"]["text"] == sc.CHAT_ANSWER
+        assert "result" in await session.reply(2, timeout=120)
+        replies = [i for i, m in enumerate(session.seen) if m.get("id") in (2, 3) and "method" not in m]
+        assert [session.seen[i]["id"] for i in replies] == [3, 2]  # the long one really ran on after
+        states = [(i, m["params"]["state"]) for i, m in enumerate(session.seen)
+                  if i >= start and m.get("method") == "starchat/status"]
+        assert [i for i, state in states if state == "ready"] == [max(i for i, _ in states)]  # one, after both
+        assert states[-1][1] == "ready" and states[-1][0] < replies[1]
+
+        session.send(id=4, method="starchat/chat", params=chat_params(sc.LONG_QUESTION, maxNewTokens=1500, partialResultToken="p"))
+        while not any(m.get("method") == "$/progress" and m["params"]["token"] == "p" for m in session.seen):
+            session.seen.append(await read_message(session.process.stdout, 30))
+        session.send(id=5, method="shutdown")
+        replies = {}
+        while len(replies) < 2:
+            message = await read_message(session.process.stdout, 30)
+            if message.get("id") in (4, 5) and "method" not in message:
+                replies[message["id"]] = message
+        assert replies[4].get("error", {}).get("code") == -32800, replies[4]
+        assert replies[5].get("result", "missing") is None
+    finally:
+        await session.finish()
+
+
 async def test_secret_files_are_refused_and_logs_hold_no_document_text(test_model, tmp_path):
     session = Raw(await asyncio.create_subprocess_exec(
         *SERVER, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE

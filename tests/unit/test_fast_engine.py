@@ -15,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from lsp_server.engine.base import Sampling  # noqa: E402
+from lsp_server.engine.base import EngineError, Sampling  # noqa: E402
 from lsp_server.engine.fast_setup import GEMV_CONFIGS  # noqa: E402
 from lsp_server.engine.lookup import KnownAnswer  # noqa: E402
 
@@ -261,6 +261,53 @@ def test_a_decode_step_leaves_idle_rows_seen_masks_alone(plain_engine):
         assert int(eng.seen[0].sum()) == 1  # the live row's sample
         assert eng.seen[1].nonzero().flatten().tolist() == [7]
         eng.seen[1].zero_()
+
+
+def test_a_device_fault_answers_every_caller(hf_model, tokenizer, prompts):
+    """A sticky device error (every later device op fails too) during a prefill: the request
+    gets its error, not an endless wait, even though freeing its slot fails as well; later
+    requests fail at once."""
+    from lsp_server.engine.fast import FastEngine
+
+    eng = FastEngine(hf_model, tokenizer, max_batch=2, speculate=0)
+    fault = RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    class Broken:  # the device after the fault
+        def __init__(self, t):
+            self.t = t
+
+        def __getitem__(self, key):
+            return self.t[key]
+
+        def __setitem__(self, key, value):
+            raise fault
+
+        def zero_(self):
+            raise fault
+
+    def faulting_prefill(*args, **kwargs):
+        eng.active = Broken(eng.active)
+        raise fault
+
+    try:
+        eng._prefill = faulting_prefill
+        result = {}
+
+        def call():
+            try:
+                run(eng, prompts[0])
+            except Exception as exc:
+                result["error"] = str(exc)
+
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        caller.join(10)
+        assert not caller.is_alive(), "generate() still waiting after the fault"
+        assert "illegal memory access" in result["error"]
+        with pytest.raises(EngineError, match="illegal memory access"):  # at once: failed, or refused
+            run(eng, prompts[1])
+    finally:
+        eng.close()
 
 
 def test_repetition_penalty_matches_generate(engine, hf_model, prompts):

@@ -78,3 +78,76 @@ def test_concurrency_runs_items_side_by_side_but_loads_alone():
     load_start = active.index("load")
     assert active[load_start + 1] == "/load"  # nothing ran while loading
     worker.close()
+
+
+def test_cancelled_items_do_not_count_as_waiting():
+    """Hovers cancelled while a long answer holds the engine no longer fill the queue."""
+    worker = Worker(queue_size=2)
+    gate = threading.Event()
+    worker.submit(gate.wait, Priority.USER)
+    time.sleep(0.05)
+    stop = threading.Event()
+    worker.submit(lambda: None, Priority.HOVER, stop)
+    future = worker.submit(lambda: None, Priority.HOVER)
+    with pytest.raises(Busy):
+        worker.submit(lambda: None, Priority.USER)
+    stop.set()  # cancelled through its request's stop event
+    future.cancel()  # cancelled through its future (asyncio.wrap_future does this)
+    assert worker.waiting == 0
+    later = [worker.submit(lambda: "ran", Priority.USER) for _ in range(2)]
+    gate.set()
+    assert [f.result(5) for f in later] == ["ran", "ran"]
+    worker.close()
+
+
+@pytest.mark.parametrize("round_", range(10))
+def test_priorities_hold_with_more_threads_than_the_limit(round_):
+    """After a reload from a batching engine (8 threads) to a one-at-a-time engine, the idle
+    threads must not each grab an item and race for the one turn: the most urgent starts first."""
+    worker = Worker()
+    worker.set_concurrency(8)
+    worker.set_concurrency(1)
+    gate = threading.Event()
+    worker.submit(gate.wait, Priority.USER)
+    time.sleep(0.02)
+    order = []
+    futures = [worker.submit(lambda: order.append("hover"), Priority.HOVER),
+               worker.submit(lambda: order.append("action"), Priority.USER)]
+    time.sleep(0.02)
+    gate.set()
+    for future in futures:
+        future.result(5)
+    assert order == ["action", "hover"]
+    worker.close()
+
+
+@pytest.mark.parametrize("round_", range(10))
+def test_a_reload_closes_the_old_engine_before_loading_the_new(round_):
+    """Two LOAD items (close the old engine, load the new one) run alone and in order, even
+    with several idle threads: two models are never in GPU memory at once."""
+    worker = Worker()
+    worker.set_concurrency(8)
+    gate = threading.Event()
+    worker.submit(gate.wait, Priority.USER)
+    time.sleep(0.02)
+    order = []
+    close = worker.submit(lambda: (time.sleep(0.01), order.append("close")), Priority.LOAD)
+    load = worker.submit(lambda: order.append("load"), Priority.LOAD)
+    time.sleep(0.02)
+    gate.set()
+    close.result(5)
+    load.result(5)
+    assert order == ["close", "load"]
+    worker.close()
+
+
+def test_close_stops_running_work_and_refuses_new():
+    worker = Worker()
+    stop = threading.Event()
+    started = threading.Event()
+    running = worker.submit(lambda: (started.set(), stop.wait(5), "stopped")[2], Priority.USER, stop)
+    waiting = worker.submit(lambda: "ran", Priority.USER)
+    started.wait(5)
+    worker.close()
+    assert running.result(5) == "stopped" and waiting.cancelled()
+    assert worker.submit(lambda: None, Priority.USER).cancelled()
