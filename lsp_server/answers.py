@@ -11,10 +11,16 @@ import textwrap
 from pathlib import PurePosixPath
 
 _FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[ \t]*([\w+#.-]*)[^\n]*\n", re.MULTILINE)
+_LEADING_BLANK_LINES = re.compile(r"(?:[ \t]*(?:\r\n|\r|\n))*")
+_TRAILING_BREAKS = re.compile(r"(?:(?:\r\n|\r|\n)[ \t]*)*\Z")
 
 
-def code_blocks(answer: str) -> list[tuple[str, str]]:
-    """``(language, code)`` of each fenced block; an unclosed last block runs to the end."""
+class NoCode(ValueError):
+    """The answer holds no code to put into the document; the message says why, for the user."""
+
+
+def code_blocks(answer: str) -> list[tuple[str, str, bool]]:
+    """``(language, code, closed)`` of each fenced block; an unclosed last block runs to the end."""
     blocks = []
     pos = 0
     while (opening := _FENCE.search(answer, pos)) is not None:
@@ -22,23 +28,32 @@ def code_blocks(answer: str) -> list[tuple[str, str]]:
         closing = re.compile(rf"^[ \t]*{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$", re.MULTILINE)
         end = closing.search(answer, opening.end())
         body_end = end.start() if end else len(answer)
-        blocks.append((language, answer[opening.end() : body_end]))
+        blocks.append((language, answer[opening.end() : body_end], end is not None))
         if end is None:
             break
         pos = end.end()
     return blocks
 
 
-def extract_code(answer: str, language: str = "") -> str:
-    """The code the answer proposes: the first block in ``language``, else the first block,
-    else the whole answer (the model was asked for code only)."""
+def extract_code(answer: str, language: str = "", *, cut: bool = False) -> str:
+    """The code the answer proposes: its first fenced block in ``language``, else its first
+    block. Raises ``NoCode`` rather than put into the document what is not code: an answer
+    with no fenced block (prose, such as "the code is already correct"), an empty block, or,
+    with ``cut`` (the answer stopped at its token limit), a block that never closed (its code
+    is cut short)."""
     blocks = code_blocks(answer)
-    for block_language, code in blocks:
-        if language and block_language.lower() == language.lower():
-            return code
-    if blocks:
-        return blocks[0][1]
-    return answer.strip("\n") + "\n"
+    if not blocks:
+        quoted = answer.strip()
+        quoted = quoted if len(quoted) <= 600 else quoted[:600] + " …"
+        raise NoCode(f"StarChat answered without code, so nothing was changed. Its answer:\n\n{quoted}")
+    chosen = next((b for b in blocks if language and b[0].lower() == language.lower()), blocks[0])
+    _, code, closed = chosen
+    if cut and not closed:
+        raise NoCode("StarChat's answer reached the token limit before its code ended, so nothing was changed; "
+                     "raise maxNewTokens or select less code.")
+    if not code.strip():
+        raise NoCode("StarChat's answer holds an empty code block, so nothing was changed.")
+    return code
 
 
 def fit_code(code: str, *, indent: str, first_line_indented: bool, keep_trailing_newline: bool, eol: str) -> str:
@@ -53,20 +68,19 @@ def fit_code(code: str, *, indent: str, first_line_indented: bool, keep_trailing
     return text.replace("\n", eol)
 
 
-def replacement_for_selection(answer: str, selection: str, *, indent: str, starts_line: bool, language: str, eol: str) -> str:
-    """Fix / Optimize: the answer's code, in place of the selection."""
-    return fit_code(
-        extract_code(answer, language),
-        indent=indent,
-        first_line_indented=starts_line,
-        keep_trailing_newline=selection.endswith(("\n", "\r")),
-        eol=eol,
-    )
+def replacement_for_selection(code: str, selection: str, *, indent: str, starts_line: bool, eol: str) -> str:
+    """Fix / Optimize: the answer's code (``extract_code``) in place of the selection. Blank
+    lines the selection starts with (when it starts a line) and the line breaks it ends with
+    stay as they were: the code goes between them."""
+    lead = _LEADING_BLANK_LINES.match(selection).group(0) if starts_line else ""
+    trail = _TRAILING_BREAKS.search(selection, len(lead)).group(0)
+    return lead + fit_code(code, indent=indent, first_line_indented=starts_line, keep_trailing_newline=False, eol=eol) + trail
 
 
-def insertion_above(answer: str, *, indent: str, language: str, eol: str) -> str:
-    """Document: the answer's comment, as whole lines to insert above the selection's first line."""
-    return fit_code(extract_code(answer, language), indent=indent, first_line_indented=True, keep_trailing_newline=True, eol=eol)
+def insertion_above(code: str, *, indent: str, eol: str) -> str:
+    """Document: the answer's comment (``extract_code``), as whole lines to insert above the
+    selection's first line."""
+    return fit_code(code, indent=indent, first_line_indented=True, keep_trailing_newline=True, eol=eol)
 
 
 def hover_markdown(answer: str) -> str:

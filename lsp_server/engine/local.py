@@ -39,6 +39,12 @@ class TransformersEngine:
     """Batch-1 generation through ``model.generate()``: the reference engine."""
 
     def __init__(self, model: Any, tokenizer: Any, device: str, description: str):
+        from transformers import GenerationConfig
+
+        # only our settings decide how to sample: a generation_config.json shipped with the
+        # model would fill every field we leave unset (beam search, which cannot stream;
+        # n-gram bans and minimum lengths, which change answers)
+        model.generation_config = GenerationConfig()
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -128,9 +134,12 @@ class TransformersEngine:
                 flag = should_stop()
                 return torch.full((input_ids.shape[0],), flag, dtype=torch.bool, device=input_ids.device)
 
+        new_tokens = min(sampling.max_new_tokens, self.context_window - len(prompt_ids))
+        if new_tokens <= 0:  # the prompt fills the context window
+            return [], "length"
         do_sample = sampling.temperature > 0
         config = GenerationConfig(
-            max_new_tokens=sampling.max_new_tokens,
+            max_new_tokens=new_tokens,
             do_sample=do_sample,
             temperature=sampling.temperature if do_sample else None,
             top_k=sampling.top_k if do_sample else None,

@@ -8,7 +8,7 @@ from pygls.exceptions import JsonRpcContentModified
 from ..prompts import Task
 from ..protocol import CLIENT_ASK_QUESTION, CMD_EXPLAIN, CMD_RUN_TASK, CodeActionData, SelectionArgs, structure
 from ..server import StarChatServer
-from .common import answer_about, selection, task_edit
+from .common import answer_about, edited, selection, task_edit
 
 KINDS = {
     Task.FIX: "quickfix.starchat.fix",
@@ -81,6 +81,6 @@ def register(server: StarChatServer) -> None:
                 f"The document changed (version {data.version} → {sel.version}) since the action was offered; ask again."
             )
         generation = await answer_about(ls, sel, data.task)
-        action.edit = task_edit(ls, sel, data.task, generation.text)
+        action.edit = task_edit(ls, edited(ls, sel, generation, JsonRpcContentModified), data.task, generation)
         return action
 

@@ -10,8 +10,8 @@ from .. import answers
 from ..prompts import Task
 from ..protocol import CMD_ASK, CMD_EDIT, CMD_EXPLAIN, CMD_RUN_TASK, Answer, SelectionArgs, structure
 from ..server import RequestFailed, StarChatServer
-from ..text import detect_eol, indentation_of
-from .common import answer_about, selection, task_edit, to_position, workspace_edit
+from ..text import detect_eol
+from .common import answer_about, code_indent, edited, proposed_code, selection, task_edit, to_position, workspace_edit
 
 
 def _args(ls: StarChatServer, arguments: tuple[Any, ...]) -> SelectionArgs:
@@ -57,7 +57,7 @@ def register(server: StarChatServer) -> None:
         if args.version is not None and sel.version != args.version:
             raise RequestFailed(f"The document changed (version {args.version} → {sel.version}); ask again.")
         generation = await answer_about(ls, sel, args.task)
-        await _apply(ls, task_edit(ls, sel, args.task, generation.text), f"StarChat: {args.task.title}")
+        await _apply(ls, task_edit(ls, edited(ls, sel, generation), args.task, generation), f"StarChat: {args.task.title}")
         return Answer.of(generation)
 
     @server.command(CMD_EDIT)
@@ -68,12 +68,13 @@ def register(server: StarChatServer) -> None:
             raise RequestFailed("starchat.edit needs an instruction")
         sel = selection(ls, args.text_document.uri, args.range)
         generation = await answer_about(ls, sel, Task.ASK, question=args.instruction)
-        indent = indentation_of(sel.first_line)
-        eol = detect_eol(sel.text)
+        sel = edited(ls, sel, generation)
         if args.mode == "replace":
-            edit = task_edit(ls, sel, Task.FIX, generation.text)
+            edit = task_edit(ls, sel, Task.FIX, generation)
         else:
-            code = answers.fit_code(answers.extract_code(generation.text, sel.language), indent=indent, first_line_indented=True, keep_trailing_newline=True, eol=eol)
+            eol = detect_eol(sel.text)
+            code = answers.fit_code(proposed_code(generation, sel.language), indent=code_indent(sel), first_line_indented=True,
+                                    keep_trailing_newline=True, eol=eol)
             span = sel.span
             last = span.end.line - 1 if span.end.character == 0 and span.end.line > span.start.line else span.end.line
             line = span.start.line if args.mode == "insertAbove" else last + 1

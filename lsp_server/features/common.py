@@ -52,26 +52,61 @@ class Selection:
 
 
 def selection(server: StarChatServer, uri: str, value: types.Range) -> Selection:
+    """The document as it is now and the range's text: a range that starts inside its first
+    line's indentation (an editor's "select from the first non-blank") takes the whole
+    indentation, so the model sees, and the edit replaces, whole lines."""
     document = server.open_document(uri)
     encoding = server.position_encoding
     try:
         start, end = document.selection(to_span(value), encoding)
     except ValueError as exc:
         raise RequestFailed(f"Invalid range: {exc}") from None
+    return _selection_at(server, document, start, end)
+
+
+def _selection_at(server: StarChatServer, document: Any, start: int, end: int) -> Selection:
+    encoding = server.position_encoding
+    line_start = document.line_start(document.position_at(start, encoding).line)
+    if start > line_start and not document.text[line_start:start].strip(" \t"):
+        start = line_start
     span = Span(document.position_at(start, encoding), document.position_at(end, encoding))
     return Selection(
-        uri,
+        document.uri,
         document.version,
         document.text,
         span,
         start,
         end,
         document.language_id or "",
-        server.relative_path(uri),
+        server.relative_path(document.uri),
         first_line=document.line_text(span.start.line),
         line_count=document.line_count,
         text_end=document.position_at(len(document.text), encoding),
     )
+
+
+def current(server: StarChatServer, sel: Selection) -> Selection | None:
+    """``sel`` in the document as it is now, for an edit computed while the user typed: the
+    same selection when nothing changed, moved when the edits were only before its first line
+    or only after it, None when they touched it (an edit computed on the old text would then
+    corrupt the new one)."""
+    document = server.open_document(sel.uri)
+    if document.version == sel.version:
+        return sel
+    old, new = sel.text, document.text
+    first = max(old.rfind("\n", 0, sel.start), old.rfind("\r", 0, sel.start)) + 1  # the first line's start
+    if sel.end == first or old[sel.end - 1] in "\r\n":  # the selection ends at a line's start
+        after = new.startswith(old[: sel.end])
+    else:  # inside a line: the rest of that line, up to its break, must be unchanged too
+        last = min([i for i in (old.find("\n", sel.end), old.find("\r", sel.end)) if i >= 0], default=len(old))
+        after = new.startswith(old[:last]) and new[last : last + 1] == old[last : last + 1]
+    if after:
+        shift = 0  # changed only after the selection's lines
+    elif new.endswith(old[first:]):
+        shift = len(new) - len(old)  # changed only before them
+    else:
+        return None
+    return _selection_at(server, document, sel.start + shift, sel.end + shift)
 
 
 async def answer_about(
@@ -126,34 +161,65 @@ def _can_create_files(server: StarChatServer) -> bool:
     return bool(edit and edit.resource_operations and types.ResourceOperationKind.Create in edit.resource_operations)
 
 
-def task_edit(server: StarChatServer, sel: Selection, task: Task, answer: str) -> types.WorkspaceEdit:
+def code_indent(sel: Selection) -> str:
+    """The indentation of the selection's first line that holds code (a selection may start
+    with blank lines)."""
+    line_start = sel.start - len(_line_prefix(sel))
+    for line in sel.text[line_start : max(sel.end, line_start + len(sel.first_line))].splitlines():
+        if line.strip():
+            return indentation_of(line)
+    return indentation_of(sel.first_line)
+
+
+def _line_prefix(sel: Selection) -> str:
+    before = sel.text[: sel.start]
+    return before[max(before.rfind("\n"), before.rfind("\r")) + 1 :]
+
+
+def edited(server: StarChatServer, sel: Selection, generation: Generation, changed: type[Exception] = RequestFailed) -> Selection:
+    """Where an answer's edit goes: ``sel`` in the document as it is now (``current``), or
+    ``changed`` when the user's typing touched the selection while the model answered."""
+    now = current(server, sel)
+    if now is None:
+        raise changed("The selected code changed while StarChat was answering, so nothing was changed; ask again.")
+    return now
+
+
+def proposed_code(generation: Generation, language: str) -> str:
+    """The answer's code (``answers.extract_code``; an answer cut at its token limit counts as
+    cut), or RequestFailed saying why there is none to use."""
+    try:
+        return answers.extract_code(generation.text, language, cut=generation.finish_reason == "length")
+    except answers.NoCode as exc:
+        raise RequestFailed(str(exc)) from None
+
+
+def task_edit(server: StarChatServer, sel: Selection, task: Task, generation: Generation) -> types.WorkspaceEdit:
     """The edit a code action applies: Fix/Optimize replace the selection, Document inserts above
     it, Write tests creates the test file (or appends to the document)."""
     eol = detect_eol(sel.text)
-    indent = indentation_of(sel.first_line)
+    indent = code_indent(sel)
+    code = proposed_code(generation, sel.language)
     if task in (Task.FIX, Task.OPTIMIZE):
-        before = sel.text[: sel.start]
-        line_prefix = before[max(before.rfind("\n"), before.rfind("\r")) + 1 :]
         new_text = answers.replacement_for_selection(
-            answer,
+            code,
             sel.selected,
             indent=indent,
-            starts_line=line_prefix == "",  # else the document already holds the first line's indent
-            language=sel.language,
+            starts_line=_line_prefix(sel) == "",  # else the document already holds the first line's indent
             eol=eol,
         )
         return workspace_edit(server, sel.uri, sel.version, [types.TextEdit(range=to_range(sel.span), new_text=new_text)])
     if task is Task.DOCUMENT:
-        new_text = answers.insertion_above(answer, indent=indent, language=sel.language, eol=eol)
+        new_text = answers.insertion_above(code, indent=indent, eol=eol)
         at = types.Position(line=sel.span.start.line, character=0)
         return workspace_edit(server, sel.uri, sel.version, [types.TextEdit(range=types.Range(start=at, end=at), new_text=new_text)])
     if task is Task.TESTS:
-        return _tests_edit(server, sel, answer, eol)
+        return _tests_edit(server, sel, code, eol)
     raise ValueError(f"{task.value} does not edit code")
 
 
-def _tests_edit(server: StarChatServer, sel: Selection, answer: str, eol: str) -> types.WorkspaceEdit:
-    code = answers.fit_code(answers.extract_code(answer, sel.language), indent="", first_line_indented=True, keep_trailing_newline=True, eol=eol)
+def _tests_edit(server: StarChatServer, sel: Selection, code: str, eol: str) -> types.WorkspaceEdit:
+    code = answers.fit_code(code, indent="", first_line_indented=True, keep_trailing_newline=True, eol=eol)
     source = to_fs_path(sel.uri)
     if source and sel.path and _can_create_files(server) and _document_changes(server):
         target = Path(source).parent / Path(answers.test_file_path(sel.path, sel.language)).name

@@ -1,4 +1,4 @@
-"""Hover: a short explanation of the identifier under the pointer, cached per document version."""
+"""Hover: a short explanation of the identifier under the pointer, cached per document version and text."""
 
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ def register(server: StarChatServer) -> None:
         if built is None:
             return None
         prompt, word = built
-        key = (uri, document.version, word)
+        # the text's hash too: versions start again at 1 when a file is reopened (after a
+        # checkout, say), and the same version may then hold other text
+        key = (uri, document.version, word, hash(document.source))
         if key in ls.hover_cache:
             ls.hover_cache.move_to_end(key)
             return ls.hover_cache[key]

@@ -1,5 +1,7 @@
 """Generated text → code and edits."""
 
+import pytest
+
 from lsp_server import answers
 
 
@@ -10,37 +12,53 @@ def test_first_block_in_the_language_wins():
 
 
 def test_unclosed_block_runs_to_the_end():
-    assert answers.code_blocks("```py\nx = 1\ny = 2") == [("py", "x = 1\ny = 2")]
+    assert answers.code_blocks("```py\nx = 1\ny = 2") == [("py", "x = 1\ny = 2", False)]
+    assert answers.extract_code("```py\nx = 1\ny = 2") == "x = 1\ny = 2"  # the answer stopped on its own
 
 
-def test_answer_without_fence_is_the_code():
-    assert answers.extract_code("x = 1\n", "python") == "x = 1\n"
+def test_no_code_to_put_in_the_document():
+    """Prose ("the code is already correct") or an empty block must not replace code; nor may
+    a block cut short by the token limit (half a function)."""
+    with pytest.raises(answers.NoCode, match="(?s)without code.*already correct"):
+        answers.extract_code("The code is already correct.", "python")
+    with pytest.raises(answers.NoCode, match="empty code block"):
+        answers.extract_code("```python\n\n```", "python")
+    with pytest.raises(answers.NoCode, match="maxNewTokens"):
+        answers.extract_code("```python\ndef f(x):\n    if x:\n        return", "python", cut=True)
+    # cut after a closed block: its code is whole
+    assert answers.extract_code("```python\nx = 1\n```\nThis sets", "python", cut=True) == "x = 1\n"
 
 
 def test_tilde_and_long_fences():
     answer = "~~~python\na = '```'\n~~~\n"
     assert answers.extract_code(answer) == "a = '```'\n"
-    assert answers.code_blocks("````md\n```py\ninner\n```\n````") == [("md", "```py\ninner\n```\n")]
+    assert answers.code_blocks("````md\n```py\ninner\n```\n````") == [("md", "```py\ninner\n```\n", True)]
 
 
 def test_replacement_is_reindented_to_the_selection():
-    answer = "```python\ndef f(x):\n    return x + 1\n```"
-    new = answers.replacement_for_selection(answer, "    def f(x):\n        return x\n", indent="    ", starts_line=True, language="python", eol="\n")
+    code = "def f(x):\n    return x + 1\n"
+    new = answers.replacement_for_selection(code, "    def f(x):\n        return x\n", indent="    ", starts_line=True, eol="\n")
     assert new == "    def f(x):\n        return x + 1\n"
 
 
+def test_replacement_keeps_the_selections_blank_lines_around_the_code():
+    selection = "\n    def f(self):\n        return 1\n\n"  # from the blank line above to the one below
+    new = answers.replacement_for_selection("def f(self):\n    return 2\n", selection, indent="    ", starts_line=True, eol="\n")
+    assert new == "\n    def f(self):\n        return 2\n\n"
+
+
 def test_replacement_after_indentation_does_not_double_it():
-    new = answers.replacement_for_selection("```\nreturn 2\n```", "return 1", indent="    ", starts_line=False, language="", eol="\n")
+    new = answers.replacement_for_selection("return 2\n", "return 1", indent="    ", starts_line=False, eol="\n")
     assert new == "return 2"
 
 
 def test_replacement_uses_the_document_line_breaks():
-    new = answers.replacement_for_selection("```\na\nb\n```", "x\r\ny\r\n", indent="", starts_line=True, language="", eol="\r\n")
+    new = answers.replacement_for_selection("a\nb\n", "x\r\ny\r\n", indent="", starts_line=True, eol="\r\n")
     assert new == "a\r\nb\r\n"
 
 
 def test_doc_comment_is_inserted_with_indentation():
-    assert answers.insertion_above("```python\n# Adds.\n# Really.\n```", indent="    ", language="python", eol="\n") == "    # Adds.\n    # Really.\n"
+    assert answers.insertion_above("# Adds.\n# Really.\n", indent="    ", eol="\n") == "    # Adds.\n    # Really.\n"
 
 
 def test_test_file_names():

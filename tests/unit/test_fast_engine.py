@@ -792,6 +792,28 @@ def test_speculation_start_up_check(hf_model, tokenizer, engine):
         eng.close()
 
 
+def test_the_models_generation_config_does_not_change_our_sampling(test_model, tmp_path, prompts):
+    """A generation_config.json shipped with the model (beam search, an n-gram ban) does not
+    reach generate(): only our settings decide (beams cannot stream: every request failed)."""
+    import json
+
+    from lsp_server.config import Settings
+    from lsp_server.engine.local import TransformersEngine
+
+    for item in test_model.iterdir():
+        (tmp_path / item.name).symlink_to(item)
+    (tmp_path / "generation_config.json").unlink()
+    (tmp_path / "generation_config.json").write_text(json.dumps({"num_beams": 2, "no_repeat_ngram_size": 2, "eos_token_id": 0}))
+    answers = []
+    for folder in (test_model, tmp_path):
+        eng = TransformersEngine.load(Settings(model=str(folder), device="cpu"))
+        try:
+            answers.append([eng.generate(p, GREEDY, lambda: False, lambda _: None) for p in prompts[:2]])
+        finally:
+            eng.close()
+    assert answers[0] == answers[1]
+
+
 def test_engine_auto_picks_and_falls_back(test_model, monkeypatch):
     """``engine: auto`` (the default): the fast engine for a model wholly on one GPU, else the
     loaded model stays with generate(); a fast engine that fails to start leaves generate()

@@ -1,0 +1,103 @@
+"""From a selection and an answer to the edit (features/common.py), around a stand-in server:
+whole lines when the selection starts inside the indentation, indentation from the first line
+that holds code, and an answer that arrives after the user typed."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from lsprotocol import types
+
+from lsp_server.documents import Document
+from lsp_server.engine import Generation
+from lsp_server.features.common import current, edited, selection, task_edit
+from lsp_server.prompts import Task
+from lsp_server.server import RequestFailed
+from lsp_server.text import Pos
+
+URI = "file:///w/calc.py"
+CLASS = "class A:\n    def f(self):\n        return 1\n\n    def g(self):\n        return 3\n"
+
+
+def server_with(text: str) -> SimpleNamespace:
+    document = Document(URI, text, 1, "python")
+    return SimpleNamespace(document=document, open_document=lambda uri: document, position_encoding="utf-16",
+                           relative_path=lambda uri: "calc.py", client_capabilities=types.ClientCapabilities())
+
+
+def rng(a: tuple[int, int], b: tuple[int, int]) -> types.Range:
+    return types.Range(start=types.Position(line=a[0], character=a[1]), end=types.Position(line=b[0], character=b[1]))
+
+
+def answer(code: str, reason: str = "stop") -> Generation:
+    return Generation(f"Here:\n\n```python\n{code}```\n", reason, 10, 10)  # type: ignore[arg-type]
+
+
+def the_edit(edit: types.WorkspaceEdit) -> types.TextEdit:
+    (only,) = edit.changes[URI]
+    return only
+
+
+@pytest.mark.parametrize("code", ["def f(self):\n    return 2\n", "    def f(self):\n        return 2\n"])
+def test_a_selection_from_the_first_non_blank_takes_the_whole_line(code):
+    """Selected from the first non-blank (an editor's usual "select this function"): the model
+    sees and the edit replaces whole lines, whatever indentation the answer comes back with
+    (before, the model saw "def f(self):" at column 0 over a body at 8, and an answer in that
+    shape came back with its body indented twice)."""
+    server = server_with(CLASS)
+    sel = selection(server, URI, rng((1, 4), (3, 0)))
+    assert sel.selected == "    def f(self):\n        return 1\n"
+    edit = the_edit(task_edit(server, sel, Task.FIX, answer(code)))
+    assert edit.range == rng((1, 0), (3, 0))
+    assert edit.new_text == "    def f(self):\n        return 2\n"
+
+
+def test_indentation_comes_from_the_first_line_with_code():
+    """A selection from the blank line above a method: the method stays in its class, and the
+    blank line stays above it."""
+    server = server_with(CLASS)
+    sel = selection(server, URI, rng((3, 0), (6, 0)))
+    edit = the_edit(task_edit(server, sel, Task.FIX, answer("def g(self):\n    return 4\n")))
+    assert edit.new_text == "\n    def g(self):\n        return 4\n"
+    doc = the_edit(task_edit(server, sel, Task.DOCUMENT, answer("# Four.\n")))
+    assert doc.new_text == "    # Four.\n"
+
+
+def test_no_edit_from_prose_or_a_cut_answer():
+    server = server_with(CLASS)
+    sel = selection(server, URI, rng((1, 0), (3, 0)))
+    with pytest.raises(RequestFailed, match="without code"):
+        task_edit(server, sel, Task.FIX, Generation("The code is already correct.", "stop", 10, 6))
+    with pytest.raises(RequestFailed, match="maxNewTokens"):
+        task_edit(server, sel, Task.FIX, Generation("```python\ndef f(self):\n    if", "length", 10, 256))
+
+
+def test_an_answer_that_arrives_after_the_user_typed():
+    """Typing elsewhere while the model answers moves the edit with the text; typing in the
+    selected lines stops it (an edit computed on the old text would corrupt the new one)."""
+    server = server_with(CLASS)
+    document = server.document
+    sel = selection(server, URI, rng((4, 0), (6, 0)))  # g()
+    fixed = answer("def g(self):\n    return 4\n")
+    assert current(server, sel) is sel
+
+    document.apply("# top\n", Pos(0, 0), Pos(0, 0))  # a line above: the edit moves down one line
+    document.version = 2
+    edit = task_edit(server, edited(server, sel, fixed), Task.FIX, fixed)
+    assert edit.changes[URI][0].range == rng((5, 0), (7, 0))
+
+    sel = selection(server, URI, rng((5, 0), (7, 0)))
+    document.apply("\nx = 1\n", Pos(7, 0), Pos(7, 0))  # below: the same place
+    document.version = 3
+    assert the_edit(task_edit(server, edited(server, sel, fixed), Task.FIX, fixed)).range == rng((5, 0), (7, 0))
+
+    document.apply("5", Pos(6, 15), Pos(6, 16))  # inside g(): refused
+    document.version = 4
+    with pytest.raises(RequestFailed, match="changed while StarChat was answering"):
+        edited(server, sel, fixed)
+
+    sel = selection(server, URI, rng((6, 8), (6, 16)))  # "return 5", to the line's end
+    document.apply("  # five", Pos(6, 16), Pos(6, 16))  # the same line, after the selection: refused
+    document.version = 5
+    assert current(server, sel) is None
