@@ -73,6 +73,7 @@ class StarChatServer(LanguageServer):
         self.hover_cache: OrderedDict[tuple, types.Hover | None] = OrderedDict()
         self._background: set[asyncio.Task] = set()
         self.shutting_down = False
+        self.serving_tcp = False
         self._generating = 0  # requests inside generate(): the status is "ready" when none is
         self._format: PromptFormat | None = None
         self._format_engine: Engine | None = None
@@ -227,8 +228,7 @@ class StarChatServer(LanguageServer):
 
     @property
     def position_encoding(self) -> str:
-        encoding = self.workspace.position_encoding
-        return str(getattr(encoding, "value", encoding) or "utf-16")
+        return self.protocol.negotiated_encoding()
 
     # ---- talking to the user --------------------------------------------------------------
     def show_message(self, message: str, kind: types.MessageType = types.MessageType.Info) -> None:
@@ -311,11 +311,54 @@ class StarChatServer(LanguageServer):
         self.leave(0 if self.protocol._shutdown else 1)
 
     def start_tcp(self, host: str, port: int) -> None:
-        """Serve one editor connection at a time on TCP."""
+        """Serve TCP, one editor connection at a time: a connection made while another is open is
+        closed at once (the open one keeps the server). When the editor disconnects, its session is
+        forgotten (requests cancelled, documents dropped) and the next connection starts afresh: it
+        must ``initialize`` again, with the token when one is required. After ``shutdown`` (or
+        ``exit``) the process ends, as over stdio."""
+        from .transport import DiscardWriter, keep_alive
+
+        self.serving_tcp = True  # the editor did not start this process: its processId is not watched
+        connected = False
+        previous: asyncio.Future | None = None  # the last session's end, awaited before the next begins
+
+        async def forget(pending: list[asyncio.Future]) -> None:
+            if pending:
+                _, left = await asyncio.wait(pending, timeout=10)
+                if left:
+                    log.warning("%d requests of the last connection did not stop in 10 s", len(left))
+            await asyncio.sleep(0)  # their replies, to the discarding writer
 
         async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            self.protocol.set_writer(writer)  # type: ignore[arg-type]
-            await serve(self.protocol, StreamReaderAdapter(reader), lambda: self.settings.max_message_bytes)
+            nonlocal connected, previous
+            peer = writer.get_extra_info("peername")
+            if connected:
+                log.warning("refused a TCP connection from %s: another editor is connected", peer)
+                writer.close()
+                return
+            connected = True
+            try:
+                if previous is not None:
+                    await previous
+                keep_alive(writer.get_extra_info("socket"))
+                log.info("editor connected from %s", peer)
+                self.protocol.set_writer(writer)  # type: ignore[arg-type]
+                await serve(self.protocol, StreamReaderAdapter(reader), lambda: self.settings.max_message_bytes)
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()
+                self.protocol.set_writer(DiscardWriter())
+                if self.protocol._shutdown:
+                    log.info("the editor disconnected after shutdown: exiting")
+                    self.leave(0)
+                log.info("editor at %s disconnected: waiting for the next connection", peer)
+                pending = self.protocol.end_session()
+                self.init_options = None
+                self.configured.clear()
+                self.hover_cache.clear()
+                previous = asyncio.ensure_future(forget(pending))
+                connected = False
 
         async def main() -> None:
             server = await asyncio.start_server(connection, host, port)

@@ -2,12 +2,15 @@
 
 pygls 2.1's own reader breaks for good on a lowercase ``content-length``, allocates whatever
 Content-Length claims, and gives no reply to malformed JSON or malformed params. This reader:
-header names in any case and order, extra headers ignored; a frame without a usable length, or
-larger than ``max_message_bytes``, is skipped (its body discarded in small pieces) and the stream
-goes on; a body that is not JSON gets -32700, a request whose params do not fit the method's type
-gets -32602 naming the field. :class:`StarChatProtocol` answers requests before ``initialize``
-with -32002, a second ``initialize`` and requests after ``shutdown`` with -32600, and never puts
-tracebacks or local paths into error replies.
+header names in any case and order, extra headers ignored (and lines whose name is not an HTTP
+token); a frame without a usable length, or larger than ``max_message_bytes``, is skipped (its
+body discarded in small pieces) and the stream goes on; bytes left over by a frame whose length
+was too short (or by junk) before the next ``Content-Length`` header are dropped, so one bad
+frame loses nothing after it; a body that is not JSON gets -32700, a request whose params do not
+fit the method's type gets -32602 naming the field. :class:`StarChatProtocol` answers requests
+before ``initialize`` with -32002, a second ``initialize`` and requests after ``shutdown`` with
+-32600, and never puts tracebacks or local paths into error replies; it applies each didChange
+in the negotiated position encoding, whole or not at all, and ignores one for an older version.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import socket
 from typing import Any, Awaitable, Callable, Protocol
 
 import cattrs
@@ -30,6 +35,15 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _DISCARD_CHUNK = 1 << 20
+_CONTENT_LENGTH = b"content-length:"
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an HTTP header name (RFC 9110 token)
+_KEEP_OF_LONG_LINE = 128  # the end of an over-long line is kept: the next header may start there
+
+
+def position_encoding_name(encoding: Any) -> str:
+    """The negotiated position encoding as the name :mod:`lsp_server.text` takes. pygls keeps it as
+    a plain str (``"utf-8"``), not as a ``PositionEncodingKind``: both are accepted."""
+    return str(getattr(encoding, "value", encoding) or "utf-16")
 
 
 class ByteReader(Protocol):
@@ -46,6 +60,12 @@ class StarChatProtocol(LanguageServerProtocol):
         super().__init__(*args, **kwargs)
         self.documents: dict[str, Document] = {}
 
+    def negotiated_encoding(self) -> str:
+        """The position encoding of this session's client ("utf-16" before ``initialize``). A
+        method, not a property: pygls reads every attribute of the protocol while it is built."""
+        workspace = self._workspace
+        return position_encoding_name(workspace.position_encoding if workspace is not None else None)
+
     # The open documents live here rather than in pygls's workspace, whose incremental edits
     # re-split the whole text (and split lines where LSP does not).
     @lsp_method(types.TEXT_DOCUMENT_DID_OPEN)
@@ -57,16 +77,61 @@ class StarChatProtocol(LanguageServerProtocol):
     @lsp_method(types.TEXT_DOCUMENT_DID_CHANGE)
     def lsp_text_document__did_change(self, params: types.DidChangeTextDocumentParams):
         document = self.documents.get(params.text_document.uri)
-        if document is not None:
-            encoding = str(getattr(self.workspace.position_encoding, "value", None) or "utf-16")
-            for change in params.content_changes:
-                if isinstance(change, types.TextDocumentContentChangePartial):
-                    start, end = change.range.start, change.range.end
-                    document.apply(change.text, Pos(start.line, start.character), Pos(end.line, end.character), encoding)
-                else:
-                    document.apply(change.text)
-            document.version = params.text_document.version
+        if document is not None and not self._apply_changes(document, params):
+            return
         yield from self._user_handler(types.TEXT_DOCUMENT_DID_CHANGE, params)
+
+    def _apply_changes(self, document: Document, params: types.DidChangeTextDocumentParams) -> bool:
+        """Apply one didChange whole or not at all; False when it was ignored."""
+        version = params.text_document.version
+        if document.version is not None and version is not None and version < document.version:
+            # LSP versions only increase: a change for an older version is out of order or replayed
+            log.warning("ignored a didChange for version %s: the document is at version %s", version, document.version)
+            return False
+        edits: list[tuple[str, Pos | None, Pos | None]] = []
+        for change in params.content_changes:
+            if isinstance(change, types.TextDocumentContentChangePartial):
+                start, end = change.range.start, change.range.end
+                edits.append((change.text, Pos(start.line, start.character), Pos(end.line, end.character)))
+            else:
+                edits.append((change.text, None, None))
+        # Checked before the first edit, so that a bad change leaves the document as it was (the only
+        # position Document.apply refuses is a negative one; others are clamped to the text).
+        if any(pos is not None and (pos.line < 0 or pos.character < 0) for _, start, end in edits for pos in (start, end)):
+            log.warning("ignored a didChange for version %s: a range has a negative position", version)
+            return False
+        encoding = self.negotiated_encoding()
+        try:
+            for text, start, end in edits:
+                document.apply(text, start, end, encoding)
+        except Exception:
+            # Not expected after the check above; a half-edited copy would give wrong answers
+            # silently, a forgotten one says so (the editor must reopen it).
+            log.exception("a didChange failed part-way: the document is dropped")
+            self.documents.pop(document.uri, None)
+            return False
+        document.version = version
+        return True
+
+    def end_session(self) -> list[asyncio.Future]:
+        """Forget the client whose connection ended (TCP serves one after another): the next one
+        starts uninitialized (its ``initialize`` is checked again, token included) with no open
+        document. Its requests still running are cancelled; the server's requests still waiting
+        for its answer fail (their callers go on without it). Returns the tasks to wait for, so
+        that their replies go to the old writer, not to the next client."""
+        pending = {msg_id: future for msg_id, future in self._request_futures.items() if not future.done()}
+        outgoing = set(self._result_types)  # ids of the server's own requests
+        self._request_futures.clear()
+        self._result_types.clear()
+        for msg_id, future in pending.items():
+            if msg_id in outgoing and not isinstance(future, asyncio.Future):
+                future.set_exception(ConnectionResetError("the client disconnected"))
+            else:
+                future.cancel()
+        self._initialize_received = False
+        self._shutdown = False
+        self.documents = {}
+        return [future for future in pending.values() if isinstance(future, asyncio.Future)]
 
     @lsp_method(types.TEXT_DOCUMENT_DID_CLOSE)
     def lsp_text_document__did_close(self, params: types.DidCloseTextDocumentParams):
@@ -121,20 +186,30 @@ def _token_matches(params: Any, token: str) -> bool:
 
 
 async def _read_headers(reader: ByteReader) -> dict[bytes, bytes] | None:
-    """The header block of the next frame; ``None`` at the end of the stream."""
+    """The header block of the next frame; ``None`` at the end of the stream.
+
+    Bytes before a ``Content-Length`` header on its line are what a frame whose length was too
+    short left of its body, or junk without a line break: they are dropped, with what was read
+    of the block so far, and the frame starts at the header (else the leftover would hide every
+    later header: no later message read). Lines whose name is not a token are ignored."""
     headers: dict[bytes, bytes] = {}
     while True:
         line = await reader.readline()
         if not line:
             return None
+        at = line.lower().rfind(_CONTENT_LENGTH)
+        if at > 0 and line[:at].strip():
+            log.warning("skipped %d bytes before a Content-Length header", at)
+            line, headers = line[at:], {}
         line = line.strip()
         if not line:
             if headers:
                 return headers
             continue  # blank lines between frames
         name, sep, value = line.partition(b":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
+        name = name.strip()
+        if sep and _TOKEN.fullmatch(name):
+            headers[name.lower()] = value.strip()
 
 
 async def _discard(reader: ByteReader, length: int) -> None:
@@ -234,8 +309,10 @@ class StreamReaderAdapter:
             return await self._stream.readuntil(b"\n")
         except asyncio.IncompleteReadError as exc:
             return exc.partial
-        except asyncio.LimitOverrunError as exc:  # an absurdly long header line: drop it
-            await self._stream.readexactly(exc.consumed)
+        except asyncio.LimitOverrunError as exc:  # an absurdly long line: drop it but for its end,
+            # where a body's leftover may run into the next frame's Content-Length header
+            dropped = await self._stream.readexactly(exc.consumed)
+            self._pending = dropped[-_KEEP_OF_LONG_LINE:]
             return b"X-Dropped: 1\r\n"
 
     async def readexactly(self, n: int) -> bytes:
@@ -246,3 +323,27 @@ class StreamReaderAdapter:
             return head + await self._stream.readexactly(n - len(head))
         except asyncio.IncompleteReadError as exc:
             return head + exc.partial
+
+
+class DiscardWriter:
+    """Where replies go once their client is gone (the requests it left running, cancelled)."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def keep_alive(sock: socket.socket | None) -> None:
+    """TCP keep-alive on a client's socket, so that a peer gone without closing (a machine
+    switched off, a dropped tunnel) ends its connection in minutes and frees the server."""
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4)):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    except OSError:
+        log.debug("TCP keep-alive not set", exc_info=True)

@@ -34,13 +34,14 @@ def register(server: StarChatServer) -> None:
     def initialize(ls: StarChatServer, params: types.InitializeParams) -> None:
         ls.init_options = params.initialization_options
         ls.apply_settings(ls.init_options)
-        if params.process_id:
+        if params.process_id and not ls.serving_tcp:  # over TCP the editor may be on another machine
             ls.run_in_background(ls.watch_editor(params.process_id))
 
     @server.feature(types.INITIALIZED)
     async def initialized(ls: StarChatServer, params: types.InitializedParams) -> None:
-        ls.apply_settings(ls.init_options, await _pull_configuration(ls))
-        ls.start_loading()
+        changed = ls.apply_settings(ls.init_options, await _pull_configuration(ls))
+        if ls.engine_ready is None or changed:  # a TCP editor connecting again keeps the loaded model
+            ls.start_loading()
         ls.configured.set()
 
     @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)

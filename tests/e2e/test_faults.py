@@ -95,6 +95,24 @@ async def test_on_the_fast_engine_ready_waits_for_every_request_and_shutdown_sen
         await session.finish()
 
 
+async def test_an_answer_cut_at_its_token_limit_changes_no_code(test_model, tmp_path):
+    """Fix with maxNewTokens too small for the trained answer (40 tokens: cut inside its code
+    block): the request fails saying so, and no half function is sent to the editor."""
+    session = await Raw.start()
+    try:
+        await session.initialize(maxNewTokens=32)
+        uri = (tmp_path / "calc.py").as_uri()
+        session.send(method="textDocument/didOpen", params={"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": sc.CALC_PY}})
+        span = {"start": {"line": sc.AVERAGE.start.line, "character": 0}, "end": {"line": sc.AVERAGE.end.line, "character": 0}}
+        args = {"textDocument": {"uri": uri}, "range": span, "task": "fix"}
+        session.send(id=1, method="workspace/executeCommand", params={"command": "starchat.runTask", "arguments": [args]})
+        error = (await session.reply(1, timeout=60))["error"]
+        assert error["code"] == -32803 and "maxNewTokens" in error["message"]
+        assert not any(m.get("method") == "workspace/applyEdit" for m in session.seen)
+    finally:
+        await session.finish()
+
+
 async def test_secret_files_are_refused_and_logs_hold_no_document_text(test_model, tmp_path):
     session = Raw(await asyncio.create_subprocess_exec(
         *SERVER, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
@@ -300,3 +318,140 @@ async def test_code_shipped_with_a_model_never_runs_unless_trusted(test_model, t
         assert not marker.exists()
     finally:
         await session.finish()
+
+
+# ---- TCP: one editor at a time, each connection initialized (and its token checked) afresh ----
+
+def _tcp_server(token: str) -> tuple[subprocess.Popen, int]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([*SERVER, "--tcp", f"127.0.0.1:{port}"], env={**os.environ, "STARCHAT_LSP_TOKEN": token}, stderr=subprocess.DEVNULL)
+    return server, port
+
+
+def _tcp_connect(port: int, timeout: float = 30) -> socket.socket:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=15)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _tcp_initialize(sock: socket.socket, buffer: bytearray, token: str | None, msg_id: object = "init") -> dict:
+    from .test_server import _read_message
+    from lsp_server.testing.wire import frame
+
+    options = {"temperature": 0, **({"token": token} if token is not None else {})}
+    sock.sendall(frame({"jsonrpc": "2.0", "id": msg_id, "method": "initialize", "params": {"capabilities": {}, "initializationOptions": options}}))
+    return _read_message(sock, buffer)
+
+
+def _code_actions(uri: str, msg_id: object) -> dict:
+    here = {"line": 0, "character": 0}
+    return {"jsonrpc": "2.0", "id": msg_id, "method": "textDocument/codeAction", "params": {"textDocument": {"uri": uri}, "range": {"start": here, "end": here}, "context": {"diagnostics": []}}}
+
+
+def test_a_second_tcp_connection_while_one_is_open_is_closed_and_the_first_keeps_its_replies(test_model):
+    from .test_server import _read_message
+    from lsp_server.testing.wire import frame
+
+    server, port = _tcp_server("s3cret")
+    try:
+        with _tcp_connect(port) as first:
+            buffer = bytearray()
+            assert "result" in _tcp_initialize(first, buffer, "s3cret")
+            with _tcp_connect(port) as second:  # no token: must not get to use the server
+                got = b""
+                try:
+                    second.sendall(frame({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}}}))
+                    second.sendall(frame(_code_actions("file:///tmp/x.py", 2)))
+                    while chunk := second.recv(65536):
+                        got += chunk
+                except (ConnectionResetError, BrokenPipeError):
+                    pass
+                assert got == b""  # closed without a word
+            first.sendall(frame(_code_actions("file:///tmp/x.py", 3)))
+            reply = _read_message(first, buffer)
+            assert reply["id"] == 3 and reply["error"]["code"] == -32803  # answered, on the first connection
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_after_a_tcp_editor_disconnects_the_next_connection_starts_afresh(test_model):
+    import time
+
+    from .test_server import _read_message
+    from lsp_server.testing.wire import frame
+
+    uri = "file:///tmp/afresh.py"
+    server, port = _tcp_server("s3cret")
+    try:
+        with _tcp_connect(port) as first:
+            buffer = bytearray()
+            assert "result" in _tcp_initialize(first, buffer, "s3cret")
+            first.sendall(frame({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": "x = 1\n"}}}))
+            first.sendall(frame(_code_actions(uri, 1)))
+            assert "result" in _read_message(first, buffer)
+        for _ in range(50):  # a connection made before the server saw the first one end is closed: try again
+            sock, buffer = _tcp_connect(port), bytearray()
+            try:
+                reply = _tcp_initialize(sock, buffer, None)
+                break
+            except ConnectionError:
+                sock.close()
+                time.sleep(0.2)
+        with sock:
+            assert reply["error"]["code"] == -32600  # the token is checked again
+            assert "result" in _tcp_initialize(sock, buffer, "s3cret", "init2")  # a new session
+            sock.sendall(frame(_code_actions(uri, 2)))
+            assert _read_message(sock, buffer)["error"]["code"] == -32803  # the first editor's document is gone
+            sock.sendall(frame({"jsonrpc": "2.0", "id": 3, "method": "shutdown"}))
+            assert _read_message(sock, buffer)["result"] is None
+        assert server.wait(15) == 0  # after shutdown, the end of the connection ends the server
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_a_request_left_running_by_a_gone_tcp_editor_answers_nobody_else(test_model):
+    import time
+
+    from .test_server import _read_message
+    from lsp_server.testing.wire import frame
+
+    server, port = _tcp_server("s3cret")
+    try:
+        with _tcp_connect(port) as first:
+            buffer = bytearray()
+            assert "result" in _tcp_initialize(first, buffer, "s3cret")
+            first.sendall(frame({"jsonrpc": "2.0", "method": "initialized", "params": {}}))
+            first.sendall(frame({"jsonrpc": "2.0", "id": 1, "method": "starchat/chat", "params": chat_params(sc.LONG_QUESTION, maxNewTokens=1500, partialResultToken="p")}))
+            while not ((m := _read_message(first, buffer)).get("method") == "$/progress" and m["params"]["token"] == "p"):
+                pass  # generating
+        for _ in range(50):
+            sock, buffer = _tcp_connect(port), bytearray()
+            try:
+                reply = _tcp_initialize(sock, buffer, "s3cret")
+                break
+            except ConnectionError:
+                sock.close()
+                time.sleep(0.2)
+        with sock:
+            assert "result" in reply
+            sock.sendall(frame({"jsonrpc": "2.0", "method": "initialized", "params": {}}))
+            sock.sendall(frame({"jsonrpc": "2.0", "id": 1, "method": "starchat/chat", "params": chat_params()}))  # the same id
+            seen = []
+            while (message := _read_message(sock, buffer)).get("id") != 1 or "method" in message:
+                seen.append(message)
+            assert message["result"]["text"] == sc.CHAT_ANSWER  # not the first editor's cancelled request
+            assert not any(m.get("params", {}).get("token") == "p" for m in seen)
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -264,14 +264,18 @@ async def test_progress_cancel_stops_the_request(editor):
 
 async def test_incremental_edits_follow_lsp_line_breaks(editor):
     # U+2028 and \f are not line breaks for LSP: the edit on "line 0" must find them there.
+    # Its columns are counted in the encoding the session agreed on (Neovim's: UTF-8).
     uri = editor.open(text=sc.CALC_PY.replace("import math\n", "import math\u2028#\x0cx\n", 1))
+    encoding = str(getattr(editor.init_result.capabilities.position_encoding, "value", None)
+                   or editor.init_result.capabilities.position_encoding or "utf-16")
+    end = 11 + {"utf-8": 6, "utf-16": 4, "utf-32": 4}[encoding]  # U+2028 # \f x
     editor.versions[uri] += 1
     editor.client.text_document_did_change(
         types.DidChangeTextDocumentParams(
             text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=editor.versions[uri]),
             content_changes=[
                 types.TextDocumentContentChangePartial(
-                    range=types.Range(start=types.Position(line=0, character=11), end=types.Position(line=0, character=15)), text=""
+                    range=types.Range(start=types.Position(line=0, character=11), end=types.Position(line=0, character=end)), text=""
                 )
             ],
         )

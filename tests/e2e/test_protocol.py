@@ -202,3 +202,30 @@ async def test_a_50_mb_document_and_1000_edits_stay_responsive(raw):
     fix = reply["result"][0]  # without resolve support the edit comes through a command
     assert len(reply["result"]) >= 5 and fix["command"]["arguments"][0]["version"] == 1001
     assert asyncio.get_running_loop().time() - started < 60  # pygls's own store needs ~4 minutes for these edits
+
+
+async def test_a_frame_with_a_too_short_length_or_junk_loses_nothing_after_it(raw):
+    await raw.initialize()
+    body = json.dumps({"jsonrpc": "2.0", "id": 40, "method": "starchat/nope"}).encode()
+    raw.send_bytes(f"Content-Length: {len(body) - 10}\r\n\r\n".encode() + body)  # its last 10 bytes have no line break
+    raw.send(id=41, method="starchat/nope")
+    raw.send_bytes(b"junk without a header or a line break")
+    raw.send(id=42, method="starchat/nope")
+    raw.send(id=43, method="starchat/nope")
+    assert (await raw.reply(43, timeout=15))["error"]["code"] == -32601
+    assert {41, 42} <= {m.get("id") for m in raw.seen if m.get("error", {}).get("code") == -32601}
+
+
+async def test_incremental_changes_in_utf8_columns_when_the_client_offers_only_utf8(raw):
+    raw.send(id="init", method="initialize", params={"capabilities": {"general": {"positionEncodings": ["utf-8"]}}, "initializationOptions": {"temperature": 0, "hoverMaxNewTokens": 2}})
+    assert (await raw.reply("init"))["result"]["capabilities"]["positionEncoding"] == "utf-8"
+    raw.send(method="initialized", params={})
+    uri = "file:///tmp/enc.py"
+    raw.send(method="textDocument/didOpen", params={"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": "é = 1\n"}})
+    # "é" is two bytes: "1" is at UTF-8 columns 5-6 (at 4-5 in UTF-16)
+    one = {"start": {"line": 0, "character": 5}, "end": {"line": 0, "character": 6}}
+    raw.send(method="textDocument/didChange", params={"textDocument": {"uri": uri, "version": 2}, "contentChanges": [{"range": one, "text": "area"}]})
+    # the text is now "é = area": the identifier under UTF-8 column 7 spans columns 5-9
+    raw.send(id=1, method="textDocument/hover", params={"textDocument": {"uri": uri}, "position": {"line": 0, "character": 7}})
+    hover = (await raw.reply(1, timeout=60))["result"]
+    assert hover["range"] == {"start": {"line": 0, "character": 5}, "end": {"line": 0, "character": 9}}
