@@ -7,7 +7,7 @@ from pygls.exceptions import JsonRpcContentModified
 
 from ..prompts import Task
 from ..protocol import CLIENT_ASK_QUESTION, CMD_EXPLAIN, CMD_RUN_TASK, CodeActionData, SelectionArgs, structure
-from ..server import StarChatServer
+from ..server import StarChatServer, looks_secret
 from .common import answer_about, edited, selection, task_edit
 
 KINDS = {
@@ -37,6 +37,8 @@ def register(server: StarChatServer) -> None:
     @server.feature(types.TEXT_DOCUMENT_CODE_ACTION, OPTIONS)
     def code_actions(ls: StarChatServer, params: types.CodeActionParams) -> list[types.CodeAction]:
         uri = params.text_document.uri
+        if looks_secret(uri):  # asked on every cursor move: nothing to offer, not an error each time
+            return []
         document = ls.open_document(uri)
         only = params.context.only
         args = SelectionArgs(text_document=params.text_document, range=params.range, version=document.version)

@@ -8,7 +8,7 @@ from .. import answers
 from ..engine import Priority
 from ..prompts import PromptTooLong
 from ..prompts.requests import hover_prompt, prompt_budget
-from ..server import StarChatServer
+from ..server import StarChatServer, looks_secret
 from ..text import Pos
 from .common import to_range
 
@@ -21,6 +21,8 @@ def register(server: StarChatServer) -> None:
         if not ls.settings.hover_enabled:
             return None
         uri = params.text_document.uri
+        if looks_secret(uri):  # asked whenever the pointer rests: no answer, not an error each time
+            return None
         document = ls.open_document(uri)
         position = Pos(params.position.line, params.position.character)
         engine = await ls.ready_engine()

@@ -126,6 +126,12 @@ async def test_secret_files_are_refused_and_logs_hold_no_document_text(test_mode
         session.send(id=1, method="starchat/chat", params=chat_params(textDocument={"uri": (tmp_path / ".env").as_uri()}, range=whole))
         error = (await session.reply(1, timeout=60))["error"]
         assert "secrets" in error["message"]
+        # what editors ask on their own (hover, the code-action menu) gets nothing, not an error each time
+        env = {"uri": (tmp_path / ".env").as_uri()}
+        session.send(id=10, method="textDocument/hover", params={"textDocument": env, "position": {"line": 0, "character": 1}})
+        assert (await session.reply(10, timeout=60)).get("result", "missing") is None
+        session.send(id=11, method="textDocument/codeAction", params={"textDocument": env, "range": whole, "context": {"diagnostics": []}})
+        assert (await session.reply(11, timeout=60)).get("result") == []
         session.send(id=2, method="starchat/chat", params=chat_params(textDocument={"uri": (tmp_path / "calc.py").as_uri()}))
         assert "result" in await session.reply(2, timeout=60)
         session.send(id=3, method="shutdown")
