@@ -83,6 +83,6 @@ def register(server: StarChatServer) -> None:
                 f"The document changed (version {data.version} → {sel.version}) since the action was offered; ask again."
             )
         generation = await answer_about(ls, sel, data.task)
-        action.edit = task_edit(ls, edited(ls, sel, generation, JsonRpcContentModified), data.task, generation)
+        action.edit = task_edit(ls, edited(ls, sel, JsonRpcContentModified), data.task, generation)
         return action
 

@@ -57,7 +57,7 @@ def register(server: StarChatServer) -> None:
         if args.version is not None and sel.version != args.version:
             raise RequestFailed(f"The document changed (version {args.version} → {sel.version}); ask again.")
         generation = await answer_about(ls, sel, args.task)
-        await _apply(ls, task_edit(ls, edited(ls, sel, generation), args.task, generation), f"StarChat: {args.task.title}")
+        await _apply(ls, task_edit(ls, edited(ls, sel), args.task, generation), f"StarChat: {args.task.title}")
         return Answer.of(generation)
 
     @server.command(CMD_EDIT)
@@ -68,7 +68,7 @@ def register(server: StarChatServer) -> None:
             raise RequestFailed("starchat.edit needs an instruction")
         sel = selection(ls, args.text_document.uri, args.range)
         generation = await answer_about(ls, sel, Task.ASK, question=args.instruction)
-        sel = edited(ls, sel, generation)
+        sel = edited(ls, sel)
         if args.mode == "replace":
             edit = task_edit(ls, sel, Task.FIX, generation)
         else:

@@ -94,7 +94,7 @@ def current(server: StarChatServer, sel: Selection) -> Selection | None:
     if document.version == sel.version:
         return sel
     old, new = sel.text, document.text
-    first = max(old.rfind("\n", 0, sel.start), old.rfind("\r", 0, sel.start)) + 1  # the first line's start
+    first = sel.start - len(_line_prefix(sel))  # the first line's start
     if sel.end == first or old[sel.end - 1] in "\r\n":  # the selection ends at a line's start
         after = new.startswith(old[: sel.end])
     else:  # inside a line: the rest of that line, up to its break, must be unchanged too
@@ -176,7 +176,7 @@ def _line_prefix(sel: Selection) -> str:
     return before[max(before.rfind("\n"), before.rfind("\r")) + 1 :]
 
 
-def edited(server: StarChatServer, sel: Selection, generation: Generation, changed: type[Exception] = RequestFailed) -> Selection:
+def edited(server: StarChatServer, sel: Selection, changed: type[Exception] = RequestFailed) -> Selection:
     """Where an answer's edit goes: ``sel`` in the document as it is now (``current``), or
     ``changed`` when the user's typing touched the selection while the model answered."""
     now = current(server, sel)

@@ -84,18 +84,18 @@ def test_an_answer_that_arrives_after_the_user_typed():
 
     document.apply("# top\n", Pos(0, 0), Pos(0, 0))  # a line above: the edit moves down one line
     document.version = 2
-    edit = task_edit(server, edited(server, sel, fixed), Task.FIX, fixed)
+    edit = task_edit(server, edited(server, sel), Task.FIX, fixed)
     assert edit.changes[URI][0].range == rng((5, 0), (7, 0))
 
     sel = selection(server, URI, rng((5, 0), (7, 0)))
     document.apply("\nx = 1\n", Pos(7, 0), Pos(7, 0))  # below: the same place
     document.version = 3
-    assert the_edit(task_edit(server, edited(server, sel, fixed), Task.FIX, fixed)).range == rng((5, 0), (7, 0))
+    assert the_edit(task_edit(server, edited(server, sel), Task.FIX, fixed)).range == rng((5, 0), (7, 0))
 
     document.apply("5", Pos(6, 15), Pos(6, 16))  # inside g(): refused
     document.version = 4
     with pytest.raises(RequestFailed, match="changed while StarChat was answering"):
-        edited(server, sel, fixed)
+        edited(server, sel)
 
     sel = selection(server, URI, rng((6, 8), (6, 16)))  # "return 5", to the line's end
     document.apply("  # five", Pos(6, 16), Pos(6, 16))  # the same line, after the selection: refused
