@@ -210,12 +210,36 @@ def task_edit(server: StarChatServer, sel: Selection, task: Task, generation: Ge
         )
         return workspace_edit(server, sel.uri, sel.version, [types.TextEdit(range=to_range(sel.span), new_text=new_text)])
     if task is Task.DOCUMENT:
+        line, indent = _docstring_place(sel, code) or (sel.span.start.line, indent)
         new_text = answers.insertion_above(code, indent=indent, eol=eol)
-        at = types.Position(line=sel.span.start.line, character=0)
+        at = types.Position(line=line, character=0)
         return workspace_edit(server, sel.uri, sel.version, [types.TextEdit(range=types.Range(start=at, end=at), new_text=new_text)])
     if task is Task.TESTS:
         return _tests_edit(server, sel, code, eol)
     raise ValueError(f"{task.value} does not edit code")
+
+
+def _docstring_place(sel: Selection, code: str) -> tuple[int, str] | None:
+    """Where a Python docstring goes: the line after the selected def's or class's signature
+    (which may span lines), at its body's indentation. None when ``code`` is no docstring or
+    the selection holds no def or class (the comment then goes above the selection)."""
+    if sel.language != "python" or not code.lstrip().startswith(('"""', "'''")):
+        return None
+    line_start = sel.start - len(_line_prefix(sel))
+    lines = sel.text[line_start : sel.end].splitlines()
+    for i, line in enumerate(lines):
+        if not line.lstrip().startswith(("def ", "async def ", "class ")):
+            continue
+        depth = 0
+        for j in range(i, len(lines)):
+            text = lines[j].split("#", 1)[0].rstrip()
+            depth += sum(text.count(c) for c in "([{") - sum(text.count(c) for c in ")]}")
+            if depth <= 0 and text.endswith(":"):
+                body = next((b for b in lines[j + 1 :] if b.strip()), "")
+                outer, inner = indentation_of(line), indentation_of(body)
+                return sel.span.start.line + j + 1, inner if len(inner) > len(outer) else outer + "    "
+        return None
+    return None
 
 
 def _tests_edit(server: StarChatServer, sel: Selection, code: str, eol: str) -> types.WorkspaceEdit:

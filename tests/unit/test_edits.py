@@ -101,3 +101,15 @@ def test_an_answer_that_arrives_after_the_user_typed():
     document.apply("  # five", Pos(6, 16), Pos(6, 16))  # the same line, after the selection: refused
     document.version = 5
     assert current(server, sel) is None
+
+
+def test_a_python_docstring_goes_under_the_signature():
+    """Document on a Python function: a docstring answer goes inside the function, under its
+    (possibly multi-line) signature, at the body's indentation; a comment answer stays above."""
+    text = "class A:\n    def area(\n        self, r,\n    ) -> float:\n        return 3.14 * r * r\n"
+    server = server_with(text)
+    sel = selection(server, URI, rng((1, 0), (5, 0)))
+    doc = the_edit(task_edit(server, sel, Task.DOCUMENT, answer('"""The area of a circle of radius r."""\n')))
+    assert doc.range == rng((4, 0), (4, 0)) and doc.new_text == '        """The area of a circle of radius r."""\n'
+    comment = the_edit(task_edit(server, sel, Task.DOCUMENT, answer("# The area.\n")))
+    assert comment.range == rng((1, 0), (1, 0)) and comment.new_text == "    # The area.\n"
