@@ -314,7 +314,7 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- the fast engine
     from lsp_server.engine.base import Sampling
     from lsp_server.engine.fast import FastEngine
-    from lsp_server.engine.fast_setup import _ieee_float32_matmul
+    from lsp_server.engine.fast_setup import ieee_float32_matmul
     from lsp_server.engine.lookup import KnownAnswer
 
     def make_engine(attention, fused=None, speculate=7):
@@ -774,14 +774,14 @@ def main(argv=None) -> int:
         R["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(dev) / 1e9, 2)
 
     # ---------------------------------------------------------------- the other attention, second start
+    def close(eng):  # a step: a device error left by an earlier one must not end the run here
+        eng.close()
+        if cuda:
+            torch.cuda.empty_cache()
+
     if not args.no_compare:
-        try:  # a device error left by an earlier step must not end the run here
-            engine.close()
-            engine = None
-            if cuda:
-                torch.cuda.empty_cache()
-        except Exception as exc:
-            b.errors["close"] = repr(exc)[:300]
+        b.step("close the first engine", close, engine)
+        engine = None
 
         def second():
             """The plain variant: torch attention, unfused ops, same graphs and scheduler."""
@@ -800,15 +800,9 @@ def main(argv=None) -> int:
 
         b.step("second engine (plain: torch attention, unfused)", second)
     elif engine is not None:
-        try:
-            engine.close()
-        except Exception as exc:
-            b.errors["close"] = repr(exc)[:300]
+        b.step("close the engine", close, engine)
     if cuda:
-        try:
-            R["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(dev) / 1e9, 2)
-        except Exception as exc:
-            b.errors["peak_gpu_gb"] = repr(exc)[:300]
+        b.step("peak memory", lambda: R.update(peak_gpu_gb=round(torch.cuda.max_memory_allocated(dev) / 1e9, 2)))
 
     # ---------------------------------------------------------------- greedy equality where it means something
     def greedy_fp32():
@@ -837,7 +831,7 @@ def main(argv=None) -> int:
         m32.generation_config.eos_token_id = None
         m32.generation_config.pad_token_id = 0
         eng32 = None
-        with _ieee_float32_matmul(torch):  # float32 GEMMs without TF32, on both sides
+        with ieee_float32_matmul(torch):  # float32 GEMMs without TF32, on both sides
             try:
                 ids = torch.tensor([greedy_prompt], device=dev)
                 with torch.inference_mode():

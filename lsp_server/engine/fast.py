@@ -162,197 +162,198 @@ class FastEngine(StartUp, Graphs, StepMath):
         self.device = torch.device(device) if device is not None else first.device
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        # start-up runs on the engine's GPU: Triton launches and graph capture use the current
-        # device, which need not be the model's (device: cuda:N)
-        with torch.cuda.device(self.device) if self.device.type == "cuda" else _null():
-            self.dtype = first.dtype
-            dev = self.device
+        # start-up runs on the engine's GPU: Triton launches and graph capture use the calling
+        # thread's current device, which need not be the model's (device: cuda:N)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.dtype = first.dtype
+        dev = self.device
 
-            def w(name: str):
-                return state[name].to(dev)
+        def w(name: str):
+            return state[name].to(dev)
 
-            self.n_layer = cfg.n_layer
-            self.n_embd = cfg.n_embd
-            self.n_head = cfg.n_head
-            self.head_dim = cfg.n_embd // cfg.n_head
-            self.eps = cfg.layer_norm_epsilon
-            self.scale = self.head_dim**-0.5 if getattr(cfg, "scale_attn_weights", True) else 1.0
-            positions = int(cfg.n_positions)
-            self.max_len = min(positions, int(max_len)) if max_len else positions
-            self.context_window = self.max_len
-            self.wte = w("transformer.wte.weight")
-            self.wpe = w("transformer.wpe.weight")
-            self.lm_head = w("lm_head.weight") if "lm_head.weight" in state else self.wte
-            self.ln_f = (w("transformer.ln_f.weight"), w("transformer.ln_f.bias"))
-            self.layers = []
-            for i in range(self.n_layer):
-                p = f"transformer.h.{i}."
-                self.layers.append(
-                    tuple(
-                        w(p + n)
-                        for n in (
-                            "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
-                            "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
-                            "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
-                        )
+        self.n_layer = cfg.n_layer
+        self.n_embd = cfg.n_embd
+        self.n_head = cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.eps = cfg.layer_norm_epsilon
+        self.scale = self.head_dim**-0.5 if getattr(cfg, "scale_attn_weights", True) else 1.0
+        positions = int(cfg.n_positions)
+        self.max_len = min(positions, int(max_len)) if max_len else positions
+        self.context_window = self.max_len
+        self.wte = w("transformer.wte.weight")
+        self.wpe = w("transformer.wpe.weight")
+        self.lm_head = w("lm_head.weight") if "lm_head.weight" in state else self.wte
+        self.ln_f = (w("transformer.ln_f.weight"), w("transformer.ln_f.bias"))
+        self.layers = []
+        for i in range(self.n_layer):
+            p = f"transformer.h.{i}."
+            self.layers.append(
+                tuple(
+                    w(p + n)
+                    for n in (
+                        "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+                        "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+                        "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
                     )
                 )
-            state = None  # the dict of references only: the tensors are the model's own
-            self.vocab = self.lm_head.shape[0]
-            self.top_k_cap = min(TOP_K_CAP, self.vocab)
-
-            if stop_ids is None:
-                from .local import STOP_TOKENS
-
-                stops: set[int] = set()
-                if tokenizer is not None:
-                    vocab = tokenizer.get_vocab()
-                    stops = {vocab[t] for t in STOP_TOKENS if t in vocab}
-                    if tokenizer.eos_token_id is not None:
-                        stops.add(tokenizer.eos_token_id)
-                stop_ids = sorted(stops)
-            self.stop_ids = list(stop_ids)
-            self._stop_set = set(self.stop_ids)
-
-            self.max_batch = int(max_batch)
-            self.slots = self.max_batch
-            self.batch_buckets = batch_buckets(self.max_batch)
-            self.length_buckets = length_buckets(self.max_len)
-            on_cuda = dev.type == "cuda"
-            self.use_graphs = on_cuda if use_graphs is None else (bool(use_graphs) and on_cuda)
-
-            S, L, D = self.slots, self.n_layer, self.head_dim
-            with torch.inference_mode():
-                # zeros once so that idle rows always attend to finite numbers
-                self.cache = torch.zeros((L, S, self.max_len + 1, 2 * D), device=dev, dtype=self.dtype)
-                # token, position and seen-token mask have one more entry than there are slots: the
-                # speculative step sends the writes of rows that must write nothing to entry S
-                self.tok = torch.zeros(S + 1, device=dev, dtype=torch.long)
-                self.pos = torch.zeros(S + 1, device=dev, dtype=torch.long)
-                self.active = torch.zeros(S, device=dev, dtype=torch.bool)
-                self.temp = torch.zeros(S, device=dev, dtype=torch.float32)
-                self.topk = torch.full((S,), self.top_k_cap, device=dev, dtype=torch.long)
-                self.topp = torch.ones(S, device=dev, dtype=torch.float32)
-                self.penalty = torch.ones(S, device=dev, dtype=torch.float32)
-                self.seed = torch.zeros(S, device=dev, dtype=torch.long)
-                self.seen = torch.zeros((S + 1, self.vocab), device=dev, dtype=torch.bool)
-                self._rows = torch.arange(S, device=dev)
-                self._ranks = torch.arange(self.top_k_cap, device=dev)
-                self._arange_len = torch.arange(self.max_len, device=dev)
-                # the speculative step (prompt lookup): R = speculate + 1 query rows, each a running
-                # request's last token or one of its drafts (see _verify_step)
-                R = self.spec_tokens = max(1, int(speculate) + 1)
-                self.spec_ctl = torch.zeros(5 * R, device=dev, dtype=torch.long)  # filled by one copy
-                (self.spec_in, self.spec_slot, self.spec_off, self.spec_start, self.spec_used) = self.spec_ctl.view(5, R).unbind(0)
-                self.spec_out = torch.zeros(2 * R, device=dev, dtype=torch.long)  # samples, kept
-                tri = [(i, j) for i in range(R) for j in range(1, i + 1)]  # row j's token precedes row i
-                self._spec_tri_rows = torch.tensor([i for i, _ in tri], device=dev, dtype=torch.long)
-                self._spec_tri_cols = torch.tensor([j for _, j in tri], device=dev, dtype=torch.long)
-                self._spec_tri_true = torch.ones(len(tri), device=dev, dtype=torch.bool)
-                self._spec_ones = torch.ones(R, device=dev, dtype=torch.long)
-                self._spec_true = torch.ones(R, device=dev, dtype=torch.bool)
-                self._spec_false = torch.zeros(1, device=dev, dtype=torch.bool)
-            self._sample_params = {"penalty": self.penalty, "temp": self.temp, "topk": self.topk, "topp": self.topp, "seed": self.seed}
-
-            # what start-up timing decided before, for this GPU, software and engine shape
-            requested = dict(attention=attention, fused=fused, prefill_attention=prefill_attention, gemv=gemv,
-                             fused_sampling=fused_sampling, kv_in_attention=kv_in_attention, prefetch=prefetch,
-                             use_graphs=self.use_graphs)
-            self.choices = Choices(default_path() if on_cuda else None, *_engine_fingerprint(self, torch, speculate, requested))
-            # every switchable path off until its chooser decides (a whole-step timing runs the
-            # step with the paths chosen before it and the later ones off)
-            self.gelu_epilogue = "tanh" if dev.type == "cuda" else "off"
-            self.prebias = self.kv_in_attention = self.sample_kernels = False
-            self._l2 = self._side = None  # L2 prefetch on a side stream (_choose_prefetch, after the other paths)
-            self.attention = self._choose_attention(attention)
-            self.fused = self._choose_fused(fused)
-            self._triton: dict[tuple[int, int], Any] = {}
-            if self.attention == "triton":
-                from .mqa_triton import TritonMQADecode
-
-                for b in self.batch_buckets:
-                    for n in self.length_buckets:
-                        self._triton[(b, n)] = TritonMQADecode(b, n, self.n_head, D, dev, self.dtype)
-                if self.spec_tokens > 1:
-                    for n in self.length_buckets:
-                        self._triton[("verify", n)] = TritonMQADecode(self.spec_tokens, n, self.n_head, D, dev, self.dtype)
-            self._gemv: dict[str, Any] = {}
-            self._gemv_ops: dict[tuple[str, int], Any] = {}
-            self.gemv_report: dict[str, Any] = {}
-            with torch.inference_mode():
-                self._choose_gelu_fusion()
-                self._choose_sampling(fused_sampling)
-                try:
-                    self._choose_gemv(gemv)
-                except Exception as exc:
-                    log.warning("choosing the batch-1 GEMV failed (%s); cuBLAS everywhere", exc)
-                    self._gemv = {}
-                    self.gemv_report["error"] = first_line(exc)[:200]
-                try:
-                    self._choose_prefill_attention(prefill_attention)
-                except Exception as exc:  # the first run's path
-                    log.warning("choosing the prefill attention failed (%s); using SDPA's GQA path", exc)
-                    self.prefill_attention = "sdpa_gqa"
-                    self.prefill_attention_report = {"error": first_line(exc)[:200]}
-                # whole-step timings last: they run the step with every path chosen above
-                self._choose_prebias()
-                self._choose_kv_in_attention(kv_in_attention)
-                self._choose_prefetch(prefetch)
-
-            # host mirror of the slots
-            self._slot_ids: list[list[int]] = [[] for _ in range(S)]
-            self._slot_req: list[_Request | None] = [None] * S
-            self._slot_used = [0.0] * S
-            self._running: list[_Request] = []
-            self._incoming: deque[_Request] = deque()
-            # admitted (slot taken), prompt still going into the cache: whole when nothing decodes,
-            # else `prefill_chunk` tokens between two decode steps (_next_prefill picks which)
-            self._prefilling: list[_Request] = []
-            self.prefill_chunk = max(1, int(prefill_chunk))
-            self._cv = threading.Condition()
-            self._closed = False
-            self._broken: BaseException | None = None
-            self.stats = {"requests": 0, "prefill_tokens": 0, "reused_tokens": 0, "steps": 0, "tokens": 0, "max_rows": 0,
-                          "wait_s": 0.0, "host_bound_steps": 0, "prefill_s": 0.0, "prefill_chunks": 0,
-                          "spec_steps": 0, "spec_shared_steps": 0, "spec_drafted": 0, "spec_accepted": 0}
-            self._graphs: dict[tuple[int, int], Any] = {}
-            self._spec_graphs: dict[int, Any] = {}
-            self.spec_error: str | None = None
-            self._pinned = None
-            self._spec_host_ctl = self._spec_host_out = None  # pinned staging (CUDA)
-            if on_cuda:
-                self._pinned = [torch.empty(S, dtype=torch.long, pin_memory=True) for _ in range(2)]
-                self._spec_host_ctl = torch.empty(5 * self.spec_tokens, dtype=torch.long, pin_memory=True)
-                self._spec_host_out = torch.empty(2 * self.spec_tokens, dtype=torch.long, pin_memory=True)
-            self._flip = 0
-
-            self.graph_error: str | None = None
-            with torch.inference_mode():
-                if self.use_graphs:
-                    report(f"Capturing {len(self.batch_buckets) * len(self.length_buckets)} decode graphs")
-                    self._capture_with_fallback()
-                    if self.use_graphs and self.spec_tokens > 1:
-                        self._capture_verify()
-                self._warm_prefill()
-            self.graphs_captured = len(self._graphs) + len(self._spec_graphs)
-            # speculate (benchmarks switch it off to time plain decoding)
-            self.speculation = self.spec_tokens > 1
-            self._draft_source: Callable[[list[int]], Any] = PromptLookup
-            self.description = (
-                (description or "model")
-                + f" · fast engine ({S} slots × {self.max_len} positions, "
-                + f"{'CUDA graphs' if self.use_graphs else 'eager steps'}, {self.attention} attention"
-                + (", fused norms" if self.fused else "")
-                + (f", prompt-lookup speculation of {self.spec_tokens - 1} tokens" if self.spec_tokens > 1 else "")
-                + ")"
             )
-            self._thread = threading.Thread(target=self._loop, name="starchat-fast-engine", daemon=True)
-            self._thread.start()
-            self.spec_check: dict[str, Any] | None = None
-            if self.speculation:
-                self._check_speculation()
-            self.choices.save()
-            self.ready_s = time.monotonic() - started
+        state = None  # the dict of references only: the tensors are the model's own
+        self.vocab = self.lm_head.shape[0]
+        self.top_k_cap = min(TOP_K_CAP, self.vocab)
+
+        if stop_ids is None:
+            from .local import STOP_TOKENS
+
+            stops: set[int] = set()
+            if tokenizer is not None:
+                vocab = tokenizer.get_vocab()
+                stops = {vocab[t] for t in STOP_TOKENS if t in vocab}
+                if tokenizer.eos_token_id is not None:
+                    stops.add(tokenizer.eos_token_id)
+            stop_ids = sorted(stops)
+        self.stop_ids = list(stop_ids)
+        self._stop_set = set(self.stop_ids)
+
+        self.max_batch = int(max_batch)
+        self.slots = self.max_batch
+        self.batch_buckets = batch_buckets(self.max_batch)
+        self.length_buckets = length_buckets(self.max_len)
+        on_cuda = dev.type == "cuda"
+        self.use_graphs = on_cuda if use_graphs is None else (bool(use_graphs) and on_cuda)
+
+        S, L, D = self.slots, self.n_layer, self.head_dim
+        with torch.inference_mode():
+            # zeros once so that idle rows always attend to finite numbers
+            self.cache = torch.zeros((L, S, self.max_len + 1, 2 * D), device=dev, dtype=self.dtype)
+            # token, position and seen-token mask have one more entry than there are slots: the
+            # speculative step sends the writes of rows that must write nothing to entry S
+            self.tok = torch.zeros(S + 1, device=dev, dtype=torch.long)
+            self.pos = torch.zeros(S + 1, device=dev, dtype=torch.long)
+            self.active = torch.zeros(S, device=dev, dtype=torch.bool)
+            self.temp = torch.zeros(S, device=dev, dtype=torch.float32)
+            self.topk = torch.full((S,), self.top_k_cap, device=dev, dtype=torch.long)
+            self.topp = torch.ones(S, device=dev, dtype=torch.float32)
+            self.penalty = torch.ones(S, device=dev, dtype=torch.float32)
+            self.seed = torch.zeros(S, device=dev, dtype=torch.long)
+            self.seen = torch.zeros((S + 1, self.vocab), device=dev, dtype=torch.bool)
+            self._rows = torch.arange(S, device=dev)
+            self._ranks = torch.arange(self.top_k_cap, device=dev)
+            self._arange_len = torch.arange(self.max_len, device=dev)
+            # the speculative step (prompt lookup): R = speculate + 1 query rows, each a running
+            # request's last token or one of its drafts (see _verify_step)
+            R = self.spec_tokens = max(1, int(speculate) + 1)
+            self.spec_ctl = torch.zeros(5 * R, device=dev, dtype=torch.long)  # filled by one copy
+            (self.spec_in, self.spec_slot, self.spec_off, self.spec_start, self.spec_used) = self.spec_ctl.view(5, R).unbind(0)
+            self.spec_out = torch.zeros(2 * R, device=dev, dtype=torch.long)  # samples, kept
+            tri = [(i, j) for i in range(R) for j in range(1, i + 1)]  # row j's token precedes row i
+            self._spec_tri_rows = torch.tensor([i for i, _ in tri], device=dev, dtype=torch.long)
+            self._spec_tri_cols = torch.tensor([j for _, j in tri], device=dev, dtype=torch.long)
+            self._spec_tri_true = torch.ones(len(tri), device=dev, dtype=torch.bool)
+            self._spec_ones = torch.ones(R, device=dev, dtype=torch.long)
+            self._spec_true = torch.ones(R, device=dev, dtype=torch.bool)
+            self._spec_false = torch.zeros(1, device=dev, dtype=torch.bool)
+        self._sample_params = {"penalty": self.penalty, "temp": self.temp, "topk": self.topk, "topp": self.topp, "seed": self.seed}
+
+        # what start-up timing decided before, for this GPU, software and engine shape
+        requested = dict(attention=attention, fused=fused, prefill_attention=prefill_attention, gemv=gemv,
+                         fused_sampling=fused_sampling, kv_in_attention=kv_in_attention, prefetch=prefetch,
+                         use_graphs=self.use_graphs)
+        self.choices = Choices(default_path() if on_cuda else None, *_engine_fingerprint(self, torch, speculate, requested))
+        # every switchable path off until its chooser decides (a whole-step timing runs the
+        # step with the paths chosen before it and the later ones off)
+        self.gelu_epilogue = "tanh" if dev.type == "cuda" else "off"
+        self.prebias = self.kv_in_attention = self.sample_kernels = False
+        self._l2 = self._side = None  # L2 prefetch on a side stream (_choose_prefetch, after the other paths)
+        self.attention = self._choose_attention(attention)
+        self.fused = self._choose_fused(fused)
+        self._triton: dict[tuple[int, int], Any] = {}
+        if self.attention == "triton":
+            from .mqa_triton import TritonMQADecode
+
+            for b in self.batch_buckets:
+                for n in self.length_buckets:
+                    self._triton[(b, n)] = TritonMQADecode(b, n, self.n_head, D, dev, self.dtype)
+            if self.spec_tokens > 1:
+                for n in self.length_buckets:
+                    self._triton[("verify", n)] = TritonMQADecode(self.spec_tokens, n, self.n_head, D, dev, self.dtype)
+        self._gemv: dict[str, Any] = {}
+        self._gemv_ops: dict[tuple[str, int], Any] = {}
+        self.gemv_report: dict[str, Any] = {}
+        with torch.inference_mode():
+            self._choose_gelu_fusion()
+            self._choose_sampling(fused_sampling)
+            try:
+                self._choose_gemv(gemv)
+            except Exception as exc:
+                log.warning("choosing the batch-1 GEMV failed (%s); cuBLAS everywhere", exc)
+                self._gemv = {}
+                self.gemv_report["error"] = first_line(exc)[:200]
+            try:
+                self._choose_prefill_attention(prefill_attention)
+            except Exception as exc:  # the first run's path
+                log.warning("choosing the prefill attention failed (%s); using SDPA's GQA path", exc)
+                self.prefill_attention = "sdpa_gqa"
+                self.prefill_attention_report = {"error": first_line(exc)[:200]}
+            # whole-step timings last: they run the step with every path chosen above
+            self._choose_prebias()
+            self._choose_kv_in_attention(kv_in_attention)
+            self._choose_prefetch(prefetch)
+
+        # host mirror of the slots
+        self._slot_ids: list[list[int]] = [[] for _ in range(S)]
+        self._slot_req: list[_Request | None] = [None] * S
+        self._slot_used = [0.0] * S
+        self._running: list[_Request] = []
+        self._incoming: deque[_Request] = deque()
+        # admitted (slot taken), prompt still going into the cache: whole when nothing decodes,
+        # else `prefill_chunk` tokens between two decode steps (_next_prefill picks which)
+        self._prefilling: list[_Request] = []
+        self.prefill_chunk = max(1, int(prefill_chunk))
+        self._cv = threading.Condition()
+        self._closed = False
+        self._broken: BaseException | None = None
+        self.stats = {"requests": 0, "prefill_tokens": 0, "reused_tokens": 0, "steps": 0, "tokens": 0, "max_rows": 0,
+                      "wait_s": 0.0, "host_bound_steps": 0, "prefill_s": 0.0, "prefill_chunks": 0,
+                      "spec_steps": 0, "spec_shared_steps": 0, "spec_drafted": 0, "spec_accepted": 0}
+        self._graphs: dict[tuple[int, int], Any] = {}
+        self._spec_graphs: dict[int, Any] = {}
+        self.spec_error: str | None = None
+        self._pinned = None
+        self._spec_host_ctl = self._spec_host_out = None  # pinned staging (CUDA)
+        if on_cuda:
+            self._pinned = [torch.empty(S, dtype=torch.long, pin_memory=True) for _ in range(2)]
+            self._spec_host_ctl = torch.empty(5 * self.spec_tokens, dtype=torch.long, pin_memory=True)
+            self._spec_host_out = torch.empty(2 * self.spec_tokens, dtype=torch.long, pin_memory=True)
+        self._flip = 0
+
+        self.graph_error: str | None = None
+        with torch.inference_mode():
+            if self.use_graphs:
+                report(f"Capturing {len(self.batch_buckets) * len(self.length_buckets)} decode graphs")
+                self._capture_with_fallback()
+                if self.use_graphs and self.spec_tokens > 1:
+                    self._capture_verify()
+            self._warm_prefill()
+        self.graphs_captured = len(self._graphs) + len(self._spec_graphs)
+        # speculate (benchmarks switch it off to time plain decoding)
+        self.speculation = self.spec_tokens > 1
+        self._draft_source: Callable[[list[int]], Any] = PromptLookup
+        self.description = (
+            (description or "model")
+            + f" · fast engine ({S} slots × {self.max_len} positions, "
+            + f"{'CUDA graphs' if self.use_graphs else 'eager steps'}, {self.attention} attention"
+            + (", fused norms" if self.fused else "")
+            + (f", prompt-lookup speculation of {self.spec_tokens - 1} tokens" if self.spec_tokens > 1 else "")
+            + ")"
+        )
+        self._thread = threading.Thread(target=self._loop, name="starchat-fast-engine", daemon=True)
+        self._thread.start()
+        self.spec_check: dict[str, Any] | None = None
+        if self.speculation:
+            self._check_speculation()
+        self.choices.save()
+        self.ready_s = time.monotonic() - started
 
     # ------------------------------------------------------------------ loading
     @classmethod

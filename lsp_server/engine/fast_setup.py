@@ -48,7 +48,7 @@ def have_triton() -> bool:
 
 
 @contextmanager
-def _ieee_float32_matmul(torch):
+def ieee_float32_matmul(torch):
     """float32 matmuls in full precision (no TF32) inside the block. The ``fp32_precision``
     API where torch has it: since torch 2.9 reading the old ``allow_tf32`` flag raises once
     anything in the process has used the new one."""
@@ -162,7 +162,7 @@ class StartUp:
         # erf form would be a real (if small) numerical difference, so it is refused.
         self.gelu_epilogue = "unknown"
         try:
-            with _ieee_float32_matmul(torch):
+            with ieee_float32_matmul(torch):
                 a32, w32, b32 = h_in[:, :512].float(), fcw[:256, :512].float(), fcb[:256].float()
                 g32 = torch._addmm_activation(b32, a32, w32.t(), use_gelu=True)
                 lin = F.linear(a32, w32, b32)

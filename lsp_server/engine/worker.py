@@ -85,10 +85,6 @@ class Worker:
         with self._turn:
             return self._live_waiting()
 
-    @property
-    def running(self) -> int:
-        return self._active
-
     def close(self, wait: float = 3.0) -> None:
         """Stop what runs (each generation stops before its next step), drop what waits, and
         wait a little for the threads to be idle: a thread inside torch when the interpreter
@@ -120,7 +116,7 @@ class Worker:
         """(Under ``_turn``.) The most urgent waiting item if it may start now, marked running."""
         while self._heap:
             item = self._heap[0]
-            if _dropped(item) or item[3].done():
+            if _dropped(item):
                 heapq.heappop(self._heap)
                 item[3].cancel()
                 continue

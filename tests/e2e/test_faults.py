@@ -358,6 +358,21 @@ def _tcp_initialize(sock: socket.socket, buffer: bytearray, token: str | None, m
     return _read_message(sock, buffer)
 
 
+def _tcp_reconnect(port: int, token: str | None) -> tuple[socket.socket, bytearray, dict]:
+    """A new connection after the last one ended, and its initialize reply: a connection made
+    before the server saw the last one end is closed, so it is tried again."""
+    import time
+
+    for _ in range(50):
+        sock, buffer = _tcp_connect(port), bytearray()
+        try:
+            return sock, buffer, _tcp_initialize(sock, buffer, token)
+        except ConnectionError:
+            sock.close()
+            time.sleep(0.2)
+    raise AssertionError("no new TCP session in 10 s")
+
+
 def _code_actions(uri: str, msg_id: object) -> dict:
     here = {"line": 0, "character": 0}
     return {"jsonrpc": "2.0", "id": msg_id, "method": "textDocument/codeAction", "params": {"textDocument": {"uri": uri}, "range": {"start": here, "end": here}, "context": {"diagnostics": []}}}
@@ -391,8 +406,6 @@ def test_a_second_tcp_connection_while_one_is_open_is_closed_and_the_first_keeps
 
 
 def test_after_a_tcp_editor_disconnects_the_next_connection_starts_afresh(test_model):
-    import time
-
     from .test_server import _read_message
     from lsp_server.testing.wire import frame
 
@@ -405,14 +418,7 @@ def test_after_a_tcp_editor_disconnects_the_next_connection_starts_afresh(test_m
             first.sendall(frame({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": "x = 1\n"}}}))
             first.sendall(frame(_code_actions(uri, 1)))
             assert "result" in _read_message(first, buffer)
-        for _ in range(50):  # a connection made before the server saw the first one end is closed: try again
-            sock, buffer = _tcp_connect(port), bytearray()
-            try:
-                reply = _tcp_initialize(sock, buffer, None)
-                break
-            except ConnectionError:
-                sock.close()
-                time.sleep(0.2)
+        sock, buffer, reply = _tcp_reconnect(port, None)
         with sock:
             assert reply["error"]["code"] == -32600  # the token is checked again
             assert "result" in _tcp_initialize(sock, buffer, "s3cret", "init2")  # a new session
@@ -427,8 +433,6 @@ def test_after_a_tcp_editor_disconnects_the_next_connection_starts_afresh(test_m
 
 
 def test_a_request_left_running_by_a_gone_tcp_editor_answers_nobody_else(test_model):
-    import time
-
     from .test_server import _read_message
     from lsp_server.testing.wire import frame
 
@@ -441,14 +445,7 @@ def test_a_request_left_running_by_a_gone_tcp_editor_answers_nobody_else(test_mo
             first.sendall(frame({"jsonrpc": "2.0", "id": 1, "method": "starchat/chat", "params": chat_params(sc.LONG_QUESTION, maxNewTokens=1500, partialResultToken="p")}))
             while not ((m := _read_message(first, buffer)).get("method") == "$/progress" and m["params"]["token"] == "p"):
                 pass  # generating
-        for _ in range(50):
-            sock, buffer = _tcp_connect(port), bytearray()
-            try:
-                reply = _tcp_initialize(sock, buffer, "s3cret")
-                break
-            except ConnectionError:
-                sock.close()
-                time.sleep(0.2)
+        sock, buffer, reply = _tcp_reconnect(port, "s3cret")
         with sock:
             assert "result" in reply
             sock.sendall(frame({"jsonrpc": "2.0", "method": "initialized", "params": {}}))
