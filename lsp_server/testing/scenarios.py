@@ -57,6 +57,7 @@ class CodeScenario:
     answer: str
     question: str = ""
     path: str = "calc.py"
+    ends: bool = True  # False: the answer goes on (for tests that stop it)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ CODE_SCENARIOS = [
     CodeScenario(Task.TESTS, AVERAGE, TESTS_ANSWER),
     CodeScenario(Task.EXPLAIN, AVERAGE, EXPLAIN_ANSWER),
     CodeScenario(Task.ASK, AVERAGE, ASK_ANSWER, question=ASK_QUESTION),
+    CodeScenario(Task.ASK, AVERAGE, LONG_ANSWER_UNIT * 120, question=LONG_QUESTION, ends=False),
 ]
 
 CHAT_SCENARIOS = [

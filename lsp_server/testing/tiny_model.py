@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 RECIPE_VERSION = 3
 CONTEXT_WINDOW = 2048
+STAMP = "starchat-test-model.json"
 SPECIAL_TOKENS = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 EXTRA_CORPUS = """def add(a, b):\n    return a + b\n\nclass Stack:\n    def push(self, item):\n        self.items.append(item)\n
@@ -101,7 +103,7 @@ def training_pairs(tokenizer) -> list[tuple[list[int], list[int], bool]]:
                     path=path,
                     language=sc.LANGUAGE,
                 )
-                pairs.append((prompt.ids, encode_answer(scenario.answer, True), True))
+                pairs.append((prompt.ids, encode_answer(scenario.answer, scenario.ends), scenario.ends))
     for path in ("calc.py", ""):
         lines = split_lines(sc.CALC_PY)
         hovered = hover_prompt(
@@ -174,14 +176,41 @@ def _reproduces(model, tokenizer, pairs) -> list[int]:
 
 
 def build(out_dir: Path, steps: int = 120, force: bool = False) -> Path:
+    """The test model in ``out_dir``, built unless a build of the same recipe is there. Builds
+    are serialised by a lock beside the folder and swapped in whole: processes that build at
+    once (test runs in parallel) build once, and none reads a half-written model."""
+    import fcntl
+    import shutil
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    fingerprint = recipe_fingerprint()
+
+    def built() -> bool:
+        stamp = out_dir / STAMP
+        return stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint
+
+    if not force and built():
+        return out_dir
+    with open(out_dir.parent / f"{out_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and built():  # another process built it while this one waited
+            return out_dir
+        building = out_dir.parent / f"{out_dir.name}.building-{os.getpid()}"
+        shutil.rmtree(building, ignore_errors=True)
+        _build_into(building, steps, fingerprint)
+        old = out_dir.parent / f"{out_dir.name}.old-{os.getpid()}"
+        if out_dir.exists():
+            out_dir.rename(old)
+        building.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def _build_into(out_dir: Path, steps: int, fingerprint: str) -> None:
     import torch
     from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
-    out_dir = Path(out_dir)
-    stamp = out_dir / "starchat-test-model.json"
-    fingerprint = recipe_fingerprint()
-    if not force and stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
-        return out_dir
     started = time.monotonic()
     torch.manual_seed(0)
     corpus = [sc.CALC_PY, EXTRA_CORPUS, Settings().system_prompt]
@@ -215,12 +244,11 @@ def build(out_dir: Path, steps: int = 120, force: bool = False) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    stamp.write_text(
+    (out_dir / STAMP).write_text(
         json.dumps(
             {"fingerprint": fingerprint, "loss": loss, "pairs": len(pairs), "seconds": round(time.monotonic() - started, 1)}
         )
     )
-    return out_dir
 
 
 def main(argv: list[str] | None = None) -> int:
