@@ -28,7 +28,7 @@ from .config import Settings, merge, reloads_model
 from .engine import Busy, Engine, EngineError, Generation, Priority, Sampling, Worker, load_engine, stream
 from .prompts import PromptFormat, format_for
 from .protocol import STATUS, StatusParams
-from .transport import StarChatProtocol, StreamReaderAdapter, serve
+from .transport import COMMAND_WORK_DONE_TOKEN, StarChatProtocol, StreamReaderAdapter, serve
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,9 @@ class StarChatServer(LanguageServer):
         self.engine: Engine | None = None  # the loaded one, closed on reload
         self.engine_ready: asyncio.Future[Engine] | None = None
         self.configured = asyncio.Event()  # set once `initialized` has gathered the settings
+        self._pulls = 0  # settings pulls under way (didChangeConfiguration)
+        self._settled = asyncio.Event()  # set while none is
+        self._settled.set()
         self.converter = self.protocol._converter
         self.hover_cache: OrderedDict[tuple, types.Hover | None] = OrderedDict()
         self._background: set[asyncio.Task] = set()
@@ -91,6 +94,24 @@ class StarChatServer(LanguageServer):
         old, self.settings = self.settings, settings
         self.worker.queue_size = settings.queue_size
         return reloads_model(old, settings)
+
+    async def pulling_settings(self, pull: Callable[[], Any]) -> Any:
+        """Run ``pull`` (the editor's settings, after didChangeConfiguration); requests that
+        arrive meanwhile wait for it (``settled_settings``), so that a request sent right after
+        a settings change runs with the new settings."""
+        self._pulls += 1
+        self._settled.clear()
+        try:
+            return await pull()
+        finally:
+            self._pulls -= 1
+            if not self._pulls:
+                self._settled.set()
+
+    async def settled_settings(self) -> Settings:
+        """The settings, once no pull of the editor's is under way."""
+        await self._settled.wait()
+        return self.settings
 
     # ---- engine ---------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -145,6 +166,7 @@ class StarChatServer(LanguageServer):
     async def ready_engine(self) -> Engine:
         """The loaded engine; waits (bounded, with progress) while the client finishes
         initializing and the model loads (again, if settings changed meanwhile)."""
+        await self.settled_settings()
         ready = self.engine_ready
         if ready is None or not ready.done():
             async with WorkDone(self, "StarChat: waiting for the model to load"):
@@ -178,12 +200,19 @@ class StarChatServer(LanguageServer):
         work_done_token: Any = None,
         on_text: Callable[[str], None] | None = None,
     ) -> Generation:
-        """Run the model with progress; cancelling the calling task stops the decoding loop."""
+        """Run the model with progress (``work_done_token``, else a command request's own, else
+        one the server creates); cancelling the calling task stops the decoding loop."""
+        if work_done_token is None:
+            work_done_token = COMMAND_WORK_DONE_TOKEN.get()
         engine = await self.ready_engine()
         sampling = Sampling.from_settings(self.settings, max_new_tokens)
         async with WorkDone(self, title, token=work_done_token, cancellable=True) as progress:
+            streamed = 0
+
             def on_count(tokens: int) -> None:
-                progress.report(f"{tokens} token{'s' if tokens != 1 else ''}", throttle=True)
+                nonlocal streamed
+                streamed = tokens
+                progress.report(_tokens(tokens), throttle=True)
 
             def on_piece(delta: str) -> None:
                 if on_text is not None:
@@ -195,7 +224,11 @@ class StarChatServer(LanguageServer):
                 generation = await stream(self.worker, engine, prompt_ids, sampling, priority, on_piece, on_count,
                                           time_limit=self.settings.request_timeout)
             except (Busy, EngineError) as exc:
+                progress.end_message = f"Failed after {_tokens(streamed)}"
                 raise RequestFailed(str(exc)) from None
+            except asyncio.CancelledError:
+                progress.end_message = f"Stopped after {_tokens(streamed)}"
+                raise
             finally:
                 self._generating -= 1
                 ready = self.engine_ready
@@ -203,6 +236,7 @@ class StarChatServer(LanguageServer):
                     self.status("ready", f"Ready: {ready.result().description}")
             if generation.finish_reason == "cancelled":  # stopped by shutdown: no half answer
                 raise JsonRpcRequestCancelled("The server is shutting down; the request was stopped.")
+            progress.end_message = _tokens(generation.completion_tokens)
             return generation
 
     # ---- documents ------------------------------------------------------------------------
@@ -311,15 +345,17 @@ class StarChatServer(LanguageServer):
         self.leave(0 if self.protocol._shutdown else 1)
 
     def start_tcp(self, host: str, port: int) -> None:
-        """Serve TCP, one editor connection at a time: a connection made while another is open is
-        closed at once (the open one keeps the server). When the editor disconnects, its session is
-        forgotten (requests cancelled, documents dropped) and the next connection starts afresh: it
-        must ``initialize`` again, with the token when one is required. After ``shutdown`` (or
-        ``exit``) the process ends, as over stdio."""
+        """Serve TCP, one editor connection at a time: a connection made while another stays open
+        for one more second is closed (the open one keeps the server; the second lets an editor
+        reconnect before the end of its old connection has been seen). When the editor
+        disconnects, its session is forgotten (requests cancelled, documents dropped) and the
+        next connection starts afresh: it must ``initialize`` again, with the token when one is
+        required. After ``shutdown`` (or ``exit``) the process ends, as over stdio."""
         from .transport import DiscardWriter, keep_alive
 
         self.serving_tcp = True  # the editor did not start this process: its processId is not watched
-        connected = False
+        free = asyncio.Event()  # no editor connected
+        free.set()
         previous: asyncio.Future | None = None  # the last session's end, awaited before the next begins
 
         async def forget(pending: list[asyncio.Future]) -> None:
@@ -330,13 +366,18 @@ class StarChatServer(LanguageServer):
             await asyncio.sleep(0)  # their replies, to the discarding writer
 
         async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            nonlocal connected, previous
+            nonlocal previous
             peer = writer.get_extra_info("peername")
-            if connected:
-                log.warning("refused a TCP connection from %s: another editor is connected", peer)
-                writer.close()
-                return
-            connected = True
+            # an editor reconnecting may get here before the end of its old connection is seen
+            deadline = asyncio.get_running_loop().time() + 1.0
+            while not free.is_set():  # again after waking: another connection may have taken it
+                try:
+                    await asyncio.wait_for(free.wait(), deadline - asyncio.get_running_loop().time())
+                except TimeoutError:
+                    log.warning("refused a TCP connection from %s: another editor is connected", peer)
+                    writer.close()
+                    return
+            free.clear()
             try:
                 if previous is not None:
                     await previous
@@ -358,7 +399,7 @@ class StarChatServer(LanguageServer):
                 self.configured.clear()
                 self.hover_cache.clear()
                 previous = asyncio.ensure_future(forget(pending))
-                connected = False
+                free.set()
 
         async def main() -> None:
             server = await asyncio.start_server(connection, host, port)
@@ -381,14 +422,19 @@ class StarChatServer(LanguageServer):
         finally:
             os._exit(code)
 
-    def close(self) -> None:
-        """After ``shutdown``: stop all work and send nothing more."""
+    def close(self, wait: float = 3.0) -> None:
+        """Stop all work and send nothing more; wait up to ``wait`` seconds for the engine's
+        threads to stop."""
         if self.shutting_down:
             return
         self.shutting_down = True
         for task in list(self._background):
             task.cancel()
-        self.worker.close()
+        self.worker.close(wait)
+
+
+def _tokens(count: int) -> str:
+    return f"{count} token{'s' if count != 1 else ''}"
 
 
 class _Superseded(Exception):
@@ -405,6 +451,7 @@ class WorkDone:
         self.title = title
         self.token = token
         self.cancellable = cancellable
+        self.end_message: str | None = None  # the outcome, sent with the end
         self._last_report = 0.0
 
     async def __aenter__(self) -> "WorkDone":
@@ -444,5 +491,5 @@ class WorkDone:
     async def __aexit__(self, *exc_info: Any) -> None:
         if self.token is None or self.server.shutting_down:
             return
-        self.server.work_done_progress.end(self.token, types.WorkDoneProgressEnd())
+        self.server.work_done_progress.end(self.token, types.WorkDoneProgressEnd(message=self.end_message))
         self.server.work_done_progress.tokens.pop(self.token, None)

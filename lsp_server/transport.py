@@ -16,10 +16,12 @@ in the negotiated position encoding, whole or not at all, and ignores one for an
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import re
 import socket
+from contextvars import ContextVar
 from typing import Any, Awaitable, Callable, Protocol
 
 import cattrs
@@ -46,6 +48,10 @@ def position_encoding_name(encoding: Any) -> str:
     return str(getattr(encoding, "value", encoding) or "utf-16")
 
 
+# The workDoneToken of the workspace/executeCommand request being served (in its task).
+COMMAND_WORK_DONE_TOKEN: ContextVar[Any] = ContextVar("COMMAND_WORK_DONE_TOKEN", default=None)
+
+
 class ByteReader(Protocol):
     def readline(self) -> Awaitable[bytes]: ...
 
@@ -59,6 +65,29 @@ class StarChatProtocol(LanguageServerProtocol):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.documents: dict[str, Document] = {}
+        self._watchers: dict[str, list[Callable[[], None]]] = {}
+
+    def watch(self, uri: str, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` after each change to ``uri`` that was applied, and when it is closed
+        (on the event loop, before the feature handlers see it). Returns the function that stops
+        the watch."""
+        self._watchers.setdefault(uri, []).append(callback)
+
+        def stop() -> None:
+            callbacks = self._watchers.get(uri, [])
+            if callback in callbacks:
+                callbacks.remove(callback)
+            if not callbacks:
+                self._watchers.pop(uri, None)
+
+        return stop
+
+    def _changed(self, uri: str) -> None:
+        for callback in list(self._watchers.get(uri, ())):
+            try:
+                callback()
+            except Exception:
+                log.exception("a document watcher failed")
 
     def negotiated_encoding(self) -> str:
         """The position encoding of this session's client ("utf-16" before ``initialize``). A
@@ -79,6 +108,7 @@ class StarChatProtocol(LanguageServerProtocol):
         document = self.documents.get(params.text_document.uri)
         if document is not None and not self._apply_changes(document, params):
             return
+        self._changed(params.text_document.uri)
         yield from self._user_handler(types.TEXT_DOCUMENT_DID_CHANGE, params)
 
     def _apply_changes(self, document: Document, params: types.DidChangeTextDocumentParams) -> bool:
@@ -109,6 +139,7 @@ class StarChatProtocol(LanguageServerProtocol):
             # silently, a forgotten one says so (the editor must reopen it).
             log.exception("a didChange failed part-way: the document is dropped")
             self.documents.pop(document.uri, None)
+            self._changed(document.uri)
             return False
         document.version = version
         return True
@@ -133,9 +164,29 @@ class StarChatProtocol(LanguageServerProtocol):
         self.documents = {}
         return [future for future in pending.values() if isinstance(future, asyncio.Future)]
 
+    @lsp_method(types.WORKSPACE_EXECUTE_COMMAND)
+    async def lsp_workspace__execute_command(self, params: types.ExecuteCommandParams) -> Any:
+        """As pygls's, but the command runs in the request's own task. pygls runs it as a step of
+        a generator under an id of its own, which ``$/cancelRequest`` never reaches: the editor
+        got its cancellation reply while the model went on and the edit was applied anyway. The
+        request's ``workDoneToken`` reaches the command's progress (``COMMAND_WORK_DONE_TOKEN``):
+        pygls hands a command its arguments only."""
+        from pygls.protocol.language_server import _prepare_command_arguments
+
+        if (handler := self.fm.commands.get(params.command)) is None:
+            raise JsonRpcInvalidParams.of(ValueError(f"Command name {params.command!r} is not defined"))
+        try:
+            args, kwargs = _prepare_command_arguments(handler, params, self._converter)
+        except Exception as exc:
+            raise JsonRpcInvalidParams.of(exc) from None
+        COMMAND_WORK_DONE_TOKEN.set(params.work_done_token)  # this task's own context
+        result = handler(*args, **kwargs)
+        return await result if inspect.isawaitable(result) else result
+
     @lsp_method(types.TEXT_DOCUMENT_DID_CLOSE)
     def lsp_text_document__did_close(self, params: types.DidCloseTextDocumentParams):
         self.documents.pop(params.text_document.uri, None)
+        self._changed(params.text_document.uri)
         yield from self._user_handler(types.TEXT_DOCUMENT_DID_CLOSE, params)
 
     def _user_handler(self, method: str, params: Any):
@@ -161,6 +212,17 @@ class StarChatProtocol(LanguageServerProtocol):
                 self._send_response(message.id, error=error.to_response_error())
                 return
         super().handle_message(message)
+
+    def _handle_response(self, msg_id: Any, result: Any = None, error: Any = None) -> None:
+        """A reply to one of the server's requests. pygls sets it on the request's future even
+        when the server stopped waiting (a chat cancelled while it asked the client for a
+        progress token), which raised InvalidStateError: such a reply is dropped."""
+        future = self._request_futures.get(msg_id)
+        if future is not None and future.done():
+            self._request_futures.pop(msg_id, None)
+            log.debug("dropped the reply to %s: nothing waits for it any more", msg_id)
+            return
+        super()._handle_response(msg_id, result, error)
 
     def _send_response(self, msg_id: Any, result: Any = None, error: Any = None) -> None:
         if error is not None:

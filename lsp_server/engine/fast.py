@@ -455,6 +455,8 @@ class FastEngine(StartUp, Graphs, StepMath):
             raise EngineError(f"The prompt has {len(prompt)} tokens; the context window is {self.max_len}.")
         if should_stop():
             return [], "cancelled"
+        if sampling.max_new_tokens <= 0:
+            return [], "length"
         req = _Request(prompt, sampling, should_stop, priority=int(priority))
         if self.spec_tokens > 1:
             req.lookup = self._draft_source(prompt)  # built here, not on the scheduler thread

@@ -87,8 +87,8 @@ class Worker:
 
     def close(self, wait: float = 3.0) -> None:
         """Stop what runs (each generation stops before its next step), drop what waits, and
-        wait a little for the threads to be idle: a thread inside torch when the interpreter
-        exits can abort the process."""
+        wait up to ``wait`` seconds for the threads to be idle (``wait_idle``): a thread inside
+        torch when the interpreter exits can abort the process."""
         with self._turn:
             self._closed = True
             for stop in self._stops:
@@ -99,7 +99,12 @@ class Worker:
                 future.cancel()
             self._heap.clear()
             self._turn.notify_all()
-            self._turn.wait_for(lambda: self._active == 0, timeout=wait)
+        self.wait_idle(wait)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Blocking: wait up to ``timeout`` seconds until nothing runs; whether nothing does."""
+        with self._turn:
+            return self._turn.wait_for(lambda: self._active == 0, timeout=timeout)
 
     def _live_waiting(self) -> int:
         """(Under ``_turn``.) Drops the items cancelled while waiting; how many are left."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from lsprotocol import types
+from pygls.exceptions import JsonRpcInvalidParams
 
 from ..prompts import Message, PromptTooLong
 from ..prompts.requests import chat_prompt, prompt_budget
@@ -18,6 +19,8 @@ def register(server: StarChatServer) -> None:
     @server.feature(CHAT)
     async def chat(ls: StarChatServer, raw: Any) -> Answer:
         params: ChatParams = structure(ls.converter, raw, ChatParams)
+        if params.max_new_tokens is not None and params.max_new_tokens < 1:
+            raise JsonRpcInvalidParams("maxNewTokens must be at least 1.")
         if not params.messages or params.messages[-1].role != "user":
             raise RequestFailed("The last message of a chat must be the user's.")
         text = path = language = None

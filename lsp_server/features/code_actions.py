@@ -8,7 +8,7 @@ from pygls.exceptions import JsonRpcContentModified
 from ..prompts import Task
 from ..protocol import CLIENT_ASK_QUESTION, CMD_EXPLAIN, CMD_RUN_TASK, CodeActionData, SelectionArgs, structure
 from ..server import StarChatServer, looks_secret
-from .common import answer_about, edited, selection, task_edit
+from .common import answer_for_edit, selection, task_edit
 
 KINDS = {
     Task.FIX: "quickfix.starchat.fix",
@@ -82,7 +82,7 @@ def register(server: StarChatServer) -> None:
             raise JsonRpcContentModified(
                 f"The document changed (version {data.version} → {sel.version}) since the action was offered; ask again."
             )
-        generation = await answer_about(ls, sel, data.task)
-        action.edit = task_edit(ls, edited(ls, sel, JsonRpcContentModified), data.task, generation)
+        generation, sel = await answer_for_edit(ls, sel, data.task, changed=JsonRpcContentModified)
+        action.edit = task_edit(ls, sel, data.task, generation)
         return action
 

@@ -11,7 +11,7 @@ from ..prompts import Task
 from ..protocol import CMD_ASK, CMD_EDIT, CMD_EXPLAIN, CMD_RUN_TASK, Answer, SelectionArgs, structure
 from ..server import RequestFailed, StarChatServer
 from ..text import detect_eol
-from .common import answer_about, code_indent, edited, proposed_code, selection, task_edit, to_position, workspace_edit
+from .common import answer_about, answer_for_edit, code_indent, proposed_code, selection, task_edit, to_position, workspace_edit
 
 
 def _args(ls: StarChatServer, arguments: tuple[Any, ...]) -> SelectionArgs:
@@ -56,8 +56,8 @@ def register(server: StarChatServer) -> None:
         sel = selection(ls, args.text_document.uri, args.range)
         if args.version is not None and sel.version != args.version:
             raise RequestFailed(f"The document changed (version {args.version} → {sel.version}); ask again.")
-        generation = await answer_about(ls, sel, args.task)
-        await _apply(ls, task_edit(ls, edited(ls, sel), args.task, generation), f"StarChat: {args.task.title}")
+        generation, sel = await answer_for_edit(ls, sel, args.task)
+        await _apply(ls, task_edit(ls, sel, args.task, generation), f"StarChat: {args.task.title}")
         return Answer.of(generation)
 
     @server.command(CMD_EDIT)
@@ -67,8 +67,7 @@ def register(server: StarChatServer) -> None:
         if not args.instruction.strip():
             raise RequestFailed("starchat.edit needs an instruction")
         sel = selection(ls, args.text_document.uri, args.range)
-        generation = await answer_about(ls, sel, Task.ASK, question=args.instruction)
-        sel = edited(ls, sel)
+        generation, sel = await answer_for_edit(ls, sel, Task.ASK, question=args.instruction)
         if args.mode == "replace":
             edit = task_edit(ls, sel, Task.FIX, generation)
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -140,6 +141,50 @@ async def answer_about(
     return await server.generate(prompt.ids, title=title, priority=priority, work_done_token=work_done_token, on_text=on_text)
 
 
+_CHANGED = "The selected code changed while StarChat was answering, so nothing was changed; ask again."
+
+
+async def answer_for_edit(
+    server: StarChatServer,
+    sel: Selection,
+    task: Task,
+    *,
+    question: str = "",
+    changed: type[Exception] = RequestFailed,
+) -> tuple[Generation, Selection]:
+    """``answer_about`` for an answer that becomes an edit of ``sel``, and where that edit goes
+    now (``current``: moved by typing above or below it). Typing that touches the selection,
+    or closing the document, stops the model at once (its answer could no longer be applied)
+    and raises ``changed``; typing elsewhere lets it go on."""
+    task_ = asyncio.current_task()
+    assert task_ is not None
+    stale = False
+
+    def check() -> None:
+        nonlocal stale
+        try:
+            moved = current(server, sel)
+        except RequestFailed:  # closed
+            moved = None
+        if moved is None and not stale:
+            stale = True
+            task_.cancel()
+
+    unwatch = server.protocol.watch(sel.uri, check)
+    try:
+        generation = await answer_about(server, sel, task, question=question)
+    except asyncio.CancelledError:
+        if not stale:
+            raise
+        task_.uncancel()
+    finally:
+        unwatch()
+    now = None if stale else current(server, sel)
+    if now is None:
+        raise changed(_CHANGED)
+    return generation, now
+
+
 def workspace_edit(server: StarChatServer, uri: str, version: int | None, edits: list[types.TextEdit]) -> types.WorkspaceEdit:
     """A ``TextDocumentEdit`` pinned to the version the answer was computed on, when the client
     takes ``documentChanges`` (Neovim does without saying so: it lists resource operations)."""
@@ -174,15 +219,6 @@ def code_indent(sel: Selection) -> str:
 def _line_prefix(sel: Selection) -> str:
     before = sel.text[: sel.start]
     return before[max(before.rfind("\n"), before.rfind("\r")) + 1 :]
-
-
-def edited(server: StarChatServer, sel: Selection, changed: type[Exception] = RequestFailed) -> Selection:
-    """Where an answer's edit goes: ``sel`` in the document as it is now (``current``), or
-    ``changed`` when the user's typing touched the selection while the model answered."""
-    now = current(server, sel)
-    if now is None:
-        raise changed("The selected code changed while StarChat was answering, so nothing was changed; ask again.")
-    return now
 
 
 def proposed_code(generation: Generation, language: str) -> str:

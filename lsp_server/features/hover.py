@@ -18,7 +18,7 @@ CACHE_SIZE = 128
 def register(server: StarChatServer) -> None:
     @server.feature(types.TEXT_DOCUMENT_HOVER)
     async def hover(ls: StarChatServer, params: types.HoverParams) -> types.Hover | None:
-        if not ls.settings.hover_enabled:
+        if not (await ls.settled_settings()).hover_enabled:
             return None
         uri = params.text_document.uri
         if looks_secret(uri):  # asked whenever the pointer rests: no answer, not an error each time

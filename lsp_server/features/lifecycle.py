@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from lsprotocol import types
@@ -9,6 +10,8 @@ from lsprotocol import types
 from ..server import StarChatServer
 
 log = logging.getLogger(__name__)
+
+PULL_TIMEOUT = 10.0  # seconds an editor has to answer workspace/configuration
 
 
 def _supports_configuration(server: StarChatServer) -> bool:
@@ -20,8 +23,9 @@ async def _pull_configuration(server: StarChatServer) -> object:
     if not _supports_configuration(server):
         return None
     try:
-        result = await server.workspace_configuration_async(
-            types.ConfigurationParams(items=[types.ConfigurationItem(section="starchat")])
+        result = await asyncio.wait_for(
+            server.workspace_configuration_async(types.ConfigurationParams(items=[types.ConfigurationItem(section="starchat")])),
+            PULL_TIMEOUT,
         )
     except Exception as exc:  # a client that fails this request still gets a working server
         log.warning("workspace/configuration failed: %s", exc)
@@ -46,16 +50,22 @@ def register(server: StarChatServer) -> None:
 
     @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
     async def configuration_changed(ls: StarChatServer, params: types.DidChangeConfigurationParams) -> None:
-        pulled = await _pull_configuration(ls)
-        if pulled is None and isinstance(params.settings, dict):
-            pulled = params.settings
-        ls.hover_cache.clear()
-        if ls.apply_settings(ls.init_options, pulled) and ls.engine_ready is not None:
-            ls.start_loading()
+        async def pull_and_apply() -> None:
+            pulled = await _pull_configuration(ls)
+            if pulled is None and isinstance(params.settings, dict):
+                pulled = params.settings
+            ls.hover_cache.clear()
+            if ls.apply_settings(ls.init_options, pulled) and ls.engine_ready is not None:
+                ls.start_loading()
+
+        await ls.pulling_settings(pull_and_apply)
 
     @server.feature(types.SHUTDOWN)
     def shutdown(ls: StarChatServer, params: None) -> None:
-        ls.close()
+        # Not waiting for the engine's threads: generations stop before their next step, a
+        # model load cannot be stopped part-way (minutes for a 16B model), and `exit` ends the
+        # process without finalizing the interpreter (StarChatServer.leave).
+        ls.close(wait=0)
 
     @server.feature(types.EXIT)
     def exit(ls: StarChatServer, params: None) -> None:

@@ -9,6 +9,7 @@ fit, :class:`PromptTooLong` says by how much.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -153,9 +154,12 @@ def _has_text(lines: list[str]) -> bool:
 
 
 def _fence(language: str, code: str) -> str:
+    """A Markdown code block around ``code``, its fence longer than any backtick run inside
+    (a Markdown file or a docstring with an example block would otherwise end it early)."""
     if not code.endswith("\n"):
         code += "\n"
-    return f"```{language}\n{code}```"
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", code)), default=0))
+    return f"{fence}{language}\n{code}{fence}"
 
 
 def _code_turn(question: str, ctx: CodeContext, selection: str, before: list[str], after: list[str]) -> str:

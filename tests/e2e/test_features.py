@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import pytest
@@ -113,10 +114,16 @@ async def test_resolve_on_a_changed_document_is_content_modified(editor):
 async def test_explain_command_answers_and_shows_the_answer(editor):
     uri = editor.open()
     args = {"textDocument": {"uri": uri}, "range": editor.client.protocol._converter.unstructure(rng(sc.AVERAGE))}
-    result = await editor.client.workspace_execute_command_async(types.ExecuteCommandParams(command="starchat.explain", arguments=[args]))
+    editor.client.progress_reports["explain-progress"] = []  # a token the client made for this request
+    result = await editor.client.workspace_execute_command_async(
+        types.ExecuteCommandParams(command="starchat.explain", arguments=[args], work_done_token="explain-progress")
+    )
     assert result["text"] == sc.EXPLAIN_ANSWER
     assert result["finishReason"] == "stop"
     assert any(sc.EXPLAIN_ANSWER in m.message for m in editor.client.messages)
+    # the progress goes to the request's own token
+    reports = editor.client.progress_reports["explain-progress"]
+    assert reports[0].title == "StarChat: Explain" and reports[-1].message == f"{result['completionTokens']} tokens"
 
 
 async def test_ask_command_with_a_question(editor):
@@ -150,6 +157,95 @@ async def test_edit_command_inserts_below(editor):
     assert edits[0].range.start == types.Position(line=5, character=0)
     text = apply_text_edits(sc.CALC_PY, edits)
     assert "len(values) + 1\ndef average(values):\n    return sum(values) / len(values)\n\n" in text
+
+
+def configure(editor, **settings) -> None:
+    """Change settings the way an editor does: didChangeConfiguration, then the server pulls
+    them. Requests sent after it run with the new settings (the server holds them until its
+    pull is answered)."""
+    editor.client.set_configuration(settings, section="starchat")
+    editor.client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings=None))
+
+
+async def test_a_request_sent_right_after_a_settings_change_uses_the_new_settings(editor):
+    await chat(editor, [("user", sc.CHAT_QUESTION)], token="before")  # the model is loaded
+    configure(editor, maxNewTokens=3)
+    short = await chat(editor, [("user", sc.CHAT_QUESTION)], token="short")
+    assert (short["finishReason"], short["completionTokens"]) == ("length", 3)
+    configure(editor, maxNewTokens=None)
+    assert (await chat(editor, [("user", sc.CHAT_QUESTION)], token="whole"))["text"] == sc.CHAT_ANSWER
+
+
+def generation_reports(editor, known: set) -> list:
+    """The progress reports of generations begun since ``known`` (a set of tokens) was taken,
+    not of loading the model or waiting for it."""
+    found = []
+    for token, reports in editor.client.progress_reports.items():
+        if token not in known and reports and isinstance(reports[0], types.WorkDoneProgressBegin) and "the model" not in reports[0].title:
+            found += reports
+    return found
+
+
+async def test_typing_in_the_selected_lines_stops_the_model_at_once(editor):
+    """An edit whose selected lines the user changes could no longer be applied: the model stops
+    at once instead of answering for nothing, the request says why, and the engine is free."""
+    uri = editor.open()
+    configure(editor, maxNewTokens=1500)
+    selection = {"textDocument": {"uri": uri}, "range": editor.client.protocol._converter.unstructure(rng(sc.AVERAGE))}
+    # the same prompt asked without an edit: how long the answer runs when nothing stops it
+    full = await editor.client.workspace_execute_command_async(
+        types.ExecuteCommandParams(command="starchat.ask", arguments=[{**selection, "question": sc.LONG_QUESTION}])
+    )
+    assert plain(full)["text"].startswith(sc.LONG_ANSWER_UNIT * 10) and plain(full)["completionTokens"] > 200
+
+    known = set(editor.client.progress_reports)
+    args = {**selection, "instruction": sc.LONG_QUESTION, "mode": "replace"}
+    request = asyncio.ensure_future(
+        editor.client.workspace_execute_command_async(types.ExecuteCommandParams(command="starchat.edit", arguments=[args]))
+    )
+
+    def reports() -> list:
+        return generation_reports(editor, known)
+
+    await wait_until(lambda: any(isinstance(r, types.WorkDoneProgressReport) for r in reports()))  # generating
+    editor.change(uri, sc.CALC_PY.replace("len(values) + 1", "len(values) + 2"))
+    with pytest.raises(Exception) as error:
+        await asyncio.wait_for(request, 10)
+    assert getattr(error.value, "code", None) == -32803
+    assert "changed while StarChat was answering" in str(error.value)
+    assert editor.applied == []
+    (end,) = [r for r in reports() if isinstance(r, types.WorkDoneProgressEnd)]
+    stopped = re.fullmatch(r"Stopped after (\d+) tokens?", end.message or "")
+    assert stopped, end.message
+    assert int(stopped[1]) < plain(full)["completionTokens"] // 2
+    started = time.monotonic()
+    assert (await chat(editor, [("user", sc.CHAT_QUESTION)], token="after-edit"))["text"] == sc.CHAT_ANSWER
+    assert time.monotonic() - started < 10  # the engine was free
+
+
+async def test_cancelling_a_command_stops_the_model(editor):
+    """``$/cancelRequest`` for ``workspace/executeCommand`` (an editor's "stop" on Fix, Ask…)
+    stops the generation, not only the reply; no edit follows."""
+    uri = editor.open()
+    configure(editor, maxNewTokens=1500)
+    known = set(editor.client.progress_reports)
+    args = {"textDocument": {"uri": uri}, "range": editor.client.protocol._converter.unstructure(rng(sc.AVERAGE)),
+            "instruction": sc.LONG_QUESTION, "mode": "replace"}
+    request = asyncio.ensure_future(editor.request(
+        types.WORKSPACE_EXECUTE_COMMAND, types.ExecuteCommandParams(command="starchat.edit", arguments=[args]), msg_id="stop-me"))
+
+    def reports() -> list:
+        return generation_reports(editor, known)
+
+    await wait_until(lambda: any(isinstance(r, types.WorkDoneProgressReport) for r in reports()))
+    editor.client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="stop-me"))
+    with pytest.raises(Exception) as error:
+        await asyncio.wait_for(request, 10)
+    assert getattr(error.value, "code", None) == -32800
+    await wait_until(lambda: any(isinstance(r, types.WorkDoneProgressEnd) for r in reports()))
+    (end,) = [r for r in reports() if isinstance(r, types.WorkDoneProgressEnd)]
+    assert (end.message or "").startswith("Stopped after"), end.message
+    assert editor.applied == []
 
 
 async def test_hover_explains_the_symbol_and_is_cached(editor):
@@ -216,6 +312,10 @@ async def test_chat_with_bad_params_names_the_field(editor):
         await editor.request("starchat/chat", {"messages": [{"role": "user"}]})
     assert getattr(error.value, "code", None) == -32602
     assert "content" in str(error.value)
+    with pytest.raises(Exception) as error:
+        await editor.request("starchat/chat", {"messages": [{"role": "user", "content": "Hi"}], "maxNewTokens": 0})
+    assert getattr(error.value, "code", None) == -32602
+    assert "maxNewTokens" in str(error.value)
 
 
 async def test_cancel_stops_generation_and_frees_the_engine(editor):

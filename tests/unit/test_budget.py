@@ -128,3 +128,13 @@ def test_a_huge_file_is_never_split_whole(tokenizer):
     prompt = build(tokenizer, text, start, end, 600)
     assert time.monotonic() - started < 5
     assert len(prompt.ids) <= 600 and "line_299999 = 299999" in prompt.messages[-1].content
+
+
+def test_code_with_backtick_fences_stays_inside_its_block(tokenizer):
+    """A Markdown file (or a docstring with an example block) holds ``` lines: the prompt's
+    fences are longer, so the selection and the code around it stay whole blocks."""
+    text = "# Notes\n\n```python\nprint(1)\n```\n\nSee ````the four```` too.\n"
+    start, end = text.index("```python"), text.index("\nSee")
+    turn = build(tokenizer, text, start, end, 2000).messages[-1].content
+    assert "Selected code:\n````python\n```python\nprint(1)\n```\n````" in turn
+    assert "Code after the selection:\n`````python\n\nSee ````the four```` too.\n`````" in turn

@@ -4,6 +4,7 @@ that holds code, and an answer that arrives after the user typed."""
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +12,8 @@ from lsprotocol import types
 
 from lsp_server.documents import Document
 from lsp_server.engine import Generation
-from lsp_server.features.common import current, edited, selection, task_edit
+from lsp_server.features import common
+from lsp_server.features.common import answer_for_edit, current, selection, task_edit
 from lsp_server.prompts import Task
 from lsp_server.server import RequestFailed
 from lsp_server.text import Pos
@@ -84,18 +86,17 @@ def test_an_answer_that_arrives_after_the_user_typed():
 
     document.apply("# top\n", Pos(0, 0), Pos(0, 0))  # a line above: the edit moves down one line
     document.version = 2
-    edit = task_edit(server, edited(server, sel), Task.FIX, fixed)
+    edit = task_edit(server, current(server, sel), Task.FIX, fixed)
     assert edit.changes[URI][0].range == rng((5, 0), (7, 0))
 
     sel = selection(server, URI, rng((5, 0), (7, 0)))
     document.apply("\nx = 1\n", Pos(7, 0), Pos(7, 0))  # below: the same place
     document.version = 3
-    assert the_edit(task_edit(server, edited(server, sel), Task.FIX, fixed)).range == rng((5, 0), (7, 0))
+    assert the_edit(task_edit(server, current(server, sel), Task.FIX, fixed)).range == rng((5, 0), (7, 0))
 
     document.apply("5", Pos(6, 15), Pos(6, 16))  # inside g(): refused
     document.version = 4
-    with pytest.raises(RequestFailed, match="changed while StarChat was answering"):
-        edited(server, sel)
+    assert current(server, sel) is None
 
     sel = selection(server, URI, rng((6, 8), (6, 16)))  # "return 5", to the line's end
     document.apply("  # five", Pos(6, 16), Pos(6, 16))  # the same line, after the selection: refused
@@ -113,3 +114,97 @@ def test_a_python_docstring_goes_under_the_signature():
     assert doc.range == rng((4, 0), (4, 0)) and doc.new_text == '        """The area of a circle of radius r."""\n'
     comment = the_edit(task_edit(server, sel, Task.DOCUMENT, answer("# The area.\n")))
     assert comment.range == rng((1, 0), (1, 0)) and comment.new_text == "    # The area.\n"
+
+
+class Watched:
+    """The stand-in server's protocol: document watchers, as StarChatProtocol.watch keeps them."""
+
+    def __init__(self):
+        self.watchers: list = []
+
+    def watch(self, uri, callback):
+        self.watchers.append(callback)
+        return lambda: self.watchers.remove(callback)
+
+    def changed(self):
+        for callback in list(self.watchers):
+            callback()
+
+
+def edit_session(monkeypatch):
+    """A stand-in server whose model answers only when told to, and records being stopped."""
+    server = server_with(CLASS)
+    server.protocol = Watched()
+    state = SimpleNamespace(started=asyncio.Event(), finish=asyncio.Event(), stopped=False)
+
+    async def answer_about(server, sel, task, question=""):
+        state.started.set()
+        try:
+            await state.finish.wait()
+        except asyncio.CancelledError:
+            state.stopped = True
+            raise
+        return answer("def g(self):\n    return 4\n")
+
+    monkeypatch.setattr(common, "answer_about", answer_about)
+    return server, state
+
+
+async def test_typing_in_the_selection_stops_the_model_at_once(monkeypatch):
+    server, state = edit_session(monkeypatch)
+    sel = selection(server, URI, rng((4, 0), (6, 0)))  # g()
+    request = asyncio.ensure_future(answer_for_edit(server, sel, Task.FIX))
+    await state.started.wait()
+    server.document.apply("# top\n", Pos(0, 0), Pos(0, 0))  # above: the model goes on
+    server.document.version = 2
+    server.protocol.changed()
+    await asyncio.sleep(0)
+    assert not request.done() and not state.stopped
+    server.document.apply("5", Pos(6, 15), Pos(6, 16))  # inside g(): the model stops
+    server.document.version = 3
+    server.protocol.changed()
+    with pytest.raises(RequestFailed, match="changed while StarChat was answering"):
+        await asyncio.wait_for(request, 1)
+    assert state.stopped
+    assert server.protocol.watchers == []
+
+
+async def test_an_edit_computed_while_typing_above_moves_with_the_text(monkeypatch):
+    server, state = edit_session(monkeypatch)
+    sel = selection(server, URI, rng((4, 0), (6, 0)))
+    request = asyncio.ensure_future(answer_for_edit(server, sel, Task.FIX))
+    await state.started.wait()
+    server.document.apply("# top\n", Pos(0, 0), Pos(0, 0))
+    server.document.version = 2
+    server.protocol.changed()
+    state.finish.set()
+    generation, now = await asyncio.wait_for(request, 1)
+    assert the_edit(task_edit(server, now, Task.FIX, generation)).range == rng((5, 0), (7, 0))
+    assert server.protocol.watchers == []
+
+
+async def test_closing_the_document_stops_the_model(monkeypatch):
+    server, state = edit_session(monkeypatch)
+    sel = selection(server, URI, rng((4, 0), (6, 0)))
+    request = asyncio.ensure_future(answer_for_edit(server, sel, Task.FIX, changed=LookupError))
+
+    def closed(uri):
+        raise RequestFailed("The document is not open in the editor")
+
+    await state.started.wait()
+    server.open_document = closed
+    server.protocol.changed()
+    with pytest.raises(LookupError):
+        await asyncio.wait_for(request, 1)
+    assert state.stopped
+
+
+async def test_the_editor_cancelling_is_still_a_cancellation(monkeypatch):
+    server, state = edit_session(monkeypatch)
+    sel = selection(server, URI, rng((4, 0), (6, 0)))
+    request = asyncio.ensure_future(answer_for_edit(server, sel, Task.FIX))
+    await state.started.wait()
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert state.stopped and server.protocol.watchers == []

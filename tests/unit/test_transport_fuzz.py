@@ -143,3 +143,20 @@ def test_a_too_short_length_or_junk_loses_no_later_frame():
     ):
         data = run_stream(bad + b"".join(frame(p) for p in PROBES))
         assert {"probe1", "probe2"} <= answered(data), bad[:60]
+
+
+async def test_a_reply_nobody_waits_for_any_more_is_dropped():
+    """The client's reply to a server request the server stopped waiting for (a chat cancelled
+    while it asked for a progress token) is dropped; pygls raised InvalidStateError on it."""
+    from concurrent.futures import Future
+
+    protocol = create_server().protocol
+    gone = Future()
+    gone.cancel()
+    protocol._request_futures["create-1"] = gone
+    protocol.handle_message(protocol.structure_message({"jsonrpc": "2.0", "id": "create-1", "result": None}))
+    assert "create-1" not in protocol._request_futures
+    waiting = Future()
+    protocol._request_futures["create-2"] = waiting
+    protocol.handle_message(protocol.structure_message({"jsonrpc": "2.0", "id": "create-2", "result": 7}))
+    assert waiting.result(0) == 7

@@ -151,3 +151,20 @@ def test_close_stops_running_work_and_refuses_new():
     worker.close()
     assert running.result(5) == "stopped" and waiting.cancelled()
     assert worker.submit(lambda: None, Priority.USER).cancelled()
+
+
+def test_close_without_waiting_then_wait_idle():
+    """``shutdown`` closes without waiting (its item stops on its own); ``wait_idle`` waits."""
+    worker = Worker()
+    gate = threading.Event()
+    running = worker.submit(gate.wait, Priority.USER)
+    while not running.running():
+        time.sleep(0.001)
+    started = time.monotonic()
+    worker.close(wait=0)
+    assert time.monotonic() - started < 0.5
+    assert worker.wait_idle(0.05) is False  # still inside its item
+    gate.set()
+    assert worker.wait_idle(5) is True
+    assert running.result(1) is True
+
