@@ -26,9 +26,10 @@ local function save()
 end
 
 local last_message = ""
+local current_step = nil
 local real_notify = vim.notify
 vim.notify = function(msg, level, o)
-  table.insert(results.notifications, { msg = tostring(msg), level = level or vim.log.levels.INFO })
+  table.insert(results.notifications, { msg = tostring(msg), level = level or vim.log.levels.INFO, step = current_step })
   last_message = tostring(msg):gsub("\n.*", "")
   return real_notify(msg, level, o)
 end
@@ -98,7 +99,24 @@ local starchat = require("starchat")
 local chat = require("starchat.chat")
 local lsp = require("starchat.lsp")
 
-starchat.setup({ cmd = conf.server_cmd, filetypes = { "python" }, temperature = 0, chat = { size = 44 } })
+local setup_opts = { cmd = conf.server_cmd, filetypes = { "python" }, temperature = 0, chat = { size = 44 } }
+starchat.setup(setup_opts)
+
+-- Every workspace/configuration pull the server makes (it pulls after didChangeConfiguration).
+local config_pulls, last_pull = 0, nil
+local real_configuration = vim.lsp.handlers["workspace/configuration"]
+vim.lsp.handlers["workspace/configuration"] = function(...)
+  config_pulls = config_pulls + 1
+  local res = real_configuration(...)
+  last_pull = vim.deepcopy(res)
+  return res
+end
+
+local function notifications_of(step_name)
+  return vim.tbl_filter(function(n)
+    return n.step == step_name
+  end, results.notifications)
+end
 
 vim.cmd.cd(conf.workspace)
 vim.cmd.edit(conf.workspace .. "/calc.py")
@@ -143,6 +161,26 @@ function steps.start()
     status = starchat.status(),
     commands = vim.tbl_keys(vim.api.nvim_get_commands({})),
   }
+end
+
+-- Ranges on a line with multibyte characters, in each position encoding, and the encoding the
+-- client negotiated.
+function steps.encoding()
+  local range_util = require("starchat.range")
+  local buf = vim.api.nvim_create_buf(false, true)
+  vim.api.nvim_set_current_win(code_win)
+  vim.api.nvim_win_set_buf(code_win, buf)
+  vim.api.nvim_buf_set_lines(buf, 0, -1, false, { 's = "héllo wörld" # 😀 ok', "second" })
+  -- select from "w" of "wörld" through the emoji (characterwise)
+  vim.cmd("normal! gg0fwvf#ll\27")
+  local opts = { range = 2, line1 = 1, line2 = 1 }
+  local out = { negotiated = client().offset_encoding }
+  for _, enc in ipairs({ "utf-8", "utf-16", "utf-32" }) do
+    out[enc] = range_util.from_command(opts, buf, enc)
+  end
+  vim.api.nvim_win_set_buf(code_win, code_buf)
+  vim.api.nvim_buf_delete(buf, { force = true })
+  return out
 end
 
 function steps.code_actions()
@@ -282,6 +320,7 @@ function steps.cancel()
   vim.api.nvim_set_current_win(vim.fn.win_findbuf(chat.buf)[1])
   vim.api.nvim_feedkeys(vim.keycode("<C-c>"), "mx", false)
   local at_cancel = { text = buf_text(chat.buf), pieces = turn.pieces }
+  local text_after
   -- the server acknowledges with RequestCancelled: the request leaves client.requests
   local acked = vim.wait(10000, function()
     return c.requests[turn.id] == nil
@@ -295,18 +334,44 @@ function steps.cancel()
     return lsp.state.state == "ready"
   end, 20)
   shot("cancel-stopped")
+  text_after = buf_text(chat.buf)
+  local history = vim.deepcopy(chat.history)
+  -- wiping out the chat buffer mid-answer stops the answer too; a new conversation, so that the
+  -- question is the trained one (after a stopped turn the model's answer is anyone's guess)
+  chat.clear()
+  vim.api.nvim_feedkeys(vim.keycode("GA" .. sc.LONG_QUESTION .. "<Esc><CR>"), "mx", false)
+  local turn2 = chat.current
+  assert(turn2, "no second turn started")
+  wait(60000, function()
+    return turn2.pieces >= 3
+  end, "the second long answer to stream")
+  local wiped_buf = chat.buf
+  vim.cmd("bwipeout! " .. wiped_buf)
+  local wipe_acked = vim.wait(10000, function()
+    return c.requests[turn2.id] == nil
+  end, 10)
+  local wipe_ready = vim.wait(10000, function()
+    return lsp.state.state == "ready"
+  end, 20)
   require("starchat.config").options.chat.max_new_tokens = nil
   return {
+    wipe = {
+      cancelled = turn2.cancelled == true,
+      acked = wipe_acked,
+      ready = wipe_ready,
+      current = chat.current ~= nil,
+      buf_gone = not vim.api.nvim_buf_is_valid(wiped_buf),
+    },
     cancelled = turn.cancelled == true,
     pieces_at_cancel = at_cancel.pieces,
     text_at_cancel = at_cancel.text,
-    text_after = buf_text(chat.buf),
+    text_after = text_after,
     acked = acked,
     late_at_ack = late_at_ack,
     late_after = late_after,
     ready_after = ready,
     answer = turn.answer,
-    history = chat.history,
+    history = history,
   }
 end
 
@@ -361,7 +426,233 @@ function steps.fix()
   return { before = before, after = buf_text(code_buf), modified = vim.bo[code_buf].modified }
 end
 
+-- :StarChatStop also stops a running Fix (before, it only stopped the chat: the Fix could not
+-- be stopped and its edit arrived later).
+function steps.stop_task()
+  vim.api.nvim_set_current_win(code_win)
+  vim.cmd("silent edit!") -- calc.py as on disk
+  local before = buf_text(code_buf)
+  local c = client()
+  select_lines(4, 5)
+  local req = starchat.run_task("fix", { range = 2, line1 = 4, line2 = 5 })
+  local id = req and req.id
+  vim.cmd("StarChatStop")
+  local acked = vim.wait(10000, function()
+    return id ~= nil and c.requests[id] == nil
+  end, 10)
+  vim.wait(1000, function()
+    return false
+  end)
+  local ready = vim.wait(10000, function()
+    return lsp.state.state == "ready"
+  end, 20)
+  return {
+    sent = id ~= nil,
+    acked = acked,
+    cancelled = req and req.cancelled == true,
+    unchanged = buf_text(code_buf) == before,
+    running = #lsp.running(),
+    late_edits_refused = lsp.late_edits or 0,
+    ready = ready,
+    notifications = notifications_of("stop_task"),
+  }
+end
+
+-- workspace/applyEdit for an older version of the buffer is refused (Neovim alone would skip it
+-- silently and answer "applied").
+function steps.apply_edit()
+  local c = client()
+  vim.api.nvim_buf_set_lines(code_buf, 0, 0, false, { "# typed by the user" })
+  local before = buf_text(code_buf)
+  local version = vim.lsp.util.buf_versions[code_buf]
+  local function edit(v)
+    return {
+      edit = {
+        documentChanges = {
+          {
+            textDocument = { uri = vim.uri_from_bufnr(code_buf), version = v },
+            edits = { { range = { start = { line = 0, character = 0 }, ["end"] = { line = 0, character = 0 } }, newText = "# edit\n" } },
+          },
+        },
+      },
+    }
+  end
+  local handler = lsp.handlers["workspace/applyEdit"]
+  local old = handler(nil, edit(version - 1), { client_id = c.id, method = "workspace/applyEdit" })
+  local old_text = buf_text(code_buf)
+  local current = handler(nil, edit(version), { client_id = c.id, method = "workspace/applyEdit" })
+  local current_text = buf_text(code_buf)
+  vim.cmd("silent edit!")
+  return {
+    old = old,
+    old_unchanged = old_text == before,
+    current = current,
+    current_applied = current_text == "# edit\n" .. before,
+  }
+end
+
+-- setup() called again (a re-sourced config) keeps one FileType autocommand, keeps the running
+-- server and sends it the new settings; configure() changes one at runtime.
+function steps.settings()
+  local c0 = client()
+  local pulled = {}
+  local function chat_finish(question)
+    chat.clear()
+    local pulls = config_pulls
+    wait(10000, function()
+      return config_pulls > pulls
+    end, "the server to pull the settings (workspace/configuration)")
+    table.insert(pulled, last_pull and last_pull[1])
+    -- the server applies what it pulled a moment after it has the answer: a request sent at once
+    -- can still run with the old settings (see the report: a server-side race)
+    vim.wait(300, function()
+      return false
+    end)
+    local turn = chat.send(question)
+    assert(turn, "no turn started")
+    wait_turn(turn)
+    return turn.finish
+  end
+  local opts = vim.deepcopy(setup_opts)
+  opts.max_new_tokens = 3
+  starchat.setup(opts)
+  local out = {
+    autocmds = #vim.api.nvim_get_autocmds({ group = "starchat" }),
+    same_client = client() ~= nil and client().id == c0.id,
+    pushed = vim.deepcopy(client().settings.starchat),
+  }
+  out.finish_short = chat_finish(sc.LONG_QUESTION)
+  out.note = buf_text(chat.buf):find("[stopped at maxNewTokens]", 1, true) ~= nil
+  starchat.setup(setup_opts)
+  out.finish_back = chat_finish(sc.CHAT_QUESTION)
+  starchat.configure({ max_new_tokens = 2 })
+  out.finish_configured = chat_finish(sc.CHAT_QUESTION)
+  starchat.configure({ max_new_tokens = vim.NIL })
+  out.finish_reset = chat_finish(sc.CHAT_QUESTION)
+  out.autocmds_after = #vim.api.nvim_get_autocmds({ group = "starchat" })
+  out.pulled = pulled
+  return out
+end
+
+-- The chat opens once per tab page: a second :StarChatChat in a tab that shows it opens nothing.
+function steps.tabs()
+  chat.open() -- shown in the first tab page
+  vim.cmd("tabnew")
+  local tab = vim.api.nvim_get_current_tabpage()
+  vim.cmd("StarChatChat")
+  vim.cmd("StarChatChat")
+  local in_tab = 0
+  for _, w in ipairs(vim.api.nvim_tabpage_list_wins(tab)) do
+    if vim.api.nvim_win_get_buf(w) == chat.buf then
+      in_tab = in_tab + 1
+    end
+  end
+  local total = #vim.fn.win_findbuf(chat.buf)
+  vim.cmd("tabclose")
+  vim.api.nvim_set_current_win(code_win)
+  return { in_tab = in_tab, total = total }
+end
+
+-- A file outside the first file's root joins the running server (one model in memory) as a
+-- workspace folder, instead of starting a second server.
+function steps.folders()
+  local other_dir = vim.fs.dirname(conf.workspace) .. "/other"
+  vim.fn.mkdir(other_dir, "p")
+  local other = other_dir .. "/other.py"
+  vim.fn.writefile({ "def other():", "    return 1" }, other)
+  vim.api.nvim_set_current_win(code_win)
+  vim.cmd.edit(other)
+  local buf = vim.api.nvim_get_current_buf()
+  wait(10000, function()
+    return lsp.clients(buf)[1] ~= nil
+  end, "the server to attach to other.py")
+  local c = lsp.clients(buf)[1]
+  local folders = {}
+  for _, f in ipairs(c.workspace_folders or {}) do
+    table.insert(folders, f.name)
+  end
+  local out = { clients = #lsp.clients(), same = c.id == client().id, folders = folders }
+  vim.cmd("buffer " .. code_buf)
+  vim.cmd("bwipeout " .. buf)
+  return out
+end
+
+-- :checkhealth starchat
+function steps.health()
+  local tabs = #vim.api.nvim_list_tabpages()
+  vim.cmd("checkhealth starchat")
+  local text = buf_text(vim.api.nvim_get_current_buf())
+  shot("checkhealth")
+  if #vim.api.nvim_list_tabpages() > tabs then
+    vim.cmd("tabclose")
+  elseif vim.api.nvim_get_current_win() ~= code_win then
+    vim.api.nvim_win_close(0, true)
+  end
+  vim.api.nvim_set_current_win(code_win)
+  -- a function as cmd (vim.lsp.rpc.connect() for a TCP server) does not break it
+  local config = require("starchat.config")
+  local cmd = config.options.cmd
+  config.options.cmd = function() end
+  local ok, err = pcall(require("starchat.health").check)
+  config.options.cmd = cmd
+  return { text = text, function_cmd = ok and "ok" or tostring(err) }
+end
+
+-- The server dies mid-answer (as when the out-of-memory killer sends SIGKILL): the chat turn
+-- ends with an error instead of "thinking" for ever, the user is told, and the next command
+-- starts the server again and waits for it (a request sent before `initialize` is answered
+-- would reach the server before the document is opened there).
+function steps.crash()
+  vim.api.nvim_set_current_win(code_win)
+  vim.cmd("silent edit!")
+  chat.clear()
+  require("starchat.config").options.chat.max_new_tokens = 1500
+  local turn = chat.send(sc.LONG_QUESTION)
+  assert(turn, "no turn started")
+  wait(60000, function()
+    return turn.pieces >= 3
+  end, "the long answer to stream")
+  local old = client()
+  local pid
+  for _, child in ipairs(vim.api.nvim_get_proc_children(vim.fn.getpid())) do
+    local info = vim.api.nvim_get_proc(child)
+    if info and info.name and info.name:find("python") then
+      pid = child
+    end
+  end
+  assert(pid, "server process not found")
+  vim.uv.kill(pid, "sigkill")
+  local ended = vim.wait(10000, function()
+    return chat.current == nil
+  end, 20)
+  wait(10000, function()
+    return #lsp.clients() == 0 and vim.lsp.get_client_by_id(old.id) == nil
+  end, "the client to go")
+  require("starchat.config").options.chat.max_new_tokens = nil
+  local out = {
+    ended = ended,
+    turn_error = turn.error,
+    chat_text = buf_text(chat.buf),
+    status = starchat.status(),
+  }
+  shot("server-killed")
+  -- the next command starts the server again; the request waits for it to be ready
+  chat.clear()
+  select_lines(4, 5)
+  vim.cmd([['<,'>StarChatExplain]])
+  local t = chat.current or last_turn()
+  assert(t, "no explain turn")
+  wait_turn(t, 120000)
+  local c = client()
+  out.restarted = c ~= nil and c.id ~= old.id
+  out.explain = { answer = t.answer, turn_error = t.error }
+  out.context = chat.context and chat.context.range
+  out.notifications = notifications_of("crash")
+  return out
+end
+
 for _, name in ipairs(conf.steps) do
+  current_step = name
   local started = vim.uv.hrtime()
   local ok, res = pcall(steps[name])
   results.steps[name] = ok and res or { error = tostring(res) }

@@ -106,16 +106,15 @@ local function create()
     buffer = buf,
     once = true,
     callback = function()
-      if M.current then -- the chat went away: stop its answer
+      if M.current then -- the chat buffer went away (:bdelete, :bwipeout): stop its answer
         local turn = M.current
         turn.cancelled = true
         M.current = nil
         if turn.token then
           lsp.streams[turn.token] = nil
         end
-        if turn.id then
-          pcall(lsp.call, turn.client, "cancel_request", turn.id)
-        end
+        lsp.cancel(turn.req)
+        table.insert(M.turns, turn)
       end
       if M.buf == buf then -- a new chat buffer starts a new conversation
         M.buf, M.history, M.context = nil, {}, nil
@@ -149,8 +148,14 @@ function M.open(opts)
   if not valid(M.buf) then
     M.buf = create()
   end
-  local win = windows()[1]
-  if not win or vim.api.nvim_win_get_tabpage(win) ~= vim.api.nvim_get_current_tabpage() then
+  local win
+  for _, w in ipairs(windows()) do -- a window of this tab page showing the chat
+    if vim.api.nvim_win_get_tabpage(w) == vim.api.nvim_get_current_tabpage() then
+      win = w
+      break
+    end
+  end
+  if not win then
     local from = vim.api.nvim_get_current_win()
     local chat = config.options.chat or {}
     vim.cmd(chat.split or "botright vsplit")
@@ -248,7 +253,9 @@ local function on_result(turn)
     lsp.streams[turn.token or ""] = nil
     if err then
       turn.error = err.message or vim.inspect(err)
-      lsp.notify_error(turn.kind, err)
+      if not err.exited then -- a server that exits is reported by Neovim and the status line
+        lsp.notify_error(turn.kind, err)
+      end
       end_turn(turn, "[error: " .. turn.error .. "]")
       return
     end
@@ -320,20 +327,19 @@ function M.send(text, opts)
     append(delta)
     follow(false)
   end
-  local ok, id = lsp.call(client, "request", "starchat/chat", params, on_result(turn), ctx and ctx.bufnr or nil)
-  if not ok then
-    lsp.streams[turn.token] = nil
-    lsp.notify_error("chat", "the server is not running")
-    end_turn(turn, "[error: the server is not running]")
-    return nil
+  turn.req = lsp.request(client, "starchat/chat", params, on_result(turn), ctx and ctx.bufnr or nil, "chat")
+  turn.id = turn.req.id
+  turn.req.on_sent = function(id)
+    turn.id = id
   end
-  turn.id = id
   return turn
 end
 
 --- Ask about a selection (starchat.ask with a question, starchat.explain without); the answer
 --- goes to the chat buffer, and follow-up chat messages keep the selection as context.
-function M.ask(client, bufnr, args, question)
+--- finalize(client) -> args: the arguments in the client's position encoding once it is ready
+--- (see init.lua); `args` is used as it is without it.
+function M.ask(client, bufnr, args, question, finalize)
   if busy() then
     return nil
   end
@@ -350,18 +356,18 @@ function M.ask(client, bufnr, args, question)
     client = client,
   }
   begin_turn(turn, USER .. " · " .. label, shown)
-  M.context = { bufnr = bufnr, uri = args.textDocument.uri, range = args.range, label = label }
-  local arguments = vim.deepcopy(args)
-  arguments.question = question
-  local ok, id = lsp.call(client, "request", "workspace/executeCommand", {
-    command = explain and "starchat.explain" or "starchat.ask",
-    arguments = { arguments },
-  }, on_result(turn), bufnr)
-  if not ok then
-    end_turn(turn, "[error: the server is not running]")
-    return nil
+  local context = { bufnr = bufnr, uri = args.textDocument.uri, range = args.range, label = label }
+  M.context = context
+  turn.req = lsp.request(client, "workspace/executeCommand", function(c)
+    local arguments = finalize and finalize(c) or vim.deepcopy(args)
+    context.range = arguments.range
+    arguments.question = question
+    return { command = explain and "starchat.explain" or "starchat.ask", arguments = { arguments } }
+  end, on_result(turn), bufnr, turn.kind)
+  turn.id = turn.req.id
+  turn.req.on_sent = function(id)
+    turn.id = id
   end
-  turn.id = id
   return turn
 end
 
@@ -376,9 +382,8 @@ function M.cancel()
   if turn.token then
     lsp.streams[turn.token] = nil
   end
-  if turn.id then
-    pcall(lsp.call, turn.client, "cancel_request", turn.id)
-  end
+  lsp.cancel(turn.req)
+  turn.id = turn.id or (turn.req and turn.req.id)
   end_turn(turn, "[cancelled]")
   return true
 end

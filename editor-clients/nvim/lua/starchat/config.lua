@@ -10,7 +10,8 @@ M.default_filetypes = {
 }
 
 M.defaults = {
-  --- The server command, as in vim.lsp.start().
+  --- The server command, as in vim.lsp.start(): a list, or (Neovim 0.11) a function such as
+  --- vim.lsp.rpc.connect("127.0.0.1", 2087) for a server started with --tcp.
   cmd = { "starchat-lsp" },
   --- Filetypes the server starts for, or "*" for every file buffer.
   filetypes = M.default_filetypes,
@@ -74,6 +75,9 @@ function M.set(user)
     if user[key] ~= nil then
       opts[key] = user[key]
     end
+  end
+  if type(opts.cmd) == "string" then -- cmd = "starchat-lsp"
+    opts.cmd = { opts.cmd }
   end
   M.options = opts
   M.settings = M.server_settings(opts)

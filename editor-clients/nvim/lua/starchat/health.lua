@@ -9,20 +9,48 @@ function M.check()
   else
     health.error("Neovim 0.10 or newer is needed")
   end
+  local starchat = require("starchat")
   local config = require("starchat.config")
-  local cmd = config.options.cmd or {}
-  if cmd[1] and vim.fn.executable(cmd[1]) == 1 then
-    health.ok("server command: " .. table.concat(cmd, " "))
+  local lsp = require("starchat.lsp")
+  if not starchat._setup_done then
+    health.warn("require('starchat').setup() has not been called: no commands, no automatic start", {
+      "call require('starchat').setup({ ... }) in your config (lazy.nvim: `opts = {}`)",
+    })
+  end
+  local cmd = config.options.cmd
+  if type(cmd) == "function" then
+    health.ok("server command: a function (e.g. vim.lsp.rpc.connect() to a server started with --tcp)")
+  elseif type(cmd) == "table" and cmd[1] and vim.fn.executable(cmd[1]) == 1 then
+    health.ok("server command: " .. lsp.describe_cmd(cmd))
   else
-    health.error(("server command not executable: %s"):format(table.concat(cmd, " ")), {
+    health.error(("server command not executable: %s"):format(lsp.describe_cmd(cmd)), {
       "pip install starchat-lsp (in the environment with torch), or set `cmd` in setup()",
     })
   end
-  local clients = require("starchat.lsp").clients()
-  if #clients > 0 then
-    health.ok(("%d client(s) running; %s"):format(#clients, require("starchat").status()))
+  local clients = lsp.clients()
+  if #clients == 0 then
+    health.info("no StarChat server running yet (open a file of a configured filetype, or run :StarChatChat)")
+    return
+  end
+  for _, client in ipairs(clients) do
+    health.ok(
+      ("server running (client %d, %s, position encoding %s, root %s)"):format(
+        client.id,
+        client.server_info and client.server_info.name or "starchat-lsp",
+        client.offset_encoding or "?",
+        client.config.root_dir or "none"
+      )
+    )
+  end
+  local state, message = lsp.state.state, lsp.state.message
+  if state == "error" then
+    health.error("the model did not load: " .. (message or ""), {
+      "check `model`, `device` and `dtype` in setup(); require('starchat').configure{...} retries",
+    })
+  elseif state == "ready" or state == "generating" then
+    health.ok(("model %s: %s"):format(state, message or ""))
   else
-    health.info("no StarChat client running yet (open a file of a configured filetype)")
+    health.info(("model: %s"):format(starchat.status()))
   end
 end
 

@@ -27,7 +27,10 @@ function M.attach(bufnr)
   return lsp.start(bufnr)
 end
 
---- The client and the LSP arguments {textDocument, range, version} for a command's range.
+--- The client, the buffer and the LSP arguments {textDocument, range} for a command's range.
+--- The range is taken now (the selection or cursor line) and put in the client's position
+--- encoding, which is only known once the server has answered `initialize`: `args.range` is
+--- provisional until then, and `finalize(client)` gives the arguments to send.
 local function selection_args(opts, bufnr)
   bufnr = bufnr or vim.api.nvim_get_current_buf()
   if vim.bo[bufnr].buftype ~= "" then
@@ -38,20 +41,24 @@ local function selection_args(opts, bufnr)
   if not client then
     return nil
   end
-  local range = range_util.from_command(opts, bufnr, client.offset_encoding or "utf-16")
-  local args = { textDocument = { uri = vim.uri_from_bufnr(bufnr) }, range = range }
-  return client, bufnr, args
+  local sel = range_util.capture(opts, bufnr)
+  local uri = vim.uri_from_bufnr(bufnr)
+  local args = { textDocument = { uri = uri }, range = range_util.to_lsp(bufnr, sel, client.offset_encoding or "utf-16") }
+  local function finalize(c)
+    return { textDocument = { uri = uri }, range = range_util.to_lsp(bufnr, sel, c.offset_encoding or "utf-16") }
+  end
+  return client, bufnr, args, finalize
 end
 
 --- Ask a question about the command's range (asks for the question when it is empty).
 function M.ask(question, opts)
-  local client, bufnr, args = selection_args(opts)
+  local client, bufnr, args, finalize = selection_args(opts)
   if not client then
     return
   end
   local function go(q)
     if q and vim.trim(q) ~= "" then
-      chat.ask(client, bufnr, args, vim.trim(q))
+      chat.ask(client, bufnr, args, vim.trim(q), finalize)
     end
   end
   if question and vim.trim(question) ~= "" then
@@ -61,36 +68,68 @@ function M.ask(question, opts)
 end
 
 function M.explain(opts)
-  local client, bufnr, args = selection_args(opts)
+  local client, bufnr, args, finalize = selection_args(opts)
   if client then
-    chat.ask(client, bufnr, args, nil)
+    chat.ask(client, bufnr, args, nil, finalize)
   end
 end
 
 local TASK_TITLES = { fix = "Fix", optimize = "Optimize", document = "Document", tests = "Write tests" }
 
 --- Fix / Optimize / Document / Write tests on the command's range: the server computes the edit
---- and applies it with workspace/applyEdit (starchat.runTask).
+--- and applies it with workspace/applyEdit (starchat.runTask). :StarChatStop stops it.
+--- Returns the request record (lsp.request).
 function M.run_task(task, opts, on_done)
-  local client, bufnr, args = selection_args(opts)
+  local client, bufnr, _, finalize = selection_args(opts)
   if not client then
-    return
+    return nil
   end
-  args.task = task
-  local ok = lsp.call(client, "request", "workspace/executeCommand", {
-    command = "starchat.runTask",
-    arguments = { args },
-  }, function(err, result)
-    if err then
-      lsp.notify_error(TASK_TITLES[task] or task, err)
+  local title = TASK_TITLES[task] or task
+  return lsp.request(client, "workspace/executeCommand", function(c)
+    local args = finalize(c)
+    args.task = task
+    return { command = "starchat.runTask", arguments = { args } }
+  end, function(err, result)
+    if err and err.code == lsp.REQUEST_CANCELLED then
+      vim.notify("StarChat: " .. title .. " stopped", vim.log.levels.INFO)
+    elseif err and not err.exited then -- an exit is reported by Neovim and the status line
+      lsp.notify_error(title, err)
     end
     if on_done then
       on_done(err, result)
     end
-  end, bufnr)
-  if not ok then
-    lsp.notify_error(task, "the server is not running")
+  end, bufnr, { task = task, title = title, uri = vim.uri_from_bufnr(bufnr) })
+end
+
+--- Stop what StarChat is doing: the chat's answer and the running Fix/Optimize/Document/Tests.
+--- Returns how many requests were stopped.
+function M.stop()
+  local n = chat.cancel() and 1 or 0
+  for _, req in ipairs(lsp.running(function(what)
+    return type(what) == "table" and what.task ~= nil
+  end)) do
+    if lsp.cancel(req) then
+      n = n + 1
+    end
   end
+  if n == 0 then
+    vim.notify("StarChat: nothing to stop", vim.log.levels.INFO)
+  end
+  return n
+end
+
+--- Stop the server and start it again for the buffers it served.
+function M.restart(on_done)
+  if chat.current then
+    chat.cancel()
+  end
+  local bufs = {}
+  for _, buf in ipairs(vim.api.nvim_list_bufs()) do
+    if vim.api.nvim_buf_is_loaded(buf) and vim.bo[buf].buftype == "" and wants(vim.bo[buf].filetype) then
+      table.insert(bufs, buf)
+    end
+  end
+  lsp.restart(bufs, on_done)
 end
 
 --- Open the chat split; with text, send it.
@@ -101,7 +140,8 @@ function M.open_chat(text, opts)
   end
 end
 
---- Change server settings at runtime (sent with workspace/didChangeConfiguration).
+--- Change server settings at runtime (sent with workspace/didChangeConfiguration; vim.NIL
+--- puts a setting back to the server's default).
 function M.configure(settings)
   for k, v in pairs(config.server_settings({ settings = settings })) do
     config.settings[k] = v
@@ -141,8 +181,11 @@ local function define_commands()
     M.open_chat(o.args)
   end, { nargs = "*", desc = "Open the StarChat chat (and send a message)" })
   cmd("StarChatStop", function()
-    chat.cancel()
-  end, { desc = "Stop the StarChat answer" })
+    M.stop()
+  end, { desc = "Stop the StarChat answer and running edits" })
+  cmd("StarChatRestart", function()
+    M.restart()
+  end, { desc = "Restart the StarChat server" })
   cmd("StarChatClear", function()
     chat.clear()
   end, { desc = "Start a new StarChat conversation" })
@@ -179,6 +222,7 @@ M._setup_done = false
 
 --- Configure the plugin: see `:help starchat-setup`.
 function M.setup(opts)
+  local before = { cmd = config.options.cmd, settings = vim.deepcopy(config.settings) }
   config.set(opts)
   vim.lsp.commands["starchat.askQuestion"] = ask_question_command
   define_commands()
@@ -195,6 +239,15 @@ function M.setup(opts)
   for _, buf in ipairs(vim.api.nvim_list_bufs()) do
     if vim.api.nvim_buf_is_loaded(buf) and vim.bo[buf].buftype == "" and wants(vim.bo[buf].filetype) then
       M.attach(buf)
+    end
+  end
+  -- Called again (a re-sourced config): the running server gets the new settings, or is
+  -- restarted when its command changed.
+  if #lsp.clients() > 0 then
+    if not vim.deep_equal(before.cmd, config.options.cmd) then
+      M.restart()
+    elseif not vim.deep_equal(before.settings, config.settings) then
+      lsp.push_settings()
     end
   end
   M._setup_done = true

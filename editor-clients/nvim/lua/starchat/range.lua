@@ -27,29 +27,53 @@ function M.lines(bufnr, line1, line2, encoding)
   return { start = { line = line1 - 1, character = 0 }, ["end"] = finish }
 end
 
---- The range a user command runs on. A characterwise visual selection ("v") that matches the
---- command's lines is taken exactly; anything else is whole lines; no range means the cursor line.
-function M.from_command(opts, bufnr, encoding)
+--- What a user command runs on, in bytes (independent of the position encoding, which the
+--- client only knows once the server has answered `initialize`). A characterwise visual
+--- selection ("v") that matches the command's lines is taken exactly; anything else is whole
+--- lines; no range means the cursor line.
+--- Returns {lines = {line1, line2}} or {chars = {row1, col1, row2, col2 | "eol"}} (0-based rows,
+--- byte columns, col2 exclusive; "eol": through the line break).
+function M.capture(opts, bufnr)
   if not opts or (opts.range or 0) == 0 then
     local row = vim.api.nvim_win_get_cursor(0)[1]
-    return M.lines(bufnr, row, row, encoding)
+    return { lines = { row, row } }
   end
   local line1, line2 = opts.line1, opts.line2
   local vs = vim.api.nvim_buf_get_mark(bufnr, "<")
   local ve = vim.api.nvim_buf_get_mark(bufnr, ">")
   if opts.range == 2 and vim.fn.visualmode() == "v" and vs[1] == line1 and ve[1] == line2 then
-    local start = { line = vs[1] - 1, character = column(bufnr, vs[1] - 1, vs[2], encoding) }
     local text = line_text(bufnr, ve[1] - 1)
     local finish
     if ve[2] >= #text then -- the selection takes the line break
-      finish = M.lines(bufnr, line2, line2, encoding)["end"]
-    else
+      finish = "eol"
+    else -- '> is the first byte of the last character: take the whole character
       local last = vim.str_utf_end and vim.str_utf_end(text, ve[2] + 1) or 0
-      finish = { line = ve[1] - 1, character = column(bufnr, ve[1] - 1, ve[2] + 1 + last, encoding) }
+      finish = ve[2] + 1 + last
     end
-    return { start = start, ["end"] = finish }
+    return { chars = { vs[1] - 1, vs[2], ve[1] - 1, finish } }
   end
-  return M.lines(bufnr, line1, line2, encoding)
+  return { lines = { line1, line2 } }
+end
+
+--- A captured range (M.capture) as an LSP Range in the position encoding.
+function M.to_lsp(bufnr, cap, encoding)
+  if cap.lines then
+    return M.lines(bufnr, cap.lines[1], cap.lines[2], encoding)
+  end
+  local r1, c1, r2, c2 = unpack(cap.chars)
+  local start = { line = r1, character = column(bufnr, r1, c1, encoding) }
+  local finish
+  if c2 == "eol" then
+    finish = M.lines(bufnr, r2 + 1, r2 + 1, encoding)["end"]
+  else
+    finish = { line = r2, character = column(bufnr, r2, c2, encoding) }
+  end
+  return { start = start, ["end"] = finish }
+end
+
+--- The range a user command runs on (M.capture, then M.to_lsp).
+function M.from_command(opts, bufnr, encoding)
+  return M.to_lsp(bufnr, M.capture(opts, bufnr), encoding)
 end
 
 --- "calc.py:4-5" for headers.
