@@ -1,8 +1,11 @@
 """The VS Code extension in real VS Code: code-server in headless Chromium, driven by
 playwright-core (tests/editors/vscode/e2e.mjs), with the real server and the trained test model.
 
-One code-server session runs every step (status bar, hover, right-click → Ask StarChat → Fix,
-Ask a Question…, chat with streaming, Stop); each test checks one step's results. Screenshots of
+One code-server session runs every step, in Restricted Mode (the workspace is not trusted; its
+.vscode/settings.json names a server command that must not run): status bar, hover, right-click →
+Ask StarChat → Fix, Ask a Question…, the chat about a file closed since, chat with streaming, Stop, model output kept as text, Insert at cursor, Reload
+Webviews, a trace setting change, Restart Server twice, the server killed mid-answer); each test
+checks one step's results. Screenshots of
 every step go to build/screenshots/vscode-*.png.
 
 Needs the tools that tests/editors/install_vscode.sh installs (skips without them).
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -120,6 +124,7 @@ def stop_group(process: subprocess.Popen) -> None:
     process.wait(timeout=10)
 
 
+SECRET = "e2e-secret-4f1c9a"
 CALC_FIXED = sc.CALC_PY.replace("def average(values):\n    return sum(values) / len(values) + 1\n", sc.FIXED_AVERAGE)
 
 
@@ -133,11 +138,32 @@ def session(test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         folder.mkdir(parents=True)
     for name, text in sc.WORKSPACE_FILES.items():
         (workspace / name).write_text(text)
+    # A cloned repository's settings: the workspace is not trusted (Restricted Mode), so VS Code
+    # gives the extension the user's values of these (package.json, restrictedConfigurations).
+    marker = root / "workspace-command-ran"
+    hostile = {
+        "starchat.server.command": ["/bin/sh", "-c", f"echo ran > {marker}"],
+        "starchat.server.pythonPath": "/bin/false",
+        "starchat.server.env": {"STARCHAT_E2E_FROM_WORKSPACE": "1"},
+        "starchat.server.tcp": "127.0.0.1:9",
+        "starchat.model": "/nonexistent/workspace-model",
+        "starchat.revision": "workspace-revision",
+        "starchat.trustRemoteCode": True,
+        "starchat.allowUnsafeWeights": True,
+        "starchat.seed": 4242,  # not restricted: applies (the file is read)
+    }
+    (workspace / ".vscode").mkdir()
+    (workspace / ".vscode" / "settings.json").write_text(json.dumps(hostile, indent=2))
     settings_file = user_data / "User" / "settings.json"
     # The server command is machine-scoped: in code-server that is the remote machine's settings.
     (user_data / "Machine").mkdir()
     server_command = [sys.executable, "-m", "lsp_server", "--model", str(test_model)]
-    (user_data / "Machine" / "settings.json").write_text(json.dumps({"starchat.server.command": server_command}, indent=2))
+    # starchat.server.env is the client's (it may hold tokens): the server must never be sent it.
+    machine = {"starchat.server.command": server_command, "starchat.server.env": {"STARCHAT_E2E_SECRET": SECRET}}
+    (user_data / "Machine" / "settings.json").write_text(json.dumps(machine, indent=2))
+    # A key for Restart Server, pressed twice in a row by the driver.
+    keybindings = [{"key": "ctrl+alt+shift+f9", "command": "starchat.restartServer"}]
+    (user_data / "User" / "keybindings.json").write_text(json.dumps(keybindings, indent=2))
     settings = {
         "starchat.temperature": 0,
         "starchat.trace.server": "verbose",  # the test reads the settings the server pulled
@@ -145,7 +171,10 @@ def session(test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         "workbench.tips.enabled": False,
         "workbench.enableExperiments": False,
         "workbench.colorTheme": "Default Dark Modern",
-        "security.workspace.trust.enabled": False,
+        # Workspace Trust on, no prompt: the workspace opens in Restricted Mode.
+        "security.workspace.trust.enabled": True,
+        "security.workspace.trust.startupPrompt": "never",
+        "security.workspace.trust.banner": "never",
         "telemetry.telemetryLevel": "off",
         "update.mode": "none",
         "extensions.autoCheckUpdates": False,
@@ -188,7 +217,6 @@ def session(test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
                 *common,
                 "--disable-telemetry",
                 "--disable-update-check",
-                "--disable-workspace-trust",
                 "--disable-getting-started-override",
                 "--ignore-last-opened",
                 str(workspace),
@@ -209,6 +237,8 @@ def session(test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
                     "chromium": str(CHROMIUM),
                     "screenshots": str(SCREENSHOTS),
                     "workspace": str(workspace),
+                    "userData": str(user_data),
+                    "codeServerPid": server.pid,
                     "scenarios": {
                         "calc": sc.CALC_PY,
                         "fixedCalc": CALC_FIXED,
@@ -248,6 +278,8 @@ def session(test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     results["code_server_log"] = log_path.read_text()[-4000:]
     results["client_log"] = "\n".join(p.read_text() for p in sorted((user_data / "logs").rglob("StarChat.log")))
     results["workspace"] = workspace
+    results["marker"] = marker
+    results["server_command"] = " ".join(server_command)
     return results
 
 
@@ -262,6 +294,21 @@ def test_status_bar_shows_loading_then_ready(session):
     result = step(session, "open")
     assert "StarChat" in result["statusReady"]
     assert not any(word in result["statusReady"] for word in ("loading", "starting", "error"))
+
+
+def test_restricted_mode_runs_only_the_users_server(session):
+    """The workspace's settings.json sets the server command, environment, address, model and
+    trustRemoteCode; untrusted, none of them is used (its other settings are)."""
+    result = step(session, "open")
+    assert result["restricted"], "the workspace was not in Restricted Mode"
+    assert not session["marker"].exists(), "the workspace's server command ran"
+    log = session["client_log"]
+    assert f"starting the server: {session['server_command']}" in log
+    assert "Restricted Mode:" in log
+    assert result["serverEnv"] and all(names == ["STARCHAT_E2E_SECRET"] for names in result["serverEnv"]), result["serverEnv"]
+    assert '"seed": 4242' in log, "the workspace's settings were not read at all"
+    for value in ('"trustRemoteCode": true', '"allowUnsafeWeights": true', "/nonexistent/workspace-model", "workspace-revision", "starting the server: tcp"):
+        assert value not in log, f"the workspace's {value} was used"
 
 
 def test_hover_explains_the_identifier(session):
@@ -289,6 +336,21 @@ def test_explain_answers_in_the_chat_view(session):
     assert [t["role"] for t in result["turns"]] == ["user", "assistant", "user", "assistant"]
 
 
+def test_chat_goes_on_about_a_closed_file(session):
+    """Closing the file the chat is about does not break the chat: the file is opened again for
+    the server; an untitled document closed is dropped from the chat, with a note."""
+    result = step(session, "closed-context")
+    assert result["before"] == {"label": "About calc.py:4-5", "hidden": False}
+    assert result["answer"]["status"] in ("done", "stopped"), result["answer"]
+    assert not result["answer"]["error"], result["answer"]["error"]
+    assert result["reopened"] >= 1, "calc.py was not sent to the server again"
+    assert result["after"] == result["before"]
+    assert result["untitled"]["label"].startswith("About Untitled-"), result["untitled"]
+    assert result["notice"].startswith("Untitled-") and "was closed" in result["notice"], result["notice"]
+    assert result["dropped"]["hidden"]
+    assert "The document is not open" not in session["client_log"]
+
+
 def test_chat_streams_the_answer_and_keeps_the_conversation(session):
     result = step(session, "chat")
     assert result["answer"] == sc.CHAT_ANSWER
@@ -310,6 +372,104 @@ def test_stop_cancels_the_streaming_answer(session):
     assert 0 < result["lengthAtStop"] < len(sc.LONG_ANSWER_UNIT) * 1500
     assert result["text"].startswith(sc.LONG_ANSWER_UNIT.strip())
     assert not result["stopButtonVisible"]
+    # Stop cancels the request itself, so that the server stops generating (the GPU stops).
+    assert "Sending notification '$/cancelRequest'" in session["client_log"]
+
+
+def test_model_output_is_never_html(session):
+    result = step(session, "safety")
+    img_src = result["csp"].split("img-src", 1)[1].split(";")[0].split()
+    assert "https:" not in img_src and "*" not in img_src, f"remote images allowed: {result['csp']}"
+    assert result["pwned"] is None
+    assert result["dangerous"] == 0, "model output became HTML elements"
+    assert result["jsLinks"] == 0
+    # An image in an answer is a link, never loaded.
+    assert result["imageLinks"] == ["https://attacker.invalid/leak.png?code=secret"]
+    assert '<img src=x onerror="window.__pwned=1">' in result["answerText"]
+    assert "<script>window.__pwned=2</script>" in result["answerText"]
+    assert "<b>title</b>" in result["userText"] and "<i>question</i>" in result["userText"]
+    assert result["context"] == "About <u>ctx</u>"
+    assert result["codeButtons"] == 3
+
+
+def test_insert_goes_into_the_file_not_the_output_panel(session):
+    result = step(session, "insert-after-log")
+    assert result["firstLine"] == 'INSERTED = "</code></pre><img src=x onerror=window.__pwned=4>"'
+    assert "".join(result["tab"].split()) == "calc.py"
+
+
+def test_chat_view_keeps_the_conversation_and_draft_after_a_reload(session):
+    result = step(session, "reload")
+    # The conversation from the Stop step, from the extension (not what the page was last fed).
+    assert [t["role"] for t in result["turns"]] == ["user", "assistant"]
+    assert result["turns"][0]["text"] == sc.LONG_QUESTION
+    assert result["draft"] == "a draft I have not sent"
+
+
+def test_trace_setting_keeps_the_server_and_settings_stay_private(session):
+    result = step(session, "trace")
+    assert result["before"] and result["after"] == result["before"], "the server was restarted (the model reloaded)"
+    assert result["starts"] == 1
+    assert result["configurationChanges"] >= 1  # topK
+    assert not any(word in result["status"] for word in ("starting", "loading", "error", "stopped")), result["status"]
+    # The server pulled the changed setting, and never saw the client's own settings.
+    assert '"topK": 40' in session["client_log"]
+    assert SECRET not in session["client_log"], "starchat.server.env was sent to the server"
+
+
+def test_restart_twice_leaves_one_server(session):
+    result = step(session, "restart-twice")
+    assert len(result["after"]) == 1, f"servers running after two restarts: {result['after']} (before: {result['before']})"
+    assert result["after"][0] not in result["before"]
+    assert result["answer"] == sc.CHAT_ANSWER and result["answerStatus"] == "done"
+
+
+def test_server_killed_mid_answer(session):
+    result = step(session, "crash")
+    assert result["killed"]
+    assert result["status"] == "error"
+    assert "server stopped before answering" in result["error"], result["error"]
+    assert result["again"] == sc.CHAT_ANSWER and result["againStatus"] == "done"
+    assert len(result["after"]) == 1
+
+
+def test_package_json_matches_the_extension():
+    """Every command the code registers is contributed (and the reverse), the menus name only
+    contributed commands, and every server setting the client forwards is a setting."""
+    package = json.loads((EXTENSION / "package.json").read_text())
+    contributes = package["contributes"]
+    contributed = {c["command"] for c in contributes["commands"]}
+    source = (EXTENSION / "src" / "extension.ts").read_text()
+    registered = set(re.findall(r'\bcommand\("([\w.]+)"', source))
+    assert registered == contributed
+    for menu, items in contributes["menus"].items():
+        for item in items:
+            if "command" in item:
+                assert item["command"] in contributed, f"{menu} names {item['command']}"
+            else:
+                assert item["submenu"] in {s["id"] for s in contributes["submenus"]}
+    # The selection's commands only where the server has the document (files, untitled ones).
+    for item in contributes["menus"]["editor/context"]:
+        assert "resourceScheme" in item["when"]
+    settings = set(contributes["configuration"]["properties"])
+    # Restricted Mode: a workspace cannot pick the server's program, environment, address or model,
+    # nor let it run the model's code (the same list as the code's RESTRICTED_SETTINGS).
+    untrusted = package["capabilities"]["untrustedWorkspaces"]
+    assert untrusted["supported"] == "limited" and untrusted["description"]
+    restricted = untrusted["restrictedConfigurations"]
+    assert set(restricted) <= settings
+    must = {"server.command", "server.pythonPath", "server.env", "server.tcp", "model", "revision", "trustRemoteCode", "allowUnsafeWeights"}
+    assert {f"starchat.{key}" for key in must} <= set(restricted)
+    server_ts_list = re.search(r"RESTRICTED_SETTINGS = \[(.*?)\] as const", (EXTENSION / "src" / "server.ts").read_text(), re.S).group(1)
+    assert re.findall(r'"([\w.]+)"', server_ts_list) == restricted
+    # Settings are read with get(), which leaves out restricted workspace values.
+    sources = "".join(p.read_text() for p in (EXTENSION / "src").rglob("*.ts"))
+    assert ".inspect(" not in sources
+    server_ts = (EXTENSION / "src" / "server.ts").read_text()
+    forwarded = re.search(r"SERVER_SETTINGS = \[(.*?)\] as const", server_ts, re.S).group(1)
+    for key in re.findall(r'"(\w+)"', forwarded):
+        assert f"starchat.{key}" in settings, key
+    assert {s for s in settings if not s.startswith(("starchat.server.", "starchat.trace."))} == {f"starchat.{k}" for k in re.findall(r'"(\w+)"', forwarded)}
 
 
 def test_screenshots_of_each_step(session):

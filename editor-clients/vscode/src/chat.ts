@@ -4,10 +4,13 @@
 import * as vscode from "vscode";
 import {
   CancellationTokenSource as LspCancellationTokenSource,
+  ErrorCodes,
   ExecuteCommandRequest,
   LanguageClient,
   ProgressType,
   Range as LspRange,
+  ResponseError,
+  State,
   WorkDoneProgress,
   WorkDoneProgressBegin,
   WorkDoneProgressReport,
@@ -16,12 +19,19 @@ import {
 
 export const VIEW_ID = "starchat.chat";
 
+/** The documents the language client opens for the server (its document selector): the others
+ * (the Output panel, settings.json, diff views, …) the server cannot answer about or edit. */
+export const SYNCED_SCHEMES = ["file", "untitled"];
+const synced = (editor: vscode.TextEditor | undefined) => editor !== undefined && SYNCED_SCHEMES.includes(editor.document.uri.scheme);
+
 type Role = "user" | "assistant";
 type TurnStatus = "done" | "streaming" | "stopped" | "error";
 
 export interface Turn {
   id: number;
-  role: Role;
+  /** "notice": a note from the extension in the conversation (e.g. the context was dropped), not
+   * sent to the model. */
+  role: Role | "notice";
   content: string;
   status: TurnStatus;
   /** Shown above a user turn instead of its content's first words (e.g. "Explain calc.py:4-5"). */
@@ -73,10 +83,22 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
     private readonly getClient: () => LanguageClient | undefined,
     private readonly log: vscode.LogOutputChannel,
   ) {
-    this.lastEditor = vscode.window.activeTextEditor;
+    // The editor code goes into and the selection comes from: the last file the user was in,
+    // not the Output panel (an editor too) nor other documents the server does not have.
+    if (synced(vscode.window.activeTextEditor)) this.lastEditor = vscode.window.activeTextEditor;
     this.disposables.push(
       vscode.window.onDidChangeActiveTextEditor((editor) => {
-        if (editor) this.lastEditor = editor;
+        if (editor && synced(editor)) this.lastEditor = editor;
+      }),
+      // An untitled document closed is gone for good (a file is opened again when needed, see
+      // usableContext): the conversation goes on without it, and says so. Checked a moment later:
+      // a change of language closes and reopens a document at once.
+      vscode.workspace.onDidCloseTextDocument((document) => {
+        if (document.uri.scheme === "file" || !this.context || !sameDocument(document.uri, this.context.uri)) return;
+        const context = this.context;
+        setTimeout(() => {
+          if (this.context === context && !openDocument(context.uri)) this.dropContext(`${context.label} was closed: the chat goes on without it.`);
+        }, 300);
       }),
     );
   }
@@ -92,10 +114,14 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
     const out = vscode.Uri.joinPath(this.extensionUri, "out");
     view.webview.options = { enableScripts: true, localResourceRoots: [media, out] };
     view.webview.html = this.html(view.webview);
-    view.webview.onDidReceiveMessage((message: FromWebview) => this.onMessage(message), undefined, this.disposables);
-    view.onDidDispose(() => {
-      if (this.view === view) this.view = undefined;
-    });
+    // The view is created again when it moves or is closed and opened: each one's listeners go with it.
+    const listeners = [view.webview.onDidReceiveMessage((message: FromWebview) => this.onMessage(message))];
+    listeners.push(
+      view.onDidDispose(() => {
+        if (this.view === view) this.view = undefined;
+        for (const listener of listeners) listener.dispose();
+      }),
+    );
   }
 
   private html(webview: vscode.Webview): string {
@@ -106,7 +132,8 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
       "default-src 'none'",
       `style-src ${webview.cspSource} 'unsafe-inline'`,
       `script-src 'nonce-${nonce}'`,
-      `img-src ${webview.cspSource} https: data:`,
+      // No remote images: an answer's ![](https://…?q=your code) would send the code away.
+      `img-src ${webview.cspSource} data:`,
       `font-src ${webview.cspSource}`,
     ].join("; ");
     return `<!DOCTYPE html>
@@ -192,21 +219,23 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
 
   // ---- code blocks into the editor -----------------------------------------------------------
   private async putCode(code: string, how: "insert" | "replace"): Promise<void> {
-    const editor = vscode.window.visibleTextEditors.find((e) => e === this.lastEditor) ?? this.lastEditor ?? vscode.window.activeTextEditor;
+    const active = vscode.window.activeTextEditor;
+    const editor = this.lastEditor ?? (synced(active) ? active : undefined);
     if (!editor || editor.document.isClosed) {
-      void vscode.window.showWarningMessage("StarChat: open an editor to put the code in.");
+      void vscode.window.showWarningMessage("StarChat: open a file to put the code in.");
       return;
     }
     const shown = await vscode.window.showTextDocument(editor.document, { viewColumn: editor.viewColumn, preserveFocus: false });
     const selection = shown.selection;
-    await shown.edit((builder) => {
+    const done = await shown.edit((builder) => {
       if (how === "replace") builder.replace(selection, code);
       else builder.insert(selection.active, code);
     });
+    if (!done) void vscode.window.showWarningMessage(`StarChat: ${vscode.workspace.asRelativePath(shown.document.uri)} did not take the code (read-only?).`);
   }
 
   // ---- conversations -------------------------------------------------------------------------
-  private addTurn(role: Role, content: string, status: TurnStatus, title?: string): Turn {
+  private addTurn(role: Turn["role"], content: string, status: TurnStatus, title?: string): Turn {
     const turn: Turn = { id: this.nextId++, role, content, status, title };
     this.turns.push(turn);
     return turn;
@@ -214,6 +243,7 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
 
   /** The history as `starchat/chat` messages: finished user/assistant pairs, then `last`. */
   private history(last: string): { role: Role; content: string }[] {
+    // Notices are the extension's, not the conversation's: left out.
     const messages: { role: Role; content: string }[] = [];
     for (let i = 0; i + 1 < this.turns.length; i++) {
       const [user, assistant] = [this.turns[i], this.turns[i + 1]];
@@ -239,16 +269,62 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
     };
   }
 
+  /** Forgets the context, with a note in the conversation saying why. */
+  private dropContext(note: string): void {
+    this.log.info(`chat context dropped: ${note}`);
+    this.context = undefined;
+    this.addTurn("notice", note, "done");
+    this.pushState();
+  }
+
+  /** The context, ready to be sent: the server reads only the documents open in the editor, so a
+   * file closed since (its tab closed) is opened again, unseen (the language client sends it to
+   * the server), and the conversation stays about it. A file that cannot be opened (deleted), an
+   * untitled document closed, or a range now past the end of the document: the context is
+   * dropped, with a note, and the message goes without it. Never "the document is not open". */
+  private async usableContext(client: LanguageClient): Promise<ChatContext | undefined> {
+    const context = this.context;
+    if (!context) return undefined;
+    const uri = vscode.Uri.parse(context.uri);
+    let document = openDocument(context.uri);
+    let why = "is no longer open";
+    if (!document && uri.scheme === "file") {
+      try {
+        document = await vscode.workspace.openTextDocument(uri);
+        this.log.info(`chat context ${context.label}: the file was closed; opened it again`);
+      } catch (error) {
+        why = "could not be opened again (deleted?)";
+        this.log.warn(`chat context ${context.label}: ${error instanceof Error ? error.message : String(error)}`);
+      }
+    }
+    if (this.context !== context) return this.context; // changed meanwhile (× or another request)
+    if (!document) {
+      this.dropContext(`${context.label} ${why}: this message goes without it.`);
+      return undefined;
+    }
+    if (context.range) {
+      const range = client.protocol2CodeConverter.asRange(context.range);
+      if (!document.validateRange(range).isEqual(range)) {
+        this.dropContext(`${context.label} is past the end of the file now: this message goes without it.`);
+        return undefined;
+      }
+    }
+    return context;
+  }
+
   /** A chat message typed in the view, answered with streaming. */
   async send(text: string, includeSelection = false): Promise<void> {
     text = text.trim();
     if (!text) return;
     const client = await this.readyClient();
-    if (!client) return;
+    if (!client) {
+      this.post({ type: "draft", text }); // the webview cleared its input: give the message back
+      return;
+    }
     if (includeSelection) this.context = this.selectionContext() ?? this.context;
+    const context = await this.usableContext(client);
     const messages = this.history(text);
     this.addTurn("user", text, "done");
-    const context = this.context;
     const params: Record<string, unknown> = { messages };
     if (context) {
       params.textDocument = { uri: context.uri };
@@ -283,7 +359,9 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
   }
 
   private async readyClient(): Promise<LanguageClient | undefined> {
-    const client = this.getClient();
+    let client = this.getClient();
+    // Starting (just restarted, or again after a crash): the server answers in a moment.
+    if (client && client.state === State.Starting) client = (await whenRunning(client, 30000)) ? client : undefined;
     if (!client || !client.isRunning()) {
       void vscode.window.showErrorMessage("StarChat: the language server is not running.", "Show Log").then((choice) => {
         if (choice) this.log.show();
@@ -329,8 +407,8 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
         turn.status = "stopped";
       } else {
         turn.status = "error";
-        turn.error = error instanceof Error ? error.message : String(error);
-        this.log.error(`chat request failed: ${turn.error}`);
+        turn.error = describeError(error);
+        this.log.error(`chat request failed: ${error instanceof Error ? error.message : String(error)}`);
       }
       return undefined;
     } finally {
@@ -345,6 +423,40 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
     this.stop();
     for (const d of this.disposables) d.dispose();
   }
+}
+
+/** What the user reads when a request fails: the server's message, or what happened to the server. */
+export function describeError(error: unknown): string {
+  if (error instanceof ResponseError && (error.code === ErrorCodes.PendingResponseRejected || error.code === ErrorCodes.ConnectionInactive)) {
+    return "The StarChat server stopped before answering (see StarChat: Show Log).";
+  }
+  return error instanceof Error ? error.message : String(error);
+}
+
+function whenRunning(client: LanguageClient, timeoutMs: number): Promise<boolean> {
+  if (client.isRunning()) return Promise.resolve(true);
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => finish(false), timeoutMs);
+    const listener = client.onDidChangeState((event) => {
+      if (event.newState !== State.Starting) finish(event.newState === State.Running);
+    });
+    function finish(running: boolean) {
+      clearTimeout(timer);
+      listener.dispose();
+      resolve(running);
+    }
+  });
+}
+
+/** Whether `uri` (a vscode.Uri) is the document of `contextUri` (a string from the client or
+ * the editor: compared parsed, the two may spell it differently). */
+function sameDocument(uri: vscode.Uri, contextUri: string): boolean {
+  return uri.toString() === vscode.Uri.parse(contextUri).toString();
+}
+
+/** The document of `uri` if the editor has it open (and so the server has it). */
+function openDocument(uri: string): vscode.TextDocument | undefined {
+  return vscode.workspace.textDocuments.find((document) => !document.isClosed && sameDocument(document.uri, uri));
 }
 
 function rangeLabel(range: vscode.Range): string {

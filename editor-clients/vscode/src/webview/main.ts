@@ -39,7 +39,7 @@ hljs.registerAliases(["yml"], { languageName: "yaml" });
 
 interface Turn {
   id: number;
-  role: "user" | "assistant";
+  role: "user" | "assistant" | "notice";
   content: string;
   status: "done" | "streaming" | "stopped" | "error";
   title?: string;
@@ -51,7 +51,8 @@ interface Turn {
 type FromExtension =
   | { type: "state"; turns: Turn[]; generating: boolean; context: string | null }
   | { type: "delta"; id: number; delta: string }
-  | { type: "progress"; id: number; progress: string };
+  | { type: "progress"; id: number; progress: string }
+  | { type: "draft"; text: string };
 
 const vscode = acquireVsCodeApi();
 const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
@@ -63,8 +64,11 @@ const includeSelection = $<HTMLInputElement>("include-selection");
 const contextBox = $<HTMLElement>("context");
 const contextLabel = $<HTMLElement>("context-label");
 
-// Code blocks keep their source here; the buttons refer to them by index.
-let codeBlocks: string[] = [];
+// Each answer's code blocks keep their source here (by turn id); the buttons refer to them by index.
+const codeBlocks = new Map<number, string[]>();
+interface RenderEnv {
+  blocks: string[];
+}
 
 const md: MarkdownIt = new MarkdownIt({
   html: false,
@@ -80,8 +84,8 @@ const md: MarkdownIt = new MarkdownIt({
   },
 });
 const defaultFence = md.renderer.rules.fence!;
-md.renderer.rules.fence = (tokens, idx, options, env, self) => {
-  const index = codeBlocks.push(tokens[idx].content) - 1;
+md.renderer.rules.fence = (tokens, idx, options, env: RenderEnv, self) => {
+  const index = env.blocks.push(tokens[idx].content) - 1;
   const lang = tokens[idx].info.trim().split(/\s+/)[0] ?? "";
   const html = defaultFence(tokens, idx, options, env, self);
   return `<div class="code-block" data-code-index="${index}">
@@ -90,6 +94,14 @@ md.renderer.rules.fence = (tokens, idx, options, env, self) => {
 <button class="code-action" data-action="replace" title="Replace the selection of the active editor">Replace selection</button>
 <button class="code-action" data-action="copy" title="Copy">Copy</button></div>
 ${html}</div>`;
+};
+// Answers never load images: a model's ![](https://host/?q=…) would send what it read (your
+// code) to that host. An image shows as a link to it instead (the CSP blocks remote images too).
+md.renderer.rules.image = (tokens, idx) => {
+  const token = tokens[idx];
+  const src = token.attrGet("src") ?? "";
+  const alt = token.children ? md.renderer.renderInlineAsText(token.children, md.options, {}) : token.content;
+  return `<a href="${md.utils.escapeHtml(src)}" class="image-link">${md.utils.escapeHtml(alt || src)}</a>`;
 };
 
 let turns: Turn[] = [];
@@ -108,13 +120,20 @@ const updates = new Map<number, number>();
 
 function update(element: HTMLElement, turn: Turn): void {
   element.dataset.status = turn.status;
+  if (turn.role === "notice") {
+    // A note from the extension (e.g. the context was dropped): plain text, not from the model.
+    element.innerHTML = `<div class="content note">${md.utils.escapeHtml(turn.content)}</div>`;
+    return;
+  }
   element.dataset.updates = String(updates.get(turn.id) ?? 0);
   const header = turn.role === "user" ? turn.title ?? "You" : "StarChat";
   let body: string;
   if (turn.role === "user") {
     body = `<div class="content">${md.utils.escapeHtml(turn.content).replace(/\n/g, "<br>")}</div>`;
   } else {
-    body = `<div class="content markdown">${md.render(turn.content)}</div>`;
+    const env: RenderEnv = { blocks: [] };
+    body = `<div class="content markdown">${md.render(turn.content, env)}</div>`;
+    codeBlocks.set(turn.id, env.blocks);
   }
   let footer = "";
   if (turn.status === "streaming") footer = `<div class="note working"><span class="dots"></span> ${turn.content ? "generating" : md.utils.escapeHtml(turn.progress ?? "thinking")}…</div>`;
@@ -125,7 +144,7 @@ function update(element: HTMLElement, turn: Turn): void {
 }
 
 function renderAll(): void {
-  codeBlocks = [];
+  codeBlocks.clear();
   transcript.replaceChildren(...turns.map(render));
   if (turns.length === 0) {
     transcript.innerHTML = `<div class="empty"><p><b>StarChat</b></p><p>Ask a question below, or select code in an editor and use <i>Ask StarChat</i> from the right-click menu.</p></div>`;
@@ -189,14 +208,34 @@ window.addEventListener("message", (event: MessageEvent<FromExtension>) => {
     if (!turn) return;
     turn.progress = message.progress;
     scheduleRender(message.id);
+  } else if (message.type === "draft") {
+    // A message the extension could not send (no server): back into the input, unless the user
+    // has typed something else meanwhile.
+    if (!input.value.trim()) {
+      input.value = message.text;
+      saveDraft();
+    }
   }
 });
+
+// The message being typed and the checkbox outlive the page (the view moved, Reload Webviews).
+function saveDraft(): void {
+  vscode.setState({ draft: input.value, includeSelection: includeSelection.checked });
+}
+const saved = vscode.getState() as { draft?: string; includeSelection?: boolean } | undefined;
+if (saved) {
+  input.value = saved.draft ?? "";
+  includeSelection.checked = saved.includeSelection ?? false;
+}
+input.addEventListener("input", saveDraft);
+includeSelection.addEventListener("change", saveDraft);
 
 function submit(): void {
   const text = input.value.trim();
   if (!text || generating) return;
   vscode.postMessage({ type: "send", text, includeSelection: includeSelection.checked });
   input.value = "";
+  saveDraft();
 }
 
 send.addEventListener("click", submit);
@@ -214,7 +253,8 @@ transcript.addEventListener("click", (event) => {
   const button = (event.target as HTMLElement).closest<HTMLButtonElement>("button.code-action");
   if (!button) return;
   const block = button.closest<HTMLElement>(".code-block");
-  const code = codeBlocks[Number(block?.dataset.codeIndex)];
+  const turn = button.closest<HTMLElement>(".turn");
+  const code = codeBlocks.get(Number(turn?.dataset.id))?.[Number(block?.dataset.codeIndex)];
   if (code !== undefined) vscode.postMessage({ type: button.dataset.action, code });
 });
 
