@@ -243,11 +243,11 @@ class StarChatServer(LanguageServer):
     def open_document(self, uri: str):
         """The editor's copy of a document. Only documents the editor opened are read: the server
         never goes to the disk for a URI it was sent; files that look like secrets are refused."""
+        if looks_secret(uri):  # first: clients need not send such files at all
+            raise RequestFailed("This file looks like it holds secrets (keys, .env); StarChat does not read it.")
         document = self.protocol.documents.get(uri)
         if document is None:
             raise RequestFailed("The document is not open in the editor (send textDocument/didOpen first).")
-        if looks_secret(uri):
-            raise RequestFailed("This file looks like it holds secrets (keys, .env); StarChat does not read it.")
         return document
 
     def relative_path(self, uri: str) -> str:
