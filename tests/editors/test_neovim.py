@@ -31,8 +31,10 @@ DRIVER = HERE / "nvim" / "run.lua"
 SCREENSHOTS = REPO / "build" / "screenshots"
 STEPS = [
     "start", "encoding", "code_actions", "popup", "chat", "cancel", "tasks", "fix",
-    "stop_task", "apply_edit", "settings", "tabs", "folders", "health", "crash",
+    "stop_task", "apply_edit", "settings", "tabs", "folders", "secrets", "health", "crash",
 ]
+SECRET_MARKER = "STARCHAT_NVIM_TOKEN=env-secret-91be4f"
+SECRET_TYPED = "TYPED_TOKEN=typed-secret-5e70aa"
 RUN_TIMEOUT = 300  # seconds for the whole session (about 10 s when all is well)
 
 
@@ -85,6 +87,7 @@ def nvim(test_model: Path, tmp_path_factory) -> dict:
     workspace.mkdir()
     for name, text in sc.WORKSPACE_FILES.items():
         (workspace / name).write_text(text)
+    (workspace / ".env").write_text(f"{SECRET_MARKER}\n")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     for old in SCREENSHOTS.glob("nvim-*"):
         old.unlink()
@@ -97,6 +100,9 @@ def nvim(test_model: Path, tmp_path_factory) -> dict:
         "results": str(results),
         "screenshots": str(SCREENSHOTS),
         "steps": STEPS,
+        "secret_file": str(workspace / ".env"),
+        "secret_marker": SECRET_MARKER,
+        "secret_typed": SECRET_TYPED,
         "sc": {k: v for k, v in vars(sc).items() if k.isupper() and isinstance(v, str)},
     }
     env = dict(os.environ)
@@ -346,3 +352,39 @@ def test_server_killed_mid_answer_then_started_again(nvim):
     assert result["restarted"]
     assert result["explain"] == {"answer": sc.EXPLAIN_ANSWER}  # no turn_error
     assert result["context"] == {"start": {"line": 3, "character": 0}, "end": {"line": 5, "character": 0}}
+
+
+def test_a_file_that_looks_like_secrets_never_reaches_the_server(nvim):
+    """A .env opened (with a filetype the plugin starts for), typed in and saved: the client is not
+    attached and sends nothing about it (every message it sent meanwhile was recorded);
+    :StarChatFix there says why; the chat from it is answered without it."""
+    result = step(nvim, "secrets")
+    assert result["attached"] == 0
+    assert result["leaked"] == [], f"sent to the server about the .env: {result['leaked']}"
+    assert "starchat/chat" in result["methods"], result["methods"]  # the recording worked
+    messages = [n["msg"] for n in result["notifications"]]
+    assert any(".env looks like it holds secrets" in m and "does not send it" in m for m in messages), messages
+    assert result["answer"] == sc.CHAT_ANSWER and not result.get("turn_error")
+
+
+def test_secret_pattern_matches_the_server(tmp_path):
+    """The plugin's SECRET_NAMES is the server's _SECRET_NAMES (lsp_server/server.py) in Vim's
+    very-magic syntax, and classifies names as looks_secret does."""
+    from lsp_server.server import _SECRET_NAMES, looks_secret
+
+    source = (PLUGIN / "lua" / "starchat" / "lsp.lua").read_text()
+    literal = re.search(r"^M\.SECRET_NAMES = \[\[(.*)\]\]$", source, re.M).group(1)
+    assert literal == "\\v" + _SECRET_NAMES.pattern
+    names = [".env", ".env.local", "app/.ENV.production", ".env.d/x.py", ".netrc", ".pgpass", "id_rsa", "id_ed25519.pub",
+             "credentials", "credentials.json", "server.pem", "tls.key", "a.p12", "a.pfx", "a.jks", "a.keystore",
+             "env.py", "my.env", "keys.py", "id_rsa.txt", "credentials.yaml", "monkey.py", "pem.txt", "x.keys"]
+    uris = [f"file:///home/u/project/{name}" for name in names] + ["file:///home/u/.env?x=1", "file:///home/u/a.py?x=.pem"]
+    script = tmp_path / "check.lua"
+    script.write_text(
+        f"vim.opt.rtp:prepend({json.dumps(str(PLUGIN))})\n"
+        "local lsp = require('starchat.lsp')\n"
+        f"for _, uri in ipairs(vim.json.decode({json.dumps(json.dumps(uris))})) do io.stdout:write(tostring(lsp.looks_secret(uri)), '\\n') end\n"
+    )
+    out = subprocess.run([NVIM, "--clean", "--headless", "-l", str(script)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(looks_secret(uri)).lower() for uri in uris]

@@ -125,6 +125,8 @@ def stop_group(process: subprocess.Popen) -> None:
 
 
 SECRET = "e2e-secret-4f1c9a"
+ENV_MARKER = "STARCHAT_E2E_ENV_TOKEN=env-secret-7d3e1b"
+TYPED_MARKER = "TYPED_TOKEN=typed-secret-0c9a44"
 CALC_FIXED = sc.CALC_PY.replace("def average(values):\n    return sum(values) / len(values) + 1\n", sc.FIXED_AVERAGE)
 
 
@@ -138,6 +140,7 @@ def session(test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         folder.mkdir(parents=True)
     for name, text in sc.WORKSPACE_FILES.items():
         (workspace / name).write_text(text)
+    (workspace / ".env").write_text(f"{ENV_MARKER}\n")
     # A cloned repository's settings: the workspace is not trusted (Restricted Mode), so VS Code
     # gives the extension the user's values of these (package.json, restrictedConfigurations).
     marker = root / "workspace-command-ran"
@@ -239,6 +242,12 @@ def session(test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
                     "workspace": str(workspace),
                     "userData": str(user_data),
                     "codeServerPid": server.pid,
+                    "secrets": {
+                        "envFile": str(workspace / ".env"),
+                        "marker": ENV_MARKER.split("=")[0],
+                        "typed": TYPED_MARKER,
+                        "settingsFiles": [str(settings_file), str(user_data / "Machine" / "settings.json")],
+                    },
                     "scenarios": {
                         "calc": sc.CALC_PY,
                         "fixedCalc": CALC_FIXED,
@@ -278,6 +287,7 @@ def session(test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     results["code_server_log"] = log_path.read_text()[-4000:]
     results["client_log"] = "\n".join(p.read_text() for p in sorted((user_data / "logs").rglob("StarChat.log")))
     results["workspace"] = workspace
+    results["user_data"] = user_data
     results["marker"] = marker
     results["server_command"] = " ".join(server_command)
     return results
@@ -415,6 +425,41 @@ def test_trace_setting_keeps_the_server_and_settings_stay_private(session):
     # The server pulled the changed setting, and never saw the client's own settings.
     assert '"topK": 40' in session["client_log"]
     assert SECRET not in session["client_log"], "starchat.server.env was sent to the server"
+
+
+def test_secret_files_and_editor_settings_never_reach_the_server(session):
+    """A .env opened, typed in, saved and closed, and the user's and the machine's settings.json
+    opened as files: the client's protocol trace (verbose) has no message about them, nor their
+    text; Fix on the .env says why nothing happens; the chat goes without it, with a note."""
+    result = step(session, "secrets")
+    log = session["client_log"]
+    workspace, user_data = session["workspace"], session["user_data"]
+    assert f'"uri": "{(workspace / "calc.py").as_uri()}"' in log, "the trace does not show what was sent"
+    for path in (workspace / ".env", user_data / "User" / "settings.json", user_data / "Machine" / "settings.json"):
+        assert path.as_uri() not in log, f"{path} was sent to the server"
+    assert "not sending .env to the server: it looks like it holds secrets" in log
+    for text in (ENV_MARKER, TYPED_MARKER, SECRET, '"workbench.colorTheme"'):
+        assert text not in log, f"{text} was sent to the server"
+    assert ".env looks like it holds secrets" in result["message"] and "does not send it" in result["message"], result["message"]
+    assert result["notice"] and ".env looks like it holds secrets" in result["notice"], result["notice"]
+    assert result["roles"] == ["notice", "user", "assistant"], result["roles"]
+    assert result["answer"] == sc.CHAT_ANSWER and result["answerStatus"] == "done"
+
+
+def test_secret_patterns_match_the_server():
+    """The extension's SECRET_NAMES is the server's _SECRET_NAMES (lsp_server/server.py)."""
+    from lsp_server.server import _SECRET_NAMES, looks_secret
+
+    source = (EXTENSION / "src" / "server.ts").read_text()
+    literal = re.search(r"export const SECRET_NAMES = /(.*)/;\n", source).group(1)
+    assert literal.replace("\\/", "/") == _SECRET_NAMES.pattern
+    client = re.compile(literal.replace("\\/", "/"))  # the same syntax in JavaScript and Python
+    names = [".env", ".env.local", "app/.ENV.production", ".netrc", ".pgpass", "id_rsa", "id_ed25519.pub", "credentials",
+             "credentials.json", "server.pem", "tls.key", "a.p12", "a.pfx", "a.jks", "a.keystore",
+             "env.py", "my.env", "keys.py", "id_rsa.txt", "credentials.yaml", "monkey.py", "pem.txt", "x.keys"]
+    for name in names:
+        uri = f"file:///home/u/project/{name}"
+        assert bool(client.search(uri.lower())) == looks_secret(uri), name
 
 
 def test_restart_twice_leaves_one_server(session):

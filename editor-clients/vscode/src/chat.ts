@@ -16,6 +16,7 @@ import {
   WorkDoneProgressReport,
   WorkDoneProgressEnd,
 } from "vscode-languageclient/node";
+import { privateDocument } from "./server";
 
 export const VIEW_ID = "starchat.chat";
 
@@ -261,6 +262,12 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
     const client = this.getClient();
     if (!editor || editor.document.isClosed || !client) return undefined;
     const name = vscode.workspace.asRelativePath(editor.document.uri);
+    const reason = privateDocument(editor.document.uri);
+    if (reason) {
+      // never sent to the server (see the language client's middleware)
+      this.dropContext(`${name} ${reason}; StarChat does not send it: this message goes without it.`);
+      return undefined;
+    }
     if (editor.selection.isEmpty) return { uri: editor.document.uri.toString(), label: name };
     return {
       uri: editor.document.uri.toString(),

@@ -19,7 +19,7 @@ import {
   WorkDoneProgressReport,
 } from "vscode-languageclient/node";
 import { ChatView, SYNCED_SCHEMES, VIEW_ID, describeError } from "./chat";
-import { RESTRICTED_SETTINGS, SERVER_SETTINGS, describeServer, serverOptions, serverSettings, serverSettingsSection } from "./server";
+import { RESTRICTED_SETTINGS, SERVER_SETTINGS, describeServer, privateDocument, serverOptions, serverSettings, serverSettingsSection } from "./server";
 import { StatusItem } from "./status";
 
 type Task = "fix" | "optimize" | "document" | "tests";
@@ -115,6 +115,23 @@ async function start(): Promise<void> {
           });
         },
       },
+      // Files that look like secrets (.env, keys, …) and the editor's own settings never go to
+      // the server (which may be on another machine, starchat.server.tcp): not their text
+      // (didOpen/didChange), nor that they were saved or closed, nor hover and code-action
+      // requests about them. Commands on them say why (selectionArgs).
+      didOpen: (document, next) => {
+        const reason = privateDocument(document.uri);
+        if (!reason) return next(document);
+        log.info(`not sending ${vscode.workspace.asRelativePath(document.uri)} to the server: it ${reason}`);
+        return Promise.resolve();
+      },
+      didChange: (event, next) => (privateDocument(event.document.uri) ? Promise.resolve() : next(event)),
+      willSave: (event, next) => (privateDocument(event.document.uri) ? Promise.resolve() : next(event)),
+      willSaveWaitUntil: (event, next) => (privateDocument(event.document.uri) ? Promise.resolve([]) : next(event)),
+      didSave: (document, next) => (privateDocument(document.uri) ? Promise.resolve() : next(document)),
+      didClose: (document, next) => (privateDocument(document.uri) ? Promise.resolve() : next(document)),
+      provideHover: (document, position, token, next) => (privateDocument(document.uri) ? undefined : next(document, position, token)),
+      provideCodeActions: (document, range, context, token, next) => (privateDocument(document.uri) ? [] : next(document, range, context, token)),
       // Ask and Explain (from the code actions) answer in the chat view; edits show progress.
       executeCommand: async (command, args, next) => {
         if (command === "starchat.ask" || command === "starchat.explain") return chat.runCommand(command, args[0]);
@@ -260,6 +277,11 @@ function selectionArgs(): (SelectionArgs & { version: number }) | undefined {
   if (!SYNCED_SCHEMES.includes(editor.document.uri.scheme)) {
     // The server only knows the documents the client opened for it (files and untitled ones).
     void vscode.window.showInformationMessage(`StarChat: works on files and untitled documents, not on ${editor.document.uri.scheme}: documents.`);
+    return undefined;
+  }
+  const reason = privateDocument(editor.document.uri);
+  if (reason) {
+    void vscode.window.showInformationMessage(`StarChat: ${vscode.workspace.asRelativePath(editor.document.uri)} ${reason}; StarChat does not send it to the server.`);
     return undefined;
   }
   if (!client?.isRunning()) {

@@ -49,6 +49,26 @@ export const RESTRICTED_SETTINGS = [
   "starchat.allowUnsafeWeights",
 ] as const;
 
+/** Files that look like secrets: the same regular expression as the server's `_SECRET_NAMES`
+ * (lsp_server/server.py, `looks_secret`), matched the same way: on the URI as sent to the server,
+ * lower-cased, without its query. Keep the two the same (tests/editors/test_vscode.py compares
+ * them). The server refuses such files; the client does not even send them (privateDocument). */
+export const SECRET_NAMES = /(^|\/)(\.env(\..*)?|\.netrc|\.pgpass|id_(rsa|dsa|ecdsa|ed25519)(\.pub)?|credentials(\.json)?)$|\.(pem|key|p12|pfx|jks|keystore)$/;
+
+/** The editor's own configuration, which can hold tokens (`starchat.server.env`): user and profile
+ * settings, keybindings, tasks, snippets and MCP servers (VS Code's and code-server's `User/`
+ * folder), a remote machine's settings (`Machine/settings.json`), a workspace's
+ * `.vscode/settings.json` and `.code-workspace` files. Matched on the URI's path. */
+export const EDITOR_SETTINGS = /\/User\/(settings\.json|keybindings\.json|tasks\.json|mcp\.json|profiles\/.*|snippets\/.*|globalStorage\/.*)$|\/Machine\/settings\.json$|\/\.vscode\/settings\.json$|\.code-workspace$/;
+
+/** Why a document is never sent to the server (no didOpen/didChange/didSave/didClose, no hover
+ * or code action requests), or undefined when it is sent. */
+export function privateDocument(uri: vscode.Uri): string | undefined {
+  if (SECRET_NAMES.test(uri.toString().split("?")[0].toLowerCase())) return "looks like it holds secrets (keys, .env)";
+  if (EDITOR_SETTINGS.test(uri.path)) return "is the editor's own configuration (it can hold tokens)";
+  return undefined;
+}
+
 /** The settings the user set (null and "" mean "server default" and are left out), so that they
  * do not override the server's command line. */
 export function serverSettings(config = vscode.workspace.getConfiguration("starchat")): Record<string, unknown> {

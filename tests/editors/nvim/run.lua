@@ -577,6 +577,66 @@ function steps.folders()
   return out
 end
 
+-- A file that looks like secrets (.env) never reaches the server: the client is not attached to
+-- it (even with a filetype the plugin starts for), so neither its text nor its changes are sent;
+-- :StarChatFix there says why nothing happens; the chat from it goes to the running server,
+-- without the file. Every message the client sends meanwhile is recorded (its rpc).
+function steps.secrets()
+  local c = client()
+  local sent = {}
+  local rpc = c.rpc
+  local real_notify, real_request = rpc.notify, rpc.request
+  local function record(method, params)
+    local uri = type(params) == "table" and type(params.textDocument) == "table" and params.textDocument.uri or nil
+    table.insert(sent, { method = method, uri = uri, json = vim.json.encode(params or {}) })
+  end
+  rpc.notify = function(method, params, ...)
+    record(method, params)
+    return real_notify(method, params, ...)
+  end
+  rpc.request = function(method, params, ...)
+    record(method, params)
+    return real_request(method, params, ...)
+  end
+  local ok, res = pcall(function()
+    vim.api.nvim_set_current_win(code_win)
+    vim.cmd.edit(conf.secret_file)
+    local buf = vim.api.nvim_get_current_buf()
+    vim.bo[buf].filetype = "python" -- a filetype the plugin starts for (FileType)
+    vim.api.nvim_buf_set_lines(buf, -1, -1, false, { conf.secret_typed })
+    vim.cmd("silent write")
+    vim.wait(300, function()
+      return false
+    end)
+    local attached = #lsp.clients(buf)
+    vim.cmd("StarChatFix")
+    chat.clear()
+    local turn = chat.send(sc.CHAT_QUESTION)
+    assert(turn, "no chat turn started from the .env buffer")
+    wait_turn(turn)
+    vim.api.nvim_set_current_win(code_win)
+    vim.cmd("buffer " .. code_buf)
+    vim.cmd("bwipeout " .. buf)
+    return { attached = attached, answer = turn.answer, turn_error = turn.error }
+  end)
+  rpc.notify, rpc.request = real_notify, real_request
+  if not ok then
+    error(res)
+  end
+  local methods, leaked = {}, {}
+  for _, m in ipairs(sent) do
+    table.insert(methods, m.method)
+    local about_it = m.uri and vim.endswith(m.uri, "/.env")
+    if about_it or m.json:find(conf.secret_marker, 1, true) or m.json:find(conf.secret_typed, 1, true) then
+      table.insert(leaked, m.method)
+    end
+  end
+  res.methods = methods
+  res.leaked = leaked
+  res.notifications = notifications_of("secrets")
+  return res
+end
+
 -- :checkhealth starchat
 function steps.health()
   local tabs = #vim.api.nvim_list_tabpages()

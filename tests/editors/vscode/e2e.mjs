@@ -8,8 +8,8 @@
 // note (all in Restricted Mode: the workspace's settings.json sets a hostile server command that
 // must not run); chat with streaming and a follow-up; Stop while a long answer streams; model output with HTML
 // stays text and its code goes into the file (not the Output panel); the view after Reload
-// Webviews; a trace setting change keeps the server; Restart Server twice leaves one server; the
-// server killed mid-answer.
+// Webviews; a trace setting change keeps the server; a .env and the editor's settings files never
+// reach the server; Restart Server twice leaves one server; the server killed mid-answer.
 import { chromium } from "playwright-core";
 import fs from "node:fs";
 import path from "node:path";
@@ -614,6 +614,56 @@ try {
     const status = await statusItem().innerText();
     const log = clientLog();
     return { before, after, status, starts: count(log, "starting the server:"), configurationChanges: count(log, "Sending notification 'workspace/didChangeConfiguration'") - changesBefore };
+  }, { needs: ["open"] });
+
+  // Files that look like secrets and the editor's own settings never reach the server: a .env
+  // opened, typed in, saved and closed, and the user's and the machine's settings.json opened
+  // as files. Fix on the .env says why nothing happens; a chat message with "include selection"
+  // from it goes without it, with a note.
+  await step("secrets", async () => {
+    const openPath = async (file, lineText) => {
+      await page.keyboard.press("Control+Shift+P");
+      const input = page.locator(".quick-input-widget input.input");
+      await input.waitFor({ state: "visible" });
+      await input.fill(file); // no ">": Go to File, which takes an absolute path
+      await page.locator(".quick-input-list .monaco-list-row").first().waitFor();
+      await sleep(300);
+      await page.keyboard.press("Enter");
+      await editor().locator(".view-line", { hasText: lineText }).first().waitFor();
+    };
+    await openPath(config.secrets.envFile, config.secrets.marker);
+    await editor().locator(".view-lines").click();
+    await page.keyboard.press("Control+End");
+    await page.keyboard.type(config.secrets.typed);
+    await page.keyboard.press("Control+S");
+    await until(".env saved", async () => fs.readFileSync(config.secrets.envFile, "utf8").includes(config.secrets.typed), 10000);
+    await page.keyboard.press("Control+A"); // the selection commands need a selection
+    await runCommand("StarChat: Fix");
+    const toast = page.locator(".notification-list-item-message", { hasText: "holds secrets" }).first();
+    await toast.waitFor({ timeout: 10000 });
+    const message = await toast.innerText();
+    await screenshot("secret-file");
+    // A chat message with the selection included, from the .env.
+    await runCommand("StarChat: New Chat");
+    const frame = await chatPageFrame();
+    await until("an empty chat", async () => (await chatTurns()).length === 0, 10000);
+    await chatFrame().locator("#include-selection").check();
+    await sendChat(frame, sc.chatQuestion);
+    const answer = await until("the chat answer", () => answerDone(frame, 3), 60000);
+    await chatFrame().locator("#include-selection").uncheck();
+    const turns = await chatTurns();
+    await page.keyboard.press("Escape");
+    for (const file of config.secrets.settingsFiles) await openPath(file, "starchat");
+    await sleep(1500); // time for a didOpen the client would send
+    for (let i = 0; i < 1 + config.secrets.settingsFiles.length; i++) {
+      await editor().locator(".view-lines").click();
+      await page.keyboard.press("Control+W");
+      await sleep(200);
+    }
+    await page.locator(".explorer-folders-view .monaco-list-row", { hasText: "calc.py" }).first().click();
+    await editor().locator(".view-line", { hasText: "def average" }).waitFor();
+    await sleep(500);
+    return { message, notice: turns.find((t) => t.role === "notice")?.text ?? null, answer: answer.text, answerStatus: answer.status, roles: turns.map((t) => t.role) };
   }, { needs: ["open"] });
 
   // Restart Server twice in a row (a key bound to it, pressed twice): one server afterwards.

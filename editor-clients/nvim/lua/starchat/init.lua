@@ -37,6 +37,11 @@ local function selection_args(opts, bufnr)
     vim.notify("StarChat: run this in a file buffer", vim.log.levels.WARN)
     return nil
   end
+  local private = lsp.private_reason(bufnr)
+  if private then -- never sent to the server: say so, rather than "the document is not open"
+    vim.notify("StarChat: " .. private, vim.log.levels.WARN)
+    return nil
+  end
   local client = lsp.ensure(bufnr)
   if not client then
     return nil

@@ -89,6 +89,34 @@ function M.status()
   return "StarChat: " .. (labels[M.state.state] or "starting…")
 end
 
+--- Files that look like secrets (.env, keys, id_rsa, .netrc, credentials.json, …) are never sent
+--- to the server (which may be on another machine: a function `cmd` such as
+--- vim.lsp.rpc.connect()): the client is not attached to their buffers, and commands there say
+--- why. The same regular expression as the server's `_SECRET_NAMES` (lsp_server/server.py,
+--- looks_secret), in Vim's very-magic syntax, matched the same way (on the buffer's URI,
+--- lower-cased, without a query). Keep the two the same (tests/editors/test_neovim.py compares
+--- them).
+M.SECRET_NAMES = [[\v(^|/)(\.env(\..*)?|\.netrc|\.pgpass|id_(rsa|dsa|ecdsa|ed25519)(\.pub)?|credentials(\.json)?)$|\.(pem|key|p12|pfx|jks|keystore)$]]
+local secret_regex
+
+--- Whether a URI (or a file name) looks like a file holding secrets.
+function M.looks_secret(uri)
+  secret_regex = secret_regex or vim.regex(M.SECRET_NAMES)
+  local target = (uri:match("^[^?]*") or uri):lower()
+  return secret_regex:match_str(target) ~= nil
+end
+
+--- Why the buffer is never sent to the server, or nil when it is.
+function M.private_reason(bufnr)
+  local name = vim.api.nvim_buf_get_name(bufnr)
+  if name ~= "" and M.looks_secret(vim.uri_from_bufnr(bufnr)) then
+    return ("%s looks like it holds secrets (keys, .env); StarChat does not send it to the server"):format(
+      vim.fn.fnamemodify(name, ":~:.")
+    )
+  end
+  return nil
+end
+
 --- LSP error codes the user hears about more softly than a failure.
 M.REQUEST_CANCELLED = -32800
 M.CONTENT_MODIFIED = -32801
@@ -434,7 +462,8 @@ function M.ensure(bufnr)
   if attached then
     return attached
   end
-  local file = vim.bo[bufnr].buftype == "" and vim.api.nvim_buf_get_name(bufnr) ~= ""
+  -- a file that looks like secrets is never attached: a client for another buffer serves (the chat)
+  local file = vim.bo[bufnr].buftype == "" and vim.api.nvim_buf_get_name(bufnr) ~= "" and not M.private_reason(bufnr)
   if file then
     local id = M.start(bufnr, { explicit = true })
     return id and vim.lsp.get_client_by_id(id) or nil
@@ -457,12 +486,20 @@ function M.ensure(bufnr)
   return vim.lsp.get_client_by_id(id)
 end
 
---- Start (or reuse) the client for a file buffer and attach it. Returns the client id.
+--- Start (or reuse) the client for a file buffer and attach it. Returns the client id; nil for
+--- a buffer that is not a file, or a file that looks like secrets (never sent to the server).
 --- opts.explicit: a command asked for it (a missing server is reported every time then, not
 --- only once as for the automatic start on FileType).
 function M.start(bufnr, opts)
   opts = opts or {}
   if vim.bo[bufnr].buftype ~= "" then
+    return nil
+  end
+  local private = M.private_reason(bufnr)
+  if private then
+    if opts.explicit then
+      vim.notify("StarChat: " .. private, vim.log.levels.WARN)
+    end
     return nil
   end
   local cmd = config.options.cmd
@@ -524,7 +561,7 @@ function M.restart(buffers, on_done)
     end
     local id
     for b in pairs(bufs) do
-      if vim.api.nvim_buf_is_valid(b) and vim.api.nvim_buf_is_loaded(b) and vim.bo[b].buftype == "" then
+      if vim.api.nvim_buf_is_valid(b) and vim.api.nvim_buf_is_loaded(b) and vim.bo[b].buftype == "" and not M.private_reason(b) then
         id = M.start(b, { explicit = true }) or id
       end
     end
