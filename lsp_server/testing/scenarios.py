@@ -81,5 +81,7 @@ CODE_SCENARIOS = [
 CHAT_SCENARIOS = [
     ChatScenario((("user", CHAT_QUESTION),), CHAT_ANSWER),
     ChatScenario((("user", CHAT_QUESTION), ("assistant", CHAT_ANSWER), ("user", CHAT_FOLLOW_UP)), CHAT_FOLLOW_UP_ANSWER),
-    ChatScenario((("user", LONG_QUESTION),), LONG_ANSWER_UNIT * 120, ends=False),
+    # long enough (about 720 tokens, over a second on a CPU) for an editor test to press Stop
+    # while it streams: past its trained length the model may end it at any time
+    ChatScenario((("user", LONG_QUESTION),), LONG_ANSWER_UNIT * 240, ends=False),
 ]

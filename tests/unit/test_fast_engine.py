@@ -755,15 +755,15 @@ def test_right_drafts_are_all_kept(engine, plain_engine, tokenizer, texts, sampl
     seen) and random draw are exactly those of plain decoding at its position. A one-token
     prompt and a strong penalty, so that the drafts are new tokens and the penalty on them
     decides the next ones (the sampled cases fail if the drafts are left out of it). The
-    first of ``texts`` whose answer is long enough (the test model's answers to untrained
-    prompts change whenever it is trained again)."""
+    prompt is the first of ``texts``, then of the one-token prompts, whose answer is long
+    enough: the test model's answers to untrained prompts change whenever it is trained again."""
     assert wait_idle(engine)
-    for text in texts:
-        prompt = tokenizer(text)["input_ids"]
+    candidates = [tokenizer(text)["input_ids"] for text in texts] + [[token] for token in range(len(tokenizer))]
+    for prompt in candidates:
         answer = run(plain_engine, prompt, sampling)[0]
         if len(answer) > 10:
             break
-    assert len(answer) > 10, f"no answer of more than 10 tokens to any of {texts}"
+    assert len(answer) > 10, "no one-token prompt has an answer of more than 10 tokens"
     with engine.drafts_from(lambda p: KnownAnswer(p, answer)):
         before = dict(engine.stats)
         got = run(engine, prompt, sampling)[0]
