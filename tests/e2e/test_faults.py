@@ -7,15 +7,17 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from lsp_server.testing import scenarios as sc
 
 from ..conftest import MODEL_DIR
 from .conftest import SERVER
-from lsp_server.testing.wire import read_message
+from lsp_server.testing.wire import frame, read_message
 
 from .test_protocol import Raw
+from .test_server import _read_message
 
 HERE = Path(__file__).parent
 
@@ -151,30 +153,10 @@ def test_tcp_beyond_loopback_needs_a_token(test_model):
 
 
 def test_a_tcp_client_must_present_the_token(test_model):
-    from .test_server import _read_message, frame
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([*SERVER, "--tcp", f"127.0.0.1:{port}"], env={**os.environ, "STARCHAT_LSP_TOKEN": "s3cret"}, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(300):
-            try:
-                sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-                break
-            except OSError:
-                import time
-
-                time.sleep(0.1)
-        with sock:
-            buffer = bytearray()
-            sock.sendall(frame({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}, "initializationOptions": {"token": "wrong"}}}))
-            assert _read_message(sock, buffer)["error"]["code"] == -32600
-            sock.sendall(frame({"jsonrpc": "2.0", "id": 2, "method": "initialize", "params": {"capabilities": {}, "initializationOptions": {"token": "s3cret"}}}))
-            assert "result" in _read_message(sock, buffer)
-    finally:
-        server.terminate()
-        server.wait(10)
+    with _tcp_server("s3cret") as (_, port), _tcp_connect(port) as sock:
+        buffer = bytearray()
+        assert _tcp_initialize(sock, buffer, "wrong", 1)["error"]["code"] == -32600
+        assert "result" in _tcp_initialize(sock, buffer, "s3cret", 2)
 
 
 async def test_the_server_exits_when_the_editor_process_is_gone(test_model):
@@ -328,12 +310,18 @@ async def test_code_shipped_with_a_model_never_runs_unless_trusted(test_model, t
 
 # ---- TCP: one editor at a time, each connection initialized (and its token checked) afresh ----
 
-def _tcp_server(token: str) -> tuple[subprocess.Popen, int]:
+@contextmanager
+def _tcp_server(token: str):
+    """A server on a free loopback port that needs ``token``: (process, port); ended after."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen([*SERVER, "--tcp", f"127.0.0.1:{port}"], env={**os.environ, "STARCHAT_LSP_TOKEN": token}, stderr=subprocess.DEVNULL)
-    return server, port
+    try:
+        yield server, port
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def _tcp_connect(port: int, timeout: float = 30) -> socket.socket:
@@ -350,12 +338,16 @@ def _tcp_connect(port: int, timeout: float = 30) -> socket.socket:
 
 
 def _tcp_initialize(sock: socket.socket, buffer: bytearray, token: str | None, msg_id: object = "init") -> dict:
-    from .test_server import _read_message
-    from lsp_server.testing.wire import frame
-
     options = {"temperature": 0, **({"token": token} if token is not None else {})}
     sock.sendall(frame({"jsonrpc": "2.0", "id": msg_id, "method": "initialize", "params": {"capabilities": {}, "initializationOptions": options}}))
     return _read_message(sock, buffer)
+
+
+def _tcp_editor(port: int, token: str) -> tuple[socket.socket, bytearray]:
+    """A connection whose ``initialize`` (with ``token``) was answered with a result."""
+    sock, buffer = _tcp_connect(port), bytearray()
+    assert "result" in _tcp_initialize(sock, buffer, token)
+    return sock, buffer
 
 
 def _tcp_reconnect(port: int, token: str | None) -> tuple[socket.socket, bytearray, dict]:
@@ -371,14 +363,9 @@ def _code_actions(uri: str, msg_id: object) -> dict:
 
 
 def test_a_second_tcp_connection_while_one_is_open_is_closed_and_the_first_keeps_its_replies(test_model):
-    from .test_server import _read_message
-    from lsp_server.testing.wire import frame
-
-    server, port = _tcp_server("s3cret")
-    try:
-        with _tcp_connect(port) as first:
-            buffer = bytearray()
-            assert "result" in _tcp_initialize(first, buffer, "s3cret")
+    with _tcp_server("s3cret") as (server, port):
+        first, buffer = _tcp_editor(port, "s3cret")
+        with first:
             with _tcp_connect(port) as second:  # no token: must not get to use the server
                 got = b""
                 try:
@@ -392,21 +379,13 @@ def test_a_second_tcp_connection_while_one_is_open_is_closed_and_the_first_keeps
             first.sendall(frame(_code_actions("file:///tmp/x.py", 3)))
             reply = _read_message(first, buffer)
             assert reply["id"] == 3 and reply["error"]["code"] == -32803  # answered, on the first connection
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 def test_after_a_tcp_editor_disconnects_the_next_connection_starts_afresh(test_model):
-    from .test_server import _read_message
-    from lsp_server.testing.wire import frame
-
     uri = "file:///tmp/afresh.py"
-    server, port = _tcp_server("s3cret")
-    try:
-        with _tcp_connect(port) as first:
-            buffer = bytearray()
-            assert "result" in _tcp_initialize(first, buffer, "s3cret")
+    with _tcp_server("s3cret") as (server, port):
+        first, buffer = _tcp_editor(port, "s3cret")
+        with first:
             first.sendall(frame({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": "x = 1\n"}}}))
             first.sendall(frame(_code_actions(uri, 1)))
             assert "result" in _read_message(first, buffer)
@@ -419,20 +398,12 @@ def test_after_a_tcp_editor_disconnects_the_next_connection_starts_afresh(test_m
             sock.sendall(frame({"jsonrpc": "2.0", "id": 3, "method": "shutdown"}))
             assert _read_message(sock, buffer)["result"] is None
         assert server.wait(15) == 0  # after shutdown, the end of the connection ends the server
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 def test_a_request_left_running_by_a_gone_tcp_editor_answers_nobody_else(test_model):
-    from .test_server import _read_message
-    from lsp_server.testing.wire import frame
-
-    server, port = _tcp_server("s3cret")
-    try:
-        with _tcp_connect(port) as first:
-            buffer = bytearray()
-            assert "result" in _tcp_initialize(first, buffer, "s3cret")
+    with _tcp_server("s3cret") as (server, port):
+        first, buffer = _tcp_editor(port, "s3cret")
+        with first:
             first.sendall(frame({"jsonrpc": "2.0", "method": "initialized", "params": {}}))
             first.sendall(frame({"jsonrpc": "2.0", "id": 1, "method": "starchat/chat", "params": chat_params(sc.LONG_QUESTION, maxNewTokens=1500, partialResultToken="p")}))
             while not ((m := _read_message(first, buffer)).get("method") == "$/progress" and m["params"]["token"] == "p"):
@@ -447,6 +418,3 @@ def test_a_request_left_running_by_a_gone_tcp_editor_answers_nobody_else(test_mo
                 seen.append(message)
             assert message["result"]["text"] == sc.CHAT_ANSWER  # not the first editor's cancelled request
             assert not any(m.get("params", {}).get("token") == "p" for m in seen)
-    finally:
-        server.terminate()
-        server.wait(10)

@@ -204,17 +204,14 @@ async def test_typing_in_the_selected_lines_stops_the_model_at_once(editor):
         editor.client.workspace_execute_command_async(types.ExecuteCommandParams(command="starchat.edit", arguments=[args]))
     )
 
-    def reports() -> list:
-        return generation_reports(editor, known)
-
-    await wait_until(lambda: any(isinstance(r, types.WorkDoneProgressReport) for r in reports()))  # generating
+    await wait_until(lambda: any(isinstance(r, types.WorkDoneProgressReport) for r in generation_reports(editor, known)))  # generating
     editor.change(uri, sc.CALC_PY.replace("len(values) + 1", "len(values) + 2"))
     with pytest.raises(Exception) as error:
         await asyncio.wait_for(request, 10)
     assert getattr(error.value, "code", None) == -32803
     assert "changed while StarChat was answering" in str(error.value)
     assert editor.applied == []
-    (end,) = [r for r in reports() if isinstance(r, types.WorkDoneProgressEnd)]
+    (end,) = [r for r in generation_reports(editor, known) if isinstance(r, types.WorkDoneProgressEnd)]
     stopped = re.fullmatch(r"Stopped after (\d+) tokens?", end.message or "")
     assert stopped, end.message
     assert int(stopped[1]) < plain(full)["completionTokens"] // 2
@@ -234,16 +231,13 @@ async def test_cancelling_a_command_stops_the_model(editor):
     request = asyncio.ensure_future(editor.request(
         types.WORKSPACE_EXECUTE_COMMAND, types.ExecuteCommandParams(command="starchat.edit", arguments=[args]), msg_id="stop-me"))
 
-    def reports() -> list:
-        return generation_reports(editor, known)
-
-    await wait_until(lambda: any(isinstance(r, types.WorkDoneProgressReport) for r in reports()))
+    await wait_until(lambda: any(isinstance(r, types.WorkDoneProgressReport) for r in generation_reports(editor, known)))
     editor.client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="stop-me"))
     with pytest.raises(Exception) as error:
         await asyncio.wait_for(request, 10)
     assert getattr(error.value, "code", None) == -32800
-    await wait_until(lambda: any(isinstance(r, types.WorkDoneProgressEnd) for r in reports()))
-    (end,) = [r for r in reports() if isinstance(r, types.WorkDoneProgressEnd)]
+    await wait_until(lambda: any(isinstance(r, types.WorkDoneProgressEnd) for r in generation_reports(editor, known)))
+    (end,) = [r for r in generation_reports(editor, known) if isinstance(r, types.WorkDoneProgressEnd)]
     assert (end.message or "").startswith("Stopped after"), end.message
     assert editor.applied == []
 
@@ -268,8 +262,7 @@ async def test_hover_explains_the_symbol_and_is_cached(editor):
 
 async def test_hover_can_be_turned_off(editor):
     uri = editor.open()
-    editor.client.set_configuration({"hoverEnabled": False}, section="starchat")
-    editor.client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings=None))
+    configure(editor, hoverEnabled=False)
     params = types.HoverParams(text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(line=7, character=5))
     await wait_until(lambda: True)
     for _ in range(50):

@@ -304,16 +304,22 @@ function steps.chat()
   }
 end
 
-function steps.cancel()
-  chat.clear()
-  require("starchat.config").options.chat.max_new_tokens = 1500
-  vim.cmd("StarChatChat")
+--- Sends the never-ending question in the chat buffer; the turn once `pieces` have streamed.
+local function long_turn(pieces, what)
   vim.api.nvim_feedkeys(vim.keycode("GA" .. sc.LONG_QUESTION .. "<Esc><CR>"), "mx", false)
   local turn = chat.current
   assert(turn, "no turn started")
   wait(60000, function()
-    return turn.pieces >= 8
-  end, "the long answer to stream")
+    return turn.pieces >= pieces
+  end, what)
+  return turn
+end
+
+function steps.cancel()
+  chat.clear()
+  require("starchat.config").options.chat.max_new_tokens = 1500
+  vim.cmd("StarChatChat")
+  local turn = long_turn(8, "the long answer to stream")
   -- <C-c> at once: the whole answer can take well under a second (the streaming itself is in
   -- the chat-streaming screenshot)
   local c = turn.client
@@ -339,12 +345,7 @@ function steps.cancel()
   -- wiping out the chat buffer mid-answer stops the answer too; a new conversation, so that the
   -- question is the trained one (after a stopped turn the model's answer is anyone's guess)
   chat.clear()
-  vim.api.nvim_feedkeys(vim.keycode("GA" .. sc.LONG_QUESTION .. "<Esc><CR>"), "mx", false)
-  local turn2 = chat.current
-  assert(turn2, "no second turn started")
-  wait(60000, function()
-    return turn2.pieces >= 3
-  end, "the second long answer to stream")
+  local turn2 = long_turn(3, "the second long answer to stream")
   local wiped_buf = chat.buf
   vim.cmd("bwipeout! " .. wiped_buf)
   local wipe_acked = vim.wait(10000, function()
