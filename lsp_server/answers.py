@@ -10,6 +10,8 @@ import re
 import textwrap
 from pathlib import PurePosixPath
 
+from .text import convert_indentation, indent_unit
+
 _FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[ \t]*([\w+#.-]*)[^\n]*\n", re.MULTILINE)
 _LEADING_BLANK_LINES = re.compile(r"(?:[ \t]*(?:\r\n|\r|\n))*")
 _TRAILING_BREAKS = re.compile(r"(?:(?:\r\n|\r|\n)[ \t]*)*\Z")
@@ -56,9 +58,14 @@ def extract_code(answer: str, language: str = "", *, cut: bool = False) -> str:
     return code
 
 
-def fit_code(code: str, *, indent: str, first_line_indented: bool, keep_trailing_newline: bool, eol: str) -> str:
-    """Re-indent ``code`` to sit where the selection was and use the document's line breaks."""
+def fit_code(code: str, *, indent: str, first_line_indented: bool, keep_trailing_newline: bool, eol: str,
+             unit: str | None = None) -> str:
+    """Re-indent ``code`` to sit where the selection was, with the document's indentation
+    ``unit`` (``text.indent_unit``: a model answering in four spaces must not put spaces into a
+    tab-indented file, a TabError in Python, or four into a two-space one), and use the
+    document's line breaks."""
     lines = textwrap.dedent(code.replace("\r\n", "\n").replace("\r", "\n")).strip("\n").split("\n")
+    lines = convert_indentation(lines, indent_unit("\n".join(lines)), unit)
     out = [(indent + line if line.strip() else "") for line in lines]
     if out and not first_line_indented:
         out[0] = out[0][len(indent) :]
@@ -68,19 +75,21 @@ def fit_code(code: str, *, indent: str, first_line_indented: bool, keep_trailing
     return text.replace("\n", eol)
 
 
-def replacement_for_selection(code: str, selection: str, *, indent: str, starts_line: bool, eol: str) -> str:
+def replacement_for_selection(code: str, selection: str, *, indent: str, starts_line: bool, eol: str,
+                              unit: str | None = None) -> str:
     """Fix / Optimize: the answer's code (``extract_code``) in place of the selection. Blank
     lines the selection starts with (when it starts a line) and the line breaks it ends with
     stay as they were: the code goes between them."""
     lead = _LEADING_BLANK_LINES.match(selection).group(0) if starts_line else ""
     trail = _TRAILING_BREAKS.search(selection, len(lead)).group(0)
-    return lead + fit_code(code, indent=indent, first_line_indented=starts_line, keep_trailing_newline=False, eol=eol) + trail
+    return lead + fit_code(code, indent=indent, first_line_indented=starts_line, keep_trailing_newline=False, eol=eol,
+                           unit=unit) + trail
 
 
-def insertion_above(code: str, *, indent: str, eol: str) -> str:
+def insertion_above(code: str, *, indent: str, eol: str, unit: str | None = None) -> str:
     """Document: the answer's comment (``extract_code``), as whole lines to insert above the
     selection's first line."""
-    return fit_code(code, indent=indent, first_line_indented=True, keep_trailing_newline=True, eol=eol)
+    return fit_code(code, indent=indent, first_line_indented=True, keep_trailing_newline=True, eol=eol, unit=unit)
 
 
 def hover_markdown(answer: str) -> str:

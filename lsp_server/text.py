@@ -9,6 +9,7 @@ UTF-32 when both sides agree.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -105,6 +106,56 @@ def position_at(lines: list[str], offset: int, encoding: str = "utf-16") -> Pos:
 
 def indentation_of(line: str) -> str:
     return line[: len(line) - len(line.lstrip(" \t"))]
+
+
+SPACE_STEPS = (2, 3, 4, 8)
+
+
+def indent_unit(text: str) -> str | None:
+    """One level of ``text``'s indentation: a tab, or 2, 3, 4 or 8 spaces; None when no line is
+    indented or the steps say nothing clear. Guessed as editors guess it: lines indented with
+    tabs against lines indented with spaces, then the most common of the steps 2, 3, 4 and 8 by
+    which a line is indented deeper than the non-blank line before it (continuation lines
+    aligned under a bracket make other steps, which do not count)."""
+    tabs = spaces = 0
+    steps: Counter[int] = Counter()
+    previous = 0
+    for line in _LINE_BREAK.split(text):
+        if not line.strip():
+            continue
+        lead = indentation_of(line)
+        if lead.startswith("\t"):
+            tabs += 1
+            previous = -1  # a tab's width is the reader's: no step from or to it
+            continue
+        if lead:
+            spaces += 1
+        width = len(lead) if "\t" not in lead else -1
+        if width > previous >= 0:
+            steps[width - previous] += 1
+        previous = width
+    if tabs > spaces:
+        return "\t"
+    counted = [(steps[step], -step) for step in SPACE_STEPS if steps[step]]
+    return " " * -max(counted)[1] if counted else None  # a tie goes to the smaller step
+
+
+def convert_indentation(lines: list[str], source: str | None, target: str | None) -> list[str]:
+    """``lines`` indented by ``source`` levels re-indented by ``target`` levels; spaces past the
+    last whole level (alignment under a bracket) stay as they are."""
+    if not source or not target or source == target:
+        return lines
+    out = []
+    for line in lines:
+        lead = indentation_of(line)
+        if source == "\t":
+            levels = len(lead) - len(lead.lstrip("\t"))
+            rest = lead[levels:]
+        else:
+            levels, extra = divmod(len(lead.expandtabs(len(source))), len(source))
+            rest = " " * extra
+        out.append(target * levels + rest + line[len(lead) :])
+    return out
 
 
 def word_at(line: str, index: int) -> tuple[int, int] | None:

@@ -73,7 +73,7 @@ def register(server: StarChatServer) -> None:
         else:
             eol = detect_eol(sel.text)
             code = answers.fit_code(proposed_code(generation, sel.language), indent=code_indent(sel), first_line_indented=True,
-                                    keep_trailing_newline=True, eol=eol)
+                                    keep_trailing_newline=True, eol=eol, unit=sel.indent_unit)
             span = sel.span
             last = span.end.line - 1 if span.end.character == 0 and span.end.line > span.start.line else span.end.line
             line = span.start.line if args.mode == "insertAbove" else last + 1

@@ -15,7 +15,7 @@ from ..engine import Generation, Priority
 from ..prompts import PromptTooLong, Task
 from ..prompts.requests import code_prompt, prompt_budget
 from ..server import RequestFailed, StarChatServer
-from ..text import Pos, Span, detect_eol, indentation_of
+from ..text import Pos, Span, detect_eol, indent_unit, indentation_of
 
 
 def to_span(value: types.Range) -> Span:
@@ -50,6 +50,11 @@ class Selection:
     @property
     def selected(self) -> str:
         return self.text[self.start : self.end]
+
+    @property
+    def indent_unit(self) -> str | None:
+        """One level of the document's indentation (``text.indent_unit``)."""
+        return indent_unit(self.text)
 
 
 def selection(server: StarChatServer, uri: str, value: types.Range) -> Selection:
@@ -235,6 +240,7 @@ def task_edit(server: StarChatServer, sel: Selection, task: Task, generation: Ge
     it, Write tests creates the test file (or appends to the document)."""
     eol = detect_eol(sel.text)
     indent = code_indent(sel)
+    unit = sel.indent_unit
     code = proposed_code(generation, sel.language)
     if task in (Task.FIX, Task.OPTIMIZE):
         new_text = answers.replacement_for_selection(
@@ -243,19 +249,20 @@ def task_edit(server: StarChatServer, sel: Selection, task: Task, generation: Ge
             indent=indent,
             starts_line=_line_prefix(sel) == "",  # else the document already holds the first line's indent
             eol=eol,
+            unit=unit,
         )
         return workspace_edit(server, sel.uri, sel.version, [types.TextEdit(range=to_range(sel.span), new_text=new_text)])
     if task is Task.DOCUMENT:
-        line, indent = _docstring_place(sel, code) or (sel.span.start.line, indent)
-        new_text = answers.insertion_above(code, indent=indent, eol=eol)
+        line, indent = _docstring_place(sel, code, unit) or (sel.span.start.line, indent)
+        new_text = answers.insertion_above(code, indent=indent, eol=eol, unit=unit)
         at = types.Position(line=line, character=0)
         return workspace_edit(server, sel.uri, sel.version, [types.TextEdit(range=types.Range(start=at, end=at), new_text=new_text)])
     if task is Task.TESTS:
-        return _tests_edit(server, sel, code, eol)
+        return _tests_edit(server, sel, code, eol, unit)
     raise ValueError(f"{task.value} does not edit code")
 
 
-def _docstring_place(sel: Selection, code: str) -> tuple[int, str] | None:
+def _docstring_place(sel: Selection, code: str, unit: str | None) -> tuple[int, str] | None:
     """Where a Python docstring goes: the line after the selected def's or class's signature
     (which may span lines), at its body's indentation. None when ``code`` is no docstring or
     the selection holds no def or class (the comment then goes above the selection)."""
@@ -273,13 +280,13 @@ def _docstring_place(sel: Selection, code: str) -> tuple[int, str] | None:
             if depth <= 0 and text.endswith(":"):
                 body = next((b for b in lines[j + 1 :] if b.strip()), "")
                 outer, inner = indentation_of(line), indentation_of(body)
-                return sel.span.start.line + j + 1, inner if len(inner) > len(outer) else outer + "    "
+                return sel.span.start.line + j + 1, inner if len(inner) > len(outer) else outer + (unit or "    ")
         return None
     return None
 
 
-def _tests_edit(server: StarChatServer, sel: Selection, code: str, eol: str) -> types.WorkspaceEdit:
-    code = answers.fit_code(code, indent="", first_line_indented=True, keep_trailing_newline=True, eol=eol)
+def _tests_edit(server: StarChatServer, sel: Selection, code: str, eol: str, unit: str | None) -> types.WorkspaceEdit:
+    code = answers.fit_code(code, indent="", first_line_indented=True, keep_trailing_newline=True, eol=eol, unit=unit)
     source = to_fs_path(sel.uri)
     if source and sel.path and _can_create_files(server) and _document_changes(server):
         target = Path(source).parent / Path(answers.test_file_path(sel.path, sel.language)).name

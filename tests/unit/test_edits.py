@@ -208,3 +208,21 @@ async def test_the_editor_cancelling_is_still_a_cancellation(monkeypatch):
     with pytest.raises(asyncio.CancelledError):
         await request
     assert state.stopped and server.protocol.watchers == []
+
+
+TABBED = "class A:\n\tdef f(self):\n\t\treturn 1\n\n\tdef g(self):\n\t\treturn 3\n"
+
+
+def test_the_answer_takes_the_documents_indentation():
+    """The model answers in four spaces; in a tab-indented file that would be a TabError in
+    Python (and in a two-space file, a mix of styles): the edit is indented as the file is."""
+    server = server_with(TABBED)
+    sel = selection(server, URI, rng((1, 0), (3, 0)))
+    fix = the_edit(task_edit(server, sel, Task.FIX, answer("def f(self):\n    if self:\n        return 2\n")))
+    assert fix.new_text == "\tdef f(self):\n\t\tif self:\n\t\t\treturn 2\n"
+    doc = the_edit(task_edit(server, sel, Task.DOCUMENT, answer('"""One."""\n')))
+    assert doc.new_text == '\t\t"""One."""\n'  # under the signature, one tab deeper
+    two = server_with("def f():\n  if x:\n    return 1\n")
+    sel = selection(two, URI, rng((0, 0), (3, 0)))
+    fix = the_edit(task_edit(two, sel, Task.FIX, answer("def f():\n    if x:\n        return 2\n")))
+    assert fix.new_text == "def f():\n  if x:\n    return 2\n"

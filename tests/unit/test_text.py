@@ -2,7 +2,7 @@
 
 import pytest
 
-from lsp_server.text import Pos, column_to_index, offset_at, position_at, split_lines, word_at
+from lsp_server.text import Pos, column_to_index, convert_indentation, indent_unit, offset_at, position_at, split_lines, word_at
 
 
 def test_only_lsp_line_breaks_split():
@@ -38,3 +38,30 @@ def test_cjk_and_crlf_round_trip():
 def test_word_at():
     assert word_at("def area(radius):", 5) == (4, 8)
     assert word_at("x = 1 + 2", 2) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "unit"),
+    [
+        ("def f():\n\treturn 1\n", "\t"),
+        ("def f():\n  if x:\n    return 1\n", "  "),
+        ("class A:\n    def f(self):\n        return 1\n", "    "),
+        ("x = 1\ny = 2\n", None),  # nothing indented
+        ("", None),
+        # continuation lines aligned under a bracket make odd steps; the real levels outvote them
+        ("def f(a,\n      b):\n    if a:\n        return b\n    return a\n", "    "),
+        # a tab-indented file's few space-aligned lines do not make it space-indented
+        ("f() {\n\tx;\n\tif (y) {\n\t\tz;\n\t}\n}\n/*\n * doc\n */\n", "\t"),
+        ("a:\r\n   b\r\n      c\r\n", "   "),  # CRLF; three spaces
+        ("x\n y\n  z\n", None),  # one-space steps: no clear unit
+    ],
+)
+def test_indent_unit(text, unit):
+    assert indent_unit(text) == unit
+
+
+def test_convert_indentation_keeps_alignment_past_whole_levels():
+    lines = ["def f(a,", "      b):", "    if a:", "        return b"]
+    assert convert_indentation(lines, "    ", "\t") == ["def f(a,", "\t  b):", "\tif a:", "\t\treturn b"]
+    assert convert_indentation(["if x:", "\ty", "\t\tz"], "\t", "  ") == ["if x:", "  y", "    z"]
+    assert convert_indentation(["a", "  b"], None, "\t") == ["a", "  b"]  # the answer's unit unknown: as it is
