@@ -37,24 +37,84 @@ def code_blocks(answer: str) -> list[tuple[str, str, bool]]:
     return blocks
 
 
-def extract_code(answer: str, language: str = "", *, cut: bool = False) -> str:
-    """The code the answer proposes: its first fenced block in ``language``, else its first
-    block. Raises ``NoCode`` rather than put into the document what is not code: an answer
-    with no fenced block (prose, such as "the code is already correct"), an empty block, or,
-    with ``cut`` (the answer stopped at its token limit), a block that never closed (its code
-    is cut short)."""
+# Fence names a model writes for an editor's language id, besides the id itself.
+_FENCE_NAMES = {
+    "python": {"py", "python3"},
+    "javascript": {"js"},
+    "javascriptreact": {"jsx"},
+    "typescript": {"ts"},
+    "typescriptreact": {"tsx"},
+    "cpp": {"c++", "cxx"},
+    "csharp": {"cs", "c#"},
+    "shellscript": {"sh", "bash", "zsh", "shell"},
+    "ruby": {"rb"},
+    "rust": {"rs"},
+    "go": {"golang"},
+    "kotlin": {"kt"},
+    "markdown": {"md"},
+    "yaml": {"yml"},
+}
+
+
+def _in_language(fence_language: str, language: str) -> bool:
+    fence_language, language = fence_language.lower(), language.lower()
+    return bool(language) and (fence_language == language or fence_language in _FENCE_NAMES.get(language, ()))
+
+
+def extract_code(answer: str, language: str = "", *, cut: bool = False, first: bool = False) -> str:
+    """The code the answer proposes, among its fenced blocks in ``language`` (else among all):
+    the last block at least half as long as the longest, or with ``first`` the first block.
+    Chat models ignore "one code block": a Fix may quote the faulty line first, or show the
+    original before the corrected code, and add a short usage example after it; the proposed
+    code is the last big block. Raises ``NoCode`` rather than put into the document what is
+    not code: an answer with no fenced block (prose, such as "the code is already correct"), an
+    empty block, or, with ``cut`` (the answer stopped at its token limit), a block that never
+    closed (its code is cut short)."""
     blocks = code_blocks(answer)
     if not blocks:
         quoted = answer.strip()
         quoted = quoted if len(quoted) <= 600 else quoted[:600] + " …"
         raise NoCode(f"StarChat answered without code, so nothing was changed. Its answer:\n\n{quoted}")
-    chosen = next((b for b in blocks if language and b[0].lower() == language.lower()), blocks[0])
+    candidates = [b for b in blocks if _in_language(b[0], language)] or blocks
+    if first:
+        chosen = candidates[0]
+    else:
+        size = [len(code.strip().splitlines()) for _, code, _ in candidates]
+        chosen = next(b for b, n in zip(reversed(candidates), reversed(size)) if 2 * n >= max(size))
     _, code, closed = chosen
     if cut and not closed:
         raise NoCode("StarChat's answer reached the token limit before its code ended, so nothing was changed; "
                      "raise maxNewTokens or select less code.")
     if not code.strip():
         raise NoCode("StarChat's answer holds an empty code block, so nothing was changed.")
+    return code
+
+
+def comment_only(code: str, selected: str) -> str:
+    """Document: only the comment, when the answer's block repeats the selected code with its
+    comment on it (as chat models like to): the lines above the selection's first line of code
+    (decorators and annotations left out), or a Python docstring (the first statement after the
+    signature). ``code`` as it is when the selected code is not in it."""
+    first = next((line.strip() for line in selected.splitlines() if line.strip()), "")
+    lines = code.splitlines(keepends=True)
+    at = next((i for i, line in enumerate(lines) if first and line.strip() == first), None)
+    if at is None:
+        return code
+    above = lines[:at]
+    while above and (not above[-1].strip() or above[-1].lstrip().startswith("@")):
+        above.pop()
+    if above:
+        return "".join(above)
+    signature_end = next((i for i in range(at, len(lines)) if lines[i].split("#", 1)[0].rstrip().endswith(":")), len(lines))
+    body = [i for i in range(signature_end + 1, len(lines)) if lines[i].strip()]
+    if body and lines[body[0]].lstrip().startswith(('"""', "'''")):
+        start = body[0]
+        quote = lines[start].lstrip()[:3]
+        if quote in lines[start].lstrip()[3:]:
+            return lines[start]
+        end = next((i for i in range(start + 1, len(lines)) if quote in lines[i]), None)
+        if end is not None:
+            return "".join(lines[start : end + 1])
     return code
 
 

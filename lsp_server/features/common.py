@@ -226,11 +226,11 @@ def _line_prefix(sel: Selection) -> str:
     return before[max(before.rfind("\n"), before.rfind("\r")) + 1 :]
 
 
-def proposed_code(generation: Generation, language: str) -> str:
+def proposed_code(generation: Generation, language: str, *, first: bool = False) -> str:
     """The answer's code (``answers.extract_code``; an answer cut at its token limit counts as
     cut), or RequestFailed saying why there is none to use."""
     try:
-        return answers.extract_code(generation.text, language, cut=generation.finish_reason == "length")
+        return answers.extract_code(generation.text, language, cut=generation.finish_reason == "length", first=first)
     except answers.NoCode as exc:
         raise RequestFailed(str(exc)) from None
 
@@ -241,7 +241,7 @@ def task_edit(server: StarChatServer, sel: Selection, task: Task, generation: Ge
     eol = detect_eol(sel.text)
     indent = code_indent(sel)
     unit = sel.indent_unit
-    code = proposed_code(generation, sel.language)
+    code = proposed_code(generation, sel.language, first=task is Task.DOCUMENT)
     if task in (Task.FIX, Task.OPTIMIZE):
         new_text = answers.replacement_for_selection(
             code,
@@ -253,6 +253,7 @@ def task_edit(server: StarChatServer, sel: Selection, task: Task, generation: Ge
         )
         return workspace_edit(server, sel.uri, sel.version, [types.TextEdit(range=to_range(sel.span), new_text=new_text)])
     if task is Task.DOCUMENT:
+        code = answers.comment_only(code, sel.selected)
         line, indent = _docstring_place(sel, code, unit) or (sel.span.start.line, indent)
         new_text = answers.insertion_above(code, indent=indent, eol=eol, unit=unit)
         at = types.Position(line=line, character=0)

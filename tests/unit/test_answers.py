@@ -5,10 +5,53 @@ import pytest
 from lsp_server import answers
 
 
-def test_first_block_in_the_language_wins():
-    answer = "Here:\n```text\nnot this\n```\nand\n```python\ndef f():\n    return 1\n```\n"
+def test_a_block_in_the_language_wins():
+    answer = "Here:\n```text\nnot this\n```\nand\n```python\ndef f():\n    return 1\n```\nor\n```text\nnot\nthis\neither\n```\n"
     assert answers.extract_code(answer, "python") == "def f():\n    return 1\n"
-    assert answers.extract_code(answer, "") == "not this\n"
+    assert answers.extract_code(answer, "") == "not\nthis\neither\n"
+    # the fence names models write for an editor's language id
+    assert answers.extract_code("```text\nno\nno\n```\n```ts\nlet a = 1;\n```", "typescript") == "let a = 1;\n"
+    assert answers.extract_code("```js\nno\nno\n```\n```c++\nint a;\n```", "cpp") == "int a;\n"
+    assert answers.extract_code("```a\nx\n```\n```b\ny\n```", "", first=True) == "x\n"
+
+
+FIXED = "def average(values):\n    if not values:\n        return 0\n    return sum(values) / len(values)\n"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        f"Here is the fixed code:\n```python\n{FIXED}```\nUse it like this:\n```python\nprint(average([1, 2]))\n```\n",
+        f"The bug is in this line:\n```python\nreturn sum(values) / len(values) + 1\n```\nThe corrected function:\n```python\n{FIXED}```",
+        "Your code:\n```python\ndef average(values):\n    return sum(values) / len(values) + 1\n```\n"
+        f"Fixed:\n```python\n{FIXED}```\n",
+    ],
+    ids=["then-a-usage-example", "after-quoting-the-bug", "after-the-original"],
+)
+def test_the_proposed_code_is_the_last_big_block(answer):
+    """Chat models ignore "one code block": the code to put in place of the selection is
+    neither a quoted line nor a usage example, nor the original shown before the fix."""
+    assert answers.extract_code(answer, "python") == FIXED
+
+
+SELECTED = "def add(a, b):\n    return a + b\n"
+
+
+@pytest.mark.parametrize(
+    ("code", "comment"),
+    [
+        ('def add(a, b):\n    """Add two numbers."""\n    return a + b\n', '    """Add two numbers."""\n'),
+        ('def add(a, b):\n    """Add two numbers.\n\n    Really.\n    """\n    return a + b\n', '    """Add two numbers.\n\n    Really.\n    """\n'),
+        ("# Adds two numbers.\n@cache\ndef add(a, b):\n    return a + b\n", "# Adds two numbers.\n"),
+        ('"""Add two numbers."""\n', '"""Add two numbers."""\n'),  # only the comment: as it is
+        ("# Adds.\n", "# Adds.\n"),
+    ],
+    ids=["docstring", "long-docstring", "comment-above", "docstring-only", "comment-only"],
+)
+def test_document_takes_only_the_comment_from_a_repeated_function(code, comment):
+    """Asked for a comment, a model often repeats the whole function with it: inserting that
+    above the selection would duplicate the function."""
+    assert answers.comment_only(code, SELECTED) == comment
 
 
 def test_unclosed_block_runs_to_the_end():

@@ -226,3 +226,11 @@ def test_the_answer_takes_the_documents_indentation():
     sel = selection(two, URI, rng((0, 0), (3, 0)))
     fix = the_edit(task_edit(two, sel, Task.FIX, answer("def f():\n    if x:\n        return 2\n")))
     assert fix.new_text == "def f():\n  if x:\n    return 2\n"
+
+
+def test_document_inserts_only_the_docstring_of_a_repeated_function():
+    server = server_with(CLASS)
+    sel = selection(server, URI, rng((1, 0), (3, 0)))
+    doc = the_edit(task_edit(server, sel, Task.DOCUMENT, answer('def f(self):\n    """One."""\n    return 1\n')))
+    assert doc.range == rng((2, 0), (2, 0))
+    assert doc.new_text == '        """One."""\n'
