@@ -15,6 +15,7 @@ from ..engine import Generation, Priority
 from ..prompts import PromptTooLong, Task
 from ..prompts.requests import code_prompt, prompt_budget
 from ..server import RequestFailed, StarChatServer
+from ..documents import Document
 from ..text import Pos, Span, detect_eol, indent_unit, indentation_of
 
 
@@ -301,9 +302,20 @@ def _tests_edit(server: StarChatServer, sel: Selection, code: str, eol: str, uni
                 edits=[types.TextEdit(range=types.Range(start=at, end=at), new_text=code)],
             )
             return types.WorkspaceEdit(document_changes=[create, insert])
+        if opened is None:  # on disk, not open: appended to (the editor opens it to apply the edit)
+            opened = _read_document(target_uri, target)
         if opened is not None:
             end = to_position(opened.position_at(len(opened.text), server.position_encoding))
-            return workspace_edit(server, target_uri, opened.version, [types.TextEdit(range=types.Range(start=end, end=end), new_text=eol + code)])
+            gap = eol if not opened.text or opened.text.endswith(("\n", "\r")) else eol + eol
+            return workspace_edit(server, target_uri, opened.version, [types.TextEdit(range=types.Range(start=end, end=end), new_text=gap + code)])
     end = to_position(sel.text_end)
     prefix = "" if sel.text.endswith(("\n", "\r")) or not sel.text else eol
     return workspace_edit(server, sel.uri, sel.version, [types.TextEdit(range=types.Range(start=end, end=end), new_text=prefix + eol + code)])
+
+
+def _read_document(uri: str, path: Path) -> Document | None:
+    """A file that is not open, as the editor would open it (None if it cannot be read as text)."""
+    try:
+        return Document(uri, path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return None

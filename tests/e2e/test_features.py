@@ -102,6 +102,19 @@ async def test_write_tests_creates_the_test_file(editor):
     assert insert.edits[0].new_text == sc.TESTS_CODE
 
 
+async def test_write_tests_appends_to_a_test_file_that_is_not_open(editor):
+    """The test file is on disk but not open: the tests go at its end (before, they went to
+    the end of the source file)."""
+    existing = "import calc\n\n\ndef test_old():\n    assert calc\n"
+    (editor.root / "test_calc.py").write_text(existing)
+    uri = editor.open()
+    resolved = await resolve(editor, uri, sc.AVERAGE, "StarChat: Write tests")
+    (append,) = resolved.edit.document_changes
+    assert append.text_document.uri == editor.uri("test_calc.py") and append.text_document.version is None
+    assert append.edits[0].range.start == append.edits[0].range.end == types.Position(line=5, character=0)
+    assert apply_text_edits(existing, append.edits) == existing + "\n" + sc.TESTS_CODE
+
+
 async def test_resolve_on_a_changed_document_is_content_modified(editor):
     uri = editor.open()
     actions = await editor.client.text_document_code_action_async(code_action_params(uri, sc.AVERAGE))
