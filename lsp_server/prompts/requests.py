@@ -9,6 +9,7 @@ from ..documents import Document
 from ..text import Pos, Span, column_to_index, index_to_column, word_at
 from .build import CodeContext, Prompt, build_prompt
 from .format import Message, PromptFormat
+from .keywords import is_keyword
 from .tasks import Task, instruction
 
 
@@ -56,11 +57,14 @@ def hover_prompt(
     encoding: str = "utf-16",
 ) -> tuple[Prompt, Span] | None:
     """Explain the identifier under ``position`` (on ``line``, which starts at ``line_start`` in
-    ``text`` and has no line break) within its line; ``None`` off an identifier."""
+    ``text`` and has no line break) within its line; ``None`` off an identifier or on one of
+    the language's keywords."""
     found = word_at(line, column_to_index(line, position.character, encoding))
     if found is None:
         return None
     symbol = line[found[0] : found[1]]
+    if is_keyword(symbol, language):
+        return None
     context = CodeContext(text, line_start, line_start + len(line), language, path)
     turn = instruction(Task.HOVER, symbol=symbol)
     prompt = build_prompt(fmt, system=system, history=[Message("user", turn)], budget=budget, context=context)

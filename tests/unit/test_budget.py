@@ -3,7 +3,7 @@
 import pytest
 
 from lsp_server.prompts import CodeContext, Message, PromptTooLong, build_prompt, format_for
-from lsp_server.prompts.requests import code_prompt, prompt_budget, selection_offsets
+from lsp_server.prompts.requests import code_prompt, hover_prompt, prompt_budget, selection_offsets
 from lsp_server.prompts.tasks import Task
 from lsp_server.text import Pos, Span
 
@@ -138,3 +138,22 @@ def test_code_with_backtick_fences_stays_inside_its_block(tokenizer):
     turn = build(tokenizer, text, start, end, 2000).messages[-1].content
     assert "Selected code:\n````python\n```python\nprint(1)\n```\n````" in turn
     assert "Code after the selection:\n`````python\n\nSee ````the four```` too.\n`````" in turn
+
+
+@pytest.mark.parametrize(
+    ("line", "column", "language", "explained"),
+    [
+        ("    return average(values)", 6, "python", None),  # a keyword: no model run
+        ("    return average(values)", 13, "python", "average"),
+        ("    print(self.x)", 11, "python", None),
+        ("    print(self.x)", 6, "python", "print"),  # a builtin is worth a hover
+        ("function area(r) {", 3, "javascript", None),
+        ("function area(r) {", 11, "javascript", "area"),
+        ("func area(r float64) float64 {", 2, "go", None),
+        ("function area(r) {", 3, "", "function"),  # a language without a list: every word
+    ],
+)
+def test_hover_skips_the_languages_keywords(tokenizer, line, column, language, explained):
+    built = hover_prompt(format_for(tokenizer), system="", budget=4096, text=line + "\n", line_start=0, line=line,
+                         position=Pos(0, column), language=language)
+    assert (built and line[built[1].start.character : built[1].end.character]) == explained
