@@ -25,6 +25,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     add("--max-new-tokens", type=int)
     add("--temperature", type=float)
     add("--trust-remote-code", action="store_true", default=None)
+    add("--allow-unsafe-weights", action="store_true", default=None, help="also load pickled .bin weights")
     add("--log-file", type=Path, help="write logs here instead of stderr")
     add("-v", "--verbose", action="count", default=0, help="-v: info, -vv: debug (includes protocol traffic)")
 
@@ -70,6 +71,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "trust_remote_code": args.trust_remote_code,
+        "allow_unsafe_weights": args.allow_unsafe_weights,
     }
     settings, problems = merge(Settings(), raw)
     if problems:

@@ -89,7 +89,10 @@ class TransformersEngine:
                     f"{source} has only pickled weights (.bin), which can run code when loaded; convert them to "
                     "safetensors, or set allowUnsafeWeights if you trust them."
                 ) from None
-            if os.environ.get("HF_HUB_OFFLINE") or "offline" in str(exc).lower() or "connect" in str(exc).lower():
+            if not settings.allow_unsafe_weights and "safetensors" in str(exc):
+                hint = (" It has no safetensors weights (nor a converted copy on the hub): set allowUnsafeWeights "
+                        "(--allow-unsafe-weights) if you trust its pickled .bin weights, which can run code when loaded.")
+            elif os.environ.get("HF_HUB_OFFLINE") or "offline" in str(exc).lower() or "connect" in str(exc).lower():
                 hint = " The weights are not in the local cache and the hub cannot be reached; download them first or set model to a local folder."
             raise EngineError(f"Could not load the model {source!r}: {first_line(exc)}.{hint}") from None
         model.eval()

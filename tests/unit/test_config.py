@@ -67,3 +67,32 @@ def test_the_vscode_extension_knows_every_setting():
     keys = {key for key, _default, _doc in describe()}
     assert keys == forwarded
     assert keys <= contributed
+
+
+def test_command_line_flags_reach_the_settings():
+    from lsp_server.cli import build_parser, settings_from
+
+    settings = settings_from(build_parser().parse_args(["--allow-unsafe-weights", "--trust-remote-code", "--temperature", "0"]))
+    assert settings.allow_unsafe_weights is True and settings.trust_remote_code is True and settings.temperature == 0
+    after_ask = settings_from(build_parser().parse_args(["--temperature", "0", "ask", "calc.py", "--allow-unsafe-weights"]))
+    assert after_ask.allow_unsafe_weights is True and after_ask.temperature == 0
+    assert settings_from(build_parser().parse_args([])).allow_unsafe_weights is False
+
+
+def test_a_hub_model_without_safetensors_says_how_to_allow_pickled_weights(test_model, monkeypatch):
+    """A hub repository with only pickled .bin weights (and no converted copy): the error says
+    which setting loads them, not transformers' "do not set use_safetensors=True"."""
+    import pytest
+    import transformers
+
+    from lsp_server.engine import EngineError
+    from lsp_server.engine.local import TransformersEngine
+
+    def refuse(source, **kwargs):
+        raise OSError(f"{source} does not appear to have a file named model.safetensors or model.safetensors.index.json "
+                      "and thus cannot be loaded with `safetensors`. Please do not set `use_safetensors=True`.")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    settings = Settings(model=str(test_model), device="cpu")
+    with pytest.raises(EngineError, match="allowUnsafeWeights \\(--allow-unsafe-weights\\)"):
+        TransformersEngine.load(settings)
