@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import DEVICES, DTYPES, ENGINES, Settings, describe, merge
+from .config import DEVICES, DTYPES, ENGINES, QUANTIZATIONS, Settings, describe, merge
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -21,6 +21,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     add("--revision", help="model revision")
     add("--device", help=f"{' | '.join(DEVICES)} | cuda:N (default: auto)")
     add("--dtype", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
+    add("--quantization", choices=QUANTIZATIONS, help="default: none; 8bit or 4bit need bitsandbytes")
     add("--engine", choices=ENGINES, help="default: auto (fast on one GPU, else generate)")
     add("--max-new-tokens", type=int)
     add("--temperature", type=float)
@@ -68,6 +69,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "device": args.device,
         "dtype": args.dtype,
         "engine": args.engine,
+        "quantization": args.quantization,
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "trust_remote_code": args.trust_remote_code,

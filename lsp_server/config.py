@@ -18,6 +18,7 @@ DEFAULT_SYSTEM_PROMPT = "Below is a conversation between a human user and a help
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ENGINES = ("auto", "generate", "fast")
+QUANTIZATIONS = ("none", "8bit", "4bit")
 
 
 def _doc(text: str, check: Callable[[Any], bool] | None = None, reloads: bool = False) -> dict:
@@ -43,6 +44,15 @@ class Settings:
     dtype: str = field(
         default="auto",
         metadata=_doc("auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32.", lambda v: v in DTYPES, reloads=True),
+    )
+    quantization: str = field(
+        default="none",
+        metadata=_doc(
+            "none, 8bit or 4bit (bitsandbytes, CUDA): StarChat's weights in about 16 GB or 9 GB of GPU memory instead of 31, "
+            "for a 24, 16 or 12 GB card; served by transformers generate().",
+            lambda v: v in QUANTIZATIONS,
+            reloads=True,
+        ),
     )
     engine: str = field(
         default="auto",

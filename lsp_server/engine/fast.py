@@ -365,6 +365,9 @@ class FastEngine(StartUp, Graphs, StepMath):
         description."""
         from .local import TransformersEngine
 
+        if getattr(settings, "quantization", "none") != "none" and not fallback:
+            raise EngineError("The fast engine runs unquantized weights; set engine to auto or generate for quantization "
+                              f"{settings.quantization}, or quantization to none.")
         ref = TransformersEngine.load(settings, report)
         if fallback:
             reason = unsuitable(ref.model)
@@ -927,6 +930,8 @@ def unsuitable(model: Any) -> str | None:
     suits it (a multi-query GPTBigCode model wholly on one CUDA device)."""
     if not getattr(model.config, "multi_query", False) or getattr(model.config, "model_type", "") != "gpt_bigcode":
         return "not a multi-query GPTBigCode model"
+    if getattr(model.config, "quantization_config", None) is not None:
+        return "the weights are quantized"
     devices = {p.device for p in model.parameters()}
     if len(devices) != 1:
         return "the model is spread over several devices"

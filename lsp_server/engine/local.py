@@ -66,17 +66,22 @@ class TransformersEngine:
         hf_logging.disable_progress_bar()  # progress goes to the editor, not to stderr
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
+        quantization = getattr(settings, "quantization", "none")
+        if quantization == "8bit" and settings.dtype == "auto" and dtype == torch.bfloat16:
+            dtype = torch.float16  # LLM.int8 computes in float16: no cast on every call
         source = settings.model
         common = {"revision": settings.revision, "trust_remote_code": settings.trust_remote_code}
+        quantized = {} if quantization == "none" else {"quantization_config": quantization_config(quantization, dtype)}
         try:
             report(f"Loading the tokenizer of {source}")
             tokenizer = AutoTokenizer.from_pretrained(source, **common)
-            report(f"Loading {source} ({str(dtype).removeprefix('torch.')}, {device})")
+            report(f"Loading {source} ({str(dtype).removeprefix('torch.')}{', ' + quantization if quantized else ''}, {device})")
             model = AutoModelForCausalLM.from_pretrained(
                 source,
                 dtype=dtype,
-                device_map=_device_map(device),
+                device_map=_device_map(device) or ({"": "cpu"} if quantized else None),
                 use_safetensors=None if settings.allow_unsafe_weights else True,
+                **quantized,
                 **common,
             )
         except torch.cuda.OutOfMemoryError as exc:
@@ -96,10 +101,11 @@ class TransformersEngine:
                 hint = " The weights are not in the local cache and the hub cannot be reached; download them first or set model to a local folder."
             raise EngineError(f"Could not load the model {source!r}: {first_line(exc)}.{hint}") from None
         model.eval()
-        if device == "cpu":
+        if device == "cpu" and not quantized:  # a quantized model is placed by device_map (it cannot be moved)
             model.to("cpu")
         params = sum(p.numel() for p in model.parameters())
-        description = f"{source} ({params / 1e6:,.1f}M parameters, {str(dtype).removeprefix('torch.')}, {device})"
+        kind = f"{quantization} quantized, " if quantized else ""
+        description = f"{source} ({params / 1e6:,.1f}M parameters, {kind}{str(dtype).removeprefix('torch.')}, {device})"
         log.info("Loaded %s", description)
         return cls(model, tokenizer, device, description)
 
@@ -178,6 +184,25 @@ class TransformersEngine:
 
     def close(self) -> None:
         self.model = None
+
+
+def quantization_config(kind: str, dtype: Any) -> Any:
+    """bitsandbytes' 8-bit (LLM.int8) or 4-bit NF4 (double-quantized, computing in ``dtype``)
+    weights: all linear layers but the output head."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise EngineError(f"quantization {kind} needs bitsandbytes: pip install bitsandbytes (or set quantization to none).") from None
+    from transformers import BitsAndBytesConfig
+
+    if kind == "8bit":
+        import warnings
+
+        # said on every layer's every call when the dtype is not float16 (a CPU run): once is enough
+        warnings.filterwarnings("once", message="MatMul8bitLt: inputs will be cast")
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
 
 
 def _device_map(device: str) -> Any:

@@ -72,8 +72,10 @@ def test_the_vscode_extension_knows_every_setting():
 def test_command_line_flags_reach_the_settings():
     from lsp_server.cli import build_parser, settings_from
 
-    settings = settings_from(build_parser().parse_args(["--allow-unsafe-weights", "--trust-remote-code", "--temperature", "0"]))
+    settings = settings_from(build_parser().parse_args(["--allow-unsafe-weights", "--trust-remote-code", "--temperature", "0",
+                                                        "--quantization", "4bit"]))
     assert settings.allow_unsafe_weights is True and settings.trust_remote_code is True and settings.temperature == 0
+    assert settings.quantization == "4bit" and reloads_model(Settings(), settings)
     after_ask = settings_from(build_parser().parse_args(["--temperature", "0", "ask", "calc.py", "--allow-unsafe-weights"]))
     assert after_ask.allow_unsafe_weights is True and after_ask.temperature == 0
     assert settings_from(build_parser().parse_args([])).allow_unsafe_weights is False
