@@ -4,9 +4,10 @@ playwright-core (tests/editors/vscode/e2e.mjs), with the real server and the tra
 One code-server session runs every step, in Restricted Mode (the workspace is not trusted; its
 .vscode/settings.json names a server command that must not run): status bar, hover, right-click →
 Ask StarChat → Fix, Ask a Question…, the chat about a file closed since, chat with streaming, Stop, model output kept as text, Insert at cursor, Reload
-Webviews, a trace setting change, Restart Server twice, the server killed mid-answer); each test
-checks one step's results. Screenshots of
-every step go to build/screenshots/vscode-*.png.
+Webviews, a project's own User/settings.json, a trace setting change, secret files and the
+editor's settings, Restart Server twice, the server killed mid-answer, the chat after Reload
+Window); each test checks one step's results. Screenshots of every step go to
+build/screenshots/vscode-*.png.
 
 Needs the tools that tests/editors/install_vscode.sh installs (skips without them).
 """
@@ -41,7 +42,7 @@ PLAYWRIGHT = HERE / "vscode" / "node_modules" / "playwright-core" / "package.jso
 EXTENSION = REPO / "editor-clients" / "vscode"
 VSIX = EXTENSION / "starchat-lsp.vsix"
 SCREENSHOTS = REPO / "build" / "screenshots"
-RUN_TIMEOUT = 420  # seconds for the whole browser session (about a minute when all is well)
+RUN_TIMEOUT = 480  # seconds for the whole browser session (two minutes when all is well)
 
 
 def missing_tools() -> list[str]:
@@ -141,6 +142,9 @@ def session(test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     for name, text in sc.WORKSPACE_FILES.items():
         (workspace / name).write_text(text)
     (workspace / ".env").write_text(f"{ENV_MARKER}\n")
+    # A project's own folder named User: its settings.json is the project's, not the editor's.
+    (workspace / "User").mkdir()
+    (workspace / "User" / "settings.json").write_text(json.dumps({"project": "a project file, not the editor's settings"}) + "\n")
     # A cloned repository's settings: the workspace is not trusted (Restricted Mode), so VS Code
     # gives the extension the user's values of these (package.json, restrictedConfigurations).
     marker = root / "workspace-command-ran"
@@ -247,6 +251,7 @@ def session(test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
                         "marker": ENV_MARKER.split("=")[0],
                         "typed": TYPED_MARKER,
                         "settingsFiles": [str(settings_file), str(user_data / "Machine" / "settings.json")],
+                        "projectSettings": str(workspace / "User" / "settings.json"),
                     },
                     "scenarios": {
                         "calc": sc.CALC_PY,
@@ -444,22 +449,48 @@ def test_secret_files_and_editor_settings_never_reach_the_server(session):
     assert result["notice"] and ".env looks like it holds secrets" in result["notice"], result["notice"]
     assert result["roles"] == ["notice", "user", "assistant"], result["roles"]
     assert result["answer"] == sc.CHAT_ANSWER and result["answerStatus"] == "done"
+    # The editor's settings are found where VS Code keeps them (not by a folder's name).
+    assert f"the editor's own folders (never sent to the server): {user_data}/User/, {user_data}/Machine/" in log
+    # No Ask StarChat in the .env's right-click menu (there is in calc.py's).
+    assert any(label.startswith("Copy") for label in result["menuOnSecret"]), result["menuOnSecret"]
+    assert "Ask StarChat" not in result["menuOnSecret"], result["menuOnSecret"]
+    assert "Ask StarChat" in result["menuOnCode"], result["menuOnCode"]
+
+
+def test_a_projects_user_settings_json_is_sent_to_the_server(session):
+    """A workspace folder named User with a settings.json is the project's: sent like any other
+    file (the editor's own User/settings.json never is: test_secret_files_and_editor_settings…)."""
+    result = step(session, "user-folder")
+    log = session["client_log"]
+    uri = (session["workspace"] / "User" / "settings.json").as_uri()
+    assert result["sent"] and f'"uri": "{uri}"' in log, "the project's User/settings.json was not sent"
+    assert "not sending User/settings.json" not in log
 
 
 def test_secret_patterns_match_the_server():
-    """The extension's SECRET_NAMES is the server's _SECRET_NAMES (lsp_server/server.py)."""
+    """The extension's SECRET_NAMES is the server's _SECRET_NAMES (lsp_server/server.py), and so is
+    the regular expression of package.json's when-clause that hides Ask StarChat on such files."""
     from lsp_server.server import _SECRET_NAMES, looks_secret
 
     source = (EXTENSION / "src" / "server.ts").read_text()
     literal = re.search(r"export const SECRET_NAMES = /(.*)/;\n", source).group(1)
     assert literal.replace("\\/", "/") == _SECRET_NAMES.pattern
     client = re.compile(literal.replace("\\/", "/"))  # the same syntax in JavaScript and Python
+    # The menu: matched on the file's name, without case (the client lower-cases the URI).
+    package = json.loads((EXTENSION / "package.json").read_text())
+    menus = package["contributes"]["menus"]["editor/context"]
+    assert menus
+    for item in menus:
+        when = re.search(r"!\(resourceFilename =~ /(.*)/i\)", item["when"])
+        assert when and when.group(1) == literal, item["when"]
+    menu = re.compile(literal.replace("\\/", "/"), re.IGNORECASE)
     names = [".env", ".env.local", "app/.ENV.production", ".netrc", ".pgpass", "id_rsa", "id_ed25519.pub", "credentials",
              "credentials.json", "server.pem", "tls.key", "a.p12", "a.pfx", "a.jks", "a.keystore",
              "env.py", "my.env", "keys.py", "id_rsa.txt", "credentials.yaml", "monkey.py", "pem.txt", "x.keys"]
     for name in names:
         uri = f"file:///home/u/project/{name}"
         assert bool(client.search(uri.lower())) == looks_secret(uri), name
+        assert bool(menu.search(name.rsplit("/", 1)[-1])) == looks_secret(uri), name
 
 
 def test_restart_twice_leaves_one_server(session):
@@ -515,6 +546,26 @@ def test_package_json_matches_the_extension():
     for key in re.findall(r'"(\w+)"', forwarded):
         assert f"starchat.{key}" in settings, key
     assert {s for s in settings if not s.startswith(("starchat.server.", "starchat.trace."))} == {f"starchat.{k}" for k in re.findall(r'"(\w+)"', forwarded)}
+
+
+def test_chat_survives_a_window_reload(session):
+    """Developer: Reload Window: the conversation comes back and goes to the server as the history
+    of the next message; New Chat forgets it for the next reload too; an answer that was streaming
+    comes back as received, marked interrupted (no spinner)."""
+    result = step(session, "reload-window")
+    assert [(t["role"], t["text"], t["status"]) for t in result["restored"]] == [("user", sc.CHAT_QUESTION, "done"), ("assistant", sc.CHAT_ANSWER, "done")]
+    history = [{"role": "user", "content": sc.CHAT_QUESTION}, {"role": "assistant", "content": sc.CHAT_ANSWER}, {"role": "user", "content": sc.CHAT_FOLLOW_UP}]
+    assert result["sent"] and result["sent"][-1] == history, result["sent"]
+    assert result["followUp"] == sc.CHAT_FOLLOW_UP_ANSWER
+    # After New Chat and a reload, the next message starts an empty conversation.
+    assert [t["role"] for t in result["afterNewChat"]] == ["user", "assistant"], result["afterNewChat"]
+    turns = result["interrupted"]
+    assert [(t["role"], t["status"]) for t in turns] == [("user", "done"), ("assistant", "interrupted")], turns
+    assert turns[0]["text"] == sc.LONG_QUESTION
+    text = turns[1]["text"]
+    assert len(text) >= len(sc.LONG_ANSWER_UNIT) and (sc.LONG_ANSWER_UNIT * 240).startswith(text), text
+    assert "Interrupted" in result["note"], result["note"]
+    assert result["spinners"] == 0 and not result["generating"]
 
 
 def test_screenshots_of_each_step(session):

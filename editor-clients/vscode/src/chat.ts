@@ -1,6 +1,7 @@
 // The chat view: a webview in the panel with the conversation, answers streamed from
 // `starchat/chat` ($/progress {delta} on the request's partialResultToken), a Stop button that
 // cancels the request, and Insert / Replace on code blocks. Ask and Explain answers land here too.
+// The conversation is kept in the workspace's state: it comes back after a window reload.
 import * as vscode from "vscode";
 import {
   CancellationTokenSource as LspCancellationTokenSource,
@@ -26,7 +27,8 @@ export const SYNCED_SCHEMES = ["file", "untitled"];
 const synced = (editor: vscode.TextEditor | undefined) => editor !== undefined && SYNCED_SCHEMES.includes(editor.document.uri.scheme);
 
 type Role = "user" | "assistant";
-type TurnStatus = "done" | "streaming" | "stopped" | "error";
+/** "interrupted": the window closed or reloaded while the answer was coming (a restored chat). */
+type TurnStatus = "done" | "streaming" | "stopped" | "error" | "interrupted";
 
 export interface Turn {
   id: number;
@@ -66,6 +68,18 @@ type FromWebview =
   | { type: "replace"; code: string }
   | { type: "copy"; code: string };
 
+/** The conversation in the workspace's state (Memento): its last turns, at most this many and
+ * this big (JSON), and the context (a reference: the document's URI, a range and a label, never
+ * its text). Saved on every change, and every SAVE_MS while an answer streams. */
+const SAVED_CHAT = "starchat.chat";
+const SAVED_TURNS = 50;
+const SAVED_BYTES = 200_000;
+const SAVE_MS = 500;
+interface SavedChat {
+  turns: Turn[];
+  context?: ChatContext;
+}
+
 const ChatPartial = new ProgressType<{ delta: string }>();
 let tokens = 0;
 const newToken = (kind: string) => `starchat-${kind}-${Date.now().toString(36)}-${++tokens}`;
@@ -77,13 +91,17 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
   private context?: ChatContext;
   private running?: { source: LspCancellationTokenSource; turn: Turn; stopped: boolean };
   private lastEditor?: vscode.TextEditor;
+  private saveTimer?: ReturnType<typeof setTimeout>;
+  private closed = false;
   private readonly disposables: vscode.Disposable[] = [];
 
   constructor(
     private readonly extensionUri: vscode.Uri,
+    private readonly memory: vscode.Memento,
     private readonly getClient: () => LanguageClient | undefined,
     private readonly log: vscode.LogOutputChannel,
   ) {
+    this.restore();
     // The editor code goes into and the selection comes from: the last file the user was in,
     // not the Output panel (an editor too) nor other documents the server does not have.
     if (synced(vscode.window.activeTextEditor)) this.lastEditor = vscode.window.activeTextEditor;
@@ -170,6 +188,46 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
   private pushState(): void {
     this.post({ type: "state", turns: this.turns, generating: this.generating, context: this.context?.label ?? null });
     void vscode.commands.executeCommand("setContext", "starchat.generating", this.generating);
+    this.save();
+  }
+
+  // ---- the conversation kept across window reloads ---------------------------------------------
+  /** The conversation of the last session in this workspace; an answer that was still coming
+   * (the window reloaded) as far as it had come, marked interrupted. */
+  private restore(): void {
+    const saved = this.memory.get<SavedChat>(SAVED_CHAT);
+    if (!saved || !Array.isArray(saved.turns)) return;
+    this.turns = saved.turns
+      .filter((turn) => turn && typeof turn.id === "number" && typeof turn.content === "string" && ["user", "assistant", "notice"].includes(turn.role))
+      .map((turn) => (turn.status === "streaming" ? { ...turn, status: "interrupted" as const } : turn));
+    this.nextId = Math.max(0, ...this.turns.map((turn) => turn.id)) + 1;
+    const context = saved.context;
+    if (context && typeof context.uri === "string" && typeof context.label === "string" && !privateDocument(vscode.Uri.parse(context.uri))) this.context = context;
+    if (this.turns.length) this.log.info(`chat: ${this.turns.length} turns restored from this workspace's last session`);
+  }
+
+  /** Saves the conversation now (`soon`: within SAVE_MS, for streamed pieces). */
+  private save(soon = false): void {
+    if (this.closed) return;
+    if (soon) {
+      this.saveTimer ??= setTimeout(() => this.save(), SAVE_MS);
+      return;
+    }
+    if (this.saveTimer) clearTimeout(this.saveTimer);
+    this.saveTimer = undefined;
+    const context = this.context && !privateDocument(vscode.Uri.parse(this.context.uri)) ? this.context : undefined;
+    const chat: SavedChat = { turns: savedTurns(this.turns), context };
+    this.memory.update(SAVED_CHAT, chat).then(undefined, (error) => this.log.warn(`saving the chat: ${error}`));
+  }
+
+  /** The window closes or reloads (deactivate): an answer still coming is saved as received,
+   * marked interrupted, and nothing after that (its request failing as the server stops) is. */
+  close(): void {
+    if (this.closed) return;
+    if (this.running) this.running.turn.status = "interrupted";
+    this.save();
+    this.closed = true;
+    this.stop();
   }
 
   private async onMessage(message: FromWebview): Promise<void> {
@@ -392,6 +450,7 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
       if (running.stopped || turn.status !== "streaming") return;
       turn.content += delta;
       this.post({ type: "delta", id: turn.id, delta });
+      this.save(true);
     };
     const onProgress = (message: string) => {
       if (running.stopped) return;
@@ -427,9 +486,23 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
   }
 
   dispose(): void {
-    this.stop();
+    this.close();
     for (const d of this.disposables) d.dispose();
   }
+}
+
+/** The turns to save: the last SAVED_TURNS, older ones left out until they fit in SAVED_BYTES
+ * (the last one alone too big keeps its end). */
+function savedTurns(turns: Turn[]): Turn[] {
+  const kept = turns.slice(-SAVED_TURNS).map(({ progress: _progress, ...turn }) => turn);
+  const sizes = kept.map((turn) => Buffer.byteLength(JSON.stringify(turn)) + 1);
+  let total = sizes.reduce((a, b) => a + b, 0);
+  while (kept.length > 1 && total > SAVED_BYTES) {
+    total -= sizes.shift()!;
+    kept.shift();
+  }
+  if (total > SAVED_BYTES) kept[0] = { ...kept[0], content: kept[0].content.slice(-SAVED_BYTES / 4) };
+  return kept;
 }
 
 /** What the user reads when a request fails: the server's message, or what happened to the server. */

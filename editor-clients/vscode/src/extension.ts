@@ -19,7 +19,7 @@ import {
   WorkDoneProgressReport,
 } from "vscode-languageclient/node";
 import { ChatView, SYNCED_SCHEMES, VIEW_ID, describeError } from "./chat";
-import { RESTRICTED_SETTINGS, SERVER_SETTINGS, describeServer, privateDocument, serverOptions, serverSettings, serverSettingsSection } from "./server";
+import { RESTRICTED_SETTINGS, SERVER_SETTINGS, describeServer, findEditorFolders, privateDocument, serverOptions, serverSettings, serverSettingsSection } from "./server";
 import { StatusItem } from "./status";
 
 type Task = "fix" | "optimize" | "document" | "tests";
@@ -51,7 +51,10 @@ let chat: ChatView;
 export async function activate(context: vscode.ExtensionContext): Promise<{ client: () => LanguageClient | undefined }> {
   log = vscode.window.createOutputChannel("StarChat", { log: true });
   status = new StatusItem();
-  chat = new ChatView(context.extensionUri, () => client, log);
+  // The editor's own configuration is never sent to the server: where it is, on this machine.
+  const folders = findEditorFolders(context.globalStorageUri);
+  log.info(folders ? `the editor's own folders (never sent to the server): ${folders.join(", ")}` : `the editor's folders are not where expected (${context.globalStorageUri.path}): files named like its settings are never sent`);
+  chat = new ChatView(context.extensionUri, context.workspaceState, () => client, log);
   context.subscriptions.push(log, status, chat);
   context.subscriptions.push(vscode.window.registerWebviewViewProvider(VIEW_ID, chat, { webviewOptions: { retainContextWhenHidden: true } }));
 
@@ -84,6 +87,8 @@ export async function activate(context: vscode.ExtensionContext): Promise<{ clie
 
 export async function deactivate(): Promise<void> {
   deactivated = true;
+  // Before the server goes: an answer still coming is kept as received, not as an error.
+  chat?.close();
   await lifecycle.catch(() => undefined);
   const running = client;
   client = undefined;

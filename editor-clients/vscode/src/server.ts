@@ -11,6 +11,7 @@ export const SERVER_SETTINGS = [
   "revision",
   "device",
   "dtype",
+  "quantization",
   "engine",
   "fastMaxBatch",
   "speculativeTokens",
@@ -55,17 +56,45 @@ export const RESTRICTED_SETTINGS = [
  * them). The server refuses such files; the client does not even send them (privateDocument). */
 export const SECRET_NAMES = /(^|\/)(\.env(\..*)?|\.netrc|\.pgpass|id_(rsa|dsa|ecdsa|ed25519)(\.pub)?|credentials(\.json)?)$|\.(pem|key|p12|pfx|jks|keystore)$/;
 
-/** The editor's own configuration, which can hold tokens (`starchat.server.env`): user and profile
- * settings, keybindings, tasks, snippets and MCP servers (VS Code's and code-server's `User/`
- * folder), a remote machine's settings (`Machine/settings.json`), a workspace's
- * `.vscode/settings.json` and `.code-workspace` files. Matched on the URI's path. */
-export const EDITOR_SETTINGS = /\/User\/(settings\.json|keybindings\.json|tasks\.json|mcp\.json|profiles\/.*|snippets\/.*|globalStorage\/.*)$|\/Machine\/settings\.json$|\/\.vscode\/settings\.json$|\.code-workspace$/;
+/** A workspace's own editor settings, which travel with a repository: `.vscode/settings.json` and
+ * `.code-workspace` files. Matched on the URI's path. */
+export const WORKSPACE_SETTINGS = /\/\.vscode\/settings\.json$|\.code-workspace$/;
+
+/** The editor's own folders, where its configuration lives (it can hold tokens:
+ * `starchat.server.env`): `User/` (user and profile settings, keybindings, tasks, snippets, MCP
+ * servers, global storage, local history) and `Machine/` (a remote machine's settings) in the
+ * user data folder of the machine the extension runs on. Found from where VS Code keeps this
+ * extension's files (findEditorFolders), so that a project's own `User/settings.json` is sent
+ * like any other file. */
+let editorFolders: string[] | undefined;
+/** The same files by name, only while the folders are unknown (an unexpected layout). */
+const EDITOR_FILES_BY_NAME = /\/User\/(settings\.json|keybindings\.json|tasks\.json|mcp\.json|profiles\/.*|snippets\/.*|globalStorage\/.*)$|\/Machine\/settings\.json$/;
+// Paths are compared as the file system does: without case on Windows and macOS.
+const pathKey = (path: string) => (process.platform === "win32" || process.platform === "darwin" ? path.toLowerCase() : path);
+
+/** Finds the editor's folders from the extension's global storage,
+ * `<user data>/User[/profiles/<id>]/globalStorage/<extension>`; returns them, for the log. */
+export function findEditorFolders(globalStorage: vscode.Uri): string[] | undefined {
+  const data = /^(.*)\/User(\/profiles\/[^/]+)?\/globalStorage\/[^/]+\/?$/.exec(globalStorage.path)?.[1];
+  editorFolders = data === undefined ? undefined : [`${data}/User/`, `${data}/Machine/`];
+  return editorFolders;
+}
+
+/** Whether `uri` is the editor's own configuration: a `vscode-userdata:` document (how VS Code
+ * opens the user settings), a file in its folders, or a workspace's settings. */
+function editorConfiguration(uri: vscode.Uri): boolean {
+  if (uri.scheme === "vscode-userdata") return true;
+  if (WORKSPACE_SETTINGS.test(uri.path)) return true;
+  if (!editorFolders) return EDITOR_FILES_BY_NAME.test(uri.path);
+  const path = pathKey(uri.path);
+  return editorFolders.some((folder) => path.startsWith(pathKey(folder)));
+}
 
 /** Why a document is never sent to the server (no didOpen/didChange/didSave/didClose, no hover
  * or code action requests), or undefined when it is sent. */
 export function privateDocument(uri: vscode.Uri): string | undefined {
   if (SECRET_NAMES.test(uri.toString().split("?")[0].toLowerCase())) return "looks like it holds secrets (keys, .env)";
-  if (EDITOR_SETTINGS.test(uri.path)) return "is the editor's own configuration (it can hold tokens)";
+  if (editorConfiguration(uri)) return "is the editor's own configuration (it can hold tokens)";
   return undefined;
 }
 

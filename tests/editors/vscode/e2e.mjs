@@ -8,8 +8,10 @@
 // note (all in Restricted Mode: the workspace's settings.json sets a hostile server command that
 // must not run); chat with streaming and a follow-up; Stop while a long answer streams; model output with HTML
 // stays text and its code goes into the file (not the Output panel); the view after Reload
-// Webviews; a trace setting change keeps the server; a .env and the editor's settings files never
-// reach the server; Restart Server twice leaves one server; the server killed mid-answer.
+// Webviews; a project's own User/settings.json reaches the server; a trace setting change keeps the
+// server; a .env and the editor's settings files never reach the server (and the .env has no Ask
+// StarChat menu); Restart Server twice leaves one server; the server killed mid-answer; the chat
+// after Reload Window (an answer that was streaming comes back interrupted).
 import { chromium } from "playwright-core";
 import fs from "node:fs";
 import path from "node:path";
@@ -127,8 +129,8 @@ function serverPids() {
   return pids.sort((a, b) => a - b);
 }
 
-/** The client's log (the StarChat output channel, as written to disk). */
-function clientLog() {
+/** The client's log files (the StarChat output channel, as written to disk: one per window). */
+function clientLogFiles() {
   const found = [];
   const walk = (dir) => {
     for (const entry of fs.readdirSync(dir, { withFileTypes: true })) {
@@ -140,7 +142,19 @@ function clientLog() {
   try {
     walk(path.join(config.userData, "logs"));
   } catch {}
-  return found.map((f) => fs.readFileSync(f, "utf8")).join("\n");
+  return found;
+}
+/** The client's log. */
+function clientLog(files = clientLogFiles()) {
+  return files.map((f) => fs.readFileSync(f, "utf8")).join("\n");
+}
+/** The params of every `method` request in a log with the verbose trace. */
+function requestParams(log, method) {
+  return log.split(`Sending request '${method} - (`).slice(1).map((part) => {
+    const lines = part.slice(part.indexOf("Params: ") + "Params: ".length).split("\n");
+    const end = lines.findIndex((line, i) => i > 0 && /^\d{4}-\d\d-\d\d \d/.test(line));
+    return JSON.parse(lines.slice(0, end < 0 ? undefined : end).join("\n"));
+  });
 }
 const count = (text, part) => text.split(part).length - 1;
 
@@ -213,7 +227,50 @@ async function contextMenuAction(lineText, item, shotName) {
   await contextMenu().waitFor({ state: "hidden", timeout: 5000 });
 }
 
+/** Right-click on the line `lineText`: the labels of the context menu's entries (then closes it). */
+async function contextMenuLabels(lineText) {
+  const line = editor().locator(".view-line", { hasText: lineText }).first();
+  const box = await line.boundingBox();
+  await page.mouse.click(box.x + 40, box.y + box.height / 2, { button: "right" });
+  await contextMenu().waitFor();
+  await menuItem("Copy").waitFor();
+  await sleep(300);
+  const labels = await page.locator(".context-view .monaco-menu .action-label").allInnerTexts();
+  await page.keyboard.press("Escape");
+  await contextMenu().waitFor({ state: "hidden", timeout: 5000 });
+  return labels.map((label) => label.trim()).filter(Boolean);
+}
+
+/** Opens a file by its absolute path (Go to File), waits for its line `lineText`. */
+async function openPath(file, lineText) {
+  await page.keyboard.press("Control+Shift+P");
+  const input = page.locator(".quick-input-widget input.input");
+  await input.waitFor({ state: "visible" });
+  await input.fill(file); // no ">": Go to File, which takes an absolute path
+  await page.locator(".quick-input-list .monaco-list-row").first().waitFor();
+  await sleep(300);
+  await page.keyboard.press("Enter");
+  await editor().locator(".view-line", { hasText: lineText }).first().waitFor();
+}
+
 const statusItem = () => page.locator(".statusbar-item", { hasText: "StarChat" }).first();
+
+/** Developer: Reload Window, as a user would: a new page, extension host and server. The command
+ * is found in the palette first; `when()` (if given) runs just before it runs. */
+async function reloadWindow(when) {
+  await page.evaluate(() => (window.__beforeReload = true));
+  await page.keyboard.press("Control+Shift+P");
+  const input = page.locator(".quick-input-widget input.input");
+  await input.waitFor({ state: "visible" });
+  await input.fill(">Developer: Reload Window");
+  await page.locator(".quick-input-list .monaco-list-row", { hasText: "Developer: Reload Window" }).first().waitFor();
+  if (when) await when();
+  await page.keyboard.press("Enter");
+  await until("the window to reload", () => page.evaluate(() => !window.__beforeReload).catch(() => false), 60000, 200);
+  await page.locator(".monaco-workbench").waitFor({ timeout: 120000 });
+  cachedChatFrame = undefined;
+  await until("the StarChat status bar item", async () => (await statusItem().count()) > 0, 60000);
+}
 
 // The chat webview: an iframe (the webview host) holding the page's iframe.
 const chatFrame = () => page.frameLocator("iframe.webview.ready").frameLocator("iframe#active-frame");
@@ -582,6 +639,20 @@ try {
     return { turns, draft };
   }, { needs: ["stop"] });
 
+  // A project's own folder named User with a settings.json is the project's, not the editor's
+  // settings: it is sent to the server like any other file (the test reads the verbose trace).
+  await step("user-folder", async () => {
+    await openPath(config.secrets.projectSettings, "project");
+    const uri = new URL(`file://${config.secrets.projectSettings}`).href;
+    const sent = await until("the project's User/settings.json sent to the server", async () => clientLog().includes(`"uri": "${uri}"`), 15000, 200).catch(() => false);
+    await screenshot("project-user-settings");
+    await editor().locator(".view-lines").click();
+    await page.keyboard.press("Control+W");
+    await page.locator(".explorer-folders-view .monaco-list-row", { hasText: "calc.py" }).first().click();
+    await editor().locator(".view-line", { hasText: "def average" }).waitFor();
+    return { sent };
+  }, { needs: ["open"] });
+
   // Changing the trace setting (and a server setting) must not restart the server: the language
   // client follows the trace setting itself, and a restart reloads the model.
   await step("trace", async () => {
@@ -621,16 +692,6 @@ try {
   // as files. Fix on the .env says why nothing happens; a chat message with "include selection"
   // from it goes without it, with a note.
   await step("secrets", async () => {
-    const openPath = async (file, lineText) => {
-      await page.keyboard.press("Control+Shift+P");
-      const input = page.locator(".quick-input-widget input.input");
-      await input.waitFor({ state: "visible" });
-      await input.fill(file); // no ">": Go to File, which takes an absolute path
-      await page.locator(".quick-input-list .monaco-list-row").first().waitFor();
-      await sleep(300);
-      await page.keyboard.press("Enter");
-      await editor().locator(".view-line", { hasText: lineText }).first().waitFor();
-    };
     await openPath(config.secrets.envFile, config.secrets.marker);
     await editor().locator(".view-lines").click();
     await page.keyboard.press("Control+End");
@@ -638,6 +699,8 @@ try {
     await page.keyboard.press("Control+S");
     await until(".env saved", async () => fs.readFileSync(config.secrets.envFile, "utf8").includes(config.secrets.typed), 10000);
     await page.keyboard.press("Control+A"); // the selection commands need a selection
+    // No Ask StarChat in its right-click menu (package.json: the when-clause has SECRET_NAMES).
+    const menuOnSecret = await contextMenuLabels(config.secrets.marker);
     await runCommand("StarChat: Fix");
     const toast = page.locator(".notification-list-item-message", { hasText: "holds secrets" }).first();
     await toast.waitFor({ timeout: 10000 });
@@ -663,7 +726,9 @@ try {
     await page.locator(".explorer-folders-view .monaco-list-row", { hasText: "calc.py" }).first().click();
     await editor().locator(".view-line", { hasText: "def average" }).waitFor();
     await sleep(500);
-    return { message, notice: turns.find((t) => t.role === "notice")?.text ?? null, answer: answer.text, answerStatus: answer.status, roles: turns.map((t) => t.role) };
+    await selectLines(4, 5);
+    const menuOnCode = await contextMenuLabels("def average");
+    return { menuOnSecret, menuOnCode, message, notice: turns.find((t) => t.role === "notice")?.text ?? null, answer: answer.text, answerStatus: answer.status, roles: turns.map((t) => t.role) };
   }, { needs: ["open"] });
 
   // Restart Server twice in a row (a key bound to it, pressed twice): one server afterwards.
@@ -728,6 +793,68 @@ try {
     await sendChat(frame, sc.chatQuestion);
     const again = await until("an answer from the restarted server", () => answerDone(frame, 2), 120000);
     return { killed, status: failed.status, error, again: again.text, againStatus: again.status, after: serverPids() };
+  }, { needs: ["open"] });
+
+  // Developer: Reload Window: the conversation comes back, and is the history the next message
+  // goes with; New Chat forgets the conversation for good; an answer streaming when the window
+  // reloaded comes back as far as it had come, marked interrupted. (The verbose trace again, to
+  // read the history sent: the trace step set it to messages.)
+  await step("reload-window", async () => {
+    const userSettings = path.join(config.userData, "User", "settings.json");
+    fs.writeFileSync(userSettings, JSON.stringify({ ...JSON.parse(fs.readFileSync(userSettings, "utf8")), "starchat.trace.server": "verbose" }, null, 2));
+    await runCommand("StarChat: New Chat");
+    let frame = await chatPageFrame();
+    await until("an empty chat", async () => (await chatTurns()).length === 0, 10000);
+    await sendChat(frame, sc.chatQuestion);
+    await until("the chat answer", () => answerDone(frame, 2), 60000);
+    await sleep(500);
+
+    const logsBefore = clientLogFiles();
+    await reloadWindow();
+    await runCommand("StarChat: Open Chat");
+    const restored = await until("the conversation again", async () => {
+      const list = await chatTurns();
+      return list.length >= 2 && list;
+    }, 30000);
+    await screenshot("reload-window-restored");
+    await waitReady();
+    frame = await chatPageFrame();
+    await sendChat(frame, sc.chatFollowUp);
+    const followUp = await until("the follow-up answer", () => answerDone(frame, 4), 60000);
+    const sent = requestParams(clientLog(clientLogFiles().filter((f) => !logsBefore.includes(f))), "starchat/chat");
+
+    // New Chat: the next reload brings nothing back. Then a long answer (the first of a chat, as
+    // the model was trained), streaming when the window reloads.
+    await runCommand("StarChat: New Chat");
+    await until("an empty chat", async () => (await chatTurns()).length === 0, 10000);
+    await sleep(500);
+    await reloadWindow();
+    await runCommand("StarChat: Open Chat");
+    frame = await chatPageFrame();
+    await waitReady();
+    await sendChat(frame, sc.longQuestion);
+    // (sending shows the chat view, which closes the command palette: open it after that)
+    await until("the long answer to begin", async () => (await chatTurns()).at(-1)?.status === "streaming", 60000, 50);
+    let streaming;
+    await reloadWindow(async () => {
+      streaming = await until("the long answer to stream", async () => {
+        const list = await chatTurns();
+        const last = list.at(-1);
+        return last?.role === "assistant" && last.status === "streaming" && last.text.length >= 40 && list;
+      }, 60000, 50);
+      await sleep(600); // saved every half second while it streams
+    });
+    await runCommand("StarChat: Open Chat");
+    const interrupted = await until("the conversation again", async () => {
+      const list = await chatTurns();
+      return list.length >= 2 && list;
+    }, 30000);
+    frame = await chatPageFrame();
+    const note = await chatFrame().locator(".turn.assistant").last().locator(".note").innerText().catch(() => "");
+    const spinners = await frame.evaluate(() => document.querySelectorAll(".note.working").length);
+    const generating = await frame.evaluate(() => document.body.classList.contains("generating"));
+    await screenshot("reload-window-interrupted");
+    return { restored, followUp: followUp.text, sent: sent.map((params) => params.messages), afterNewChat: streaming, interrupted, note, spinners, generating };
   }, { needs: ["open"] });
 
   await step("status-after", async () => {

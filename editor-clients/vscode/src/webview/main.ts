@@ -41,7 +41,7 @@ interface Turn {
   id: number;
   role: "user" | "assistant" | "notice";
   content: string;
-  status: "done" | "streaming" | "stopped" | "error";
+  status: "done" | "streaming" | "stopped" | "error" | "interrupted";
   title?: string;
   error?: string;
   finishReason?: string;
@@ -138,6 +138,7 @@ function update(element: HTMLElement, turn: Turn): void {
   let footer = "";
   if (turn.status === "streaming") footer = `<div class="note working"><span class="dots"></span> ${turn.content ? "generating" : md.utils.escapeHtml(turn.progress ?? "thinking")}…</div>`;
   else if (turn.status === "stopped") footer = `<div class="note stopped">Stopped.</div>`;
+  else if (turn.status === "interrupted") footer = `<div class="note stopped">Interrupted: the window was closed or reloaded before the answer was finished.</div>`;
   else if (turn.status === "error") footer = `<div class="note error">${md.utils.escapeHtml(turn.error ?? "The request failed.")}</div>`;
   else if (turn.finishReason === "length") footer = `<div class="note">The answer reached the token limit (setting starchat.maxNewTokens).</div>`;
   element.innerHTML = `<div class="who">${md.utils.escapeHtml(header)}</div>${body}${footer}`;
