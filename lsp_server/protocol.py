@@ -17,7 +17,7 @@ STATUS = "starchat/status"  # server → client notification
 
 CMD_ASK = "starchat.ask"  # {textDocument, range, question}: answer shown to the user
 CMD_EXPLAIN = "starchat.explain"  # {textDocument, range}
-CMD_RUN_TASK = "starchat.runTask"  # {textDocument, range, task, version?}: applies the edit
+CMD_RUN_TASK = "starchat.runTask"  # {textDocument, range, task, version?, diagnostics?}: applies the edit
 CMD_EDIT = "starchat.edit"  # {textDocument, range, instruction, mode}: applies the answer's code
 CLIENT_ASK_QUESTION = "starchat.askQuestion"  # client-side: asks the user, then calls starchat.ask
 
@@ -63,6 +63,7 @@ class CodeActionData:
     range: types.Range
     version: Optional[int]
     task: Task
+    diagnostics: list[types.Diagnostic] = attrs.field(factory=list)  # Fix: the editor's problems there
 
 
 @attrs.define
@@ -74,6 +75,7 @@ class SelectionArgs:
     version: Optional[int] = None
     instruction: str = ""
     mode: EditMode = "replace"
+    diagnostics: list[types.Diagnostic] = attrs.field(factory=list)  # runTask fix: the editor's problems there
 
 
 @attrs.define

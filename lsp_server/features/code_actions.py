@@ -8,7 +8,7 @@ from pygls.exceptions import JsonRpcContentModified
 from ..prompts import Task
 from ..protocol import CLIENT_ASK_QUESTION, CMD_EXPLAIN, CMD_RUN_TASK, CodeActionData, SelectionArgs, structure
 from ..server import StarChatServer, looks_secret
-from .common import answer_for_edit, selection, task_edit
+from .common import answer_for_edit, problems_in, selection, task_edit
 
 KINDS = {
     Task.FIX: "quickfix.starchat.fix",
@@ -42,15 +42,20 @@ def register(server: StarChatServer) -> None:
         document = ls.open_document(uri)
         only = params.context.only
         args = SelectionArgs(text_document=params.text_document, range=params.range, version=document.version)
+        diagnostics = params.context.diagnostics
         actions = []
         for task in EDIT_TASKS:
             if not _wanted(KINDS[task], only):
                 continue
             action = types.CodeAction(title=f"StarChat: {task.title}", kind=KINDS[task])
+            problems = diagnostics if task is Task.FIX else []
+            if problems:  # the fix for these: the editor lists it with them
+                action.diagnostics = problems
             if _resolves_edits(ls):
-                action.data = ls.converter.unstructure(CodeActionData(uri, params.range, document.version, task))
+                action.data = ls.converter.unstructure(CodeActionData(uri, params.range, document.version, task, problems))
             else:  # the edit arrives through workspace/applyEdit instead
-                payload = ls.converter.unstructure(SelectionArgs(params.text_document, params.range, task=task, version=document.version))
+                payload = ls.converter.unstructure(
+                    SelectionArgs(params.text_document, params.range, task=task, version=document.version, diagnostics=problems))
                 action.command = types.Command(title=action.title, command=CMD_RUN_TASK, arguments=[payload])
             actions.append(action)
         if _wanted(KINDS[Task.EXPLAIN], only):
@@ -82,7 +87,8 @@ def register(server: StarChatServer) -> None:
             raise JsonRpcContentModified(
                 f"The document changed (version {data.version} → {sel.version}) since the action was offered; ask again."
             )
-        generation, sel = await answer_for_edit(ls, sel, data.task, changed=JsonRpcContentModified)
+        problems = problems_in(ls.open_document(data.uri), data.diagnostics)
+        generation, sel = await answer_for_edit(ls, sel, data.task, problems=problems, changed=JsonRpcContentModified)
         action.edit = task_edit(ls, sel, data.task, generation)
         return action
 

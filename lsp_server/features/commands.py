@@ -11,7 +11,17 @@ from ..prompts import Task
 from ..protocol import CMD_ASK, CMD_EDIT, CMD_EXPLAIN, CMD_RUN_TASK, Answer, SelectionArgs, structure
 from ..server import RequestFailed, StarChatServer
 from ..text import detect_eol
-from .common import answer_about, answer_for_edit, code_indent, proposed_code, selection, task_edit, to_position, workspace_edit
+from .common import (
+    answer_about,
+    answer_for_edit,
+    code_indent,
+    problems_in,
+    proposed_code,
+    selection,
+    task_edit,
+    to_position,
+    workspace_edit,
+)
 
 
 def _args(ls: StarChatServer, arguments: tuple[Any, ...]) -> SelectionArgs:
@@ -56,7 +66,8 @@ def register(server: StarChatServer) -> None:
         sel = selection(ls, args.text_document.uri, args.range)
         if args.version is not None and sel.version != args.version:
             raise RequestFailed(f"The document changed (version {args.version} → {sel.version}); ask again.")
-        generation, sel = await answer_for_edit(ls, sel, args.task)
+        problems = problems_in(ls.open_document(sel.uri), args.diagnostics) if args.task is Task.FIX else []
+        generation, sel = await answer_for_edit(ls, sel, args.task, problems=problems)
         await _apply(ls, task_edit(ls, sel, args.task, generation), f"StarChat: {args.task.title}")
         return Answer.of(generation)
 

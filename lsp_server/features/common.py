@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from lsprotocol import types
 from pygls.uris import from_fs_path, to_fs_path
@@ -13,6 +13,7 @@ from pygls.uris import from_fs_path, to_fs_path
 from .. import answers
 from ..engine import Generation, Priority
 from ..prompts import PromptTooLong, Task
+from ..prompts.tasks import MAX_PROBLEMS
 from ..prompts.requests import code_prompt, prompt_budget
 from ..server import RequestFailed, StarChatServer
 from ..documents import Document
@@ -122,6 +123,7 @@ async def answer_about(
     task: Task,
     *,
     question: str = "",
+    problems: Sequence[str] = (),
     priority: Priority = Priority.USER,
     work_done_token: Any = None,
     on_text: Callable[[str], None] | None = None,
@@ -140,11 +142,25 @@ async def answer_about(
             question=question,
             path=sel.path,
             language=sel.language,
+            problems=problems,
         )
     except (PromptTooLong, ValueError) as exc:
         raise RequestFailed(str(exc)) from None
     title = f"StarChat: {task.title}" + (f" — {question[:40]}" if question else "")
     return await server.generate(prompt.ids, title=title, priority=priority, work_done_token=work_done_token, on_text=on_text)
+
+
+def problems_in(document: Any, diagnostics: list[types.Diagnostic]) -> list[str]:
+    """The editor's diagnostics for the range, for the Fix prompt: errors first, each with where
+    it is (its line's code) and who reports it."""
+    ranked = sorted(diagnostics, key=lambda d: d.severity or types.DiagnosticSeverity.Error)
+    problems = []
+    for diagnostic in ranked[:MAX_PROBLEMS]:
+        origin = " ".join(str(part) for part in (diagnostic.source, diagnostic.code) if part not in (None, ""))
+        line = diagnostic.range.start.line
+        code = document.line_text(line).strip() if line < document.line_count else ""
+        problems.append(diagnostic.message + (f" ({origin})" if origin else "") + (f" at `{code}`" if code else ""))
+    return problems
 
 
 _CHANGED = "The selected code changed while StarChat was answering, so nothing was changed; ask again."
@@ -156,6 +172,7 @@ async def answer_for_edit(
     task: Task,
     *,
     question: str = "",
+    problems: Sequence[str] = (),
     changed: type[Exception] = RequestFailed,
 ) -> tuple[Generation, Selection]:
     """``answer_about`` for an answer that becomes an edit of ``sel``, and where that edit goes
@@ -178,7 +195,7 @@ async def answer_for_edit(
 
     unwatch = server.protocol.watch(sel.uri, check)
     try:
-        generation = await answer_about(server, sel, task, question=question)
+        generation = await answer_about(server, sel, task, question=question, problems=problems)
     except asyncio.CancelledError:
         if not stale:
             raise

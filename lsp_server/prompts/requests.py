@@ -36,10 +36,12 @@ def code_prompt(
     question: str = "",
     path: str = "",
     language: str = "",
+    problems: Sequence[str] = (),
 ) -> Prompt:
-    """The selection is ``text[start:end]`` (see :func:`selection_offsets`)."""
+    """The selection is ``text[start:end]`` (see :func:`selection_offsets`); ``problems``: the
+    editor's diagnostics there, for a Fix."""
     context = CodeContext(text, start, end, language, path)
-    turn = instruction(task, question)
+    turn = instruction(task, question, problems=problems)
     return build_prompt(fmt, system=system, history=[Message("user", turn)], budget=budget, context=context)
 
 

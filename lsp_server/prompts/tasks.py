@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from typing import Sequence
 
 
 class Task(str, Enum):
@@ -49,9 +50,25 @@ _INSTRUCTIONS = {
 }
 
 
-def instruction(task: Task, question: str = "", symbol: str = "") -> str:
+MAX_PROBLEMS = 5
+MAX_PROBLEM_CHARS = 300
+
+
+def instruction(task: Task, question: str = "", symbol: str = "", problems: Sequence[str] = ()) -> str:
+    """What the user turn asks. ``problems`` (Fix only): what the editor reports in the
+    selection (its diagnostics), so that the model fixes the error the user sees."""
     if task is Task.ASK:
         if not question.strip():
             raise ValueError("Ask needs a question")
         return question.strip()
-    return _INSTRUCTIONS[task].format(symbol=symbol)
+    text = _INSTRUCTIONS[task].format(symbol=symbol)
+    if task is Task.FIX and problems:
+        listed = "\n".join(f"- {_one_line(problem)}" for problem in problems[:MAX_PROBLEMS])
+        first, _, rest = text.partition(" Reply")
+        text = f"{first}\nThe editor reports:\n{listed}\nReply{rest}"
+    return text
+
+
+def _one_line(problem: str) -> str:
+    problem = " ".join(problem.split())
+    return problem if len(problem) <= MAX_PROBLEM_CHARS else problem[: MAX_PROBLEM_CHARS - 1] + "…"

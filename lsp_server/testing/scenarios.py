@@ -38,6 +38,11 @@ DOCUMENT_LINE = "# Return the area of a circle of the given radius.\n"
 TESTS_ANSWER = "```python\nfrom calc import average\n\n\ndef test_average():\n    assert average([1, 2, 3]) == 2\n```"
 TESTS_CODE = "from calc import average\n\n\ndef test_average():\n    assert average([1, 2, 3]) == 2\n"
 EXPLAIN_ANSWER = "It returns the mean of the values, plus one."
+# A Fix asked with the editor's diagnostic for average() (a code action's context.diagnostics):
+# the problem as the server puts it into the prompt, and the answer trained for that prompt only.
+AVERAGE_DIAGNOSTIC = {"message": "average([2, 4]) returned 4, expected 3", "source": "pytest", "line": 4}
+AVERAGE_PROBLEM = "average([2, 4]) returned 4, expected 3 (pytest) at `return sum(values) / len(values) + 1`"
+FIX_PROBLEM_ANSWER = "The test is right: the `+ 1` must go.\n\n```python\ndef average(values):\n    return sum(values) / len(values)\n```"
 ASK_QUESTION = "Does this handle an empty list?"
 ASK_ANSWER = "No: an empty list raises ZeroDivisionError."
 HOVER_POSITION = Pos(7, 5)  # on "area" in "def area(radius):"
@@ -58,6 +63,7 @@ class CodeScenario:
     question: str = ""
     path: str = "calc.py"
     ends: bool = True  # False: the answer goes on (for tests that stop it)
+    problems: tuple[str, ...] = ()  # the editor's diagnostics, for a Fix
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,7 @@ class ChatScenario:
 
 CODE_SCENARIOS = [
     CodeScenario(Task.FIX, AVERAGE, FIX_ANSWER),
+    CodeScenario(Task.FIX, AVERAGE, FIX_PROBLEM_ANSWER, problems=(AVERAGE_PROBLEM,)),
     CodeScenario(Task.OPTIMIZE, AREA, OPTIMIZE_ANSWER),
     CodeScenario(Task.DOCUMENT, AREA, DOCUMENT_ANSWER),
     CodeScenario(Task.TESTS, AVERAGE, TESTS_ANSWER),

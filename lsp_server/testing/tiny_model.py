@@ -102,6 +102,7 @@ def training_pairs(tokenizer) -> list[tuple[list[int], list[int], bool]]:
                     question=scenario.question,
                     path=path,
                     language=sc.LANGUAGE,
+                    problems=scenario.problems,
                 )
                 pairs.append((prompt.ids, encode_answer(scenario.answer, scenario.ends), scenario.ends))
     for path in ("calc.py", ""):

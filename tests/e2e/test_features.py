@@ -155,6 +155,34 @@ async def test_run_task_command_applies_the_edit(editor):
     assert edits[0].new_text == sc.FIXED_AVERAGE
 
 
+def average_diagnostic() -> types.Diagnostic:
+    d = sc.AVERAGE_DIAGNOSTIC
+    at = types.Range(start=types.Position(line=d["line"], character=4), end=types.Position(line=d["line"], character=40))
+    return types.Diagnostic(range=at, message=d["message"], source=d["source"], severity=types.DiagnosticSeverity.Error)
+
+
+async def test_fix_is_asked_with_the_editors_diagnostics(editor):
+    """Quick fix on a reported problem: the Fix is listed for that diagnostic, and the model is
+    told what the editor reports (sc.AVERAGE_PROBLEM: the answer trained for that prompt only
+    comes back)."""
+    uri = editor.open()
+    params = code_action_params(uri, sc.AVERAGE)
+    params.context.diagnostics = [average_diagnostic()]
+    actions = await editor.client.text_document_code_action_async(params)
+    fix = next(a for a in actions if a.title == "StarChat: Fix")
+    assert [d.message for d in fix.diagnostics] == [sc.AVERAGE_DIAGNOSTIC["message"]]
+    assert [d["message"] for d in fix.data["diagnostics"]] == [sc.AVERAGE_DIAGNOSTIC["message"]]
+    assert all(not getattr(a, "diagnostics", None) for a in actions if a is not fix)
+    resolved = await editor.client.code_action_resolve_async(fix)
+    assert single_text_edit(resolved.edit, uri, 1)[0].new_text == sc.FIXED_AVERAGE
+    # the same through starchat.runTask (clients without resolve get the Fix as this command)
+    converter = editor.client.protocol._converter
+    args = {"textDocument": {"uri": uri}, "range": converter.unstructure(rng(sc.AVERAGE)), "task": "fix",
+            "diagnostics": [converter.unstructure(average_diagnostic())]}
+    result = await editor.client.workspace_execute_command_async(types.ExecuteCommandParams(command="starchat.runTask", arguments=[args]))
+    assert result["text"] == sc.FIX_PROBLEM_ANSWER
+
+
 async def test_edit_command_inserts_below(editor):
     from lsp_server.prompts import Task, instruction
 

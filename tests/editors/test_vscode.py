@@ -467,6 +467,16 @@ def test_a_projects_user_settings_json_is_sent_to_the_server(session):
     assert "not sending User/settings.json" not in log
 
 
+def test_fix_from_the_menu_tells_the_server_the_editors_problems(session):
+    """The Fix of a selection the editor reports problems in carries them (as a quick fix on the
+    problem does): here VS Code's own JSON service reports the missing comma."""
+    result = step(session, "fix-with-problems")
+    assert result["task"] == "fix"
+    messages = [d["message"] for d in result["diagnostics"]]
+    assert messages and any("comma" in m.lower() for m in messages), messages
+    assert all(d["range"]["start"]["line"] in (1, 2) for d in result["diagnostics"])
+
+
 def test_secret_patterns_match_the_server():
     """The extension's SECRET_NAMES is the server's _SECRET_NAMES (lsp_server/server.py), and so is
     the regular expression of package.json's when-clause that hides Ask StarChat on such files."""

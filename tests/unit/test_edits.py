@@ -137,7 +137,7 @@ def edit_session(monkeypatch):
     server.protocol = Watched()
     state = SimpleNamespace(started=asyncio.Event(), finish=asyncio.Event(), stopped=False)
 
-    async def answer_about(server, sel, task, question=""):
+    async def answer_about(server, sel, task, question="", problems=()):
         state.started.set()
         try:
             await state.finish.wait()
@@ -154,7 +154,7 @@ async def test_typing_in_the_selection_stops_the_model_at_once(monkeypatch):
     server, state = edit_session(monkeypatch)
     sel = selection(server, URI, rng((4, 0), (6, 0)))  # g()
     request = asyncio.ensure_future(answer_for_edit(server, sel, Task.FIX))
-    await state.started.wait()
+    await asyncio.wait_for(state.started.wait(), 5)  # a stand-in that failed never starts
     server.document.apply("# top\n", Pos(0, 0), Pos(0, 0))  # above: the model goes on
     server.document.version = 2
     server.protocol.changed()
@@ -173,7 +173,7 @@ async def test_an_edit_computed_while_typing_above_moves_with_the_text(monkeypat
     server, state = edit_session(monkeypatch)
     sel = selection(server, URI, rng((4, 0), (6, 0)))
     request = asyncio.ensure_future(answer_for_edit(server, sel, Task.FIX))
-    await state.started.wait()
+    await asyncio.wait_for(state.started.wait(), 5)  # a stand-in that failed never starts
     server.document.apply("# top\n", Pos(0, 0), Pos(0, 0))
     server.document.version = 2
     server.protocol.changed()
@@ -191,7 +191,7 @@ async def test_closing_the_document_stops_the_model(monkeypatch):
     def closed(uri):
         raise RequestFailed("The document is not open in the editor")
 
-    await state.started.wait()
+    await asyncio.wait_for(state.started.wait(), 5)  # a stand-in that failed never starts
     server.open_document = closed
     server.protocol.changed()
     with pytest.raises(LookupError):
@@ -203,7 +203,7 @@ async def test_the_editor_cancelling_is_still_a_cancellation(monkeypatch):
     server, state = edit_session(monkeypatch)
     sel = selection(server, URI, rng((4, 0), (6, 0)))
     request = asyncio.ensure_future(answer_for_edit(server, sel, Task.FIX))
-    await state.started.wait()
+    await asyncio.wait_for(state.started.wait(), 5)  # a stand-in that failed never starts
     request.cancel()
     with pytest.raises(asyncio.CancelledError):
         await request

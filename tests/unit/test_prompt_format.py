@@ -54,3 +54,17 @@ def test_other_models_use_their_chat_template(tokenizer):
     fmt = format_for(Templated())
     assert isinstance(fmt, TemplateFormat)
     assert fmt.encode_dialogue([Message("user", "hi")]) == [ord(c) for c in "[user]hi[assistant]"]
+
+
+def test_a_fix_lists_what_the_editor_reports():
+    from lsp_server.prompts.tasks import MAX_PROBLEM_CHARS, MAX_PROBLEMS, Task, instruction
+
+    plain = instruction(Task.FIX)
+    assert instruction(Task.FIX, problems=[]) == plain
+    many = [f"problem {i}\n  spread over\tlines" for i in range(MAX_PROBLEMS + 3)] + ["x" * 1000]
+    text = instruction(Task.FIX, problems=many)
+    assert text.startswith("Fix the bugs in the selected code.\nThe editor reports:\n- problem 0 spread over lines\n")
+    assert text.endswith("\nReply with the corrected code in one code block.")
+    assert text.count("\n- ") == MAX_PROBLEMS and f"problem {MAX_PROBLEMS}" not in text
+    assert instruction(Task.FIX, problems=["q" * 1000]).count("q") == MAX_PROBLEM_CHARS - 1  # and an ellipsis
+    assert instruction(Task.OPTIMIZE, problems=["z"]) == instruction(Task.OPTIMIZE)  # a Fix only

@@ -326,5 +326,19 @@ async function explainSelection(): Promise<void> {
 async function runTask(task: Task): Promise<void> {
   const args = selectionArgs();
   if (!args) return;
-  await withCancellableProgress(`StarChat: ${TASK_TITLES[task]}`, (token) => sendCommand("starchat.runTask", [{ ...args, task }], token));
+  const diagnostics = task === "fix" ? diagnosticsInSelection() : [];
+  await withCancellableProgress(`StarChat: ${TASK_TITLES[task]}`, (token) =>
+    sendCommand("starchat.runTask", [{ ...args, task, ...(diagnostics.length ? { diagnostics } : {}) }], token),
+  );
+}
+
+/** The problems the editor shows in the selection (on the cursor's line when nothing is
+ * selected): a Fix is told about them, as when it is picked as a quick fix on them. */
+function diagnosticsInSelection(): unknown[] {
+  const editor = vscode.window.activeTextEditor;
+  if (!editor || !client) return [];
+  const selection = editor.selection;
+  const area = selection.isEmpty ? editor.document.lineAt(selection.active.line).range : selection;
+  const shown = vscode.languages.getDiagnostics(editor.document.uri).filter((d) => d.range.intersection(area) !== undefined);
+  return client.code2ProtocolConverter.asDiagnosticsSync(shown);
 }

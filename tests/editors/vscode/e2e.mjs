@@ -653,6 +653,28 @@ try {
     return { sent };
   }, { needs: ["open"] });
 
+  // Fix from the menu on code the editor reports a problem in (VS Code's own JSON service): the
+  // server is told what the editor shows there (runTask's diagnostics).
+  await step("fix-with-problems", async () => {
+    const file = path.join(config.workspace, "broken.json");
+    fs.writeFileSync(file, '{\n  "name": "calc"\n  "version": 1\n}\n');
+    await openPath(file, '"version"');
+    await editor().locator(".squiggly-error").first().waitFor({ timeout: 30000 });
+    await selectLines(2, 3);
+    await contextMenuAction('"version"', "Fix", "menu-fix-problems");
+    const sent = await until("starchat.runTask with the editor's problems", async () => {
+      const calls = requestParams(clientLog(), "workspace/executeCommand").filter((p) => p.command === "starchat.runTask" && p.arguments?.[0]?.textDocument?.uri?.endsWith("broken.json"));
+      return calls.length && calls[calls.length - 1].arguments[0];
+    }, 15000, 200);
+    await sleep(1000); // the answer: its edit, or a notice that it held no code
+    await page.keyboard.press("Escape");
+    await runCommand("View: Revert File").catch(() => undefined);
+    await page.keyboard.press("Control+W");
+    await page.locator(".explorer-folders-view .monaco-list-row", { hasText: "calc.py" }).first().click();
+    await editor().locator(".view-line", { hasText: "def average" }).waitFor();
+    return { task: sent.task, diagnostics: sent.diagnostics ?? [] };
+  }, { needs: ["open"] });
+
   // Changing the trace setting (and a server setting) must not restart the server: the language
   // client follows the trace setting itself, and a restart reloads the model.
   await step("trace", async () => {
