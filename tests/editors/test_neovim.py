@@ -31,10 +31,13 @@ DRIVER = HERE / "nvim" / "run.lua"
 SCREENSHOTS = REPO / "build" / "screenshots"
 STEPS = [
     "start", "encoding", "code_actions", "popup", "chat", "cancel", "tasks", "fix",
-    "stop_task", "apply_edit", "settings", "tabs", "folders", "secrets", "health", "crash",
+    "stop_task", "apply_edit", "settings", "tabs", "folders", "secrets", "rename_secret", "unnamed",
+    "code_action_commands", "health", "crash",
 ]
 SECRET_MARKER = "STARCHAT_NVIM_TOKEN=env-secret-91be4f"
 SECRET_TYPED = "TYPED_TOKEN=typed-secret-5e70aa"
+RENAME_MARKER = "RENAMED_TOKEN=renamed-secret-3c81d2"
+RENAME_TYPED = "TYPED_AFTER_RENAME=typed-secret-a7e95b"
 RUN_TIMEOUT = 300  # seconds for the whole session (about 10 s when all is well)
 
 
@@ -103,6 +106,8 @@ def nvim(test_model: Path, tmp_path_factory) -> dict:
         "secret_file": str(workspace / ".env"),
         "secret_marker": SECRET_MARKER,
         "secret_typed": SECRET_TYPED,
+        "rename_marker": RENAME_MARKER,
+        "rename_typed": RENAME_TYPED,
         "sc": {k: v for k, v in vars(sc).items() if k.isupper() and isinstance(v, str)},
     }
     env = dict(os.environ)
@@ -300,7 +305,8 @@ def test_an_edit_for_an_older_version_is_refused(nvim):
 
 def test_setup_again_and_configure_reach_the_running_server(nvim):
     result = step(nvim, "settings")
-    assert result["autocmds"] == 1 and result["autocmds_after"] == 1  # no autocommand leaks
+    assert result["autocmds"] == 1 and result["autocmds_after"] == 1  # one FileType autocommand
+    assert result["autocmds_all_first"] == result["autocmds_all"] == result["autocmds_all_after"]  # no leaks
     assert result["same_client"]  # the server was not restarted for a settings change
     assert result["pushed"] == {"temperature": 0, "maxNewTokens": 3}
     # what the server pulled (workspace/configuration) after each change; vim.NIL goes as null
@@ -365,6 +371,49 @@ def test_a_file_that_looks_like_secrets_never_reaches_the_server(nvim):
     messages = [n["msg"] for n in result["notifications"]]
     assert any(".env looks like it holds secrets" in m and "does not send it" in m for m in messages), messages
     assert result["answer"] == sc.CHAT_ANSWER and not result.get("turn_error")
+
+
+def test_a_buffer_renamed_to_a_secret_name_is_not_sent(nvim):
+    """An attached buffer (holding a marker, sent while its name was harmless) renamed to .env
+    (:file) and to id_rsa (:saveas), then typed in and saved: Neovim would send it under the new
+    name (didChange, then didClose + didOpen with the whole text on the write); the plugin detaches
+    the client first, so nothing about it is sent. Renamed back without a change it is attached
+    again; after a change it is not (Neovim stopped tracking it), and the user is told. A .pem
+    (never attached) saved as .py is attached then."""
+    result = step(nvim, "rename_secret")
+    assert result["leaked"] == [], f"sent to the server after the rename: {result['leaked']}"
+    assert result["attached"] == {"file": 0, "saveas": 0}
+    assert "textDocument/didClose a.py" in result["methods"], result["methods"]  # closed under its old name
+    assert "textDocument/didClose b.py" in result["methods"], result["methods"]
+    assert result["away"] == 0 and result["back"] == 1 and result["resumed"]
+    assert "textDocument/didOpen c2.py" in result["methods"], result["methods"]
+    assert result["lost"] == 0
+    messages = [n["msg"] for n in result["notifications"]]
+    assert any("a2.py changed while its name looked like secrets" in m for m in messages), messages
+    assert result["pem"] == 0 and result["pem_saved_as_py"]
+
+
+def test_an_unnamed_buffer_is_not_sent_until_written(nvim):
+    """Neovim would send every unnamed buffer as "file://"; a Fix there went to a buffer for "/"."""
+    result = step(nvim, "unnamed")
+    assert result["attached"] == 0
+    assert result["unchanged"] and not result["root_buffer"]
+    assert any("has no file name" in m for m in result["told"]), result["told"]
+    assert result["written_attached"]
+    old = "def average(values):\n    return sum(values) / len(values) + 1\n"
+    assert result["after"] == sc.CALC_PY.replace(old, sc.FIXED_AVERAGE)
+
+
+def test_code_actions_explain_in_the_chat_and_fix_stops(nvim):
+    """The server's commands behind the code actions run through the plugin: Explain answers in
+    the chat (the client declares showsAnswers), a Fix applies, and :StarChatStop stops one."""
+    result = step(nvim, "code_action_commands")
+    assert result["explain"] == {"kind": "explain", "answer": sc.EXPLAIN_ANSWER}
+    old = "def average(values):\n    return sum(values) / len(values) + 1\n"
+    assert result["fixed"] == sc.CALC_PY.replace(old, sc.FIXED_AVERAGE)
+    assert result["running"] and result["acked"] and result["unchanged"] and result["ready"]
+    notes = [(n["msg"], n["level"]) for n in result["notifications"]]
+    assert notes == [("StarChat: Fix stopped", 2)], notes  # INFO, and no "nothing to stop"
 
 
 def test_secret_pattern_matches_the_server(tmp_path):

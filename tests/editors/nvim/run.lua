@@ -101,6 +101,7 @@ local lsp = require("starchat.lsp")
 
 local setup_opts = { cmd = conf.server_cmd, filetypes = { "python" }, temperature = 0, chat = { size = 44 } }
 starchat.setup(setup_opts)
+local autocmds_first = #vim.api.nvim_get_autocmds({ group = "starchat" })
 
 -- Every workspace/configuration pull the server makes (it pulls after didChangeConfiguration).
 local config_pulls, last_pull = 0, nil
@@ -518,7 +519,9 @@ function steps.settings()
   opts.max_new_tokens = 3
   starchat.setup(opts)
   local out = {
-    autocmds = #vim.api.nvim_get_autocmds({ group = "starchat" }),
+    autocmds = #vim.api.nvim_get_autocmds({ group = "starchat", event = "FileType" }),
+    autocmds_all_first = autocmds_first,
+    autocmds_all = #vim.api.nvim_get_autocmds({ group = "starchat" }),
     same_client = client() ~= nil and client().id == c0.id,
     pushed = vim.deepcopy(client().settings.starchat),
   }
@@ -530,7 +533,8 @@ function steps.settings()
   out.finish_configured = chat_finish(sc.CHAT_QUESTION)
   starchat.configure({ max_new_tokens = vim.NIL })
   out.finish_reset = chat_finish(sc.CHAT_QUESTION)
-  out.autocmds_after = #vim.api.nvim_get_autocmds({ group = "starchat" })
+  out.autocmds_after = #vim.api.nvim_get_autocmds({ group = "starchat", event = "FileType" })
+  out.autocmds_all_after = #vim.api.nvim_get_autocmds({ group = "starchat" })
   out.pulled = pulled
   return out
 end
@@ -578,12 +582,9 @@ function steps.folders()
   return out
 end
 
--- A file that looks like secrets (.env) never reaches the server: the client is not attached to
--- it (even with a filetype the plugin starts for), so neither its text nor its changes are sent;
--- :StarChatFix there says why nothing happens; the chat from it goes to the running server,
--- without the file. Every message the client sends meanwhile is recorded (its rpc).
-function steps.secrets()
-  local c = client()
+--- Records every message the client sends (its rpc): returns the list ({method, uri, json}) and a
+--- function that stops recording.
+local function record_sent(c)
   local sent = {}
   local rpc = c.rpc
   local real_notify, real_request = rpc.notify, rpc.request
@@ -599,6 +600,17 @@ function steps.secrets()
     record(method, params)
     return real_request(method, params, ...)
   end
+  return sent, function()
+    rpc.notify, rpc.request = real_notify, real_request
+  end
+end
+
+-- A file that looks like secrets (.env) never reaches the server: the client is not attached to
+-- it (even with a filetype the plugin starts for), so neither its text nor its changes are sent;
+-- :StarChatFix there says why nothing happens; the chat from it goes to the running server,
+-- without the file. Every message the client sends meanwhile is recorded (its rpc).
+function steps.secrets()
+  local sent, stop_recording = record_sent(client())
   local ok, res = pcall(function()
     vim.api.nvim_set_current_win(code_win)
     vim.cmd.edit(conf.secret_file)
@@ -620,7 +632,7 @@ function steps.secrets()
     vim.cmd("bwipeout " .. buf)
     return { attached = attached, answer = turn.answer, turn_error = turn.error }
   end)
-  rpc.notify, rpc.request = real_notify, real_request
+  stop_recording()
   if not ok then
     error(res)
   end
@@ -636,6 +648,235 @@ function steps.secrets()
   res.leaked = leaked
   res.notifications = notifications_of("secrets")
   return res
+end
+
+-- An attached buffer renamed to a secret-looking name: Neovim itself would send it under its new
+-- name (didChange at once; on the next write didClose, then didOpen with the whole text). The
+-- client is detached before the rename instead (didClose under the old name): neither its text
+-- (it holds a marker from the disk, sent while its name was harmless) nor what is typed there
+-- afterwards, nor its new name reach the server, through :file and through :saveas. Renamed back
+-- to a normal name without a change, it is attached again and its changes are sent; renamed back
+-- after a change, it is not (Neovim no longer tracks its changes then) and the user is told. A
+-- secret-looking file (never attached) saved under a normal name is attached then.
+function steps.rename_secret()
+  local dir = conf.workspace .. "/keys"
+  vim.fn.mkdir(dir, "p")
+  local marker, typed = conf.rename_marker, conf.rename_typed
+  vim.api.nvim_set_current_win(code_win)
+  local function open(name, lines)
+    local file = dir .. "/" .. name
+    vim.fn.writefile(lines or { "# " .. marker, "x = 1" }, file)
+    vim.cmd.edit(vim.fn.fnameescape(file))
+    local buf = vim.api.nvim_get_current_buf()
+    wait(10000, function()
+      return lsp.clients(buf)[1] ~= nil
+    end, "the server to attach to " .. name)
+    return buf
+  end
+  local function type_line(text) -- typed in the current window, as a user does
+    vim.api.nvim_feedkeys(vim.keycode("Go" .. text .. "<Esc>"), "nx", false)
+  end
+  local a, b, c3 = open("a.py"), open("b.py"), open("c.py", { "x = 1" })
+  local sent, stop_recording = record_sent(client())
+  local out, extra = {}, {}
+  local ok, err = pcall(function()
+    -- :file .env, type, :write
+    vim.cmd("buffer " .. a)
+    vim.cmd("file " .. vim.fn.fnameescape(dir .. "/.env"))
+    type_line(typed .. "-file")
+    vim.cmd("silent write")
+    -- :saveas id_rsa, type, :write
+    vim.cmd("buffer " .. b)
+    vim.cmd("silent saveas " .. vim.fn.fnameescape(dir .. "/id_rsa"))
+    type_line(typed .. "-saveas")
+    vim.cmd("silent write")
+    vim.wait(400, function() -- longer than Neovim's didChange debounce (150 ms)
+      return false
+    end)
+    out.attached = { file = #lsp.clients(a), saveas = #lsp.clients(b) }
+    -- renamed away and back without a change: attached again, its changes go under the new name
+    vim.cmd("buffer " .. c3)
+    vim.cmd("file " .. vim.fn.fnameescape(dir .. "/credentials.json"))
+    out.away = #lsp.clients(c3)
+    vim.cmd("file " .. vim.fn.fnameescape(dir .. "/c2.py"))
+    out.back = #lsp.clients(c3)
+    type_line("RESUMED = 1")
+    out.resumed = vim.wait(5000, function()
+      for _, m in ipairs(sent) do
+        if m.method == "textDocument/didChange" and vim.endswith(m.uri or "", "/keys/c2.py") then
+          return true
+        end
+      end
+      return false
+    end, 20)
+    -- renamed back after a change: not attached; the user is told why
+    vim.cmd("buffer " .. a)
+    vim.cmd("file " .. vim.fn.fnameescape(dir .. "/a2.py"))
+    out.lost = #lsp.clients(a)
+    -- a secret-looking file (never attached) saved under a normal name: attached then
+    vim.cmd.edit(vim.fn.fnameescape(dir .. "/token.pem"))
+    vim.bo.filetype = "python"
+    out.pem = #lsp.clients(0)
+    vim.cmd("silent saveas " .. vim.fn.fnameescape(dir .. "/token.py"))
+    out.pem_saved_as_py = vim.wait(10000, function()
+      return lsp.clients(0)[1] ~= nil
+    end, 20)
+    table.insert(extra, vim.api.nvim_get_current_buf())
+  end)
+  stop_recording()
+  vim.api.nvim_set_current_win(code_win)
+  vim.cmd("buffer " .. code_buf)
+  for _, buf in ipairs(vim.list_extend({ a, b, c3 }, extra)) do
+    pcall(vim.cmd, "bwipeout! " .. buf)
+  end
+  if not ok then
+    error(err)
+  end
+  local leaked, methods = {}, {}
+  for _, m in ipairs(sent) do
+    table.insert(methods, m.method .. " " .. (m.uri or ""):gsub("^.*/", ""))
+    local secret_uri = m.uri
+      and (vim.endswith(m.uri, "/.env") or vim.endswith(m.uri, "/id_rsa") or vim.endswith(m.uri, "/credentials.json") or vim.endswith(m.uri, "/token.pem"))
+    if secret_uri or m.json:find(marker, 1, true) or m.json:find(typed, 1, true) then
+      table.insert(leaked, m.method .. " " .. (m.uri or "") .. " " .. m.json:sub(1, 200))
+    end
+  end
+  out.leaked = leaked
+  out.methods = methods
+  out.notifications = notifications_of("rename_secret")
+  return out
+end
+
+-- An unnamed buffer is not sent to the server: Neovim would send every one as "file://", and the
+-- server's edit for that URI would go to a buffer for the folder "/". Commands there say to write
+-- it to a file first; once written to one it is attached, and :StarChatFix changes it.
+function steps.unnamed()
+  vim.api.nvim_set_current_win(code_win)
+  vim.cmd("enew")
+  local buf = vim.api.nvim_get_current_buf()
+  local out = {}
+  local ok, err = pcall(function()
+    vim.bo[buf].filetype = "python" -- FileType: a filetype the plugin starts for
+    local text = sc.CALC_PY:gsub("\n$", "")
+    vim.api.nvim_buf_set_lines(buf, 0, -1, false, vim.split(text, "\n", { plain = true }))
+    vim.wait(300, function()
+      return false
+    end)
+    out.attached = #lsp.clients(buf)
+    local before = buf_text(buf)
+    select_lines(4, 5)
+    vim.cmd([['<,'>StarChatFix]])
+    vim.wait(3000, function() -- an edit would have come by now (a Fix takes well under a second)
+      return buf_text(buf) ~= before or (#lsp.running() == 0 and #notifications_of("unnamed") > 0)
+    end, 50)
+    out.unchanged = buf_text(buf) == before
+    out.root_buffer = vim.fn.bufexists("/") == 1 -- where an edit for "file://" goes
+    out.told = vim.tbl_map(function(n)
+      return n.msg
+    end, notifications_of("unnamed"))
+    -- written to a file: attached, and the Fix works (calc.py in a folder of its own: the path
+    -- in the prompt is then the one the test model knows)
+    local file = vim.fs.dirname(conf.workspace) .. "/unnamed/calc.py"
+    vim.fn.mkdir(vim.fs.dirname(file), "p")
+    vim.cmd("silent write " .. vim.fn.fnameescape(file))
+    out.written_attached = vim.wait(10000, function()
+      return lsp.clients(buf)[1] ~= nil
+    end, 20)
+    select_lines(4, 5)
+    vim.cmd([['<,'>StarChatFix]])
+    wait(60000, function()
+      return buf_text(buf) ~= before
+    end, "the fix in the written buffer")
+    out.after = buf_text(buf)
+  end)
+  vim.api.nvim_set_current_win(code_win)
+  vim.cmd("buffer " .. code_buf)
+  pcall(vim.cmd, "bwipeout! " .. buf)
+  if vim.fn.bufexists("/") == 1 then
+    pcall(vim.cmd, "bwipeout! /")
+  end
+  if not ok then
+    error(err)
+  end
+  return out
+end
+
+-- Code actions run the server's commands through the plugin: "StarChat: Explain" answers in the
+-- chat (the client declares showsAnswers, so the server shows the answer nowhere else, and Neovim
+-- drops a command's result); "StarChat: Fix" applies the fix, and :StarChatStop stops it.
+function steps.code_action_commands()
+  chat.clear()
+  local orig_select = vim.ui.select
+  local pick
+  vim.ui.select = function(items, _, on_choice)
+    for i, item in ipairs(items) do
+      if item.action and item.action.title == pick then
+        return on_choice(item, i)
+      end
+    end
+    on_choice(nil)
+  end
+  local out = {}
+  local function code_action(title)
+    pick = title
+    vim.api.nvim_set_current_win(code_win)
+    -- lines 4-5 with their line breaks, as :'<,'>StarChatExplain takes them (the tiny test model
+    -- answers as trained only for that text): up to the start of line 6, exclusive
+    local selection = vim.o.selection
+    vim.o.selection = "exclusive"
+    local ok, err = pcall(vim.lsp.buf.code_action, { range = { start = { 4, 0 }, ["end"] = { 6, 0 } } })
+    vim.o.selection = selection
+    assert(ok, err)
+  end
+  local ok, err = pcall(function()
+    vim.api.nvim_set_current_win(code_win)
+    vim.cmd("silent edit!")
+    code_action("StarChat: Explain")
+    local started = vim.wait(10000, function()
+      return chat.current ~= nil or #chat.turns > 0
+    end, 20)
+    if started then
+      wait_turn(chat.current or last_turn())
+      out.explain = { kind = last_turn().kind, answer = last_turn().answer }
+    else
+      out.explain = { statuses = results.statuses[#results.statuses] }
+    end
+    -- Fix from the code action, to the end
+    local before = buf_text(code_buf)
+    code_action("StarChat: Fix")
+    out.fixed = vim.wait(60000, function()
+      return buf_text(code_buf) ~= before
+    end, 20) and buf_text(code_buf) or nil
+    wait(10000, function() -- the server answers the request after its edit was applied
+      return #lsp.running() == 0
+    end, "the Fix request to end")
+    vim.cmd("silent edit!")
+    -- and stopped with :StarChatStop
+    code_action("StarChat: Fix")
+    out.running = vim.wait(10000, function()
+      return #lsp.running() > 0
+    end, 5)
+    local c = client()
+    local req = lsp.running()[1]
+    vim.cmd("StarChatStop")
+    out.acked = vim.wait(10000, function()
+      return req ~= nil and req.id ~= nil and c.requests[req.id] == nil
+    end, 10)
+    vim.wait(1000, function()
+      return false
+    end)
+    out.unchanged = buf_text(code_buf) == before
+    out.ready = vim.wait(10000, function()
+      return lsp.state.state == "ready"
+    end, 20)
+  end)
+  vim.ui.select = orig_select
+  vim.cmd("silent edit!")
+  if not ok then
+    error(err)
+  end
+  out.notifications = notifications_of("code_action_commands")
+  return out
 end
 
 -- :checkhealth starchat

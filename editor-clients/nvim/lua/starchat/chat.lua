@@ -280,6 +280,7 @@ local function live_context(client)
   local ctx = M.context
   if ctx and vim.api.nvim_buf_is_valid(ctx.bufnr) and vim.api.nvim_buf_is_loaded(ctx.bufnr) then
     if lsp.clients(ctx.bufnr)[1] == client then
+      ctx.uri = vim.uri_from_bufnr(ctx.bufnr) -- renamed meanwhile: opened again under its new name
       return ctx
     end
   end

@@ -21,10 +21,15 @@ local function wants(ft)
   return vim.tbl_contains(fts, ft)
 end
 
---- Start or attach the server for a buffer (what the FileType autocommand does).
+--- Start or attach the server for a buffer (what the FileType autocommand does). A buffer left
+--- out for its name (none yet, or a secret-looking one) is attached once it gets one that can
+--- be sent (:write {file}, :saveas, :file).
 function M.attach(bufnr)
   bufnr = (bufnr == nil or bufnr == 0) and vim.api.nvim_get_current_buf() or bufnr
-  return lsp.start(bufnr)
+  local id = lsp.start(bufnr)
+  local for_name = not id and (vim.api.nvim_buf_get_name(bufnr) == "" or lsp.private_reason(bufnr) ~= nil)
+  vim.b[bufnr].starchat_pending = for_name or nil
+  return id
 end
 
 --- The client, the buffer and the LSP arguments {textDocument, range} for a command's range.
@@ -37,7 +42,7 @@ local function selection_args(opts, bufnr)
     vim.notify("StarChat: run this in a file buffer", vim.log.levels.WARN)
     return nil
   end
-  local private = lsp.private_reason(bufnr)
+  local private = lsp.private_reason(bufnr) or lsp.unsendable_reason(bufnr)
   if private then -- never sent to the server: say so, rather than "the document is not open"
     vim.notify("StarChat: " .. private, vim.log.levels.WARN)
     return nil
@@ -81,17 +86,12 @@ end
 
 local TASK_TITLES = { fix = "Fix", optimize = "Optimize", document = "Document", tests = "Write tests" }
 
---- Fix / Optimize / Document / Write tests on the command's range: the server computes the edit
---- and applies it with workspace/applyEdit (starchat.runTask). :StarChatStop stops it.
---- Returns the request record (lsp.request).
-function M.run_task(task, opts, on_done)
-  local client, bufnr, _, finalize = selection_args(opts)
-  if not client then
-    return nil
-  end
+--- starchat.runTask: the server computes the edit and applies it with workspace/applyEdit;
+--- :StarChatStop stops it. make_args(client) -> {textDocument, range, …}.
+local function request_task(client, bufnr, task, make_args, on_done)
   local title = TASK_TITLES[task] or task
   return lsp.request(client, "workspace/executeCommand", function(c)
-    local args = finalize(c)
+    local args = make_args(c)
     args.task = task
     return { command = "starchat.runTask", arguments = { args } }
   end, function(err, result)
@@ -103,7 +103,18 @@ function M.run_task(task, opts, on_done)
     if on_done then
       on_done(err, result)
     end
-  end, bufnr, { task = task, title = title, uri = vim.uri_from_bufnr(bufnr) })
+  end, bufnr, { task = task, title = title, uri = make_args(client).textDocument.uri })
+end
+
+--- Fix / Optimize / Document / Write tests on the command's range: the server computes the edit
+--- and applies it with workspace/applyEdit (starchat.runTask). :StarChatStop stops it.
+--- Returns the request record (lsp.request).
+function M.run_task(task, opts, on_done)
+  local client, bufnr, _, finalize = selection_args(opts)
+  if not client then
+    return nil
+  end
+  return request_task(client, bufnr, task, finalize, on_done)
 end
 
 --- Stop what StarChat is doing: the chat's answer and the running Fix/Optimize/Document/Tests.
@@ -169,6 +180,31 @@ local function ask_question_command(command, ctx)
   end)
 end
 
+--- The server's commands, run from its code actions: through the plugin, as the :StarChat…
+--- commands run them. Explain and Ask answer in the chat (this client declares `showsAnswers`,
+--- so the server shows them nowhere else; Neovim drops a command's result); Fix, Optimize,
+--- Document and Write tests are requests :StarChatStop can stop.
+local function server_command(command, ctx)
+  local args = (command.arguments or {})[1]
+  local client = ctx and vim.lsp.get_client_by_id(ctx.client_id)
+  if type(args) ~= "table" or type(args.textDocument) ~= "table" or not client then
+    return
+  end
+  local bufnr = vim.uri_to_bufnr(args.textDocument.uri)
+  if command.command == "starchat.runTask" then
+    return request_task(client, bufnr, args.task, function()
+      return vim.deepcopy(args)
+    end)
+  end
+  local question = command.command == "starchat.ask" and args.question or nil
+  if command.command == "starchat.ask" and not question then
+    return ask_question_command(command, ctx)
+  end
+  args = vim.deepcopy(args)
+  args.question = nil
+  chat.ask(client, bufnr, args, question)
+end
+
 local function define_commands()
   local cmd = vim.api.nvim_create_user_command
   cmd("StarChat", function(o)
@@ -230,6 +266,9 @@ function M.setup(opts)
   local before = { cmd = config.options.cmd, settings = vim.deepcopy(config.settings) }
   config.set(opts)
   vim.lsp.commands["starchat.askQuestion"] = ask_question_command
+  for _, name in ipairs({ "starchat.explain", "starchat.ask", "starchat.runTask" }) do
+    vim.lsp.commands[name] = server_command
+  end
   define_commands()
   define_menu()
   local group = vim.api.nvim_create_augroup("starchat", { clear = true })
@@ -239,6 +278,33 @@ function M.setup(opts)
       if wants(vim.bo[ev.buf].filetype) and vim.bo[ev.buf].buftype == "" then
         M.attach(ev.buf)
       end
+    end,
+  })
+  -- A renamed buffer (:file, :saveas) is detached first and attached again only when its new
+  -- name does not look like secrets (lsp.before_rename). A buffer left out for its name is
+  -- attached when it gets a name that can be sent (M.attach): an unnamed buffer written to a
+  -- file (:write {file} renames it without BufFilePost), a .env saved as app.py.
+  vim.api.nvim_create_autocmd("BufFilePre", {
+    group = group,
+    callback = function(ev)
+      lsp.before_rename(ev.buf)
+    end,
+  })
+  vim.api.nvim_create_autocmd({ "BufFilePost", "BufWritePost" }, {
+    group = group,
+    callback = function(ev)
+      if ev.event == "BufFilePost" then
+        lsp.after_rename(ev.buf)
+      end
+      if vim.b[ev.buf].starchat_pending and not lsp.clients(ev.buf)[1] then
+        M.attach(ev.buf)
+      end
+    end,
+  })
+  vim.api.nvim_create_autocmd("BufWipeout", {
+    group = group,
+    callback = function(ev)
+      lsp.renamed[ev.buf] = nil
     end,
   })
   for _, buf in ipairs(vim.api.nvim_list_bufs()) do

@@ -117,6 +117,84 @@ function M.private_reason(bufnr)
   return nil
 end
 
+--- Buffers renamed away from a name they were sent under: bufnr -> {lost = bool}. Neovim sends
+--- an attached buffer under its new name whatever that is (didChange at once, didClose +
+--- didOpen with the whole text on the next write), so the client is detached before every
+--- rename (BufFilePre: didClose under the old name, which the server knows) and attached again
+--- after it (BufFilePost) only when the new name does not look like secrets. `lost`: the buffer
+--- changed while no language client was attached, and Neovim then stops tracking its changes
+--- for good (its on_lines listener detaches, yet it still counts the buffer as tracked): a
+--- client attached again would get the text once and never an edit, so none is.
+M.renamed = {}
+
+--- Whether Neovim's change tracking of a buffer is gone (see M.renamed).
+function M.tracking_lost(bufnr)
+  return M.renamed[bufnr] ~= nil and M.renamed[bufnr].lost
+end
+
+--- BufFilePre: detach the StarChat clients from a buffer about to be renamed.
+function M.before_rename(bufnr)
+  local get = vim.lsp.get_clients or vim.lsp.get_active_clients
+  local attached = get({ name = config.options.name, bufnr = bufnr, _uninitialized = true })
+  if #attached == 0 then
+    return
+  end
+  for _, c in ipairs(attached) do
+    if c.initialized then
+      vim.lsp.buf_detach_client(bufnr, c.id) -- didClose, under the old name
+    else -- not opened on the server yet (that happens once it is initialized, under the new name)
+      c.attached_buffers[bufnr] = nil
+    end
+  end
+  if M.renamed[bufnr] then
+    return
+  end
+  local rec = { lost = false }
+  M.renamed[bufnr] = rec
+  -- Neovim's listener drops out at the first change seen with no client attached; so does this one
+  pcall(vim.api.nvim_buf_attach, bufnr, false, {
+    on_lines = function()
+      if M.renamed[bufnr] ~= rec then
+        return true
+      end
+      if #get({ bufnr = bufnr, _uninitialized = true }) == 0 then
+        rec.lost = true
+        return true
+      end
+    end,
+  })
+end
+
+--- BufFilePost: attach again a buffer detached by before_rename, unless its new name looks like
+--- secrets (it then stays detached, and is attached again when renamed back).
+function M.after_rename(bufnr)
+  local rec = M.renamed[bufnr]
+  if not rec or M.private_reason(bufnr) then
+    return
+  end
+  if rec.lost then
+    vim.notify("StarChat: " .. M.unsendable_reason(bufnr), vim.log.levels.WARN)
+    return
+  end
+  M.renamed[bufnr] = nil
+  M.start(bufnr)
+end
+
+--- Why the server cannot be given the buffer (other than secrets), or nil.
+function M.unsendable_reason(bufnr)
+  if vim.api.nvim_buf_get_name(bufnr) == "" then
+    -- Neovim would send every unnamed buffer as "file://", and an edit for that URI to the
+    -- folder "/" (vim.uri_to_bufnr)
+    return "this buffer has no file name; write it to a file (:write {file}) to use StarChat on it"
+  end
+  if M.tracking_lost(bufnr) then
+    return ("%s changed while its name looked like secrets, and Neovim no longer sends its changes to language servers; open it again (:bwipeout, :edit) to use StarChat there"):format(
+      vim.fn.fnamemodify(vim.api.nvim_buf_get_name(bufnr), ":t")
+    )
+  end
+  return nil
+end
+
 --- LSP error codes the user hears about more softly than a failure.
 M.REQUEST_CANCELLED = -32800
 M.CONTENT_MODIFIED = -32801
@@ -378,6 +456,15 @@ function M.client_config(root)
     opts.capabilities or {},
     { experimental = { starchat = { askQuestion = true, showsAnswers = true } } }
   )
+  -- The Fix/Optimize/Document/Write tests code actions then come with the starchat.runTask
+  -- command, which the plugin runs (init.lua) as it runs :StarChatFix, so that :StarChatStop
+  -- stops them: Neovim's own codeAction/resolve of their edit could not be stopped.
+  local resolve = vim.tbl_get(capabilities, "textDocument", "codeAction", "resolveSupport")
+  if resolve and type(resolve.properties) == "table" then
+    resolve.properties = vim.tbl_filter(function(p)
+      return p ~= "edit"
+    end, resolve.properties)
+  end
   return {
     name = opts.name,
     cmd = opts.cmd,
@@ -463,7 +550,10 @@ function M.ensure(bufnr)
     return attached
   end
   -- a file that looks like secrets is never attached: a client for another buffer serves (the chat)
-  local file = vim.bo[bufnr].buftype == "" and vim.api.nvim_buf_get_name(bufnr) ~= "" and not M.private_reason(bufnr)
+  local file = vim.bo[bufnr].buftype == ""
+    and vim.api.nvim_buf_get_name(bufnr) ~= ""
+    and not M.private_reason(bufnr)
+    and not M.unsendable_reason(bufnr)
   if file then
     local id = M.start(bufnr, { explicit = true })
     return id and vim.lsp.get_client_by_id(id) or nil
@@ -487,7 +577,8 @@ function M.ensure(bufnr)
 end
 
 --- Start (or reuse) the client for a file buffer and attach it. Returns the client id; nil for
---- a buffer that is not a file, or a file that looks like secrets (never sent to the server).
+--- a buffer that is not a file (or has no name yet), or a file that looks like secrets (never
+--- sent to the server).
 --- opts.explicit: a command asked for it (a missing server is reported every time then, not
 --- only once as for the automatic start on FileType).
 function M.start(bufnr, opts)
@@ -495,7 +586,7 @@ function M.start(bufnr, opts)
   if vim.bo[bufnr].buftype ~= "" then
     return nil
   end
-  local private = M.private_reason(bufnr)
+  local private = M.private_reason(bufnr) or M.unsendable_reason(bufnr)
   if private then
     if opts.explicit then
       vim.notify("StarChat: " .. private, vim.log.levels.WARN)
@@ -561,7 +652,7 @@ function M.restart(buffers, on_done)
     end
     local id
     for b in pairs(bufs) do
-      if vim.api.nvim_buf_is_valid(b) and vim.api.nvim_buf_is_loaded(b) and vim.bo[b].buftype == "" and not M.private_reason(b) then
+      if vim.api.nvim_buf_is_valid(b) and vim.api.nvim_buf_is_loaded(b) and vim.bo[b].buftype == "" and not M.private_reason(b) and not M.unsendable_reason(b) then
         id = M.start(b, { explicit = true }) or id
       end
     end
