@@ -30,7 +30,7 @@ PLUGIN = REPO / "editor-clients" / "nvim"
 DRIVER = HERE / "nvim" / "run.lua"
 SCREENSHOTS = REPO / "build" / "screenshots"
 STEPS = [
-    "start", "encoding", "code_actions", "popup", "chat", "cancel", "tasks", "fix",
+    "start", "encoding", "code_actions", "popup", "chat", "cancel", "tasks", "fix", "fix_with_problems",
     "stop_task", "apply_edit", "settings", "tabs", "folders", "secrets", "rename_secret", "unnamed",
     "code_action_commands", "health", "crash",
 ]
@@ -243,6 +243,17 @@ def test_fix_on_a_visual_selection_changes_the_buffer(nvim):
     old = "def average(values):\n    return sum(values) / len(values) + 1\n"
     assert result["after"] == sc.CALC_PY.replace(old, sc.FIXED_AVERAGE)
     assert result["modified"]
+
+
+def test_fix_tells_the_server_the_diagnostics_shown_there(nvim):
+    """:StarChatFix on lines with a diagnostic sends it (the server puts it into the prompt: the
+    answer trained for the prompt with that problem comes back, and its code is applied)."""
+    result = step(nvim, "fix_with_problems")
+    (diagnostic,) = result["args"]["diagnostics"]
+    assert diagnostic["message"] == sc.AVERAGE_DIAGNOSTIC["message"] and diagnostic["range"]["start"]["line"] == 4
+    assert result["answer"] == sc.FIX_PROBLEM_ANSWER
+    old = "def average(values):\n    return sum(values) / len(values) + 1\n"
+    assert result["after"] == sc.CALC_PY.replace(old, sc.FIXED_AVERAGE)
 
 
 def test_explain_document_and_tests_commands(nvim):

@@ -605,6 +605,39 @@ local function record_sent(c)
   end
 end
 
+-- :StarChatFix where Neovim shows a diagnostic: the server is told about it, and the model's
+-- answer is the one trained for the prompt with that problem.
+function steps.fix_with_problems()
+  vim.api.nvim_set_current_win(code_win)
+  vim.cmd("silent edit!") -- calc.py as on disk
+  local ns = vim.api.nvim_create_namespace("starchat-test-problems")
+  vim.diagnostic.set(ns, code_buf, {
+    { lnum = 4, col = 4, end_col = 40, message = "average([2, 4]) returned 4, expected 3", source = "pytest", severity = vim.diagnostic.severity.ERROR },
+  })
+  local c = client()
+  local sent, stop = record_sent(c)
+  local done, answer
+  select_lines(4, 5)
+  vim.cmd("normal! \27")
+  require("starchat").run_task("fix", { range = 2, line1 = 4, line2 = 5 }, function(err, result)
+    done, answer = true, result and result.text or (err and err.message)
+  end)
+  wait(60000, function()
+    return done
+  end, "the fix with the problem")
+  stop()
+  vim.diagnostic.reset(ns, code_buf)
+  local request
+  for _, m in ipairs(sent) do
+    if m.method == "workspace/executeCommand" then
+      request = vim.json.decode(m.json)
+    end
+  end
+  local after = buf_text(code_buf)
+  vim.cmd("silent edit!")
+  return { answer = answer, args = request and request.arguments[1] or vim.NIL, after = after }
+end
+
 -- A file that looks like secrets (.env) never reaches the server: the client is not attached to
 -- it (even with a filetype the plugin starts for), so neither its text nor its changes are sent;
 -- :StarChatFix there says why nothing happens; the chat from it goes to the running server,

@@ -86,6 +86,22 @@ end
 
 local TASK_TITLES = { fix = "Fix", optimize = "Optimize", document = "Document", tests = "Write tests" }
 
+--- The diagnostics shown on the lines of `range` (LSP), as LSP diagnostics: a Fix is told about
+--- them, as when it is picked from the code actions at a diagnostic.
+local function diagnostics_in(bufnr, range)
+  if not (vim.lsp.diagnostic and vim.lsp.diagnostic.from) then
+    return {}
+  end
+  local first, last = range.start.line, range["end"].line
+  if range["end"].character == 0 and last > first then
+    last = last - 1
+  end
+  local shown = vim.tbl_filter(function(d)
+    return d.lnum <= last and (d.end_lnum or d.lnum) >= first
+  end, vim.diagnostic.get(bufnr))
+  return vim.lsp.diagnostic.from(shown)
+end
+
 --- starchat.runTask: the server computes the edit and applies it with workspace/applyEdit;
 --- :StarChatStop stops it. make_args(client) -> {textDocument, range, …}.
 local function request_task(client, bufnr, task, make_args, on_done)
@@ -110,11 +126,16 @@ end
 --- and applies it with workspace/applyEdit (starchat.runTask). :StarChatStop stops it.
 --- Returns the request record (lsp.request).
 function M.run_task(task, opts, on_done)
-  local client, bufnr, _, finalize = selection_args(opts)
+  local client, bufnr, args, finalize = selection_args(opts)
   if not client then
     return nil
   end
-  return request_task(client, bufnr, task, finalize, on_done)
+  local problems = task == "fix" and diagnostics_in(bufnr, args.range) or {}
+  return request_task(client, bufnr, task, function(c)
+    local a = finalize(c)
+    a.diagnostics = #problems > 0 and problems or nil
+    return a
+  end, on_done)
 end
 
 --- Stop what StarChat is doing: the chat's answer and the running Fix/Optimize/Document/Tests.
