@@ -90,11 +90,15 @@ def extract_code(answer: str, language: str = "", *, cut: bool = False, first: b
     return code
 
 
-def comment_only(code: str, selected: str) -> str:
+_COMMENT_LEADERS = ("#", "//", "/*", "*", "--", ";", "%", "'", '"""', "'''", "<!--", "(*", "{-", "rem ", "REM ")
+
+
+def comment_only(code: str, selected: str) -> str | None:
     """Document: only the comment, when the answer's block repeats the selected code with its
-    comment on it (as chat models like to): the lines above the selection's first line of code
-    (decorators and annotations left out), or a Python docstring (the first statement after the
-    signature). ``code`` as it is when the selected code is not in it."""
+    comment on it (as chat models like to): the comment lines right above the selection's first
+    line of code (decorators and annotations left out), or a Python docstring (the first
+    statement after the signature); None when the block repeats the code with no comment on it.
+    ``code`` as it is when the selected code is not in it."""
     first = next((line.strip() for line in selected.splitlines() if line.strip()), "")
     lines = code.splitlines(keepends=True)
     at = next((i for i, line in enumerate(lines) if first and line.strip() == first), None)
@@ -103,19 +107,22 @@ def comment_only(code: str, selected: str) -> str:
     above = lines[:at]
     while above and (not above[-1].strip() or above[-1].lstrip().startswith("@")):
         above.pop()
-    if above:
-        return "".join(above)
+    start = len(above)
+    while start > 0 and above[start - 1].lstrip().startswith(_COMMENT_LEADERS):
+        start -= 1
+    if start < len(above):
+        return "".join(above[start:])
     signature_end = next((i for i in range(at, len(lines)) if lines[i].split("#", 1)[0].rstrip().endswith(":")), len(lines))
     body = [i for i in range(signature_end + 1, len(lines)) if lines[i].strip()]
     if body and lines[body[0]].lstrip().startswith(('"""', "'''")):
-        start = body[0]
-        quote = lines[start].lstrip()[:3]
-        if quote in lines[start].lstrip()[3:]:
-            return lines[start]
-        end = next((i for i in range(start + 1, len(lines)) if quote in lines[i]), None)
+        begin = body[0]
+        quote = lines[begin].lstrip()[:3]
+        if quote in lines[begin].lstrip()[3:]:
+            return lines[begin]
+        end = next((i for i in range(begin + 1, len(lines)) if quote in lines[i]), None)
         if end is not None:
-            return "".join(lines[start : end + 1])
-    return code
+            return "".join(lines[begin : end + 1])
+    return None
 
 
 def fit_code(code: str, *, indent: str, first_line_indented: bool, keep_trailing_newline: bool, eol: str,

@@ -271,7 +271,10 @@ def task_edit(server: StarChatServer, sel: Selection, task: Task, generation: Ge
         )
         return workspace_edit(server, sel.uri, sel.version, [types.TextEdit(range=to_range(sel.span), new_text=new_text)])
     if task is Task.DOCUMENT:
-        code = answers.comment_only(code, sel.selected)
+        comment = answers.comment_only(code, sel.selected)
+        if comment is None:
+            raise RequestFailed("StarChat's answer repeats the selected code without a comment on it, so nothing was changed.")
+        code = comment
         line, indent = _docstring_place(sel, code, unit) or (sel.span.start.line, indent)
         new_text = answers.insertion_above(code, indent=indent, eol=eol, unit=unit)
         at = types.Position(line=line, character=0)

@@ -45,8 +45,12 @@ SELECTED = "def add(a, b):\n    return a + b\n"
         ("# Adds two numbers.\n@cache\ndef add(a, b):\n    return a + b\n", "# Adds two numbers.\n"),
         ('"""Add two numbers."""\n', '"""Add two numbers."""\n'),  # only the comment: as it is
         ("# Adds.\n", "# Adds.\n"),
+        ("import math\n\n# Adds two numbers.\ndef add(a, b):\n    return a + b\n", "# Adds two numbers.\n"),
+        ("/**\n * Adds.\n */\ndef add(a, b):\n    return a + b\n", "/**\n * Adds.\n */\n"),
+        ("import math\n\n\ndef add(a, b):\n    return a + b\n", None),  # the code again, no comment
     ],
-    ids=["docstring", "long-docstring", "comment-above", "docstring-only", "comment-only"],
+    ids=["docstring", "long-docstring", "comment-above", "docstring-only", "comment-only", "import-above",
+         "block-comment", "no-comment"],
 )
 def test_document_takes_only_the_comment_from_a_repeated_function(code, comment):
     """Asked for a comment, a model often repeats the whole function with it: inserting that

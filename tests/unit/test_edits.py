@@ -234,3 +234,5 @@ def test_document_inserts_only_the_docstring_of_a_repeated_function():
     doc = the_edit(task_edit(server, sel, Task.DOCUMENT, answer('def f(self):\n    """One."""\n    return 1\n')))
     assert doc.range == rng((2, 0), (2, 0))
     assert doc.new_text == '        """One."""\n'
+    with pytest.raises(RequestFailed, match="without a comment"):  # not the function a second time
+        task_edit(server, sel, Task.DOCUMENT, answer("def f(self):\n    return 1\n"))
