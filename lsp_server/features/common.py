@@ -11,12 +11,12 @@ from lsprotocol import types
 from pygls.uris import from_fs_path, to_fs_path
 
 from .. import answers
+from ..documents import Document
 from ..engine import Generation, Priority
 from ..prompts import PromptTooLong, Task
-from ..prompts.tasks import MAX_PROBLEMS
 from ..prompts.requests import code_prompt, prompt_budget
+from ..prompts.tasks import MAX_PROBLEMS
 from ..server import RequestFailed, StarChatServer
-from ..documents import Document
 from ..text import Pos, Span, detect_eol, indent_unit, indentation_of
 
 
