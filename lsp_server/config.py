@@ -90,6 +90,12 @@ class Settings:
     )
     hover_enabled: bool = field(default=True, metadata=_doc("Answer textDocument/hover with an explanation."))
     hover_max_new_tokens: int = field(default=128, metadata=_doc("Longest hover answer, in tokens.", _positive))
+    hover_context_tokens: int = field(
+        default=2048,
+        metadata=_doc("Tokens a hover's prompt may use (the lines nearest the hovered one): a hover comes whenever the "
+                      "pointer rests, and a shorter prompt answers sooner; 0 means up to the context window.",
+                      lambda v: v >= 0),
+    )
     request_timeout: float = field(default=300.0, metadata=_doc("Seconds one generation may run (not counting its wait for the engine) before it is stopped.", _positive))
     load_timeout: float = field(default=900.0, metadata=_doc("Seconds a request waits for the model to load.", _positive))
     queue_size: int = field(default=16, metadata=_doc("Requests waiting for the engine before new ones get 'busy'.", _positive))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from lsprotocol import types
 
 from .. import answers
+from ..config import Settings
 from ..engine import Priority
 from ..prompts import PromptTooLong
 from ..prompts.requests import hover_prompt, prompt_budget
@@ -13,6 +14,12 @@ from ..text import Pos
 from .common import to_range
 
 CACHE_SIZE = 128
+
+
+def hover_budget(settings: Settings, model_window: int) -> int:
+    """The prompt's tokens: the window's less the answer's, at most ``hoverContextTokens``."""
+    budget = prompt_budget(settings.context_window, model_window, settings.hover_max_new_tokens)
+    return min(budget, settings.hover_context_tokens) if settings.hover_context_tokens else budget
 
 
 def register(server: StarChatServer) -> None:
@@ -31,7 +38,7 @@ def register(server: StarChatServer) -> None:
             built = hover_prompt(
                 ls.prompt_format(engine),
                 system=settings.system_prompt,
-                budget=prompt_budget(settings.context_window, engine.context_window, settings.hover_max_new_tokens),
+                budget=hover_budget(settings, engine.context_window),
                 text=document.source,
                 line_start=document.line_start(position.line),
                 line=document.line_text(position.line),

@@ -301,6 +301,18 @@ async def test_hover_explains_the_symbol_and_is_cached(editor):
     assert await editor.client.text_document_hover_async(blank) is None
 
 
+async def test_hover_prompt_fits_hover_context_tokens(editor):
+    """hoverContextTokens bounds a hover's prompt: too small a bound for the instruction and the
+    hovered line gives no hover (no model run); the default answers."""
+    uri = editor.open()
+    params = types.HoverParams(text_document=types.TextDocumentIdentifier(uri=uri),
+                               position=types.Position(line=sc.HOVER_POSITION.line, character=sc.HOVER_POSITION.character))
+    configure(editor, hoverContextTokens=8)
+    assert await editor.client.text_document_hover_async(params) is None
+    configure(editor, hoverContextTokens=2048)
+    assert (await editor.client.text_document_hover_async(params)).contents.value == sc.HOVER_ANSWER
+
+
 async def test_hover_can_be_turned_off(editor):
     uri = editor.open()
     configure(editor, hoverEnabled=False)

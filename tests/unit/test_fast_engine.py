@@ -227,7 +227,11 @@ def test_prefix_reuse_prefills_only_the_suffix(engine, hf_model, tokenizer, prom
 
 def test_prefix_copied_from_a_busy_slot(engine, hf_model, tokenizer, prompts):
     base = prompts[3]
-    slow_prompt = base[:-3] + tokenizer(" slow")["input_ids"]
+    # the slow request must produce a token (its callback is what holds the slot busy): one of
+    # these endings whose answer does not end at once
+    endings = (" slow", " busy", " wait", " long", " later", " more")
+    slow_prompt = next(p for p in (base[:-3] + tokenizer(w)["input_ids"] for w in endings)
+                       if reference(hf_model, engine.stop_ids, p, new=1))
     fast_prompt = base[:-3] + tokenizer(" quick")["input_ids"]
     started = threading.Event()
     release = threading.Event()

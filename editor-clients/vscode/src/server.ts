@@ -27,6 +27,7 @@ export const SERVER_SETTINGS = [
   "contextWindow",
   "hoverEnabled",
   "hoverMaxNewTokens",
+  "hoverContextTokens",
   "loadTimeout",
   "queueSize",
   "requestTimeout",

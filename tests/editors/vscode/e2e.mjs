@@ -259,11 +259,21 @@ const statusItem = () => page.locator(".statusbar-item", { hasText: "StarChat" }
  * is found in the palette first; `when()` (if given) runs just before it runs. */
 async function reloadWindow(when) {
   await page.evaluate(() => (window.__beforeReload = true));
-  await page.keyboard.press("Control+Shift+P");
-  const input = page.locator(".quick-input-widget input.input");
-  await input.waitFor({ state: "visible" });
-  await input.fill(">Developer: Reload Window");
-  await page.locator(".quick-input-list .monaco-list-row", { hasText: "Developer: Reload Window" }).first().waitFor();
+  // The palette is opened from the editor: opened while the chat's webview has the focus (right
+  // after a message was sent there), it can close again at once, and the answer meant to be
+  // streaming during the reload ends meanwhile.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await editor().locator(".view-lines").click({ timeout: 5000 });
+      await page.keyboard.press("Control+Shift+P");
+      await page.locator(".quick-input-widget input.input").fill(">Developer: Reload Window", { timeout: 5000 });
+      await page.locator(".quick-input-list .monaco-list-row", { hasText: "Developer: Reload Window" }).first().waitFor({ timeout: 5000 });
+      break;
+    } catch (error) {
+      if (attempt >= 3) throw error;
+      await page.keyboard.press("Escape");
+    }
+  }
   if (when) await when();
   await page.keyboard.press("Enter");
   await until("the window to reload", () => page.evaluate(() => !window.__beforeReload).catch(() => false), 60000, 200);
@@ -666,9 +676,15 @@ try {
       const calls = requestParams(clientLog(), "workspace/executeCommand").filter((p) => p.command === "starchat.runTask" && p.arguments?.[0]?.textDocument?.uri?.endsWith("broken.json"));
       return calls.length && calls[calls.length - 1].arguments[0];
     }, 15000, 200);
-    await sleep(1000); // the answer: its edit, or a notice that it held no code
-    await page.keyboard.press("Escape");
+    // The answer (untrained for this prompt): its edit of broken.json, or a notice that it held
+    // no code. Waited for, so that nothing of it arrives during the next steps.
+    const id = clientLog().split("Sending request 'workspace/executeCommand - (").slice(1)
+      .filter((part) => part.slice(0, part.indexOf("Sending ")).includes("broken.json")).map((part) => part.slice(0, part.indexOf(")"))).pop();
+    await until("the Fix's answer", async () => clientLog().includes(`Received response 'workspace/executeCommand - (${id})'`), 90000, 200);
+    await runCommand("Notifications: Clear All Notifications").catch(() => undefined);
+    await editor().locator(".view-lines").click();
     await runCommand("View: Revert File").catch(() => undefined);
+    await sleep(300);
     await page.keyboard.press("Control+W");
     await page.locator(".explorer-folders-view .monaco-list-row", { hasText: "calc.py" }).first().click();
     await editor().locator(".view-line", { hasText: "def average" }).waitFor();
