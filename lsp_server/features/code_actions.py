@@ -48,14 +48,14 @@ def register(server: StarChatServer) -> None:
             if not _wanted(KINDS[task], only):
                 continue
             action = types.CodeAction(title=f"StarChat: {task.title}", kind=KINDS[task])
-            problems = diagnostics if task is Task.FIX else []
-            if problems:  # the fix for these: the editor lists it with them
-                action.diagnostics = problems
+            fixes = diagnostics if task is Task.FIX else []
+            if fixes:  # the fix for these: the editor lists it with them
+                action.diagnostics = fixes
             if _resolves_edits(ls):
-                action.data = ls.converter.unstructure(CodeActionData(uri, params.range, document.version, task, problems))
+                action.data = ls.converter.unstructure(CodeActionData(uri, params.range, document.version, task, fixes))
             else:  # the edit arrives through workspace/applyEdit instead
                 payload = ls.converter.unstructure(
-                    SelectionArgs(params.text_document, params.range, task=task, version=document.version, diagnostics=problems))
+                    SelectionArgs(params.text_document, params.range, task=task, version=document.version, diagnostics=fixes))
                 action.command = types.Command(title=action.title, command=CMD_RUN_TASK, arguments=[payload])
             actions.append(action)
         if _wanted(KINDS[Task.EXPLAIN], only):

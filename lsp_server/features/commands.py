@@ -66,7 +66,7 @@ def register(server: StarChatServer) -> None:
         sel = selection(ls, args.text_document.uri, args.range)
         if args.version is not None and sel.version != args.version:
             raise RequestFailed(f"The document changed (version {args.version} → {sel.version}); ask again.")
-        problems = problems_in(ls.open_document(sel.uri), args.diagnostics) if args.task is Task.FIX else []
+        problems = problems_in(ls.open_document(sel.uri), args.diagnostics)  # a Fix's prompt takes them
         generation, sel = await answer_for_edit(ls, sel, args.task, problems=problems)
         await _apply(ls, task_edit(ls, sel, args.task, generation), f"StarChat: {args.task.title}")
         return Answer.of(generation)

@@ -605,6 +605,24 @@ local function record_sent(c)
   end
 end
 
+--- The recorded messages (record_sent) as "method [file name]", and those about a file named as
+--- in `names` or holding one of `markers` (with the start of their JSON).
+local function sent_about(sent, names, markers)
+  local methods, leaked = {}, {}
+  for _, m in ipairs(sent) do
+    local name = m.uri and (m.uri:gsub("^.*/", "")) or nil
+    table.insert(methods, m.method .. (name and " " .. name or ""))
+    local found = name ~= nil and vim.tbl_contains(names, name)
+    for _, marker in ipairs(markers) do
+      found = found or m.json:find(marker, 1, true) ~= nil
+    end
+    if found then
+      table.insert(leaked, m.method .. " " .. (m.uri or "") .. " " .. m.json:sub(1, 200))
+    end
+  end
+  return methods, leaked
+end
+
 -- :StarChatFix where Neovim shows a diagnostic: the server is told about it, and the model's
 -- answer is the one trained for the prompt with that problem.
 function steps.fix_with_problems()
@@ -669,16 +687,7 @@ function steps.secrets()
   if not ok then
     error(res)
   end
-  local methods, leaked = {}, {}
-  for _, m in ipairs(sent) do
-    table.insert(methods, m.method)
-    local about_it = m.uri and vim.endswith(m.uri, "/.env")
-    if about_it or m.json:find(conf.secret_marker, 1, true) or m.json:find(conf.secret_typed, 1, true) then
-      table.insert(leaked, m.method)
-    end
-  end
-  res.methods = methods
-  res.leaked = leaked
+  res.methods, res.leaked = sent_about(sent, { ".env" }, { conf.secret_marker, conf.secret_typed })
   res.notifications = notifications_of("secrets")
   return res
 end
@@ -765,17 +774,7 @@ function steps.rename_secret()
   if not ok then
     error(err)
   end
-  local leaked, methods = {}, {}
-  for _, m in ipairs(sent) do
-    table.insert(methods, m.method .. " " .. (m.uri or ""):gsub("^.*/", ""))
-    local secret_uri = m.uri
-      and (vim.endswith(m.uri, "/.env") or vim.endswith(m.uri, "/id_rsa") or vim.endswith(m.uri, "/credentials.json") or vim.endswith(m.uri, "/token.pem"))
-    if secret_uri or m.json:find(marker, 1, true) or m.json:find(typed, 1, true) then
-      table.insert(leaked, m.method .. " " .. (m.uri or "") .. " " .. m.json:sub(1, 200))
-    end
-  end
-  out.leaked = leaked
-  out.methods = methods
+  out.methods, out.leaked = sent_about(sent, { ".env", "id_rsa", "credentials.json", "token.pem" }, { marker, typed })
   out.notifications = notifications_of("rename_secret")
   return out
 end

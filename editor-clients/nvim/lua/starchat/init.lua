@@ -293,41 +293,32 @@ function M.setup(opts)
   define_commands()
   define_menu()
   local group = vim.api.nvim_create_augroup("starchat", { clear = true })
-  vim.api.nvim_create_autocmd("FileType", {
-    group = group,
-    callback = function(ev)
-      if wants(vim.bo[ev.buf].filetype) and vim.bo[ev.buf].buftype == "" then
-        M.attach(ev.buf)
-      end
-    end,
-  })
+  local function on(events, callback)
+    vim.api.nvim_create_autocmd(events, { group = group, callback = callback })
+  end
+  on("FileType", function(ev)
+    if wants(vim.bo[ev.buf].filetype) and vim.bo[ev.buf].buftype == "" then
+      M.attach(ev.buf)
+    end
+  end)
   -- A renamed buffer (:file, :saveas) is detached first and attached again only when its new
   -- name does not look like secrets (lsp.before_rename). A buffer left out for its name is
   -- attached when it gets a name that can be sent (M.attach): an unnamed buffer written to a
   -- file (:write {file} renames it without BufFilePost), a .env saved as app.py.
-  vim.api.nvim_create_autocmd("BufFilePre", {
-    group = group,
-    callback = function(ev)
-      lsp.before_rename(ev.buf)
-    end,
-  })
-  vim.api.nvim_create_autocmd({ "BufFilePost", "BufWritePost" }, {
-    group = group,
-    callback = function(ev)
-      if ev.event == "BufFilePost" then
-        lsp.after_rename(ev.buf)
-      end
-      if vim.b[ev.buf].starchat_pending and not lsp.clients(ev.buf)[1] then
-        M.attach(ev.buf)
-      end
-    end,
-  })
-  vim.api.nvim_create_autocmd("BufWipeout", {
-    group = group,
-    callback = function(ev)
-      lsp.renamed[ev.buf] = nil
-    end,
-  })
+  on("BufFilePre", function(ev)
+    lsp.before_rename(ev.buf)
+  end)
+  on({ "BufFilePost", "BufWritePost" }, function(ev)
+    if ev.event == "BufFilePost" then
+      lsp.after_rename(ev.buf)
+    end
+    if vim.b[ev.buf].starchat_pending and not lsp.clients(ev.buf)[1] then
+      M.attach(ev.buf)
+    end
+  end)
+  on("BufWipeout", function(ev)
+    lsp.renamed[ev.buf] = nil
+  end)
   for _, buf in ipairs(vim.api.nvim_list_bufs()) do
     if vim.api.nvim_buf_is_loaded(buf) and vim.bo[buf].buftype == "" and wants(vim.bo[buf].filetype) then
       M.attach(buf)
