@@ -49,10 +49,12 @@ class Answer:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int  # of prompt_tokens: reused from an earlier request's cache
 
     @classmethod
     def of(cls, generation: Any) -> "Answer":
-        return cls(generation.text, generation.finish_reason, generation.prompt_tokens, generation.completion_tokens)
+        return cls(generation.text, generation.finish_reason, generation.prompt_tokens, generation.completion_tokens,
+                   generation.cached_tokens)
 
 
 @attrs.define

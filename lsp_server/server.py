@@ -237,6 +237,7 @@ class StarChatServer(LanguageServer):
             if generation.finish_reason == "cancelled":  # stopped by shutdown: no half answer
                 raise JsonRpcRequestCancelled("The server is shutting down; the request was stopped.")
             progress.end_message = _tokens(generation.completion_tokens)
+            log.info("%s", _summary(title, generation))
             return generation
 
     # ---- documents ------------------------------------------------------------------------
@@ -435,6 +436,15 @@ class StarChatServer(LanguageServer):
 
 def _tokens(count: int) -> str:
     return f"{count} token{'s' if count != 1 else ''}"
+
+
+def _summary(title: str, g: Generation) -> str:
+    """One log line per generation: what the prompt cost and how fast the answer came."""
+    first = f", the first after {g.first_token_s * 1000:.0f} ms" if g.first_token_s is not None else ""
+    decoding = g.seconds - (g.first_token_s or 0.0)
+    rate = f" ({(g.completion_tokens - 1) / decoding:.1f} tokens/s after it)" if g.completion_tokens > 1 and decoding > 0 else ""
+    return (f"{title}: prompt {g.prompt_tokens} tokens ({g.cached_tokens} from the cache), "
+            f"{_tokens(g.completion_tokens)} in {g.seconds:.2f} s{first}{rate}, {g.finish_reason}")
 
 
 class _Superseded(Exception):

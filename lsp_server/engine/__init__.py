@@ -67,25 +67,36 @@ async def stream(
 
     def work() -> Generation:
         decoder = StreamDecoder(engine.tokenizer)
-        deadline = None if time_limit is None else time.monotonic() + time_limit
+        started = time.monotonic()
+        deadline = None if time_limit is None else started + time_limit
+        first_token: float | None = None
+        cached = 0
 
         def should_stop() -> bool:
             return stop.is_set() or (deadline is not None and time.monotonic() > deadline)
 
+        def on_prompt(reused: int) -> None:
+            nonlocal cached
+            cached = reused
+
         def on_token(token: int) -> None:
-            nonlocal count
+            nonlocal count, first_token
+            if first_token is None:
+                first_token = time.monotonic() - started
             with lock:
                 count += 1
             if delta := decoder.push(token):
                 send(delta)
 
-        ids, reason = engine.generate(prompt_ids, sampling, should_stop, on_token, priority=int(priority))
+        ids, reason = engine.generate(prompt_ids, sampling, should_stop, on_token, priority=int(priority),
+                                      on_prompt=on_prompt)
         if reason == "cancelled" and not stop.is_set() and deadline is not None and time.monotonic() > deadline:
             stop.set()  # nothing more goes to the editor
             raise TimedOut(time_limit)
         if tail := decoder.flush():
             send(tail)
-        return Generation(decoder.text, reason, len(prompt_ids), len(ids))
+        return Generation(decoder.text, reason, len(prompt_ids), len(ids), cached, first_token,
+                          time.monotonic() - started)
 
     future = worker.submit(work, priority, stop)
     try:

@@ -52,6 +52,9 @@ class Generation:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV came from an earlier request (prefix reuse)
+    first_token_s: float | None = None  # from the start of generation to the first token
+    seconds: float = 0.0  # the whole generation, not counting the wait for the engine
 
 
 class Engine(Protocol):
@@ -66,11 +69,14 @@ class Engine(Protocol):
         should_stop: Callable[[], bool],
         on_token: Callable[[int], None],
         priority: int = 1,
+        on_prompt: Callable[[int], None] | None = None,
     ) -> tuple[list[int], FinishReason]:
         """Blocking; runs on the engine's worker thread. Calls ``on_token`` for every new token
         (stop tokens excluded) and checks ``should_stop`` before every decoding step.
         ``priority`` (``worker.Priority``, lower first) orders the work of an engine that runs
-        several requests at once; the worker already orders the requests waiting for it."""
+        several requests at once; the worker already orders the requests waiting for it.
+        ``on_prompt`` is called once, before the first token, with how many of the prompt's
+        tokens were not computed again because an earlier request's cache held them."""
 
     def close(self) -> None: ...
 

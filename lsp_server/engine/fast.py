@@ -446,6 +446,7 @@ class FastEngine(StartUp, Graphs, StepMath):
         should_stop: Callable[[], bool],
         on_token: Callable[[int], None],
         priority: int = 1,
+        on_prompt: Callable[[int], None] | None = None,
     ) -> tuple[list[int], FinishReason]:
         if self._broken is not None:
             raise EngineError(f"The fast engine stopped after an error: {self._broken}")
@@ -478,6 +479,9 @@ class FastEngine(StartUp, Graphs, StepMath):
                 if self._broken is not None and not req.answered:  # lost in the failure: not waited for
                     raise EngineError(f"The fast engine stopped after an error: {self._broken}") from None
                 continue
+            if on_prompt is not None and kind == "tok":
+                on_prompt(req.reused)  # set when it was admitted, before its first token
+                on_prompt = None
             if kind == "tok":
                 # a step can yield several tokens (speculation): none reaches the caller after
                 # it asked to stop

@@ -116,6 +116,7 @@ class TransformersEngine:
         should_stop: Callable[[], bool],
         on_token: Callable[[int], None],
         priority: int = 1,  # one request at a time: the worker's queue orders them
+        on_prompt: Callable[[int], None] | None = None,
     ) -> tuple[list[int], FinishReason]:
         import torch
         from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
@@ -162,6 +163,8 @@ class TransformersEngine:
         if should_stop():
             return [], "cancelled"
         input_ids = torch.tensor([prompt_ids], device=self.input_device)
+        if on_prompt is not None:
+            on_prompt(0)  # generate() computes the whole prompt every time
         try:
             with torch.inference_mode():
                 self.model.generate(

@@ -1,9 +1,16 @@
 """Turn a request into prompt ids that fit an exact token budget (pure).
 
-The user turn holds the task, the file's path and language, the selection, and as many lines
-around the selection as fit: nearest lines first on both sides, so the farthest are the ones
-left out. Counts come from the model's own tokenizer and the final prompt is re-counted whole,
-so ``len(prompt.ids) <= budget`` always holds. The selection is never cut: if it alone does not
+The user turn holds the file's path and language, the file itself (the whole file when it
+fits, else as many lines around the selection as fit: nearest lines first on both sides, so the
+farthest are the ones left out), the selection again, and the task last. That order makes the
+prompts of different requests on the same document version start alike (system prompt, path,
+file), so an engine that keeps the KV of a prompt prefix computes the file once: a hover, then
+a Fix, then an Explain of another function in the same file only prefill what follows it. The
+window does not depend on the task either (a question up to ``QUESTION_ROOM`` tokens leaves it
+as it is), so two tasks on the same selection in a long file share everything up to the task.
+
+Counts come from the model's own tokenizer and the final prompt is re-counted whole, so
+``len(prompt.ids) <= budget`` always holds. The selection is never cut: if it alone does not
 fit, :class:`PromptTooLong` says by how much.
 """
 
@@ -18,6 +25,7 @@ from .format import Message, PromptFormat
 
 
 _MAX_CHARS_PER_TOKEN = 32  # generous: code averages 3-4 characters per token
+QUESTION_ROOM = 128  # tokens of the question the window leaves room for whatever the question is
 
 
 class PromptTooLong(ValueError):
@@ -69,7 +77,7 @@ def build_prompt(
         return [Message("system", system), *kept, Message("user", turn)]
 
     if context is None:
-        render = lambda before, after: question  # noqa: E731
+        render = lambda before, after, window=False: question  # noqa: E731
         before_lines: list[str] = []
         after_lines: list[str] = []
     else:
@@ -84,7 +92,9 @@ def build_prompt(
         if last < len(context.text) and after_lines:
             after_lines = after_lines[:-1]
         selection = normalize_eol(context.text[context.start : context.end])
-        render = lambda before, after: _code_turn(question, context, selection, before, after)  # noqa: E731
+        render = lambda before, after, window=False: _code_turn(  # noqa: E731
+            question, context, selection, before, after, window
+        )
 
     # Old turns go first when even the bare question does not fit.
     dropped = 0
@@ -101,7 +111,12 @@ def build_prompt(
         before = before_lines[len(before_lines) - n_before :] if n_before else []
         return fmt.encode_dialogue(dialogue(render(before, after_lines[:n_after]), earlier))
 
-    n_before, n_after = _fill(fmt, before_lines, after_lines, budget - len(base), count, len(base))
+    # The lines get what the question leaves, as if it were QUESTION_ROOM tokens long when it is
+    # shorter (so the window is the same for every task), less the window's own cost (its fences
+    # and the selection shown in it), paid once.
+    room = budget - len(base) - max(0, QUESTION_ROOM - len(fmt.encode_text(question)))
+    window_cost = len(fmt.encode_dialogue(dialogue(render([], [], True), earlier))) - len(base)
+    n_before, n_after = _fill(fmt, before_lines, after_lines, room - window_cost)
     ids = count(n_before, n_after)
     # The per-line counts are estimates (a line's tokens can merge with its neighbours');
     # the whole prompt is the truth, so drop the farthest line until it fits.
@@ -116,12 +131,8 @@ def build_prompt(
     return Prompt(ids, messages, n_before, n_after, dropped)
 
 
-def _fill(fmt, before_lines, after_lines, room, count, base_len) -> tuple[int, int]:
+def _fill(fmt, before_lines, after_lines, room) -> tuple[int, int]:
     """How many lines before and after fit in ``room`` tokens, nearest first, alternating."""
-    overhead = {
-        "before": len(count(1, 0)) - base_len - len(fmt.encode_text(before_lines[-1])) if before_lines else 0,
-        "after": len(count(0, 1)) - base_len - len(fmt.encode_text(after_lines[0])) if after_lines else 0,
-    }
     taken = {"before": 0, "after": 0}
     open_sides = {side for side, lines in (("before", before_lines), ("after", after_lines)) if _has_text(lines)}
     used = 0
@@ -135,7 +146,7 @@ def _fill(fmt, before_lines, after_lines, room, count, base_len) -> tuple[int, i
                 open_sides.discard(side)
                 continue
             line = lines[len(lines) - 1 - n] if side == "before" else lines[n]
-            cost = len(fmt.encode_text(line)) + (overhead[side] if n == 0 else 0)
+            cost = len(fmt.encode_text(line))
             if used + cost > room:
                 open_sides.discard(side)
                 continue
@@ -162,23 +173,20 @@ def _fence(language: str, code: str) -> str:
     return f"{fence}{language}\n{code}{fence}"
 
 
-def _code_turn(question: str, ctx: CodeContext, selection: str, before: list[str], after: list[str]) -> str:
+def _code_turn(question: str, ctx: CodeContext, selection: str, before: list[str], after: list[str],
+               window: bool = False) -> str:
+    """Where, the file (lines around the selection, the selection in place; left out when it
+    would show the selection only, unless ``window``), the selection, then the question."""
     lang = ctx.language
     if ctx.path:
         where = f"File: `{ctx.path}`" + (f" ({lang})" if lang else "")
     else:
         where = f"Language: {lang}" if lang else ""
-    parts = [question]
-    if where:
-        parts.append(where)
-    before_text, after_text = "".join(before), "".join(after)
-    if not selection:  # a chat about the file as a whole
-        if (before_text + after_text).strip():
-            parts.append("The file:\n" + _fence(lang, before_text + after_text))
-        return "\n\n".join(parts)
-    if before_text.strip():
-        parts.append("Code before the selection:\n" + _fence(lang, before_text))
-    parts.append("Selected code:\n" + _fence(lang, selection))
-    if after_text.strip():
-        parts.append("Code after the selection:\n" + _fence(lang, after_text))
+    parts = [where] if where else []
+    around = "".join(before) + "".join(after)
+    if window or around.strip():
+        parts.append(_fence(lang, "".join(before) + selection + "".join(after)))
+    if selection:
+        parts.append("Selected code:\n" + _fence(lang, selection))
+    parts.append(question)
     return "\n\n".join(parts)

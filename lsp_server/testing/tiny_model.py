@@ -218,7 +218,7 @@ def _build_into(out_dir: Path, steps: int, fingerprint: str) -> None:
     corpus += [s.answer for s in sc.CODE_SCENARIOS] + [c.answer for c in sc.CHAT_SCENARIOS]
     corpus += [m for c in sc.CHAT_SCENARIOS for _, m in c.messages]
     corpus += [instruction(task, question=sc.ASK_QUESTION, symbol="area") for task in Task]
-    corpus += ["Code before the selection:", "Selected code:", "Code after the selection:", "File: `calc.py` (python)"]
+    corpus += ["Selected code:", "File: `calc.py` (python)", "Language: python"]
     tokenizer = _build_tokenizer(corpus * 4)
     pairs = training_pairs(tokenizer)
     config = GPTBigCodeConfig(

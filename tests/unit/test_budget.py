@@ -3,7 +3,8 @@
 import pytest
 
 from lsp_server.prompts import CodeContext, Message, PromptTooLong, build_prompt, format_for
-from lsp_server.prompts.requests import code_prompt, hover_prompt, prompt_budget, selection_offsets
+from lsp_server.prompts.build import QUESTION_ROOM
+from lsp_server.prompts.requests import chat_prompt, code_prompt, hover_prompt, prompt_budget, selection_offsets
 from lsp_server.prompts.tasks import Task
 from lsp_server.text import Pos, Span
 
@@ -45,7 +46,12 @@ def test_budget_is_used_nearly_fully(tokenizer):
     start, end = text.index("line_200 ="), text.index("line_201 =")
     prompt = build(tokenizer, text, start, end, 700)
     one_line = len(tokenizer("line_1 = 1  # filler text\n", add_special_tokens=False)["input_ids"])
-    assert 700 - 2 * one_line - 10 <= len(prompt.ids) <= 700
+    # a short question leaves the room of a QUESTION_ROOM-token one unused (the window is the
+    # same for every task)
+    assert 700 - QUESTION_ROOM - 2 * one_line - 10 <= len(prompt.ids) <= 700 - QUESTION_ROOM + 10
+    long_question = build_prompt(format_for(tokenizer), system="sys", history=[Message("user", "Explain. " * 80)],
+                                 budget=700, context=CodeContext(text, start, end, "python", "a.py"))
+    assert 700 - 2 * one_line - 10 <= len(long_question.ids) <= 700
 
 
 def test_farthest_lines_are_dropped_first(tokenizer):
@@ -84,7 +90,8 @@ def test_unicode_is_counted_exactly(tokenizer, filler):
     end = text.index("\n", start) + 1
     prompt = build(tokenizer, text, start, end, 400)
     assert len(prompt.ids) <= 400
-    assert tokenizer.decode(prompt.ids).count(filler) == prompt.lines_before + prompt.lines_after + 1
+    # the selection is shown in the file and again on its own
+    assert tokenizer.decode(prompt.ids).count(filler) == prompt.lines_before + prompt.lines_after + 2
 
 
 def test_crlf_documents_are_prompted_with_lf(tokenizer):
@@ -135,9 +142,10 @@ def test_code_with_backtick_fences_stays_inside_its_block(tokenizer):
     fences are longer, so the selection and the code around it stay whole blocks."""
     text = "# Notes\n\n```python\nprint(1)\n```\n\nSee ````the four```` too.\n"
     start, end = text.index("```python"), text.index("\nSee")
-    turn = build(tokenizer, text, start, end, 2000).messages[-1].content
+    turn = build_prompt(format_for(tokenizer), system="sys", history=[Message("user", "Explain.")], budget=2000,
+                        context=CodeContext(text, start, end, "python", "notes.md")).messages[-1].content
     assert "Selected code:\n````python\n```python\nprint(1)\n```\n````" in turn
-    assert "Code after the selection:\n`````python\n\nSee ````the four```` too.\n`````" in turn
+    assert turn.startswith(f"File: `notes.md` (python)\n\n`````python\n{text}`````\n\nSelected code:")
 
 
 @pytest.mark.parametrize(
@@ -157,3 +165,55 @@ def test_hover_skips_the_languages_keywords(tokenizer, line, column, language, e
     built = hover_prompt(format_for(tokenizer), system="", budget=4096, text=line + "\n", line_start=0, line=line,
                          position=Pos(0, column), language=language)
     assert (built and line[built[1].start.character : built[1].end.character]) == explained
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_prompts_on_one_document_start_with_the_whole_file(tokenizer):
+    """The file comes before the selection and the task, so an engine that keeps the KV of a
+    prompt prefix computes it once for every request on this document version: hovers, code
+    actions on other selections, a chat about the file."""
+    fmt = format_for(tokenizer)
+    text = numbered_file(30)
+    common = dict(system="sys", budget=1500, text=text, path="a.py", language="python")
+    fix = code_prompt(fmt, **common, start=text.index("line_3 ="), end=text.index("line_6 ="), task=Task.FIX)
+    tests = code_prompt(fmt, **common, start=text.index("line_20 ="), end=text.index("line_25 ="), task=Task.TESTS)
+    line = "line_12 = 12  # filler text"
+    hover, _ = hover_prompt(fmt, system="sys", budget=1000, text=text, line_start=text.index(line), line=line,
+                            position=Pos(12, 1), path="a.py", language="python")
+    chat = chat_prompt(fmt, system="sys", budget=1500, messages=[Message("user", "What is this file?")], text=text,
+                       path="a.py", language="python")
+    whole = len(fmt.encode_dialogue([Message("system", "sys"), Message("user", f"File: `a.py` (python)\n\n```python\n{text}```")]))
+    for other in (tests, hover, chat):
+        shared = common_prefix(fix.ids, other.ids)
+        assert shared >= whole - 8  # the dialogue's closing tokens aside: all of it
+        assert "line_29 = 29" in tokenizer.decode(fix.ids[:shared])
+    assert chat.messages[-1].content.endswith("```\n\nWhat is this file?") and "Selected code" not in chat.messages[-1].content
+    # a selection that is the whole file is shown once
+    everything = code_prompt(fmt, **common, start=0, end=len(text), task=Task.FIX)
+    assert tokenizer.decode(everything.ids).count("line_29 = 29") == 1
+
+
+@pytest.mark.parametrize("other", [Task.EXPLAIN, Task.OPTIMIZE, "problems", "question"])
+def test_every_task_on_one_selection_sees_the_same_lines(tokenizer, other):
+    """In a file too long to fit, the window around a selection does not depend on the task
+    (nor on a Fix's problems, nor on a short question): the prompts differ only at the end."""
+    fmt = format_for(tokenizer)
+    text = numbered_file(400)
+    common = dict(system="sys", budget=700, text=text, start=text.index("line_200 ="), end=text.index("line_203 ="),
+                  path="a.py", language="python")
+    fix = code_prompt(fmt, **common, task=Task.FIX)
+    if other == "problems":
+        second = code_prompt(fmt, **common, task=Task.FIX, problems=["'line_201' is not defined (pyflakes F821)"])
+    elif other == "question":
+        second = code_prompt(fmt, **common, task=Task.ASK, question="Why is line 201 assigned twice in this file?")
+    else:
+        second = code_prompt(fmt, **common, task=other)
+    assert (second.lines_before, second.lines_after) == (fix.lines_before, fix.lines_after)
+    shared = tokenizer.decode(fix.ids[: common_prefix(fix.ids, second.ids)])
+    assert "Selected code:\n```python\nline_200 = 200  # filler text\nline_201 = 201  # filler text\nline_202" in shared

@@ -26,8 +26,10 @@ class FakeEngine:
     def __init__(self, tokens, started=None, go=None):
         self.tokens, self.started, self.go = tokens, started, go
 
-    def generate(self, prompt_ids, sampling, should_stop, on_token, priority=1):
+    def generate(self, prompt_ids, sampling, should_stop, on_token, priority=1, on_prompt=None):
         self.priority = priority
+        if on_prompt is not None:
+            on_prompt(len(prompt_ids) - 1)
         if self.started is not None:
             self.started.set()
             self.go.wait(5)
@@ -58,12 +60,16 @@ async def test_pieces_arrive_in_order_and_join_when_the_loop_is_busy():
     slow = FakeEngine([0, 1, 2])
     slow_generate = slow.generate
 
-    def paced(prompt_ids, sampling, should_stop, on_token, priority=1):
-        return slow_generate(prompt_ids, sampling, should_stop, lambda t: (on_token(t), time.sleep(0.05)), priority)
+    def paced(prompt_ids, sampling, should_stop, on_token, priority=1, on_prompt=None):
+        return slow_generate(prompt_ids, sampling, should_stop, lambda t: (on_token(t), time.sleep(0.05)), priority,
+                             on_prompt)
 
     slow.generate = paced
     pieces.clear()
-    await stream(worker, slow, [1], Sampling(), Priority.HOVER, pieces.append)
+    result = await stream(worker, slow, [1, 2, 3], Sampling(), Priority.HOVER, pieces.append)
     assert pieces == ["a", "b", "c"]
+    # what the engine reported, and the timings: the first token before the last of three paced ones
+    assert (result.prompt_tokens, result.cached_tokens, result.completion_tokens) == (3, 2, 3)
+    assert 0 <= result.first_token_s < result.seconds and result.seconds >= 0.1
     assert engine.priority == Priority.USER and slow.priority == Priority.HOVER  # the engine orders by it
     worker.close()
