@@ -19,6 +19,17 @@ class TimedOut(EngineError):
         super().__init__(f"Generation took longer than {limit:g} s and was stopped (setting requestTimeout).")
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    step = 64
+    while i + step <= n and a[i : i + step] == b[i : i + step]:
+        i += step
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's first line (its type when it has no text): for messages and reports."""
     text = str(exc).strip().splitlines()

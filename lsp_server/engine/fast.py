@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .base import EngineError, FinishReason, Sampling, first_line
+from .base import common_prefix, EngineError, FinishReason, Sampling, first_line
 from .choices import Choices, default_path, fingerprint
 from .fast_graphs import Graphs, graph_time_us
 from .fast_math import _M32, StepMath
@@ -90,17 +90,6 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 def length_buckets(max_len: int) -> list[int]:
     return [n for n in LENGTH_BUCKETS if n < max_len] + [max_len]
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    step = 64
-    while i + step <= n and a[i : i + step] == b[i : i + step]:
-        i += step
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 @dataclass

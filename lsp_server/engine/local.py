@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
 
-from .base import EngineError, FinishReason, Sampling, first_line
+from .base import EngineError, FinishReason, Sampling, common_prefix, first_line
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,10 @@ def resolve_dtype(requested: str, device: str) -> Any:
 
 
 class TransformersEngine:
-    """Batch-1 generation through ``model.generate()``: the reference engine."""
+    """Batch-1 generation through ``model.generate()``: the reference engine. It keeps the KV
+    cache of its last request (prompt and answer) and gives ``generate()`` the part of it a new
+    prompt starts with, so that only the rest is computed: prompts on one document version
+    begin with the same file (prompts/build.py), and a chat's next turn with the last one."""
 
     def __init__(self, model: Any, tokenizer: Any, device: str, description: str):
         from transformers import GenerationConfig
@@ -56,6 +60,10 @@ class TransformersEngine:
             stops.add(tokenizer.eos_token_id)
         self.stop_ids = sorted(stops)
         self.input_device = model.get_input_embeddings().weight.device
+        self._kept: Any = None  # the last request's cache (a transformers DynamicCache)
+        self._kept_ids: list[int] = []  # the tokens it holds keys and values of
+        # what generate() and its output call the cache: past_key_values until transformers 5.2x
+        self._cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @classmethod
     def load(cls, settings: Any, report: Callable[[str], None] = lambda _: None) -> "TransformersEngine":
@@ -157,26 +165,30 @@ class TransformersEngine:
             repetition_penalty=sampling.repetition_penalty,
             eos_token_id=stop_ids,
             pad_token_id=stop_ids[0] if stop_ids else 0,
+            return_dict_in_generate=True,  # with the cache, kept for the next request
         )
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         if should_stop():
             return [], "cancelled"
         input_ids = torch.tensor([prompt_ids], device=self.input_device)
+        cache, reused = self._cache_for(prompt_ids)
         if on_prompt is not None:
-            on_prompt(0)  # generate() computes the whole prompt every time
+            on_prompt(reused)
         try:
             with torch.inference_mode():
-                self.model.generate(
+                out = self.model.generate(
                     input_ids,
                     attention_mask=torch.ones_like(input_ids),
                     generation_config=config,
                     streamer=Streamer(),
                     stopping_criteria=StoppingCriteriaList([StopFlag()]),
+                    **{self._cache_name: cache},
                 )
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             raise EngineError(f"The GPU ran out of memory for this request: {first_line(exc)}") from None
+        self._keep(getattr(out, self._cache_name, None), prompt_ids + generated)
         if should_stop():
             reason: FinishReason = "cancelled"
         elif generated and generated[-1] in stop_ids:
@@ -185,8 +197,28 @@ class TransformersEngine:
             reason = "length"
         return [t for t in generated if t not in stop_ids], reason
 
+    def _cache_for(self, prompt_ids: list[int]) -> tuple[Any, int]:
+        """The kept cache cut to the prefix it shares with ``prompt_ids`` (at least the last
+        prompt token is left to compute) and that prefix's length; (None, 0) when none is
+        shared. The cache is taken: a request that fails leaves none behind."""
+        cache, held = self._kept, self._kept_ids
+        self._kept, self._kept_ids = None, []
+        keep = min(common_prefix(held, prompt_ids), len(prompt_ids) - 1)
+        if cache is None or keep <= 0:
+            return None, 0
+        cache.crop(keep - cache.get_seq_length())  # a negative count: the tokens to drop
+        return cache, keep
+
+    def _keep(self, cache: Any, ids: list[int]) -> None:
+        """Keep ``cache`` for the next request when it is a plain growing cache (a sliding-window
+        or static one cannot be cut back to a prefix)."""
+        layers = getattr(cache, "layers", None)
+        if layers and all(type(layer).__name__ == "DynamicLayer" for layer in layers):
+            self._kept, self._kept_ids = cache, ids[: cache.get_seq_length()]
+
     def close(self) -> None:
         self.model = None
+        self._kept = None
 
 
 def quantization_config(kind: str, dtype: Any) -> Any:

@@ -5,14 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest_lsp
-from lsprotocol import types
 from pytest_lsp import ClientServerConfig, LanguageClient
 
-from lsp_server.config import Settings
-from lsp_server.prompts import Message, format_for
 from lsp_server.testing import scenarios as sc
 
-from .conftest import SERVER, plain, rng, start_session
+from .conftest import SERVER, plain, start_session
 from .test_features import resolve, single_text_edit
 
 
@@ -46,23 +43,3 @@ async def test_fix_chat_and_cancel_on_the_fast_engine(fast):
     assert len(editor.partials["long"]) == count
     assert (await chat(editor, sc.CHAT_QUESTION, "after"))["text"] == sc.CHAT_ANSWER
 
-
-async def test_requests_on_one_document_reuse_its_cache(fast, tokenizer):
-    """Prompts put the file before the selection and the task, so after a hover a chat about
-    another selection of the same file computes little more than its selection and question;
-    a chat about another file reuses nothing of it."""
-    editor = fast.editor
-    uri = editor.open()
-    hover = await editor.client.text_document_hover_async(types.HoverParams(
-        text_document=types.TextDocumentIdentifier(uri=uri),
-        position=types.Position(line=sc.HOVER_POSITION.line, character=sc.HOVER_POSITION.character)))
-    assert hover.contents.value == sc.HOVER_ANSWER
-    area = plain(editor.client.protocol._converter.unstructure(rng(sc.AVERAGE)))
-    about = await chat(editor, "What could go wrong here?", "r", textDocument={"uri": uri}, range=area, maxNewTokens=2)
-    fmt = format_for(tokenizer)
-    file_prefix = len(fmt.encode_dialogue([Message("system", Settings().system_prompt),
-                                           Message("user", f"File: `calc.py` (python)\n\n```python\n{sc.CALC_PY}```")]))
-    assert file_prefix - 6 <= about["cachedTokens"] < about["promptTokens"]  # all but the dialogue's closing tokens
-    other = editor.open("other.py", text="def other():\n    return 42\n")
-    elsewhere = await chat(editor, "What could go wrong here?", "o", textDocument={"uri": other}, maxNewTokens=2)
-    assert elsewhere["cachedTokens"] < file_prefix - len(fmt.encode_text(sc.CALC_PY))

@@ -9,6 +9,8 @@ import time
 import pytest
 from lsprotocol import types
 
+from lsp_server.config import Settings
+from lsp_server.prompts import Message, format_for
 from lsp_server.testing import scenarios as sc
 
 from .conftest import apply_text_edits, plain, rng, wait_until
@@ -342,9 +344,36 @@ async def test_chat_streams_pieces_that_add_up_to_the_answer(editor):
 
 
 async def test_chat_keeps_the_conversation(editor):
+    first = await chat(editor, [("user", sc.CHAT_QUESTION)], token="chat-1")
+    assert first["text"] == sc.CHAT_ANSWER
     history = [("user", sc.CHAT_QUESTION), ("assistant", sc.CHAT_ANSWER), ("user", sc.CHAT_FOLLOW_UP)]
     result = await chat(editor, history, token="chat-2")
     assert result["text"] == sc.CHAT_FOLLOW_UP_ANSWER
+    # the engine kept the first turn and its answer: only the new question is computed
+    assert result["cachedTokens"] >= first["promptTokens"] + first["completionTokens"]
+
+
+async def test_requests_on_one_document_reuse_the_cache(editor, tokenizer):
+    """Prompts put the file before the selection and the task (prompts/build.py), and both
+    engines keep what they computed: after a hover, a chat about another selection of the
+    same file computes little more than its selection and question; a chat about another
+    file reuses nothing of it."""
+    uri = editor.open()
+    hover = await editor.client.text_document_hover_async(types.HoverParams(
+        text_document=types.TextDocumentIdentifier(uri=uri),
+        position=types.Position(line=sc.HOVER_POSITION.line, character=sc.HOVER_POSITION.character)))
+    assert hover.contents.value == sc.HOVER_ANSWER
+    average = plain(editor.client.protocol._converter.unstructure(rng(sc.AVERAGE)))
+    about = await chat(editor, [("user", "What could go wrong here?")], "r", textDocument={"uri": uri}, range=average,
+                       maxNewTokens=2)
+    fmt = format_for(tokenizer)
+    file_prefix = len(fmt.encode_dialogue([Message("system", Settings().system_prompt),
+                                           Message("user", f"File: `calc.py` (python)\n\n```python\n{sc.CALC_PY}```")]))
+    assert file_prefix - 6 <= about["cachedTokens"] < about["promptTokens"]  # all but the dialogue's closing tokens
+    other = editor.open("other.py", text="def other():\n    return 42\n")
+    elsewhere = await chat(editor, [("user", "What could go wrong here?")], "o", textDocument={"uri": other},
+                           maxNewTokens=2)
+    assert elsewhere["cachedTokens"] < file_prefix - len(fmt.encode_text(sc.CALC_PY))
 
 
 async def test_chat_must_end_with_the_user(editor):

@@ -206,7 +206,7 @@ async def test_chat_about_a_selection_puts_the_code_in_the_prompt(raw_client, tm
     about = await ask_chat(editor, textDocument={"uri": uri}, range=plain(raw_client.protocol._converter.unstructure(rng(sc.AREA))))
     whole = await ask_chat(editor, textDocument={"uri": uri})
     assert bare["promptTokens"] < whole["promptTokens"] < about["promptTokens"]  # the selection comes again
-    assert bare["cachedTokens"] == about["cachedTokens"] == whole["cachedTokens"] == 0  # generate() keeps no cache
+    assert bare["cachedTokens"] == 0  # the first request: nothing to reuse
     with pytest.raises(Exception) as error:
         await ask_chat(editor, textDocument={"uri": uri}, range={"start": {"line": 5, "character": 0}, "end": {"line": 1, "character": 0}})
     assert "before it starts" in str(error.value)

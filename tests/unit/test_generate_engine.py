@@ -1,0 +1,102 @@
+"""The generate() engine keeps its last request's KV cache and hands the part a new prompt
+starts with back to transformers' ``generate()``: the answers are the ones a fresh
+``generate()`` gives, and ``on_prompt`` says how much of the prompt was not computed again.
+(On the trained test model, CPU, float32.)"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from lsp_server.config import Settings  # noqa: E402
+from lsp_server.engine.base import Sampling  # noqa: E402
+from lsp_server.prompts import Message, Task, format_for  # noqa: E402
+from lsp_server.prompts.requests import chat_prompt, code_prompt, selection_offsets  # noqa: E402
+from lsp_server.testing import scenarios as sc  # noqa: E402
+
+GREEDY = Sampling(max_new_tokens=40, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def model(test_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(test_model, dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def engine(model, tokenizer):
+    from lsp_server.engine.local import TransformersEngine
+
+    return TransformersEngine(model, tokenizer, "cpu", "test model")
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    fmt, system = format_for(tokenizer), Settings().system_prompt
+
+    def code(task, span):
+        start, end = selection_offsets(sc.CALC_PY, span)
+        return code_prompt(fmt, system=system, budget=1500, text=sc.CALC_PY, start=start, end=end, task=task,
+                           path="calc.py", language=sc.LANGUAGE).ids
+
+    def chat(*turns):
+        return chat_prompt(fmt, system=system, budget=1500, messages=[Message(r, c) for r, c in turns]).ids
+
+    return {
+        "fix": code(Task.FIX, sc.AVERAGE),
+        "optimize": code(Task.OPTIMIZE, sc.AREA),
+        "chat": chat(("user", sc.CHAT_QUESTION)),
+        "follow-up": chat(("user", sc.CHAT_QUESTION), ("assistant", sc.CHAT_ANSWER), ("user", sc.CHAT_FOLLOW_UP)),
+    }
+
+
+def run(engine, prompt, stop_after: int | None = None):
+    reused: list[int] = []
+    got: list[int] = []
+    ids, reason = engine.generate(prompt, GREEDY, lambda: stop_after is not None and len(got) >= stop_after, got.append,
+                                  on_prompt=reused.append)
+    assert len(reused) == 1
+    return ids, reused[0]
+
+
+def reference(model, engine, prompt) -> list[int]:
+    """transformers' generate() alone, greedy, with no cache handed in."""
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=GREEDY.max_new_tokens, do_sample=False, eos_token_id=engine.stop_ids,
+                             pad_token_id=engine.stop_ids[0])
+    return [t for t in out[0, len(prompt):].tolist() if t not in engine.stop_ids]
+
+
+def test_a_prompt_on_the_same_file_computes_only_what_follows_it(engine, model, tokenizer, prompts):
+    fix, optimize = prompts["fix"], prompts["optimize"]
+    ids, reused = run(engine, fix)
+    assert reused == 0 and tokenizer.decode(ids) == sc.FIX_ANSWER
+    shared = next(i for i, (a, b) in enumerate(zip(fix, optimize)) if a != b)
+    assert "def area" in tokenizer.decode(optimize[:shared])  # the whole file comes before the task
+    ids, reused = run(engine, optimize)
+    assert reused == shared
+    assert ids == reference(model, engine, optimize) and tokenizer.decode(ids) == sc.OPTIMIZE_ANSWER
+    # the same prompt again: all but its last token
+    assert run(engine, optimize) == (ids, len(optimize) - 1)
+
+
+def test_a_chats_next_turn_reuses_the_last_turn_and_its_answer(engine, model, tokenizer, prompts):
+    ids, reused = run(engine, prompts["chat"])
+    assert tokenizer.decode(ids) == sc.CHAT_ANSWER
+    ids, reused = run(engine, prompts["follow-up"])
+    assert reused >= len(prompts["chat"]) + len(tokenizer(sc.CHAT_ANSWER)["input_ids"])
+    assert ids == reference(model, engine, prompts["follow-up"])
+    assert tokenizer.decode(ids) == sc.CHAT_FOLLOW_UP_ANSWER
+
+
+def test_after_a_cancelled_request_the_cache_still_gives_the_right_answer(engine, model, tokenizer, prompts):
+    ids, _ = run(engine, prompts["fix"], stop_after=3)
+    assert 3 <= len(ids) < len(tokenizer(sc.FIX_ANSWER)["input_ids"])
+    ids, reused = run(engine, prompts["fix"])  # the cache holds the prompt and the three tokens
+    assert reused == len(prompts["fix"]) - 1
+    assert tokenizer.decode(ids) == sc.FIX_ANSWER
+    ids, reused = run(engine, prompts["optimize"])
+    assert 0 < reused < len(prompts["optimize"]) and ids == reference(model, engine, prompts["optimize"])
