@@ -15,9 +15,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from lsp_server.engine.base import EngineError, Sampling  # noqa: E402
+from lsp_server.engine.base import EngineError, Sampling, common_prefix  # noqa: E402
 from lsp_server.engine.fast_setup import GEMV_CONFIGS  # noqa: E402
 from lsp_server.engine.lookup import KnownAnswer  # noqa: E402
+from lsp_server.testing import scenarios as sc  # noqa: E402
 
 NEW = 24
 GREEDY = Sampling(max_new_tokens=NEW, temperature=0.0)
@@ -53,7 +54,6 @@ def plain_engine(hf_model, tokenizer):
 def copying_prompts(tokenizer):
     """Prompts whose trained answers copy from the prompt (Fix, Optimize) or from themselves
     (the endless "tick tock" chat answer)."""
-    from lsp_server.testing import scenarios as sc
     from lsp_server.testing.tiny_model import training_pairs
 
     pairs = training_pairs(tokenizer)
@@ -61,7 +61,10 @@ def copying_prompts(tokenizer):
     fix = next(p for p, a, _ in pairs if fmt(a).startswith(sc.FIX_ANSWER[:20]))
     optimize = next(p for p, a, _ in pairs if fmt(a).startswith(sc.OPTIMIZE_ANSWER[:20]))
     ticking = next(p for p, _, ends in pairs if not ends)
-    return {"fix": fix, "optimize": optimize, "ticking": ticking}
+    # a Fix prompt that does not start with the file ticking's starts with (no path: "Language:"),
+    # for tests that need a prompt to be computed, not taken from the cache
+    elsewhere = next(p for p, a, _ in pairs if fmt(a).startswith(sc.FIX_ANSWER[:20]) and common_prefix(p, ticking) < 32)
+    return {"fix": fix, "optimize": optimize, "ticking": ticking, "fix_elsewhere": elsewhere}
 
 
 @pytest.fixture(scope="module")
@@ -868,7 +871,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(hf_model, tok
     try:
         long = Sampling(max_new_tokens=120, temperature=0.0)
         expected_long = reference(hf_model, eng.stop_ids, copying_prompts["ticking"], new=120)
-        second = copying_prompts["fix"]
+        second = copying_prompts["fix_elsewhere"]
         expected_second = reference(hf_model, eng.stop_ids, second)
         first = Running(eng, copying_prompts["ticking"], long)
         first.wait()
@@ -884,12 +887,13 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(hf_model, tok
         first = Running(eng, copying_prompts["ticking"], long)
         first.wait()
         calls = []
-        cancelled = eng.generate(prompts[1], GREEDY, lambda: calls.append(1) or len(calls) > 3, lambda _: None)
+        new = tokenizer("# nothing in the cache starts like this\n" + sc.CALC_PY)["input_ids"]  # 5+ chunks
+        cancelled = eng.generate(new, GREEDY, lambda: calls.append(1) or len(calls) > 3, lambda _: None)
         first.join()
         assert cancelled == ([], "cancelled")
         assert wait_idle(eng)
         before = dict(eng.stats)
-        assert run(eng, prompts[1])[0] == reference(hf_model, eng.stop_ids, prompts[1])
+        assert run(eng, new)[0] == reference(hf_model, eng.stop_ids, new)
         assert eng.stats["reused_tokens"] - before["reused_tokens"] >= 8
     finally:
         eng.close()
@@ -1065,7 +1069,8 @@ def test_engine_with_triton_prefill_attention_matches_generate(hf_model, tokeniz
         first = Running(eng, copying_prompts["ticking"], long)
         first.wait()
         before = dict(eng.stats)
-        assert run(eng, copying_prompts["fix"])[0] == reference(hf_model, eng.stop_ids, copying_prompts["fix"])
+        fix = copying_prompts["fix_elsewhere"]
+        assert run(eng, fix)[0] == reference(hf_model, eng.stop_ids, fix)
         assert first.join() == expected_long
         assert eng.stats["prefill_chunks"] - before["prefill_chunks"] > 4
     finally:
