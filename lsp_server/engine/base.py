@@ -20,6 +20,7 @@ class TimedOut(EngineError):
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens ``a`` and ``b`` start with alike (compared 64 at a time first)."""
     n = min(len(a), len(b))
     i = 0
     step = 64

@@ -117,6 +117,8 @@ def build_prompt(
     room = budget - len(base) - max(0, QUESTION_ROOM - len(fmt.encode_text(question)))
     window_cost = len(fmt.encode_dialogue(dialogue(render([], [], True), earlier))) - len(base)
     n_before, n_after = _fill(fmt, before_lines, after_lines, room - window_cost)
+    if context is not None and (n_before < len(before_lines) or n_after < len(after_lines)):
+        n_before, n_after = _anchor(fmt, context, before_lines, after_lines, n_before, n_after, room - window_cost)
     ids = count(n_before, n_after)
     # The per-line counts are estimates (a line's tokens can merge with its neighbours');
     # the whole prompt is the truth, so drop the farthest line until it fits.
@@ -153,6 +155,41 @@ def _fill(fmt, before_lines, after_lines, room) -> tuple[int, int]:
             used += cost
             taken[side] = n + 1
     return taken["before"], taken["after"]
+
+
+def _anchor(fmt, ctx: CodeContext, before_lines, after_lines, n_before: int, n_after: int, room: int) -> tuple[int, int]:
+    """For a file too long to fit: the centred window (``n_before`` and ``n_after`` lines)
+    moved back by at most a quarter of its lines to start on the roundest line number there
+    (the multiple of the highest power of two), then as many lines after the selection as fit.
+    Requests on nearby selections (hovers along a function) then get windows that start on
+    the same line, so their prompts differ only from the window's last lines on, and an
+    engine reuses its cache for the rest. Moved forward instead when the lines before would
+    not fit (near the end of the file)."""
+    quarter = (n_before + n_after) // 4
+    if quarter < 2:
+        return n_before, n_after
+    partial = bool(before_lines) and not before_lines[-1].endswith("\n")  # the selection starts mid-line
+    first = ctx.text.count("\n", 0, ctx.start) - max(0, n_before - partial)  # the window's first line in the file
+    for start in (_roundest(first - quarter, first), _roundest(first, first + quarter)):
+        n = max(0, min(len(before_lines), n_before + first - start))
+        used = sum(len(fmt.encode_text(line)) for line in before_lines[len(before_lines) - n :])
+        if used <= room:
+            break
+    taken = 0
+    for line in after_lines:
+        used += len(fmt.encode_text(line))
+        if used > room:
+            break
+        taken += 1
+    return n, taken
+
+
+def _roundest(low: int, high: int) -> int:
+    """The number in [low, high] (high >= 0) with the most trailing zero bits; 0 if it is in."""
+    for k in range(max(high, 1).bit_length(), -1, -1):
+        if (multiple := (high >> k) << k) >= low:
+            return multiple
+    return high
 
 
 def _lines(text: str) -> list[str]:

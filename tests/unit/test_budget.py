@@ -61,7 +61,9 @@ def test_farthest_lines_are_dropped_first(tokenizer):
     turn = prompt.messages[-1].content
     assert "line_149 = 149" in turn and "line_151 = 151" in turn
     assert "line_0 = 0" not in turn and "line_299 = 299" not in turn
-    assert abs(prompt.lines_before - prompt.lines_after) <= 2
+    # about as many lines on each side (the window starts on a line of a round step: at most a
+    # quarter of its lines move from after the selection to before it)
+    assert prompt.lines_after * 2 >= prompt.lines_before // 2 and prompt.lines_before >= prompt.lines_after - 2
 
 
 def test_small_file_fits_whole(tokenizer):
@@ -217,3 +219,36 @@ def test_every_task_on_one_selection_sees_the_same_lines(tokenizer, other):
     assert (second.lines_before, second.lines_after) == (fix.lines_before, fix.lines_after)
     shared = tokenizer.decode(fix.ids[: common_prefix(fix.ids, second.ids)])
     assert "Selected code:\n```python\nline_200 = 200  # filler text\nline_201 = 201  # filler text\nline_202" in shared
+
+
+def hover_at(fmt, text, n, budget):
+    line = f"line_{n} = {n}  # filler text"
+    prompt, _ = hover_prompt(fmt, system="sys", budget=budget, text=text, line_start=text.index(line + "\n"), line=line,
+                             position=Pos(n, 1), path="a.py", language="python")
+    return prompt
+
+
+def window_lines(prompt) -> list[str]:
+    return prompt.messages[-1].content.split("```python\n", 1)[1].split("```", 1)[0].splitlines()
+
+
+def test_nearby_selections_in_a_long_file_get_windows_that_start_alike(tokenizer):
+    """Hovers along a function of a file too long to fit: their windows start on the same line
+    (at most one change of start over a dozen lines), so the prompts share all but the window's
+    last lines (and the engine its cache); each window still has lines on both sides of the
+    hovered one."""
+    fmt = format_for(tokenizer)
+    text = numbered_file(600)
+    prompts = {n: hover_at(fmt, text, n, 2000) for n in range(300, 312)}
+    by_start: dict[str, list] = {}
+    for n, prompt in prompts.items():
+        lines = window_lines(prompt)
+        by_start.setdefault(lines[0], []).append(prompt)
+        at = lines.index(f"line_{n} = {n}  # filler text")
+        assert at >= 10 and len(lines) - at > 10 and len(prompt.ids) <= 2000
+    assert len(by_start) <= 2 and max(len(group) for group in by_start.values()) >= 6
+    for group in by_start.values():
+        shortest = min(len(p.ids) for p in group)
+        assert all(common_prefix(group[0].ids, p.ids) > shortest * 3 // 4 for p in group)
+    # far away: another window
+    assert window_lines(hover_at(fmt, text, 450, 2000))[0] not in by_start
