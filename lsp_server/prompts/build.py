@@ -68,16 +68,14 @@ def build_prompt(
     budget: int,
     context: CodeContext | None = None,
 ) -> Prompt:
-    """``history`` ends with the user's message; ``context`` is attached to that message."""
+    """``history`` ends with the user's message. ``context`` goes into the first user message
+    kept: a conversation is about it, and a follow-up's prompt then starts with the previous
+    prompt and its answer, which an engine that keeps its cache does not compute again."""
     if not history or history[-1].role != "user":
         raise ValueError("the conversation must end with a user message")
     earlier, question = list(history[:-1]), history[-1].content
 
-    def dialogue(turn: str, kept: list[Message]) -> list[Message]:
-        return [Message("system", system), *kept, Message("user", turn)]
-
     if context is None:
-        render = lambda before, after, window=False: question  # noqa: E731
         before_lines: list[str] = []
         after_lines: list[str] = []
     else:
@@ -92,14 +90,18 @@ def build_prompt(
         if last < len(context.text) and after_lines:
             after_lines = after_lines[:-1]
         selection = normalize_eol(context.text[context.start : context.end])
-        render = lambda before, after, window=False: _code_turn(  # noqa: E731
-            question, context, selection, before, after, window
-        )
+
+    def dialogue(before: list[str], after: list[str], window: bool = False) -> list[Message]:
+        turns = [*earlier, Message("user", question)]
+        if context is not None:
+            at = next(i for i, turn in enumerate(turns) if turn.role == "user")
+            turns[at] = Message("user", _code_turn(turns[at].content, context, selection, before, after, window))
+        return [Message("system", system), *turns]
 
     # Old turns go first when even the bare question does not fit.
     dropped = 0
     while True:
-        base = fmt.encode_dialogue(dialogue(render([], []), earlier))
+        base = fmt.encode_dialogue(dialogue([], []))
         if len(base) <= budget or not earlier:
             break
         earlier = earlier[2:] if len(earlier) > 1 else []
@@ -109,16 +111,16 @@ def build_prompt(
 
     def count(n_before: int, n_after: int) -> list[int]:
         before = before_lines[len(before_lines) - n_before :] if n_before else []
-        return fmt.encode_dialogue(dialogue(render(before, after_lines[:n_after]), earlier))
+        return fmt.encode_dialogue(dialogue(before, after_lines[:n_after]))
 
     # The lines get what the question leaves, as if it were QUESTION_ROOM tokens long when it is
     # shorter (so the window is the same for every task), less the window's own cost (its fences
     # and the selection shown in it), paid once.
-    room = budget - len(base) - max(0, QUESTION_ROOM - len(fmt.encode_text(question)))
-    window_cost = len(fmt.encode_dialogue(dialogue(render([], [], True), earlier))) - len(base)
-    n_before, n_after = _fill(fmt, before_lines, after_lines, room - window_cost)
+    window_cost = len(fmt.encode_dialogue(dialogue([], [], True))) - len(base)
+    room = budget - len(base) - max(0, QUESTION_ROOM - len(fmt.encode_text(question))) - window_cost
+    n_before, n_after = _fill(fmt, before_lines, after_lines, room)
     if context is not None and (n_before < len(before_lines) or n_after < len(after_lines)):
-        n_before, n_after = _anchor(fmt, context, before_lines, after_lines, n_before, n_after, room - window_cost)
+        n_before, n_after = _anchor(fmt, context, before_lines, after_lines, n_before, n_after, room)
     ids = count(n_before, n_after)
     # The per-line counts are estimates (a line's tokens can merge with its neighbours');
     # the whole prompt is the truth, so drop the farthest line until it fits.
@@ -129,7 +131,7 @@ def build_prompt(
             n_after -= 1
         ids = count(n_before, n_after)
     before = before_lines[len(before_lines) - n_before :] if n_before else []
-    messages = dialogue(render(before, after_lines[:n_after]), earlier)
+    messages = dialogue(before, after_lines[:n_after])
     return Prompt(ids, messages, n_before, n_after, dropped)
 
 

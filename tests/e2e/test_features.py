@@ -356,8 +356,8 @@ async def test_chat_keeps_the_conversation(editor):
 async def test_requests_on_one_document_reuse_the_cache(editor, tokenizer):
     """Prompts put the file before the selection and the task (prompts/build.py), and both
     engines keep what they computed: after a hover, a chat about another selection of the
-    same file computes little more than its selection and question; a chat about another
-    file reuses nothing of it."""
+    same file computes little more than its selection and question, and its next turn only
+    the new question; a chat about another file reuses nothing of it."""
     uri = editor.open()
     hover = await editor.client.text_document_hover_async(types.HoverParams(
         text_document=types.TextDocumentIdentifier(uri=uri),
@@ -370,6 +370,10 @@ async def test_requests_on_one_document_reuse_the_cache(editor, tokenizer):
     file_prefix = len(fmt.encode_dialogue([Message("system", Settings().system_prompt),
                                            Message("user", f"File: `calc.py` (python)\n\n```python\n{sc.CALC_PY}```")]))
     assert file_prefix - 6 <= about["cachedTokens"] < about["promptTokens"]  # all but the dialogue's closing tokens
+    # the next turn of that conversation starts with its prompt (and answer)
+    turns = [("user", "What could go wrong here?"), ("assistant", about["text"]), ("user", "And then?")]
+    follow_up = await chat(editor, turns, "f", textDocument={"uri": uri}, range=average, maxNewTokens=2)
+    assert follow_up["cachedTokens"] >= about["promptTokens"]
     other = editor.open("other.py", text="def other():\n    return 42\n")
     elsewhere = await chat(editor, [("user", "What could go wrong here?")], "o", textDocument={"uri": other},
                            maxNewTokens=2)

@@ -252,3 +252,23 @@ def test_nearby_selections_in_a_long_file_get_windows_that_start_alike(tokenizer
         assert all(common_prefix(group[0].ids, p.ids) > shortest * 3 // 4 for p in group)
     # far away: another window
     assert window_lines(hover_at(fmt, text, 450, 2000))[0] not in by_start
+
+
+def test_a_chats_next_turn_starts_with_the_last_turns_prompt_and_answer(tokenizer):
+    """The document a conversation is about goes into its first user message, so the next
+    turn's prompt starts with the previous prompt and answer (the engine's cache holds them);
+    when old turns must go, the document moves to the first user message kept."""
+    fmt = format_for(tokenizer)
+    text = numbered_file(30)
+    about = dict(text=text, start=text.index("line_5 ="), end=text.index("line_7 ="), path="a.py", language="python")
+    answer = "It assigns numbers to names."
+    turns = [Message("user", "What is this?"), Message("assistant", answer), Message("user", "Why?")]
+    first = chat_prompt(fmt, system="s", budget=1500, messages=turns[:1], **about)
+    follow_up = chat_prompt(fmt, system="s", budget=1500, messages=turns, **about)
+    assert follow_up.ids[: len(first.ids)] == first.ids
+    assert tokenizer.decode(follow_up.ids[len(first.ids) :]).startswith(answer)
+    assert follow_up.messages[-1].content == "Why?" and "Selected code" in follow_up.messages[1].content
+    long_ago = [Message("user", "An old question " * 40), Message("assistant", "An old answer " * 40)]
+    squeezed = chat_prompt(fmt, system="s", budget=300, messages=long_ago + turns, **about)
+    assert squeezed.history_dropped == 1 and squeezed.messages[1].content.endswith("What is this?")
+    assert "line_5 = 5" in squeezed.messages[1].content

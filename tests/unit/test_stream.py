@@ -73,3 +73,15 @@ async def test_pieces_arrive_in_order_and_join_when_the_loop_is_busy():
     assert 0 <= result.first_token_s < result.seconds and result.seconds >= 0.1
     assert engine.priority == Priority.USER and slow.priority == Priority.HOVER  # the engine orders by it
     worker.close()
+
+
+def test_each_generation_is_logged_in_one_line():
+    from lsp_server.engine import Generation
+    from lsp_server.server import _summary
+
+    done = Generation("x", "stop", 1200, 45, cached_tokens=1100, first_token_s=0.09, seconds=1.25)
+    assert _summary("Fix", done) == (
+        "Fix: prompt 1200 tokens (1100 from the cache), 45 tokens in 1.25 s, the first after 90 ms "
+        "(37.9 tokens/s after it), stop")
+    nothing = Generation("", "cancelled", 30, 0, seconds=0.01)
+    assert _summary("Hover", nothing) == "Hover: prompt 30 tokens (0 from the cache), 0 tokens in 0.01 s, cancelled"

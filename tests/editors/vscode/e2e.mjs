@@ -703,13 +703,19 @@ try {
     const search = page.locator(".settings-editor .suggest-input-container:visible").first();
     await search.waitFor();
     const find = async (query, description) => {
-      await search.click();
-      await page.keyboard.press("Control+F"); // the settings search, focused
-      await page.keyboard.press("Control+A");
-      await page.keyboard.type(query);
       const item = page.locator(".settings-editor .setting-item-contents:visible", { hasText: description }).first();
-      await item.waitFor();
-      return item;
+      for (let attempt = 1; ; attempt++) {
+        await search.click();
+        await page.keyboard.press("Control+F"); // the settings search, focused
+        await page.keyboard.press("Control+A");
+        await page.keyboard.type(query); // keys typed while the editor still renders can be lost: retried
+        try {
+          await item.waitFor({ timeout: 7000 });
+          return item;
+        } catch (error) {
+          if (attempt === 3) throw error;
+        }
+      }
     };
     const topK = (await find("starchat.topK", "likeliest tokens")).locator("input").first();
     await topK.fill("40");
