@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .base import common_prefix, EngineError, FinishReason, Sampling, first_line
+from .base import EngineError, FinishReason, Sampling, common_prefix, first_line
 from .choices import Choices, default_path, fingerprint
 from .fast_graphs import Graphs, graph_time_us
 from .fast_math import _M32, StepMath
@@ -941,4 +941,4 @@ class _null:
         return False
 
 
-__all__ = ["FastEngine", "batch_buckets", "common_prefix", "graph_time_us", "length_buckets", "unsuitable"]
+__all__ = ["FastEngine", "batch_buckets", "graph_time_us", "length_buckets", "unsuitable"]

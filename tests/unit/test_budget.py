@@ -2,6 +2,7 @@
 
 import pytest
 
+from lsp_server.engine.base import common_prefix
 from lsp_server.prompts import CodeContext, Message, PromptTooLong, build_prompt, format_for
 from lsp_server.prompts.build import QUESTION_ROOM
 from lsp_server.prompts.requests import chat_prompt, code_prompt, hover_prompt, prompt_budget, selection_offsets
@@ -167,13 +168,6 @@ def test_hover_skips_the_languages_keywords(tokenizer, line, column, language, e
     built = hover_prompt(format_for(tokenizer), system="", budget=4096, text=line + "\n", line_start=0, line=line,
                          position=Pos(0, column), language=language)
     assert (built and line[built[1].start.character : built[1].end.character]) == explained
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def test_prompts_on_one_document_start_with_the_whole_file(tokenizer):
