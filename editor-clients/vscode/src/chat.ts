@@ -49,6 +49,8 @@ interface Answer {
   finishReason: "stop" | "length" | "cancelled";
   promptTokens: number;
   completionTokens: number;
+  /** Of promptTokens: not computed again, the engine's cache held them (docs/protocol.md). */
+  cachedTokens: number;
 }
 
 /** The document and range a conversation is about. */
