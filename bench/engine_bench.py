@@ -41,13 +41,13 @@ SIZES = {
         greedy_prompt=512, greedy_new=64, seed_prompt=512, seed_new=64,
         b1_prompt=1792, b1_new=256, b8k_prompt=7680, b8k_new=256,
         ttft_short=512, ttft_long=2048, reuse_suffix=128, streams=8, stream_prompt=512, stream_new=512,
-        step_reps=50, max_batch=8,
+        step_reps=50, max_batch=8, doc_functions=300,
     ),
     "tiny": dict(
         greedy_prompt=48, greedy_new=64, seed_prompt=32, seed_new=8,
         b1_prompt=200, b1_new=16, b8k_prompt=1500, b8k_new=8,
         ttft_short=128, ttft_long=512, reuse_suffix=16, streams=4, stream_prompt=64, stream_new=16,
-        step_reps=3, max_batch=4,
+        step_reps=3, max_batch=4, doc_functions=40,
     ),
 }
 
@@ -892,11 +892,14 @@ def main(argv=None) -> int:
             device = "cuda" if cuda else "cpu"
             for label in ("first", "second"):
                 # the second start also answers a chat through the server (LSP, streaming)
-                got = asyncio.run(time_to_ready(str(folder), device, "fast", chat_tokens=sz["b1_new"] if label == "second" else 0))
+                second = label == "second"
+                got = asyncio.run(time_to_ready(str(folder), device, "fast", chat_tokens=sz["b1_new"] if second else 0,
+                                                doc_functions=sz["doc_functions"] if second else 0))
                 R[f"ready_process_{label}_s"] = got["ready_after_spawn_s"]
             R["ready_s"] = R["ready_process_second_s"]
             R["ready_message"] = got.get("ready_message")
-            for key in ("chat_first_piece_ms", "chat_tokens", "chat_tok_s", "chat_pieces"):
+            for key in ("chat_first_piece_ms", "chat_tokens", "chat_tok_s", "chat_pieces", "doc_prompt_tokens",
+                        "doc_cached_tokens", "doc_first_piece_ms", "doc_reused_first_piece_ms"):
                 R[f"server_{key}"] = got.get(key)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -955,6 +958,9 @@ TARGETS = [
     ("spec_verify_over_step", "x", "speculative step / plain b1 step"),
     ("server_chat_tok_s", "tok/s", "a chat through the server (LSP, streaming), fast engine"),
     ("server_chat_first_piece_ms", "ms", "its first streamed piece"),
+    ("server_doc_first_piece_ms", "ms", "a chat about a document: first piece"),
+    ("server_doc_reused_first_piece_ms", "ms", "another function of it (file from the cache)"),
+    ("server_doc_cached_tokens", "tokens", "of server_doc_prompt_tokens, from the cache"),
     ("ready_s", "s", "<= 30: server process, spawn to ready, second start"),
     ("ready_process_first_s", "s", "first start"),
     ("ready_engine_s", "s", "engine part (cache, checks, graphs)"),

@@ -1,4 +1,5 @@
-"""How fast the server answers over stdio: initialize, model ready, first streamed chunk.
+"""How fast the server answers over stdio: initialize, model ready, first streamed chunk, and
+the first chunk of a chat whose prompt starts with a document an earlier chat computed.
 
     python bench/server_latency.py [--model DIR] [--engine fast] [--out FILE]
 
@@ -83,10 +84,16 @@ class Server:
                 if state == "error":
                     raise RuntimeError(f"the server failed to load: {text}")
 
-    async def chat(self, request_id: int, question: str, max_new_tokens: int | None = None) -> dict:
-        """One streamed starchat/chat: seconds to its first piece and in all, tokens, pieces."""
+    def open(self, uri: str, text: str, language: str = "python") -> None:
+        self.send({"jsonrpc": "2.0", "method": "textDocument/didOpen",
+                   "params": {"textDocument": {"uri": uri, "languageId": language, "version": 1, "text": text}}})
+
+    async def chat(self, request_id: int, question: str, max_new_tokens: int | None = None, **extra) -> dict:
+        """One streamed starchat/chat (``extra``: more params, such as a textDocument and range):
+        seconds to its first piece and in all, tokens, pieces, prompt tokens and how many of
+        them came from the engine's cache."""
         token = f"p{request_id}"
-        params: dict = {"messages": [{"role": "user", "content": question}], "partialResultToken": token}
+        params: dict = {"messages": [{"role": "user", "content": question}], "partialResultToken": token, **extra}
         if max_new_tokens:
             params["maxNewTokens"] = max_new_tokens
         asked, first, pieces = time.monotonic(), None, 0
@@ -100,8 +107,10 @@ class Server:
                 if "result" not in message:
                     raise RuntimeError(f"chat failed: {message.get('error')}")
                 total = time.monotonic() - asked
-                return {"first_s": first if first is not None else total, "total_s": total,
-                        "tokens": message["result"]["completionTokens"], "pieces": pieces}
+                result = message["result"]
+                return {"first_s": first if first is not None else total, "total_s": total, "pieces": pieces,
+                        "tokens": result["completionTokens"], "prompt_tokens": result["promptTokens"],
+                        "cached_tokens": result["cachedTokens"]}
 
     async def close(self) -> None:
         try:
@@ -114,11 +123,32 @@ class Server:
         self._draining.cancel()
 
 
-async def time_to_ready(model: str, device: str, engine: str = "generate", timeout: float = 300.0, chat_tokens: int = 0) -> dict:
+async def document_reuse(server: Server, first_id: int, functions: int) -> dict:
+    """Two chats about different functions of one document of ``functions`` small functions:
+    the second prompt starts with the file the first one computed (the prompt puts the file
+    before the selection and the question), so its first piece comes sooner. The first
+    pieces of both, the prompt's size and how much of the second came from the cache."""
+    uri = "file:///bench/module.py"
+    server.open(uri, "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n\n" for i in range(functions)))
+
+    def function(i: int) -> dict:
+        return {"start": {"line": 4 * i, "character": 0}, "end": {"line": 4 * i + 2, "character": 0}}
+
+    question = "What does this function do?"
+    first = await server.chat(first_id, question, 4, textDocument={"uri": uri}, range=function(functions // 4))
+    again = await server.chat(first_id + 1, question, 4, textDocument={"uri": uri}, range=function(3 * functions // 4))
+    return {"doc_prompt_tokens": again["prompt_tokens"], "doc_cached_tokens": again["cached_tokens"],
+            "doc_first_piece_ms": round(first["first_s"] * 1e3, 1),
+            "doc_reused_first_piece_ms": round(again["first_s"] * 1e3, 1)}
+
+
+async def time_to_ready(model: str, device: str, engine: str = "generate", timeout: float = 300.0, chat_tokens: int = 0,
+                        doc_functions: int = 0) -> dict:
     """Seconds from spawning the server to its ``starchat/status`` "ready" (weights loaded,
     engine prepared: for the fast engine its cache allocated and graphs captured). With
     ``chat_tokens``, then one chat of that many tokens: its first streamed piece, its rate
-    through the server, and how many pieces carried it."""
+    through the server, and how many pieces carried it. With ``doc_functions``, then
+    :func:`document_reuse` on a document of that many functions."""
     server = await Server.start(model, device, engine)
     try:
         await server.initialize()
@@ -128,6 +158,8 @@ async def time_to_ready(model: str, device: str, engine: str = "generate", timeo
             got = await server.chat(2, "Write a long Python module.", chat_tokens)
             figures.update(chat_first_piece_ms=round(got["first_s"] * 1e3, 1), chat_tokens=got["tokens"],
                            chat_tok_s=round(got["tokens"] / got["total_s"], 1), chat_pieces=got["pieces"])
+        if doc_functions:
+            figures.update(await document_reuse(server, 3, doc_functions))
         return figures
     finally:
         await server.close()
@@ -145,6 +177,7 @@ async def measure(model: str, device: str, engine: str = "generate") -> dict:
         figures["first_chunk_warm_ms"] = warm["first_s"] * 1000
         figures["answer_tokens"] = warm["tokens"]
         figures["tok_s"] = warm["tokens"] / warm["total_s"]
+        figures.update(await document_reuse(server, 4, 40))
         return figures
     finally:
         await server.close()
