@@ -82,6 +82,9 @@ def render_png(text_file: Path) -> None:
     image.save(text_file.with_suffix(".png"))
 
 
+CALC_FIXED = sc.CALC_PY.replace("def average(values):\n    return sum(values) / len(values) + 1\n", sc.FIXED_AVERAGE)
+
+
 @pytest.fixture(scope="module")
 def nvim(test_model: Path, tmp_path_factory) -> dict:
     """Run every step in one Neovim session; the steps' results by name."""
@@ -240,8 +243,7 @@ def test_ctrl_c_in_the_chat_stops_the_answer(nvim):
 def test_fix_on_a_visual_selection_changes_the_buffer(nvim):
     result = step(nvim, "fix")
     assert result["before"] == sc.CALC_PY
-    old = "def average(values):\n    return sum(values) / len(values) + 1\n"
-    assert result["after"] == sc.CALC_PY.replace(old, sc.FIXED_AVERAGE)
+    assert result["after"] == CALC_FIXED
     assert result["modified"]
 
 
@@ -252,8 +254,7 @@ def test_fix_tells_the_server_the_diagnostics_shown_there(nvim):
     (diagnostic,) = result["args"]["diagnostics"]
     assert diagnostic["message"] == sc.AVERAGE_DIAGNOSTIC["message"] and diagnostic["range"]["start"]["line"] == 4
     assert result["answer"] == sc.FIX_PROBLEM_ANSWER
-    old = "def average(values):\n    return sum(values) / len(values) + 1\n"
-    assert result["after"] == sc.CALC_PY.replace(old, sc.FIXED_AVERAGE)
+    assert result["after"] == CALC_FIXED
 
 
 def test_explain_document_and_tests_commands(nvim):
@@ -411,8 +412,7 @@ def test_an_unnamed_buffer_is_not_sent_until_written(nvim):
     assert result["unchanged"] and not result["root_buffer"]
     assert any("has no file name" in m for m in result["told"]), result["told"]
     assert result["written_attached"]
-    old = "def average(values):\n    return sum(values) / len(values) + 1\n"
-    assert result["after"] == sc.CALC_PY.replace(old, sc.FIXED_AVERAGE)
+    assert result["after"] == CALC_FIXED
 
 
 def test_code_actions_explain_in_the_chat_and_fix_stops(nvim):
@@ -420,8 +420,7 @@ def test_code_actions_explain_in_the_chat_and_fix_stops(nvim):
     the chat (the client declares showsAnswers), a Fix applies, and :StarChatStop stops one."""
     result = step(nvim, "code_action_commands")
     assert result["explain"] == {"kind": "explain", "answer": sc.EXPLAIN_ANSWER}
-    old = "def average(values):\n    return sum(values) / len(values) + 1\n"
-    assert result["fixed"] == sc.CALC_PY.replace(old, sc.FIXED_AVERAGE)
+    assert result["fixed"] == CALC_FIXED
     assert result["running"] and result["acked"] and result["unchanged"] and result["ready"]
     notes = [(n["msg"], n["level"]) for n in result["notifications"]]
     assert notes == [("StarChat: Fix stopped", 2)], notes  # INFO, and no "nothing to stop"

@@ -4,7 +4,7 @@ playwright-core (tests/editors/vscode/e2e.mjs), with the real server and the tra
 One code-server session runs every step, in Restricted Mode (the workspace is not trusted; its
 .vscode/settings.json names a server command that must not run): status bar, hover, right-click →
 Ask StarChat → Fix, Ask a Question…, the chat about a file closed since, chat with streaming, Stop, model output kept as text, Insert at cursor, Reload
-Webviews, a project's own User/settings.json, a trace setting change, secret files and the
+Webviews, a project's own User/settings.json, Fix sending the editor's problems, a trace setting change, secret files and the
 editor's settings, Restart Server twice, the server killed mid-answer, the chat after Reload
 Window); each test checks one step's results. Screenshots of every step go to
 build/screenshots/vscode-*.png.

@@ -326,9 +326,9 @@ async function explainSelection(): Promise<void> {
 async function runTask(task: Task): Promise<void> {
   const args = selectionArgs();
   if (!args) return;
-  const diagnostics = task === "fix" ? diagnosticsInSelection() : [];
+  const diagnostics = task === "fix" ? diagnosticsInSelection() : undefined; // undefined: not sent
   await withCancellableProgress(`StarChat: ${TASK_TITLES[task]}`, (token) =>
-    sendCommand("starchat.runTask", [{ ...args, task, ...(diagnostics.length ? { diagnostics } : {}) }], token),
+    sendCommand("starchat.runTask", [{ ...args, task, diagnostics }], token),
   );
 }
 

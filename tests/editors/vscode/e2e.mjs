@@ -8,8 +8,8 @@
 // note (all in Restricted Mode: the workspace's settings.json sets a hostile server command that
 // must not run); chat with streaming and a follow-up; Stop while a long answer streams; model output with HTML
 // stays text and its code goes into the file (not the Output panel); the view after Reload
-// Webviews; a project's own User/settings.json reaches the server; a trace setting change keeps the
-// server; a .env and the editor's settings files never reach the server (and the .env has no Ask
+// Webviews; a project's own User/settings.json reaches the server; Fix on a JSON file with a problem
+// sends the editor's diagnostics; a trace setting change keeps the server; a .env and the editor's settings files never reach the server (and the .env has no Ask
 // StarChat menu); Restart Server twice leaves one server; the server killed mid-answer; the chat
 // after Reload Window (an answer that was streaming comes back interrupted).
 import { chromium } from "playwright-core";
@@ -148,14 +148,15 @@ function clientLogFiles() {
 function clientLog(files = clientLogFiles()) {
   return files.map((f) => fs.readFileSync(f, "utf8")).join("\n");
 }
-/** The params of every `method` request in a log with the verbose trace. */
-function requestParams(log, method) {
+/** Every `method` request in a log with the verbose trace: its id and params. */
+function requests(log, method) {
   return log.split(`Sending request '${method} - (`).slice(1).map((part) => {
     const lines = part.slice(part.indexOf("Params: ") + "Params: ".length).split("\n");
     const end = lines.findIndex((line, i) => i > 0 && /^\d{4}-\d\d-\d\d \d/.test(line));
-    return JSON.parse(lines.slice(0, end < 0 ? undefined : end).join("\n"));
+    return { id: part.slice(0, part.indexOf(")")), params: JSON.parse(lines.slice(0, end < 0 ? undefined : end).join("\n")) };
   });
 }
+const requestParams = (log, method) => requests(log, method).map((r) => r.params);
 const count = (text, part) => text.split(part).length - 1;
 
 async function waitReady(timeoutMs = 120000) {
@@ -177,14 +178,31 @@ async function editorText() {
   });
 }
 
-async function runCommand(title) {
+/** Opens the command palette on `title` (its row shown: Enter runs it). */
+async function findCommand(title, timeout) {
   await page.keyboard.press("Control+Shift+P");
-  const input = page.locator(".quick-input-widget input.input");
-  await input.waitFor({ state: "visible" });
-  await input.fill(`>${title}`);
-  const row = page.locator(".quick-input-list .monaco-list-row", { hasText: title }).first();
-  await row.waitFor();
+  await page.locator(".quick-input-widget input.input").fill(`>${title}`, { timeout });
+  await page.locator(".quick-input-list .monaco-list-row", { hasText: title }).first().waitFor({ timeout });
+}
+async function runCommand(title) {
+  await findCommand(title);
   await page.keyboard.press("Enter");
+}
+/** body() until it does not throw, at most `attempts` times; between() after each failure. */
+async function retry(attempts, body, between = async () => {}) {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await body();
+    } catch (error) {
+      if (attempt >= attempts) throw error;
+      await between();
+    }
+  }
+}
+/** calc.py again (from the Explorer), for the next steps. */
+async function openCalc() {
+  await page.locator(".explorer-folders-view .monaco-list-row", { hasText: "calc.py" }).first().click();
+  await editor().locator(".view-line", { hasText: "def average" }).waitFor();
 }
 
 /** Selects whole lines first..last (1-based): from (first, 1) to (last + 1, 1). */
@@ -262,18 +280,10 @@ async function reloadWindow(when) {
   // The palette is opened from the editor: opened while the chat's webview has the focus (right
   // after a message was sent there), it can close again at once, and the answer meant to be
   // streaming during the reload ends meanwhile.
-  for (let attempt = 1; ; attempt++) {
-    try {
-      await editor().locator(".view-lines").click({ timeout: 5000 });
-      await page.keyboard.press("Control+Shift+P");
-      await page.locator(".quick-input-widget input.input").fill(">Developer: Reload Window", { timeout: 5000 });
-      await page.locator(".quick-input-list .monaco-list-row", { hasText: "Developer: Reload Window" }).first().waitFor({ timeout: 5000 });
-      break;
-    } catch (error) {
-      if (attempt >= 3) throw error;
-      await page.keyboard.press("Escape");
-    }
-  }
+  await retry(3, async () => {
+    await editor().locator(".view-lines").click({ timeout: 5000 });
+    await findCommand("Developer: Reload Window", 5000);
+  }, () => page.keyboard.press("Escape"));
   if (when) await when();
   await page.keyboard.press("Enter");
   await until("the window to reload", () => page.evaluate(() => !window.__beforeReload).catch(() => false), 60000, 200);
@@ -492,8 +502,7 @@ try {
     await screenshot("context-dropped");
 
     // calc.py again, for the next steps.
-    await page.locator(".explorer-folders-view .monaco-list-row", { hasText: "calc.py" }).first().click();
-    await editor().locator(".view-line", { hasText: "def average" }).waitFor();
+    await openCalc();
     return { before, answer, reopened, after, untitledAnswer, untitled, notice: notice.text, dropped, turns: await chatTurns() };
   }, { needs: ["explain"] });
 
@@ -658,8 +667,7 @@ try {
     await screenshot("project-user-settings");
     await editor().locator(".view-lines").click();
     await page.keyboard.press("Control+W");
-    await page.locator(".explorer-folders-view .monaco-list-row", { hasText: "calc.py" }).first().click();
-    await editor().locator(".view-line", { hasText: "def average" }).waitFor();
+    await openCalc();
     return { sent };
   }, { needs: ["open"] });
 
@@ -672,15 +680,12 @@ try {
     await editor().locator(".squiggly-error").first().waitFor({ timeout: 30000 });
     await selectLines(2, 3);
     await contextMenuAction('"version"', "Fix", "menu-fix-problems");
-    const sent = await until("starchat.runTask with the editor's problems", async () => {
-      const calls = requestParams(clientLog(), "workspace/executeCommand").filter((p) => p.command === "starchat.runTask" && p.arguments?.[0]?.textDocument?.uri?.endsWith("broken.json"));
-      return calls.length && calls[calls.length - 1].arguments[0];
-    }, 15000, 200);
+    const call = await until("starchat.runTask with the editor's problems", async () =>
+      requests(clientLog(), "workspace/executeCommand").filter(({ params: p }) => p.command === "starchat.runTask" && p.arguments?.[0]?.textDocument?.uri?.endsWith("broken.json")).at(-1), 15000, 200);
+    const sent = call.params.arguments[0];
     // The answer (untrained for this prompt): its edit of broken.json, or a notice that it held
     // no code. Waited for, so that nothing of it arrives during the next steps.
-    const id = clientLog().split("Sending request 'workspace/executeCommand - (").slice(1)
-      .filter((part) => part.slice(0, part.indexOf("Sending ")).includes("broken.json")).map((part) => part.slice(0, part.indexOf(")"))).pop();
-    await until("the Fix's answer", async () => clientLog().includes(`Received response 'workspace/executeCommand - (${id})'`), 90000, 200);
+    await until("the Fix's answer", async () => clientLog().includes(`Received response 'workspace/executeCommand - (${call.id})'`), 90000, 200);
     await runCommand("Notifications: Clear All Notifications").catch(() => undefined);
     await editor().locator(".view-lines").click();
     await runCommand("File: Revert File");
@@ -689,8 +694,7 @@ try {
     // an edit the revert missed would hold the close on a "save changes?" dialog
     const dontSave = page.locator(".monaco-dialog-box button", { hasText: "Don't Save" });
     await dontSave.waitFor({ timeout: 1500 }).then(() => dontSave.click(), () => undefined);
-    await page.locator(".explorer-folders-view .monaco-list-row", { hasText: "calc.py" }).first().click();
-    await editor().locator(".view-line", { hasText: "def average" }).waitFor();
+    await openCalc();
     return { task: sent.task, diagnostics: sent.diagnostics ?? [] };
   }, { needs: ["open"] });
 
@@ -702,21 +706,15 @@ try {
     await runCommand("Preferences: Open User Settings");
     const search = page.locator(".settings-editor .suggest-input-container:visible").first();
     await search.waitFor();
-    const find = async (query, description) => {
+    const find = (query, description) => retry(3, async () => {
       const item = page.locator(".settings-editor .setting-item-contents:visible", { hasText: description }).first();
-      for (let attempt = 1; ; attempt++) {
-        await search.click();
-        await page.keyboard.press("Control+F"); // the settings search, focused
-        await page.keyboard.press("Control+A");
-        await page.keyboard.type(query); // keys typed while the editor still renders can be lost: retried
-        try {
-          await item.waitFor({ timeout: 7000 });
-          return item;
-        } catch (error) {
-          if (attempt === 3) throw error;
-        }
-      }
-    };
+      await search.click();
+      await page.keyboard.press("Control+F"); // the settings search, focused
+      await page.keyboard.press("Control+A");
+      await page.keyboard.type(query); // keys typed while the editor still renders can be lost: retried
+      await item.waitFor({ timeout: 7000 });
+      return item;
+    });
     const topK = (await find("starchat.topK", "likeliest tokens")).locator("input").first();
     await topK.fill("40");
     await topK.press("Tab");
@@ -770,8 +768,7 @@ try {
       await page.keyboard.press("Control+W");
       await sleep(200);
     }
-    await page.locator(".explorer-folders-view .monaco-list-row", { hasText: "calc.py" }).first().click();
-    await editor().locator(".view-line", { hasText: "def average" }).waitFor();
+    await openCalc();
     await sleep(500);
     await selectLines(4, 5);
     const menuOnCode = await contextMenuLabels("def average");

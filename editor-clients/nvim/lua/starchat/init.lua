@@ -42,7 +42,7 @@ local function selection_args(opts, bufnr)
     vim.notify("StarChat: run this in a file buffer", vim.log.levels.WARN)
     return nil
   end
-  local private = lsp.private_reason(bufnr) or lsp.unsendable_reason(bufnr)
+  local private = lsp.unsendable_reason(bufnr)
   if private then -- never sent to the server: say so, rather than "the document is not open"
     vim.notify("StarChat: " .. private, vim.log.levels.WARN)
     return nil
@@ -89,13 +89,10 @@ local TASK_TITLES = { fix = "Fix", optimize = "Optimize", document = "Document",
 --- The diagnostics shown on the lines of `range` (LSP), as LSP diagnostics: a Fix is told about
 --- them, as when it is picked from the code actions at a diagnostic.
 local function diagnostics_in(bufnr, range)
-  if not (vim.lsp.diagnostic and vim.lsp.diagnostic.from) then
+  if not vim.lsp.diagnostic.from then -- Neovim 0.10
     return {}
   end
-  local first, last = range.start.line, range["end"].line
-  if range["end"].character == 0 and last > first then
-    last = last - 1
-  end
+  local first, last = range.start.line, range_util.last_line(range)
   local shown = vim.tbl_filter(function(d)
     return d.lnum <= last and (d.end_lnum or d.lnum) >= first
   end, vim.diagnostic.get(bufnr))
@@ -119,7 +116,7 @@ local function request_task(client, bufnr, task, make_args, on_done)
     if on_done then
       on_done(err, result)
     end
-  end, bufnr, { task = task, title = title, uri = make_args(client).textDocument.uri })
+  end, bufnr, { task = task, title = title, uri = vim.uri_from_bufnr(bufnr) })
 end
 
 --- Fix / Optimize / Document / Write tests on the command's range: the server computes the edit
@@ -221,9 +218,7 @@ local function server_command(command, ctx)
   if command.command == "starchat.ask" and not question then
     return ask_question_command(command, ctx)
   end
-  args = vim.deepcopy(args)
-  args.question = nil
-  chat.ask(client, bufnr, args, question)
+  chat.ask(client, bufnr, args, question) -- it sends a copy with `question` set
 end
 
 local function define_commands()

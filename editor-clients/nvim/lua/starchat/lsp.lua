@@ -4,6 +4,7 @@ local config = require("starchat.config")
 local M = {}
 
 local has_011 = vim.fn.has("nvim-0.11") == 1
+local get_clients = vim.lsp.get_clients or vim.lsp.get_active_clients
 
 --- Client methods are called with `:` on 0.11 and with `.` on 0.10.
 function M.call(client, method, ...)
@@ -127,15 +128,9 @@ end
 --- client attached again would get the text once and never an edit, so none is.
 M.renamed = {}
 
---- Whether Neovim's change tracking of a buffer is gone (see M.renamed).
-function M.tracking_lost(bufnr)
-  return M.renamed[bufnr] ~= nil and M.renamed[bufnr].lost
-end
-
 --- BufFilePre: detach the StarChat clients from a buffer about to be renamed.
 function M.before_rename(bufnr)
-  local get = vim.lsp.get_clients or vim.lsp.get_active_clients
-  local attached = get({ name = config.options.name, bufnr = bufnr, _uninitialized = true })
+  local attached = get_clients({ name = config.options.name, bufnr = bufnr, _uninitialized = true })
   if #attached == 0 then
     return
   end
@@ -157,7 +152,7 @@ function M.before_rename(bufnr)
       if M.renamed[bufnr] ~= rec then
         return true
       end
-      if #get({ bufnr = bufnr, _uninitialized = true }) == 0 then
+      if #get_clients({ bufnr = bufnr, _uninitialized = true }) == 0 then
         rec.lost = true
         return true
       end
@@ -180,14 +175,19 @@ function M.after_rename(bufnr)
   M.start(bufnr)
 end
 
---- Why the server cannot be given the buffer (other than secrets), or nil.
+--- Why the server is not given the buffer (it looks like secrets, has no file name, or Neovim
+--- no longer tracks its changes: see M.renamed), or nil.
 function M.unsendable_reason(bufnr)
+  local private = M.private_reason(bufnr)
+  if private then
+    return private
+  end
   if vim.api.nvim_buf_get_name(bufnr) == "" then
     -- Neovim would send every unnamed buffer as "file://", and an edit for that URI to the
     -- folder "/" (vim.uri_to_bufnr)
     return "this buffer has no file name; write it to a file (:write {file}) to use StarChat on it"
   end
-  if M.tracking_lost(bufnr) then
+  if M.renamed[bufnr] and M.renamed[bufnr].lost then
     return ("%s changed while its name looked like secrets, and Neovim no longer sends its changes to language servers; open it again (:bwipeout, :edit) to use StarChat there"):format(
       vim.fn.fnamemodify(vim.api.nvim_buf_get_name(bufnr), ":t")
     )
@@ -427,10 +427,9 @@ M.handlers = {
 
 --- The running StarChat clients (attached to bufnr when given); stopping ones are left out.
 function M.clients(bufnr)
-  local get = vim.lsp.get_clients or vim.lsp.get_active_clients
   return vim.tbl_filter(function(c)
     return not M.is_stopped(c)
-  end, get({ name = config.options.name, bufnr = bufnr }))
+  end, get_clients({ name = config.options.name, bufnr = bufnr }))
 end
 
 local function root_for(bufnr)
@@ -550,10 +549,7 @@ function M.ensure(bufnr)
     return attached
   end
   -- a file that looks like secrets is never attached: a client for another buffer serves (the chat)
-  local file = vim.bo[bufnr].buftype == ""
-    and vim.api.nvim_buf_get_name(bufnr) ~= ""
-    and not M.private_reason(bufnr)
-    and not M.unsendable_reason(bufnr)
+  local file = vim.bo[bufnr].buftype == "" and not M.unsendable_reason(bufnr)
   if file then
     local id = M.start(bufnr, { explicit = true })
     return id and vim.lsp.get_client_by_id(id) or nil
@@ -586,7 +582,7 @@ function M.start(bufnr, opts)
   if vim.bo[bufnr].buftype ~= "" then
     return nil
   end
-  local private = M.private_reason(bufnr) or M.unsendable_reason(bufnr)
+  local private = M.unsendable_reason(bufnr)
   if private then
     if opts.explicit then
       vim.notify("StarChat: " .. private, vim.log.levels.WARN)
@@ -652,7 +648,7 @@ function M.restart(buffers, on_done)
     end
     local id
     for b in pairs(bufs) do
-      if vim.api.nvim_buf_is_valid(b) and vim.api.nvim_buf_is_loaded(b) and vim.bo[b].buftype == "" and not M.private_reason(b) and not M.unsendable_reason(b) then
+      if vim.api.nvim_buf_is_valid(b) and vim.api.nvim_buf_is_loaded(b) and vim.bo[b].buftype == "" and not M.unsendable_reason(b) then
         id = M.start(b, { explicit = true }) or id
       end
     end

@@ -76,11 +76,20 @@ function M.from_command(opts, bufnr, encoding)
   return M.to_lsp(bufnr, M.capture(opts, bufnr), encoding)
 end
 
+--- The last line (0-based) an LSP range covers: an end at the start of a later line does not count.
+function M.last_line(range)
+  local last = range["end"].line
+  if range["end"].character == 0 and last > range.start.line then
+    return last - 1
+  end
+  return last
+end
+
 --- "calc.py:4-5" for headers.
 function M.label(bufnr, range)
   local name = vim.fn.fnamemodify(vim.api.nvim_buf_get_name(bufnr), ":t")
   local first = range.start.line + 1
-  local last = range["end"].line + ((range["end"].character == 0 and range["end"].line > range.start.line) and 0 or 1)
+  local last = M.last_line(range) + 1
   if last <= first then
     return ("%s:%d"):format(name, first)
   end
