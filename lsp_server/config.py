@@ -58,7 +58,7 @@ class Settings:
         default="auto",
         metadata=_doc(
             "auto: fast when the whole model is on one GPU (and it starts), else generate; "
-            "generate: transformers generate() (the reference), given the last request's KV cache for the prefix a new prompt shares with it; fast: static KV cache, CUDA-graph decode, "
+            "generate: transformers generate() (the reference), given its last 4 requests' KV caches for the prefix a new prompt shares with it; fast: static KV cache, CUDA-graph decode, "
             "continuous batching, prefix reuse and prompt-lookup speculation (serves up to 8 requests at once).",
             lambda v: v in ENGINES,
             reloads=True,

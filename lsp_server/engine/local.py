@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import os
@@ -13,6 +14,7 @@ from .base import EngineError, FinishReason, Sampling, common_prefix, first_line
 log = logging.getLogger(__name__)
 
 STOP_TOKENS = ("<|end|>", "<|endoftext|>")
+KEPT_CACHES = 4  # the generate() engine's caches of recent requests (StarChat: 20 KiB a token)
 
 
 def resolve_device(requested: str) -> str:
@@ -38,9 +40,10 @@ def resolve_dtype(requested: str, device: str) -> Any:
 
 class TransformersEngine:
     """Batch-1 generation through ``model.generate()``: the reference engine. It keeps the KV
-    cache of its last request (prompt and answer) and gives ``generate()`` the part of it a new
-    prompt starts with, so that only the rest is computed: prompts on one document version
-    begin with the same file (prompts/build.py), and a chat's next turn with the last one."""
+    caches of its last ``KEPT_CACHES`` requests (prompt and answer) and gives ``generate()`` the
+    part of the one a new prompt shares most with, so that only the rest is computed: prompts on
+    one document version begin with the same file (prompts/build.py), and a chat's next turn
+    with the last one, even after a hover or a code action in between."""
 
     def __init__(self, model: Any, tokenizer: Any, device: str, description: str):
         from transformers import GenerationConfig
@@ -60,8 +63,9 @@ class TransformersEngine:
             stops.add(tokenizer.eos_token_id)
         self.stop_ids = sorted(stops)
         self.input_device = model.get_input_embeddings().weight.device
-        self._kept: Any = None  # the last request's cache (a transformers DynamicCache)
-        self._kept_ids: list[int] = []  # the tokens it holds keys and values of
+        # recent requests' caches (transformers DynamicCache), the most recently used first,
+        # each with the tokens it holds keys and values of
+        self._kept: list[tuple[list[int], Any]] = []
         # what generate() and its output call the cache: past_key_values until transformers 5.2x
         self._cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -198,27 +202,40 @@ class TransformersEngine:
         return [t for t in generated if t not in stop_ids], reason
 
     def _cache_for(self, prompt_ids: list[int]) -> tuple[Any, int]:
-        """The kept cache cut to the prefix it shares with ``prompt_ids`` (at least the last
-        prompt token is left to compute) and that prefix's length; (None, 0) when none is
-        shared. The cache is taken: a request that fails leaves none behind."""
-        cache, held = self._kept, self._kept_ids
-        self._kept, self._kept_ids = None, []
-        keep = min(common_prefix(held, prompt_ids), len(prompt_ids) - 1)
-        if cache is None or keep <= 0:
+        """The kept cache that shares the longest prefix with ``prompt_ids``, cut to that prefix
+        (at least the last prompt token is left to compute), and the prefix's length; (None, 0)
+        when none shares one. A cache the prompt starts with whole is taken (the request's own
+        cache will hold all of it); one the prompt leaves part of is copied, so that it stays
+        for a request that continues it (a chat's next turn after a hover in between)."""
+        if not self._kept:
             return None, 0
+        shared = [common_prefix(ids, prompt_ids) for ids, _ in self._kept]
+        best = max(range(len(shared)), key=shared.__getitem__)
+        keep = min(shared[best], len(prompt_ids) - 1)
+        if keep <= 0:
+            return None, 0
+        ids, cache = self._kept[best]
+        if keep == len(ids):
+            del self._kept[best]  # taken: a request that fails leaves no half-written cache behind
+        else:
+            self._kept.insert(0, self._kept.pop(best))  # used: the last to go
+            cache = copy.deepcopy(cache)
         cache.crop(keep - cache.get_seq_length())  # a negative count: the tokens to drop
         return cache, keep
 
     def _keep(self, cache: Any, ids: list[int]) -> None:
-        """Keep ``cache`` for the next request when it is a plain growing cache (a sliding-window
-        or static one cannot be cut back to a prefix)."""
+        """Keep ``cache`` for later requests when it is a plain growing cache (a sliding-window
+        or static one cannot be cut back to a prefix). Caches it continues go (they hold nothing
+        it does not), then the oldest past ``KEPT_CACHES``."""
         layers = getattr(cache, "layers", None)
         if layers and all(type(layer).__name__ == "DynamicLayer" for layer in layers):
-            self._kept, self._kept_ids = cache, ids[: cache.get_seq_length()]
+            ids = ids[: cache.get_seq_length()]
+            self._kept = [(ids, cache)] + [(held, c) for held, c in self._kept if held != ids[: len(held)]]
+            del self._kept[KEPT_CACHES:]
 
     def close(self) -> None:
         self.model = None
-        self._kept = None
+        self._kept = []
 
 
 def quantization_config(kind: str, dtype: Any) -> Any:

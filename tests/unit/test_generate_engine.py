@@ -1,5 +1,5 @@
-"""The generate() engine keeps its last request's KV cache and hands the part a new prompt
-starts with back to transformers' ``generate()``: the answers are the ones a fresh
+"""The generate() engine keeps the KV caches of its last requests and hands the part a new
+prompt shares most with back to transformers' ``generate()``: the answers are the ones a fresh
 ``generate()`` gives, and ``on_prompt`` says how much of the prompt was not computed again.
 (On the trained test model, CPU, float32.)"""
 
@@ -100,3 +100,38 @@ def test_after_a_cancelled_request_the_cache_still_gives_the_right_answer(engine
     assert tokenizer.decode(ids) == sc.FIX_ANSWER
     ids, reused = run(engine, prompts["optimize"])
     assert 0 < reused < len(prompts["optimize"]) and ids == reference(model, engine, prompts["optimize"])
+
+
+def test_a_request_in_between_leaves_the_conversation_its_cache(engine, model, tokenizer, prompts):
+    """A hover or a Fix between two chat turns: the next turn still computes only its question."""
+    run(engine, prompts["chat"])
+    _, reused = run(engine, prompts["fix"])
+    assert 0 < reused < len(prompts["chat"])  # the system prompt, from a copy of the chat's cache
+    ids, reused = run(engine, prompts["follow-up"])
+    assert reused >= len(prompts["chat"]) + len(tokenizer(sc.CHAT_ANSWER)["input_ids"])
+    assert ids == reference(model, engine, prompts["follow-up"])
+
+
+def test_a_cache_shared_in_part_stays_whole_for_its_own_prompt(engine, model, tokenizer, prompts):
+    fix, optimize = prompts["fix"], prompts["optimize"]
+    run(engine, fix)
+    ids, reused = run(engine, optimize)  # the file, from the Fix's cache
+    assert 0 < reused < len(fix) - 1 and tokenizer.decode(ids) == sc.OPTIMIZE_ANSWER
+    ids, reused = run(engine, fix)
+    assert reused == len(fix) - 1 and tokenizer.decode(ids) == sc.FIX_ANSWER
+    # the second Fix continued the first one's cache: one cache for both, and the Optimize's
+    assert len(engine._kept) == 2
+
+
+def test_the_oldest_cache_goes_past_the_limit(engine, monkeypatch, prompts):
+    from lsp_server.engine import local
+
+    monkeypatch.setattr(local, "KEPT_CACHES", 2)
+    fix = prompts["fix"]
+    run(engine, fix)
+    run(engine, prompts["optimize"])
+    assert run(engine, fix)[1] == len(fix) - 1  # still kept
+    run(engine, prompts["optimize"])
+    run(engine, prompts["chat"])  # the optimize and the chat are now the two kept
+    assert len(engine._kept) == 2
+    assert run(engine, fix)[1] < len(fix) - 1
