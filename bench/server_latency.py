@@ -88,12 +88,15 @@ class Server:
         self.send({"jsonrpc": "2.0", "method": "textDocument/didOpen",
                    "params": {"textDocument": {"uri": uri, "languageId": language, "version": 1, "text": text}}})
 
-    async def chat(self, request_id: int, question: str, max_new_tokens: int | None = None, **extra) -> dict:
-        """One streamed starchat/chat (``extra``: more params, such as a textDocument and range):
-        seconds to its first piece and in all, tokens, pieces, prompt tokens and how many of
-        them came from the engine's cache."""
+    async def chat(self, request_id: int, question: str | list[str], max_new_tokens: int | None = None, **extra) -> dict:
+        """One streamed starchat/chat (``question``: one, or a conversation's turns from the user's
+        first; ``extra``: more params, such as a textDocument and range): seconds to its first
+        piece and in all, the answer, tokens, pieces, prompt tokens and how many of them came
+        from the engine's cache."""
         token = f"p{request_id}"
-        params: dict = {"messages": [{"role": "user", "content": question}], "partialResultToken": token, **extra}
+        turns = [question] if isinstance(question, str) else question
+        messages = [{"role": ("user", "assistant")[i % 2], "content": turn} for i, turn in enumerate(turns)]
+        params: dict = {"messages": messages, "partialResultToken": token, **extra}
         if max_new_tokens:
             params["maxNewTokens"] = max_new_tokens
         asked, first, pieces = time.monotonic(), None, 0
@@ -109,6 +112,7 @@ class Server:
                 total = time.monotonic() - asked
                 result = message["result"]
                 return {"first_s": first if first is not None else total, "total_s": total, "pieces": pieces,
+                        "text": result["text"],
                         "tokens": result["completionTokens"], "prompt_tokens": result["promptTokens"],
                         "cached_tokens": result["cachedTokens"]}
 
@@ -127,7 +131,9 @@ async def document_reuse(server: Server, first_id: int, functions: int) -> dict:
     """Two chats about different functions of one document of ``functions`` small functions:
     the second prompt starts with the file the first one computed (the prompt puts the file
     before the selection and the question), so its first piece comes sooner. The first
-    pieces of both, the prompt's size and how much of the second came from the cache."""
+    pieces of both, the prompt's size and how much of the second came from the cache. Then
+    the first chat's next turn, after the second chat in between: how much of its prompt
+    came from the cache (all of the first turn and its answer when the engine kept them)."""
     uri = "file:///bench/module.py"
     server.open(uri, "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n\n" for i in range(functions)))
 
@@ -135,11 +141,15 @@ async def document_reuse(server: Server, first_id: int, functions: int) -> dict:
         return {"start": {"line": 4 * i, "character": 0}, "end": {"line": 4 * i + 2, "character": 0}}
 
     question = "What does this function do?"
-    first = await server.chat(first_id, question, 4, textDocument={"uri": uri}, range=function(functions // 4))
+    about_first = {"textDocument": {"uri": uri}, "range": function(functions // 4)}
+    first = await server.chat(first_id, question, 4, **about_first)
     again = await server.chat(first_id + 1, question, 4, textDocument={"uri": uri}, range=function(3 * functions // 4))
+    turn = await server.chat(first_id + 2, [question, first["text"], "And then?"], 4, **about_first)
     return {"doc_prompt_tokens": again["prompt_tokens"], "doc_cached_tokens": again["cached_tokens"],
             "doc_first_piece_ms": round(first["first_s"] * 1e3, 1),
-            "doc_reused_first_piece_ms": round(again["first_s"] * 1e3, 1)}
+            "doc_reused_first_piece_ms": round(again["first_s"] * 1e3, 1),
+            "doc_next_turn_prompt_tokens": turn["prompt_tokens"], "doc_next_turn_cached_tokens": turn["cached_tokens"],
+            "doc_next_turn_first_piece_ms": round(turn["first_s"] * 1e3, 1)}
 
 
 async def time_to_ready(model: str, device: str, engine: str = "generate", timeout: float = 300.0, chat_tokens: int = 0,

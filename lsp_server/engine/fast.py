@@ -32,7 +32,8 @@ Design (bench/NOTES.md has the reasoning and the numbers):
   step boundary and frees its slot. Steps are pipelined one deep: step ``n+1`` is launched
   before the host reads step ``n``'s tokens.
 * Prefix reuse: every slot remembers which tokens its cache rows hold; a new request takes over
-  (or copies, one device copy) the longest cached prefix and prefills only the rest.
+  the slot with the longest cached prefix when it continues all of it, else copies that prefix
+  (one device copy) into another free slot, and prefills only the rest.
 * Prompt-lookup speculation (``speculate`` drafts, 7 by default; setting ``speculativeTokens``):
   when the tail of a request's context occurred earlier (an answer copying the selection), the
   tokens that followed are drafts. One step (``_verify_step``, a graph per length bucket) runs
@@ -592,19 +593,28 @@ class FastEngine(StartUp, Graphs, StepMath):
             self._broken = inner
 
     def _pick_slot(self, prompt: list[int]) -> tuple[int, int, int | None]:
-        """(target slot, reusable prefix length, source slot of that prefix)."""
+        """(target slot, reusable prefix length, source slot of that prefix). A free slot the
+        prompt continues whole is taken over; one it shares only part of is copied from (one
+        device copy) into the least recently used other free slot, so that it stays for a
+        request that continues it (a chat's next turn after a hover in between)."""
         best, source = 0, None
         for s in range(self.slots):
             n = common_prefix(self._slot_ids[s], prompt)
             if n > best:
                 best, source = n, s
         reuse = min(best, len(prompt) - 1)
+        if reuse <= 0:
+            source = None
         free = [s for s in range(self.slots) if self._slot_req[s] is None]
-        if source is not None and reuse > 0 and self._slot_req[source] is None:
-            return source, reuse, source
+        if source is not None and self._slot_req[source] is None:
+            others = [s for s in free if s != source]
+            if best >= len(self._slot_ids[source]) or not others:
+                return source, reuse, source
+            self._slot_used[source] = time.monotonic()  # used: not the next to be overwritten
+            free = others
         # least recently used free slot; ties → lowest index (keeps batches small)
         target = min(free, key=lambda s: (self._slot_used[s], s))
-        return target, reuse, (source if reuse > 0 else None)
+        return target, reuse, source
 
     def _admit(self, req: _Request) -> None:
         """Give ``req`` a slot (taking over or copying the longest cached prefix of its prompt)

@@ -357,7 +357,8 @@ async def test_requests_on_one_document_reuse_the_cache(editor, tokenizer):
     """Prompts put the file before the selection and the task (prompts/build.py), and both
     engines keep what they computed: after a hover, a chat about another selection of the
     same file computes little more than its selection and question, and its next turn only
-    the new question; a chat about another file reuses nothing of it."""
+    the new question; a chat about another file reuses nothing of it, and leaves the first
+    conversation's cache to its next turn."""
     uri = editor.open()
     hover = await editor.client.text_document_hover_async(types.HoverParams(
         text_document=types.TextDocumentIdentifier(uri=uri),
@@ -378,6 +379,10 @@ async def test_requests_on_one_document_reuse_the_cache(editor, tokenizer):
     elsewhere = await chat(editor, [("user", "What could go wrong here?")], "o", textDocument={"uri": other},
                            maxNewTokens=2)
     assert elsewhere["cachedTokens"] < file_prefix - len(fmt.encode_text(sc.CALC_PY))
+    # the conversation about calc.py goes on after that chat in between, from where it was
+    turns += [("assistant", follow_up["text"]), ("user", "Why?")]
+    again = await chat(editor, turns, "a", textDocument={"uri": uri}, range=average, maxNewTokens=2)
+    assert again["cachedTokens"] >= follow_up["promptTokens"]
 
 
 async def test_chat_must_end_with_the_user(editor):

@@ -228,6 +228,19 @@ def test_prefix_reuse_prefills_only_the_suffix(engine, hf_model, tokenizer, prom
     assert engine.stats["prefill_tokens"] - before["prefill_tokens"] == 1
 
 
+def test_a_request_in_between_leaves_a_conversation_its_slot(engine, hf_model, tokenizer, prompts):
+    """A prompt that shares only part of a free slot's tokens copies them into another slot:
+    the conversation that slot holds goes on from where it was (its next turn after a hover)."""
+    chat = prompts[0]
+    answer, _ = run(engine, chat)
+    run(engine, chat[:-5] + tokenizer(" other")["input_ids"])
+    next_turn = chat + answer + tokenizer(" more")["input_ids"]
+    before = dict(engine.stats)
+    ids, _ = run(engine, next_turn)
+    assert engine.stats["reused_tokens"] - before["reused_tokens"] >= len(chat)
+    assert ids == reference(hf_model, engine.stop_ids, next_turn)
+
+
 def test_prefix_copied_from_a_busy_slot(engine, hf_model, tokenizer, prompts):
     base = prompts[3]
     # the slow request must produce a token (its callback is what holds the slot busy): one of
@@ -929,6 +942,7 @@ def test_gelu_epilogue_is_kept_only_where_it_is_not_slower(hf_model, tokenizer, 
     from lsp_server.engine.fast import FastEngine
     from lsp_server.engine.fast_math import FEW_ROWS
 
+    pytest.importorskip("triton")  # fused=True needs it
     eng = FastEngine(hf_model, tokenizer, max_batch=1, speculate=0, fused=True)
     try:
         assert eng.gelu_fused == {"decode": False, "prefill": False}  # CPU: no tanh epilogue to time
@@ -965,6 +979,7 @@ def test_whole_step_choice_keeps_a_path_only_if_not_slower(hf_model, tokenizer, 
     of each pair counts); the answer is remembered."""
     from lsp_server.engine.fast import FastEngine
 
+    pytest.importorskip("triton")  # fused=True needs it
     eng = FastEngine(hf_model, tokenizer, max_batch=1, speculate=0, fused=True)
     try:
         assert eng.prebias  # its numerical check passed; on the CPU nothing is timed
