@@ -14,6 +14,7 @@ import uuid
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import unquote, urlsplit
 
 import attrs
 from lsprotocol import types
@@ -252,9 +253,12 @@ class StarChatServer(LanguageServer):
         return document
 
     def relative_path(self, uri: str) -> str:
+        """The document's name in prompts: its path in the workspace folder that holds it, else
+        its file name; for a document that is not a file (VS Code's ``untitled:Untitled-1``, a
+        notebook cell, a remote file) the last part of its URI's path."""
         path = to_fs_path(uri)
         if path is None:
-            return ""
+            return unquote(urlsplit(uri).path).rstrip("/").rpartition("/")[2]
         for folder in [*self.workspace.folders.values(), *([types.WorkspaceFolder(self.workspace.root_uri, "root")] if self.workspace.root_uri else [])]:
             root = to_fs_path(folder.uri)
             if root and Path(path).is_relative_to(root):

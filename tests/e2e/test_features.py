@@ -11,6 +11,7 @@ from lsprotocol import types
 
 from lsp_server.config import Settings
 from lsp_server.prompts import Message, format_for
+from lsp_server.prompts.requests import chat_prompt
 from lsp_server.testing import scenarios as sc
 
 from .conftest import apply_text_edits, plain, rng, wait_until
@@ -383,6 +384,19 @@ async def test_requests_on_one_document_reuse_the_cache(editor, tokenizer):
     turns += [("assistant", follow_up["text"]), ("user", "Why?")]
     again = await chat(editor, turns, "a", textDocument={"uri": uri}, range=average, maxNewTokens=2)
     assert again["cachedTokens"] >= follow_up["promptTokens"]
+
+
+async def test_a_document_that_is_not_a_file_is_named_in_the_prompt(editor, tokenizer):
+    """An unsaved buffer (VS Code's untitled:Untitled-1) has no path: the prompt names it by
+    its URI, as it names a file by its path."""
+    uri = "untitled:Untitled-1"
+    editor.client.text_document_did_open(types.DidOpenTextDocumentParams(
+        text_document=types.TextDocumentItem(uri=uri, language_id="python", version=1, text="x = 1\n")))
+    result = await chat(editor, [("user", "What is this?")], "u", textDocument={"uri": uri}, maxNewTokens=1)
+    named = chat_prompt(format_for(tokenizer), system=Settings().system_prompt, budget=10_000,
+                        messages=[Message("user", "What is this?")], text="x = 1\n", path="Untitled-1", language="python")
+    assert "File: `Untitled-1` (python)" in named.messages[1].content
+    assert result["promptTokens"] == len(named.ids)
 
 
 async def test_chat_must_end_with_the_user(editor):
