@@ -8,6 +8,8 @@ file), so an engine that keeps the KV of a prompt prefix computes the file once:
 a Fix, then an Explain of another function in the same file only prefill what follows it. The
 window does not depend on the task either (a question up to ``QUESTION_ROOM`` tokens leaves it
 as it is), so two tasks on the same selection in a long file share everything up to the task.
+In a file too long to fit, a conversation's window leaves ``HISTORY_ROOM`` tokens (doubled as
+needed) to its later turns from the second on, so it does not move at every turn.
 
 Counts come from the model's own tokenizer and the final prompt is re-counted whole, so
 ``len(prompt.ids) <= budget`` always holds. The selection is never cut: if it alone does not
@@ -26,6 +28,7 @@ from .format import Message, PromptFormat
 
 _MAX_CHARS_PER_TOKEN = 32  # generous: code averages 3-4 characters per token
 QUESTION_ROOM = 128  # tokens of the question the window leaves room for whatever the question is
+HISTORY_ROOM = 1024  # tokens of a conversation's later turns its window leaves room for (doubled as they grow)
 
 
 class PromptTooLong(ValueError):
@@ -91,11 +94,13 @@ def build_prompt(
             after_lines = after_lines[:-1]
         selection = normalize_eol(context.text[context.start : context.end])
 
-    def dialogue(before: list[str], after: list[str], window: bool = False) -> list[Message]:
+    def dialogue(before: list[str], after: list[str], window: bool = False, later: bool = True) -> list[Message]:
+        """The prompt's messages (``later=False``: up to the one with the document only)."""
         turns = [*earlier, Message("user", question)]
         if context is not None:
             at = next(i for i, turn in enumerate(turns) if turn.role == "user")
             turns[at] = Message("user", _code_turn(turns[at].content, context, selection, before, after, window))
+            turns = turns if later else turns[: at + 1]
         return [Message("system", system), *turns]
 
     # Old turns go first when even the bare question does not fit.
@@ -120,6 +125,17 @@ def build_prompt(
     room = budget - len(base) - max(0, QUESTION_ROOM - len(fmt.encode_text(question))) - window_cost
     n_before, n_after = _fill(fmt, before_lines, after_lines, room)
     if context is not None and (n_before < len(before_lines) or n_after < len(after_lines)):
+        if earlier:
+            # The file does not fit whole: a conversation's window leaves room for its later
+            # turns, HISTORY_ROOM tokens doubled as they outgrow it, so it stays put from one
+            # turn to the next (the next prompt starts with the last one, which the engine
+            # holds) instead of shrinking at every turn.
+            first = len(fmt.encode_dialogue(dialogue([], [], later=False)))
+            reserve = HISTORY_ROOM
+            while reserve < len(base) - first:
+                reserve *= 2
+            room = min(room, budget - first - window_cost - reserve)
+            n_before, n_after = _fill(fmt, before_lines, after_lines, room)
         n_before, n_after = _anchor(fmt, context, before_lines, after_lines, n_before, n_after, room)
     ids = count(n_before, n_after)
     # The per-line counts are estimates (a line's tokens can merge with its neighbours');

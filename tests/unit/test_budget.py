@@ -266,3 +266,28 @@ def test_a_chats_next_turn_starts_with_the_last_turns_prompt_and_answer(tokenize
     squeezed = chat_prompt(fmt, system="s", budget=300, messages=long_ago + turns, **about)
     assert squeezed.history_dropped == 1 and squeezed.messages[1].content.endswith("What is this?")
     assert "line_5 = 5" in squeezed.messages[1].content
+
+
+def test_a_conversation_about_a_long_file_keeps_its_window_while_it_grows(tokenizer):
+    """A file too long to fit: from the second turn the window leaves HISTORY_ROOM tokens to the
+    later turns, so turns 2, 3, 4 … show the same lines and each prompt starts with the last
+    one and its answer; the first turn's window is the code actions' (their prefix is shared)."""
+    fmt = format_for(tokenizer)
+    text = numbered_file(600)
+    about = dict(text=text, start=text.index("line_300 ="), end=text.index("line_303 ="), path="a.py", language="python")
+    answer = "It assigns numbers to names, one per line, as the file does throughout. " * 3
+    turns = [Message("user", "What is this?")]
+    prompts = []
+    for question in ("Why?", "And then?", "Where else?", "What next?", "Is that all?"):
+        prompts.append(chat_prompt(fmt, system="s", budget=3000, messages=turns, **about))
+        turns += [Message("assistant", answer), Message("user", question)]
+    def window(prompt) -> str:  # the file's lines in the message that holds the document
+        return prompt.messages[1].content.split("```python\n", 1)[1].split("```", 1)[0]
+
+    assert window(prompts[0]) == window(code_prompt(fmt, system="s", budget=3000, task=Task.EXPLAIN, **about))
+    windows = [window(p) for p in prompts[1:]]
+    assert len(set(windows)) == 1 and windows[0].count("\n") > 50  # the same lines, still a wide window
+    for earlier, later in zip(prompts[1:], prompts[2:]):
+        shared = common_prefix(earlier.ids, later.ids)
+        assert shared >= len(earlier.ids) - 3  # all but the closing tokens of the last turn
+    assert all(len(p.ids) <= 3000 for p in prompts)
