@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 STOP_TOKENS = ("<|end|>", "<|endoftext|>")
 KEPT_CACHES = 4  # the generate() engine's caches of recent requests (StarChat: 20 KiB a token)
+KEPT_BYTES = 2 << 30  # and their size at most, beyond the newest (a multi-head model's cache is ~25x StarChat's)
 
 
 def resolve_device(requested: str) -> str:
@@ -226,12 +227,18 @@ class TransformersEngine:
     def _keep(self, cache: Any, ids: list[int]) -> None:
         """Keep ``cache`` for later requests when it is a plain growing cache (a sliding-window
         or static one cannot be cut back to a prefix). Caches it continues go (they hold nothing
-        it does not), then the oldest past ``KEPT_CACHES``."""
+        it does not), then the oldest past ``KEPT_CACHES`` or ``KEPT_BYTES``."""
         layers = getattr(cache, "layers", None)
         if layers and all(type(layer).__name__ == "DynamicLayer" for layer in layers):
             ids = ids[: cache.get_seq_length()]
             self._kept = [(ids, cache)] + [(held, c) for held, c in self._kept if held != ids[: len(held)]]
             del self._kept[KEPT_CACHES:]
+            total = 0
+            for n, (_, kept) in enumerate(self._kept):
+                total += sum(t.nbytes for layer in kept.layers for t in (layer.keys, layer.values) if t is not None)
+                if n and total > KEPT_BYTES:
+                    del self._kept[n:]
+                    break
 
     def close(self) -> None:
         self.model = None

@@ -135,3 +135,16 @@ def test_the_oldest_cache_goes_past_the_limit(engine, monkeypatch, prompts):
     run(engine, prompts["chat"])  # the optimize and the chat are now the two kept
     assert len(engine._kept) == 2
     assert run(engine, fix)[1] < len(fix) - 1
+
+
+def test_older_caches_go_past_the_size_limit(engine, monkeypatch, prompts):
+    from lsp_server.engine import local
+
+    run(engine, prompts["fix"])
+    size = sum(layer.keys.nbytes + layer.values.nbytes for layer in engine._kept[0][1].layers)
+    monkeypatch.setattr(local, "KEPT_BYTES", size + 1)
+    run(engine, prompts["chat"])
+    assert len(engine._kept) == 1  # the newest stays, whatever its size
+    monkeypatch.setattr(local, "KEPT_BYTES", 100 * size)
+    run(engine, prompts["fix"])
+    assert len(engine._kept) == 2
