@@ -31,7 +31,8 @@ DRIVER = HERE / "nvim" / "run.lua"
 SCREENSHOTS = REPO / "build" / "screenshots"
 STEPS = [
     "start", "encoding", "code_actions", "popup", "chat", "cancel", "tasks", "fix", "fix_with_problems",
-    "stop_task", "apply_edit", "settings", "tabs", "folders", "secrets", "rename_secret", "unnamed",
+    "stop_task", "apply_edit", "settings", "tabs", "split_crlf", "chat_name", "chat_window", "status_line",
+    "folders", "secrets", "rename_secret", "unnamed",
     "code_action_commands", "health", "crash",
 ]
 SECRET_MARKER = "STARCHAT_NVIM_TOKEN=env-secret-91be4f"
@@ -338,6 +339,44 @@ def test_chat_opens_once_per_tab_page(nvim):
     result = step(nvim, "tabs")
     assert result["in_tab"] == 1
     assert result["total"] == 2  # the first tab page's window and this one
+
+
+def test_a_line_break_split_between_two_pieces_leaves_no_carriage_return(nvim):
+    r"""Streamed text is the same however it is split: the answer's pieces, each space sent as a
+    "\r\n" cut after its "\r" ("Hello\r", "\nfrom\r", …), show as lines without a "^M"."""
+    result = step(nvim, "split_crlf")
+    assert result["pieces"] > sc.CHAT_ANSWER.count(" ") + 1  # the line breaks were split
+    assert result["with_cr"] == 0, "a piece ending with \\r left a ^M in the chat buffer"
+    assert result["streamed"] == sc.CHAT_ANSWER.replace(" ", "\n")
+    assert result["chat_text"] == f"## You\n{sc.CHAT_QUESTION}\n\n## StarChat\n{sc.CHAT_ANSWER}\n\n## You\n\n"
+
+
+def test_the_chat_buffer_deleted_comes_back_with_its_name(nvim):
+    result = step(nvim, "chat_name")
+    assert result["first"] == "starchat://chat"
+    assert result["bdelete_gone"] and result["bwipeout_gone"]
+    assert result["bdelete"] == result["bwipeout"] == "starchat://chat", result
+    # the deleted one shown again before the plugin wiped it out held the name
+    assert result["shown_again"] == "starchat://chat", result
+    assert result["old_gone"]
+
+
+def test_chat_window_options_stay_with_the_chat_buffer(nvim):
+    """The options the chat sets on its window apply to the chat buffer there only: a file shown in
+    that window afterwards has the window's own (those of the window it was split from)."""
+    result = step(nvim, "chat_window")
+    chat = {"number": False, "wrap": True, "linebreak": True, "winbar": True}
+    assert result["chat"] == chat
+    assert result["file"] == {"number": True, "wrap": False, "linebreak": False, "winbar": False}
+    assert result["chat_again"] == chat
+
+
+def test_status_shows_only_in_windows_of_attached_buffers(nvim):
+    result = step(nvim, "status_line")
+    assert "StarChat: ready" in result["code"] and "StarChat: ready" in result["code_from_notes"]
+    assert "StarChat" not in result["chat"], result["chat"]
+    assert "StarChat" not in result["notes"] and "StarChat" not in result["notes_current"], result
+    assert result["arg"] == {"code": "StarChat: ready", "notes": ""}
 
 
 def test_a_file_of_another_root_joins_the_running_server(nvim):

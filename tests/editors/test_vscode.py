@@ -169,7 +169,9 @@ def session(test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     machine = {"starchat.server.command": server_command, "starchat.server.env": {"STARCHAT_E2E_SECRET": SECRET}}
     (user_data / "Machine" / "settings.json").write_text(json.dumps(machine, indent=2))
     # A key for Restart Server, pressed twice in a row by the driver.
-    keybindings = [{"key": "ctrl+alt+shift+f9", "command": "starchat.restartServer"}]
+    # Fix from a key on a secret-looking file, where the command palette does not offer it.
+    keybindings = [{"key": "ctrl+alt+shift+f9", "command": "starchat.restartServer"},
+                   {"key": "ctrl+alt+shift+f8", "command": "starchat.fixSelection"}]
     (user_data / "User" / "keybindings.json").write_text(json.dumps(keybindings, indent=2))
     settings = {
         "starchat.temperature": 0,
@@ -455,6 +457,12 @@ def test_secret_files_and_editor_settings_never_reach_the_server(session):
     assert any(label.startswith("Copy") for label in result["menuOnSecret"]), result["menuOnSecret"]
     assert "Ask StarChat" not in result["menuOnSecret"], result["menuOnSecret"]
     assert "Ask StarChat" in result["menuOnCode"], result["menuOnCode"]
+    # Nor the commands that send the file in its command palette; the others are there.
+    file_commands = {"StarChat: Ask a Question…", "StarChat: Explain", "StarChat: Fix", "StarChat: Document",
+                     "StarChat: Write Tests", "StarChat: Optimize"}
+    assert "StarChat: New Chat" in result["paletteOnSecret"], result["paletteOnSecret"]
+    assert not file_commands & set(result["paletteOnSecret"]), result["paletteOnSecret"]
+    assert file_commands <= set(result["paletteOnCode"]), result["paletteOnCode"]
 
 
 def test_a_projects_user_settings_json_is_sent_to_the_server(session):
@@ -501,6 +509,25 @@ def test_secret_patterns_match_the_server():
         uri = f"file:///home/u/project/{name}"
         assert bool(client.search(uri.lower())) == looks_secret(uri), name
         assert bool(menu.search(name.rsplit("/", 1)[-1])) == looks_secret(uri), name
+
+
+def test_file_commands_leave_the_palette_on_secret_looking_files():
+    """The commands that send the file or its selection (those of the right-click submenu) are
+    hidden from the command palette on files that look like secrets, by the same when-clause as the
+    right-click menu; the others (New Chat, Stop, …) are not."""
+    source = (EXTENSION / "src" / "server.ts").read_text()
+    literal = re.search(r"export const SECRET_NAMES = /(.*)/;\n", source).group(1)
+    menus = json.loads((EXTENSION / "package.json").read_text())["contributes"]["menus"]
+    file_commands = {item["command"] for item in menus["starchat.editor.submenu"]}
+    assert {"starchat.askQuestion", "starchat.explainSelection", "starchat.fixSelection"} <= file_commands
+    palette = {item["command"]: item.get("when", "") for item in menus["commandPalette"]}
+    for command in file_commands:
+        assert command in palette, f"{command} is in the command palette on every file"
+        when = re.search(r"!\(resourceFilename =~ /(.*)/i\)", palette[command])
+        assert when and when.group(1) == literal, palette[command]
+    for command, when in palette.items():
+        if command not in file_commands:
+            assert "resourceFilename" not in when, f"{command} is hidden on secret-looking files"
 
 
 def test_restart_twice_leaves_one_server(session):

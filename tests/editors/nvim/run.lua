@@ -34,10 +34,11 @@ vim.notify = function(msg, level, o)
   return real_notify(msg, level, o)
 end
 
+local status_buf -- calc.py: the statuses recorded are those of its status line
 vim.api.nvim_create_autocmd("User", {
   pattern = "StarChatStatus",
   callback = function()
-    local s = require("starchat").status()
+    local s = require("starchat").status(status_buf)
     if results.statuses[#results.statuses] ~= s then
       table.insert(results.statuses, s)
     end
@@ -122,6 +123,7 @@ end
 vim.cmd.cd(conf.workspace)
 vim.cmd.edit(conf.workspace .. "/calc.py")
 local code_buf = vim.api.nvim_get_current_buf()
+status_buf = code_buf
 local code_win = vim.api.nvim_get_current_win()
 
 local function client()
@@ -556,6 +558,140 @@ function steps.tabs()
   vim.cmd("tabclose")
   vim.api.nvim_set_current_win(code_win)
   return { in_tab = in_tab, total = total }
+end
+
+-- Streamed text comes out the same however it is split into pieces: a "\r\n" split between two
+-- pieces ("…\r", then "\n…") leaves no "^M". The server's pieces of a chat answer reach the
+-- plugin's $/progress handler with each space sent as a "\r\n" cut after its "\r".
+function steps.split_crlf()
+  chat.clear()
+  local real = lsp.handlers["$/progress"]
+  local snapshots, pieces = {}, 0
+  local turn
+  lsp.handlers["$/progress"] = function(err, result, ctx, conf)
+    local value = result and result.value
+    if not (turn and result.token == turn.token and type(value) == "table" and type(value.delta) == "string") then
+      return real(err, result, ctx, conf)
+    end
+    local text, from = value.delta:gsub(" ", "\r\n"), 1
+    while from <= #text do
+      local cr = text:find("\r", from, true) or #text
+      local piece = vim.tbl_extend("force", value, { delta = text:sub(from, cr) })
+      real(err, { token = result.token, value = piece }, ctx, conf)
+      pieces, from = pieces + 1, cr + 1
+      local lines = vim.api.nvim_buf_get_lines(chat.buf, turn.answer_line, -1, false)
+      table.insert(snapshots, table.concat(lines, "\n"))
+    end
+  end
+  local ok, err = pcall(function()
+    turn = chat.send(sc.CHAT_QUESTION)
+    assert(turn, "no turn started")
+    wait_turn(turn)
+  end)
+  lsp.handlers["$/progress"] = real
+  if not ok then
+    error(err)
+  end
+  shot("split-crlf")
+  return {
+    pieces = pieces,
+    streamed = snapshots[#snapshots],
+    with_cr = #vim.tbl_filter(function(t)
+      return t:find("\r", 1, true) ~= nil
+    end, snapshots),
+    answer = turn.answer,
+    chat_text = buf_text(chat.buf),
+  }
+end
+
+-- The chat buffer deleted (:bdelete, :bwipeout): the next one has the same name. Also when the
+-- deleted one is shown again before the plugin wipes it out (it does so once Neovim is idle:
+-- here in one go, as a mapping or a script would run `:bdelete | buffer #`).
+function steps.chat_name()
+  chat.clear()
+  local names = { first = vim.api.nvim_buf_get_name((chat.open())) }
+  for _, cmd in ipairs({ "bdelete", "bwipeout" }) do
+    local buf = chat.open({ focus = true })
+    vim.cmd(cmd)
+    names[cmd .. "_gone"] = not vim.api.nvim_buf_is_loaded(buf)
+    names[cmd] = vim.api.nvim_buf_get_name((chat.open()))
+    vim.api.nvim_set_current_win(code_win)
+  end
+  local old = chat.open({ focus = true })
+  vim.cmd("bdelete")
+  vim.cmd("buffer " .. old)
+  names.shown_again = vim.api.nvim_buf_get_name((chat.open()))
+  vim.api.nvim_set_current_win(code_win)
+  vim.cmd("buffer " .. code_buf)
+  vim.wait(100, function()
+    return false
+  end)
+  names.old_gone = not vim.api.nvim_buf_is_valid(old)
+  for _, w in ipairs(vim.fn.win_findbuf(chat.buf)) do
+    vim.api.nvim_win_close(w, false)
+  end
+  return names
+end
+
+-- The chat window's options (no line numbers, wrap, its winbar) are the chat buffer's there: a
+-- file shown in that window afterwards has the window's usual ones.
+function steps.chat_window()
+  vim.api.nvim_set_current_win(code_win)
+  for _, w in ipairs(vim.api.nvim_tabpage_list_wins(0)) do
+    if vim.api.nvim_win_get_buf(w) == chat.buf then
+      vim.api.nvim_win_close(w, false)
+    end
+  end
+  local saved = { number = vim.wo[code_win].number, wrap = vim.wo[code_win].wrap }
+  -- the split starts with the code window's options
+  vim.wo[code_win].number, vim.wo[code_win].wrap = true, false
+  local _, win = chat.open()
+  local function options()
+    local wo = vim.wo[win]
+    return { number = wo.number, wrap = wo.wrap, linebreak = wo.linebreak, winbar = wo.winbar ~= "" }
+  end
+  local out = { chat = options() }
+  -- a file not shown anywhere yet (a buffer shown before takes the options it had there)
+  local file = conf.workspace .. "/window.txt"
+  vim.fn.writefile({ "text" }, file)
+  vim.api.nvim_win_call(win, function()
+    vim.cmd.edit(vim.fn.fnameescape(file))
+  end)
+  out.file = options()
+  local file_buf = vim.api.nvim_win_get_buf(win)
+  vim.api.nvim_win_call(win, function()
+    vim.cmd("buffer " .. chat.buf)
+  end)
+  out.chat_again = options()
+  vim.api.nvim_win_close(win, false)
+  vim.cmd("bwipeout " .. file_buf)
+  vim.wo[code_win].number, vim.wo[code_win].wrap = saved.number, saved.wrap
+  return out
+end
+
+-- require("starchat").status() in the status line: in windows of buffers the client is attached
+-- to, not in the chat's or in those of other files.
+function steps.status_line()
+  vim.api.nvim_set_current_win(code_win)
+  local notes = conf.workspace .. "/notes.txt"
+  vim.fn.writefile({ "notes" }, notes)
+  vim.cmd("botright split " .. vim.fn.fnameescape(notes))
+  local notes_win = vim.api.nvim_get_current_win()
+  local _, chat_win = chat.open()
+  vim.api.nvim_set_current_win(code_win)
+  local function line(win)
+    return vim.api.nvim_eval_statusline(vim.o.statusline, { winid = win }).str
+  end
+  local out = { code = line(code_win), chat = line(chat_win), notes = line(notes_win) }
+  vim.api.nvim_set_current_win(notes_win) -- the current window does not matter
+  out.code_from_notes = line(code_win)
+  out.notes_current = line(notes_win)
+  out.arg = { code = starchat.status(code_buf), notes = starchat.status(vim.api.nvim_win_get_buf(notes_win)) }
+  shot("status-lines")
+  vim.api.nvim_win_close(chat_win, false)
+  vim.cmd("bwipeout " .. vim.api.nvim_win_get_buf(notes_win))
+  vim.api.nvim_set_current_win(code_win)
+  return out
 end
 
 -- A file outside the first file's root joins the running server (one model in memory) as a

@@ -188,6 +188,17 @@ async function runCommand(title) {
   await findCommand(title);
   await page.keyboard.press("Enter");
 }
+/** The titles of the commands the command palette offers for `query` (then closes it). */
+async function paletteTitles(query) {
+  await page.keyboard.press("Control+Shift+P");
+  await page.locator(".quick-input-widget input.input").fill(`>${query}`);
+  await page.locator(".quick-input-list .monaco-list-row").first().waitFor();
+  await sleep(300);
+  const rows = await page.locator(".quick-input-list .monaco-list-row").allInnerTexts();
+  await page.keyboard.press("Escape");
+  await page.locator(".quick-input-widget").waitFor({ state: "hidden", timeout: 5000 });
+  return rows.map((row) => row.split("\n")[0].trim()).filter(Boolean);
+}
 /** body() until it does not throw, at most `attempts` times; between() after each failure. */
 async function retry(attempts, body, between = async () => {}) {
   for (let attempt = 1; ; attempt++) {
@@ -744,9 +755,11 @@ try {
     await page.keyboard.press("Control+S");
     await until(".env saved", async () => fs.readFileSync(config.secrets.envFile, "utf8").includes(config.secrets.typed), 10000);
     await page.keyboard.press("Control+A"); // the selection commands need a selection
-    // No Ask StarChat in its right-click menu (package.json: the when-clause has SECRET_NAMES).
+    // No Ask StarChat in its right-click menu, nor the commands that send the file in the
+    // command palette (package.json: their when-clauses have SECRET_NAMES).
     const menuOnSecret = await contextMenuLabels(config.secrets.marker);
-    await runCommand("StarChat: Fix");
+    const paletteOnSecret = await paletteTitles("StarChat");
+    await page.keyboard.press("Control+Alt+Shift+F8"); // Fix, from a key bound to it
     const toast = page.locator(".notification-list-item-message", { hasText: "holds secrets" }).first();
     await toast.waitFor({ timeout: 10000 });
     const message = await toast.innerText();
@@ -772,7 +785,8 @@ try {
     await sleep(500);
     await selectLines(4, 5);
     const menuOnCode = await contextMenuLabels("def average");
-    return { menuOnSecret, menuOnCode, message, notice: turns.find((t) => t.role === "notice")?.text ?? null, answer: answer.text, answerStatus: answer.status, roles: turns.map((t) => t.role) };
+    const paletteOnCode = await paletteTitles("StarChat");
+    return { menuOnSecret, menuOnCode, paletteOnSecret, paletteOnCode, message, notice: turns.find((t) => t.role === "notice")?.text ?? null, answer: answer.text, answerStatus: answer.status, roles: turns.map((t) => t.role) };
   }, { needs: ["open"] });
 
   // Restart Server twice in a row (a key bound to it, pressed twice): one server afterwards.

@@ -77,13 +77,37 @@ local function set_thinking(on)
   end
 end
 
-local function append(text)
-  text = text:gsub("\r\n", "\n")
+--- The lines of a text, "\r\n" taken as a line break.
+local function lines_of(text)
+  return vim.split((text:gsub("\r\n", "\n")), "\n", { plain = true })
+end
+
+local function write_at_end(text)
   with_modifiable(function(buf)
     local last = vim.api.nvim_buf_line_count(buf) - 1
     local line = vim.api.nvim_buf_get_lines(buf, last, last + 1, false)[1]
-    vim.api.nvim_buf_set_text(buf, last, #line, last, #line, vim.split(text, "\n", { plain = true }))
+    vim.api.nvim_buf_set_text(buf, last, #line, last, #line, lines_of(text))
   end)
+end
+
+--- Streamed text, the same however it is split into pieces: a "\r" that ends a piece waits for
+--- the next one (a "\r\n" split between two); flush() writes it when the answer ends there.
+local function append(turn, text)
+  text = (turn.cr or "") .. text
+  turn.cr = nil
+  if text:sub(-1) == "\r" then
+    turn.cr, text = "\r", text:sub(1, -2)
+  end
+  if text ~= "" then
+    write_at_end(text)
+  end
+end
+
+local function flush(turn)
+  if turn.cr then
+    turn.cr = nil
+    write_at_end("\r")
+  end
 end
 
 local function append_lines(lines)
@@ -92,12 +116,21 @@ local function append_lines(lines)
   end)
 end
 
+local NAME = "starchat://chat"
+
 local function create()
   local buf = vim.api.nvim_create_buf(false, true)
   vim.bo[buf].buftype = "nofile"
   vim.bo[buf].bufhidden = "hide"
   vim.bo[buf].swapfile = false
-  pcall(vim.api.nvim_buf_set_name, buf, "starchat://chat")
+  -- a chat buffer deleted before (:bdelete, :bwipeout) but not wiped out yet (see below) would
+  -- keep the name: the new one would be unnamed
+  for _, old in ipairs(vim.api.nvim_list_bufs()) do
+    if old ~= buf and vim.api.nvim_buf_get_name(old) == NAME then
+      pcall(vim.api.nvim_buf_delete, old, { force = true })
+    end
+  end
+  pcall(vim.api.nvim_buf_set_name, buf, NAME)
   vim.bo[buf].filetype = "markdown"
   vim.api.nvim_buf_set_lines(buf, 0, -1, false, { USER, "" })
   M.buf = buf
@@ -168,11 +201,13 @@ function M.open(opts)
         vim.api.nvim_win_set_height(win, chat.size)
       end
     end
-    vim.wo[win].wrap = true
-    vim.wo[win].linebreak = true
-    vim.wo[win].number = false
-    vim.wo[win].relativenumber = false
-    vim.wo[win].winbar = "%#Title# StarChat %* %<%{v:lua.require'starchat.chat'.winbar()}"
+    -- for the chat buffer in this window only (:setlocal), not for buffers shown there later
+    local wo = vim.wo[win][0]
+    wo.wrap = true
+    wo.linebreak = true
+    wo.number = false
+    wo.relativenumber = false
+    wo.winbar = "%#Title# StarChat %* %<%{v:lua.require'starchat.chat'.winbar()}"
     if not opts.focus then
       vim.api.nvim_set_current_win(from)
     end
@@ -211,6 +246,7 @@ local function end_turn(turn, note)
   if M.current ~= turn then
     return
   end
+  flush(turn)
   M.current = nil
   set_thinking(false)
   local tail = {}
@@ -240,9 +276,9 @@ local function settle(turn, text)
     return
   end
   with_modifiable(function(buf)
-    vim.api.nvim_buf_set_lines(buf, turn.answer_line, -1, false, vim.split(text, "\n", { plain = true }))
+    vim.api.nvim_buf_set_lines(buf, turn.answer_line, -1, false, lines_of(text))
   end)
-  turn.answer = text
+  turn.answer, turn.cr = text, nil
 end
 
 local function on_result(turn)
@@ -325,7 +361,7 @@ function M.send(text, opts)
     end
     turn.pieces = turn.pieces + 1
     turn.answer = turn.answer .. delta
-    append(delta)
+    append(turn, delta)
     follow(false)
   end
   turn.req = lsp.request(client, "starchat/chat", params, on_result(turn), ctx and ctx.bufnr or nil, "chat")

@@ -50,7 +50,7 @@ function M.check()
   elseif state == "ready" or state == "generating" then
     health.ok(("model %s: %s"):format(state, message or ""))
   else
-    health.info(("model: %s"):format(starchat.status()))
+    health.info(("model: %s"):format(lsp.status()))
   end
 end
 

@@ -8,17 +8,30 @@ local M = {}
 
 M.chat = chat
 
---- For the status line: "StarChat: ready", "StarChat: Fix (12 tokens)", … ("" when not running).
-function M.status()
-  return lsp.status()
-end
-
 local function wants(ft)
   local fts = config.options.filetypes
   if fts == "*" or fts == nil then
     return ft ~= ""
   end
   return vim.tbl_contains(fts, ft)
+end
+
+--- For the status line: "StarChat: ready", "StarChat: Fix (12 tokens)", … in the windows of
+--- buffers the StarChat client is attached to; after the server exited, in those of the files it
+--- serves. "" elsewhere, and when it is not running. bufnr: the window's buffer (the status
+--- line's window: %{} items are evaluated in it, a "%!" expression gets g:statusline_winid).
+function M.status(bufnr)
+  if bufnr == nil or bufnr == 0 then
+    local win = vim.g.statusline_winid
+    bufnr = win and vim.api.nvim_win_is_valid(win) and vim.api.nvim_win_get_buf(win) or vim.api.nvim_get_current_buf()
+  end
+  if not lsp.attached(bufnr) then
+    local served = #lsp.clients() == 0 and vim.bo[bufnr].buftype == "" and wants(vim.bo[bufnr].filetype)
+    if not served or lsp.unsendable_reason(bufnr) then
+      return ""
+    end
+  end
+  return lsp.status()
 end
 
 --- Start or attach the server for a buffer (what the FileType autocommand does). A buffer left

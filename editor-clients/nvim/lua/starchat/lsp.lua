@@ -432,6 +432,16 @@ function M.clients(bufnr)
   end, get_clients({ name = config.options.name, bufnr = bufnr }))
 end
 
+--- Whether a StarChat client is attached to the buffer (one still starting too).
+function M.attached(bufnr)
+  for _, c in ipairs(get_clients({ name = config.options.name, bufnr = bufnr, _uninitialized = true })) do
+    if not M.is_stopped(c) then
+      return true
+    end
+  end
+  return false
+end
+
 local function root_for(bufnr)
   local opts = config.options
   if type(opts.root_dir) == "function" then
