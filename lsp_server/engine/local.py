@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 import os
+from copy import deepcopy
 from pathlib import Path
 from typing import Any, Callable
 
@@ -177,7 +177,12 @@ class TransformersEngine:
         if should_stop():
             return [], "cancelled"
         input_ids = torch.tensor([prompt_ids], device=self.input_device)
-        cache, reused = self._cache_for(prompt_ids)
+        try:
+            cache, reused = self._cache_for(prompt_ids)
+        except torch.cuda.OutOfMemoryError:  # no room to copy a kept cache: free them all instead
+            self._kept = []
+            torch.cuda.empty_cache()
+            cache, reused = None, 0
         if on_prompt is not None:
             on_prompt(reused)
         try:
@@ -191,6 +196,7 @@ class TransformersEngine:
                     **{self._cache_name: cache},
                 )
         except torch.cuda.OutOfMemoryError as exc:
+            self._kept = []  # the memory they hold goes to the next request
             torch.cuda.empty_cache()
             raise EngineError(f"The GPU ran out of memory for this request: {first_line(exc)}") from None
         self._keep(getattr(out, self._cache_name, None), prompt_ids + generated)
@@ -220,7 +226,7 @@ class TransformersEngine:
             del self._kept[best]  # taken: a request that fails leaves no half-written cache behind
         else:
             self._kept.insert(0, self._kept.pop(best))  # used: the last to go
-            cache = copy.deepcopy(cache)
+            cache = deepcopy(cache)
         cache.crop(keep - cache.get_seq_length())  # a negative count: the tokens to drop
         return cache, keep
 

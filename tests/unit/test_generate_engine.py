@@ -148,3 +148,17 @@ def test_older_caches_go_past_the_size_limit(engine, monkeypatch, prompts):
     monkeypatch.setattr(local, "KEPT_BYTES", 100 * size)
     run(engine, prompts["fix"])
     assert len(engine._kept) == 2
+
+
+def test_no_memory_to_copy_a_kept_cache_frees_them_and_computes_the_whole_prompt(engine, monkeypatch, tokenizer, prompts):
+    from lsp_server.engine import local
+
+    run(engine, prompts["fix"])
+
+    def out_of_memory(_):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(local, "deepcopy", out_of_memory)
+    ids, reused = run(engine, prompts["optimize"])
+    assert reused == 0 and tokenizer.decode(ids) == sc.OPTIMIZE_ANSWER
+    assert len(engine._kept) == 1 and engine._kept[0][0][: len(prompts["optimize"])] == prompts["optimize"]  # the Fix's went
