@@ -98,3 +98,33 @@ def test_a_hub_model_without_safetensors_says_how_to_allow_pickled_weights(test_
     settings = Settings(model=str(test_model), device="cpu")
     with pytest.raises(EngineError, match="allowUnsafeWeights \\(--allow-unsafe-weights\\)"):
         TransformersEngine.load(settings)
+
+
+def test_docs_name_every_method_command_and_setting():
+    """docs/protocol.md is the editors' reference: every method the server answers, every
+    command it executes and every setting, with its default, is in it."""
+    import json
+    from pathlib import Path
+
+    from lsp_server.setup import create_server
+
+    docs = (Path(__file__).parents[2] / "docs" / "protocol.md").read_text()
+    server = create_server()
+    try:
+        names = [*server.protocol.fm.features, *server.protocol.fm.commands]
+    finally:
+        server.close()
+    assert {"textDocument/hover", "starchat/chat", "starchat.runTask"} <= set(names)
+    assert [n for n in names if f"`{n}`" not in docs] == []
+    table = docs.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    cells = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| `")]
+    documented = {key.strip().strip("`"): default.strip().strip("`") for key, default in cells}
+
+    def value(cell: str):  # JSON, or a bare string
+        try:
+            return json.loads(cell)
+        except ValueError:
+            return cell
+
+    assert {key: value(documented[key]) if key in documented else "missing" for key, _, _ in describe()} == {
+        key: default for key, default, _ in describe()}
