@@ -8,8 +8,9 @@ file), so an engine that keeps the KV of a prompt prefix computes the file once:
 a Fix, then an Explain of another function in the same file only prefill what follows it. The
 window does not depend on the task either (a question up to ``QUESTION_ROOM`` tokens leaves it
 as it is), so two tasks on the same selection in a long file share everything up to the task.
-In a file too long to fit, a conversation's window leaves ``HISTORY_ROOM`` tokens (doubled as
-needed) to its later turns from the second on, so it does not move at every turn.
+In a file too long to fit, a conversation's window starts where its first turn's did and, from
+the second turn, leaves ``HISTORY_ROOM`` tokens (doubled as needed) to the later turns, so it
+does not move at every turn.
 
 Counts come from the model's own tokenizer and the final prompt is re-counted whole, so
 ``len(prompt.ids) <= budget`` always holds. The selection is never cut: if it alone does not
@@ -122,21 +123,29 @@ def build_prompt(
     # shorter (so the window is the same for every task), less the window's own cost (its fences
     # and the selection shown in it), paid once.
     window_cost = len(fmt.encode_dialogue(dialogue([], [], True))) - len(base)
-    room = budget - len(base) - max(0, QUESTION_ROOM - len(fmt.encode_text(question))) - window_cost
-    n_before, n_after = _fill(fmt, before_lines, after_lines, room)
-    if context is not None and (n_before < len(before_lines) or n_after < len(after_lines)):
-        if earlier:
-            # The file does not fit whole: a conversation's window leaves room for its later
-            # turns, HISTORY_ROOM tokens doubled as they outgrow it, so it stays put from one
-            # turn to the next (the next prompt starts with the last one, which the engine
-            # holds) instead of shrinking at every turn.
-            first = len(fmt.encode_dialogue(dialogue([], [], later=False)))
-            reserve = HISTORY_ROOM
-            while reserve < len(base) - first:
-                reserve *= 2
-            room = min(room, budget - first - window_cost - reserve)
-            n_before, n_after = _fill(fmt, before_lines, after_lines, room)
-        n_before, n_after = _anchor(fmt, context, before_lines, after_lines, n_before, n_after, room)
+    question_room = max(0, QUESTION_ROOM - len(fmt.encode_text(question)))
+    room = budget - len(base) - question_room - window_cost
+    n_before, n_after = _window(fmt, context, before_lines, after_lines, room)
+    if earlier and (n_before < len(before_lines) or n_after < len(after_lines)):
+        # A conversation about a file too long to fit: the window starts where the first turn's
+        # did (and the code actions') and ends where it leaves room for the later turns,
+        # HISTORY_ROOM tokens doubled as they outgrow it. From one turn to the next it stays
+        # the same, or loses lines at its end when the reserve doubles, so the next prompt
+        # starts with the last one (which the engine holds), or with all of it up to the
+        # window's new end, instead of the window moving at every turn.
+        first_question = next(turn.content for turn in [*earlier, Message("user", question)] if turn.role == "user")
+        first = len(fmt.encode_dialogue(dialogue([], [], later=False)))
+        first_room = budget - first - max(0, QUESTION_ROOM - len(fmt.encode_text(first_question))) - window_cost
+        reserve = HISTORY_ROOM
+        while reserve < len(base) + question_room - first:  # the window only gets smaller here
+            reserve *= 2
+        room = budget - first - window_cost - reserve
+        n_before = _window(fmt, context, before_lines, after_lines, first_room)[0]
+        after = _after(fmt, before_lines, after_lines, n_before, room)
+        if after is None:  # the first turn's lines before the selection alone do not fit
+            n_before, n_after = _window(fmt, context, before_lines, after_lines, room)
+        else:
+            n_after = after
     ids = count(n_before, n_after)
     # The per-line counts are estimates (a line's tokens can merge with its neighbours');
     # the whole prompt is the truth, so drop the farthest line until it fits.
@@ -190,16 +199,34 @@ def _anchor(fmt, ctx: CodeContext, before_lines, after_lines, n_before: int, n_a
     first = ctx.text.count("\n", 0, ctx.start) - max(0, n_before - partial)  # the window's first line in the file
     for start in (_roundest(first - quarter, first), _roundest(first, first + quarter)):
         n = max(0, min(len(before_lines), n_before + first - start))
-        used = sum(len(fmt.encode_text(line)) for line in before_lines[len(before_lines) - n :])
-        if used <= room:
+        after = _after(fmt, before_lines, after_lines, n, room)
+        if after is not None:
             break
+    return n, after or 0
+
+
+def _window(fmt, ctx: CodeContext | None, before_lines, after_lines, room: int) -> tuple[int, int]:
+    """The lines before and after the selection for ``room`` tokens: all of them when they
+    fit, else the anchored window (:func:`_anchor`)."""
+    n_before, n_after = _fill(fmt, before_lines, after_lines, room)
+    if ctx is not None and (n_before < len(before_lines) or n_after < len(after_lines)):
+        n_before, n_after = _anchor(fmt, ctx, before_lines, after_lines, n_before, n_after, room)
+    return n_before, n_after
+
+
+def _after(fmt, before_lines, after_lines, n_before: int, room: int) -> int | None:
+    """How many lines after the selection fit in ``room`` tokens beside the ``n_before`` lines
+    before it; None when those alone do not fit."""
+    used = sum(len(fmt.encode_text(line)) for line in before_lines[len(before_lines) - n_before :])
+    if used > room:
+        return None
     taken = 0
     for line in after_lines:
         used += len(fmt.encode_text(line))
         if used > room:
             break
         taken += 1
-    return n, taken
+    return taken
 
 
 def _roundest(low: int, high: int) -> int:

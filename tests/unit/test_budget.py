@@ -269,25 +269,36 @@ def test_a_chats_next_turn_starts_with_the_last_turns_prompt_and_answer(tokenize
 
 
 def test_a_conversation_about_a_long_file_keeps_its_window_while_it_grows(tokenizer):
-    """A file too long to fit: from the second turn the window leaves HISTORY_ROOM tokens to the
-    later turns, so turns 2, 3, 4 … show the same lines and each prompt starts with the last
-    one and its answer; the first turn's window is the code actions' (their prefix is shared)."""
+    """A file too long to fit: every turn's window starts where the first turn's (and an
+    Explain's) does; from the second turn it leaves HISTORY_ROOM tokens to the later turns
+    (doubled as they outgrow it), so it stays the same from turn to turn, or loses lines at its
+    end: each prompt starts with the last one and its answer, or with all of it up to the
+    window's end. (Before, the window shrank at every turn and each turn computed the whole
+    history again.)"""
     fmt = format_for(tokenizer)
-    text = numbered_file(600)
-    about = dict(text=text, start=text.index("line_300 ="), end=text.index("line_303 ="), path="a.py", language="python")
-    answer = "It assigns numbers to names, one per line, as the file does throughout. " * 3
-    turns = [Message("user", "What is this?")]
+    text = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n\n" for i in range(1500))
+    about = dict(text=text, start=text.index("def f700("), end=text.index("def f701("), path="m.py", language="python")
+    answer = "This function multiplies x by a constant and adds a small offset; " * 8
+    turns = [Message("user", "What does this function do?")]
     prompts = []
-    for question in ("Why?", "And then?", "Where else?", "What next?", "Is that all?"):
-        prompts.append(chat_prompt(fmt, system="s", budget=3000, messages=turns, **about))
-        turns += [Message("assistant", answer), Message("user", question)]
-    def window(prompt) -> str:  # the file's lines in the message that holds the document
-        return prompt.messages[1].content.split("```python\n", 1)[1].split("```", 1)[0]
+    for i in range(6):  # (a 7th turn needs 4096 tokens for the later turns: the window moves then)
+        prompts.append(chat_prompt(fmt, system="s", budget=7936, messages=turns, **about))
+        turns += [Message("assistant", answer), Message("user", f"And question {i}?" + " Please." * (i % 3))]
 
-    assert window(prompts[0]) == window(code_prompt(fmt, system="s", budget=3000, task=Task.EXPLAIN, **about))
-    windows = [window(p) for p in prompts[1:]]
-    assert len(set(windows)) == 1 and windows[0].count("\n") > 50  # the same lines, still a wide window
-    for earlier, later in zip(prompts[1:], prompts[2:]):
-        shared = common_prefix(earlier.ids, later.ids)
-        assert shared >= len(earlier.ids) - 3  # all but the closing tokens of the last turn
-    assert all(len(p.ids) <= 3000 for p in prompts)
+    def window(prompt) -> list[str]:  # the file's lines in the message that holds the document
+        return prompt.messages[1].content.split("```python\n", 1)[1].split("```", 1)[0].splitlines()
+
+    explain = code_prompt(fmt, system="s", budget=7936, task=Task.EXPLAIN, **about)
+    assert window(prompts[0]) == window(explain)
+    windows = [window(p) for p in prompts]
+    assert len({w[0] for w in windows}) == 1 and len(windows[-1]) > 100  # one start, still a wide window
+    kept_whole = 0
+    for (earlier, w1), (later, w2) in zip(zip(prompts, windows), zip(prompts[1:], windows[1:])):
+        assert len(w2) <= len(w1)
+        if w2 == w1:  # the next prompt starts with the last one (all but the closing tokens)
+            assert common_prefix(earlier.ids, later.ids) >= len(earlier.ids) - 3
+            kept_whole += 1
+        else:  # the window lost lines at its end: all up to there is the same
+            assert tokenizer.decode(later.ids[: common_prefix(earlier.ids, later.ids)]).count("\n") >= len(w2)
+    assert kept_whole >= 3
+    assert all(len(p.ids) <= 7936 for p in prompts)
