@@ -47,3 +47,14 @@ def test_bench_tiny_writes_every_key(test_model, tmp_path, monkeypatch, capsys):
     assert result["spec_known_answer_steps"] < result["spec_plain_steps"]
     assert result["ready_s"] == result["ready_process_second_s"] > 0
     assert "| engine_b1_tok_s |" in capsys.readouterr().out
+
+
+def test_conversation_prompts_bench(test_model, tmp_path):
+    spec = importlib.util.spec_from_file_location("conversation_prompts", REPO / "bench" / "conversation_prompts.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "conversation.json"
+    assert bench.main(["--tokenizer", str(test_model), "--turns", "3", "--out", str(out)]) == 0
+    turns = json.loads(out.read_text())["turns"]
+    assert [t["turn"] for t in turns] == [1, 2, 3]
+    assert turns[2]["shared_with_previous"] >= turns[1]["prompt_tokens"] - 3  # the window stayed: only the new turn
