@@ -257,8 +257,8 @@ class StarChatServer(LanguageServer):
         its file name; for a document that is not a file (VS Code's ``untitled:Untitled-1``, a
         notebook cell, a remote file) the last part of its URI's path."""
         path = to_fs_path(uri)
-        if path is None:
-            return unquote(urlsplit(uri).path).rstrip("/").rpartition("/")[2]
+        if path is None:  # (no line breaks or backticks from the URI's escapes into the prompt)
+            return re.sub(r"[\x00-\x1f\x7f`]", "", unquote(urlsplit(uri).path).rstrip("/").rpartition("/")[2])
         for folder in [*self.workspace.folders.values(), *([types.WorkspaceFolder(self.workspace.root_uri, "root")] if self.workspace.root_uri else [])]:
             root = to_fs_path(folder.uri)
             if root and Path(path).is_relative_to(root):

@@ -612,8 +612,14 @@ class FastEngine(StartUp, Graphs, StepMath):
                 return source, reuse, source
             self._slot_used[source] = time.monotonic()  # used: not the next to be overwritten
             free = others
-        # least recently used free slot; ties → lowest index (keeps batches small)
-        target = min(free, key=lambda s: (self._slot_used[s], s))
+
+        def unique(s: int) -> bool:  # holds tokens no other slot holds too
+            held = self._slot_ids[s]
+            return bool(held) and not any(o != s and self._slot_ids[o][: len(held)] == held for o in range(self.slots))
+
+        # a free slot that holds nothing of its own, else the least recently used; ties → the
+        # lowest index (keeps batches small)
+        target = min(free, key=lambda s: (unique(s), self._slot_used[s], s))
         return target, reuse, source
 
     def _admit(self, req: _Request) -> None:

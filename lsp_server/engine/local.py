@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from copy import deepcopy
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,7 +14,7 @@ log = logging.getLogger(__name__)
 
 STOP_TOKENS = ("<|end|>", "<|endoftext|>")
 KEPT_CACHES = 4  # the generate() engine's caches of recent requests (StarChat: 20 KiB a token)
-KEPT_BYTES = 2 << 30  # and their size at most, beyond the newest (a multi-head model's cache is ~25x StarChat's)
+KEPT_BYTES = 2 << 30  # and their size in all, the newest kept whatever its size (a multi-head model's is ~25x StarChat's)
 
 
 def resolve_device(requested: str) -> str:
@@ -136,6 +135,7 @@ class TransformersEngine:
 
         stop_ids = self.stop_ids
         generated: list[int] = []
+        reused = 0  # of the prompt's tokens, from a kept cache
 
         class Streamer:
             prompt_seen = False
@@ -145,6 +145,8 @@ class TransformersEngine:
                     self.prompt_seen = True
                     return
                 for token in value.reshape(-1).tolist():
+                    if not generated and on_prompt is not None:
+                        on_prompt(reused)
                     generated.append(token)
                     if token not in stop_ids:
                         on_token(token)
@@ -179,26 +181,28 @@ class TransformersEngine:
         input_ids = torch.tensor([prompt_ids], device=self.input_device)
         try:
             cache, reused = self._cache_for(prompt_ids)
-        except torch.cuda.OutOfMemoryError:  # no room to copy a kept cache: free them all instead
-            self._kept = []
-            torch.cuda.empty_cache()
-            cache, reused = None, 0
-        if on_prompt is not None:
-            on_prompt(reused)
-        try:
-            with torch.inference_mode():
-                out = self.model.generate(
-                    input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    generation_config=config,
-                    streamer=Streamer(),
-                    stopping_criteria=StoppingCriteriaList([StopFlag()]),
-                    **{self._cache_name: cache},
-                )
-        except torch.cuda.OutOfMemoryError as exc:
-            self._kept = []  # the memory they hold goes to the next request
-            torch.cuda.empty_cache()
-            raise EngineError(f"The GPU ran out of memory for this request: {first_line(exc)}") from None
+        except torch.cuda.OutOfMemoryError:  # no room to copy a kept cache's prefix
+            cache = None
+        while True:
+            try:
+                with torch.inference_mode():
+                    out = self.model.generate(
+                        input_ids,
+                        attention_mask=torch.ones_like(input_ids),
+                        generation_config=config,
+                        streamer=Streamer(),
+                        stopping_criteria=StoppingCriteriaList([StopFlag()]),
+                        **{self._cache_name: cache},
+                    )
+                break
+            except torch.cuda.OutOfMemoryError as exc:
+                # the kept caches' memory goes to this request: again from the start, once,
+                # when nothing was streamed yet
+                again = not generated and (cache is not None or bool(self._kept))
+                self._kept, cache, reused = [], None, 0
+                torch.cuda.empty_cache()
+                if not again:
+                    raise EngineError(f"The GPU ran out of memory for this request: {first_line(exc)}") from None
         self._keep(getattr(out, self._cache_name, None), prompt_ids + generated)
         if should_stop():
             reason: FinishReason = "cancelled"
@@ -212,8 +216,11 @@ class TransformersEngine:
         """The kept cache that shares the longest prefix with ``prompt_ids``, cut to that prefix
         (at least the last prompt token is left to compute), and the prefix's length; (None, 0)
         when none shares one. A cache the prompt starts with whole is taken (the request's own
-        cache will hold all of it); one the prompt leaves part of is copied, so that it stays
-        for a request that continues it (a chat's next turn after a hover in between)."""
+        cache will hold all of it); of one the prompt leaves part of, the shared prefix is
+        copied, so that it stays for a request that continues it (a chat's next turn after a
+        hover in between)."""
+        from transformers import DynamicCache
+
         if not self._kept:
             return None, 0
         shared = [common_prefix(ids, prompt_ids) for ids, _ in self._kept]
@@ -222,13 +229,15 @@ class TransformersEngine:
         if keep <= 0:
             return None, 0
         ids, cache = self._kept[best]
-        if keep == len(ids):
+        if shared[best] == len(ids):
             del self._kept[best]  # taken: a request that fails leaves no half-written cache behind
-        else:
-            self._kept.insert(0, self._kept.pop(best))  # used: the last to go
-            cache = deepcopy(cache)
-        cache.crop(keep - cache.get_seq_length())  # a negative count: the tokens to drop
-        return cache, keep
+            cache.crop(keep - cache.get_seq_length())  # a negative count: the tokens to drop
+            return cache, keep
+        self._kept.insert(0, self._kept.pop(best))  # used: the last to go
+        prefix = DynamicCache()
+        for i, layer in enumerate(cache.layers):
+            prefix.update(layer.keys[..., :keep, :].clone(), layer.values[..., :keep, :].clone(), i)
+        return prefix, keep
 
     def _keep(self, cache: Any, ids: list[int]) -> None:
         """Keep ``cache`` for later requests when it is a plain growing cache (a sliding-window

@@ -132,20 +132,22 @@ def build_prompt(
         # HISTORY_ROOM tokens doubled as they outgrow it. From one turn to the next it stays
         # the same, or loses lines at its end when the reserve doubles, so the next prompt
         # starts with the last one (which the engine holds), or with all of it up to the
-        # window's new end, instead of the window moving at every turn.
+        # window's new end, instead of the window moving at every turn. Once the later turns
+        # need more than half the room, the window gets what they leave, as before.
         first_question = next(turn.content for turn in [*earlier, Message("user", question)] if turn.role == "user")
         first = len(fmt.encode_dialogue(dialogue([], [], later=False)))
         first_room = budget - first - max(0, QUESTION_ROOM - len(fmt.encode_text(first_question))) - window_cost
         reserve = HISTORY_ROOM
         while reserve < len(base) + question_room - first:  # the window only gets smaller here
             reserve *= 2
-        room = budget - first - window_cost - reserve
-        n_before = _window(fmt, context, before_lines, after_lines, first_room)[0]
-        after = _after(fmt, before_lines, after_lines, n_before, room)
-        if after is None:  # the first turn's lines before the selection alone do not fit
-            n_before, n_after = _window(fmt, context, before_lines, after_lines, room)
-        else:
-            n_after = after
+        kept = budget - first - window_cost - reserve
+        if kept >= reserve:
+            n_before = _window(fmt, context, before_lines, after_lines, first_room)[0]
+            after = _after(fmt, before_lines, after_lines, n_before, kept)
+            if after is None:  # the first turn's lines before the selection alone do not fit
+                n_before, n_after = _window(fmt, context, before_lines, after_lines, kept)
+            else:
+                n_after = after
     ids = count(n_before, n_after)
     # The per-line counts are estimates (a line's tokens can merge with its neighbours');
     # the whole prompt is the truth, so drop the farthest line until it fits.

@@ -39,8 +39,8 @@ def test_bench_tiny_writes_every_key(test_model, tmp_path, monkeypatch, capsys):
     assert result["ttft_prefix_reused_tokens"] > 0
     # through the server: the second chat about the document took the file from the cache
     assert result["server_doc_prompt_tokens"] // 2 < result["server_doc_cached_tokens"] < result["server_doc_prompt_tokens"]
-    # the first chat's next turn, after the other chat: its first turn and answer came from the cache
-    assert result["server_doc_next_turn_cached_tokens"] > result["server_doc_prompt_tokens"]
+    # the first chat's next turn, after the other chat: all but its new question came from the cache
+    assert result["server_doc_next_turn_cached_tokens"] >= result["server_doc_next_turn_prompt_tokens"] - 24
     # every known-answer draft is right: 7 accepted per speculative step (float32: same tokens)
     assert result["spec_known_answer_same_tokens"] == "16/16"
     assert result["spec_known_answer_accepted_per_spec_step"] >= 6

@@ -302,3 +302,8 @@ def test_a_conversation_about_a_long_file_keeps_its_window_while_it_grows(tokeni
             assert tokenizer.decode(later.ids[: common_prefix(earlier.ids, later.ids)]).count("\n") >= len(w2)
     assert kept_whole >= 3
     assert all(len(p.ids) <= 7936 for p in prompts)
+    # once the later turns need more than half the room, the window gets what they leave (it
+    # moves again, but never goes while there is room for it)
+    small = chat_prompt(fmt, system="s", budget=1500, messages=prompts[2].messages[2:6] + [Message("user", "More?")],
+                        **about)
+    assert small.lines_before + small.lines_after > 10

@@ -241,6 +241,23 @@ def test_a_request_in_between_leaves_a_conversation_its_slot(engine, hf_model, t
     assert ids == reference(hf_model, engine.stop_ids, next_turn)
 
 
+def test_a_copied_prefix_goes_first_to_a_slot_that_holds_nothing_of_its_own(engine):
+    """Where a prefix is copied to: a free slot whose tokens another slot holds too (nothing is
+    lost there) before the least recently used one."""
+    assert wait_idle(engine)
+    saved = list(engine._slot_ids), list(engine._slot_used)
+    try:
+        engine._slot_ids[:] = [[1, 2, 3, 4, 5], [1, 2, 3], [7, 8, 9], [1, 2, 9, 9]]
+        engine._slot_used[:] = [1.0, 5.0, 3.0, 4.0]
+        # slot 3 shares the most ([1, 2, 9]) and keeps its own tail: copied to slot 1, a prefix
+        # of slot 0, rather than over slot 0, the least recently used
+        assert engine._pick_slot([1, 2, 9, 5, 6]) == (1, 3, 3)
+        # a prompt that continues slot 2 whole takes it over
+        assert engine._pick_slot([7, 8, 9, 10]) == (2, 3, 2)
+    finally:
+        engine._slot_ids[:], engine._slot_used[:] = saved
+
+
 def test_prefix_copied_from_a_busy_slot(engine, hf_model, tokenizer, prompts):
     base = prompts[3]
     # the slow request must produce a token (its callback is what holds the slot busy): one of

@@ -150,15 +150,39 @@ def test_older_caches_go_past_the_size_limit(engine, monkeypatch, prompts):
     assert len(engine._kept) == 2
 
 
-def test_no_memory_to_copy_a_kept_cache_frees_them_and_computes_the_whole_prompt(engine, monkeypatch, tokenizer, prompts):
-    from lsp_server.engine import local
+def test_no_memory_to_copy_a_kept_cache_computes_the_whole_prompt(engine, monkeypatch, tokenizer, prompts):
+    from lsp_server.engine.local import TransformersEngine
 
     run(engine, prompts["fix"])
 
-    def out_of_memory(_):
+    def out_of_memory(self, prompt_ids):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(local, "deepcopy", out_of_memory)
+    monkeypatch.setattr(TransformersEngine, "_cache_for", out_of_memory)
     ids, reused = run(engine, prompts["optimize"])
     assert reused == 0 and tokenizer.decode(ids) == sc.OPTIMIZE_ANSWER
+
+
+def test_out_of_memory_frees_the_kept_caches_and_tries_once_more(engine, monkeypatch, tokenizer, prompts):
+    """The kept caches take GPU memory a request may need: when it runs out before its first
+    token, they go and the request starts again from scratch, once."""
+    from lsp_server.engine.base import EngineError
+
+    run(engine, prompts["fix"])
+    real, calls = engine.model.generate, []
+
+    def generate(*args, fail=1, **kwargs):
+        calls.append(kwargs.get(engine._cache_name) is not None)
+        if len(calls) <= fail:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "generate", generate)
+    ids, reused = run(engine, prompts["optimize"])
+    assert calls == [True, False] and reused == 0 and tokenizer.decode(ids) == sc.OPTIMIZE_ANSWER
     assert len(engine._kept) == 1 and engine._kept[0][0][: len(prompts["optimize"])] == prompts["optimize"]  # the Fix's went
+    calls.clear()
+    monkeypatch.setattr(engine.model, "generate", lambda *a, **k: generate(*a, fail=2, **k))
+    with pytest.raises(EngineError, match="ran out of memory"):
+        run(engine, prompts["fix"])
+    assert calls == [True, False] and engine._kept == []
