@@ -595,8 +595,8 @@ class FastEngine(StartUp, Graphs, StepMath):
     def _pick_slot(self, prompt: list[int]) -> tuple[int, int, int | None]:
         """(target slot, reusable prefix length, source slot of that prefix). A free slot the
         prompt continues whole is taken over; one it shares only part of is copied from (one
-        device copy) into the least recently used other free slot, so that it stays for a
-        request that continues it (a chat's next turn after a hover in between)."""
+        device copy) into another free slot, so that it stays for a request that continues it
+        (a chat's next turn after a hover in between)."""
         best, source = 0, None
         for s in range(self.slots):
             n = common_prefix(self._slot_ids[s], prompt)
