@@ -294,6 +294,7 @@ class FastEngine(StartUp, Graphs, StepMath):
         self._slot_ids: list[list[int]] = [[] for _ in range(S)]
         self._slot_req: list[_Request | None] = [None] * S
         self._slot_used = [0.0] * S
+        self._slot_priority = [0] * S  # of the request that filled it (a hover's tail is worth the least)
         self._running: list[_Request] = []
         self._incoming: deque[_Request] = deque()
         # admitted (slot taken), prompt still going into the cache: whole when nothing decodes,
@@ -594,9 +595,11 @@ class FastEngine(StartUp, Graphs, StepMath):
 
     def _pick_slot(self, prompt: list[int]) -> tuple[int, int, int | None]:
         """(target slot, reusable prefix length, source slot of that prefix). A free slot the
-        prompt continues whole is taken over; one it shares only part of is copied from (one
-        device copy) into another free slot, so that it stays for a request that continues it
-        (a chat's next turn after a hover in between)."""
+        prompt continues whole is taken over. One it shares only part of is copied from (one
+        device copy) into the free slot whose tokens are worth the least: one that holds nothing
+        no other slot holds, else one a hover filled, else the least recently used, the source
+        last among equals, so that it stays for a request that continues it (a chat's next
+        turn after a hover in between); choosing the source itself takes it over."""
         best, source = 0, None
         for s in range(self.slots):
             n = common_prefix(self._slot_ids[s], prompt)
@@ -605,21 +608,18 @@ class FastEngine(StartUp, Graphs, StepMath):
         reuse = min(best, len(prompt) - 1)
         if reuse <= 0:
             source = None
-        free = [s for s in range(self.slots) if self._slot_req[s] is None]
-        if source is not None and self._slot_req[source] is None:
-            others = [s for s in free if s != source]
-            if best >= len(self._slot_ids[source]) or not others:
-                return source, reuse, source
+        if source is not None and self._slot_req[source] is None and best >= len(self._slot_ids[source]):
+            return source, reuse, source
+        if source is not None:
             self._slot_used[source] = time.monotonic()  # used: not the next to be overwritten
-            free = others
 
         def unique(s: int) -> bool:  # holds tokens no other slot holds too
             held = self._slot_ids[s]
             return bool(held) and not any(o != s and self._slot_ids[o][: len(held)] == held for o in range(self.slots))
 
-        # a free slot that holds nothing of its own, else the least recently used; ties → the
-        # lowest index (keeps batches small)
-        target = min(free, key=lambda s: (unique(s), self._slot_used[s], s))
+        free = [s for s in range(self.slots) if self._slot_req[s] is None]
+        # ties → the lowest index (keeps batches small)
+        target = min(free, key=lambda s: (unique(s), -self._slot_priority[s], self._slot_used[s], s))
         return target, reuse, source
 
     def _admit(self, req: _Request) -> None:
@@ -629,6 +629,7 @@ class FastEngine(StartUp, Graphs, StepMath):
         slot, reuse, source = self._pick_slot(prompt)
         self._slot_req[slot] = req
         self._slot_used[slot] = time.monotonic()
+        self._slot_priority[slot] = req.priority
         req.slot = slot
         self._slot_ids[slot] = prompt[:reuse]
         self.stats["requests"] += 1

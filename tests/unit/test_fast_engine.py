@@ -241,21 +241,33 @@ def test_a_request_in_between_leaves_a_conversation_its_slot(engine, hf_model, t
     assert ids == reference(hf_model, engine.stop_ids, next_turn)
 
 
-def test_a_copied_prefix_goes_first_to_a_slot_that_holds_nothing_of_its_own(engine):
+def test_a_copied_prefix_goes_where_the_least_is_lost(engine):
     """Where a prefix is copied to: a free slot whose tokens another slot holds too (nothing is
-    lost there) before the least recently used one."""
+    lost there), else one a hover filled (the server keeps hover answers), else the least
+    recently used; choosing the source slot takes it over."""
+    from lsp_server.engine.worker import Priority
+
     assert wait_idle(engine)
-    saved = list(engine._slot_ids), list(engine._slot_used)
+    saved = list(engine._slot_ids), list(engine._slot_used), list(engine._slot_priority)
+    user, hover = int(Priority.USER), int(Priority.HOVER)
     try:
         engine._slot_ids[:] = [[1, 2, 3, 4, 5], [1, 2, 3], [7, 8, 9], [1, 2, 9, 9]]
         engine._slot_used[:] = [1.0, 5.0, 3.0, 4.0]
+        engine._slot_priority[:] = [user, user, user, user]
         # slot 3 shares the most ([1, 2, 9]) and keeps its own tail: copied to slot 1, a prefix
         # of slot 0, rather than over slot 0, the least recently used
         assert engine._pick_slot([1, 2, 9, 5, 6]) == (1, 3, 3)
         # a prompt that continues slot 2 whole takes it over
         assert engine._pick_slot([7, 8, 9, 10]) == (2, 3, 2)
+        # every slot holds tokens of its own: a hover's slot goes first (here the source itself:
+        # a second hover near the first takes its slot over), before the conversation in slot 0
+        engine._slot_ids[:] = [[1, 2, 3, 4, 5], [1, 2, 6, 6], [7, 8, 9], [5, 5]]
+        engine._slot_priority[:] = [user, hover, user, user]
+        assert engine._pick_slot([1, 2, 6, 7, 7]) == (1, 3, 1)
+        engine._slot_priority[:] = [user, user, user, user]
+        assert engine._pick_slot([1, 2, 6, 7, 7]) == (0, 3, 1)  # all alike: the least recently used
     finally:
-        engine._slot_ids[:], engine._slot_used[:] = saved
+        engine._slot_ids[:], engine._slot_used[:], engine._slot_priority[:] = saved
 
 
 def test_prefix_copied_from_a_busy_slot(engine, hf_model, tokenizer, prompts):
