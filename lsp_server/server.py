@@ -254,12 +254,23 @@ class StarChatServer(LanguageServer):
 
     def relative_path(self, uri: str) -> str:
         """The document's name in prompts: its path in the workspace folder that holds it, else
-        its file name; for a document that is not a file (VS Code's ``untitled:Untitled-1``, a
-        notebook cell, a remote file) the last part of its URI's path."""
+        its file name. A document that is not a file (VS Code's ``untitled:Untitled-1``, a
+        notebook cell, a remote file) is matched with the folders by URI, else named by the last
+        part of its URI's path; no line breaks or backticks from its escapes reach the prompt."""
+        folders = [*self.workspace.folders.values(),
+                   *([types.WorkspaceFolder(self.workspace.root_uri, "root")] if self.workspace.root_uri else [])]
         path = to_fs_path(uri)
-        if path is None:  # (no line breaks or backticks from the URI's escapes into the prompt)
-            return re.sub(r"[\x00-\x1f\x7f`]", "", unquote(urlsplit(uri).path).rstrip("/").rpartition("/")[2])
-        for folder in [*self.workspace.folders.values(), *([types.WorkspaceFolder(self.workspace.root_uri, "root")] if self.workspace.root_uri else [])]:
+        if path is None:
+            parts = urlsplit(uri)
+            name = parts.path.rstrip("/").rpartition("/")[2]
+            for folder in folders:
+                base = urlsplit(folder.uri)
+                root = base.path.rstrip("/") + "/"
+                if (base.scheme, base.netloc) == (parts.scheme, parts.netloc) and parts.path.startswith(root):
+                    name = parts.path[len(root):]
+                    break
+            return re.sub(r"[\x00-\x1f\x7f`]", "", unquote(name))
+        for folder in folders:
             root = to_fs_path(folder.uri)
             if root and Path(path).is_relative_to(root):
                 return Path(path).relative_to(root).as_posix()

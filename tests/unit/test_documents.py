@@ -141,3 +141,27 @@ def test_a_did_change_with_a_range_it_cannot_apply_changes_nothing():
     list(protocol[0].lsp_text_document__did_change(params))
     assert document.text == "abc\ndef\n" and document.version == 1
     assert protocol[0].documents[document.uri] is document
+
+
+@pytest.mark.parametrize(("uri", "name"), [
+    ("file:///work/proj/src/a.py", "src/a.py"),
+    ("file:///elsewhere/b.py", "b.py"),
+    ("vscode-remote://ssh-remote%2Bbox/home/u/proj/pkg/c.py", "pkg/c.py"),
+    ("vscode-remote://ssh-remote%2Bother/home/u/proj/pkg/c.py", "c.py"),
+    ("untitled:Untitled-1", "Untitled-1"),
+    ("vscode-notebook-cell:/work/proj/nb.ipynb#W0sZmlsZQ%3D%3D", "nb.ipynb"),
+    ("untitled:line%0Abreak%60", "linebreak"),
+])
+def test_documents_are_named_in_prompts_by_their_path_in_the_workspace(uri, name):
+    from pygls.workspace import Workspace
+
+    from lsp_server.setup import create_server
+
+    server = create_server()
+    try:
+        server.protocol._workspace = Workspace("file:///work/proj", workspace_folders=[
+            types.WorkspaceFolder("file:///work/proj", "proj"),
+            types.WorkspaceFolder("vscode-remote://ssh-remote%2Bbox/home/u/proj", "remote")])
+        assert server.relative_path(uri) == name
+    finally:
+        server.close()
