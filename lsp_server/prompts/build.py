@@ -123,7 +123,7 @@ def build_prompt(
     # shorter (so the window is the same for every task), less the window's own cost (its fences
     # and the selection shown in it), paid once.
     window_cost = len(fmt.encode_dialogue(dialogue([], [], True))) - len(base)
-    question_room = max(0, QUESTION_ROOM - len(fmt.encode_text(question)))
+    question_room = _question_room(fmt, question)
     room = budget - len(base) - question_room - window_cost
     n_before, n_after = _window(fmt, context, before_lines, after_lines, room)
     if earlier and (n_before < len(before_lines) or n_after < len(after_lines)):
@@ -136,7 +136,7 @@ def build_prompt(
         # need more than half the room, the window gets what they leave, as before.
         first_question = next(turn.content for turn in [*earlier, Message("user", question)] if turn.role == "user")
         first = len(fmt.encode_dialogue(dialogue([], [], later=False)))
-        first_room = budget - first - max(0, QUESTION_ROOM - len(fmt.encode_text(first_question))) - window_cost
+        first_room = budget - first - _question_room(fmt, first_question) - window_cost
         reserve = HISTORY_ROOM
         while reserve < len(base) + question_room - first:  # the window only gets smaller here
             reserve *= 2
@@ -160,6 +160,11 @@ def build_prompt(
     before = before_lines[len(before_lines) - n_before :] if n_before else []
     messages = dialogue(before, after_lines[:n_after])
     return Prompt(ids, messages, n_before, n_after, dropped)
+
+
+def _question_room(fmt, question: str) -> int:
+    """The room a question shorter than QUESTION_ROOM tokens leaves unused (kept from the window)."""
+    return max(0, QUESTION_ROOM - len(fmt.encode_text(question)))
 
 
 def _fill(fmt, before_lines, after_lines, room) -> tuple[int, int]:

@@ -25,7 +25,7 @@ function M.status(bufnr)
     local win = vim.g.statusline_winid
     bufnr = win and vim.api.nvim_win_is_valid(win) and vim.api.nvim_win_get_buf(win) or vim.api.nvim_get_current_buf()
   end
-  if not lsp.attached(bufnr) then
+  if not lsp.clients(bufnr, true)[1] then
     local served = #lsp.clients() == 0 and vim.bo[bufnr].buftype == "" and wants(vim.bo[bufnr].filetype)
     if not served or lsp.unsendable_reason(bufnr) then
       return ""

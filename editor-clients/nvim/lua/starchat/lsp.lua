@@ -425,21 +425,12 @@ M.handlers = {
   end,
 }
 
---- The running StarChat clients (attached to bufnr when given); stopping ones are left out.
-function M.clients(bufnr)
+--- The running StarChat clients (attached to bufnr when given; with `starting`, those still
+--- starting too); stopping ones are left out.
+function M.clients(bufnr, starting)
   return vim.tbl_filter(function(c)
     return not M.is_stopped(c)
-  end, get_clients({ name = config.options.name, bufnr = bufnr }))
-end
-
---- Whether a StarChat client is attached to the buffer (one still starting too).
-function M.attached(bufnr)
-  for _, c in ipairs(get_clients({ name = config.options.name, bufnr = bufnr, _uninitialized = true })) do
-    if not M.is_stopped(c) then
-      return true
-    end
-  end
-  return false
+  end, get_clients({ name = config.options.name, bufnr = bufnr, _uninitialized = starting }))
 end
 
 local function root_for(bufnr)
