@@ -900,7 +900,8 @@ def main(argv=None) -> int:
             R["ready_message"] = got.get("ready_message")
             for key in ("chat_first_piece_ms", "chat_tokens", "chat_tok_s", "chat_pieces", "doc_prompt_tokens",
                         "doc_cached_tokens", "doc_first_piece_ms", "doc_reused_first_piece_ms", "doc_next_turn_prompt_tokens",
-                        "doc_next_turn_cached_tokens", "doc_next_turn_first_piece_ms"):
+                        "doc_next_turn_cached_tokens", "doc_next_turn_first_piece_ms", "doc_warm_up_tokens",
+                        "doc_warm_up_ms", "doc_warmed_prompt_tokens", "doc_warmed_cached_tokens", "doc_warmed_first_piece_ms"):
                 R[f"server_{key}"] = got.get(key)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -964,6 +965,9 @@ TARGETS = [
     ("server_doc_cached_tokens", "tokens", "of server_doc_prompt_tokens, from the cache"),
     ("server_doc_next_turn_first_piece_ms", "ms", "the first chat's next turn, after the other"),
     ("server_doc_next_turn_cached_tokens", "tokens", "of server_doc_next_turn_prompt_tokens, from the cache"),
+    ("server_doc_warm_up_ms", "ms", "warm-up of a document opened and left alone"),
+    ("server_doc_warmed_first_piece_ms", "ms", "the first chat about it: first piece"),
+    ("server_doc_warmed_cached_tokens", "tokens", "of server_doc_warmed_prompt_tokens, from the cache"),
     ("ready_s", "s", "<= 30: server process, spawn to ready, second start"),
     ("ready_process_first_s", "s", "first start"),
     ("ready_engine_s", "s", "engine part (cache, checks, graphs)"),

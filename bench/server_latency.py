@@ -1,5 +1,6 @@
-"""How fast the server answers over stdio: initialize, model ready, first streamed chunk, and
-the first chunk of a chat whose prompt starts with a document an earlier chat computed.
+"""How fast the server answers over stdio: initialize, model ready, first streamed chunk, the
+first chunk of a chat whose prompt starts with a document an earlier chat computed, and of the
+first chat about a document the server warmed up while the editor was quiet.
 
     python bench/server_latency.py [--model DIR] [--engine fast] [--out FILE]
 
@@ -66,7 +67,7 @@ class Server:
         """Seconds initialize took."""
         sent = time.monotonic()
         self.send({"jsonrpc": "2.0", "id": 1, "method": "initialize",
-                   "params": {"capabilities": {}, "initializationOptions": options or {}}})
+                   "params": {"capabilities": {}, "initializationOptions": options or {}, "trace": "messages"}})
         while (await self.receive()).get("id") != 1:
             pass
         took = time.monotonic() - sent
@@ -83,6 +84,13 @@ class Server:
                     return text
                 if state == "error":
                     raise RuntimeError(f"the server failed to load: {text}")
+
+    async def trace(self, start: str, timeout: float = 120) -> str:
+        """The next ``$/logTrace`` line that starts with ``start`` (other messages are dropped)."""
+        while True:
+            message = await self.receive(timeout)
+            if message.get("method") == "$/logTrace" and message["params"]["message"].startswith(start):
+                return message["params"]["message"]
 
     def open(self, uri: str, text: str, language: str = "python") -> None:
         self.send({"jsonrpc": "2.0", "method": "textDocument/didOpen",
@@ -152,13 +160,30 @@ async def document_reuse(server: Server, first_id: int, functions: int) -> dict:
             "doc_next_turn_first_piece_ms": round(turn["first_s"] * 1e3, 1)}
 
 
+async def document_warm_up(server: Server, request_id: int, functions: int) -> dict:
+    """A document of ``functions`` small functions (as :func:`document_reuse`'s, other code)
+    opened and left alone for a moment: the server computes the prompt prefix every request on
+    it shares (``warmCache``), and the first chat about it computes only its selection and
+    question. Compare its first piece with ``doc_first_piece_ms`` (a chat about a document of
+    the same size, sent at once after didOpen: nothing warmed)."""
+    uri = "file:///bench/warmed.py"
+    server.open(uri, "".join(f"def g{i}(y):\n    return y - {i} * {i % 5}\n\n\n" for i in range(functions)))
+    line = await server.trace("Warm-up of warmed.py")
+    got = await server.chat(request_id, "What does this function do?", 4, textDocument={"uri": uri},
+                            range={"start": {"line": functions, "character": 0}, "end": {"line": functions + 2, "character": 0}})
+    computed, _, rest = line.partition(": ")[2].partition(" of ")
+    return {"doc_warm_up_tokens": int(computed), "doc_warm_up_ms": float(rest.split(" computed in ")[1].split(" ms")[0]),
+            "doc_warmed_prompt_tokens": got["prompt_tokens"], "doc_warmed_cached_tokens": got["cached_tokens"],
+            "doc_warmed_first_piece_ms": round(got["first_s"] * 1e3, 1)}
+
+
 async def time_to_ready(model: str, device: str, engine: str = "generate", timeout: float = 300.0, chat_tokens: int = 0,
                         doc_functions: int = 0) -> dict:
     """Seconds from spawning the server to its ``starchat/status`` "ready" (weights loaded,
     engine prepared: for the fast engine its cache allocated and graphs captured). With
     ``chat_tokens``, then one chat of that many tokens: its first streamed piece, its rate
     through the server, and how many pieces carried it. With ``doc_functions``, then
-    :func:`document_reuse` on a document of that many functions."""
+    :func:`document_reuse` and :func:`document_warm_up` on documents of that many functions."""
     server = await Server.start(model, device, engine)
     try:
         await server.initialize()
@@ -170,6 +195,7 @@ async def time_to_ready(model: str, device: str, engine: str = "generate", timeo
                            chat_tok_s=round(got["tokens"] / got["total_s"], 1), chat_pieces=got["pieces"])
         if doc_functions:
             figures.update(await document_reuse(server, 3, doc_functions))
+            figures.update(await document_warm_up(server, 6, doc_functions))
         return figures
     finally:
         await server.close()
@@ -188,6 +214,7 @@ async def measure(model: str, device: str, engine: str = "generate") -> dict:
         figures["answer_tokens"] = warm["tokens"]
         figures["tok_s"] = warm["tokens"] / warm["total_s"]
         figures.update(await document_reuse(server, 4, 40))
+        figures.update(await document_warm_up(server, 7, 40))
         return figures
     finally:
         await server.close()

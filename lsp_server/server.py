@@ -238,8 +238,13 @@ class StarChatServer(LanguageServer):
             if generation.finish_reason == "cancelled":  # stopped by shutdown: no half answer
                 raise JsonRpcRequestCancelled("The server is shutting down; the request was stopped.")
             progress.end_message = _tokens(generation.completion_tokens)
-            log.info("%s", _summary(title, generation))
+            self.trace(_summary(title, generation))
             return generation
+
+    @property
+    def generating(self) -> bool:
+        """Whether a request is inside ``generate`` (read from the engine's threads too)."""
+        return self._generating > 0
 
     # ---- documents ------------------------------------------------------------------------
     def open_document(self, uri: str):
@@ -284,6 +289,13 @@ class StarChatServer(LanguageServer):
     def show_message(self, message: str, kind: types.MessageType = types.MessageType.Info) -> None:
         if not self.shutting_down:
             self.window_show_message(types.ShowMessageParams(type=kind, message=message))
+
+    def trace(self, message: str) -> None:
+        """Log ``message``, and send it as ``$/logTrace`` when the client asked for a trace
+        (``trace`` in ``initialize``, or ``$/setTrace``: "messages" or "verbose")."""
+        log.info("%s", message)
+        if self.protocol.trace not in (None, types.TraceValue.Off) and not self.shutting_down:
+            self.log_trace(types.LogTraceParams(message=message))
 
     def status(self, state: str, message: str) -> None:
         if not self.shutting_down:

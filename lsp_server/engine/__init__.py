@@ -10,7 +10,8 @@ from typing import Any, Callable
 from .base import Engine, EngineError, Generation, Sampling, StreamDecoder, TimedOut
 from .worker import Busy, Priority, Worker
 
-__all__ = ["Busy", "Engine", "EngineError", "Generation", "Priority", "Sampling", "TimedOut", "Worker", "load_engine", "stream"]
+__all__ = ["Busy", "Engine", "EngineError", "Generation", "Priority", "Sampling", "TimedOut", "Worker", "load_engine", "stream",
+           "warm"]
 
 
 def load_engine(settings: Any, report: Callable[[str], None]) -> Engine:
@@ -99,6 +100,18 @@ async def stream(
                           time.monotonic() - started)
 
     future = worker.submit(work, priority, stop)
+    try:
+        return await asyncio.wrap_future(future)
+    finally:
+        stop.set()
+
+
+async def warm(worker: Worker, engine: Engine, prompt_ids: list[int], should_stop: Callable[[], bool]) -> int:
+    """Run ``engine.warm`` on the worker at the lowest priority (``Priority.BACKGROUND``);
+    the number of tokens it computed. Cancelling the awaiting task stops it before its next
+    chunk."""
+    stop = threading.Event()
+    future = worker.submit(lambda: engine.warm(prompt_ids, lambda: stop.is_set() or should_stop()), Priority.BACKGROUND, stop)
     try:
         return await asyncio.wrap_future(future)
     finally:

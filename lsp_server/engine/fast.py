@@ -45,6 +45,9 @@ Design (bench/NOTES.md has the reasoning and the numbers):
 * Priorities (``generate(priority=...)``, the worker's ``Priority``): a waiting prompt of an
   explicit action goes into the cache before a hover's, and gets a speculative step's spare
   rows first.
+* Warm-ups (``warm()``): a prompt prefix computed ahead of the requests that will share it (a
+  document's file), at the lowest priority, always in chunks, into a slot that holds nothing an
+  explicit request filled and no other slot holds; the slot is free again once it is in.
 * On CUDA, paths that only pay on the device are chosen at start by a check and a timing
   (``fast_setup.py``): Triton attention (writing the step's K/V to the cache itself), fused
   norms and epilogues, one-row GEMVs, sampling in three kernels (``sample_triton.py``), and an
@@ -73,6 +76,7 @@ from .fast_graphs import Graphs, graph_time_us
 from .fast_math import _M32, StepMath
 from .fast_setup import StartUp
 from .lookup import KnownAnswer, PromptLookup
+from .worker import Priority
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +115,7 @@ class _Request:
     spec_misses: int = 0  # speculative steps in a row that kept none of its drafts
     spec_resume: int = 0  # no drafts before ``fed`` reaches this (1, 2, 4 … 16 steps after misses)
     priority: int = 1  # worker.Priority: lower first (an explicit action before a hover)
+    warm: bool = False  # speculative work: its prompt goes into the cache, nothing is sampled
 
 
 class FastEngine(StartUp, Graphs, StepMath):
@@ -306,7 +311,7 @@ class FastEngine(StartUp, Graphs, StepMath):
         self._broken: BaseException | None = None
         self.stats = {"requests": 0, "prefill_tokens": 0, "reused_tokens": 0, "steps": 0, "tokens": 0, "max_rows": 0,
                       "wait_s": 0.0, "host_bound_steps": 0, "prefill_s": 0.0, "prefill_chunks": 0,
-                      "spec_steps": 0, "spec_shared_steps": 0, "spec_drafted": 0, "spec_accepted": 0}
+                      "warm_ups": 0, "spec_steps": 0, "spec_shared_steps": 0, "spec_drafted": 0, "spec_accepted": 0}
         self._graphs: dict[tuple[int, int], Any] = {}
         self._spec_graphs: dict[int, Any] = {}
         self.spec_error: str | None = None
@@ -493,6 +498,30 @@ class FastEngine(StartUp, Graphs, StepMath):
             else:
                 raise value
 
+    def warm(self, prompt_ids: list[int], should_stop: Callable[[], bool]) -> int:
+        """Put ``prompt_ids`` into a free slot's cache (speculative work: a document's shared
+        prompt prefix), ``prefill_chunk`` tokens at a time after the more urgent prompts, and
+        leave the slot free with them; stopped by ``should_stop`` (what is in by then stays).
+        Returns how many tokens it computed: 0 when a slot holds them all already, or when
+        every free slot holds an explicit request's tokens that no other slot holds."""
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt or len(prompt) >= self.max_len or should_stop() or self._closed or self._broken is not None:
+            return 0
+        req = _Request(prompt, Sampling(max_new_tokens=0), should_stop, priority=Priority.BACKGROUND, warm=True)
+        with self._cv:
+            self._incoming.append(req)
+            self._cv.notify()
+        while True:
+            try:
+                kind, value = req.events.get(timeout=1.0)
+            except queue.Empty:
+                if not self._thread.is_alive() or (self._broken is not None and not req.answered):
+                    return 0
+                continue
+            if kind == "error":
+                raise value
+            return req.prefill_pos - req.reused
+
     def close(self) -> None:
         with self._cv:
             self._closed = True
@@ -626,13 +655,19 @@ class FastEngine(StartUp, Graphs, StepMath):
         """Give ``req`` a slot (taking over or copying the longest cached prefix of its prompt)
         and its sampling parameters; its prompt goes into the cache in ``_advance_prefill``."""
         prompt = req.prompt
+        if req.warm and any(ids[: len(prompt)] == prompt for ids in self._slot_ids):
+            self._answer(req, ("done", "length"))  # held already
+            return
         slot, reuse, source = self._pick_slot(prompt)
+        if req.warm and not self._may_warm(slot, source, reuse):
+            self._answer(req, ("done", "length"))
+            return
         self._slot_req[slot] = req
         self._slot_used[slot] = time.monotonic()
         self._slot_priority[slot] = req.priority
         req.slot = slot
         self._slot_ids[slot] = prompt[:reuse]
-        self.stats["requests"] += 1
+        self.stats["warm_ups" if req.warm else "requests"] += 1
         try:
             if reuse > 0 and source != slot:
                 self.cache[:, slot, :reuse].copy_(self.cache[:, source, :reuse])
@@ -650,6 +685,17 @@ class FastEngine(StartUp, Graphs, StepMath):
             return
         req.reused = req.prefill_pos = reuse
         self._prefilling.append(req)
+
+    def _may_warm(self, slot: int, source: int | None, reuse: int) -> bool:
+        """Whether a warm-up may go into ``slot``: one it takes over (it continues what the
+        slot holds), an empty one, or one whose tokens another slot holds too or a hover or a
+        warm-up put there; never one holding an explicit request's tokens alone."""
+        if slot == source and reuse >= len(self._slot_ids[slot]):
+            return True
+        held = self._slot_ids[slot]
+        if not held or any(o != slot and ids[: len(held)] == held for o, ids in enumerate(self._slot_ids)):
+            return True
+        return self._slot_priority[slot] >= Priority.HOVER
 
     def _next_prefill(self) -> _Request:
         """The waiting prompt to advance: the most urgent (an explicit action before a hover),
@@ -669,7 +715,7 @@ class FastEngine(StartUp, Graphs, StepMath):
         prompt, P, slot = req.prompt, len(req.prompt), req.slot
         start = req.prefill_pos
         n = P - start
-        if any(not r.done for r in self._running):
+        if req.warm or any(not r.done for r in self._running):
             n = min(n, self.prefill_chunk)
         t_prefill = time.perf_counter()
         try:
@@ -678,6 +724,12 @@ class FastEngine(StartUp, Graphs, StepMath):
             self._slot_ids[slot] = prompt[: req.prefill_pos]
             self.stats["prefill_chunks"] += 1
             if req.prefill_pos < P:
+                return
+            if req.warm:  # in the cache: nothing to sample, the slot is free again
+                self._prefilling.remove(req)
+                self.stats["prefill_tokens"] += P - req.reused
+                self._release(req, prompt)
+                self._answer(req, ("done", "length"))
                 return
             pos = torch.full((1,), P - 1, device=self.device, dtype=torch.long)
             first = self._sample(logits, slice(slot, slot + 1), pos)

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .base import EngineError, FinishReason, Sampling, common_prefix, first_line
+from .worker import Priority
 
 log = logging.getLogger(__name__)
 
 STOP_TOKENS = ("<|end|>", "<|endoftext|>")
 KEPT_CACHES = 4  # the generate() engine's caches of recent requests (StarChat: 20 KiB a token)
 KEPT_BYTES = 2 << 30  # and their size in all, the newest kept whatever its size (a multi-head model's is ~25x StarChat's)
+WARM_CHUNK = 512  # tokens a warm-up computes between two looks at its stop flag
 
 
 def resolve_device(requested: str) -> str:
@@ -43,7 +45,9 @@ class TransformersEngine:
     caches of its last ``KEPT_CACHES`` requests (prompt and answer) and gives ``generate()`` the
     part of the one a new prompt shares most with, so that only the rest is computed: prompts on
     one document version begin with the same file (prompts/build.py), and a chat's next turn
-    with the last one, even after a hover or a code action in between."""
+    with the last one, even after a hover or a code action in between. Past the limits the
+    cache of the least urgent request goes first (a warm-up's, then a hover's), the oldest of
+    those; a warm-up's cache never takes the place of an explicit request's."""
 
     def __init__(self, model: Any, tokenizer: Any, device: str, description: str):
         from transformers import GenerationConfig
@@ -64,8 +68,8 @@ class TransformersEngine:
         self.stop_ids = sorted(stops)
         self.input_device = model.get_input_embeddings().weight.device
         # recent requests' caches (transformers DynamicCache), the most recently used first,
-        # each with the tokens it holds keys and values of
-        self._kept: list[tuple[list[int], Any]] = []
+        # each with the tokens it holds keys and values of and its request's priority
+        self._kept: list[tuple[list[int], Any, int]] = []
         # what generate() and its output call the cache: past_key_values until transformers 5.2x
         self._cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -203,7 +207,7 @@ class TransformersEngine:
                 torch.cuda.empty_cache()
                 if not again:
                     raise EngineError(f"The GPU ran out of memory for this request: {first_line(exc)}") from None
-        self._keep(getattr(out, self._cache_name, None), prompt_ids + generated)
+        self._keep(getattr(out, self._cache_name, None), prompt_ids + generated, int(priority))
         if should_stop():
             reason: FinishReason = "cancelled"
         elif generated and generated[-1] in stop_ids:
@@ -211,6 +215,38 @@ class TransformersEngine:
         else:
             reason = "length"
         return [t for t in generated if t not in stop_ids], reason
+
+    def warm(self, prompt_ids: list[int], should_stop: Callable[[], bool]) -> int:
+        """Compute and keep the KV of ``prompt_ids`` (speculative work: a document's shared
+        prompt prefix) from the kept cache that shares most of it, ``WARM_CHUNK`` tokens at a
+        time, stopping when ``should_stop`` says so (what is computed by then is kept). Returns
+        how many tokens it computed: 0 when a kept cache holds them all already, or when
+        keeping them would drop an explicit request's cache."""
+        import torch
+
+        if not prompt_ids or any(common_prefix(ids, prompt_ids) == len(prompt_ids) for ids, _, _ in self._kept):
+            return 0
+        continued = [e for e in self._kept if e[0] == prompt_ids[: len(e[0])]]  # taken, or dropped by _keep
+        if len(self._kept) - len(continued) >= KEPT_CACHES and all(p < Priority.HOVER for _, _, p in self._kept):
+            return 0
+        try:
+            cache, done = self._cache_for(prompt_ids)
+        except torch.cuda.OutOfMemoryError:
+            return 0
+        start = done
+        try:
+            with torch.inference_mode():
+                while done < len(prompt_ids) and not should_stop():
+                    chunk = prompt_ids[done : done + WARM_CHUNK]
+                    out = self.model(input_ids=torch.tensor([chunk], device=self.input_device), use_cache=True,
+                                     **{self._cache_name: cache})
+                    cache = getattr(out, self._cache_name)
+                    done += len(chunk)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+        if done > start and cache is not None:
+            self._keep(cache, prompt_ids[:done], Priority.BACKGROUND)
+        return done - start
 
     def _cache_for(self, prompt_ids: list[int]) -> tuple[Any, int]:
         """The kept cache that shares the longest prefix with ``prompt_ids``, cut to that prefix
@@ -223,12 +259,12 @@ class TransformersEngine:
 
         if not self._kept:
             return None, 0
-        shared = [common_prefix(ids, prompt_ids) for ids, _ in self._kept]
+        shared = [common_prefix(ids, prompt_ids) for ids, _, _ in self._kept]
         best = max(range(len(shared)), key=shared.__getitem__)
         keep = min(shared[best], len(prompt_ids) - 1)
         if keep <= 0:
             return None, 0
-        ids, cache = self._kept[best]
+        ids, cache, _ = self._kept[best]
         if shared[best] == len(ids):
             del self._kept[best]  # taken: a request that fails leaves no half-written cache behind
             cache.crop(keep - cache.get_seq_length())  # a negative count: the tokens to drop
@@ -239,21 +275,28 @@ class TransformersEngine:
             prefix.update(layer.keys[..., :keep, :].clone(), layer.values[..., :keep, :].clone(), i)
         return prefix, keep
 
-    def _keep(self, cache: Any, ids: list[int]) -> None:
-        """Keep ``cache`` for later requests when it is a plain growing cache (a sliding-window
-        or static one cannot be cut back to a prefix). Caches it continues go (they hold nothing
-        it does not), then the oldest past ``KEPT_CACHES`` or ``KEPT_BYTES``."""
+    def _keep(self, cache: Any, ids: list[int], priority: int = Priority.USER) -> None:
+        """Keep ``cache`` (of a request of ``priority``) for later requests when it is a plain
+        growing cache (a sliding-window or static one cannot be cut back to a prefix). Caches it
+        continues go (they hold nothing it does not); then, past ``KEPT_CACHES`` or
+        ``KEPT_BYTES``, the least urgent request's, the oldest of those (the newest stays
+        whatever its size), except that a warm-up's own cache goes before an explicit
+        request's."""
         layers = getattr(cache, "layers", None)
-        if layers and all(type(layer).__name__ == "DynamicLayer" for layer in layers):
-            ids = ids[: cache.get_seq_length()]
-            self._kept = [(ids, cache)] + [(held, c) for held, c in self._kept if held != ids[: len(held)]]
-            del self._kept[KEPT_CACHES:]
-            total = 0
-            for n, (_, kept) in enumerate(self._kept):
-                total += sum(t.nbytes for layer in kept.layers for t in (layer.keys, layer.values) if t is not None)
-                if n and total > KEPT_BYTES:
-                    del self._kept[n:]
-                    break
+        if not (layers and all(type(layer).__name__ == "DynamicLayer" for layer in layers)):
+            return
+        ids = ids[: cache.get_seq_length()]
+        kept = [(ids, cache, priority)] + [e for e in self._kept if e[0] != ids[: len(e[0])]]
+
+        def size(entry: tuple) -> int:
+            return sum(t.nbytes for layer in entry[1].layers for t in (layer.keys, layer.values) if t is not None)
+
+        while len(kept) > KEPT_CACHES or (len(kept) > 1 and sum(map(size, kept)) > KEPT_BYTES):
+            victim = max(range(1, len(kept)), key=lambda i: (kept[i][2], i))
+            if priority == Priority.BACKGROUND and kept[victim][2] < Priority.HOVER:
+                victim = 0
+            del kept[victim]
+        self._kept = kept
 
     def close(self) -> None:
         self.model = None

@@ -37,6 +37,7 @@ def register(server: StarChatServer) -> None:
     @server.feature(types.INITIALIZE)
     def initialize(ls: StarChatServer, params: types.InitializeParams) -> None:
         ls.init_options = params.initialization_options
+        ls.protocol.trace = params.trace or types.TraceValue.Off  # pygls takes it from $/setTrace only
         ls.apply_settings(ls.init_options)
         if params.process_id and not ls.serving_tcp:  # over TCP the editor may be on another machine
             ls.run_in_background(ls.watch_editor(params.process_id))

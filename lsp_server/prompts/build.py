@@ -62,6 +62,7 @@ class Prompt:
     lines_after: int = 0
     history_dropped: int = 0
     extra: dict = field(default_factory=dict)
+    whole_file: bool = True  # the context's whole file is in it (always, without a context)
 
 
 def build_prompt(
@@ -159,7 +160,9 @@ def build_prompt(
         ids = count(n_before, n_after)
     before = before_lines[len(before_lines) - n_before :] if n_before else []
     messages = dialogue(before, after_lines[:n_after])
-    return Prompt(ids, messages, n_before, n_after, dropped)
+    whole = context is None or (first == 0 and last == len(context.text)
+                                and n_before == len(before_lines) and n_after == len(after_lines))
+    return Prompt(ids, messages, n_before, n_after, dropped, whole_file=whole)
 
 
 def _question_room(fmt, question: str) -> int:

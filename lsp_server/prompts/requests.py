@@ -7,7 +7,8 @@ from typing import Sequence
 
 from ..documents import Document
 from ..text import Pos, Span, column_to_index, index_to_column, word_at
-from .build import CodeContext, Prompt, build_prompt
+from ..engine.base import common_prefix
+from .build import CodeContext, Prompt, PromptTooLong, build_prompt
 from .format import Message, PromptFormat
 from .keywords import is_keyword
 from .tasks import Task, instruction
@@ -75,6 +76,34 @@ def hover_prompt(
         Pos(position.line, index_to_column(line, found[1], encoding)),
     )
     return prompt, word_span
+
+
+def document_prefix(
+    fmt: PromptFormat,
+    *,
+    system: str,
+    budget: int,
+    text: str,
+    path: str = "",
+    language: str = "",
+) -> list[int]:
+    """The tokens every prompt about ``text`` starts with (a code action's, a chat's about it, a
+    hover's within its budget): the system prompt, the file's path and the whole file, when
+    the file fits in ``budget`` beside a short question; [] when it does not (each request's
+    window of it is then its own). For speculative work: an engine that holds these tokens'
+    KV computes only each request's own part."""
+    prompts = []
+    for question in ("Why?", "How?"):  # the same room as any question up to QUESTION_ROOM
+        context = CodeContext(text, 0, 0, language, path)
+        try:
+            prompt = build_prompt(fmt, system=system, history=[Message("user", question)], budget=budget, context=context)
+        except PromptTooLong:
+            return []
+        if not prompt.whole_file:
+            return []
+        prompts.append(prompt.ids)
+    first, second = prompts
+    return first[: common_prefix(first, second)]
 
 
 def chat_prompt(

@@ -20,7 +20,9 @@ from lsp_server.text import Pos, offset_at, split_lines
 from ..conftest import MODEL_DIR
 
 SERVER = [sys.executable, "-m", "lsp_server", "--model", str(MODEL_DIR)]
-GREEDY = {"temperature": 0}
+# warm-ups off unless a test turns them on: they change what the engine's cache holds between a
+# test's requests (the cache tests assert how much each request reuses)
+GREEDY = {"temperature": 0, "warmCache": False}
 
 
 class Editor:
@@ -51,6 +53,12 @@ class Editor:
         features[types.PROGRESS] = progress
         self.statuses: list[str] = []
         self.status_messages: list[str] = []
+
+        self.traces: list[str] = []
+
+        @client.feature(types.LOG_TRACE)
+        def log_trace(params: types.LogTraceParams) -> None:
+            self.traces.append(params.message)
 
         @client.feature("starchat/status")
         def status(params: Any) -> None:
@@ -124,7 +132,8 @@ def apply_text_edits(text: str, edits: list[types.TextEdit]) -> str:
     return text
 
 
-async def start_session(client: LanguageClient, tmp_path: Path, spec: str, options: dict | None = None, experimental: Any = None) -> Editor:
+async def start_session(client: LanguageClient, tmp_path: Path, spec: str, options: dict | None = None, experimental: Any = None,
+                        trace: types.TraceValue | None = None) -> Editor:
     for name, text in sc.WORKSPACE_FILES.items():
         (tmp_path / name).write_text(text)
     capabilities = client_capabilities(spec)
@@ -138,6 +147,7 @@ async def start_session(client: LanguageClient, tmp_path: Path, spec: str, optio
             root_uri=tmp_path.as_uri(),
             workspace_folders=[types.WorkspaceFolder(uri=tmp_path.as_uri(), name="ws")],
             initialization_options={**GREEDY, **(options or {})},
+            trace=trace,
         )
     )
     editor.initialize_seconds = time.monotonic() - started

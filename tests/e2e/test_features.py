@@ -386,6 +386,79 @@ async def test_requests_on_one_document_reuse_the_cache(editor, tokenizer):
     assert again["cachedTokens"] >= follow_up["promptTokens"]
 
 
+def file_prefix_tokens(tokenizer, text: str, path: str = "calc.py") -> int:
+    """The tokens every prompt about ``text`` starts with: the system turn, the path, the file."""
+    return len(format_for(tokenizer).encode_dialogue([Message("system", Settings().system_prompt),
+                                                      Message("user", f"File: `{path}` (python)\n\n```python\n{text}```")]))
+
+
+def warm_ups(editor) -> list[tuple[int, int]]:
+    """(computed, of) of every warm-up the server traced."""
+    return [(int(m[1]), int(m[2])) for t in editor.traces if (m := re.match(r"Warm-up of .*: (\d+) of (\d+) prompt tokens", t))]
+
+
+async def test_an_opened_document_is_warmed_before_its_first_request(editor, tokenizer):
+    """Speculative work: once the editor is quiet after a didOpen, the engine computes the
+    file's shared prompt prefix, without a word to the editor but a $/logTrace line; the first
+    request on it computes only its own part. After an edit, the warm-up computes only from
+    the edited line on."""
+    await chat(editor, [("user", sc.CHAT_QUESTION)], token="load", maxNewTokens=1)  # the model is loaded
+    editor.client.protocol.notify(types.SET_TRACE, types.SetTraceParams(value=types.TraceValue.Messages))
+    configure(editor, warmCache=True)
+    statuses, progress = len(editor.statuses), set(editor.client.progress_reports)
+    uri = editor.open()
+    await wait_until(lambda: warm_ups(editor))
+    (computed, total), = warm_ups(editor)
+    prefix = file_prefix_tokens(tokenizer, sc.CALC_PY)
+    assert prefix - 6 <= total <= prefix + 2 and computed > len(format_for(tokenizer).encode_text(sc.CALC_PY))
+    assert len(editor.statuses) == statuses and set(editor.client.progress_reports) == progress  # nothing shown
+    average = plain(editor.client.protocol._converter.unstructure(rng(sc.AVERAGE)))
+    about = await chat(editor, [("user", "What could go wrong here?")], "w", textDocument={"uri": uri}, range=average,
+                       maxNewTokens=2)
+    assert about["cachedTokens"] >= total
+    # an edit at the end of the file: the next warm-up computes what follows the last function
+    edited = sc.CALC_PY + "\n\ndef twice(x):\n    return 2 * x\n"
+    editor.change(uri, edited)
+    await wait_until(lambda: len(warm_ups(editor)) == 2)
+    computed, total = warm_ups(editor)[1]
+    assert 0 < computed < 30 and total >= file_prefix_tokens(tokenizer, edited) - 6
+    again = await chat(editor, [("user", "What could go wrong here?")], "e", textDocument={"uri": uri}, range=average,
+                       maxNewTokens=2)
+    assert again["cachedTokens"] >= total
+
+
+async def test_warm_ups_are_off_with_the_setting_and_for_secret_files(editor):
+    await chat(editor, [("user", sc.CHAT_QUESTION)], token="load", maxNewTokens=1)
+    editor.client.protocol.notify(types.SET_TRACE, types.SetTraceParams(value=types.TraceValue.Messages))
+    configure(editor, warmCache=True)
+    editor.open(".env", text="TOKEN=abc\n")
+    editor.open("other.py", text="def other():\n    return 42\n")
+    configure(editor, warmCache=False)
+    uri = editor.open()
+    await asyncio.sleep(2)
+    assert warm_ups(editor) == []  # other.py was touched before calc.py; .env never counts
+    configure(editor, warmCache=True)
+    editor.change(uri, sc.CALC_PY + "\n")
+    await wait_until(lambda: warm_ups(editor))
+    assert [t for t in editor.traces if t.startswith("Warm-up")][0].startswith("Warm-up of calc.py")
+
+
+async def test_a_warm_up_waits_while_a_request_generates(editor):
+    """Speculative work comes after every request: a document opened while a chat streams is
+    warmed once the chat is over, not before."""
+    await chat(editor, [("user", sc.CHAT_QUESTION)], token="load", maxNewTokens=1)
+    editor.client.protocol.notify(types.SET_TRACE, types.SetTraceParams(value=types.TraceValue.Messages))
+    configure(editor, warmCache=True)
+    request = asyncio.ensure_future(chat(editor, [("user", sc.LONG_QUESTION)], token="long", maxNewTokens=1500))
+    await wait_until(lambda: len(editor.partials.get("long", [])) >= 3)
+    editor.open()
+    await asyncio.sleep(1.0)  # past WARM_DELAY
+    assert not request.done() and warm_ups(editor) == []
+    error = await editor.cancel_mid_stream(request, "long")
+    assert getattr(error, "code", None) == -32800
+    await wait_until(lambda: warm_ups(editor))
+
+
 async def test_a_document_that_is_not_a_file_is_named_in_the_prompt(editor, tokenizer):
     """An unsaved buffer (VS Code's untitled:Untitled-1) has no path: the prompt names it by
     its URI, as it names a file by its path."""

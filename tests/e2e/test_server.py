@@ -210,3 +210,16 @@ async def test_chat_about_a_selection_puts_the_code_in_the_prompt(raw_client, tm
     with pytest.raises(Exception) as error:
         await ask_chat(editor, textDocument={"uri": uri}, range={"start": {"line": 5, "character": 0}, "end": {"line": 1, "character": 0}})
     assert "before it starts" in str(error.value)
+
+
+async def test_a_trace_asked_for_in_initialize_gets_a_line_per_generation(raw_client, tmp_path):
+    """``trace`` in initialize (pygls honours only $/setTrace): one $/logTrace line per
+    generation, saying what the prompt cost; "off" again with $/setTrace."""
+    editor = await start_session(raw_client, tmp_path, "visual-studio-code", options={"maxNewTokens": 2},
+                                 trace=types.TraceValue.Messages)
+    first = await ask_chat(editor)
+    (line,) = editor.traces
+    assert line.startswith(f"StarChat: chat: prompt {first['promptTokens']} tokens (0 from the cache), 2 tokens in ")
+    raw_client.protocol.notify(types.SET_TRACE, types.SetTraceParams(value=types.TraceValue.Off))
+    await ask_chat(editor)
+    assert len(editor.traces) == 1

@@ -21,6 +21,8 @@ KEYS = [
     "ready_process_first_s", "ready_engine_s", "server_chat_tok_s", "server_chat_first_piece_ms",
     "server_doc_first_piece_ms", "server_doc_reused_first_piece_ms", "server_doc_prompt_tokens", "server_doc_cached_tokens",
     "server_doc_next_turn_prompt_tokens", "server_doc_next_turn_cached_tokens", "server_doc_next_turn_first_piece_ms",
+    "server_doc_warm_up_ms", "server_doc_warmed_prompt_tokens", "server_doc_warmed_cached_tokens",
+    "server_doc_warmed_first_piece_ms",
 ]
 
 
@@ -41,6 +43,8 @@ def test_bench_tiny_writes_every_key(test_model, tmp_path, monkeypatch, capsys):
     assert result["server_doc_prompt_tokens"] // 2 < result["server_doc_cached_tokens"] < result["server_doc_prompt_tokens"]
     # the first chat's next turn, after the other chat: all but its new question came from the cache
     assert result["server_doc_next_turn_cached_tokens"] >= result["server_doc_next_turn_prompt_tokens"] - 24
+    # the document warmed up while nothing else ran: its first chat took the file from the cache
+    assert result["server_doc_warmed_cached_tokens"] >= result["server_doc_warm_up_tokens"] > result["server_doc_warmed_prompt_tokens"] // 2
     # every known-answer draft is right: 7 accepted per speculative step (float32: same tokens)
     assert result["spec_known_answer_same_tokens"] == "16/16"
     assert result["spec_known_answer_accepted_per_spec_step"] >= 6

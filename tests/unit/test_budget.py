@@ -5,7 +5,14 @@ import pytest
 from lsp_server.engine.base import common_prefix
 from lsp_server.prompts import CodeContext, Message, PromptTooLong, build_prompt, format_for
 from lsp_server.prompts.build import QUESTION_ROOM
-from lsp_server.prompts.requests import chat_prompt, code_prompt, hover_prompt, prompt_budget, selection_offsets
+from lsp_server.prompts.requests import (
+    chat_prompt,
+    code_prompt,
+    document_prefix,
+    hover_prompt,
+    prompt_budget,
+    selection_offsets,
+)
 from lsp_server.prompts.tasks import Task
 from lsp_server.text import Pos, Span
 
@@ -193,6 +200,33 @@ def test_prompts_on_one_document_start_with_the_whole_file(tokenizer):
     # a selection that is the whole file is shown once
     everything = code_prompt(fmt, **common, start=0, end=len(text), task=Task.FIX)
     assert tokenizer.decode(everything.ids).count("line_29 = 29") == 1
+
+
+def test_the_document_prefix_is_what_every_prompt_on_the_file_starts_with(tokenizer):
+    """What a warm-up computes: every request on the file (code actions, a hover, a chat about
+    it, with or without a selection, any question) starts with exactly these tokens, which end
+    after the whole file; nothing when the file does not fit whole."""
+    fmt = format_for(tokenizer)
+    text = numbered_file(30)
+    common = dict(system="sys", budget=1500, text=text, path="a.py", language="python")
+    prefix = document_prefix(fmt, **common)
+    assert "line_29 = 29" in tokenizer.decode(prefix) and tokenizer.decode(prefix).rstrip().endswith("```")
+    line = "line_12 = 12  # filler text"
+    hover, _ = hover_prompt(fmt, system="sys", budget=1000, text=text, line_start=text.index(line), line=line,
+                            position=Pos(12, 1), path="a.py", language="python")
+    others = [
+        code_prompt(fmt, **common, start=text.index("line_3 ="), end=text.index("line_6 ="), task=Task.FIX),
+        code_prompt(fmt, **common, start=text.index("line_20 ="), end=text.index("line_20 ="), task=Task.ASK,
+                    question="why " * 150),  # a question longer than QUESTION_ROOM
+        hover,
+        chat_prompt(fmt, messages=[Message("user", "What is this file?")], **common),
+        chat_prompt(fmt, messages=[Message("user", "Why?")], start=5, end=40, **common),
+    ]
+    for other in others:
+        assert other.ids[: len(prefix)] == prefix
+    assert hover.whole_file and not build(tokenizer, numbered_file(200), 0, 10, 300).whole_file
+    assert document_prefix(fmt, **{**common, "budget": 300}) == []  # the file does not fit whole
+    assert document_prefix(fmt, **{**common, "budget": 10}) == []  # nor does anything
 
 
 @pytest.mark.parametrize("other", [Task.EXPLAIN, Task.OPTIMIZE, "problems", "question"])

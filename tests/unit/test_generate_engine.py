@@ -186,3 +186,48 @@ def test_out_of_memory_frees_the_kept_caches_and_tries_once_more(engine, monkeyp
     with pytest.raises(EngineError, match="ran out of memory"):
         run(engine, prompts["fix"])
     assert calls == [True, False] and engine._kept == []
+
+
+def document_prefix_of(tokenizer):
+    from lsp_server.prompts.requests import document_prefix
+
+    return document_prefix(format_for(tokenizer), system=Settings().system_prompt, budget=1500, text=sc.CALC_PY,
+                           path="calc.py", language=sc.LANGUAGE)
+
+
+def test_a_warm_up_computes_the_files_prefix_for_the_requests_on_it(engine, model, tokenizer, prompts, monkeypatch):
+    """warm(): the prefix every prompt on the file starts with, computed ahead (in chunks of
+    WARM_CHUNK tokens) and kept; the requests on the file compute only what follows it and
+    answer as a fresh generate() does. Stopped between chunks, it keeps what it computed."""
+    from lsp_server.engine import local
+
+    prefix = document_prefix_of(tokenizer)
+    assert prompts["fix"][: len(prefix)] == prefix and prompts["optimize"][: len(prefix)] == prefix
+    monkeypatch.setattr(local, "WARM_CHUNK", 16)
+    chunks = []
+    assert engine.warm(prefix, lambda: len(chunks.append(1) or chunks) > 2) == 32  # stopped before its third chunk
+    assert engine.warm(prefix, lambda: False) == len(prefix) - 32  # from where it stopped
+    assert engine.warm(prefix, lambda: False) == 0  # held already
+    ids, reused = run(engine, prompts["fix"])
+    assert reused == len(prefix) and ids == reference(model, engine, prompts["fix"])
+    ids, reused = run(engine, prompts["optimize"])
+    assert reused >= len(prefix) and ids == reference(model, engine, prompts["optimize"])
+
+
+def test_a_warm_up_never_takes_the_place_of_a_requests_cache(engine, tokenizer, prompts, monkeypatch):
+    """Past the limit, a hover's cache goes before an older explicit request's, and a warm-up's
+    before both; a warm-up that would drop an explicit request's cache computes nothing."""
+    from lsp_server.engine import local
+    from lsp_server.engine.worker import Priority
+
+    monkeypatch.setattr(local, "KEPT_CACHES", 2)
+    edited = document_prefix_of(tokenizer)[:-4] + [1, 2, 3]  # the file's prefix after an edit
+    run(engine, prompts["chat"])
+    run(engine, prompts["optimize"])
+    assert engine.warm(edited, lambda: False) == 0 and len(engine._kept) == 2
+    engine.generate(prompts["fix"], GREEDY, lambda: False, lambda _: None, priority=int(Priority.HOVER))
+    assert [p for _, _, p in engine._kept] == [Priority.HOVER, Priority.USER]  # the older chat went
+    assert engine.warm(edited, lambda: False) == 3  # in place of the hover's
+    assert [p for _, _, p in engine._kept] == [Priority.BACKGROUND, Priority.USER]
+    run(engine, prompts["chat"])
+    assert [p for _, _, p in engine._kept] == [Priority.USER, Priority.USER]  # the warm-up's went first

@@ -28,6 +28,7 @@ export const SERVER_SETTINGS = [
   "hoverEnabled",
   "hoverMaxNewTokens",
   "hoverContextTokens",
+  "warmCache",
   "loadTimeout",
   "queueSize",
   "requestTimeout",
