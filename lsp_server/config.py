@@ -98,9 +98,10 @@ class Settings:
     )
     warm_cache: bool = field(
         default=True,
-        metadata=_doc("When a document is opened, or its edits pause, compute the prompt prefix every request on it "
-                      "shares (the whole file, when it fits) ahead of the request, below every request and never in "
-                      "place of a request's cache: the first hover or action on it then computes only its own part."),
+        metadata=_doc("0.75 s after a document is opened or last edited, compute the prompt prefix every request on "
+                      "it shares (the whole file, when it fits) ahead of the request, below every request and never in "
+                      "place of a request's cache: the first action or chat on it (and hover, when the file fits "
+                      "hoverContextTokens) then computes only its own part."),
     )
     request_timeout: float = field(default=300.0, metadata=_doc("Seconds one generation may run (not counting its wait for the engine) before it is stopped.", _positive))
     load_timeout: float = field(default=900.0, metadata=_doc("Seconds a request waits for the model to load.", _positive))

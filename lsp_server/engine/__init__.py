@@ -106,10 +106,10 @@ async def stream(
         stop.set()
 
 
-async def warm(worker: Worker, engine: Engine, prompt_ids: list[int], should_stop: Callable[[], bool]) -> int:
-    """Run ``engine.warm`` on the worker at the lowest priority (``Priority.BACKGROUND``);
-    the number of tokens it computed. Cancelling the awaiting task stops it before its next
-    chunk."""
+async def warm(worker: Worker, engine: Engine, prompt_ids: list[int], should_stop: Callable[[], bool]) -> tuple[int, int]:
+    """Run ``engine.warm`` on the worker at the lowest priority (``Priority.BACKGROUND``): how
+    many of the tokens the engine holds, and how many it computed. Cancelling the awaiting
+    task stops it before its next chunk."""
     stop = threading.Event()
     future = worker.submit(lambda: engine.warm(prompt_ids, lambda: stop.is_set() or should_stop()), Priority.BACKGROUND, stop)
     try:

@@ -90,11 +90,12 @@ class Engine(Protocol):
         ``on_prompt`` is called once, before the first token, with how many of the prompt's
         tokens were not computed again because an earlier request's cache held them."""
 
-    def warm(self, prompt_ids: list[int], should_stop: Callable[[], bool]) -> int:
+    def warm(self, prompt_ids: list[int], should_stop: Callable[[], bool]) -> tuple[int, int]:
         """Blocking, on a worker thread: compute the KV of ``prompt_ids`` and keep it for the
         requests that will start with them (speculative work, below every request), checking
         ``should_stop`` between chunks (what is computed by then is kept). It never takes the
-        place of an explicit request's cache. Returns how many tokens it computed."""
+        place of an explicit request's cache. Returns (how many of its tokens the engine now
+        holds, how many this call computed); (0, 0) when it kept nothing."""
 
     def close(self) -> None: ...
 

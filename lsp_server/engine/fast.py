@@ -498,15 +498,16 @@ class FastEngine(StartUp, Graphs, StepMath):
             else:
                 raise value
 
-    def warm(self, prompt_ids: list[int], should_stop: Callable[[], bool]) -> int:
+    def warm(self, prompt_ids: list[int], should_stop: Callable[[], bool]) -> tuple[int, int]:
         """Put ``prompt_ids`` into a free slot's cache (speculative work: a document's shared
         prompt prefix), ``prefill_chunk`` tokens at a time after the more urgent prompts, and
         leave the slot free with them; stopped by ``should_stop`` (what is in by then stays).
-        Returns how many tokens it computed: 0 when a slot holds them all already, or when
-        every free slot holds an explicit request's tokens that no other slot holds."""
+        Returns (how many of its tokens a slot now holds, how many this call computed): all and
+        0 when a slot held them already; (0, 0) when every free slot holds an explicit
+        request's tokens that no other slot holds."""
         prompt = [int(t) for t in prompt_ids]
         if not prompt or len(prompt) >= self.max_len or should_stop() or self._closed or self._broken is not None:
-            return 0
+            return 0, 0
         req = _Request(prompt, Sampling(max_new_tokens=0), should_stop, priority=Priority.BACKGROUND, warm=True)
         with self._cv:
             self._incoming.append(req)
@@ -516,11 +517,11 @@ class FastEngine(StartUp, Graphs, StepMath):
                 kind, value = req.events.get(timeout=1.0)
             except queue.Empty:
                 if not self._thread.is_alive() or (self._broken is not None and not req.answered):
-                    return 0
+                    return 0, 0
                 continue
             if kind == "error":
                 raise value
-            return req.prefill_pos - req.reused
+            return req.prefill_pos, req.prefill_pos - req.reused
 
     def close(self) -> None:
         with self._cv:
@@ -622,7 +623,7 @@ class FastEngine(StartUp, Graphs, StepMath):
         except Exception as inner:  # the device is gone: later requests fail at once
             self._broken = inner
 
-    def _pick_slot(self, prompt: list[int]) -> tuple[int, int, int | None]:
+    def _pick_slot(self, prompt: list[int], touch: bool = True) -> tuple[int, int, int | None]:
         """(target slot, reusable prefix length, source slot of that prefix). A free slot the
         prompt continues whole is taken over. One it shares only part of is copied from (one
         device copy) into the free slot whose tokens are worth the least: one that holds nothing
@@ -639,7 +640,7 @@ class FastEngine(StartUp, Graphs, StepMath):
             source = None
         if source is not None and self._slot_req[source] is None and best >= len(self._slot_ids[source]):
             return source, reuse, source
-        if source is not None:
+        if source is not None and touch:
             self._slot_used[source] = time.monotonic()  # used: not the next to be overwritten
 
         def unique(s: int) -> bool:  # holds tokens no other slot holds too
@@ -656,9 +657,10 @@ class FastEngine(StartUp, Graphs, StepMath):
         and its sampling parameters; its prompt goes into the cache in ``_advance_prefill``."""
         prompt = req.prompt
         if req.warm and any(ids[: len(prompt)] == prompt for ids in self._slot_ids):
-            self._answer(req, ("done", "length"))  # held already
+            req.reused = req.prefill_pos = len(prompt)  # held already
+            self._answer(req, ("done", "length"))
             return
-        slot, reuse, source = self._pick_slot(prompt)
+        slot, reuse, source = self._pick_slot(prompt, touch=not req.warm)
         if req.warm and not self._may_warm(slot, source, reuse):
             self._answer(req, ("done", "length"))
             return
@@ -671,6 +673,10 @@ class FastEngine(StartUp, Graphs, StepMath):
         try:
             if reuse > 0 and source != slot:
                 self.cache[:, slot, :reuse].copy_(self.cache[:, source, :reuse])
+            if req.warm:  # nothing is sampled
+                req.reused = req.prefill_pos = reuse
+                self._prefilling.append(req)
+                return
             sp = req.sampling
             seed = sp.seed if sp.seed is not None else secrets.randbits(31)
             self.temp[slot] = float(sp.temperature)
@@ -725,19 +731,14 @@ class FastEngine(StartUp, Graphs, StepMath):
             self.stats["prefill_chunks"] += 1
             if req.prefill_pos < P:
                 return
-            if req.warm:  # in the cache: nothing to sample, the slot is free again
-                self._prefilling.remove(req)
-                self.stats["prefill_tokens"] += P - req.reused
-                self._release(req, prompt)
-                self._answer(req, ("done", "length"))
-                return
-            pos = torch.full((1,), P - 1, device=self.device, dtype=torch.long)
-            first = self._sample(logits, slice(slot, slot + 1), pos)
-            self.seen[slot, first] = True
-            self.tok[slot : slot + 1].copy_(first)
-            self.pos[slot] = P
-            self.active[slot] = True
-            token = int(first.item())
+            if not req.warm:  # a warm-up samples nothing
+                pos = torch.full((1,), P - 1, device=self.device, dtype=torch.long)
+                first = self._sample(logits, slice(slot, slot + 1), pos)
+                self.seen[slot, first] = True
+                self.tok[slot : slot + 1].copy_(first)
+                self.pos[slot] = P
+                self.active[slot] = True
+                token = int(first.item())
         except Exception as exc:
             self._prefilling.remove(req)
             self._request_failed(req, exc)
@@ -745,6 +746,13 @@ class FastEngine(StartUp, Graphs, StepMath):
         finally:
             self.stats["prefill_s"] += time.perf_counter() - t_prefill
         self._prefilling.remove(req)
+        if req.warm:  # in the cache: the slot is free again, holding it
+            self.stats["prefill_tokens"] += P - req.reused
+            try:
+                self._release(req, prompt)
+            finally:
+                self._answer(req, ("done", "length"))
+            return
         req.prefilled = P - req.reused
         self.stats["reused_tokens"] += req.reused
         self.stats["prefill_tokens"] += req.prefilled

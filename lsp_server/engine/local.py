@@ -70,6 +70,7 @@ class TransformersEngine:
         # recent requests' caches (transformers DynamicCache), the most recently used first,
         # each with the tokens it holds keys and values of and its request's priority
         self._kept: list[tuple[list[int], Any, int]] = []
+        self._keeps_caches: bool | None = None  # whether the model's generate() caches can be kept (known after one)
         # what generate() and its output call the cache: past_key_values until transformers 5.2x
         self._cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -184,7 +185,7 @@ class TransformersEngine:
             return [], "cancelled"
         input_ids = torch.tensor([prompt_ids], device=self.input_device)
         try:
-            cache, reused = self._cache_for(prompt_ids)
+            cache, reused, _ = self._cache_for(prompt_ids)
         except torch.cuda.OutOfMemoryError:  # no room to copy a kept cache's prefix
             cache = None
         while True:
@@ -216,91 +217,112 @@ class TransformersEngine:
             reason = "length"
         return [t for t in generated if t not in stop_ids], reason
 
-    def warm(self, prompt_ids: list[int], should_stop: Callable[[], bool]) -> int:
+    def warm(self, prompt_ids: list[int], should_stop: Callable[[], bool]) -> tuple[int, int]:
         """Compute and keep the KV of ``prompt_ids`` (speculative work: a document's shared
         prompt prefix) from the kept cache that shares most of it, ``WARM_CHUNK`` tokens at a
         time, stopping when ``should_stop`` says so (what is computed by then is kept). Returns
-        how many tokens it computed: 0 when a kept cache holds them all already, or when
-        keeping them would drop an explicit request's cache."""
+        (how many of its tokens a kept cache now holds, how many this call computed): all and 0
+        when one held them already; (0, 0) when keeping them would drop an explicit request's
+        cache."""
         import torch
 
-        if not prompt_ids or any(common_prefix(ids, prompt_ids) == len(prompt_ids) for ids, _, _ in self._kept):
-            return 0
-        continued = [e for e in self._kept if e[0] == prompt_ids[: len(e[0])]]  # taken, or dropped by _keep
-        if len(self._kept) - len(continued) >= KEPT_CACHES and all(p < Priority.HOVER for _, _, p in self._kept):
-            return 0
+        if not prompt_ids or should_stop():
+            return 0, 0
+        if any(common_prefix(ids, prompt_ids) == len(prompt_ids) for ids, _, _ in self._kept):
+            return len(prompt_ids), 0
+        if not self._room_for_warm_up(prompt_ids):
+            return 0, 0
         try:
-            cache, done = self._cache_for(prompt_ids)
+            cache, done, taken = self._cache_for(prompt_ids)
         except torch.cuda.OutOfMemoryError:
-            return 0
+            return 0, 0
         start = done
         try:
             with torch.inference_mode():
                 while done < len(prompt_ids) and not should_stop():
                     chunk = prompt_ids[done : done + WARM_CHUNK]
                     out = self.model(input_ids=torch.tensor([chunk], device=self.input_device), use_cache=True,
-                                     **{self._cache_name: cache})
-                    cache = getattr(out, self._cache_name)
+                                     logits_to_keep=1, **{self._cache_name: cache})
+                    cache = getattr(out, self._cache_name, None)
+                    if cache is None:  # in case the output's name is not the argument's
+                        cache = out.past_key_values
                     done += len(chunk)
         except torch.cuda.OutOfMemoryError:
+            if cache is not None:
+                cache.crop(done)  # the layers the failed chunk reached hold more than the others
             torch.cuda.empty_cache()
-        if done > start and cache is not None:
-            self._keep(cache, prompt_ids[:done], Priority.BACKGROUND)
-        return done - start
+        if cache is not None and (done > start or taken is not None):  # a cache taken is kept again
+            self._keep(cache, prompt_ids[:done], Priority.BACKGROUND if done > start else taken)
+        return done, done - start
 
-    def _cache_for(self, prompt_ids: list[int]) -> tuple[Any, int]:
+    def _room_for_warm_up(self, prompt_ids: list[int]) -> bool:
+        """Whether a warm-up's cache of ``prompt_ids`` would be kept beside the explicit
+        requests' caches it does not continue (by count and by size, at the kept caches' bytes
+        per token), and the model's caches can be kept at all."""
+        if self._keeps_caches is False:
+            return False
+        explicit = [e for e in self._kept if e[2] < Priority.HOVER and e[0] != prompt_ids[: len(e[0])]]
+        if len(explicit) >= KEPT_CACHES:
+            return False
+        per_token = max((_size(e[1]) / len(e[0]) for e in self._kept if e[0]), default=0.0)
+        return not explicit or per_token * len(prompt_ids) + sum(_size(e[1]) for e in explicit) <= KEPT_BYTES
+
+    def _cache_for(self, prompt_ids: list[int]) -> tuple[Any, int, int | None]:
         """The kept cache that shares the longest prefix with ``prompt_ids``, cut to that prefix
-        (at least the last prompt token is left to compute), and the prefix's length; (None, 0)
-        when none shares one. A cache the prompt starts with whole is taken (the request's own
-        cache will hold all of it); of one the prompt leaves part of, the shared prefix is
-        copied, so that it stays for a request that continues it (a chat's next turn after a
-        hover in between)."""
+        (at least the last prompt token is left to compute), the prefix's length, and the
+        priority of the request it came from when it was taken; (None, 0, None) when none
+        shares one. A cache the prompt starts with whole is taken (the request's own cache will
+        hold all of it); of one the prompt leaves part of, the shared prefix is copied, so that
+        it stays for a request that continues it (a chat's next turn after a hover in between)."""
         from transformers import DynamicCache
 
         if not self._kept:
-            return None, 0
+            return None, 0, None
         shared = [common_prefix(ids, prompt_ids) for ids, _, _ in self._kept]
         best = max(range(len(shared)), key=shared.__getitem__)
         keep = min(shared[best], len(prompt_ids) - 1)
         if keep <= 0:
-            return None, 0
-        ids, cache, _ = self._kept[best]
+            return None, 0, None
+        ids, cache, priority = self._kept[best]
         if shared[best] == len(ids):
             del self._kept[best]  # taken: a request that fails leaves no half-written cache behind
             cache.crop(keep - cache.get_seq_length())  # a negative count: the tokens to drop
-            return cache, keep
+            return cache, keep, priority
         self._kept.insert(0, self._kept.pop(best))  # used: the last to go
         prefix = DynamicCache()
         for i, layer in enumerate(cache.layers):
             prefix.update(layer.keys[..., :keep, :].clone(), layer.values[..., :keep, :].clone(), i)
-        return prefix, keep
+        return prefix, keep, None
 
     def _keep(self, cache: Any, ids: list[int], priority: int = Priority.USER) -> None:
         """Keep ``cache`` (of a request of ``priority``) for later requests when it is a plain
         growing cache (a sliding-window or static one cannot be cut back to a prefix). Caches it
         continues go (they hold nothing it does not); then, past ``KEPT_CACHES`` or
         ``KEPT_BYTES``, the least urgent request's, the oldest of those (the newest stays
-        whatever its size), except that a warm-up's own cache goes before an explicit
+        whatever its size), except that a warm-up's own cache goes rather than an explicit
         request's."""
         layers = getattr(cache, "layers", None)
-        if not (layers and all(type(layer).__name__ == "DynamicLayer" for layer in layers)):
+        self._keeps_caches = bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+        if not self._keeps_caches:
             return
         ids = ids[: cache.get_seq_length()]
         kept = [(ids, cache, priority)] + [e for e in self._kept if e[0] != ids[: len(e[0])]]
-
-        def size(entry: tuple) -> int:
-            return sum(t.nbytes for layer in entry[1].layers for t in (layer.keys, layer.values) if t is not None)
-
-        while len(kept) > KEPT_CACHES or (len(kept) > 1 and sum(map(size, kept)) > KEPT_BYTES):
+        while len(kept) > KEPT_CACHES or (len(kept) > 1 and sum(_size(e[1]) for e in kept) > KEPT_BYTES):
             victim = max(range(1, len(kept)), key=lambda i: (kept[i][2], i))
             if priority == Priority.BACKGROUND and kept[victim][2] < Priority.HOVER:
-                victim = 0
+                del kept[0]  # the rest fitted before it came
+                break
             del kept[victim]
         self._kept = kept
 
     def close(self) -> None:
         self.model = None
         self._kept = []
+
+
+def _size(cache: Any) -> int:
+    """Bytes of a kept ``DynamicCache``'s keys and values."""
+    return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
 
 
 def quantization_config(kind: str, dtype: Any) -> Any:

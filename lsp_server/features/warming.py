@@ -1,19 +1,22 @@
-"""Speculative work: when a document is opened, or its edits pause for ``WARM_DELAY`` seconds,
-the engine computes the prompt prefix every request on it starts with (system prompt, path, the
-whole file: ``prompts.requests.document_prefix``), so that the first hover, code action or chat
-on it computes only its own part (on an H200, about 14 ms instead of about 98 ms to the first
-token of a hover on a 2K-token file).
+"""Speculative work: 0.75 s (``WARM_DELAY``) after a document is opened or last edited, the
+engine computes the prompt prefix every request on it starts with (system prompt, path, the
+whole file: ``prompts.requests.document_prefix``), so that the first code action or chat on it,
+and its first hover when the file fits ``hoverContextTokens`` too, computes only its own part
+(on an H200, about 14 ms instead of about 98 ms to the first token of a hover on a 2K-token
+file).
 
 A warm-up is the lowest-priority work there is: it starts only while no request generates,
-stops before its next chunk when one arrives (what it computed by then stays), never shows in
-the editor (no progress, no status; ``$/logTrace`` says what it did), and never takes the place
-of a cache an explicit request filled (``Engine.warm``). Only the document touched last is
-warmed; setting ``warmCache`` turns it off."""
+stops before its next chunk when one arrives or the document changes again (what it computed
+by then stays, and it goes on later), never shows in the editor (no progress, no status;
+``$/logTrace`` says what it did), and never takes the place of a cache an explicit request
+filled (``Engine.warm``). Only the document touched last is warmed; setting ``warmCache``
+turns it off."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 
 from lsprotocol import types
@@ -33,13 +36,16 @@ class Warmer:
         self._uri: str | None = None  # the document touched last
         self._timer: asyncio.TimerHandle | None = None
         self._running: asyncio.Task | None = None
-        self._warmed: tuple | None = None  # (uri, version, text hash, settings) of the last warm-up that finished
+        self._stop = threading.Event()  # of the warm-up running now
+        self._warmed: tuple | None = None  # (uri, version, text hash, engine, settings) of the last one done
 
     def touch(self, uri: str) -> None:
-        """``uri`` was opened or changed: warm it once the editor has been quiet for ``WARM_DELAY``."""
+        """``uri`` was opened or changed: a running warm-up is out of date (it stops, keeping
+        what it computed), and this one starts once the editor has been quiet for ``WARM_DELAY``."""
         if looks_secret(uri):
             return
         self._uri = uri
+        self._stop.set()
         self._arm()
 
     def _arm(self) -> None:
@@ -58,10 +64,11 @@ class Warmer:
         if ready is None or not ready.done() or server.generating or self._running is not None:
             self._arm()  # later, when the model is loaded and nothing else runs
             return
-        self._running = server.run_in_background(self._warm(self._uri, ready.result()))
+        self._stop = threading.Event()
+        self._running = server.run_in_background(self._warm(self._uri, ready.result(), self._stop))
         self._running.add_done_callback(lambda _: setattr(self, "_running", None))
 
-    async def _warm(self, uri: str, engine) -> None:
+    async def _warm(self, uri: str, engine, stop: threading.Event) -> None:
         server = self.server
         document = server.protocol.documents.get(uri)
         if document is None:
@@ -82,18 +89,21 @@ class Warmer:
             return
         started = time.monotonic()
         try:
-            computed = await warm(server.worker, engine, prefix, lambda: server.generating)
+            held, computed = await warm(server.worker, engine, prefix, lambda: stop.is_set() or server.generating)
         except (Busy, EngineError) as exc:
             log.info("warm-up of %s failed: %s", path, exc)
             return
-        stopped = server.generating
-        if not stopped:
-            self._warmed = key
         elapsed = (time.monotonic() - started) * 1000
-        server.trace(f"Warm-up of {path}: {computed} of {len(prefix)} prompt tokens computed in {elapsed:.0f} ms"
-                     + (" (stopped for a request)" if stopped else ""))
-        if stopped:
-            self._arm()  # the rest once the request is done
+        done = f"Warm-up of {path}: {computed} of {len(prefix)} prompt tokens computed in {elapsed:.0f} ms"
+        if held == len(prefix):
+            self._warmed = key
+            server.trace(done)
+        elif stop.is_set() or server.generating:
+            server.trace(done + " (stopped: the rest later)")
+            self._arm()
+        else:  # every cache it could go to holds an explicit request's work: not again for this version
+            self._warmed = key
+            server.trace(f"Warm-up of {path}: nothing kept (the engine's caches hold requests' work)")
 
 
 def register(server: StarChatServer) -> None:

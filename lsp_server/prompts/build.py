@@ -86,13 +86,13 @@ def build_prompt(
     else:
         # Only text near the selection can fit: never split a whole large file.
         reach = budget * _MAX_CHARS_PER_TOKEN + 4096
-        first = max(0, context.start - reach)
-        before_lines = _lines(context.text[first : context.start])
-        if first > 0 and before_lines:
+        reach_start = max(0, context.start - reach)
+        before_lines = _lines(context.text[reach_start : context.start])
+        if reach_start > 0 and before_lines:
             before_lines = before_lines[1:]  # a line cut by the window
-        last = min(len(context.text), context.end + reach)
-        after_lines = _lines(context.text[context.end : last])
-        if last < len(context.text) and after_lines:
+        reach_end = min(len(context.text), context.end + reach)
+        after_lines = _lines(context.text[context.end : reach_end])
+        if reach_end < len(context.text) and after_lines:
             after_lines = after_lines[:-1]
         selection = normalize_eol(context.text[context.start : context.end])
 
@@ -136,12 +136,12 @@ def build_prompt(
         # window's new end, instead of the window moving at every turn. Once the later turns
         # need more than half the room, the window gets what they leave, as before.
         first_question = next(turn.content for turn in [*earlier, Message("user", question)] if turn.role == "user")
-        first = len(fmt.encode_dialogue(dialogue([], [], later=False)))
-        first_room = budget - first - _question_room(fmt, first_question) - window_cost
+        first_turn = len(fmt.encode_dialogue(dialogue([], [], later=False)))
+        first_room = budget - first_turn - _question_room(fmt, first_question) - window_cost
         reserve = HISTORY_ROOM
-        while reserve < len(base) + question_room - first:  # the window only gets smaller here
+        while reserve < len(base) + question_room - first_turn:  # the window only gets smaller here
             reserve *= 2
-        kept = budget - first - window_cost - reserve
+        kept = budget - first_turn - window_cost - reserve
         if kept >= reserve:
             n_before = _window(fmt, context, before_lines, after_lines, first_room)[0]
             after = _after(fmt, before_lines, after_lines, n_before, kept)
@@ -160,7 +160,7 @@ def build_prompt(
         ids = count(n_before, n_after)
     before = before_lines[len(before_lines) - n_before :] if n_before else []
     messages = dialogue(before, after_lines[:n_after])
-    whole = context is None or (first == 0 and last == len(context.text)
+    whole = context is None or (reach_start == 0 and reach_end == len(context.text)
                                 and n_before == len(before_lines) and n_after == len(after_lines))
     return Prompt(ids, messages, n_before, n_after, dropped, whole_file=whole)
 

@@ -12,11 +12,16 @@ Models without these tokens use their tokenizer's chat template.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Protocol, Sequence
 
 Role = Literal["system", "user", "assistant"]
 STARCHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+# One tokenizer call at a time: a fast tokenizer's special-token parsing is one flag each call
+# sets (``encode_special_tokens``), and prompts are built on the event loop and, for warm-ups,
+# on another thread.
+_TOKENIZER_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -74,12 +79,14 @@ class TemplateFormat:
     tokenizer: Any
 
     def encode_text(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        with _TOKENIZER_LOCK:
+            return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def encode_dialogue(self, messages: Sequence[Message]) -> list[int]:
         as_dicts = [{"role": m.role, "content": m.content} for m in messages]
         text = self.tokenizer.apply_chat_template(as_dicts, add_generation_prompt=True, tokenize=False)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        with _TOKENIZER_LOCK:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def format_for(tokenizer: Any) -> StarChatFormat | TemplateFormat:
@@ -87,7 +94,8 @@ def format_for(tokenizer: Any) -> StarChatFormat | TemplateFormat:
     vocab = tokenizer.get_vocab()
 
     def encode_text(text: str) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        with _TOKENIZER_LOCK:
+            return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     if all(token in vocab for token in STARCHAT_TOKENS):
         system, user, assistant, end = (vocab[t] for t in STARCHAT_TOKENS)

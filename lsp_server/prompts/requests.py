@@ -87,23 +87,25 @@ def document_prefix(
     path: str = "",
     language: str = "",
 ) -> list[int]:
-    """The tokens every prompt about ``text`` starts with (a code action's, a chat's about it, a
-    hover's within its budget): the system prompt, the file's path and the whole file, when
-    the file fits in ``budget`` beside a short question; [] when it does not (each request's
-    window of it is then its own). For speculative work: an engine that holds these tokens'
-    KV computes only each request's own part."""
-    prompts = []
-    for question in ("Why?", "How?"):  # the same room as any question up to QUESTION_ROOM
-        context = CodeContext(text, 0, 0, language, path)
-        try:
-            prompt = build_prompt(fmt, system=system, history=[Message("user", question)], budget=budget, context=context)
-        except PromptTooLong:
-            return []
-        if not prompt.whole_file:
-            return []
-        prompts.append(prompt.ids)
-    first, second = prompts
-    return first[: common_prefix(first, second)]
+    """The tokens every prompt about ``text`` starts with (a code action's, a chat's about it,
+    a hover's when the file fits its budget too): the system prompt, the file's path and the
+    whole file, when the file fits in ``budget`` beside a short question; [] when it does not
+    (each request's window of it is then its own). For speculative work: an engine that holds
+    these tokens' KV computes only each request's own part."""
+    context = CodeContext(text, 0, 0, language, path)
+    try:  # a question up to QUESTION_ROOM tokens leaves the file as it is
+        prompt = build_prompt(fmt, system=system, history=[Message("user", "Why?")], budget=budget, context=context)
+    except PromptTooLong:
+        return []
+    if not prompt.whole_file:
+        return []
+    *head, turn = prompt.messages
+    before_question = turn.content.removesuffix("Why?")
+    shared = prompt.ids
+    for question in ("How?", " How?", "\nHow?", "\tHow?"):  # what follows the file may merge with its end
+        ids = fmt.encode_dialogue([*head, Message("user", before_question + question)])
+        shared = shared[: common_prefix(shared, ids)]
+    return shared
 
 
 def chat_prompt(

@@ -280,10 +280,10 @@ def test_a_warm_up_fills_the_cache_the_next_request_starts_from(hf_model, tokeni
     try:
         prompt = prompts[0]
         prefix = prompt[:-6]
-        assert eng.warm(prefix, lambda: False) == len(prefix)
+        assert eng.warm(prefix, lambda: False) == (len(prefix), len(prefix))
         assert eng.stats["prefill_chunks"] == -(-len(prefix) // 8) and eng.stats["warm_ups"] == 1
         assert eng.stats["requests"] == 0 and wait_idle(eng)
-        assert eng.warm(prefix[:-3], lambda: False) == 0  # held already
+        assert eng.warm(prefix[:-3], lambda: False) == (len(prefix) - 3, 0)  # held already
         before = dict(eng.stats)
         ids, _ = run(eng, prompt)
         assert eng.stats["reused_tokens"] - before["reused_tokens"] == len(prefix)
@@ -301,13 +301,13 @@ def test_a_stopped_warm_up_keeps_what_it_computed(hf_model, tokenizer, prompts):
         chunks = []
         real = eng._prefill
         eng._prefill = lambda *a: chunks.append(1) or real(*a)
-        assert eng.warm(prompt[:-2], lambda: len(chunks) >= 2) == 16  # stopped after its second chunk
+        assert eng.warm(prompt[:-2], lambda: len(chunks) >= 2) == (16, 16)  # stopped after its second chunk
         eng._prefill = real
         before = dict(eng.stats)
         ids, _ = run(eng, prompt)
         assert eng.stats["reused_tokens"] - before["reused_tokens"] == 16
         assert ids == reference(hf_model, eng.stop_ids, prompt)
-        assert eng.warm([1, 2, 3], lambda: True) == 0  # stopped before it starts
+        assert eng.warm([1, 2, 3], lambda: True) == (0, 0)  # stopped before it starts
     finally:
         eng.close()
 
@@ -325,16 +325,16 @@ def test_a_warm_up_never_takes_a_slot_only_an_explicit_request_filled(engine):
         engine._slot_ids[:] = [[1, 2, 3, 4, 5], [6, 6], [7, 8, 9], [1, 2, 9, 9]]
         engine._slot_priority[:] = [user, user, user, user]
         before = dict(engine.stats)
-        assert engine.warm([11, 12, 13], lambda: False) == 0
-        assert engine.warm([1, 2, 3], lambda: False) == 0  # slot 0 holds it
+        assert engine.warm([11, 12, 13], lambda: False) == (0, 0)
+        assert engine.warm([1, 2, 3], lambda: False) == (3, 0)  # slot 0 holds it
         assert engine._slot_ids == [[1, 2, 3, 4, 5], [6, 6], [7, 8, 9], [1, 2, 9, 9]]
         assert engine.stats["prefill_tokens"] == before["prefill_tokens"]
         # a hover's slot may go
         engine._slot_priority[1] = hover
-        assert engine.warm([11, 12, 13], lambda: False) == 3
+        assert engine.warm([11, 12, 13], lambda: False) == (3, 3)
         assert engine._slot_ids[1] == [11, 12, 13] and engine._slot_priority[1] == int(Priority.BACKGROUND)
         # a warm-up that continues a slot whole takes it over: nothing is lost there
-        assert engine.warm([7, 8, 9, 10, 11], lambda: False) == 2
+        assert engine.warm([7, 8, 9, 10, 11], lambda: False) == (5, 2)
         assert engine._slot_ids[2] == [7, 8, 9, 10, 11]
     finally:
         engine._slot_ids[:], engine._slot_used[:], engine._slot_priority[:] = saved

@@ -205,9 +205,13 @@ def test_a_warm_up_computes_the_files_prefix_for_the_requests_on_it(engine, mode
     assert prompts["fix"][: len(prefix)] == prefix and prompts["optimize"][: len(prefix)] == prefix
     monkeypatch.setattr(local, "WARM_CHUNK", 16)
     chunks = []
-    assert engine.warm(prefix, lambda: len(chunks.append(1) or chunks) > 2) == 32  # stopped before its third chunk
-    assert engine.warm(prefix, lambda: False) == len(prefix) - 32  # from where it stopped
-    assert engine.warm(prefix, lambda: False) == 0  # held already
+    # stopped before its third chunk (the first look is before any work)
+    assert engine.warm(prefix, lambda: len(chunks.append(1) or chunks) > 3) == (32, 32)
+    # stopped once it has taken that cache, before computing more: the cache stays kept
+    looks = []
+    assert engine.warm(prefix, lambda: len(looks.append(1) or looks) > 1) == (32, 0)
+    assert engine.warm(prefix, lambda: False) == (len(prefix), len(prefix) - 32)  # from where it stopped
+    assert engine.warm(prefix, lambda: False) == (len(prefix), 0)  # held already
     ids, reused = run(engine, prompts["fix"])
     assert reused == len(prefix) and ids == reference(model, engine, prompts["fix"])
     ids, reused = run(engine, prompts["optimize"])
@@ -224,10 +228,24 @@ def test_a_warm_up_never_takes_the_place_of_a_requests_cache(engine, tokenizer, 
     edited = document_prefix_of(tokenizer)[:-4] + [1, 2, 3]  # the file's prefix after an edit
     run(engine, prompts["chat"])
     run(engine, prompts["optimize"])
-    assert engine.warm(edited, lambda: False) == 0 and len(engine._kept) == 2
+    assert engine.warm(edited, lambda: False) == (0, 0) and len(engine._kept) == 2
     engine.generate(prompts["fix"], GREEDY, lambda: False, lambda _: None, priority=int(Priority.HOVER))
     assert [p for _, _, p in engine._kept] == [Priority.HOVER, Priority.USER]  # the older chat went
-    assert engine.warm(edited, lambda: False) == 3  # in place of the hover's
+    assert engine.warm(edited, lambda: False) == (len(edited), 3)  # in place of the hover's
     assert [p for _, _, p in engine._kept] == [Priority.BACKGROUND, Priority.USER]
     run(engine, prompts["chat"])
     assert [p for _, _, p in engine._kept] == [Priority.USER, Priority.USER]  # the warm-up's went first
+
+
+def test_a_warm_up_that_would_not_fit_beside_the_requests_caches_computes_nothing(engine, tokenizer, prompts, monkeypatch):
+    """Room is counted in bytes too (at the kept caches' bytes per token): a warm-up whose
+    cache would push an explicit request's out is not computed."""
+    from lsp_server.engine import local
+
+    run(engine, prompts["chat"])
+    size = local._size(engine._kept[0][1])
+    monkeypatch.setattr(local, "KEPT_BYTES", size + size // 4)
+    prefix = document_prefix_of(tokenizer)
+    assert engine.warm(prefix, lambda: False) == (0, 0) and len(engine._kept) == 1
+    monkeypatch.setattr(local, "KEPT_BYTES", 100 * size)
+    assert engine.warm(prefix, lambda: False)[1] > 0 and len(engine._kept) == 2
