@@ -247,9 +247,8 @@ class TransformersEngine:
                     if cache is None:  # in case the output's name is not the argument's
                         cache = out.past_key_values
                     done += len(chunk)
-        except torch.cuda.OutOfMemoryError:
-            if cache is not None:
-                cache.crop(done)  # the layers the failed chunk reached hold more than the others
+        except torch.cuda.OutOfMemoryError:  # the layers the failed chunk reached hold more than the others
+            cache, taken, done, start = None, None, 0, 0
             torch.cuda.empty_cache()
         if cache is not None and (done > start or taken is not None):  # a cache taken is kept again
             self._keep(cache, prompt_ids[:done], Priority.BACKGROUND if done > start else taken)

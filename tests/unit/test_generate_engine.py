@@ -249,3 +249,23 @@ def test_a_warm_up_that_would_not_fit_beside_the_requests_caches_computes_nothin
     assert engine.warm(prefix, lambda: False) == (0, 0) and len(engine._kept) == 1
     monkeypatch.setattr(local, "KEPT_BYTES", 100 * size)
     assert engine.warm(prefix, lambda: False)[1] > 0 and len(engine._kept) == 2
+
+
+def test_a_warm_up_out_of_memory_keeps_nothing_half_computed(engine, tokenizer, prompts, monkeypatch):
+    from lsp_server.engine import local
+
+    monkeypatch.setattr(local, "WARM_CHUNK", 16)
+    real, calls = engine.model.forward, []
+
+    def forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", forward)
+    prefix = document_prefix_of(tokenizer)
+    assert engine.warm(prefix, lambda: False) == (0, 0) and engine._kept == []
+    monkeypatch.setattr(engine.model, "forward", real)
+    ids, reused = run(engine, prompts["fix"])
+    assert reused == 0 and tokenizer.decode(ids) == sc.FIX_ANSWER
