@@ -300,6 +300,8 @@ class TransformersEngine:
         ``KEPT_BYTES``, the least urgent request's, the oldest of those (the newest stays
         whatever its size), except that a warm-up's own cache goes rather than an explicit
         request's."""
+        if cache is None:
+            return
         layers = getattr(cache, "layers", None)
         self._keeps_caches = bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
         if not self._keeps_caches:
