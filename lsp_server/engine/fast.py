@@ -467,14 +467,7 @@ class FastEngine(StartUp, Graphs, StepMath):
         delivered: list[int] = []
         cancelled = False
         while True:
-            try:
-                kind, value = req.events.get(timeout=1.0)
-            except queue.Empty:
-                if not self._thread.is_alive():
-                    raise EngineError("The fast engine's scheduler stopped.") from None
-                if self._broken is not None and not req.answered:  # lost in the failure: not waited for
-                    raise EngineError(f"The fast engine stopped after an error: {self._broken}") from None
-                continue
+            kind, value = self._next_event(req)
             if on_prompt is not None and kind == "tok":
                 on_prompt(req.reused)  # set when it was admitted, before its first token
                 on_prompt = None
@@ -512,16 +505,22 @@ class FastEngine(StartUp, Graphs, StepMath):
         with self._cv:
             self._incoming.append(req)
             self._cv.notify()
+        kind, value = self._next_event(req)
+        if kind == "error":
+            raise value
+        return req.prefill_pos, req.prefill_pos - req.reused
+
+    def _next_event(self, req: _Request) -> tuple[str, Any]:
+        """The next event the scheduler sends ``req``, waited for; EngineError when the
+        scheduler stopped, or failed without answering it."""
         while True:
             try:
-                kind, value = req.events.get(timeout=1.0)
+                return req.events.get(timeout=1.0)
             except queue.Empty:
-                if not self._thread.is_alive() or (self._broken is not None and not req.answered):
-                    return 0, 0
-                continue
-            if kind == "error":
-                raise value
-            return req.prefill_pos, req.prefill_pos - req.reused
+                if not self._thread.is_alive():
+                    raise EngineError("The fast engine's scheduler stopped.") from None
+                if self._broken is not None and not req.answered:  # lost in the failure: not waited for
+                    raise EngineError(f"The fast engine stopped after an error: {self._broken}") from None
 
     def close(self) -> None:
         with self._cv:
@@ -643,13 +642,9 @@ class FastEngine(StartUp, Graphs, StepMath):
         if source is not None and touch:
             self._slot_used[source] = time.monotonic()  # used: not the next to be overwritten
 
-        def unique(s: int) -> bool:  # holds tokens no other slot holds too
-            held = self._slot_ids[s]
-            return bool(held) and not any(o != s and self._slot_ids[o][: len(held)] == held for o in range(self.slots))
-
         free = [s for s in range(self.slots) if self._slot_req[s] is None]
         # ties → the lowest index (keeps batches small)
-        target = min(free, key=lambda s: (unique(s), -self._slot_priority[s], self._slot_used[s], s))
+        target = min(free, key=lambda s: (self._holds_its_own(s), -self._slot_priority[s], self._slot_used[s], s))
         return target, reuse, source
 
     def _admit(self, req: _Request) -> None:
@@ -698,10 +693,12 @@ class FastEngine(StartUp, Graphs, StepMath):
         warm-up put there; never one holding an explicit request's tokens alone."""
         if slot == source and reuse >= len(self._slot_ids[slot]):
             return True
-        held = self._slot_ids[slot]
-        if not held or any(o != slot and ids[: len(held)] == held for o, ids in enumerate(self._slot_ids)):
-            return True
-        return self._slot_priority[slot] >= Priority.HOVER
+        return not self._holds_its_own(slot) or self._slot_priority[slot] >= Priority.HOVER
+
+    def _holds_its_own(self, s: int) -> bool:
+        """Whether slot ``s`` holds tokens no other slot holds too (losing them loses work)."""
+        held = self._slot_ids[s]
+        return bool(held) and not any(o != s and ids[: len(held)] == held for o, ids in enumerate(self._slot_ids))
 
     def _next_prefill(self) -> _Request:
         """The waiting prompt to advance: the most urgent (an explicit action before a hover),

@@ -92,9 +92,9 @@ def document_prefix(
     whole file, when the file fits in ``budget`` beside a short question; [] when it does not
     (each request's window of it is then its own). For speculative work: an engine that holds
     these tokens' KV computes only each request's own part."""
-    context = CodeContext(text, 0, 0, language, path)
     try:  # a question up to QUESTION_ROOM tokens leaves the file as it is
-        prompt = build_prompt(fmt, system=system, history=[Message("user", "Why?")], budget=budget, context=context)
+        prompt = chat_prompt(fmt, system=system, budget=budget, messages=[Message("user", "Why?")], text=text,
+                             path=path, language=language)
     except PromptTooLong:
         return []
     if not prompt.whole_file:

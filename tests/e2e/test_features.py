@@ -369,8 +369,7 @@ async def test_requests_on_one_document_reuse_the_cache(editor, tokenizer):
     about = await chat(editor, [("user", "What could go wrong here?")], "r", textDocument={"uri": uri}, range=average,
                        maxNewTokens=2)
     fmt = format_for(tokenizer)
-    file_prefix = len(fmt.encode_dialogue([Message("system", Settings().system_prompt),
-                                           Message("user", f"File: `calc.py` (python)\n\n```python\n{sc.CALC_PY}```")]))
+    file_prefix = file_prefix_tokens(tokenizer, sc.CALC_PY)
     assert file_prefix - 6 <= about["cachedTokens"] < about["promptTokens"]  # all but the dialogue's closing tokens
     # the next turn of that conversation starts with its prompt (and answer)
     turns = [("user", "What could go wrong here?"), ("assistant", about["text"]), ("user", "And then?")]
