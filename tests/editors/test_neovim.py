@@ -31,9 +31,9 @@ DRIVER = HERE / "nvim" / "run.lua"
 SCREENSHOTS = REPO / "build" / "screenshots"
 STEPS = [
     "start", "encoding", "code_actions", "popup", "chat", "cancel", "tasks", "fix", "fix_with_problems",
-    "stop_task", "apply_edit", "settings", "tabs", "split_crlf", "chat_name", "chat_window", "status_line",
+    "stop_task", "apply_edit", "settings", "tabs", "split_crlf", "chat_reload", "chat_name", "chat_window", "status_line",
     "folders", "secrets", "rename_secret", "unnamed",
-    "code_action_commands", "health", "crash",
+    "code_action_commands", "restart_typing", "health", "crash",
 ]
 SECRET_MARKER = "STARCHAT_NVIM_TOKEN=env-secret-91be4f"
 SECRET_TYPED = "TYPED_TOKEN=typed-secret-5e70aa"
@@ -361,6 +361,18 @@ def test_the_chat_buffer_deleted_comes_back_with_its_name(nvim):
     assert result["old_gone"]
 
 
+def test_the_chat_buffer_reloaded_keeps_the_conversation(nvim):
+    """:edit! in the chat buffer (it has no file to read back) keeps its text, its mappings, the
+    conversation and an answer streaming meanwhile; :bunload ends the conversation."""
+    result = step(nvim, "chat_reload")
+    assert result["same_after_edit"] and result["same_buffer"], result
+    assert result["mapped"] and not result["listed"] and result["hint"] == 1, result
+    assert result["history"] == 2
+    assert result["follow_up"] == sc.CHAT_FOLLOW_UP_ANSWER  # answered with the first turn as history
+    assert result["streaming"] and result["long_kept"], result
+    assert result["unload_forgot"]
+
+
 def test_chat_window_options_stay_with_the_chat_buffer(nvim):
     """The options the chat sets on its window apply to the chat buffer there only: a file shown in
     that window afterwards has the window's own (those of the window it was split from)."""
@@ -384,6 +396,14 @@ def test_a_file_of_another_root_joins_the_running_server(nvim):
     assert result["clients"] == 1 and result["same"]  # no second server (and model) started
     assert any(name.endswith("/ws") for name in result["folders"])
     assert any(name.endswith("/other") for name in result["folders"])
+
+
+def test_restart_while_typing_keeps_the_new_server_in_step(nvim):
+    result = step(nvim, "restart_typing")
+    assert result["new_client"], result
+    assert result["opened"] == 1 and result["changes"] > 1, result  # opened once, then edited
+    assert result["typed"] == 40 and result["same"], result
+    assert 1 <= result["typed_before_open"] <= 20, result  # typed while no server had it, and after
 
 
 def test_checkhealth(nvim):

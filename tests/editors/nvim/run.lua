@@ -633,6 +633,58 @@ function steps.chat_name()
   return names
 end
 
+-- The chat buffer has no file: :edit! would empty it. Its text comes back, the conversation goes
+-- on (the follow-up is answered as after the first turn), and an answer streaming meanwhile
+-- keeps streaming into it. :bunload ends the conversation, as :bdelete does.
+function steps.chat_reload()
+  chat.clear()
+  local buf, win = chat.open({ focus = true })
+  local first = chat.send(sc.CHAT_QUESTION)
+  wait_turn(first)
+  vim.api.nvim_feedkeys(vim.keycode("GA" .. "a draft<Esc>"), "nx", false)
+  local before = buf_text(buf)
+  vim.api.nvim_set_current_win(win)
+  vim.cmd("edit!")
+  local hint_ns = vim.api.nvim_get_namespaces().starchat_chat_hint
+  local out = {
+    same_after_edit = buf_text(buf) == before,
+    same_buffer = chat.buf == buf,
+    listed = vim.bo[buf].buflisted,
+    mapped = vim.fn.maparg("<CR>", "n", false, true).buffer == 1,
+    hint = #vim.api.nvim_buf_get_extmarks(buf, hint_ns, 0, -1, {}),
+    history = #chat.history,
+  }
+  local follow = chat.send(sc.CHAT_FOLLOW_UP)
+  wait_turn(follow)
+  out.follow_up = follow.answer
+  -- mid-answer
+  chat.clear()
+  require("starchat.config").options.chat.max_new_tokens = 1500
+  local turn = chat.send(sc.LONG_QUESTION)
+  assert(turn, "no turn started")
+  wait(60000, function()
+    return turn.pieces >= 3
+  end, "the long answer to stream")
+  vim.api.nvim_set_current_win(win)
+  vim.cmd("edit!")
+  local at = turn.pieces
+  wait(60000, function()
+    return turn.pieces >= at + 5
+  end, "more of the answer after :edit!")
+  out.streaming = chat.current == turn and not vim.bo[buf].modifiable
+  chat.cancel()
+  require("starchat.config").options.chat.max_new_tokens = nil
+  out.long_kept = buf_text(buf):find("## StarChat\n" .. turn.answer .. "\n\n[cancelled]", 1, true) ~= nil
+  out.long_text = buf_text(buf):sub(1, 300)
+  vim.cmd("bunload " .. buf)
+  vim.wait(100, function()
+    return false
+  end)
+  out.unload_forgot = chat.buf == nil and #chat.history == 0 and not vim.api.nvim_buf_is_valid(buf)
+  vim.api.nvim_set_current_win(code_win)
+  return out
+end
+
 -- The chat window's options (no line numbers, wrap, its winbar) are the chat buffer's there: a
 -- file shown in that window afterwards has the window's usual ones.
 function steps.chat_window()
@@ -1044,6 +1096,88 @@ function steps.code_action_commands()
     error(err)
   end
   out.notifications = notifications_of("code_action_commands")
+  return out
+end
+
+-- :StarChatRestart while the user types in a file: the new server's copy of the file (its didOpen
+-- and the didChanges after it, replayed here) is the buffer's text, edits made while the old
+-- server stopped and the new one started included.
+function steps.restart_typing()
+  vim.api.nvim_set_current_win(code_win)
+  local uri = vim.uri_from_bufnr(code_buf)
+  local sent = {}
+  local real_start = vim.lsp.rpc.start
+  vim.lsp.rpc.start = function(...)
+    local rpc = real_start(...)
+    local notify = rpc.notify
+    rpc.notify = function(method, params, ...)
+      if method:find("^textDocument/did") and params.textDocument.uri == uri then
+        table.insert(sent, { method = method, params = vim.deepcopy(params) })
+      end
+      return notify(method, params, ...)
+    end
+    return rpc
+  end
+  local old = client()
+  local lines = vim.api.nvim_buf_line_count(code_buf)
+  local restarted
+  local ok, err = pcall(function()
+    starchat.restart(function(id)
+      restarted = id
+    end)
+    for i = 1, 40 do -- typing, one line every 20 ms, until the new server is up and after
+      vim.api.nvim_buf_set_lines(code_buf, -1, -1, false, { "# typed " .. i })
+      vim.wait(20, function()
+        return false
+      end)
+      if i == 20 then
+        wait(60000, function()
+          return restarted ~= nil and client() ~= nil and client().initialized
+        end, "the new server")
+      end
+    end
+  end)
+  vim.lsp.rpc.start = real_start
+  assert(ok, err)
+  vim.wait(300, function()
+    return false
+  end)
+  local function offset(text, pos)
+    local at = 1
+    for _ = 1, pos.line do
+      at = text:find("\n", at, true) + 1
+    end
+    return at + pos.character
+  end
+  local text, in_open
+  for _, m in ipairs(sent) do
+    if m.method == "textDocument/didOpen" then
+      text = m.params.textDocument.text
+      in_open = select(2, text:gsub("# typed", ""))
+    elseif m.method == "textDocument/didChange" and text then
+      for _, change in ipairs(m.params.contentChanges) do
+        if change.range then
+          text = text:sub(1, offset(text, change.range.start) - 1) .. change.text .. text:sub(offset(text, change.range["end"]))
+        else
+          text = change.text
+        end
+      end
+    end
+  end
+  local out = {
+    new_client = client() ~= nil and client().id ~= old.id and client().id == restarted,
+    opened = #vim.tbl_filter(function(m)
+      return m.method == "textDocument/didOpen"
+    end, sent),
+    changes = #sent,
+    same = text == buf_text(code_buf),
+    typed = select(2, (text or ""):gsub("# typed", "")),
+    typed_before_open = in_open,
+  }
+  vim.api.nvim_buf_set_lines(code_buf, lines, -1, false, {})
+  wait(60000, function()
+    return lsp.state.state == "ready"
+  end, "the new server's model")
   return out
 end
 

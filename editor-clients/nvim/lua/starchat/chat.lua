@@ -22,8 +22,17 @@ function M.winbar()
   return (lsp.status():gsub("^StarChat: ", ""))
 end
 
+--- False while the chat buffer is unloaded (:bdelete, :bunload) and about to be forgotten (see
+--- create()): writing to it then would load it again.
+local function loaded()
+  return M.buf ~= nil and vim.api.nvim_buf_is_loaded(M.buf)
+end
+
 --- Key hints beside the last "## You" (the input section).
 local function hint()
+  if not loaded() then
+    return
+  end
   vim.api.nvim_buf_clear_namespace(M.buf, hint_ns, 0, -1)
   local lines = vim.api.nvim_buf_get_lines(M.buf, 0, -1, false)
   for i = #lines, 1, -1 do
@@ -42,6 +51,9 @@ local function valid(buf)
 end
 
 local function with_modifiable(fn)
+  if not loaded() then
+    return
+  end
   local buf = M.buf
   vim.bo[buf].modifiable = true
   local ok, err = pcall(fn, buf)
@@ -67,6 +79,9 @@ local function follow(force)
 end
 
 local function set_thinking(on)
+  if not loaded() then
+    return
+  end
   vim.api.nvim_buf_clear_namespace(M.buf, ns, 0, -1)
   if on then
     local last = vim.api.nvim_buf_line_count(M.buf) - 1
@@ -135,30 +150,61 @@ local function create()
   vim.api.nvim_buf_set_lines(buf, 0, -1, false, { USER, "" })
   M.buf = buf
   hint()
-  vim.api.nvim_create_autocmd({ "BufUnload", "BufWipeout" }, {
+  vim.b[buf].starchat_chat = true -- :bdelete clears it (and the mappings); :edit keeps it
+  -- The chat has no file behind it: :edit and :edit! unload the buffer and Neovim would load it
+  -- empty. Its text is kept at the unload and put back when Neovim loads it again at once
+  -- (BufReadCmd); an answer goes on streaming. Unloaded and not loaded again at once (:bdelete,
+  -- :bunload), or wiped out, the chat buffer goes, and its conversation with it.
+  local kept
+  local function forget()
+    if M.buf ~= buf then
+      return
+    end
+    if M.current then -- stop its answer
+      local turn = M.current
+      turn.cancelled = true
+      M.current = nil
+      if turn.token then
+        lsp.streams[turn.token] = nil
+      end
+      lsp.cancel(turn.req)
+      table.insert(M.turns, turn)
+    end
+    M.buf, M.history, M.context = nil, {}, nil -- a new chat buffer starts a new conversation
+    vim.schedule(function()
+      if vim.api.nvim_buf_is_valid(buf) then
+        pcall(vim.api.nvim_buf_delete, buf, { force = true })
+      end
+    end)
+  end
+  vim.api.nvim_create_autocmd("BufUnload", {
     buffer = buf,
-    once = true,
     callback = function()
-      if M.current then -- the chat buffer went away (:bdelete, :bwipeout): stop its answer
-        local turn = M.current
-        turn.cancelled = true
-        M.current = nil
-        if turn.token then
-          lsp.streams[turn.token] = nil
-        end
-        lsp.cancel(turn.req)
-        table.insert(M.turns, turn)
-      end
-      if M.buf == buf then -- a new chat buffer starts a new conversation
-        M.buf, M.history, M.context = nil, {}, nil
-      end
+      kept = vim.api.nvim_buf_get_lines(buf, 0, -1, false)
       vim.schedule(function()
-        if vim.api.nvim_buf_is_valid(buf) then
-          pcall(vim.api.nvim_buf_delete, buf, { force = true })
+        if vim.api.nvim_buf_is_valid(buf) and not vim.api.nvim_buf_is_loaded(buf) then
+          forget()
         end
       end)
     end,
   })
+  vim.api.nvim_create_autocmd("BufReadCmd", {
+    buffer = buf,
+    callback = function()
+      if M.buf ~= buf or not kept or not vim.b[buf].starchat_chat then
+        return forget() -- deleted, and shown again before it was wiped out
+      end
+      vim.bo[buf].modifiable = true
+      vim.api.nvim_buf_set_lines(buf, 0, -1, false, kept)
+      vim.bo[buf].modifiable = M.current == nil
+      vim.bo[buf].modified = false
+      vim.bo[buf].buflisted = false -- :edit lists it
+      kept = nil
+      hint()
+      set_thinking(M.current ~= nil and M.current.pieces == 0)
+    end,
+  })
+  vim.api.nvim_create_autocmd("BufWipeout", { buffer = buf, once = true, callback = forget })
   local map = function(modes, lhs, fn, desc)
     vim.keymap.set(modes, lhs, fn, { buffer = buf, desc = desc, silent = true })
   end
@@ -178,6 +224,9 @@ end
 --- The chat buffer, shown in a split when it is not on screen. Returns buf, win.
 function M.open(opts)
   opts = opts or {}
+  if valid(M.buf) and not loaded() then -- :bdelete or :bunload a moment ago: it goes now
+    pcall(vim.api.nvim_buf_delete, M.buf, { force = true })
+  end
   if not valid(M.buf) then
     M.buf = create()
   end
