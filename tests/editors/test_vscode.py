@@ -610,7 +610,8 @@ def long_answer(test_model) -> str:
 def test_chat_survives_a_window_reload(session, long_answer):
     """Developer: Reload Window: the conversation comes back and goes to the server as the history
     of the next message; New Chat forgets it for the next reload too; an answer that was streaming
-    comes back as received, marked interrupted (no spinner)."""
+    comes back as received, marked interrupted (no spinner); the selection a conversation is about
+    comes back with it."""
     result = step(session, "reload-window")
     assert [(t["role"], t["text"], t["status"]) for t in result["restored"]] == [("user", sc.CHAT_QUESTION, "done"), ("assistant", sc.CHAT_ANSWER, "done")]
     history = [{"role": "user", "content": sc.CHAT_QUESTION}, {"role": "assistant", "content": sc.CHAT_ANSWER}, {"role": "user", "content": sc.CHAT_FOLLOW_UP}]
@@ -626,6 +627,10 @@ def test_chat_survives_a_window_reload(session, long_answer):
     assert len(text) >= len(sc.LONG_ANSWER_UNIT) and long_answer.startswith(text), text
     assert "Interrupted" in result["note"], result["note"]
     assert result["spinners"] == 0 and not result["generating"]
+    # A conversation about a selection is still about it after a reload, for the next message too.
+    assert result["aboutBefore"] == result["aboutAfter"] == "About calc.py:4-5", result
+    selection = {"start": {"line": 3, "character": 0}, "end": {"line": 5, "character": 0}}
+    assert result["contextSent"] == [{"uri": "calc.py", "range": selection, "messages": 3}], result["contextSent"]
 
 
 def test_screenshots_of_each_step(session):

@@ -912,7 +912,35 @@ try {
     const spinners = await frame.evaluate(() => document.querySelectorAll(".note.working").length);
     const generating = await frame.evaluate(() => document.body.classList.contains("generating"));
     await screenshot("reload-window-interrupted");
-    return { restored, followUp: followUp.text, sent: sent.map((params) => params.messages), afterNewChat: streaming, interrupted, note, spinners, generating };
+
+    // A conversation about a selection (Explain): after a reload the chat is still about it, and
+    // the next message goes with it.
+    await runCommand("StarChat: New Chat");
+    await until("an empty chat", async () => (await chatTurns()).length === 0, 10000);
+    await openCalc();
+    await selectLines(4, 5);
+    await contextMenuAction("def average", "Explain");
+    frame = await chatPageFrame();
+    await until("the explanation", () => answerDone(frame, 2), 60000);
+    const contextLabel = () => frame.evaluate(() => (document.getElementById("context").hidden ? null : document.getElementById("context-label").textContent));
+    const aboutBefore = await contextLabel();
+    await sleep(600);
+    const logsBeforeContext = clientLogFiles();
+    await reloadWindow();
+    await runCommand("StarChat: Open Chat");
+    await until("the conversation again", async () => (await chatTurns()).length >= 2, 30000);
+    frame = await chatPageFrame();
+    const aboutAfter = await until("the context again", contextLabel, 10000, 100).catch(() => null);
+    await waitReady();
+    await sendChat(frame, sc.askQuestion);
+    await until("an answer about the selection", () => answerDone(frame, 4), 60000);
+    const contextSent = requestParams(clientLog(clientLogFiles().filter((f) => !logsBeforeContext.includes(f))), "starchat/chat").map(
+      (params) => ({ uri: params.textDocument?.uri?.replace(/^.*\//, "") ?? null, range: params.range ?? null, messages: params.messages.length }),
+    );
+    return {
+      restored, followUp: followUp.text, sent: sent.map((params) => params.messages), afterNewChat: streaming, interrupted, note, spinners, generating,
+      aboutBefore, aboutAfter, contextSent,
+    };
   }, { needs: ["open"] });
 
   await step("status-after", async () => {
