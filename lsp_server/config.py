@@ -146,8 +146,9 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
-def merge(base: Settings, raw: Mapping[str, Any] | None) -> tuple[Settings, list[str]]:
-    """``base`` with the valid values of ``raw`` applied, and one message per value refused."""
+def merge(base: Settings, raw: Mapping[str, Any] | None, unset: Settings | None = None) -> tuple[Settings, list[str]]:
+    """``base`` with the valid values of ``raw`` applied, and one message per value refused. A
+    setting ``raw`` gives as null (or "") is skipped, or with ``unset`` takes its value there."""
     if not raw:
         return base, []
     if not isinstance(raw, Mapping):
@@ -158,8 +159,12 @@ def merge(base: Settings, raw: Mapping[str, Any] | None) -> tuple[Settings, list
     problems: list[str] = []
     for key, value in raw.items():
         name = _BY_KEY.get(str(key).replace("_", "").lower())
-        if name is None or value is None or value == "":
+        if name is None:
             continue  # unknown keys belong to the editor client (e.g. its server command)
+        if value is None or value == "":
+            if unset is not None:
+                changes[name] = getattr(unset, name)
+            continue
         meta = FIELDS[name].metadata
         try:
             coerced = _coerce(name, value)

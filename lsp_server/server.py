@@ -83,13 +83,15 @@ class StarChatServer(LanguageServer):
         self._format_engine: Engine | None = None
 
     # ---- settings -------------------------------------------------------------------------
-    def apply_settings(self, *sources: Any) -> bool:
-        """Recompute settings from the command line and the editor's sources; tell the user about
-        bad values. Returns whether the model must be reloaded."""
-        settings, problems = self.base_settings, []
-        for raw in sources:
-            settings, found = merge(settings, raw)
-            problems += found
+    def apply_settings(self, init: Any, live: Any = None) -> bool:
+        """Recompute settings from the command line, the editor's ``initializationOptions`` and
+        its configuration (``live``: pulled, or pushed by didChangeConfiguration), where a setting
+        given as null is the command line's (VS Code: a setting reset is back to the default, also
+        when initializationOptions set it). Tells the user about bad values. Returns whether the
+        model must be reloaded."""
+        settings, problems = merge(self.base_settings, init)
+        settings, found = merge(settings, live, unset=self.base_settings)
+        problems += found
         for problem in problems:
             self.show_message(problem, types.MessageType.Warning)
         old, self.settings = self.settings, settings
@@ -378,7 +380,9 @@ class StarChatServer(LanguageServer):
         reconnect before the end of its old connection has been seen). When the editor
         disconnects, its session is forgotten (requests cancelled, documents dropped) and the
         next connection starts afresh: it must ``initialize`` again, with the token when one is
-        required. After ``shutdown`` (or ``exit``) the process ends, as over stdio."""
+        required. ``shutdown`` and ``exit`` end a session too, not the process: the model stays
+        loaded for the next editor (an editor's restart or reload is a reconnection). The process
+        ends on SIGINT or SIGTERM."""
         from .transport import DiscardWriter, keep_alive
 
         self.serving_tcp = True  # the editor did not start this process: its processId is not watched
@@ -418,9 +422,6 @@ class StarChatServer(LanguageServer):
             finally:
                 writer.close()
                 self.protocol.set_writer(DiscardWriter())
-                if self.protocol._shutdown:
-                    log.info("the editor disconnected after shutdown: exiting")
-                    self.leave(0)
                 log.info("editor at %s disconnected: waiting for the next connection", peer)
                 pending = self.protocol.end_session()
                 self.init_options = None
@@ -437,6 +438,9 @@ class StarChatServer(LanguageServer):
 
         try:
             asyncio.run(main())
+        except KeyboardInterrupt:  # Ctrl-C: the way to stop a TCP server
+            log.info("interrupted: exiting")
+            self.leave(0)
         finally:
             self.close()
 

@@ -144,6 +144,13 @@ class StarChatProtocol(LanguageServerProtocol):
         document.version = version
         return True
 
+    def cancel_requests(self) -> None:
+        """Cancel the client's requests still running (each is answered ``RequestCancelled``)."""
+        outgoing = set(self._result_types)  # ids of the server's own requests
+        for msg_id, future in list(self._request_futures.items()):
+            if msg_id not in outgoing and isinstance(future, asyncio.Future) and not future.done():
+                future.cancel()
+
     def end_session(self) -> list[asyncio.Future]:
         """Forget the client whose connection ended (TCP serves one after another): the next one
         starts uninitialized (its ``initialize`` is checked again, token included) with no open
@@ -182,6 +189,12 @@ class StarChatProtocol(LanguageServerProtocol):
         COMMAND_WORK_DONE_TOKEN.set(params.work_done_token)  # this task's own context
         result = handler(*args, **kwargs)
         return await result if inspect.isawaitable(result) else result
+
+    @lsp_method(types.EXIT)
+    def lsp_exit(self, params: None = None):
+        """Only the feature's handler: it ends the process over stdio and the session over TCP
+        (features/lifecycle.py). pygls's would end the process in every case."""
+        yield from self._user_handler(types.EXIT, params)
 
     @lsp_method(types.TEXT_DOCUMENT_DID_CLOSE)
     def lsp_text_document__did_close(self, params: types.DidCloseTextDocumentParams):

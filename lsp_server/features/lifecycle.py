@@ -63,6 +63,11 @@ def register(server: StarChatServer) -> None:
 
     @server.feature(types.SHUTDOWN)
     def shutdown(ls: StarChatServer, params: None) -> None:
+        if ls.serving_tcp:
+            # The server outlives the editors that connect to it (an editor's restart or reload
+            # ends its session, not the model): this editor's requests stop, nothing else.
+            ls.protocol.cancel_requests()
+            return
         # Not waiting for the engine's threads: generations stop before their next step, a
         # model load cannot be stopped part-way (minutes for a 16B model), and `exit` ends the
         # process without finalizing the interpreter (StarChatServer.leave).
@@ -70,4 +75,7 @@ def register(server: StarChatServer) -> None:
 
     @server.feature(types.EXIT)
     def exit(ls: StarChatServer, params: None) -> None:
+        if ls.serving_tcp:
+            ls.protocol.writer.close()  # the session ends; the next editor may connect
+            return
         ls.leave(0 if ls.protocol._shutdown else 1)

@@ -397,9 +397,53 @@ def test_after_a_tcp_editor_disconnects_the_next_connection_starts_afresh(test_m
             assert "result" in _tcp_initialize(sock, buffer, "s3cret", "init2")  # a new session
             sock.sendall(frame(_code_actions(uri, 2)))
             assert _read_message(sock, buffer)["error"]["code"] == -32803  # the first editor's document is gone
-            sock.sendall(frame({"jsonrpc": "2.0", "id": 3, "method": "shutdown"}))
-            assert _read_message(sock, buffer)["result"] is None
-        assert server.wait(15) == 0  # after shutdown, the end of the connection ends the server
+
+        assert server.poll() is None
+
+
+def _recv_until_closed(sock: socket.socket, buffer: bytearray) -> list[dict]:
+    """The messages left on a connection until the server closes it."""
+    messages = []
+    while True:
+        try:
+            messages.append(_read_message(sock, buffer))
+        except ConnectionError:
+            return messages
+
+
+def test_an_editor_that_restarts_over_tcp_ends_its_session_not_the_server(test_model):
+    """shutdown + exit (what an editor sends on a restart or a window reload) end the TCP
+    session: the running answer is cancelled, the connection closes, and the server, its model
+    still loaded, serves the next connection at once."""
+    with _tcp_server("s3cret") as (server, port):
+        sock, buffer = _tcp_editor(port, "s3cret")
+        with sock:
+            sock.sendall(frame({"jsonrpc": "2.0", "method": "initialized", "params": {}}))
+            sock.sendall(frame({"jsonrpc": "2.0", "id": 1, "method": "starchat/chat", "params": chat_params(sc.LONG_QUESTION, maxNewTokens=1500, partialResultToken="p")}))
+            while not ((m := _read_message(sock, buffer)).get("method") == "$/progress" and m["params"]["token"] == "p"):
+                pass  # generating
+            sock.sendall(frame({"jsonrpc": "2.0", "id": 2, "method": "shutdown"}))
+            replies = {}
+            while len(replies) < 2:
+                if "id" in (m := _read_message(sock, buffer)) and "method" not in m:
+                    replies[m["id"]] = m
+            assert replies[1]["error"]["code"] == -32800  # the answer stopped, not sent cut short
+            assert replies[2]["result"] is None
+            sock.sendall(frame({"jsonrpc": "2.0", "method": "exit"}))
+            sock.settimeout(15)
+            _recv_until_closed(sock, buffer)  # the server closes the connection
+        assert server.poll() is None
+        sock, buffer, reply = _tcp_reconnect(port, "s3cret")
+        with sock:
+            assert "result" in reply
+            sock.sendall(frame({"jsonrpc": "2.0", "method": "initialized", "params": {}}))
+            sock.sendall(frame({"jsonrpc": "2.0", "id": 1, "method": "starchat/chat", "params": chat_params()}))
+            seen = []
+            while (message := _read_message(sock, buffer)).get("id") != 1 or "method" in message:
+                seen.append(message)
+            assert message["result"]["text"] == sc.CHAT_ANSWER
+            statuses = [m["params"]["state"] for m in seen if m.get("method") == "starchat/status"]
+            assert "loading" not in statuses, statuses  # the model stayed loaded
 
 
 def test_a_request_left_running_by_a_gone_tcp_editor_answers_nobody_else(test_model):

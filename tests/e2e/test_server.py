@@ -62,6 +62,18 @@ async def test_workspace_configuration_overrides_initialization_options(raw_clie
     assert result["completionTokens"] == 3
 
 
+async def test_a_setting_reset_in_the_editor_is_back_to_its_default(raw_client, tmp_path):
+    """VS Code sends the user's settings as initializationOptions and answers the pull with null
+    for a setting that is not set: after the user resets one, its default applies again."""
+    raw_client.set_configuration({"maxNewTokens": 3}, section="starchat")
+    editor = await start_session(raw_client, tmp_path, "visual-studio-code", options={"maxNewTokens": 3})
+    assert (await ask_chat(editor))["completionTokens"] == 3
+    raw_client.set_configuration({"maxNewTokens": None}, section="starchat")
+    raw_client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings=None))
+    result = await ask_chat(editor)
+    assert result["text"] == sc.CHAT_ANSWER and result["finishReason"] == "stop", result
+
+
 async def test_prompt_too_long_names_both_sizes(raw_client, tmp_path):
     editor = await start_session(raw_client, tmp_path, "neovim", options={"contextWindow": 300, "maxNewTokens": 50})
     big = "".join(f"value_{i} = {i} * 2  # a line of filler\n" for i in range(200))
