@@ -31,7 +31,7 @@ DRIVER = HERE / "nvim" / "run.lua"
 SCREENSHOTS = REPO / "build" / "screenshots"
 STEPS = [
     "start", "encoding", "code_actions", "popup", "chat", "cancel", "tasks", "fix", "fix_with_problems",
-    "stop_task", "apply_edit", "settings", "tabs", "split_crlf", "chat_reload", "chat_name", "chat_window", "status_line",
+    "stop_task", "apply_edit", "settings", "tabs", "split_crlf", "chat_reload", "chat_editing", "chat_name", "chat_window", "status_line",
     "folders", "secrets", "rename_secret", "unnamed",
     "code_action_commands", "restart_typing", "health", "crash",
 ]
@@ -366,11 +366,24 @@ def test_the_chat_buffer_reloaded_keeps_the_conversation(nvim):
     conversation and an answer streaming meanwhile; :bunload ends the conversation."""
     result = step(nvim, "chat_reload")
     assert result["same_after_edit"] and result["same_buffer"], result
+    assert result["filetype"] == "markdown" and result["filetype_events"] == 1, result  # highlighted again
     assert result["mapped"] and not result["listed"] and result["hint"] == 1, result
     assert result["history"] == 2
     assert result["follow_up"] == sc.CHAT_FOLLOW_UP_ANSWER  # answered with the first turn as history
     assert result["streaming"] and result["long_kept"], result
     assert result["unload_forgot"]
+
+
+def test_typing_in_the_chat(nvim):
+    """`u` undoes only what the user typed; a draft survives a message sent another way; <C-c>
+    leaves Insert mode when nothing is answering; a conversation goes on after its file was
+    deleted with :bdelete."""
+    result = step(nvim, "chat_editing")
+    assert result["undone"], result
+    assert result["draft_kept"] and result["follow_up"] == sc.CHAT_FOLLOW_UP_ANSWER, result
+    assert result["mode"] == "n", result
+    assert result["sent_after_delete"] and result["after"] == {"done": True}, result
+    assert result["new_notes"] == [], result
 
 
 def test_chat_window_options_stay_with_the_chat_buffer(nvim):

@@ -644,9 +644,19 @@ function steps.chat_reload()
   vim.api.nvim_feedkeys(vim.keycode("GA" .. "a draft<Esc>"), "nx", false)
   local before = buf_text(buf)
   vim.api.nvim_set_current_win(win)
+  local filetype_events = 0
+  vim.api.nvim_create_autocmd("FileType", {
+    buffer = buf,
+    once = true,
+    callback = function()
+      filetype_events = filetype_events + 1
+    end,
+  })
   vim.cmd("edit!")
   local hint_ns = vim.api.nvim_get_namespaces().starchat_chat_hint
   local out = {
+    filetype = vim.bo[buf].filetype,
+    filetype_events = filetype_events,
     same_after_edit = buf_text(buf) == before,
     same_buffer = chat.buf == buf,
     listed = vim.bo[buf].buflisted,
@@ -682,6 +692,65 @@ function steps.chat_reload()
   end)
   out.unload_forgot = chat.buf == nil and #chat.history == 0 and not vim.api.nvim_buf_is_valid(buf)
   vim.api.nvim_set_current_win(code_win)
+  return out
+end
+
+-- Typing in the chat: `u` undoes what the user typed, never the plugin's text; a draft is kept
+-- when something else is sent (here a message given as an argument, as :StarChatChat {msg});
+-- <C-c> in Insert mode with no answer running leaves Insert mode. Then a conversation about a
+-- file deleted with :bdelete (loaded no more) goes on without it.
+function steps.chat_editing()
+  chat.clear()
+  local buf, win = chat.open({ focus = true })
+  local first = chat.send(sc.CHAT_QUESTION)
+  wait_turn(first)
+  local answered = buf_text(buf)
+  vim.api.nvim_set_current_win(win)
+  vim.api.nvim_feedkeys(vim.keycode("GAone<Esc>"), "nx", false)
+  vim.api.nvim_feedkeys(vim.keycode("otwo<Esc>"), "nx", false)
+  for _ = 1, 5 do
+    vim.cmd("silent! undo")
+  end
+  local out = { undone = buf_text(buf) == answered }
+  vim.api.nvim_feedkeys(vim.keycode("GAmy draft<Esc>"), "nx", false)
+  local second = chat.send(sc.CHAT_FOLLOW_UP)
+  wait_turn(second)
+  local lines = vim.api.nvim_buf_get_lines(buf, 0, -1, false)
+  out.draft_kept = lines[#lines - 1] == "## You" and lines[#lines] == "my draft"
+  out.follow_up = second.answer
+  vim.api.nvim_set_current_win(win)
+  vim.api.nvim_feedkeys(vim.keycode("A<C-c>"), "x!", false) -- (!: Insert mode is not ended for it)
+  out.mode = vim.api.nvim_get_mode().mode
+  vim.cmd("stopinsert")
+
+  -- the conversation's file deleted (:bdelete: valid, not loaded)
+  local file = conf.workspace .. "/gone.py"
+  vim.fn.writefile({ "def gone():", "    return 1" }, file)
+  vim.api.nvim_set_current_win(code_win)
+  vim.cmd.edit(vim.fn.fnameescape(file))
+  local gone = vim.api.nvim_get_current_buf()
+  wait(60000, function()
+    return lsp.clients(gone)[1] ~= nil
+  end, "gone.py to be attached")
+  chat.clear()
+  require("starchat.config").options.chat.max_new_tokens = 8
+  vim.cmd("1,2StarChatExplain")
+  local explain = chat.current or last_turn()
+  wait_turn(explain)
+  vim.api.nvim_set_current_win(code_win)
+  vim.cmd("buffer " .. code_buf) -- (:bdelete would close the window showing it)
+  vim.cmd("bdelete " .. gone)
+  local notes = #results.notifications
+  local after = chat.send(sc.CHAT_QUESTION)
+  out.sent_after_delete = after ~= nil
+  if after then
+    wait_turn(after)
+    out.after = { done = after.done == true, error = after.error }
+  end
+  out.new_notes = vim.tbl_map(function(n)
+    return n.msg
+  end, vim.list_slice(results.notifications, notes + 1))
+  require("starchat.config").options.chat.max_new_tokens = nil
   return out
 end
 

@@ -50,13 +50,25 @@ local function valid(buf)
   return buf and vim.api.nvim_buf_is_valid(buf)
 end
 
+--- Writes by the plugin: not undoable (`u` undoes what the user typed, never a heading or an
+--- answer; 'undolevels' -1 for a change clears the undo history).
+local function unrecorded(buf, fn)
+  local levels = vim.bo[buf].undolevels
+  vim.bo[buf].undolevels = -1
+  local ok, err = pcall(fn, buf)
+  vim.bo[buf].undolevels = levels
+  if not ok then
+    error(err)
+  end
+end
+
 local function with_modifiable(fn)
   if not loaded() then
     return
   end
   local buf = M.buf
   vim.bo[buf].modifiable = true
-  local ok, err = pcall(fn, buf)
+  local ok, err = pcall(unrecorded, buf, fn)
   vim.bo[buf].modifiable = M.current == nil
   if not ok then
     error(err)
@@ -147,7 +159,9 @@ local function create()
   end
   pcall(vim.api.nvim_buf_set_name, buf, NAME)
   vim.bo[buf].filetype = "markdown"
-  vim.api.nvim_buf_set_lines(buf, 0, -1, false, { USER, "" })
+  unrecorded(buf, function()
+    vim.api.nvim_buf_set_lines(buf, 0, -1, false, { USER, "" })
+  end)
   M.buf = buf
   hint()
   vim.b[buf].starchat_chat = true -- :bdelete clears it (and the mappings); :edit keeps it
@@ -195,10 +209,13 @@ local function create()
         return forget() -- deleted, and shown again before it was wiped out
       end
       vim.bo[buf].modifiable = true
-      vim.api.nvim_buf_set_lines(buf, 0, -1, false, kept)
+      unrecorded(buf, function()
+        vim.api.nvim_buf_set_lines(buf, 0, -1, false, kept)
+      end)
       vim.bo[buf].modifiable = M.current == nil
       vim.bo[buf].modified = false
       vim.bo[buf].buflisted = false -- :edit lists it
+      vim.bo[buf].filetype = "markdown" -- FileType again: the unload ended its highlighting
       kept = nil
       hint()
       set_thinking(M.current ~= nil and M.current.pieces == 0)
@@ -216,7 +233,9 @@ local function create()
     M.submit()
   end, "StarChat: send")
   map({ "n", "i" }, "<C-c>", function()
-    M.cancel()
+    if not M.cancel() and vim.fn.mode() == "i" then
+      vim.cmd("stopinsert") -- what <C-c> does in Insert mode, when there is no answer to stop
+    end
   end, "StarChat: stop the answer")
   return buf
 end
@@ -277,6 +296,12 @@ local function begin_turn(turn, header, text)
       break
     end
   end
+  -- a draft under "## You" that is not what is sent (:StarChatExplain, :StarChatChat {msg}) comes
+  -- back under the next "## You"
+  local draft = vim.list_slice(lines, at + 2)
+  if vim.trim(table.concat(draft, "\n")) ~= "" and vim.trim(table.concat(draft, "\n")) ~= vim.trim(text) then
+    turn.draft = draft
+  end
   local new = { header }
   vim.list_extend(new, vim.split(text, "\n", { plain = true }))
   vim.list_extend(new, { "", BOT, "" })
@@ -306,7 +331,8 @@ local function end_turn(turn, note)
     end
     table.insert(tail, note)
   end
-  vim.list_extend(tail, { "", USER, "" })
+  vim.list_extend(tail, { "", USER })
+  vim.list_extend(tail, turn.draft or { "" })
   append_lines(tail)
   hint()
   vim.bo[M.buf].modifiable = true
@@ -381,7 +407,8 @@ function M.send(text, opts)
     return nil
   end
   local ctx_buf = M.context and M.context.bufnr
-  local client = lsp.ensure(opts.bufnr or (ctx_buf and vim.api.nvim_buf_is_valid(ctx_buf) and ctx_buf) or nil)
+  local ctx_open = ctx_buf and vim.api.nvim_buf_is_valid(ctx_buf) and vim.api.nvim_buf_is_loaded(ctx_buf)
+  local client = lsp.ensure(opts.bufnr or (ctx_open and ctx_buf) or nil)
   if not client then
     return nil
   end
@@ -505,8 +532,9 @@ function M.clear()
   end
   M.history, M.context, M.turns = {}, nil, {}
   if valid(M.buf) then
-    vim.bo[M.buf].modifiable = true
-    vim.api.nvim_buf_set_lines(M.buf, 0, -1, false, { USER, "" })
+    with_modifiable(function(buf)
+      vim.api.nvim_buf_set_lines(buf, 0, -1, false, { USER, "" })
+    end)
     set_thinking(false)
     hint()
   end
