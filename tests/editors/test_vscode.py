@@ -407,12 +407,22 @@ def test_model_output_is_never_html(session):
     assert "<b>title</b>" in result["userText"] and "<i>question</i>" in result["userText"]
     assert result["context"] == "About <u>ctx</u>"
     assert result["codeButtons"] == 3
+    # file names are not web links; a URL is
+    assert result["links"] == ["https://example.invalid/docs"], result["links"]
 
 
 def test_insert_goes_into_the_file_not_the_output_panel(session):
     result = step(session, "insert-after-log")
     assert result["firstLine"] == 'INSERTED = "</code></pre><img src=x onerror=window.__pwned=4>"'
     assert "".join(result["tab"].split()) == "calc.py"
+
+
+def test_code_blocks_fit_where_they_go(session):
+    result = step(session, "insert-fitted")
+    lines = sc.CALC_PY.split("\n")
+    above = lines[:8] + ["    def helper():", "        return 2"] + lines[8:]
+    assert result["inserted"] == "\n".join(above), result["inserted"]
+    assert result["replaced"] == sc.CALC_PY.replace("radius * radius", "radius ** 2"), result["replaced"]
 
 
 def test_chat_view_keeps_the_conversation_and_draft_after_a_reload(session):
@@ -544,6 +554,30 @@ def test_server_killed_mid_answer(session):
     assert "server stopped before answering" in result["error"], result["error"]
     assert result["again"] == sc.CHAT_ANSWER and result["againStatus"] == "done"
     assert len(result["after"]) == 1
+
+
+def test_setting_limits_in_package_json_are_the_servers():
+    """The Settings UI takes exactly what the server takes: a number at a bound the package
+    declares is accepted by the server's check, one just past it refused, and a setting whose
+    check refuses negative numbers declares a lower bound."""
+    from lsp_server.config import FIELDS, camel
+
+    properties = json.loads((EXTENSION / "package.json").read_text())["contributes"]["configuration"]["properties"]
+    for name, field in FIELDS.items():
+        spec, check = properties.get(f"starchat.{camel(name)}"), field.metadata["check"]
+        if spec is None or check is None or not {"number", "integer"} & set(spec["type"]):
+            continue
+        step = 1 if "integer" in spec["type"] else 1e-6
+        if "minimum" in spec:
+            assert check(spec["minimum"]) and not check(spec["minimum"] - step), name
+        elif "exclusiveMinimum" in spec:
+            assert not check(spec["exclusiveMinimum"]) and check(spec["exclusiveMinimum"] + step), name
+        else:
+            assert check(-1), f"{name}: the server refuses -1 but package.json has no lower bound"
+        if "maximum" in spec:
+            assert check(spec["maximum"]) and not check(spec["maximum"] + step), name
+        else:
+            assert check(10**9), f"{name}: the server refuses 1e9 but package.json has no upper bound"
 
 
 def test_package_json_matches_the_extension():

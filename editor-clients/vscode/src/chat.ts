@@ -18,6 +18,7 @@ import {
   WorkDoneProgressEnd,
 } from "vscode-languageclient/node";
 import { privateDocument } from "./server";
+import { fitCode } from "./fit";
 
 export const VIEW_ID = "starchat.chat";
 
@@ -287,11 +288,8 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
       return;
     }
     const shown = await vscode.window.showTextDocument(editor.document, { viewColumn: editor.viewColumn, preserveFocus: false });
-    const selection = shown.selection;
-    const done = await shown.edit((builder) => {
-      if (how === "replace") builder.replace(selection, code);
-      else builder.insert(selection.active, code);
-    });
+    const { range, text } = fitCode(code, shown.document, shown.selection, how);
+    const done = await shown.edit((builder) => builder.replace(range, text));
     if (!done) void vscode.window.showWarningMessage(`StarChat: ${vscode.workspace.asRelativePath(shown.document.uri)} did not take the code (read-only?).`);
   }
 

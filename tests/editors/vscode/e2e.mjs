@@ -587,6 +587,8 @@ try {
       "",
       "[click me](javascript:window.__pwned=3)",
       "",
+      "See calc.py and README.md, or https://example.invalid/docs.",
+      "",
       "```python",
       'INSERTED = "</code></pre><img src=x onerror=window.__pwned=4>"',
       "```",
@@ -610,6 +612,7 @@ try {
         userText: t.querySelector('.turn[data-id="9001"]')?.textContent ?? "",
         context: document.getElementById("context-label").textContent,
         codeButtons: t.querySelectorAll('.turn[data-id="9002"] button.code-action').length,
+        links: [...t.querySelectorAll('.turn[data-id="9002"] a:not(.image-link)')].map((a) => a.getAttribute("href")),
       };
     });
     await screenshot("safety");
@@ -646,6 +649,46 @@ try {
     await until("calc.py as before", async () => (await editorText()) === sc.calc, 10000);
     return { tab, firstLine: seen.split("\n")[0], languageWhileInLog: language };
   }, { needs: ["safety"] });
+
+  // Code blocks fitted to where they go: inserted with the cursor in a line's indentation, the
+  // lines go above it, indented like it; a one-line block replacing part of a line stays in it.
+  await step("insert-fitted", async () => {
+    const frame = await chatPageFrame();
+    const answer = ["```python", "def helper():", "    return 2", "```", "", "```python", "radius ** 2", "```"].join("\n");
+    await frame.evaluate((content) => {
+      const turns = [
+        { id: 9101, role: "user", content: "code?", status: "done" },
+        { id: 9102, role: "assistant", content, status: "done" },
+      ];
+      window.dispatchEvent(new MessageEvent("message", { data: { type: "state", turns, generating: false, context: null } }));
+    }, answer);
+    const button = (index, action) => chatFrame().locator(`.turn[data-id="9102"] .code-block[data-code-index="${index}"] button[data-action="${action}"]`);
+    const toLine9 = async () => {
+      await editor().locator(".view-lines").click();
+      await page.keyboard.press("Control+Home");
+      for (let i = 1; i < 9; i++) await page.keyboard.press("ArrowDown");
+    };
+    const changed = async (what) => {
+      let seen;
+      await until(what, async () => (seen = await editorText()) !== sc.calc, 10000);
+      const text = seen;
+      await editor().locator(".view-lines").click();
+      await page.keyboard.press("Control+Z");
+      await until("calc.py as before", async () => (await editorText()) === sc.calc, 10000);
+      return text;
+    };
+    await toLine9();
+    await page.keyboard.press("End");
+    await page.keyboard.press("Home"); // the first non-blank character: "    |return math.pi …"
+    await button(0, "insert").click();
+    const inserted = await changed("the block inserted");
+    await toLine9();
+    await page.keyboard.press("End");
+    for (let i = 0; i < "radius * radius".length; i++) await page.keyboard.press("Shift+ArrowLeft");
+    await button(1, "replace").click();
+    const replaced = await changed("the selection replaced");
+    return { inserted, replaced };
+  }, { needs: ["insert-after-log"] });
 
   // Reload Webviews: the conversation comes back from the extension, the message being typed
   // from the page's state.

@@ -83,6 +83,9 @@ const md: MarkdownIt = new MarkdownIt({
     }
   },
 });
+// Links only where written as links or URLs: "calc.py" or "README.md" in an answer is a file
+// name, not the web domain linkify-it would make of it (a click would send it to that host).
+md.linkify.set({ fuzzyLink: false });
 const defaultFence = md.renderer.rules.fence!;
 md.renderer.rules.fence = (tokens, idx, options, env: RenderEnv, self) => {
   const index = env.blocks.push(tokens[idx].content) - 1;
@@ -144,13 +147,20 @@ function update(element: HTMLElement, turn: Turn): void {
   element.innerHTML = `<div class="who">${md.utils.escapeHtml(header)}</div>${body}${footer}`;
 }
 
-function renderAll(): void {
+/** Everything again; ``follow``: scrolled to the end, else where the reader was. */
+function renderAll(follow = true): void {
+  const top = transcript.scrollTop;
   codeBlocks.clear();
   transcript.replaceChildren(...turns.map(render));
   if (turns.length === 0) {
     transcript.innerHTML = `<div class="empty"><p><b>StarChat</b></p><p>Ask a question below, or select code in an editor and use <i>Ask StarChat</i> from the right-click menu.</p></div>`;
   }
-  scrollToEnd();
+  if (follow) scrollToEnd();
+  else transcript.scrollTop = top;
+}
+
+function atEnd(): boolean {
+  return transcript.scrollHeight - transcript.scrollTop - transcript.clientHeight < 40;
 }
 
 function scrollToEnd(): void {
@@ -163,13 +173,13 @@ function scrollToEnd(): void {
 const dirty = new Set<number>();
 let frame = 0;
 function renderNow(ids: Iterable<number>): void {
-  const atEnd = transcript.scrollHeight - transcript.scrollTop - transcript.clientHeight < 40;
+  const follow = atEnd();
   for (const id of ids) {
     const turn = turns.find((t) => t.id === id);
     const element = transcript.querySelector<HTMLElement>(`.turn[data-id="${id}"]`);
     if (turn && element) update(element, turn);
   }
-  if (atEnd) scrollToEnd();
+  if (follow) scrollToEnd();
 }
 function scheduleRender(id: number): void {
   dirty.add(id);
@@ -191,11 +201,13 @@ function setGenerating(value: boolean): void {
 window.addEventListener("message", (event: MessageEvent<FromExtension>) => {
   const message = event.data;
   if (message.type === "state") {
+    // a reader scrolled up stays where they read, unless a turn was added (a message sent)
+    const follow = atEnd() || message.turns.length > turns.length;
     turns = message.turns;
     setGenerating(message.generating);
     contextBox.hidden = !message.context;
     contextLabel.textContent = message.context ? `About ${message.context}` : "";
-    renderAll();
+    renderAll(follow);
   } else if (message.type === "delta") {
     const turn = turns.find((t) => t.id === message.id);
     if (!turn || turn.status !== "streaming") return;
