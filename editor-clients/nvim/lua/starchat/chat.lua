@@ -299,7 +299,8 @@ local function begin_turn(turn, header, text)
   -- a draft under "## You" that is not what is sent (:StarChatExplain, :StarChatChat {msg}) comes
   -- back under the next "## You"
   local draft = vim.list_slice(lines, at + 2)
-  if vim.trim(table.concat(draft, "\n")) ~= "" and vim.trim(table.concat(draft, "\n")) ~= vim.trim(text) then
+  local drafted = vim.trim(table.concat(draft, "\n"))
+  if drafted ~= "" and drafted ~= vim.trim(text) then
     turn.draft = draft
   end
   local new = { header }
