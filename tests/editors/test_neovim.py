@@ -31,7 +31,7 @@ DRIVER = HERE / "nvim" / "run.lua"
 SCREENSHOTS = REPO / "build" / "screenshots"
 STEPS = [
     "start", "encoding", "code_actions", "popup", "chat", "cancel", "tasks", "fix", "fix_with_problems",
-    "stop_task", "apply_edit", "settings", "tabs", "split_crlf", "chat_reload", "chat_editing", "chat_name", "chat_window", "status_line",
+    "stop_task", "apply_edit", "settings", "tabs", "split_crlf", "chat_reload", "chat_editing", "session", "chat_name", "chat_window", "status_line",
     "folders", "secrets", "rename_secret", "unnamed",
     "code_action_commands", "restart_typing", "health", "crash",
 ]
@@ -384,6 +384,14 @@ def test_typing_in_the_chat(nvim):
     assert result["mode"] == "n", result
     assert result["sent_after_delete"] and result["after"] == {"done": True}, result
     assert result["new_notes"] == [], result
+
+
+def test_a_restored_session_gets_a_working_chat_window(nvim):
+    result = step(nvim, "session")
+    assert result["adopted"] and result["buftype"] == "nofile" and not result["listed"], result
+    assert result["mapped"] and result["winbar"] and result["text"] == "## You\n\n", result
+    assert result["same_window"], result
+    assert result["answer"] == sc.CHAT_ANSWER
 
 
 def test_chat_window_options_stay_with_the_chat_buffer(nvim):

@@ -248,6 +248,7 @@ def session(test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
                     "workspace": str(workspace),
                     "userData": str(user_data),
                     "codeServerPid": server.pid,
+                    "serverCommand": server_command,
                     "secrets": {
                         "envFile": str(workspace / ".env"),
                         "marker": ENV_MARKER.split("=")[0],
@@ -665,6 +666,13 @@ def test_chat_survives_a_window_reload(session, long_answer):
     assert result["aboutBefore"] == result["aboutAfter"] == "About calc.py:4-5", result
     selection = {"start": {"line": 3, "character": 0}, "end": {"line": 5, "character": 0}}
     assert result["contextSent"] == [{"uri": "calc.py", "range": selection, "messages": 3}], result["contextSent"]
+
+
+def test_a_server_over_tcp_with_a_token_outlives_restart_server(session):
+    result = step(session, "tcp")
+    assert result["ownServers"] == []  # VS Code started no server of its own
+    assert result["first"] == result["second"] == sc.CHAT_ANSWER, result
+    assert result["alive"] and result["starts"] == 2, result  # connected, then reconnected
 
 
 def test_screenshots_of_each_step(session):

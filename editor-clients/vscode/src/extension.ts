@@ -19,7 +19,7 @@ import {
   WorkDoneProgressReport,
 } from "vscode-languageclient/node";
 import { ChatView, SYNCED_SCHEMES, VIEW_ID, describeError } from "./chat";
-import { RESTRICTED_SETTINGS, SERVER_SETTINGS, describeServer, findEditorFolders, privateDocument, serverOptions, serverSettings, serverSettingsSection } from "./server";
+import { RESTRICTED_SETTINGS, SERVER_SETTINGS, describeServer, findEditorFolders, initializationOptions, privateDocument, serverOptions, serverSettingsSection } from "./server";
 import { StatusItem } from "./status";
 
 type Task = "fix" | "optimize" | "document" | "tests";
@@ -103,7 +103,7 @@ async function start(): Promise<void> {
     documentSelector,
     outputChannel: log,
     revealOutputChannelOn: RevealOutputChannelOn.Never,
-    initializationOptions: serverSettings(config),
+    initializationOptions: initializationOptions(config),
     // No `synchronize.configurationSection`: it would send the whole `starchat` section, with
     // `starchat.server.env` (tokens) and the command line, to the server (see sendSettings).
     middleware: {

@@ -102,13 +102,25 @@ export function privateDocument(uri: vscode.Uri): string | undefined {
 
 /** The settings the user set (null and "" mean "server default" and are left out), so that they
  * do not override the server's command line. */
-export function serverSettings(config = vscode.workspace.getConfiguration("starchat")): Record<string, unknown> {
+function serverSettings(config = vscode.workspace.getConfiguration("starchat")): Record<string, unknown> {
   const settings: Record<string, unknown> = {};
   for (const key of SERVER_SETTINGS) {
     const value = config.get<unknown>(key);
     if (value !== null && value !== undefined && value !== "") settings[key] = value;
   }
   return settings;
+}
+
+/** `initializationOptions` for the server: the settings the user set and, over TCP, the token a
+ * server started with `STARCHAT_LSP_TOKEN` asks for (from `starchat.server.env`, else from VS
+ * Code's own environment; only sent to a server VS Code connects to, never to one it starts). */
+export function initializationOptions(config = vscode.workspace.getConfiguration("starchat")): Record<string, unknown> {
+  const options = serverSettings(config);
+  if (config.get<string | null>("server.tcp")) {
+    const token = config.get<Record<string, string> | null>("server.env")?.STARCHAT_LSP_TOKEN ?? process.env.STARCHAT_LSP_TOKEN;
+    if (token) options.token = token;
+  }
+  return options;
 }
 
 /** Section `starchat` as the server sees it (workspace/configuration, didChangeConfiguration):

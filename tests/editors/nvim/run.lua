@@ -754,6 +754,40 @@ function steps.chat_editing()
   return out
 end
 
+-- A session restored where the chat was on screen: the session shows an empty buffer named
+-- "starchat://chat" there (sessionoptions "blank": `enew` then `file starchat://chat`). After
+-- SessionLoadPost that window holds a working chat, and :StarChatChat opens no second one.
+function steps.session()
+  chat.clear()
+  local old = chat.buf
+  for _, w in ipairs(vim.fn.win_findbuf(old)) do
+    vim.api.nvim_win_close(w, true)
+  end
+  vim.cmd("bwipeout! " .. old)
+  vim.api.nvim_set_current_win(code_win)
+  vim.cmd("botright vsplit | enew | file starchat://chat")
+  local win = vim.api.nvim_get_current_win()
+  local restored = vim.api.nvim_win_get_buf(win)
+  vim.cmd("doautocmd SessionLoadPost")
+  local buf = vim.api.nvim_win_get_buf(win)
+  local out = {
+    adopted = chat.buf == buf and buf == restored,
+    buftype = vim.bo[buf].buftype,
+    listed = vim.bo[buf].buflisted,
+    mapped = vim.fn.maparg("<CR>", "n", false, true).buffer == 1,
+    winbar = vim.wo[win].winbar ~= "",
+    text = buf_text(buf),
+  }
+  local windows = #vim.api.nvim_tabpage_list_wins(0)
+  local _, shown = chat.open()
+  out.same_window = shown == win and #vim.api.nvim_tabpage_list_wins(0) == windows
+  local turn = chat.send(sc.CHAT_QUESTION)
+  wait_turn(turn)
+  out.answer = turn.answer
+  vim.api.nvim_set_current_win(code_win)
+  return out
+end
+
 -- The chat window's options (no line numbers, wrap, its winbar) are the chat buffer's there: a
 -- file shown in that window afterwards has the window's usual ones.
 function steps.chat_window()

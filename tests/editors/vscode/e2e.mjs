@@ -13,7 +13,9 @@
 // StarChat menu); Restart Server twice leaves one server; the server killed mid-answer; the chat
 // after Reload Window (an answer that was streaming comes back interrupted).
 import { chromium } from "playwright-core";
+import { spawn } from "node:child_process";
 import fs from "node:fs";
+import net from "node:net";
 import path from "node:path";
 
 const config = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
@@ -990,6 +992,52 @@ try {
     const text = await statusItem().innerText();
     return { status: text };
   });
+
+  // A server reached over TCP (starchat.server.tcp), started with a token: the extension sends
+  // the token from starchat.server.env and starts no server of its own; Restart Server is a
+  // reconnection that leaves that server, and its loaded model, running.
+  await step("tcp", async () => {
+    const port = await new Promise((resolve) => {
+      const probe = net.createServer().listen(0, "127.0.0.1", () => {
+        const { port } = probe.address();
+        probe.close(() => resolve(port));
+      });
+    });
+    const token = `tcp-token-${process.pid}`;
+    const [exe, ...args] = config.serverCommand;
+    const server = spawn(exe, [...args, "--tcp", `127.0.0.1:${port}`], { env: { ...process.env, STARCHAT_LSP_TOKEN: token }, stdio: "ignore" });
+    const machine = path.join(config.userData, "Machine", "settings.json");
+    const saved = fs.readFileSync(machine, "utf8");
+    try {
+      await until("the TCP server to listen", () => new Promise((resolve) => {
+        const socket = net.connect({ host: "127.0.0.1", port }, () => resolve(socket.destroy() || true)).on("error", () => resolve(false));
+      }), 60000, 200);
+      const starts = count(clientLog(), "starting the server:");
+      fs.writeFileSync(machine, JSON.stringify({ ...JSON.parse(saved), "starchat.server.tcp": `127.0.0.1:${port}`, "starchat.server.env": { STARCHAT_LSP_TOKEN: token } }, null, 2));
+      await until("the extension to connect", async () => clientLog().includes(`starting the server: tcp 127.0.0.1:${port}`), 30000, 200);
+      await sleep(500);
+      await waitReady();
+      const ownServers = serverPids();
+      const chatOnce = async () => {
+        await runCommand("StarChat: New Chat");
+        const frame = await chatPageFrame();
+        await until("an empty chat", async () => (await chatTurns()).length === 0, 10000);
+        await sendChat(frame, sc.chatQuestion);
+        return (await until("the answer over TCP", () => answerDone(frame, 2), 60000)).text;
+      };
+      const first = await chatOnce();
+      await runCommand("StarChat: Restart Server");
+      await until("a reconnection", async () => count(clientLog(), `starting the server: tcp 127.0.0.1:${port}`) >= 2, 30000, 200);
+      await sleep(500);
+      await waitReady();
+      const second = await chatOnce();
+      const alive = server.exitCode === null && server.signalCode === null;
+      return { first, second, alive, ownServers, starts: count(clientLog(), "starting the server:") - starts };
+    } finally {
+      fs.writeFileSync(machine, saved);
+      server.kill();
+    }
+  }, { needs: ["open"] });
 } finally {
   save();
   await browser.close().catch(() => {});

@@ -145,8 +145,10 @@ end
 
 local NAME = "starchat://chat"
 
-local function create()
-  local buf = vim.api.nvim_create_buf(false, true)
+--- The chat buffer: new, or `buf` made the chat (see M.adopt).
+local function create(buf)
+  buf = buf or vim.api.nvim_create_buf(false, true)
+  vim.bo[buf].buflisted = false
   vim.bo[buf].buftype = "nofile"
   vim.bo[buf].bufhidden = "hide"
   vim.bo[buf].swapfile = false
@@ -240,6 +242,39 @@ local function create()
   return buf
 end
 
+--- A window showing the chat: its options, for the chat buffer in this window only (:setlocal),
+--- not for buffers shown there later.
+local function style(win)
+  local wo = vim.wo[win][0]
+  wo.wrap = true
+  wo.linebreak = true
+  wo.number = false
+  wo.relativenumber = false
+  wo.winbar = "%#Title# StarChat %* %<%{v:lua.require'starchat.chat'.winbar()}"
+end
+
+--- A session restored (:mksession, session plugins) where the chat was on screen shows an empty
+--- buffer named "starchat://chat" there, with none of the chat's options or mappings: the chat
+--- takes its windows (a new conversation: conversations are not saved in sessions).
+function M.adopt()
+  for _, buf in ipairs(vim.api.nvim_list_bufs()) do
+    if buf ~= M.buf and vim.api.nvim_buf_get_name(buf) == NAME and vim.bo[buf].buftype == "" then
+      local wins = vim.fn.win_findbuf(buf)
+      if #wins == 0 or valid(M.buf) then
+        for _, win in ipairs(wins) do
+          vim.api.nvim_win_set_buf(win, M.buf)
+        end
+        pcall(vim.api.nvim_buf_delete, buf, { force = true })
+      else
+        create(buf)
+      end
+      for _, win in ipairs(wins) do
+        style(win)
+      end
+    end
+  end
+end
+
 --- The chat buffer, shown in a split when it is not on screen. Returns buf, win.
 function M.open(opts)
   opts = opts or {}
@@ -269,13 +304,7 @@ function M.open(opts)
         vim.api.nvim_win_set_height(win, chat.size)
       end
     end
-    -- for the chat buffer in this window only (:setlocal), not for buffers shown there later
-    local wo = vim.wo[win][0]
-    wo.wrap = true
-    wo.linebreak = true
-    wo.number = false
-    wo.relativenumber = false
-    wo.winbar = "%#Title# StarChat %* %<%{v:lua.require'starchat.chat'.winbar()}"
+    style(win)
     if not opts.focus then
       vim.api.nvim_set_current_win(from)
     end

@@ -327,6 +327,10 @@ function M.setup(opts)
   on("BufWipeout", function(ev)
     lsp.renamed[ev.buf] = nil
   end)
+  on("SessionLoadPost", function()
+    chat.adopt()
+  end)
+  chat.adopt() -- set up after a session was loaded (lazy loading)
   for _, buf in ipairs(vim.api.nvim_list_bufs()) do
     if vim.api.nvim_buf_is_loaded(buf) and vim.bo[buf].buftype == "" and wants(vim.bo[buf].filetype) then
       M.attach(buf)
