@@ -1010,14 +1010,17 @@ try {
     const saved = fs.readFileSync(machine, "utf8");
     try {
       await until("the TCP server to listen", () => new Promise((resolve) => {
-        const socket = net.connect({ host: "127.0.0.1", port }, () => resolve(socket.destroy() || true)).on("error", () => resolve(false));
+        const socket = net.connect({ host: "127.0.0.1", port }, () => {
+          socket.destroy();
+          resolve(true);
+        }).on("error", () => resolve(false));
       }), 60000, 200);
       const starts = count(clientLog(), "starting the server:");
       fs.writeFileSync(machine, JSON.stringify({ ...JSON.parse(saved), "starchat.server.tcp": `127.0.0.1:${port}`, "starchat.server.env": { STARCHAT_LSP_TOKEN: token } }, null, 2));
       await until("the extension to connect", async () => clientLog().includes(`starting the server: tcp 127.0.0.1:${port}`), 30000, 200);
       await sleep(500);
       await waitReady();
-      const ownServers = serverPids();
+      const ownServers = await until("the server VS Code started to exit", async () => serverPids().length === 0 && [], 15000, 200).catch(() => serverPids());
       const chatOnce = async () => {
         await runCommand("StarChat: New Chat");
         const frame = await chatPageFrame();
