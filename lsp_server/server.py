@@ -78,6 +78,7 @@ class StarChatServer(LanguageServer):
         self._background: set[asyncio.Task] = set()
         self.shutting_down = False
         self.serving_tcp = False
+        self.last_status: tuple[str, str] | None = None
         self._generating = 0  # requests inside generate(): the status is "ready" when none is
         self._format: PromptFormat | None = None
         self._format_engine: Engine | None = None
@@ -300,6 +301,7 @@ class StarChatServer(LanguageServer):
             self.log_trace(types.LogTraceParams(message=message))
 
     def status(self, state: str, message: str) -> None:
+        self.last_status = (state, message)  # told again to an editor that connects later (TCP)
         if not self.shutting_down:
             self.protocol.notify(STATUS, StatusParams(state=state, message=message))  # type: ignore[arg-type]
 

@@ -47,6 +47,8 @@ def register(server: StarChatServer) -> None:
         changed = ls.apply_settings(ls.init_options, await _pull_configuration(ls))
         if ls.engine_ready is None or changed:  # a TCP editor connecting again keeps the loaded model
             ls.start_loading()
+        elif ls.last_status is not None:  # and hears where it stands (ready, still loading, failed)
+            ls.status(*ls.last_status)
         ls.configured.set()
 
     @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)

@@ -443,7 +443,7 @@ def test_an_editor_that_restarts_over_tcp_ends_its_session_not_the_server(test_m
                 seen.append(message)
             assert message["result"]["text"] == sc.CHAT_ANSWER
             statuses = [m["params"]["state"] for m in seen if m.get("method") == "starchat/status"]
-            assert "loading" not in statuses, statuses  # the model stayed loaded
+            assert statuses[0] == "ready" and "loading" not in statuses, statuses  # the model stayed loaded
 
 
 def test_a_request_left_running_by_a_gone_tcp_editor_answers_nobody_else(test_model):
