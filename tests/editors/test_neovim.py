@@ -295,6 +295,7 @@ def test_ranges_on_multibyte_lines_follow_the_negotiated_encoding(nvim):
     assert result["utf-8"] == {"start": {"line": 0, "character": 12}, "end": {"line": 0, "character": 26}}
     assert result["utf-16"] == {"start": {"line": 0, "character": 11}, "end": {"line": 0, "character": 22}}
     assert result["utf-32"] == {"start": {"line": 0, "character": 11}, "end": {"line": 0, "character": 21}}
+    assert result["exclusive"] == {"start": {"line": 0, "character": 12}, "end": {"line": 0, "character": 17}}  # "wörl"
 
 
 def test_stop_also_stops_a_running_fix(nvim):

@@ -181,6 +181,11 @@ function steps.encoding()
   for _, enc in ipairs({ "utf-8", "utf-16", "utf-32" }) do
     out[enc] = range_util.from_command(opts, buf, enc)
   end
+  -- 'selection' exclusive (:behave mswin): the character under the cursor is not selected
+  vim.o.selection = "exclusive"
+  vim.cmd("normal! gg0fwv4l\27") -- "wörl" on screen: the cursor's "d" is not in it
+  out.exclusive = range_util.from_command(opts, buf, "utf-8")
+  vim.o.selection = "inclusive"
   vim.api.nvim_win_set_buf(code_win, code_buf)
   vim.api.nvim_buf_delete(buf, { force = true })
   return out

@@ -44,7 +44,9 @@ function M.capture(opts, bufnr)
   if opts.range == 2 and vim.fn.visualmode() == "v" and vs[1] == line1 and ve[1] == line2 then
     local text = line_text(bufnr, ve[1] - 1)
     local finish
-    if ve[2] >= #text then -- the selection takes the line break
+    if vim.o.selection == "exclusive" then -- '> is just past the selection
+      finish = math.min(ve[2], #text)
+    elseif ve[2] >= #text then -- the selection takes the line break
       finish = "eol"
     else -- '> is the first byte of the last character: take the whole character
       local last = vim.str_utf_end and vim.str_utf_end(text, ve[2] + 1) or 0
