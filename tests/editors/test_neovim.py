@@ -33,7 +33,7 @@ STEPS = [
     "start", "encoding", "code_actions", "popup", "chat", "cancel", "tasks", "fix", "fix_with_problems",
     "stop_task", "apply_edit", "settings", "tabs", "split_crlf", "chat_reload", "chat_editing", "session", "chat_name", "chat_window", "status_line",
     "folders", "secrets", "rename_secret", "unnamed",
-    "code_action_commands", "restart_typing", "health", "crash",
+    "code_action_commands", "restart_typing", "health", "crash", "hung_start",
 ]
 SECRET_MARKER = "STARCHAT_NVIM_TOKEN=env-secret-91be4f"
 SECRET_TYPED = "TYPED_TOKEN=typed-secret-5e70aa"
@@ -451,6 +451,11 @@ def test_server_killed_mid_answer_then_started_again(nvim):
     assert result["restarted"]
     assert result["explain"] == {"answer": sc.EXPLAIN_ANSWER}  # no turn_error
     assert result["context"] == {"start": {"line": 3, "character": 0}, "end": {"line": 5, "character": 0}}
+
+
+def test_restart_replaces_a_server_that_never_answered_initialize(nvim):
+    result = step(nvim, "hung_start")
+    assert result == {"restarted": True, "replaced": True, "seconds": result["seconds"]}
 
 
 def test_a_file_that_looks_like_secrets_never_reaches_the_server(nvim):

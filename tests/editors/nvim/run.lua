@@ -1363,6 +1363,43 @@ function steps.crash()
   return out
 end
 
+-- A server that never answers `initialize` (a hung start): :StarChatRestart stops it and starts
+-- a new one; setup() with another `cmd` replaces it too.
+function steps.hung_start()
+  local function sleepers()
+    local pids = {}
+    for _, child in ipairs(vim.api.nvim_get_proc_children(vim.fn.getpid())) do
+      local info = vim.api.nvim_get_proc(child)
+      if info and info.name == "sleep" then
+        table.insert(pids, child)
+      end
+    end
+    return pids
+  end
+  vim.api.nvim_set_current_win(code_win)
+  vim.cmd("buffer " .. code_buf)
+  starchat.setup(vim.tbl_extend("force", setup_opts, { cmd = { "sleep", "600" } }))
+  wait(10000, function()
+    return #sleepers() == 1
+  end, "the hung server to start")
+  local first = sleepers()[1]
+  vim.cmd("StarChatRestart")
+  wait(15000, function()
+    local now = sleepers()
+    return #now == 1 and now[1] ~= first
+  end, "a new server after :StarChatRestart")
+  local out = { restarted = true }
+  starchat.setup(setup_opts)
+  wait(15000, function()
+    return #sleepers() == 0
+  end, "the hung server to go after setup() with the real command")
+  wait(120000, function()
+    return client() ~= nil and client().initialized and lsp.state.state == "ready"
+  end, "the real server again")
+  out.replaced = true
+  return out
+end
+
 for _, name in ipairs(conf.steps) do
   current_step = name
   local started = vim.uv.hrtime()

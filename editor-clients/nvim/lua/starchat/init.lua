@@ -338,7 +338,7 @@ function M.setup(opts)
   end
   -- Called again (a re-sourced config): the running server gets the new settings, or is
   -- restarted when its command changed.
-  if #lsp.clients() > 0 then
+  if #lsp.clients(nil, true) > 0 then
     if not vim.deep_equal(before.cmd, config.options.cmd) then
       M.restart()
     elseif not vim.deep_equal(before.settings, config.settings) then

@@ -622,7 +622,7 @@ function M.restart(buffers, on_done)
   for _, b in ipairs(buffers or {}) do
     bufs[b] = true
   end
-  local old = M.clients()
+  local old = M.clients(nil, true) -- also one that has not answered `initialize` (a hung start)
   for _, c in ipairs(old) do
     for b in pairs(c.attached_buffers or {}) do
       bufs[b] = true
