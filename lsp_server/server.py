@@ -79,6 +79,7 @@ class StarChatServer(LanguageServer):
         self.shutting_down = False
         self.serving_tcp = False
         self.last_status: tuple[str, str] | None = None
+        self.loaded_settings: Settings | None = None  # those of the last load started
         self._generating = 0  # requests inside generate(): the status is "ready" when none is
         self._format: PromptFormat | None = None
         self._format_engine: Engine | None = None
@@ -124,6 +125,7 @@ class StarChatServer(LanguageServer):
         ready: asyncio.Future[Engine] = loop.create_future()
         ready.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)  # no "never retrieved"
         self.engine_ready = ready
+        self.loaded_settings = self.settings
         self.run_in_background(self._load(self.settings, ready))
 
     async def _load(self, settings: Settings, ready: asyncio.Future) -> None:

@@ -144,13 +144,6 @@ class StarChatProtocol(LanguageServerProtocol):
         document.version = version
         return True
 
-    def cancel_requests(self) -> None:
-        """Cancel the client's requests still running (each is answered ``RequestCancelled``)."""
-        outgoing = set(self._result_types)  # ids of the server's own requests
-        for msg_id, future in list(self._request_futures.items()):
-            if msg_id not in outgoing and isinstance(future, asyncio.Future) and not future.done():
-                future.cancel()
-
     def end_session(self) -> list[asyncio.Future]:
         """Forget the client whose connection ended (TCP serves one after another): the next one
         starts uninitialized (its ``initialize`` is checked again, token included) with no open

@@ -7,6 +7,7 @@ import logging
 
 from lsprotocol import types
 
+from ..config import reloads_model
 from ..server import StarChatServer
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,9 @@ def register(server: StarChatServer) -> None:
 
     @server.feature(types.INITIALIZED)
     async def initialized(ls: StarChatServer, params: types.InitializedParams) -> None:
-        changed = ls.apply_settings(ls.init_options, await _pull_configuration(ls))
-        if ls.engine_ready is None or changed:  # a TCP editor connecting again keeps the loaded model
+        ls.apply_settings(ls.init_options, await _pull_configuration(ls))
+        # a TCP editor connecting again keeps the loaded model, unless its settings need another
+        if ls.engine_ready is None or reloads_model(ls.loaded_settings, ls.settings):
             ls.start_loading()
         elif ls.last_status is not None:  # and hears where it stands (ready, still loading, failed)
             ls.status(*ls.last_status)
@@ -67,8 +69,8 @@ def register(server: StarChatServer) -> None:
     def shutdown(ls: StarChatServer, params: None) -> None:
         if ls.serving_tcp:
             # The server outlives the editors that connect to it (an editor's restart or reload
-            # ends its session, not the model): this editor's requests stop, nothing else.
-            ls.protocol.cancel_requests()
+            # ends its session, not the model): this editor's requests stop (pygls cancels them
+            # after this handler), nothing else.
             return
         # Not waiting for the engine's threads: generations stop before their next step, a
         # model load cannot be stopped part-way (minutes for a 16B model), and `exit` ends the

@@ -411,10 +411,11 @@ def _recv_until_closed(sock: socket.socket, buffer: bytearray) -> list[dict]:
             return messages
 
 
-def test_an_editor_that_restarts_over_tcp_ends_its_session_not_the_server(test_model):
+def test_an_editor_that_restarts_over_tcp_ends_its_session_not_the_server(test_model, tmp_path):
     """shutdown + exit (what an editor sends on a restart or a window reload) end the TCP
     session: the running answer is cancelled, the connection closes, and the server, its model
-    still loaded, serves the next connection at once."""
+    still loaded, serves the next connection at once. An editor that then asks for another
+    model gets it loaded."""
     with _tcp_server("s3cret") as (server, port):
         sock, buffer = _tcp_editor(port, "s3cret")
         with sock:
@@ -444,6 +445,21 @@ def test_an_editor_that_restarts_over_tcp_ends_its_session_not_the_server(test_m
             assert message["result"]["text"] == sc.CHAT_ANSWER
             statuses = [m["params"]["state"] for m in seen if m.get("method") == "starchat/status"]
             assert statuses[0] == "ready" and "loading" not in statuses, statuses  # the model stayed loaded
+        other = tmp_path / "other-model"
+        other.symlink_to(MODEL_DIR.resolve())
+        sock, buffer = _tcp_connect(port), bytearray()
+        with sock:
+            options = {"temperature": 0, "token": "s3cret", "model": str(other)}
+            sock.sendall(frame({"jsonrpc": "2.0", "id": "init", "method": "initialize", "params": {"capabilities": {}, "initializationOptions": options}}))
+            assert "result" in _read_message(sock, buffer)
+            sock.sendall(frame({"jsonrpc": "2.0", "method": "initialized", "params": {}}))
+            sock.sendall(frame({"jsonrpc": "2.0", "id": 1, "method": "starchat/chat", "params": chat_params()}))
+            seen = []
+            while (message := _read_message(sock, buffer)).get("id") != 1 or "method" in message:
+                seen.append(message)
+            assert message["result"]["text"] == sc.CHAT_ANSWER
+            loads = [m["params"]["message"] for m in seen if m.get("method") == "starchat/status" and m["params"]["state"] == "loading"]
+            assert loads == [f"Loading {other}"], loads
 
 
 def test_a_request_left_running_by_a_gone_tcp_editor_answers_nobody_else(test_model):

@@ -424,6 +424,7 @@ def test_code_blocks_fit_where_they_go(session):
     above = lines[:8] + ["    def helper():", "        return 2"] + lines[8:]
     assert result["inserted"] == "\n".join(above), result["inserted"]
     assert result["replaced"] == sc.CALC_PY.replace("radius * radius", "radius ** 2"), result["replaced"]
+    assert result["replacedLine"] == sc.CALC_PY.replace("def average(values):", "def mean(values):"), result["replacedLine"]
 
 
 def test_chat_view_keeps_the_conversation_and_draft_after_a_reload(session):

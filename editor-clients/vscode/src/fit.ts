@@ -12,8 +12,12 @@ import * as vscode from "vscode";
 export function fitCode(code: string, document: vscode.TextDocument, selection: vscode.Selection, how: "insert" | "replace"): { range: vscode.Range; text: string } {
   const eol = document.eol === vscode.EndOfLine.CRLF ? "\r\n" : "\n";
   const lines = dedent(code.replace(/\r\n/g, "\n").replace(/\n$/, "").split("\n"));
+  if (selection.isEmpty) how = "insert"; // nothing selected to replace
   const start = how === "insert" ? selection.active : selection.start;
-  const end = how === "insert" ? selection.active : selection.end;
+  let end = how === "insert" ? selection.active : selection.end;
+  // lines selected the usual way (Shift+Down, the line numbers, Ctrl+L) end at the start of the
+  // next line: they end at the end of the last selected line, whose line break stays
+  if (how === "replace" && end.character === 0 && end.line > start.line) end = document.lineAt(end.line - 1).range.end;
   const line = document.lineAt(start.line).text;
   const indent = /^\s*/.exec(line)![0];
   const before = line.slice(0, start.character);
@@ -21,8 +25,8 @@ export function fitCode(code: string, document: vscode.TextDocument, selection: 
   const indented = (prefix: string) => lines.map((text) => (text ? prefix + text : text)).join(eol);
   if (line.trim() && !before.trim() && (how === "insert" || !after.trim())) {
     const from = new vscode.Position(start.line, 0);
-    const whole = how === "insert" || end.character === 0;
-    return { range: new vscode.Range(from, how === "insert" ? from : end), text: indented(indent) + (whole ? eol : "") };
+    if (how === "insert") return { range: new vscode.Range(from, from), text: indented(indent) + eol };
+    return { range: new vscode.Range(from, end), text: indented(indent) };
   }
   if (how === "insert" && before.trim() && !after.trim()) return { range: new vscode.Range(start, start), text: eol + indented(indent) };
   const prefix = line.trim() ? indent : before;

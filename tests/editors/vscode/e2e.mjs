@@ -656,7 +656,7 @@ try {
   // lines go above it, indented like it; a one-line block replacing part of a line stays in it.
   await step("insert-fitted", async () => {
     const frame = await chatPageFrame();
-    const answer = ["```python", "def helper():", "    return 2", "```", "", "```python", "radius ** 2", "```"].join("\n");
+    const answer = ["```python", "def helper():", "    return 2", "```", "", "```python", "radius ** 2", "```", "", "```python", "def mean(values):", "```"].join("\n");
     await frame.evaluate((content) => {
       const turns = [
         { id: 9101, role: "user", content: "code?", status: "done" },
@@ -689,7 +689,10 @@ try {
     for (let i = 0; i < "radius * radius".length; i++) await page.keyboard.press("Shift+ArrowLeft");
     await button(1, "replace").click();
     const replaced = await changed("the selection replaced");
-    return { inserted, replaced };
+    await selectLines(4, 4); // a whole line, as Shift+Down selects it: to the start of the next
+    await button(2, "replace").click();
+    const replacedLine = await changed("the line replaced");
+    return { inserted, replaced, replacedLine };
   }, { needs: ["insert-after-log"] });
 
   // Reload Webviews: the conversation comes back from the extension, the message being typed

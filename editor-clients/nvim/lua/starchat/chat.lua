@@ -145,6 +145,17 @@ end
 
 local NAME = "starchat://chat"
 
+--- Stop a turn's request ($/cancelRequest: the server stops decoding); its pieces are dropped.
+local function stop_request(turn)
+  turn.cancelled = true
+  turn.cancelled_at_pieces = turn.pieces
+  if turn.token then
+    lsp.streams[turn.token] = nil
+  end
+  lsp.cancel(turn.req)
+  turn.id = turn.id or (turn.req and turn.req.id)
+end
+
 --- The chat buffer: new, or `buf` made the chat (see M.adopt).
 local function create(buf)
   buf = buf or vim.api.nvim_create_buf(false, true)
@@ -178,12 +189,8 @@ local function create(buf)
     end
     if M.current then -- stop its answer
       local turn = M.current
-      turn.cancelled = true
       M.current = nil
-      if turn.token then
-        lsp.streams[turn.token] = nil
-      end
-      lsp.cancel(turn.req)
+      stop_request(turn)
       table.insert(M.turns, turn)
     end
     M.buf, M.history, M.context = nil, {}, nil -- a new chat buffer starts a new conversation
@@ -210,11 +217,9 @@ local function create(buf)
       if M.buf ~= buf or not kept or not vim.b[buf].starchat_chat then
         return forget() -- deleted, and shown again before it was wiped out
       end
-      vim.bo[buf].modifiable = true
-      unrecorded(buf, function()
+      with_modifiable(function()
         vim.api.nvim_buf_set_lines(buf, 0, -1, false, kept)
       end)
-      vim.bo[buf].modifiable = M.current == nil
       vim.bo[buf].modified = false
       vim.bo[buf].buflisted = false -- :edit lists it
       vim.bo[buf].filetype = "markdown" -- FileType again: the unload ended its highlighting
@@ -235,8 +240,8 @@ local function create(buf)
     M.submit()
   end, "StarChat: send")
   map({ "n", "i" }, "<C-c>", function()
-    if not M.cancel() and vim.fn.mode() == "i" then
-      vim.cmd("stopinsert") -- what <C-c> does in Insert mode, when there is no answer to stop
+    if not M.cancel() and vim.fn.mode():match("^[iR]") then
+      vim.cmd("stopinsert") -- what <C-c> does in Insert (or Replace) mode, with no answer to stop
     end
   end, "StarChat: stop the answer")
   return buf
@@ -520,13 +525,7 @@ function M.cancel()
   if not turn then
     return false
   end
-  turn.cancelled = true
-  turn.cancelled_at_pieces = turn.pieces
-  if turn.token then
-    lsp.streams[turn.token] = nil
-  end
-  lsp.cancel(turn.req)
-  turn.id = turn.id or (turn.req and turn.req.id)
+  stop_request(turn)
   end_turn(turn, "[cancelled]")
   return true
 end

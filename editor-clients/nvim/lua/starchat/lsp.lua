@@ -662,9 +662,11 @@ end
 
 --- Send new settings to running clients (workspace/didChangeConfiguration; the server pulls).
 function M.push_settings()
-  for _, client in ipairs(M.clients()) do
+  for _, client in ipairs(M.clients(nil, true)) do
     client.settings = { starchat = vim.deepcopy(config.settings) }
-    M.call(client, "notify", "workspace/didChangeConfiguration", { settings = client.settings })
+    if client.initialized then -- one still starting pulls them after `initialized`
+      M.call(client, "notify", "workspace/didChangeConfiguration", { settings = client.settings })
+    end
   end
 end
 
