@@ -79,26 +79,30 @@ class StarChatServer(LanguageServer):
         self.shutting_down = False
         self.serving_tcp = False
         self.last_status: tuple[str, str] | None = None
-        self.loaded_settings: Settings | None = None  # those of the last load started
+        self.loaded_settings: Settings | None = None  # those of the last load started (needs_load)
         self._generating = 0  # requests inside generate(): the status is "ready" when none is
         self._format: PromptFormat | None = None
         self._format_engine: Engine | None = None
 
     # ---- settings -------------------------------------------------------------------------
-    def apply_settings(self, init: Any, live: Any = None) -> bool:
+    def apply_settings(self, init: Any, live: Any = None) -> None:
         """Recompute settings from the command line, the editor's ``initializationOptions`` and
         its configuration (``live``: pulled, or pushed by didChangeConfiguration), where a setting
         given as null is the command line's (VS Code: a setting reset is back to the default, also
-        when initializationOptions set it). Tells the user about bad values. Returns whether the
-        model must be reloaded."""
+        when initializationOptions set it). Tells the user about bad values."""
         settings, problems = merge(self.base_settings, init)
         settings, found = merge(settings, live, unset=self.base_settings)
         problems += found
         for problem in problems:
             self.show_message(problem, types.MessageType.Warning)
-        old, self.settings = self.settings, settings
+        self.settings = settings
         self.worker.queue_size = settings.queue_size
-        return reloads_model(old, settings)
+
+    def needs_load(self) -> bool:
+        """Whether the settings need a model other than the one loaded (or being loaded): none
+        yet, or one loaded with other model settings (an editor's change, or a TCP editor
+        connecting with its own)."""
+        return self.engine_ready is None or reloads_model(self.loaded_settings, self.settings)
 
     async def pulling_settings(self, pull: Callable[[], Any]) -> Any:
         """Run ``pull`` (the editor's settings, after didChangeConfiguration); requests that

@@ -7,7 +7,6 @@ import logging
 
 from lsprotocol import types
 
-from ..config import reloads_model
 from ..server import StarChatServer
 
 log = logging.getLogger(__name__)
@@ -46,8 +45,7 @@ def register(server: StarChatServer) -> None:
     @server.feature(types.INITIALIZED)
     async def initialized(ls: StarChatServer, params: types.InitializedParams) -> None:
         ls.apply_settings(ls.init_options, await _pull_configuration(ls))
-        # a TCP editor connecting again keeps the loaded model, unless its settings need another
-        if ls.engine_ready is None or reloads_model(ls.loaded_settings, ls.settings):
+        if ls.needs_load():  # a TCP editor connecting again keeps the loaded model, if it can
             ls.start_loading()
         elif ls.last_status is not None:  # and hears where it stands (ready, still loading, failed)
             ls.status(*ls.last_status)
@@ -60,7 +58,8 @@ def register(server: StarChatServer) -> None:
             if pulled is None and isinstance(params.settings, dict):
                 pulled = params.settings
             ls.hover_cache.clear()
-            if ls.apply_settings(ls.init_options, pulled) and ls.engine_ready is not None:
+            ls.apply_settings(ls.init_options, pulled)
+            if ls.engine_ready is not None and ls.needs_load():
                 ls.start_loading()
 
         await ls.pulling_settings(pull_and_apply)

@@ -339,17 +339,35 @@ def _tcp_connect(port: int, timeout: float = 30) -> socket.socket:
             time.sleep(0.1)
 
 
-def _tcp_initialize(sock: socket.socket, buffer: bytearray, token: str | None, msg_id: object = "init") -> dict:
-    options = {"temperature": 0, **({"token": token} if token is not None else {})}
+def _tcp_initialize(sock: socket.socket, buffer: bytearray, token: str | None, msg_id: object = "init", **settings) -> dict:
+    options = {"temperature": 0, **({"token": token} if token is not None else {}), **settings}
     sock.sendall(frame({"jsonrpc": "2.0", "id": msg_id, "method": "initialize", "params": {"capabilities": {}, "initializationOptions": options}}))
     return _read_message(sock, buffer)
 
 
-def _tcp_editor(port: int, token: str) -> tuple[socket.socket, bytearray]:
+def _tcp_editor(port: int, token: str, **settings) -> tuple[socket.socket, bytearray]:
     """A connection whose ``initialize`` (with ``token``) was answered with a result."""
     sock, buffer = _tcp_connect(port), bytearray()
-    assert "result" in _tcp_initialize(sock, buffer, token)
+    assert "result" in _tcp_initialize(sock, buffer, token, **settings)
     return sock, buffer
+
+
+def _start_long_answer(sock: socket.socket, buffer: bytearray) -> None:
+    """``initialized``, then a chat that goes on (id 1, partial results on token "p"), once it streams."""
+    sock.sendall(frame({"jsonrpc": "2.0", "method": "initialized", "params": {}}))
+    sock.sendall(frame({"jsonrpc": "2.0", "id": 1, "method": "starchat/chat", "params": chat_params(sc.LONG_QUESTION, maxNewTokens=1500, partialResultToken="p")}))
+    while not ((m := _read_message(sock, buffer)).get("method") == "$/progress" and m["params"]["token"] == "p"):
+        pass  # generating
+
+
+def _chat_after_initialized(sock: socket.socket, buffer: bytearray) -> tuple[dict, list[dict]]:
+    """``initialized``, then the trained chat (id 1): its reply and the messages before it."""
+    sock.sendall(frame({"jsonrpc": "2.0", "method": "initialized", "params": {}}))
+    sock.sendall(frame({"jsonrpc": "2.0", "id": 1, "method": "starchat/chat", "params": chat_params()}))
+    seen = []
+    while (message := _read_message(sock, buffer)).get("id") != 1 or "method" in message:
+        seen.append(message)
+    return message, seen
 
 
 def _tcp_reconnect(port: int, token: str | None) -> tuple[socket.socket, bytearray, dict]:
@@ -397,18 +415,17 @@ def test_after_a_tcp_editor_disconnects_the_next_connection_starts_afresh(test_m
             assert "result" in _tcp_initialize(sock, buffer, "s3cret", "init2")  # a new session
             sock.sendall(frame(_code_actions(uri, 2)))
             assert _read_message(sock, buffer)["error"]["code"] == -32803  # the first editor's document is gone
+        assert server.poll() is None  # the editor's disconnection did not end the server
 
-        assert server.poll() is None
 
-
-def _recv_until_closed(sock: socket.socket, buffer: bytearray) -> list[dict]:
-    """The messages left on a connection until the server closes it."""
-    messages = []
+def _wait_closed(sock: socket.socket, buffer: bytearray) -> None:
+    """Read until the server closes the connection (a timeout fails the test)."""
+    sock.settimeout(15)
     while True:
         try:
-            messages.append(_read_message(sock, buffer))
+            _read_message(sock, buffer)
         except ConnectionError:
-            return messages
+            return
 
 
 def test_an_editor_that_restarts_over_tcp_ends_its_session_not_the_server(test_model, tmp_path):
@@ -419,10 +436,7 @@ def test_an_editor_that_restarts_over_tcp_ends_its_session_not_the_server(test_m
     with _tcp_server("s3cret") as (server, port):
         sock, buffer = _tcp_editor(port, "s3cret")
         with sock:
-            sock.sendall(frame({"jsonrpc": "2.0", "method": "initialized", "params": {}}))
-            sock.sendall(frame({"jsonrpc": "2.0", "id": 1, "method": "starchat/chat", "params": chat_params(sc.LONG_QUESTION, maxNewTokens=1500, partialResultToken="p")}))
-            while not ((m := _read_message(sock, buffer)).get("method") == "$/progress" and m["params"]["token"] == "p"):
-                pass  # generating
+            _start_long_answer(sock, buffer)
             sock.sendall(frame({"jsonrpc": "2.0", "id": 2, "method": "shutdown"}))
             replies = {}
             while len(replies) < 2:
@@ -431,32 +445,20 @@ def test_an_editor_that_restarts_over_tcp_ends_its_session_not_the_server(test_m
             assert replies[1]["error"]["code"] == -32800  # the answer stopped, not sent cut short
             assert replies[2]["result"] is None
             sock.sendall(frame({"jsonrpc": "2.0", "method": "exit"}))
-            sock.settimeout(15)
-            _recv_until_closed(sock, buffer)  # the server closes the connection
+            _wait_closed(sock, buffer)  # the server closes the connection
         assert server.poll() is None
         sock, buffer, reply = _tcp_reconnect(port, "s3cret")
         with sock:
             assert "result" in reply
-            sock.sendall(frame({"jsonrpc": "2.0", "method": "initialized", "params": {}}))
-            sock.sendall(frame({"jsonrpc": "2.0", "id": 1, "method": "starchat/chat", "params": chat_params()}))
-            seen = []
-            while (message := _read_message(sock, buffer)).get("id") != 1 or "method" in message:
-                seen.append(message)
+            message, seen = _chat_after_initialized(sock, buffer)
             assert message["result"]["text"] == sc.CHAT_ANSWER
             statuses = [m["params"]["state"] for m in seen if m.get("method") == "starchat/status"]
             assert statuses[0] == "ready" and "loading" not in statuses, statuses  # the model stayed loaded
         other = tmp_path / "other-model"
         other.symlink_to(MODEL_DIR.resolve())
-        sock, buffer = _tcp_connect(port), bytearray()
+        sock, buffer = _tcp_editor(port, "s3cret", model=str(other))
         with sock:
-            options = {"temperature": 0, "token": "s3cret", "model": str(other)}
-            sock.sendall(frame({"jsonrpc": "2.0", "id": "init", "method": "initialize", "params": {"capabilities": {}, "initializationOptions": options}}))
-            assert "result" in _read_message(sock, buffer)
-            sock.sendall(frame({"jsonrpc": "2.0", "method": "initialized", "params": {}}))
-            sock.sendall(frame({"jsonrpc": "2.0", "id": 1, "method": "starchat/chat", "params": chat_params()}))
-            seen = []
-            while (message := _read_message(sock, buffer)).get("id") != 1 or "method" in message:
-                seen.append(message)
+            message, seen = _chat_after_initialized(sock, buffer)
             assert message["result"]["text"] == sc.CHAT_ANSWER
             loads = [m["params"]["message"] for m in seen if m.get("method") == "starchat/status" and m["params"]["state"] == "loading"]
             assert loads == [f"Loading {other}"], loads
@@ -466,17 +468,10 @@ def test_a_request_left_running_by_a_gone_tcp_editor_answers_nobody_else(test_mo
     with _tcp_server("s3cret") as (server, port):
         first, buffer = _tcp_editor(port, "s3cret")
         with first:
-            first.sendall(frame({"jsonrpc": "2.0", "method": "initialized", "params": {}}))
-            first.sendall(frame({"jsonrpc": "2.0", "id": 1, "method": "starchat/chat", "params": chat_params(sc.LONG_QUESTION, maxNewTokens=1500, partialResultToken="p")}))
-            while not ((m := _read_message(first, buffer)).get("method") == "$/progress" and m["params"]["token"] == "p"):
-                pass  # generating
+            _start_long_answer(first, buffer)
         sock, buffer, reply = _tcp_reconnect(port, "s3cret")
         with sock:
             assert "result" in reply
-            sock.sendall(frame({"jsonrpc": "2.0", "method": "initialized", "params": {}}))
-            sock.sendall(frame({"jsonrpc": "2.0", "id": 1, "method": "starchat/chat", "params": chat_params()}))  # the same id
-            seen = []
-            while (message := _read_message(sock, buffer)).get("id") != 1 or "method" in message:
-                seen.append(message)
+            message, seen = _chat_after_initialized(sock, buffer)  # the same id as the first's
             assert message["result"]["text"] == sc.CHAT_ANSWER  # not the first editor's cancelled request
             assert not any(m.get("params", {}).get("token") == "p" for m in seen)

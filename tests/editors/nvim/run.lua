@@ -638,14 +638,19 @@ function steps.chat_name()
   return names
 end
 
+--- A new conversation in the chat, focused, whose first question has been answered: buf, win.
+local function answered_chat()
+  chat.clear()
+  local buf, win = chat.open({ focus = true })
+  wait_turn(chat.send(sc.CHAT_QUESTION))
+  return buf, win
+end
+
 -- The chat buffer has no file: :edit! would empty it. Its text comes back, the conversation goes
 -- on (the follow-up is answered as after the first turn), and an answer streaming meanwhile
 -- keeps streaming into it. :bunload ends the conversation, as :bdelete does.
 function steps.chat_reload()
-  chat.clear()
-  local buf, win = chat.open({ focus = true })
-  local first = chat.send(sc.CHAT_QUESTION)
-  wait_turn(first)
+  local buf, win = answered_chat()
   vim.api.nvim_feedkeys(vim.keycode("GA" .. "a draft<Esc>"), "nx", false)
   local before = buf_text(buf)
   vim.api.nvim_set_current_win(win)
@@ -705,10 +710,7 @@ end
 -- <C-c> in Insert mode with no answer running leaves Insert mode. Then a conversation about a
 -- file deleted with :bdelete (loaded no more) goes on without it.
 function steps.chat_editing()
-  chat.clear()
-  local buf, win = chat.open({ focus = true })
-  local first = chat.send(sc.CHAT_QUESTION)
-  wait_turn(first)
+  local buf, win = answered_chat()
   local answered = buf_text(buf)
   vim.api.nvim_set_current_win(win)
   vim.api.nvim_feedkeys(vim.keycode("GAone<Esc>"), "nx", false)
