@@ -25,7 +25,8 @@ def area(radius):
 WORKSPACE_FILES = {"calc.py": CALC_PY}
 LANGUAGE = "python"
 
-# Lines 3-4 hold average(), lines 7-8 area() (0-based).
+# Line 0 is the import, lines 3-4 hold average(), lines 7-8 area() (0-based).
+IMPORT = Span(Pos(0, 0), Pos(1, 0))
 AVERAGE = Span(Pos(3, 0), Pos(5, 0))
 AREA = Span(Pos(7, 0), Pos(9, 0))
 
@@ -53,6 +54,7 @@ CHAT_FOLLOW_UP = "And goodbye?"
 CHAT_FOLLOW_UP_ANSWER = "Goodbye, and happy coding!"
 LONG_QUESTION = "Count for ever."
 LONG_ANSWER_UNIT = "tick tock "
+LONG_FIX_ANSWER = "```python\n" + LONG_ANSWER_UNIT * 120
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ CODE_SCENARIOS = [
     CodeScenario(Task.EXPLAIN, AVERAGE, EXPLAIN_ANSWER),
     CodeScenario(Task.ASK, AVERAGE, ASK_ANSWER, question=ASK_QUESTION),
     CodeScenario(Task.ASK, AVERAGE, LONG_ANSWER_UNIT * 120, question=LONG_QUESTION, ends=False),
+    # a code action that goes on (a Fix of the import line), for tests that stop one
+    CodeScenario(Task.FIX, IMPORT, LONG_FIX_ANSWER, ends=False),
 ]
 
 CHAT_SCENARIOS = [

@@ -286,6 +286,29 @@ async def test_cancelling_a_command_stops_the_model(editor):
     assert editor.applied == []
 
 
+async def test_cancelling_a_code_action_resolve_stops_the_model(editor):
+    """A light-bulb action runs in ``codeAction/resolve``: ``$/cancelRequest`` for it (VS Code's
+    Cancel) stops the generation, and the engine is free for the next request at once."""
+    uri = editor.open()
+    configure(editor, maxNewTokens=1500)
+    known = set(editor.client.progress_reports)
+    actions = await editor.client.text_document_code_action_async(code_action_params(uri, sc.IMPORT))
+    fix = next(a for a in actions if a.title == "StarChat: Fix")
+    request = asyncio.ensure_future(editor.request(types.CODE_ACTION_RESOLVE, fix, msg_id="stop-resolve"))
+    await wait_until(lambda: sum(isinstance(r, types.WorkDoneProgressReport) for r in generation_reports(editor, known)) >= 2)
+    editor.client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="stop-resolve"))
+    with pytest.raises(Exception) as error:
+        await asyncio.wait_for(request, 10)
+    assert getattr(error.value, "code", None) == -32800
+    await wait_until(lambda: any(isinstance(r, types.WorkDoneProgressEnd) for r in generation_reports(editor, known)))
+    (end,) = [r for r in generation_reports(editor, known) if isinstance(r, types.WorkDoneProgressEnd)]
+    stopped = re.fullmatch(r"Stopped after (\d+) tokens?", end.message or "")
+    assert stopped and int(stopped[1]) < 1000, end.message
+    started = time.monotonic()
+    assert single_text_edit((await resolve(editor, uri, sc.AVERAGE, "StarChat: Fix")).edit, uri, 1)[0].new_text == sc.FIXED_AVERAGE
+    assert time.monotonic() - started < 10  # the engine was free
+
+
 async def test_hover_explains_the_symbol_and_is_cached(editor):
     uri = editor.open()
     params = types.HoverParams(

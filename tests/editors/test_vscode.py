@@ -394,6 +394,17 @@ def test_stop_cancels_the_streaming_answer(session):
     assert "Sending notification '$/cancelRequest'" in session["client_log"]
 
 
+def test_light_bulb_fix_applies_and_its_cancel_stops_the_model(session):
+    result = step(session, "lightbulb")
+    offered = result["offered"]  # with VS Code's group headers
+    assert offered.index("Quick Fix") < offered.index("StarChat: Fix") < offered.index("Rewrite") < offered.index("StarChat: Optimize"), offered
+    # Cancel in the notification: the resolve is cancelled, the model stops, nothing is applied.
+    stopped = re.fullmatch(r'"message": "Stopped after (\d+) tokens?"', result["stoppedMessage"] or "")
+    assert stopped and int(stopped[1]) < 1500, result["stoppedMessage"]
+    assert result["text"] == sc.CALC_PY
+    assert not [t for t in result["toasts"] if "StarChat" in t or "failed" in t], result["toasts"]
+
+
 def test_model_output_is_never_html(session):
     result = step(session, "safety")
     img_src = result["csp"].split("img-src", 1)[1].split(";")[0].split()

@@ -2,6 +2,7 @@
 import * as vscode from "vscode";
 import {
   ClientCapabilities,
+  CodeActionResolveRequest,
   DidChangeConfigurationNotification,
   DocumentSelector,
   ExecuteCommandRequest,
@@ -137,6 +138,25 @@ async function start(): Promise<void> {
       didClose: (document, next) => (privateDocument(document.uri) ? Promise.resolve() : next(document)),
       provideHover: (document, position, token, next) => (privateDocument(document.uri) ? undefined : next(document, position, token)),
       provideCodeActions: (document, range, context, token, next) => (privateDocument(document.uri) ? [] : next(document, range, context, token)),
+      // Fix, Optimize, Document and Write tests picked from the light bulb run in
+      // codeAction/resolve: a notification with Cancel (which stops the model) while they run.
+      // Explain and Ask carry a command instead and resolve at once.
+      resolveCodeAction: async (item, token, next) => {
+        const running = client;
+        if (item.command || item.edit || !running) return next(item, token);
+        const resolved = await withCancellableProgress(item.title, (cancel) =>
+          whileNeither(token, cancel, async (either) => {
+            const sent = running.code2ProtocolConverter.asCodeActionSync(item);
+            try {
+              return await running.protocol2CodeConverter.asCodeAction(await running.sendRequest(CodeActionResolveRequest.type, sent, either), either);
+            } catch (error) {
+              if (either.isCancellationRequested) return undefined; // stopped: nothing to apply
+              throw error;
+            }
+          }),
+        );
+        return resolved ?? item;
+      },
       // Ask and Explain (from the code actions) answer in the chat view; edits show progress.
       executeCommand: async (command, args, next) => {
         if (command === "starchat.ask" || command === "starchat.explain") return chat.runCommand(command, args[0]);
@@ -253,6 +273,7 @@ function sendCommand(command: string, args: unknown[], token?: vscode.Cancellati
   return client.sendRequest(ExecuteCommandRequest.type, { command, arguments: args }, token);
 }
 
+/** `work` under a notification with a Cancel button; its errors are shown as notifications. */
 function withCancellableProgress<T>(title: string, work: (token: vscode.CancellationToken) => Promise<T>): Thenable<T | undefined> {
   return vscode.window.withProgress({ location: vscode.ProgressLocation.Notification, title, cancellable: true }, async (_progress, token) => {
     try {
@@ -265,6 +286,19 @@ function withCancellableProgress<T>(title: string, work: (token: vscode.Cancella
       return undefined;
     }
   });
+}
+
+/** `work` with a token cancelled as soon as either `a` or `b` is. */
+async function whileNeither<T>(a: vscode.CancellationToken, b: vscode.CancellationToken, work: (either: vscode.CancellationToken) => Promise<T>): Promise<T> {
+  const source = new vscode.CancellationTokenSource();
+  const subscriptions = [a, b].map((token) => token.onCancellationRequested(() => source.cancel()));
+  if (a.isCancellationRequested || b.isCancellationRequested) source.cancel();
+  try {
+    return await work(source.token);
+  } finally {
+    subscriptions.forEach((d) => d.dispose());
+    source.dispose();
+  }
 }
 
 // ---- commands on the selection ----------------------------------------------------------------

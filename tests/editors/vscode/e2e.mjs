@@ -577,6 +577,43 @@ try {
     return { status: stopped.status, lengthAtStop, lengthLater: later.text.length, statusLater: later.status, stopButtonVisible: stopVisible, updates: later.updates, text: later.text.slice(0, 200) };
   }, { needs: ["open"] });
 
+  // The light bulb (Ctrl+.): VS Code resolves the picked action (codeAction/resolve: the model
+  // runs then) and applies its edit; a notification with Cancel shows while it runs, and Cancel
+  // stops the model (maxNewTokens is still 1500: the Fix of the import line goes on).
+  await step("lightbulb", async () => {
+    const pick = async (first, last) => {
+      await selectLines(first, last);
+      await page.keyboard.press("Control+.");
+      const row = page.locator(".action-widget .monaco-list-row", { hasText: "StarChat: Fix" }).first();
+      await row.waitFor();
+      await sleep(300);
+      const offered = (await page.locator(".action-widget .monaco-list-row").allInnerTexts()).map((t) => t.trim()).filter(Boolean);
+      await row.click();
+      return offered;
+    };
+    const offered = await pick(4, 5);
+    await until("the fixed code in the editor", async () => (await editorText()) === sc.fixedCalc, 60000);
+    await screenshot("lightbulb-fixed");
+    await editor().locator(".view-lines").click();
+    await page.keyboard.press("Control+Z");
+    await until("the original code again", async () => (await editorText()) === sc.calc, 10000);
+    await page.keyboard.press("Control+S");
+
+    const stoppedBefore = count(clientLog(), '"message": "Stopped after');
+    await pick(1, 1);
+    const toast = page.locator(".notification-toast", { hasText: "StarChat: Fix" }).first();
+    // at once: the whole answer takes a few seconds on the test model
+    await Promise.all([toast.locator(".monaco-button", { hasText: "Cancel" }).first().click({ timeout: 10000 }), screenshot("lightbulb-running")]);
+    await toast.waitFor({ state: "hidden", timeout: 10000 });
+    const stoppedAt = Date.now();
+    await until("the server to report the generation stopped", async () => count(clientLog(), '"message": "Stopped after') > stoppedBefore, 10000, 100);
+    const ready = await waitReady(10000);
+    await sleep(1000);
+    const errors = await page.locator(".notification-toast").allInnerTexts();
+    const stoppedMessage = clientLog().match(/"message": "Stopped after (\d+) tokens?"/g)?.at(-1);
+    return { offered, readyAfterMs: Date.now() - stoppedAt, ready, stoppedMessage, text: await editorText(), toasts: errors };
+  }, { needs: ["open", "stop"] });
+
   // Model output is text, never HTML: an answer with tags, a script, a remote image and a
   // javascript: link, fed to the page as the extension would send it.
   await step("safety", async () => {
