@@ -390,6 +390,8 @@ def test_stop_cancels_the_streaming_answer(session):
     assert 0 < result["lengthAtStop"] < len(sc.LONG_ANSWER_UNIT) * 1500
     assert result["text"].startswith(sc.LONG_ANSWER_UNIT.strip())
     assert not result["stopButtonVisible"]
+    # the reader's selection in the answer survived the pieces streamed meanwhile
+    assert result["selection"]["grew"] > 0 and result["selection"]["selected"] == "tick tock", result["selection"]
     # Stop cancels the request itself, so that the server stops generating (the GPU stops).
     assert "Sending notification '$/cancelRequest'" in session["client_log"]
 

@@ -562,6 +562,20 @@ try {
       const last = list[list.length - 1];
       return last?.role === "assistant" && last.status === "streaming" && last.text.length >= 60;
     }, 60000, 50);
+    // A selection in the answer (its first "tick tock") outlives the pieces that follow: the
+    // answer grows in place.
+    const selection = await frame.evaluate(async () => {
+      const content = [...document.querySelectorAll(".turn.assistant .content")].at(-1);
+      const text = document.createTreeWalker(content, NodeFilter.SHOW_TEXT).nextNode();
+      const range = document.createRange();
+      range.setStart(text, 0);
+      range.setEnd(text, 9);
+      getSelection().removeAllRanges();
+      getSelection().addRange(range);
+      const before = content.textContent.length;
+      await new Promise((resolve) => setTimeout(resolve, 150));
+      return { selected: getSelection().toString(), grew: content.textContent.length - before };
+    });
     // the screenshot and the click together: the whole answer can take well under a second
     await Promise.all([screenshot("streaming"), chatFrame().locator("#stop").click()]);
     const stopped = await until("the answer to stop", async () => {
@@ -574,7 +588,7 @@ try {
     const later = (await chatTurns()).at(-1);
     const stopVisible = await chatFrame().locator("#stop").isVisible();
     await screenshot("stopped");
-    return { status: stopped.status, lengthAtStop, lengthLater: later.text.length, statusLater: later.status, stopButtonVisible: stopVisible, updates: later.updates, text: later.text.slice(0, 200) };
+    return { status: stopped.status, lengthAtStop, lengthLater: later.text.length, statusLater: later.status, stopButtonVisible: stopVisible, updates: later.updates, text: later.text.slice(0, 200), selection };
   }, { needs: ["open"] });
 
   // The light bulb (Ctrl+.): VS Code resolves the picked action (codeAction/resolve: the model
@@ -599,9 +613,11 @@ try {
     await until("the original code again", async () => (await editorText()) === sc.calc, 10000);
     await page.keyboard.press("Control+S");
 
+    const toasts = page.locator(".notification-toast", { hasText: "StarChat: Fix" });
+    await until("the first Fix's notification gone", async () => (await toasts.count()) === 0, 10000);
     const stoppedBefore = count(clientLog(), '"message": "Stopped after');
     await pick(1, 1);
-    const toast = page.locator(".notification-toast", { hasText: "StarChat: Fix" }).first();
+    const toast = toasts.first();
     // at once: the whole answer takes a few seconds on the test model
     await Promise.all([toast.locator(".monaco-button", { hasText: "Cancel" }).first().click({ timeout: 10000 }), screenshot("lightbulb-running")]);
     await toast.waitFor({ state: "hidden", timeout: 10000 });
@@ -709,7 +725,8 @@ try {
     };
     const changed = async (what) => {
       let seen;
-      await until(what, async () => (seen = await editorText()) !== sc.calc, 10000);
+      // changed, and the same a moment later (not a frame of the editor's own re-rendering)
+      await until(what, async () => (seen = await editorText()) !== sc.calc && (await sleep(200), await editorText()) === seen, 10000);
       const text = seen;
       await editor().locator(".view-lines").click();
       await page.keyboard.press("Control+Z");

@@ -110,10 +110,14 @@ md.renderer.rules.image = (tokens, idx) => {
 let turns: Turn[] = [];
 let generating = false;
 
+/** The turn's element: the one on the page, updated, or a new one. */
 function render(turn: Turn): HTMLElement {
-  const element = document.createElement("section");
+  let element = transcript.querySelector<HTMLElement>(`.turn[data-id="${turn.id}"]`);
+  if (!element) {
+    element = document.createElement("section");
+    element.dataset.id = String(turn.id);
+  }
   element.className = `turn ${turn.role}`;
-  element.dataset.id = String(turn.id);
   update(element, turn);
   return element;
 }
@@ -144,14 +148,49 @@ function update(element: HTMLElement, turn: Turn): void {
   else if (turn.status === "interrupted") footer = `<div class="note stopped">Interrupted: the window was closed or reloaded before the answer was finished.</div>`;
   else if (turn.status === "error") footer = `<div class="note error">${md.utils.escapeHtml(turn.error ?? "The request failed.")}</div>`;
   else if (turn.finishReason === "length") footer = `<div class="note">The answer reached the token limit (setting starchat.maxNewTokens).</div>`;
-  element.innerHTML = `<div class="who">${md.utils.escapeHtml(header)}</div>${body}${footer}`;
+  morph(element, `<div class="who">${md.utils.escapeHtml(header)}</div>${body}${footer}`);
+}
+
+/** Makes `target`'s content `html`, keeping every node that stays the same: a streaming answer
+ * grows in place, so a selection in it, or a click on a code block's button, survives the next
+ * piece (replacing the whole answer each frame lost both). */
+function morph(target: Element, html: string): void {
+  const template = document.createElement("template");
+  template.innerHTML = html;
+  morphChildren(target, template.content);
+}
+
+function morphChildren(target: Node, source: Node): void {
+  const olds = Array.from(target.childNodes);
+  const news = Array.from(source.childNodes);
+  news.forEach((fresh, i) => {
+    const old = olds[i];
+    if (!old) target.appendChild(fresh);
+    else if (old.isEqualNode(fresh)) return;
+    else if (old instanceof Text && fresh instanceof Text) {
+      // appended text keeps the ranges in the old text (a new value would reset them)
+      if (fresh.data.startsWith(old.data)) old.appendData(fresh.data.slice(old.data.length));
+      else old.data = fresh.data;
+    } else if (old instanceof Element && fresh instanceof Element && old.tagName === fresh.tagName) {
+      for (const name of old.getAttributeNames()) if (!fresh.hasAttribute(name)) old.removeAttribute(name);
+      for (const name of fresh.getAttributeNames()) if (old.getAttribute(name) !== fresh.getAttribute(name)) old.setAttribute(name, fresh.getAttribute(name)!);
+      morphChildren(old, fresh);
+    } else target.replaceChild(fresh, old);
+  });
+  for (const old of olds.slice(news.length)) old.remove();
 }
 
 /** Everything again; ``follow``: scrolled to the end, else where the reader was. */
 function renderAll(follow = true): void {
   const top = transcript.scrollTop;
   codeBlocks.clear();
-  transcript.replaceChildren(...turns.map(render));
+  const elements = turns.map(render);
+  // Turns already in place stay (moving a node would lose a selection in it).
+  elements.forEach((element, i) => {
+    const here = transcript.children[i] ?? null;
+    if (here !== element) transcript.insertBefore(element, here);
+  });
+  while (transcript.children.length > elements.length) transcript.lastElementChild!.remove();
   if (turns.length === 0) {
     transcript.innerHTML = `<div class="empty"><p><b>StarChat</b></p><p>Ask a question below, or select code in an editor and use <i>Ask StarChat</i> from the right-click menu.</p></div>`;
   }
