@@ -142,6 +142,7 @@ def session(test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     for name, text in sc.WORKSPACE_FILES.items():
         (workspace / name).write_text(text)
     (workspace / ".env").write_text(f"{ENV_MARKER}\n")
+    (workspace / "analysis.ipynb").write_text(json.dumps(NOTEBOOK, indent=1))
     # A project's own folder named User: its settings.json is the project's, not the editor's.
     (workspace / "User").mkdir()
     (workspace / "User" / "settings.json").write_text(json.dumps({"project": "a project file, not the editor's settings"}) + "\n")
@@ -308,6 +309,16 @@ def step(session: dict, name: str) -> dict:
     return result
 
 
+NOTEBOOK_CELL = "def scale(values):\n    return [v * 2 for v in values]"
+NOTEBOOK = {
+    "cells": [{"cell_type": "code", "execution_count": None, "id": "c1", "metadata": {}, "outputs": [],
+               "source": NOTEBOOK_CELL.splitlines(keepends=True)}],
+    "metadata": {"language_info": {"name": "python"}},
+    "nbformat": 4,
+    "nbformat_minor": 5,
+}
+
+
 def test_status_bar_shows_loading_then_ready(session):
     result = step(session, "open")
     assert "StarChat" in result["statusReady"]
@@ -438,6 +449,19 @@ def test_code_blocks_fit_where_they_go(session):
     assert result["inserted"] == "\n".join(above), result["inserted"]
     assert result["replaced"] == sc.CALC_PY.replace("radius * radius", "radius ** 2"), result["replaced"]
     assert result["replacedLine"] == sc.CALC_PY.replace("def average(values):", "def mean(values):"), result["replacedLine"]
+
+
+def test_notebook_cells_are_documents_for_starchat(session):
+    result = step(session, "notebook")
+    # the message went with the cell's selection, named as the user knows it
+    (sent,) = result["sent"]
+    assert sent["uri"].startswith("vscode-notebook-cell:") and "analysis.ipynb" in sent["uri"], sent
+    assert sent["range"] == {"start": {"line": 1, "character": 4}, "end": {"line": 1, "character": 34}}, sent
+    assert result["label"] == "About analysis.ipynb, cell 1:2", result["label"]
+    # Insert at cursor went into the cell (the lines below its last one), and is in the saved notebook
+    expected = NOTEBOOK_CELL + "\n    print(scale([1, 2]))"  # at a line's end: the lines below it, indented like it
+    assert result["inserted"].startswith(expected), result["inserted"]
+    assert result["disk"].startswith(expected), result["disk"]
 
 
 def test_chat_view_keeps_the_conversation_and_draft_after_a_reload(session):
@@ -610,9 +634,12 @@ def test_package_json_matches_the_extension():
                 assert item["command"] in contributed, f"{menu} names {item['command']}"
             else:
                 assert item["submenu"] in {s["id"] for s in contributes["submenus"]}
-    # The selection's commands only where the server has the document (files, untitled ones).
+    # The selection's commands only where the server has the document (files, untitled ones,
+    # notebook cells): the schemes the client syncs.
+    synced = re.findall(r'"([\w-]+)"', re.search(r"SYNCED_SCHEMES = \[(.*?)\]", (EXTENSION / "src" / "chat.ts").read_text()).group(1))
     for item in contributes["menus"]["editor/context"]:
-        assert "resourceScheme" in item["when"]
+        schemes = re.search(r"resourceScheme =~ /\^\((.*?)\)\$/", item["when"])
+        assert schemes and schemes.group(1).split("|") == synced, item["when"]
     settings = set(contributes["configuration"]["properties"])
     # Restricted Mode: a workspace cannot pick the server's program, environment, address or model,
     # nor let it run the model's code (the same list as the code's RESTRICTED_SETTINGS).

@@ -24,8 +24,23 @@ export const VIEW_ID = "starchat.chat";
 
 /** The documents the language client opens for the server (its document selector): the others
  * (the Output panel, settings.json, diff views, …) the server cannot answer about or edit. */
-export const SYNCED_SCHEMES = ["file", "untitled"];
+/** The documents the server is sent: files, untitled documents and notebook cells (each cell a
+ * document of its own). */
+export const SYNCED_SCHEMES = ["file", "untitled", "vscode-notebook-cell"];
 const synced = (editor: vscode.TextEditor | undefined) => editor !== undefined && SYNCED_SCHEMES.includes(editor.document.uri.scheme);
+
+/** A document's name for the user: its path in the workspace; a notebook cell's, its notebook's
+ * and its number ("analysis.ipynb, cell 3"). */
+export function documentName(uri: vscode.Uri): string {
+  if (uri.scheme === "vscode-notebook-cell") {
+    for (const notebook of vscode.workspace.notebookDocuments) {
+      const cell = notebook.getCells().find((c) => c.document.uri.toString() === uri.toString());
+      if (cell) return `${vscode.workspace.asRelativePath(notebook.uri)}, cell ${cell.index + 1}`;
+    }
+    return vscode.workspace.asRelativePath(uri.with({ scheme: "file", fragment: "" }));
+  }
+  return vscode.workspace.asRelativePath(uri);
+}
 
 type Role = "user" | "assistant";
 /** "interrupted": the window closed or reloaded while the answer was coming (a restored chat). */
@@ -290,7 +305,7 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
     const shown = await vscode.window.showTextDocument(editor.document, { viewColumn: editor.viewColumn, preserveFocus: false });
     const { range, text } = fitCode(code, shown.document, shown.selection, how);
     const done = await shown.edit((builder) => builder.replace(range, text));
-    if (!done) void vscode.window.showWarningMessage(`StarChat: ${vscode.workspace.asRelativePath(shown.document.uri)} did not take the code (read-only?).`);
+    if (!done) void vscode.window.showWarningMessage(`StarChat: ${documentName(shown.document.uri)} did not take the code (read-only?).`);
   }
 
   // ---- conversations -------------------------------------------------------------------------
@@ -319,7 +334,7 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
     const editor = this.lastEditor;
     const client = this.getClient();
     if (!editor || editor.document.isClosed || !client) return undefined;
-    const name = vscode.workspace.asRelativePath(editor.document.uri);
+    const name = documentName(editor.document.uri);
     const reason = privateDocument(editor.document.uri);
     if (reason) {
       // never sent to the server (see the language client's middleware)
@@ -408,7 +423,7 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
     const client = await this.readyClient();
     if (!client) return undefined;
     const uri = vscode.Uri.parse(args.textDocument.uri);
-    const label = `${vscode.workspace.asRelativePath(uri)}:${rangeLabel(client.protocol2CodeConverter.asRange(args.range))}`;
+    const label = `${documentName(uri)}:${rangeLabel(client.protocol2CodeConverter.asRange(args.range))}`;
     this.context = { uri: args.textDocument.uri, range: args.range, label };
     if (command === "starchat.ask") this.addTurn("user", args.question ?? "", "done", `Ask about ${label}`);
     else this.addTurn("user", "Explain the selected code.", "done", `Explain ${label}`);

@@ -19,7 +19,7 @@ import {
   WorkDoneProgressEnd,
   WorkDoneProgressReport,
 } from "vscode-languageclient/node";
-import { ChatView, SYNCED_SCHEMES, VIEW_ID, describeError } from "./chat";
+import { ChatView, SYNCED_SCHEMES, VIEW_ID, describeError, documentName } from "./chat";
 import { RESTRICTED_SETTINGS, SERVER_SETTINGS, describeServer, findEditorFolders, initializationOptions, privateDocument, serverOptions, serverSettingsSection } from "./server";
 import { StatusItem } from "./status";
 
@@ -128,7 +128,7 @@ async function start(): Promise<void> {
       didOpen: (document, next) => {
         const reason = privateDocument(document.uri);
         if (!reason) return next(document);
-        log.info(`not sending ${vscode.workspace.asRelativePath(document.uri)} to the server: it ${reason}`);
+        log.info(`not sending ${documentName(document.uri)} to the server: it ${reason}`);
         return Promise.resolve();
       },
       didChange: (event, next) => (privateDocument(event.document.uri) ? Promise.resolve() : next(event)),
@@ -320,7 +320,7 @@ function selectionArgs(): (SelectionArgs & { version: number }) | undefined {
   }
   const reason = privateDocument(editor.document.uri);
   if (reason) {
-    void vscode.window.showInformationMessage(`StarChat: ${vscode.workspace.asRelativePath(editor.document.uri)} ${reason}; StarChat does not send it to the server.`);
+    void vscode.window.showInformationMessage(`StarChat: ${documentName(editor.document.uri)} ${reason}; StarChat does not send it to the server.`);
     return undefined;
   }
   if (!client?.isRunning()) {

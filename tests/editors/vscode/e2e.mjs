@@ -306,7 +306,8 @@ async function reloadWindow(when) {
 }
 
 // The chat webview: an iframe (the webview host) holding the page's iframe.
-const chatFrame = () => page.frameLocator("iframe.webview.ready").frameLocator("iframe#active-frame");
+// (A notebook has webviews too: the chat's is the extension's.)
+const chatFrame = () => page.frameLocator('iframe.webview.ready[src*="extensionId=starchat-lsp."]').frameLocator("iframe#active-frame");
 const lastAnswer = () => chatFrame().locator(".turn.assistant").last();
 
 let cachedChatFrame;
@@ -770,6 +771,59 @@ try {
     await chatFrame().locator("#input").fill("");
     return { turns, draft };
   }, { needs: ["stop"] });
+
+  // A notebook: its cells go to the server (each a document), a chat message includes the
+  // cell's selection (named by the notebook and the cell), and Insert at cursor goes into the
+  // cell the user was in.
+  await step("notebook", async () => {
+    const frame = await chatPageFrame();
+    const cellOpens = () => (clientLog().match(/"uri": "vscode-notebook-cell:[^"]*analysis\.ipynb/g) ?? []).length;
+    const opensBefore = cellOpens();
+    await page.locator(".explorer-folders-view .monaco-list-row", { hasText: "analysis.ipynb" }).first().click();
+    const cell = page.locator(".notebook-editor .cell-editor-container .monaco-editor").first();
+    await cell.locator(".view-line", { hasText: "def scale" }).waitFor({ timeout: 30000 });
+    await until("the cell sent to the server", async () => cellOpens() > opensBefore, 15000, 200);
+    const cellText = () => cell.evaluate((root) => [...root.querySelectorAll(".view-lines .view-line")]
+      .map((line) => ({ top: parseFloat(line.style.top), text: line.textContent.replace(/\u00a0/g, " ") }))
+      .sort((a, b) => a.top - b.top).map((l) => l.text).join("\n"));
+    // the cell's second line selected, then a chat message with it
+    await cell.locator(".view-line", { hasText: "return" }).click();
+    await page.keyboard.press("End");
+    await page.keyboard.press("Shift+Home");
+    await runCommand("StarChat: New Chat");
+    await until("an empty chat", async () => (await chatTurns()).length === 0, 10000);
+    await chatFrame().locator("#include-selection").check();
+    const chatsBefore = requestParams(clientLog(), "starchat/chat").length;
+    await sendChat(frame, sc.chatQuestion);
+    await until("the chat answer", () => answerDone(frame, 2), 60000);
+    await chatFrame().locator("#include-selection").uncheck();
+    const label = await frame.evaluate(() => document.getElementById("context-label").textContent);
+    const sent = requestParams(clientLog(), "starchat/chat").slice(chatsBefore).map((p) => ({ uri: p.textDocument?.uri, range: p.range }));
+    // a code block into the cell: the cursor at the end of its last line
+    await cell.locator(".view-line", { hasText: "return" }).click();
+    await page.keyboard.press("End");
+    await frame.evaluate((content) => {
+      const turns = [
+        { id: 9201, role: "user", content: "code?", status: "done" },
+        { id: 9202, role: "assistant", content, status: "done" },
+      ];
+      window.dispatchEvent(new MessageEvent("message", { data: { type: "state", turns, generating: false, context: null } }));
+    }, ["```python", "print(scale([1, 2]))", "```"].join("\n"));
+    await chatFrame().locator('.turn[data-id="9202"] button.code-action[data-action="insert"]').click();
+    const inserted = await until("the code in the cell", async () => {
+      const text = await cellText();
+      return text.includes("print(scale") && text;
+    }, 10000);
+    await page.keyboard.press("Control+S");
+    const disk = await until("the notebook saved", async () => {
+      const saved = fs.readFileSync(path.join(config.workspace, "analysis.ipynb"), "utf8");
+      return saved.includes("print(scale") && JSON.parse(saved).cells.map((c) => c.source.join("")).join("\n---\n");
+    }, 10000);
+    await screenshot("notebook");
+    await page.keyboard.press("Control+W");
+    await openCalc();
+    return { label, sent, inserted, disk };
+  }, { needs: ["insert-fitted"] });
 
   // A project's own folder named User with a settings.json is the project's, not the editor's
   // settings: it is sent to the server like any other file (the test reads the verbose trace).
