@@ -60,9 +60,15 @@ class RequestFailed(JsonRpcException):
     CODE = -32803
 
 
+# Every notebook, every cell (markdown cells are left out of prompts, see surrounding()).
+NOTEBOOK_SYNC = types.NotebookDocumentSyncOptions(
+    notebook_selector=[types.NotebookDocumentFilterWithCells(notebook="*", cells=[types.NotebookCellLanguage(language="*")])])
+
+
 class StarChatServer(LanguageServer):
     def __init__(self, settings: Settings | None = None):
-        super().__init__("starchat-lsp", __version__, protocol_cls=StarChatProtocol, converter_factory=make_converter)
+        super().__init__("starchat-lsp", __version__, protocol_cls=StarChatProtocol, converter_factory=make_converter,
+                         notebook_document_sync=NOTEBOOK_SYNC)
         self.base_settings = settings or Settings()  # defaults + command line
         self.settings = self.base_settings
         self.init_options: Any = None
@@ -265,6 +271,30 @@ class StarChatServer(LanguageServer):
         if document is None:
             raise RequestFailed("The document is not open in the editor (send textDocument/didOpen first).")
         return document
+
+    def surrounding(self, uri: str, text: str) -> tuple[str, int]:
+        """The code a prompt shows around document ``uri`` whose text is ``text``, and where
+        ``text`` starts in it: the document itself, or for a notebook cell the notebook's cells
+        of the same language in order (a blank line between two), with ``text`` in the cell's
+        place. Markdown cells are left out: prose between code would read as broken code."""
+        notebook = self.protocol.cell_notebooks.get(uri)
+        cell = self.protocol.documents.get(uri)
+        if notebook is None or cell is None:
+            return text, 0
+        parts: list[str] = []
+        offset = 0
+        for other_uri in self.protocol.notebooks.get(notebook, ()):
+            other = self.protocol.documents.get(other_uri)
+            if other is None or other.language_id != cell.language_id:
+                continue
+            if parts and not parts[-1].endswith("\n\n"):
+                parts.append("\n" if parts[-1].endswith("\n") else "\n\n")
+            if other_uri == uri:
+                offset = sum(map(len, parts))
+                parts.append(text)
+            elif other.text.strip():
+                parts.append(other.text)
+        return "".join(parts), offset
 
     def relative_path(self, uri: str) -> str:
         """The document's name in prompts: its path in the workspace folder that holds it, else

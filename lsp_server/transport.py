@@ -22,7 +22,7 @@ import logging
 import re
 import socket
 from contextvars import ContextVar
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 import cattrs
 from lsprotocol import types
@@ -65,6 +65,9 @@ class StarChatProtocol(LanguageServerProtocol):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.documents: dict[str, Document] = {}
+        # notebooks: the notebook's URI -> its cells' document URIs in order; and each cell's notebook
+        self.notebooks: dict[str, list[str]] = {}
+        self.cell_notebooks: dict[str, str] = {}
         self._watchers: dict[str, list[Callable[[], None]]] = {}
 
     def watch(self, uri: str, callback: Callable[[], None]) -> Callable[[], None]:
@@ -110,6 +113,56 @@ class StarChatProtocol(LanguageServerProtocol):
             return
         self._changed(params.text_document.uri)
         yield from self._user_handler(types.TEXT_DOCUMENT_DID_CHANGE, params)
+
+    # Notebooks (LSP 3.17 notebook sync): each cell is a document of its own in ``documents``;
+    # prompts about a cell show the notebook's other cells around it (server.surrounding).
+    @lsp_method(types.NOTEBOOK_DOCUMENT_DID_OPEN)
+    def lsp_notebook_document__did_open(self, params: types.DidOpenNotebookDocumentParams):
+        notebook = params.notebook_document
+        self._open_cells(params.cell_text_documents)
+        self.notebooks[notebook.uri] = [cell.document for cell in notebook.cells]
+        for cell in notebook.cells:
+            self.cell_notebooks[cell.document] = notebook.uri
+        yield from self._user_handler(types.NOTEBOOK_DOCUMENT_DID_OPEN, params)
+
+    @lsp_method(types.NOTEBOOK_DOCUMENT_DID_CHANGE)
+    def lsp_notebook_document__did_change(self, params: types.DidChangeNotebookDocumentParams):
+        uri = params.notebook_document.uri
+        cells = params.change.cells
+        order = self.notebooks.get(uri)
+        if cells is None or order is None:
+            return
+        if cells.structure is not None:
+            change = cells.structure.array
+            added = [cell.document for cell in change.cells or ()]
+            for removed in order[change.start : change.start + change.delete_count]:
+                self.cell_notebooks.pop(removed, None)
+            order[change.start : change.start + change.delete_count] = added
+            for cell in added:
+                self.cell_notebooks[cell] = uri
+            for closed in cells.structure.did_close or ():
+                self.documents.pop(closed.uri, None)
+                self._changed(closed.uri)
+            self._open_cells(cells.structure.did_open or ())
+        for content in cells.text_content or ():
+            document = self.documents.get(content.document.uri)
+            changed = types.DidChangeTextDocumentParams(text_document=content.document, content_changes=content.changes)
+            if document is not None and self._apply_changes(document, changed):
+                self._changed(document.uri)
+        yield from self._user_handler(types.NOTEBOOK_DOCUMENT_DID_CHANGE, params)
+
+    @lsp_method(types.NOTEBOOK_DOCUMENT_DID_CLOSE)
+    def lsp_notebook_document__did_close(self, params: types.DidCloseNotebookDocumentParams):
+        for cell in self.notebooks.pop(params.notebook_document.uri, ()):
+            self.cell_notebooks.pop(cell, None)
+        for closed in params.cell_text_documents:
+            self.documents.pop(closed.uri, None)
+            self._changed(closed.uri)
+        yield from self._user_handler(types.NOTEBOOK_DOCUMENT_DID_CLOSE, params)
+
+    def _open_cells(self, items: Sequence[types.TextDocumentItem]) -> None:
+        for item in items:
+            self.documents[item.uri] = Document(item.uri, item.text, item.version, item.language_id)
 
     def _apply_changes(self, document: Document, params: types.DidChangeTextDocumentParams) -> bool:
         """Apply one didChange whole or not at all; False when it was ignored."""
@@ -162,6 +215,8 @@ class StarChatProtocol(LanguageServerProtocol):
         self._initialize_received = False
         self._shutdown = False
         self.documents = {}
+        self.notebooks = {}
+        self.cell_notebooks = {}
         return [future for future in pending.values() if isinstance(future, asyncio.Future)]
 
     @lsp_method(types.WORKSPACE_EXECUTE_COMMAND)

@@ -33,6 +33,8 @@ def register(server: StarChatServer) -> None:
                     start, end = document.selection(to_span(params.range), ls.position_encoding)
                 except ValueError as exc:
                     raise RequestFailed(f"Invalid range: {exc}") from None
+            text, offset = ls.surrounding(document.uri, text)
+            start, end = start + offset, end + offset
         engine = await ls.ready_engine()
         settings = ls.settings
         max_new_tokens = params.max_new_tokens or settings.max_new_tokens

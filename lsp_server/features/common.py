@@ -130,14 +130,15 @@ async def answer_about(
 ) -> Generation:
     engine = await server.ready_engine()
     settings = server.settings
+    source, offset = server.surrounding(sel.uri, sel.text)
     try:
         prompt = code_prompt(
             server.prompt_format(engine),
             system=settings.system_prompt,
             budget=prompt_budget(settings.context_window, engine.context_window, settings.max_new_tokens),
-            text=sel.text,
-            start=sel.start,
-            end=sel.end,
+            text=source,
+            start=offset + sel.start,
+            end=offset + sel.end,
             task=task,
             question=question,
             path=sel.path,

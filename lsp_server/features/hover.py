@@ -34,13 +34,14 @@ def register(server: StarChatServer) -> None:
         position = Pos(params.position.line, params.position.character)
         engine = await ls.ready_engine()
         settings = ls.settings
+        source, offset = ls.surrounding(uri, document.source)
         try:
             built = hover_prompt(
                 ls.prompt_format(engine),
                 system=settings.system_prompt,
                 budget=hover_budget(settings, engine.context_window),
-                text=document.source,
-                line_start=document.line_start(position.line),
+                text=source,
+                line_start=offset + document.line_start(position.line),
                 line=document.line_text(position.line),
                 position=position,
                 path=ls.relative_path(uri),
@@ -54,7 +55,7 @@ def register(server: StarChatServer) -> None:
         prompt, word = built
         # the text's hash too: versions start again at 1 when a file is reopened (after a
         # checkout, say), and the same version may then hold other text
-        key = (uri, document.version, word, hash(document.source))
+        key = (uri, document.version, word, hash(source))
         if key in ls.hover_cache:
             ls.hover_cache.move_to_end(key)
             return ls.hover_cache[key]

@@ -74,7 +74,7 @@ class Warmer:
         if document is None:
             return
         settings = server.settings
-        text = document.source
+        text, _ = server.surrounding(uri, document.source)
         key = (uri, document.version, hash(text), id(engine), settings.system_prompt, settings.context_window,
                settings.max_new_tokens)
         if key == self._warmed:
@@ -116,3 +116,14 @@ def register(server: StarChatServer) -> None:
     @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
     def changed(ls: StarChatServer, params: types.DidChangeTextDocumentParams) -> None:
         warmer.touch(params.text_document.uri)
+
+    @server.feature(types.NOTEBOOK_DOCUMENT_DID_OPEN)
+    def notebook_opened(ls: StarChatServer, params: types.DidOpenNotebookDocumentParams) -> None:
+        if params.cell_text_documents:
+            warmer.touch(params.cell_text_documents[0].uri)
+
+    @server.feature(types.NOTEBOOK_DOCUMENT_DID_CHANGE)
+    def notebook_changed(ls: StarChatServer, params: types.DidChangeNotebookDocumentParams) -> None:
+        cells = params.change.cells
+        if cells is not None and cells.text_content:
+            warmer.touch(cells.text_content[-1].document.uri)

@@ -140,6 +140,7 @@ async def start_session(client: LanguageClient, tmp_path: Path, spec: str, optio
     if experimental is not None:
         capabilities.experimental = experimental
     editor = Editor(client, tmp_path)
+    editor.capabilities = capabilities
     started = time.monotonic()
     editor.init_result = await client.initialize_session(
         types.InitializeParams(

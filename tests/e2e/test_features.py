@@ -38,6 +38,11 @@ async def test_initialize_is_answered_at_once_and_advertises_the_features(editor
     assert editor.initialize_seconds < 5  # the model loads afterwards, in the background
     caps = editor.init_result.capabilities
     assert caps.code_action_provider.resolve_provider is True
+    if editor.capabilities.notebook_document is None:  # Neovim's
+        assert caps.notebook_document_sync is None
+    else:  # VS Code's: every notebook, every cell
+        (notebooks,) = caps.notebook_document_sync.notebook_selector
+        assert (notebooks.notebook, [c.language for c in notebooks.cells]) == ("*", ["*"])
     assert "quickfix.starchat.fix" in caps.code_action_provider.code_action_kinds
     assert caps.hover_provider
     assert {"starchat.ask", "starchat.explain", "starchat.runTask", "starchat.edit"} <= set(caps.execute_command_provider.commands)
@@ -576,3 +581,80 @@ async def test_incremental_edits_follow_lsp_line_breaks(editor):
     resolved = await resolve(editor, uri, sc.AVERAGE, "StarChat: Fix")
     edits = single_text_edit(resolved.edit, uri, 2)
     assert edits[0].new_text == sc.FIXED_AVERAGE  # the model saw exactly calc.py again
+
+
+
+NOTEBOOK_URI_NAME = "calc.py"  # the notebook's name in prompts: as calc.py's, for the trained answers
+
+
+def _open_calc_notebook(editor) -> dict[str, str]:
+    """calc.py as a notebook (LSP notebook sync) of three Python cells and a markdown one: the
+    cells' URIs by key. Joined as the server joins them, the code cells are calc.py exactly."""
+    lines = sc.CALC_PY.splitlines(keepends=True)
+    texts = {"c1": "".join(lines[:3]), "md": "# About\nA *markdown* cell.\n", "c2": "".join(lines[3:7]), "c3": "".join(lines[7:])}
+    uris = {key: f"vscode-notebook-cell:{editor.root.as_posix()}/{NOTEBOOK_URI_NAME}#{key}" for key in texts}
+    editor.client.notebook_document_did_open(types.DidOpenNotebookDocumentParams(
+        notebook_document=types.NotebookDocument(
+            uri=editor.uri(NOTEBOOK_URI_NAME), notebook_type="jupyter-notebook", version=1,
+            cells=[types.NotebookCell(kind=types.NotebookCellKind.Markup if key == "md" else types.NotebookCellKind.Code,
+                                      document=uris[key]) for key in texts]),
+        cell_text_documents=[types.TextDocumentItem(uri=uris[key], language_id="markdown" if key == "md" else sc.LANGUAGE,
+                                                    version=1, text=text) for key, text in texts.items()],
+    ))
+    return uris
+
+
+def _change_notebook(editor, version: int, *, structure=None, cell: str, edit: tuple[tuple[int, int, int], str]) -> None:
+    (line, first, last), text = edit
+    editor.client.notebook_document_did_change(types.DidChangeNotebookDocumentParams(
+        notebook_document=types.VersionedNotebookDocumentIdentifier(uri=editor.uri(NOTEBOOK_URI_NAME), version=version),
+        change=types.NotebookDocumentChangeEvent(cells=types.NotebookDocumentCellChanges(
+            structure=structure,
+            text_content=[types.NotebookDocumentCellContentChanges(
+                document=types.VersionedTextDocumentIdentifier(uri=cell, version=version),
+                changes=[types.TextDocumentContentChangePartial(
+                    range=types.Range(start=types.Position(line=line, character=first), end=types.Position(line=line, character=last)),
+                    text=text)])]))))
+
+
+async def test_a_notebook_cells_prompts_show_the_other_cells(editor):
+    """A Fix, a hover and a chat about one cell of a notebook see the notebook's other code
+    cells around it (the trained answers come only for calc.py's exact prompt); the cells
+    follow the notebook's changes; a closed notebook's cells are gone."""
+    cells = _open_calc_notebook(editor)
+    whole_cell = types.Range(start=types.Position(line=0, character=0), end=types.Position(line=2, character=0))
+    actions = await editor.client.text_document_code_action_async(types.CodeActionParams(
+        text_document=types.TextDocumentIdentifier(uri=cells["c2"]), range=whole_cell, context=types.CodeActionContext(diagnostics=[])))
+    fix = await editor.client.code_action_resolve_async(next(a for a in actions if a.title == "StarChat: Fix"))
+    (edit,) = single_text_edit(fix.edit, cells["c2"], 1)
+    assert (edit.range, edit.new_text) == (whole_cell, sc.FIXED_AVERAGE)  # the cell's own lines
+
+    async def hover_area():
+        return await editor.client.text_document_hover_async(types.HoverParams(
+            text_document=types.TextDocumentIdentifier(uri=cells["c3"]), position=types.Position(line=0, character=5)))
+
+    hover = await hover_area()
+    assert hover.contents.value == sc.HOVER_ANSWER
+    assert hover.range == types.Range(start=types.Position(line=0, character=4), end=types.Position(line=0, character=8))
+
+    async def prompt_tokens():
+        return (await chat(editor, [("user", sc.CHAT_QUESTION)], token=f"nb-{time.monotonic()}",
+                           textDocument={"uri": cells["c3"]}, maxNewTokens=1))["promptTokens"]
+
+    alone = await prompt_tokens()
+    # a cell added after the first, and an edit in the last: both reach the prompts
+    added = cells["c1"] + "-added"
+    _change_notebook(editor, 2, cell=cells["c3"], edit=((1, 21, 36), "radius ** 2"), structure=types.NotebookDocumentCellChangeStructure(
+        array=types.NotebookCellArrayChange(start=1, delete_count=0, cells=[types.NotebookCell(kind=types.NotebookCellKind.Code, document=added)]),
+        did_open=[types.TextDocumentItem(uri=added, language_id=sc.LANGUAGE, version=1, text="TAU = 2 * math.pi\n")]))
+    assert await prompt_tokens() > alone
+    # and both undone: calc.py's prompts again, to the token
+    _change_notebook(editor, 3, cell=cells["c3"], edit=((1, 21, 32), "radius * radius"), structure=types.NotebookDocumentCellChangeStructure(
+        array=types.NotebookCellArrayChange(start=1, delete_count=1), did_close=[types.TextDocumentIdentifier(uri=added)]))
+    assert await prompt_tokens() == alone
+    assert (await hover_area()).contents.value == sc.HOVER_ANSWER
+    editor.client.notebook_document_did_close(types.DidCloseNotebookDocumentParams(
+        notebook_document=types.NotebookDocumentIdentifier(uri=editor.uri(NOTEBOOK_URI_NAME)),
+        cell_text_documents=[types.TextDocumentIdentifier(uri=uri) for uri in cells.values()]))
+    with pytest.raises(Exception, match="not open"):
+        await prompt_tokens()

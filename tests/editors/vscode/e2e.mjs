@@ -772,12 +772,13 @@ try {
     return { turns, draft };
   }, { needs: ["stop"] });
 
-  // A notebook: its cells go to the server (each a document), a chat message includes the
-  // cell's selection (named by the notebook and the cell), and Insert at cursor goes into the
-  // cell the user was in.
+  // A notebook: it goes to the server (notebook sync: each cell a document, prompts about one
+  // show the others), a chat message includes the cell's selection (named by the notebook and
+  // the cell), and Insert at cursor goes into the cell the user was in.
   await step("notebook", async () => {
     const frame = await chatPageFrame();
-    const cellOpens = () => (clientLog().match(/"uri": "vscode-notebook-cell:[^"]*analysis\.ipynb/g) ?? []).length;
+    // the notebook goes to the server whole (notebookDocument/didOpen: its cells in order)
+    const cellOpens = () => clientLog().split("Sending notification 'notebookDocument/didOpen'").slice(1).filter((p) => /"uri": "vscode-notebook-cell:[^"]*analysis\.ipynb/.test(p.slice(0, 3000))).length;
     const opensBefore = cellOpens();
     await page.locator(".explorer-folders-view .monaco-list-row", { hasText: "analysis.ipynb" }).first().click();
     const cell = page.locator(".notebook-editor .cell-editor-container .monaco-editor").first();
