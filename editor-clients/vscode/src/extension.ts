@@ -136,6 +136,13 @@ async function start(): Promise<void> {
       willSaveWaitUntil: (event, next) => (privateDocument(event.document.uri) ? Promise.resolve([]) : next(event)),
       didSave: (document, next) => (privateDocument(document.uri) ? Promise.resolve() : next(document)),
       didClose: (document, next) => (privateDocument(document.uri) ? Promise.resolve() : next(document)),
+      // the same for notebooks (named like secrets) and their cells
+      notebooks: {
+        didOpen: (notebook, cells, next) => (privateDocument(notebook.uri) ? Promise.resolve() : next(notebook, cells)),
+        didChange: (event, next) => (privateDocument(event.notebook.uri) ? Promise.resolve() : next(event)),
+        didSave: (notebook, next) => (privateDocument(notebook.uri) ? Promise.resolve() : next(notebook)),
+        didClose: (notebook, cells, next) => (privateDocument(notebook.uri) ? Promise.resolve() : next(notebook, cells)),
+      },
       provideHover: (document, position, token, next) => (privateDocument(document.uri) ? undefined : next(document, position, token)),
       provideCodeActions: (document, range, context, token, next) => (privateDocument(document.uri) ? [] : next(document, range, context, token)),
       // Fix, Optimize, Document and Write tests picked from the light bulb run in
