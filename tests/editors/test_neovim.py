@@ -370,6 +370,7 @@ def test_the_chat_buffer_reloaded_keeps_the_conversation(nvim):
     assert result["filetype"] == "markdown" and result["filetype_events"] == 1, result  # highlighted again
     assert result["mapped"] and not result["listed"] and result["hint"] == 1, result
     assert result["history"] == 2
+    assert result["copy_same"] and result["name_after_write"] == "starchat://chat", result  # :w {file}
     assert result["follow_up"] == sc.CHAT_FOLLOW_UP_ANSWER  # answered with the first turn as history
     assert result["streaming"] and result["long_kept"], result
     assert result["unload_forgot"]

@@ -674,6 +674,11 @@ function steps.chat_reload()
     hint = #vim.api.nvim_buf_get_extmarks(buf, hint_ns, 0, -1, {}),
     history = #chat.history,
   }
+  -- :w {file} saves a copy of the conversation; the chat stays the chat
+  local copy = vim.fn.tempname() .. ".md"
+  vim.cmd("write " .. vim.fn.fnameescape(copy))
+  out.copy_same = table.concat(vim.fn.readfile(copy), "\n") == table.concat(vim.api.nvim_buf_get_lines(buf, 0, -1, false), "\n")
+  out.name_after_write = vim.api.nvim_buf_get_name(buf)
   local follow = chat.send(sc.CHAT_FOLLOW_UP)
   wait_turn(follow)
   out.follow_up = follow.answer
