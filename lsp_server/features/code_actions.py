@@ -29,6 +29,13 @@ def _resolves_edits(server: StarChatServer) -> bool:
     return bool(support and "edit" in support.properties)
 
 
+def _unasked(params: types.CodeActionParams) -> bool:
+    """Listed by the editor on its own (VS Code asks at every cursor move, for its light bulb)
+    with nothing selected: offering every action there would put a light bulb on every line."""
+    empty = params.range.start == params.range.end
+    return empty and params.context.trigger_kind == types.CodeActionTriggerKind.Automatic
+
+
 def _wanted(kind: str, only: list[str] | None) -> bool:
     return not only or any(kind == base or kind.startswith(base + ".") for base in only)
 
@@ -41,8 +48,12 @@ def register(server: StarChatServer) -> None:
             return []
         document = ls.open_document(uri)
         only = params.context.only
-        args = SelectionArgs(text_document=params.text_document, range=params.range, version=document.version)
         diagnostics = params.context.diagnostics
+        if _unasked(params):
+            if not diagnostics or not _wanted(KINDS[Task.FIX], only):
+                return []
+            only = [KINDS[Task.FIX]]  # the quick fix for the problems there, nothing else
+        args = SelectionArgs(text_document=params.text_document, range=params.range, version=document.version)
         actions = []
         for task in EDIT_TASKS:
             if not _wanted(KINDS[task], only):

@@ -68,6 +68,29 @@ async def test_code_actions_are_listed_at_once(editor):
     assert [a.title for a in only] == ["StarChat: Fix"]
 
 
+async def test_the_light_bulb_is_not_on_every_line(editor):
+    """Listed by the editor on its own (VS Code's light bulb, at every cursor move) with nothing
+    selected: nothing, or only the Fix for problems there. Asked for (Ctrl+., Neovim's
+    code_action()) or with a selection: every action."""
+    uri = editor.open()
+
+    async def titles(start, end, trigger, diagnostics=()):
+        params = types.CodeActionParams(
+            text_document=types.TextDocumentIdentifier(uri=uri),
+            range=types.Range(start=types.Position(line=start[0], character=start[1]), end=types.Position(line=end[0], character=end[1])),
+            context=types.CodeActionContext(diagnostics=list(diagnostics), trigger_kind=trigger))
+        return [a.title for a in await editor.client.text_document_code_action_async(params)]
+
+    automatic, invoked = types.CodeActionTriggerKind.Automatic, types.CodeActionTriggerKind.Invoked
+    every = ["StarChat: Fix", "StarChat: Optimize", "StarChat: Document", "StarChat: Write tests", "StarChat: Explain"]
+    problem = types.Diagnostic(range=rng(sc.AVERAGE), message=sc.AVERAGE_DIAGNOSTIC["message"], source="pytest")
+    assert await titles((4, 3), (4, 3), automatic) == []
+    assert await titles((4, 3), (4, 3), automatic, [problem]) == ["StarChat: Fix"]
+    assert await titles((4, 3), (4, 3), invoked) == every
+    assert await titles((4, 3), (4, 3), None) == every  # a client that does not say
+    assert await titles((3, 0), (5, 0), automatic) == every
+
+
 async def resolve(editor, uri, span, title):
     actions = await editor.client.text_document_code_action_async(code_action_params(uri, span))
     action = next(a for a in actions if a.title == title)

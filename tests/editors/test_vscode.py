@@ -409,6 +409,7 @@ def test_stop_cancels_the_streaming_answer(session):
 
 def test_light_bulb_fix_applies_and_its_cancel_stops_the_model(session):
     result = step(session, "lightbulb")
+    assert (result["bulbAtCursor"], result["bulbOverSelection"]) == (0, 1), result
     offered = result["offered"]  # with VS Code's group headers
     assert offered.index("Quick Fix") < offered.index("StarChat: Fix") < offered.index("Rewrite") < offered.index("StarChat: Optimize"), offered
     # Cancel in the notification: the resolve is cancelled, the model stops, nothing is applied.

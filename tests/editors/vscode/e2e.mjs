@@ -606,6 +606,13 @@ try {
       await row.click();
       return offered;
     };
+    // no light bulb where the cursor merely is; one over a selection
+    const bulbs = () => page.locator(".lightBulbWidget:visible").count();
+    await editor().locator(".view-line", { hasText: "def area" }).click();
+    await sleep(1500);
+    const bulbAtCursor = await bulbs();
+    await selectLines(4, 5);
+    const bulbOverSelection = await until("the light bulb over the selection", bulbs, 10000).catch(() => 0);
     const offered = await pick(4, 5);
     await until("the fixed code in the editor", async () => (await editorText()) === sc.fixedCalc, 60000);
     await screenshot("lightbulb-fixed");
@@ -628,7 +635,7 @@ try {
     await sleep(1000);
     const errors = await page.locator(".notification-toast").allInnerTexts();
     const stoppedMessage = clientLog().match(/"message": "Stopped after (\d+) tokens?"/g)?.at(-1);
-    return { offered, readyAfterMs: Date.now() - stoppedAt, ready, stoppedMessage, text: await editorText(), toasts: errors };
+    return { bulbAtCursor, bulbOverSelection, offered, readyAfterMs: Date.now() - stoppedAt, ready, stoppedMessage, text: await editorText(), toasts: errors };
   }, { needs: ["open", "stop"] });
 
   // Model output is text, never HTML: an answer with tags, a script, a remote image and a
