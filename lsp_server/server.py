@@ -300,7 +300,10 @@ class StarChatServer(LanguageServer):
         """The document's name in prompts: its path in the workspace folder that holds it, else
         its file name. A document that is not a file (VS Code's ``untitled:Untitled-1``, a
         notebook cell, a remote file) is matched with the folders by URI, else named by the last
-        part of its URI's path; no line breaks or backticks from its escapes reach the prompt."""
+        part of its URI's path; no line breaks or backticks from its escapes reach the prompt.
+        A cell of a synced notebook is named as its notebook."""
+        if (notebook := self.protocol.cell_notebooks.get(uri)) is not None:
+            return self.relative_path(notebook)
         folders = [*self.workspace.folders.values(),
                    *([types.WorkspaceFolder(self.workspace.root_uri, "root")] if self.workspace.root_uri else [])]
         path = to_fs_path(uri)

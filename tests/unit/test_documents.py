@@ -149,7 +149,8 @@ def test_a_did_change_with_a_range_it_cannot_apply_changes_nothing():
     ("vscode-remote://ssh-remote%2Bbox/home/u/proj/pkg/c.py", "pkg/c.py"),
     ("vscode-remote://ssh-remote%2Bother/home/u/proj/pkg/c.py", "c.py"),
     ("untitled:Untitled-1", "Untitled-1"),
-    ("vscode-notebook-cell:/work/proj/nb.ipynb#W0sZmlsZQ%3D%3D", "nb.ipynb"),
+    ("vscode-notebook-cell:/work/proj/nb.ipynb#W0sZmlsZQ%3D%3D", "nb.ipynb"),  # a cell sent as a document
+    ("vscode-notebook-cell:/work/proj/notes/nb.ipynb#W1", "notes/nb.ipynb"),  # a cell of a synced notebook
     ("untitled:line%0Abreak%60", "linebreak"),
 ])
 def test_documents_are_named_in_prompts_by_their_path_in_the_workspace(uri, name):
@@ -162,6 +163,28 @@ def test_documents_are_named_in_prompts_by_their_path_in_the_workspace(uri, name
         server.protocol._workspace = Workspace("file:///work/proj", workspace_folders=[
             types.WorkspaceFolder("file:///work/proj", "proj"),
             types.WorkspaceFolder("vscode-remote://ssh-remote%2Bbox/home/u/proj", "remote")])
+        server.protocol.cell_notebooks["vscode-notebook-cell:/work/proj/notes/nb.ipynb#W1"] = "file:///work/proj/notes/nb.ipynb"
         assert server.relative_path(uri) == name
+    finally:
+        server.close()
+
+
+def test_a_notebook_cell_is_prompted_among_the_notebooks_code_cells():
+    from lsp_server.documents import Document
+    from lsp_server.setup import create_server
+
+    server = create_server()
+    try:
+        cells = {"a": ("x = 1", "python"), "md": ("# Title", "markdown"), "empty": ("  \n", "python"),
+                 "b": ("y = 2\n", "python"), "c": ("z", "python"), "d": ("w = 3\n\n\n", "python")}
+        uris = {key: f"vscode-notebook-cell:/nb.ipynb#{key}" for key in cells}
+        for key, (text, language) in cells.items():
+            server.protocol.documents[uris[key]] = Document(uris[key], text, 1, language)
+            server.protocol.cell_notebooks[uris[key]] = "file:///nb.ipynb"
+        server.protocol.notebooks["file:///nb.ipynb"] = list(uris.values())
+        text, offset = server.surrounding(uris["c"], "z = 0")  # the cell as the request saw it
+        assert text == "x = 1\n\ny = 2\n\nz = 0\n\nw = 3\n\n\n"
+        assert text[offset:].startswith("z = 0")
+        assert server.surrounding("file:///a.py", "print()") == ("print()", 0)
     finally:
         server.close()
