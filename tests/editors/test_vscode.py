@@ -463,6 +463,9 @@ def test_notebook_cells_are_documents_for_starchat(session):
     expected = NOTEBOOK_CELL + "\n    print(scale([1, 2]))"  # at a line's end: the lines below it, indented like it
     assert result["inserted"].startswith(expected), result["inserted"]
     assert result["disk"].startswith(expected), result["disk"]
+    # the inserted line reached the server (notebook didChange): the same chat's prompt is longer
+    assert result["afterInsert"]["sent"] == result["sent"], result["afterInsert"]
+    assert result["afterInsert"]["promptTokens"] > result["promptTokens"], result
 
 
 def test_chat_view_keeps_the_conversation_and_draft_after_a_reload(session):

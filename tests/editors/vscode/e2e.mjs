@@ -794,19 +794,26 @@ try {
     const cellText = () => cell.evaluate((root) => [...root.querySelectorAll(".view-lines .view-line")]
       .map((line) => ({ top: parseFloat(line.style.top), text: line.textContent.replace(/\u00a0/g, " ") }))
       .sort((a, b) => a.top - b.top).map((l) => l.text).join("\n"));
-    // the cell's second line selected, then a chat message with it
-    await cell.locator(".view-line", { hasText: "return" }).click();
-    await page.keyboard.press("End");
-    await page.keyboard.press("Shift+Home");
-    await runCommand("StarChat: New Chat");
-    await until("an empty chat", async () => (await chatTurns()).length === 0, 10000);
-    await chatFrame().locator("#include-selection").check();
-    const chatsBefore = requestParams(clientLog(), "starchat/chat").length;
-    await sendChat(frame, sc.chatQuestion);
-    await until("the chat answer", () => answerDone(frame, 2), 60000);
-    await chatFrame().locator("#include-selection").uncheck();
-    const label = await frame.evaluate(() => document.getElementById("context-label").textContent);
-    const sent = requestParams(clientLog(), "starchat/chat").slice(chatsBefore).map((p) => ({ uri: p.textDocument?.uri, range: p.range }));
+    // the cell's second line selected, then a chat message with it (a new chat each time)
+    const chatAboutTheLine = async () => {
+      await cell.locator(".view-line", { hasText: "return" }).click();
+      await page.keyboard.press("End");
+      await page.keyboard.press("Shift+Home");
+      await runCommand("StarChat: New Chat");
+      await until("an empty chat", async () => (await chatTurns()).length === 0, 10000);
+      await chatFrame().locator("#include-selection").check();
+      const chatsBefore = requestParams(clientLog(), "starchat/chat").length;
+      await sendChat(frame, sc.chatQuestion);
+      await until("the chat answer", () => answerDone(frame, 2), 60000);
+      await chatFrame().locator("#include-selection").uncheck();
+      const promptTokens = await until("the chat's result in the log", async () => [...clientLog().matchAll(/"promptTokens": (\d+)/g)].length > 0 && Number([...clientLog().matchAll(/"promptTokens": (\d+)/g)].at(-1)[1]), 10000, 200);
+      return {
+        label: await frame.evaluate(() => document.getElementById("context-label").textContent),
+        sent: requestParams(clientLog(), "starchat/chat").slice(chatsBefore).map((p) => ({ uri: p.textDocument?.uri, range: p.range })),
+        promptTokens,
+      };
+    };
+    const { label, sent, promptTokens } = await chatAboutTheLine();
     // a code block into the cell: the cursor at the end of its last line
     await cell.locator(".view-line", { hasText: "return" }).click();
     await page.keyboard.press("End");
@@ -822,6 +829,9 @@ try {
       const text = await cellText();
       return text.includes("print(scale") && text;
     }, 10000);
+    // the cell's edit reached the server: the same question about the same line, one more line around it
+    const afterInsert = await chatAboutTheLine();
+    await cell.locator(".view-line", { hasText: "def scale" }).click();
     await page.keyboard.press("Control+S");
     const disk = await until("the notebook saved", async () => {
       const saved = fs.readFileSync(path.join(config.workspace, "analysis.ipynb"), "utf8");
@@ -830,7 +840,7 @@ try {
     await screenshot("notebook");
     await page.keyboard.press("Control+W");
     await openCalc();
-    return { label, sent, inserted, disk };
+    return { label, sent, inserted, disk, promptTokens, afterInsert };
   }, { needs: ["insert-fitted"] });
 
   // A project's own folder named User with a settings.json is the project's, not the editor's
