@@ -304,14 +304,21 @@ async def test_cancelling_a_command_stops_the_model(editor):
         types.WORKSPACE_EXECUTE_COMMAND, types.ExecuteCommandParams(command="starchat.edit", arguments=[args]), msg_id="stop-me"))
 
     await wait_until(lambda: any(isinstance(r, types.WorkDoneProgressReport) for r in generation_reports(editor, known)))
-    editor.client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="stop-me"))
+    end = await _cancel(editor, request, "stop-me", known)
+    assert end.startswith("Stopped after"), end
+    assert editor.applied == []
+
+
+async def _cancel(editor, request, msg_id: str, known: set) -> str:
+    """``$/cancelRequest`` for ``msg_id``: the request ends with -32800; the message its
+    generation's progress ended with."""
+    editor.client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id=msg_id))
     with pytest.raises(Exception) as error:
         await asyncio.wait_for(request, 10)
     assert getattr(error.value, "code", None) == -32800
     await wait_until(lambda: any(isinstance(r, types.WorkDoneProgressEnd) for r in generation_reports(editor, known)))
     (end,) = [r for r in generation_reports(editor, known) if isinstance(r, types.WorkDoneProgressEnd)]
-    assert (end.message or "").startswith("Stopped after"), end.message
-    assert editor.applied == []
+    return end.message or ""
 
 
 async def test_cancelling_a_code_action_resolve_stops_the_model(editor):
@@ -324,14 +331,9 @@ async def test_cancelling_a_code_action_resolve_stops_the_model(editor):
     fix = next(a for a in actions if a.title == "StarChat: Fix")
     request = asyncio.ensure_future(editor.request(types.CODE_ACTION_RESOLVE, fix, msg_id="stop-resolve"))
     await wait_until(lambda: sum(isinstance(r, types.WorkDoneProgressReport) for r in generation_reports(editor, known)) >= 2)
-    editor.client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="stop-resolve"))
-    with pytest.raises(Exception) as error:
-        await asyncio.wait_for(request, 10)
-    assert getattr(error.value, "code", None) == -32800
-    await wait_until(lambda: any(isinstance(r, types.WorkDoneProgressEnd) for r in generation_reports(editor, known)))
-    (end,) = [r for r in generation_reports(editor, known) if isinstance(r, types.WorkDoneProgressEnd)]
-    stopped = re.fullmatch(r"Stopped after (\d+) tokens?", end.message or "")
-    assert stopped and int(stopped[1]) < 1000, end.message
+    end = await _cancel(editor, request, "stop-resolve", known)
+    stopped = re.fullmatch(r"Stopped after (\d+) tokens?", end)
+    assert stopped and int(stopped[1]) < 1000, end
     started = time.monotonic()
     assert single_text_edit((await resolve(editor, uri, sc.AVERAGE, "StarChat: Fix")).edit, uri, 1)[0].new_text == sc.FIXED_AVERAGE
     assert time.monotonic() - started < 10  # the engine was free

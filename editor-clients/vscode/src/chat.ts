@@ -22,10 +22,9 @@ import { fitCode } from "./fit";
 
 export const VIEW_ID = "starchat.chat";
 
-/** The documents the language client opens for the server (its document selector): the others
+/** The documents the language client opens for the server (its document selector): files,
+ * untitled documents and notebook cells (their notebooks go whole, by notebook sync). The others
  * (the Output panel, settings.json, diff views, …) the server cannot answer about or edit. */
-/** The documents the server is sent: files, untitled documents and notebook cells (each cell a
- * document of its own). */
 export const SYNCED_SCHEMES = ["file", "untitled", "vscode-notebook-cell"];
 const synced = (editor: vscode.TextEditor | undefined) => editor !== undefined && SYNCED_SCHEMES.includes(editor.document.uri.scheme);
 
