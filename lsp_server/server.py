@@ -277,7 +277,7 @@ class StarChatServer(LanguageServer):
         ``text`` starts in it: the document itself, or for a notebook cell the notebook's cells
         of the same language in order (a blank line between two), with ``text`` in the cell's
         place. Markdown cells are left out: prose between code would read as broken code."""
-        notebook = self.protocol.cell_notebooks.get(uri)
+        notebook = self.protocol.notebook_of(uri)
         cell = self.protocol.documents.get(uri)
         if notebook is None or cell is None:
             return text, 0
@@ -302,7 +302,7 @@ class StarChatServer(LanguageServer):
         notebook cell, a remote file) is matched with the folders by URI, else named by the last
         part of its URI's path; no line breaks or backticks from its escapes reach the prompt.
         A cell of a synced notebook is named as its notebook."""
-        if (notebook := self.protocol.cell_notebooks.get(uri)) is not None:
+        if (notebook := self.protocol.notebook_of(uri)) is not None:
             return self.relative_path(notebook)
         folders = [*self.workspace.folders.values(),
                    *([types.WorkspaceFolder(self.workspace.root_uri, "root")] if self.workspace.root_uri else [])]

@@ -65,9 +65,7 @@ class StarChatProtocol(LanguageServerProtocol):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.documents: dict[str, Document] = {}
-        # notebooks: the notebook's URI -> its cells' document URIs in order; and each cell's notebook
-        self.notebooks: dict[str, list[str]] = {}
-        self.cell_notebooks: dict[str, str] = {}
+        self.notebooks: dict[str, list[str]] = {}  # a notebook's URI -> its cells' URIs in order
         self._watchers: dict[str, list[Callable[[], None]]] = {}
 
     def watch(self, uri: str, callback: Callable[[], None]) -> Callable[[], None]:
@@ -102,67 +100,64 @@ class StarChatProtocol(LanguageServerProtocol):
     # re-split the whole text (and split lines where LSP does not).
     @lsp_method(types.TEXT_DOCUMENT_DID_OPEN)
     def lsp_text_document__did_open(self, params: types.DidOpenTextDocumentParams):
-        item = params.text_document
-        self.documents[item.uri] = Document(item.uri, item.text, item.version, item.language_id)
+        self._open([params.text_document])
         yield from self._user_handler(types.TEXT_DOCUMENT_DID_OPEN, params)
 
     @lsp_method(types.TEXT_DOCUMENT_DID_CHANGE)
     def lsp_text_document__did_change(self, params: types.DidChangeTextDocumentParams):
-        document = self.documents.get(params.text_document.uri)
-        if document is not None and not self._apply_changes(document, params):
-            return
-        self._changed(params.text_document.uri)
-        yield from self._user_handler(types.TEXT_DOCUMENT_DID_CHANGE, params)
+        if self._change(params):
+            yield from self._user_handler(types.TEXT_DOCUMENT_DID_CHANGE, params)
 
     # Notebooks (LSP 3.17 notebook sync): each cell is a document of its own in ``documents``;
     # prompts about a cell show the notebook's other cells around it (server.surrounding).
     @lsp_method(types.NOTEBOOK_DOCUMENT_DID_OPEN)
     def lsp_notebook_document__did_open(self, params: types.DidOpenNotebookDocumentParams):
         notebook = params.notebook_document
-        self._open_cells(params.cell_text_documents)
+        self._open(params.cell_text_documents)
         self.notebooks[notebook.uri] = [cell.document for cell in notebook.cells]
-        for cell in notebook.cells:
-            self.cell_notebooks[cell.document] = notebook.uri
         yield from self._user_handler(types.NOTEBOOK_DOCUMENT_DID_OPEN, params)
 
     @lsp_method(types.NOTEBOOK_DOCUMENT_DID_CHANGE)
     def lsp_notebook_document__did_change(self, params: types.DidChangeNotebookDocumentParams):
-        uri = params.notebook_document.uri
         cells = params.change.cells
-        order = self.notebooks.get(uri)
+        order = self.notebooks.get(params.notebook_document.uri)
         if cells is None or order is None:
             return
         if cells.structure is not None:
             change = cells.structure.array
-            added = [cell.document for cell in change.cells or ()]
-            for removed in order[change.start : change.start + change.delete_count]:
-                self.cell_notebooks.pop(removed, None)
-            order[change.start : change.start + change.delete_count] = added
-            for cell in added:
-                self.cell_notebooks[cell] = uri
-            for closed in cells.structure.did_close or ():
-                self.documents.pop(closed.uri, None)
-                self._changed(closed.uri)
-            self._open_cells(cells.structure.did_open or ())
+            order[change.start : change.start + change.delete_count] = [cell.document for cell in change.cells or ()]
+            self._close(cells.structure.did_close or ())
+            self._open(cells.structure.did_open or ())
         for content in cells.text_content or ():
-            document = self.documents.get(content.document.uri)
-            changed = types.DidChangeTextDocumentParams(text_document=content.document, content_changes=content.changes)
-            if document is not None and self._apply_changes(document, changed):
-                self._changed(document.uri)
+            self._change(types.DidChangeTextDocumentParams(text_document=content.document, content_changes=content.changes))
         yield from self._user_handler(types.NOTEBOOK_DOCUMENT_DID_CHANGE, params)
 
     @lsp_method(types.NOTEBOOK_DOCUMENT_DID_CLOSE)
     def lsp_notebook_document__did_close(self, params: types.DidCloseNotebookDocumentParams):
-        for cell in self.notebooks.pop(params.notebook_document.uri, ()):
-            self.cell_notebooks.pop(cell, None)
-        for closed in params.cell_text_documents:
-            self.documents.pop(closed.uri, None)
-            self._changed(closed.uri)
+        self.notebooks.pop(params.notebook_document.uri, None)
+        self._close(params.cell_text_documents)
         yield from self._user_handler(types.NOTEBOOK_DOCUMENT_DID_CLOSE, params)
 
-    def _open_cells(self, items: Sequence[types.TextDocumentItem]) -> None:
+    def notebook_of(self, uri: str) -> str | None:
+        """The URI of the synced notebook that holds cell ``uri``, if any."""
+        return next((notebook for notebook, cells in self.notebooks.items() if uri in cells), None)
+
+    def _open(self, items: Sequence[types.TextDocumentItem]) -> None:
         for item in items:
             self.documents[item.uri] = Document(item.uri, item.text, item.version, item.language_id)
+
+    def _close(self, items: Sequence[types.TextDocumentIdentifier]) -> None:
+        for item in items:
+            self.documents.pop(item.uri, None)
+            self._changed(item.uri)
+
+    def _change(self, params: types.DidChangeTextDocumentParams) -> bool:
+        """Apply a didChange to the document and tell its watchers; False when it was ignored."""
+        document = self.documents.get(params.text_document.uri)
+        if document is not None and not self._apply_changes(document, params):
+            return False
+        self._changed(params.text_document.uri)
+        return True
 
     def _apply_changes(self, document: Document, params: types.DidChangeTextDocumentParams) -> bool:
         """Apply one didChange whole or not at all; False when it was ignored."""
@@ -216,7 +211,6 @@ class StarChatProtocol(LanguageServerProtocol):
         self._shutdown = False
         self.documents = {}
         self.notebooks = {}
-        self.cell_notebooks = {}
         return [future for future in pending.values() if isinstance(future, asyncio.Future)]
 
     @lsp_method(types.WORKSPACE_EXECUTE_COMMAND)
@@ -246,8 +240,7 @@ class StarChatProtocol(LanguageServerProtocol):
 
     @lsp_method(types.TEXT_DOCUMENT_DID_CLOSE)
     def lsp_text_document__did_close(self, params: types.DidCloseTextDocumentParams):
-        self.documents.pop(params.text_document.uri, None)
-        self._changed(params.text_document.uri)
+        self._close([params.text_document])
         yield from self._user_handler(types.TEXT_DOCUMENT_DID_CLOSE, params)
 
     def _user_handler(self, method: str, params: Any):

@@ -163,7 +163,7 @@ def test_documents_are_named_in_prompts_by_their_path_in_the_workspace(uri, name
         server.protocol._workspace = Workspace("file:///work/proj", workspace_folders=[
             types.WorkspaceFolder("file:///work/proj", "proj"),
             types.WorkspaceFolder("vscode-remote://ssh-remote%2Bbox/home/u/proj", "remote")])
-        server.protocol.cell_notebooks["vscode-notebook-cell:/work/proj/notes/nb.ipynb#W1"] = "file:///work/proj/notes/nb.ipynb"
+        server.protocol.notebooks["file:///work/proj/notes/nb.ipynb"] = ["vscode-notebook-cell:/work/proj/notes/nb.ipynb#W1"]
         assert server.relative_path(uri) == name
     finally:
         server.close()
@@ -180,7 +180,6 @@ def test_a_notebook_cell_is_prompted_among_the_notebooks_code_cells():
         uris = {key: f"vscode-notebook-cell:/nb.ipynb#{key}" for key in cells}
         for key, (text, language) in cells.items():
             server.protocol.documents[uris[key]] = Document(uris[key], text, 1, language)
-            server.protocol.cell_notebooks[uris[key]] = "file:///nb.ipynb"
         server.protocol.notebooks["file:///nb.ipynb"] = list(uris.values())
         text, offset = server.surrounding(uris["c"], "z = 0")  # the cell as the request saw it
         assert text == "x = 1\n\ny = 2\n\nz = 0\n\nw = 3\n\n\n"

@@ -168,9 +168,10 @@ async function waitReady(timeoutMs = 120000) {
   }, timeoutMs, 200);
 }
 
-/** The editor's text as the user sees it (all lines of calc.py fit on screen). */
-async function editorText() {
-  return editor().evaluate((root) => {
+/** An editor's text as the user sees it (all lines of calc.py fit on screen): the file's, or a
+ * notebook cell's. */
+async function editorText(target = editor()) {
+  return target.evaluate((root) => {
     const lines = [...root.querySelectorAll(".view-lines .view-line")].map((line) => ({
       top: parseFloat(line.style.top),
       text: line.textContent.replace(/\u00a0/g, " "),
@@ -351,6 +352,13 @@ async function watchAnswers(frame) {
     };
     new MutationObserver(record).observe(document.getElementById("transcript"), { childList: true, subtree: true, characterData: true });
   });
+}
+
+/** Feeds the chat page a conversation as the extension would send it (its "state" message). */
+async function feedPage(frame, turns, context = null) {
+  await frame.evaluate(([turns, context]) => {
+    window.dispatchEvent(new MessageEvent("message", { data: { type: "state", turns, generating: false, context } }));
+  }, [turns, context]);
 }
 
 async function sendChat(frame, text) {
@@ -656,13 +664,10 @@ try {
       'INSERTED = "</code></pre><img src=x onerror=window.__pwned=4>"',
       "```",
     ].join("\n");
-    await frame.evaluate((content) => {
-      const turns = [
-        { id: 9001, role: "user", content: "<i>question</i>", status: "done", title: "<b>title</b>" },
-        { id: 9002, role: "assistant", content, status: "done" },
-      ];
-      window.dispatchEvent(new MessageEvent("message", { data: { type: "state", turns, generating: false, context: "<u>ctx</u>" } }));
-    }, answer);
+    await feedPage(frame, [
+      { id: 9001, role: "user", content: "<i>question</i>", status: "done", title: "<b>title</b>" },
+      { id: 9002, role: "assistant", content: answer, status: "done" },
+    ], "<u>ctx</u>");
     await sleep(300);
     const dom = await frame.evaluate(() => {
       const t = document.getElementById("transcript");
@@ -718,13 +723,10 @@ try {
   await step("insert-fitted", async () => {
     const frame = await chatPageFrame();
     const answer = ["```python", "def helper():", "    return 2", "```", "", "```python", "radius ** 2", "```", "", "```python", "def mean(values):", "```"].join("\n");
-    await frame.evaluate((content) => {
-      const turns = [
-        { id: 9101, role: "user", content: "code?", status: "done" },
-        { id: 9102, role: "assistant", content, status: "done" },
-      ];
-      window.dispatchEvent(new MessageEvent("message", { data: { type: "state", turns, generating: false, context: null } }));
-    }, answer);
+    await feedPage(frame, [
+      { id: 9101, role: "user", content: "code?", status: "done" },
+      { id: 9102, role: "assistant", content: answer, status: "done" },
+    ]);
     const button = (index, action) => chatFrame().locator(`.turn[data-id="9102"] .code-block[data-code-index="${index}"] button[data-action="${action}"]`);
     const toLine9 = async () => {
       await editor().locator(".view-lines").click();
@@ -791,9 +793,6 @@ try {
     const cell = page.locator(".notebook-editor .cell-editor-container .monaco-editor").first();
     await cell.locator(".view-line", { hasText: "def scale" }).waitFor({ timeout: 30000 });
     await until("the cell sent to the server", async () => cellOpens() > opensBefore, 15000, 200);
-    const cellText = () => cell.evaluate((root) => [...root.querySelectorAll(".view-lines .view-line")]
-      .map((line) => ({ top: parseFloat(line.style.top), text: line.textContent.replace(/\u00a0/g, " ") }))
-      .sort((a, b) => a.top - b.top).map((l) => l.text).join("\n"));
     // the cell's second line selected, then a chat message with it (a new chat each time)
     const chatAboutTheLine = async () => {
       await cell.locator(".view-line", { hasText: "return" }).click();
@@ -806,7 +805,7 @@ try {
       await sendChat(frame, sc.chatQuestion);
       await until("the chat answer", () => answerDone(frame, 2), 60000);
       await chatFrame().locator("#include-selection").uncheck();
-      const promptTokens = await until("the chat's result in the log", async () => [...clientLog().matchAll(/"promptTokens": (\d+)/g)].length > 0 && Number([...clientLog().matchAll(/"promptTokens": (\d+)/g)].at(-1)[1]), 10000, 200);
+      const promptTokens = await until("the chat's result in the log", async () => Number([...clientLog().matchAll(/"promptTokens": (\d+)/g)].at(-1)?.[1]), 10000, 200);
       return {
         label: await frame.evaluate(() => document.getElementById("context-label").textContent),
         sent: requestParams(clientLog(), "starchat/chat").slice(chatsBefore).map((p) => ({ uri: p.textDocument?.uri, range: p.range })),
@@ -817,16 +816,13 @@ try {
     // a code block into the cell: the cursor at the end of its last line
     await cell.locator(".view-line", { hasText: "return" }).click();
     await page.keyboard.press("End");
-    await frame.evaluate((content) => {
-      const turns = [
-        { id: 9201, role: "user", content: "code?", status: "done" },
-        { id: 9202, role: "assistant", content, status: "done" },
-      ];
-      window.dispatchEvent(new MessageEvent("message", { data: { type: "state", turns, generating: false, context: null } }));
-    }, ["```python", "print(scale([1, 2]))", "```"].join("\n"));
+    await feedPage(frame, [
+      { id: 9201, role: "user", content: "code?", status: "done" },
+      { id: 9202, role: "assistant", content: ["```python", "print(scale([1, 2]))", "```"].join("\n"), status: "done" },
+    ]);
     await chatFrame().locator('.turn[data-id="9202"] button.code-action[data-action="insert"]').click();
     const inserted = await until("the code in the cell", async () => {
-      const text = await cellText();
+      const text = await editorText(cell);
       return text.includes("print(scale") && text;
     }, 10000);
     // the cell's edit reached the server: the same question about the same line, one more line around it
