@@ -1,4 +1,5 @@
-"""Generated text → code to put into the document (pure: no pygls).
+"""Generated text → code to put into the document (pure: no pygls): edits from answers, hover
+markdown, and the text of an inline completion.
 
 Edits are described as replacement text for a span of the document; the features turn them
 into LSP ``TextEdit``s.
@@ -8,9 +9,10 @@ from __future__ import annotations
 
 import re
 import textwrap
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from .text import convert_indentation, indent_unit
+from .text import convert_indentation, indent_unit, normalize_eol
 
 _FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[ \t]*([\w+#.-]*)[^\n]*\n", re.MULTILINE)
 _LEADING_BLANK_LINES = re.compile(r"(?:[ \t]*(?:\r\n|\r|\n))*")
@@ -185,3 +187,49 @@ def test_file_path(path: str, language: str) -> str:
     source = PurePosixPath(path)
     pattern = _TEST_FILE_PATTERNS.get(language, "{stem}_test" + source.suffix)
     return str(source.with_name(pattern.format(stem=source.stem)))
+
+
+@dataclass(frozen=True)
+class FillShape:
+    """What an inline completion may insert, given the text after the cursor: one line when the
+    cursor's line goes on after it, else lines up to where the model starts writing the code
+    that already follows."""
+
+    rest_of_line: str  # the cursor's line after the cursor
+    next_code: str  # the first line after the cursor's that is not blank, stripped
+
+    @classmethod
+    def around(cls, after: str) -> "FillShape":
+        first, _, rest = normalize_eol(after).partition("\n")
+        following = next((line.strip() for line in rest.split("\n") if line.strip()), "")
+        return cls(first, following)
+
+    @property
+    def single_line(self) -> bool:
+        return bool(self.rest_of_line.strip())
+
+    def enough(self, generated: str) -> bool:
+        """Whether the model may stop: nothing it writes from here on would be inserted."""
+        if self.single_line:
+            return "\n" in generated
+        *whole_lines, _ = generated.split("\n")
+        return bool(self.next_code) and any(line.strip() == self.next_code for line in whole_lines)
+
+    def text(self, generated: str, *, finished: bool, eol: str = "\n") -> str:
+        """The text to insert at the cursor ("" for none). ``finished``: the model ended the
+        middle itself (else a token limit or :meth:`enough` cut it, and a last line that is
+        not the only one is dropped as cut)."""
+        lines = normalize_eol(generated).split("\n")
+        if self.single_line:
+            text = lines[0]
+            rest = self.rest_of_line
+            overlap = next((k for k in range(min(len(text), len(rest)), 0, -1) if text.endswith(rest[:k])), 0)
+            text = text[: len(text) - overlap]  # the model wrote the rest of the line again
+        else:
+            if not finished and len(lines) > 1:
+                lines = lines[:-1]
+            if self.next_code:
+                repeat = next((i for i, line in enumerate(lines) if line.strip() == self.next_code), len(lines))
+                lines = lines[:repeat]
+            text = "\n".join(lines)
+        return text.rstrip().replace("\n", eol)

@@ -96,6 +96,18 @@ class Settings:
                       "pointer rests, and a shorter prompt answers sooner; 0 means up to the context window.",
                       lambda v: v >= 0),
     )
+    completion_enabled: bool = field(
+        default=True,
+        metadata=_doc("Answer textDocument/inlineCompletion (text proposed at the cursor as you type) by StarCoder's "
+                      "fill-in-the-middle: one line when the cursor's line goes on after it, else up to where the code "
+                      "after the cursor follows."),
+    )
+    completion_max_new_tokens: int = field(default=64, metadata=_doc("Longest inline completion, in tokens.", _positive))
+    completion_context_tokens: int = field(
+        default=2048,
+        metadata=_doc("Tokens an inline completion's prompt may use: the code before the cursor, and up to a quarter of "
+                      "them for the code after it; 0 means up to the context window.", lambda v: v >= 0),
+    )
     warm_cache: bool = field(
         default=True,
         metadata=_doc("0.75 s after a document is opened or last edited, compute the prompt prefix every request on "

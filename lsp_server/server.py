@@ -28,6 +28,7 @@ from . import __version__
 from .config import Settings, merge, reloads_model
 from .engine import Busy, Engine, EngineError, Generation, Priority, Sampling, Worker, load_engine, stream
 from .prompts import PromptFormat, format_for
+from .prompts.fill import FillFormat, fill_format
 from .protocol import STATUS, StatusParams
 from .transport import COMMAND_WORK_DONE_TOKEN, StarChatProtocol, StreamReaderAdapter, serve
 
@@ -81,6 +82,7 @@ class StarChatServer(LanguageServer):
         self._settled.set()
         self.converter = self.protocol._converter
         self.hover_cache: OrderedDict[tuple, types.Hover | None] = OrderedDict()
+        self.proposed_completions: OrderedDict[str, Any] = OrderedDict()  # by URI (features/inline_completion.py)
         self._background: set[asyncio.Task] = set()
         self.shutting_down = False
         self.serving_tcp = False
@@ -89,6 +91,7 @@ class StarChatServer(LanguageServer):
         self._generating = 0  # requests inside generate(): the status is "ready" when none is
         self._format: PromptFormat | None = None
         self._format_engine: Engine | None = None
+        self._fill_format: FillFormat | None = None
 
     # ---- settings -------------------------------------------------------------------------
     def apply_settings(self, init: Any, live: Any = None) -> None:
@@ -204,7 +207,13 @@ class StarChatServer(LanguageServer):
         """How to prompt the loaded model (looked up once per engine: the vocabulary is large)."""
         if self._format_engine is not engine:
             self._format, self._format_engine = format_for(engine.tokenizer), engine
+            self._fill_format = fill_format(engine.tokenizer, self._format.encode_text)
         return self._format
+
+    def fill_format(self, engine: Engine) -> FillFormat | None:
+        """How to prompt the loaded model to fill in the middle; None when it cannot."""
+        self.prompt_format(engine)
+        return self._fill_format
 
     async def generate(
         self,
@@ -215,14 +224,18 @@ class StarChatServer(LanguageServer):
         max_new_tokens: int | None = None,
         work_done_token: Any = None,
         on_text: Callable[[str], None] | None = None,
+        until: Callable[[str], bool] | None = None,
+        quiet: bool = False,
     ) -> Generation:
         """Run the model with progress (``work_done_token``, else a command request's own, else
-        one the server creates); cancelling the calling task stops the decoding loop."""
+        one the server creates; ``quiet``: only the client's own token, and no "generating"
+        status: for work as frequent as typing); cancelling the calling task stops the decoding
+        loop. ``until``: see :func:`engine.stream`."""
         if work_done_token is None:
             work_done_token = COMMAND_WORK_DONE_TOKEN.get()
         engine = await self.ready_engine()
         sampling = Sampling.from_settings(self.settings, max_new_tokens)
-        async with WorkDone(self, title, token=work_done_token, cancellable=True) as progress:
+        async with WorkDone(self, title, token=work_done_token, cancellable=True, create=not quiet) as progress:
             streamed = 0
 
             def on_count(tokens: int) -> None:
@@ -234,22 +247,25 @@ class StarChatServer(LanguageServer):
                 if on_text is not None:
                     on_text(delta)
 
-            self.status("generating", title)
+            if not quiet:
+                self.status("generating", title)
             self._generating += 1
             try:
                 generation = await stream(self.worker, engine, prompt_ids, sampling, priority, on_piece, on_count,
-                                          time_limit=self.settings.request_timeout)
+                                          time_limit=self.settings.request_timeout, until=until)
             except (Busy, EngineError) as exc:
                 progress.end_message = f"Failed after {_tokens(streamed)}"
                 raise RequestFailed(str(exc)) from None
             except asyncio.CancelledError:
                 progress.end_message = f"Stopped after {_tokens(streamed)}"
+                self.trace(f"{title}: {progress.end_message.lower()}")
                 raise
             finally:
                 self._generating -= 1
                 ready = self.engine_ready
                 if self._generating == 0 and ready is not None and ready.done() and not ready.exception():
-                    self.status("ready", f"Ready: {ready.result().description}")
+                    if self.last_status != (status := ("ready", f"Ready: {ready.result().description}")):
+                        self.status(*status)
             if generation.finish_reason == "cancelled":  # stopped by shutdown: no half answer
                 raise JsonRpcRequestCancelled("The server is shutting down; the request was stopped.")
             progress.end_message = _tokens(generation.completion_tokens)
@@ -528,8 +544,10 @@ class WorkDone:
     the server creates when the client supports that. Cancelling from the client's progress UI
     cancels the task that owns this progress."""
 
-    def __init__(self, server: StarChatServer, title: str, token: Any = None, cancellable: bool = False):
+    def __init__(self, server: StarChatServer, title: str, token: Any = None, cancellable: bool = False,
+                 create: bool = True):
         self.server = server
+        self.create = create
         self.title = title
         self.token = token
         self.cancellable = cancellable
@@ -539,7 +557,7 @@ class WorkDone:
     async def __aenter__(self) -> "WorkDone":
         progress = self.server.work_done_progress
         window = self.server.client_capabilities.window
-        if self.token is None and window is not None and window.work_done_progress:
+        if self.token is None and self.create and window is not None and window.work_done_progress:
             token = f"starchat-{uuid.uuid4().hex[:12]}"
             try:
                 await asyncio.wait_for(progress.create_async(token), 10)

@@ -35,6 +35,7 @@ async def stream(
     on_text: Callable[[str], None] = lambda _: None,
     on_count: Callable[[int], None] = lambda _: None,
     time_limit: float | None = None,
+    until: Callable[[str], bool] | None = None,
 ) -> Generation:
     """Generate on the worker thread, calling ``on_text`` on the event loop with each piece of
     text. Text that arrives while the loop is busy (several tokens from one speculative step,
@@ -43,9 +44,13 @@ async def stream(
     before its next step and no ``on_text`` call happens after the cancellation. ``on_count``
     gets the number of tokens generated so far with each piece. ``time_limit``: seconds the
     generation may run once it has started (time waiting for the engine does not count);
-    past it the engine stops before its next step and ``TimedOut`` is raised."""
+    past it the engine stops before its next step and ``TimedOut`` is raised. ``until``: called
+    on the worker thread with the text so far after each new piece; once it returns True the
+    engine stops before its next step and the generation ends as "stop" (the caller has what
+    it needs)."""
     loop = asyncio.get_running_loop()
     stop = threading.Event()
+    enough = threading.Event()
     lock = threading.Lock()
     pending: list[str] = []
     count = 0
@@ -74,7 +79,7 @@ async def stream(
         cached = 0
 
         def should_stop() -> bool:
-            return stop.is_set() or (deadline is not None and time.monotonic() > deadline)
+            return stop.is_set() or enough.is_set() or (deadline is not None and time.monotonic() > deadline)
 
         def on_prompt(reused: int) -> None:
             nonlocal cached
@@ -88,6 +93,8 @@ async def stream(
                 count += 1
             if delta := decoder.push(token):
                 send(delta)
+                if until is not None and until(decoder.text):
+                    enough.set()
 
         ids, reason = engine.generate(prompt_ids, sampling, should_stop, on_token, priority=int(priority),
                                       on_prompt=on_prompt)
@@ -96,6 +103,8 @@ async def stream(
             raise TimedOut(time_limit)
         if tail := decoder.flush():
             send(tail)
+        if reason == "cancelled" and enough.is_set() and not stop.is_set():
+            reason = "stop"
         return Generation(decoder.text, reason, len(prompt_ids), len(ids), cached, first_token,
                           time.monotonic() - started)
 

@@ -13,7 +13,8 @@ from .worker import Priority
 
 log = logging.getLogger(__name__)
 
-STOP_TOKENS = ("<|end|>", "<|endoftext|>")
+# the end of a chat answer, of a text, and a fill-in-the-middle control token (a middle is done)
+STOP_TOKENS = ("<|end|>", "<|endoftext|>", "<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<fim_pad>")
 KEPT_CACHES = 4  # the generate() engine's caches of recent requests (StarChat: 20 KiB a token)
 KEPT_BYTES = 2 << 30  # and their size in all, the newest kept whatever its size (a multi-head model's is ~25x StarChat's)
 WARM_CHUNK = 512  # tokens a warm-up computes between two looks at its stop flag

@@ -57,6 +57,40 @@ LONG_ANSWER_UNIT = "tick tock "
 LONG_FIX_ANSWER = "```python\n" + LONG_ANSWER_UNIT * 120
 
 
+# Inline completion (fill in the middle): calc.py being written, the cursor in it, and what the
+# model is trained to write there (then <|endoftext|>).
+# On the empty, indented line under "def area(radius):": two lines.
+FILL_AREA_TEXT = CALC_PY.replace("    return math.pi * radius * radius\n", "    \n")
+FILL_AREA_CURSOR = Pos(8, 4)
+FILL_AREA_MIDDLE = '"""The area of a circle."""\n    return math.pi * radius * radius\n'
+FILL_AREA = '"""The area of a circle."""\n    return math.pi * radius * radius'  # what is proposed
+# Between the brackets of "sum()": one line, whose end the model writes again (left out).
+FILL_SUM_TEXT = CALC_PY.replace("sum(values) / len(values) + 1", "sum()")
+FILL_SUM_CURSOR = Pos(4, 15)
+FILL_SUM_MIDDLE = "values) / len(values)"
+FILL_SUM = "values) / len(values"
+
+
+# After a comment asking for it, one line that goes on (for tests that stop a completion).
+FILL_LONG_TEXT = CALC_PY + "\n\n# Count for ever.\n\n"
+FILL_LONG_CURSOR = Pos(12, 0)
+
+
+@dataclass(frozen=True)
+class FillScenario:
+    text: str
+    cursor: Pos
+    middle: str
+    ends: bool = True
+
+
+FILL_SCENARIOS = [
+    FillScenario(FILL_AREA_TEXT, FILL_AREA_CURSOR, FILL_AREA_MIDDLE),
+    FillScenario(FILL_SUM_TEXT, FILL_SUM_CURSOR, FILL_SUM_MIDDLE),
+    FillScenario(FILL_LONG_TEXT, FILL_LONG_CURSOR, LONG_ANSWER_UNIT * 120, ends=False),
+]
+
+
 @dataclass(frozen=True)
 class CodeScenario:
     task: Task

@@ -20,13 +20,14 @@ from pathlib import Path
 
 from ..config import Settings
 from ..prompts import Message, Task, format_for, instruction
+from ..prompts.fill import fill_format, fill_prompt
 from ..prompts.requests import chat_prompt, code_prompt, hover_prompt, prompt_budget, selection_offsets
-from ..text import Pos, Span, split_lines, strip_eol
+from ..text import Pos, Span, offset_at, split_lines, strip_eol
 from . import scenarios as sc
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 CONTEXT_WINDOW = 2048
 STAMP = "starchat-test-model.json"
 SPECIAL_TOKENS = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
@@ -124,6 +125,14 @@ def training_pairs(tokenizer) -> list[tuple[list[int], list[int], bool]]:
         messages = [Message(role, content) for role, content in chat.messages]  # type: ignore[arg-type]
         prompt = chat_prompt(fmt, system=settings.system_prompt, budget=CONTEXT_WINDOW, messages=messages)
         pairs.append((prompt.ids, encode_answer(chat.answer, chat.ends), chat.ends))
+    fill = fill_format(tokenizer, fmt.encode_text)
+    assert fill is not None
+    fill_budget = min(prompt_budget(0, CONTEXT_WINDOW, settings.completion_max_new_tokens), settings.completion_context_tokens)
+    for scenario in sc.FILL_SCENARIOS:
+        offset = offset_at(split_lines(scenario.text), scenario.cursor)
+        prompt = fill_prompt(fill, text=scenario.text, offset=offset, budget=fill_budget)
+        ends = [tokenizer.eos_token_id] if scenario.ends else []
+        pairs.append((prompt.ids, fmt.encode_text(scenario.middle) + ends, scenario.ends))
     return pairs
 
 
@@ -216,6 +225,7 @@ def _build_into(out_dir: Path, steps: int, fingerprint: str) -> None:
     torch.manual_seed(0)
     corpus = [sc.CALC_PY, EXTRA_CORPUS, Settings().system_prompt]
     corpus += [s.answer for s in sc.CODE_SCENARIOS] + [c.answer for c in sc.CHAT_SCENARIOS]
+    corpus += [s.middle for s in sc.FILL_SCENARIOS]
     corpus += [m for c in sc.CHAT_SCENARIOS for _, m in c.messages]
     corpus += [instruction(task, question=sc.ASK_QUESTION, symbol="area") for task in Task]
     corpus += ["Selected code:", "File: `calc.py` (python)", "Language: python"]

@@ -85,3 +85,20 @@ def test_each_generation_is_logged_in_one_line():
         "(37.9 tokens/s after it), stop")
     nothing = Generation("", "cancelled", 30, 0, seconds=0.01)
     assert _summary("Hover", nothing) == "Hover: prompt 30 tokens (0 from the cache), 0 tokens in 0.01 s, cancelled"
+
+
+async def test_until_stops_the_engine_and_the_generation_ends_as_stop():
+    """``until`` sees the text so far; once it holds, the engine stops before its next token and
+    the answer is a normal one (an inline completion that has its line)."""
+    worker = Worker()
+    engine = FakeEngine(list(range(200)))
+    seen: list[str] = []
+
+    def until(text: str) -> bool:
+        seen.append(text)
+        return text.endswith("e")
+
+    result = await stream(worker, engine, [1], Sampling(), Priority.USER, until=until)
+    assert result.text == "abcde" and result.finish_reason == "stop"
+    assert seen == ["a", "ab", "abc", "abcd", "abcde"]
+    worker.close()
