@@ -901,7 +901,9 @@ def main(argv=None) -> int:
             for key in ("chat_first_piece_ms", "chat_tokens", "chat_tok_s", "chat_pieces", "doc_prompt_tokens",
                         "doc_cached_tokens", "doc_first_piece_ms", "doc_reused_first_piece_ms", "doc_next_turn_prompt_tokens",
                         "doc_next_turn_cached_tokens", "doc_next_turn_first_piece_ms", "doc_warm_up_tokens",
-                        "doc_warm_up_ms", "doc_warmed_prompt_tokens", "doc_warmed_cached_tokens", "doc_warmed_first_piece_ms"):
+                        "doc_warm_up_ms", "doc_warmed_prompt_tokens", "doc_warmed_cached_tokens", "doc_warmed_first_piece_ms",
+                        "fill_first_ms", "fill_first_prompt_tokens", "fill_keystroke_median_ms", "fill_keystroke_max_ms",
+                        "fill_keystroke_cached_share", "fill_typed_through_ms", "fill_typed_through_ran_model"):
                 R[f"server_{key}"] = got.get(key)
         finally:
             shutil.rmtree(folder, ignore_errors=True)

@@ -1,6 +1,7 @@
 """How fast the server answers over stdio: initialize, model ready, first streamed chunk, the
-first chunk of a chat whose prompt starts with a document an earlier chat computed, and of the
-first chat about a document the server warmed up while the editor was quiet.
+first chunk of a chat whose prompt starts with a document an earlier chat computed, of the
+first chat about a document the server warmed up while the editor was quiet, and inline
+completions while a line is typed.
 
     python bench/server_latency.py [--model DIR] [--engine fast] [--out FILE]
 
@@ -16,6 +17,7 @@ import asyncio
 import datetime
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -177,16 +179,79 @@ async def document_warm_up(server: Server, request_id: int, functions: int) -> d
             "doc_warmed_first_piece_ms": round(got["first_s"] * 1e3, 1)}
 
 
+# a completion of about a line: a model with random weights (the GPU bench's) never ends one itself
+FILL_OPTIONS = {"completionMaxNewTokens": 16}
+
+
+async def document_typing(server: Server, first_id: int, functions: int, keys: int = 12) -> dict:
+    """Inline completions while a line is typed into the middle of a document of ``functions``
+    small functions, one per keystroke (as an editor asks): the first (nothing of the document
+    in the engine's cache), then the keystrokes' (each prompt starts with the last one's text
+    before the cursor, so the engine computes the cursor's neighbourhood and the code after
+    it), then typing the first character of the last proposal (answered from it, without the
+    model). Times are the whole answer, as the user waits for it; prompt and cache figures
+    come from the server's trace."""
+    uri = "file:///bench/typing.py"
+    line = 4 * (functions // 2) + 2  # the blank line after a function, in the middle
+    server.open(uri, "".join(f"def h{i}(x, y):\n    return x * {i} - y\n\n\n" for i in range(functions)))
+    version = 1
+
+    def type_at(column: int, text: str) -> None:
+        nonlocal version
+        version += 1
+        at = {"line": line, "character": column}
+        server.send({"jsonrpc": "2.0", "method": "textDocument/didChange", "params": {
+            "textDocument": {"uri": uri, "version": version},
+            "contentChanges": [{"range": {"start": at, "end": at}, "text": text}]}})
+
+    async def complete(request_id: int, column: int) -> tuple[float, str, tuple[int, int] | None]:
+        """Seconds to the answer, the proposal, and (prompt, cached) tokens when the model ran."""
+        asked, ran = time.monotonic(), None
+        server.send({"jsonrpc": "2.0", "id": request_id, "method": "textDocument/inlineCompletion", "params": {
+            "textDocument": {"uri": uri}, "position": {"line": line, "character": column}, "context": {"triggerKind": 2}}})
+        while True:
+            message = await server.receive()
+            if message.get("method") == "$/logTrace" and message["params"]["message"].startswith("StarChat: completion: prompt"):
+                found = re.search(r"prompt (\d+) tokens \((\d+) from the cache\)", message["params"]["message"])
+                ran = (int(found[1]), int(found[2])) if found else None
+            if message.get("id") == request_id:
+                if "result" not in message:
+                    raise RuntimeError(f"inline completion failed: {message.get('error')}")
+                items = (message["result"] or {}).get("items") or [{}]
+                return time.monotonic() - asked, items[0].get("insertText", ""), ran
+
+    first_s, _, first_ran = await complete(first_id, 0)
+    typed = "    total = x * 3 + y - 1"[:keys]
+    keystrokes, cached, proposal = [], [], ""
+    for column, char in enumerate(typed):
+        type_at(column, char)
+        took, proposal, ran = await complete(first_id + 1 + column, column + 1)
+        keystrokes.append(took)
+        if ran:
+            cached.append(ran[1] / ran[0])
+    through = None
+    if proposal:
+        type_at(len(typed), proposal[0])
+        took, _, ran = await complete(first_id + 1 + len(typed), len(typed) + 1)
+        through = {"fill_typed_through_ms": round(took * 1e3, 1), "fill_typed_through_ran_model": ran is not None}
+    keystrokes.sort()
+    return {"fill_first_ms": round(first_s * 1e3, 1), "fill_first_prompt_tokens": first_ran[0] if first_ran else None,
+            "fill_keystroke_median_ms": round(keystrokes[len(keystrokes) // 2] * 1e3, 1),
+            "fill_keystroke_max_ms": round(keystrokes[-1] * 1e3, 1),
+            "fill_keystroke_cached_share": round(min(cached), 3) if cached else None, **(through or {})}
+
+
 async def time_to_ready(model: str, device: str, engine: str = "generate", timeout: float = 300.0, chat_tokens: int = 0,
                         doc_functions: int = 0) -> dict:
     """Seconds from spawning the server to its ``starchat/status`` "ready" (weights loaded,
     engine prepared: for the fast engine its cache allocated and graphs captured). With
     ``chat_tokens``, then one chat of that many tokens: its first streamed piece, its rate
     through the server, and how many pieces carried it. With ``doc_functions``, then
-    :func:`document_reuse` and :func:`document_warm_up` on documents of that many functions."""
+    :func:`document_reuse`, :func:`document_warm_up` and :func:`document_typing` on documents of
+    that many functions."""
     server = await Server.start(model, device, engine)
     try:
-        await server.initialize()
+        await server.initialize(FILL_OPTIONS)
         figures: dict = {"ready_message": await server.ready(timeout)}
         figures["ready_after_spawn_s"] = round(server.since_start(), 3)
         if chat_tokens:
@@ -196,6 +261,7 @@ async def time_to_ready(model: str, device: str, engine: str = "generate", timeo
         if doc_functions:
             figures.update(await document_reuse(server, 3, doc_functions))
             figures.update(await document_warm_up(server, 6, doc_functions))
+            figures.update(await document_typing(server, 10, doc_functions))
         return figures
     finally:
         await server.close()
@@ -204,7 +270,7 @@ async def time_to_ready(model: str, device: str, engine: str = "generate", timeo
 async def measure(model: str, device: str, engine: str = "generate") -> dict:
     server = await Server.start(model, device, engine)
     try:
-        took = await server.initialize({"temperature": 0})
+        took = await server.initialize({"temperature": 0, **FILL_OPTIONS})
         figures = {"initialize_ms": took * 1000, "spawn_to_initialize_ms": server.since_start() * 1000}
         cold = await server.chat(2, sc.CHAT_QUESTION)  # sent while the model loads
         figures["first_chunk_cold_ms"] = cold["first_s"] * 1000
@@ -215,6 +281,7 @@ async def measure(model: str, device: str, engine: str = "generate") -> dict:
         figures["tok_s"] = warm["tokens"] / warm["total_s"]
         figures.update(await document_reuse(server, 4, 40))
         figures.update(await document_warm_up(server, 7, 40))
+        figures.update(await document_typing(server, 10, 40))
         return figures
     finally:
         await server.close()
@@ -235,9 +302,9 @@ def main() -> int:
     figures = asyncio.run(measure(model, args.device, args.engine))
     result = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(), "model": model,
               "engine": args.engine, **figures}
-    print(f"{'measure':<28}{'value':>12}")
+    print(f"{'measure':<32}{'value':>12}")
     for key, value in figures.items():
-        print(f"{key:<28}{value:>12.1f}" if isinstance(value, float) else f"{key:<28}{value:>12}")
+        print(f"{key:<32}{value:>12.1f}" if isinstance(value, float) else f"{key:<32}{value!s:>12}")
     out = args.out or REPO / "bench" / "results" / f"server-latency-{result['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

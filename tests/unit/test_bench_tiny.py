@@ -22,7 +22,8 @@ KEYS = [
     "server_doc_first_piece_ms", "server_doc_reused_first_piece_ms", "server_doc_prompt_tokens", "server_doc_cached_tokens",
     "server_doc_next_turn_prompt_tokens", "server_doc_next_turn_cached_tokens", "server_doc_next_turn_first_piece_ms",
     "server_doc_warm_up_ms", "server_doc_warmed_prompt_tokens", "server_doc_warmed_cached_tokens",
-    "server_doc_warmed_first_piece_ms",
+    "server_doc_warmed_first_piece_ms", "server_fill_first_ms", "server_fill_keystroke_median_ms",
+    "server_fill_keystroke_cached_share", "server_fill_typed_through_ms",
 ]
 
 
@@ -45,6 +46,11 @@ def test_bench_tiny_writes_every_key(test_model, tmp_path, monkeypatch, capsys):
     assert result["server_doc_next_turn_cached_tokens"] >= result["server_doc_next_turn_prompt_tokens"] - 24
     # the document warmed up while nothing else ran: its first chat took the file from the cache
     assert result["server_doc_warmed_cached_tokens"] >= result["server_doc_warm_up_tokens"] > result["server_doc_warmed_prompt_tokens"] // 2
+    # inline completions while typing: each keystroke's prompt took the text before the cursor
+    # from the cache (the cursor is mid-file: about half of the prompt); typing the proposal's
+    # first character was answered without the model
+    assert result["server_fill_keystroke_cached_share"] > 0.3
+    assert result["server_fill_typed_through_ran_model"] is False
     # every known-answer draft is right: 7 accepted per speculative step (float32: same tokens)
     assert result["spec_known_answer_same_tokens"] == "16/16"
     assert result["spec_known_answer_accepted_per_spec_step"] >= 6
