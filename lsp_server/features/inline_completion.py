@@ -2,8 +2,8 @@
 the cursor, shown by the editor as ghost text.
 
 Asked for as the user types (trigger kind Automatic): ranked with hovers, below explicit
-actions, without progress or status, and a failure (busy, prompt too long) is an empty answer,
-not an error at every keystroke. Asked for explicitly (Invoked): ranked as an explicit action,
+actions, without progress or status, and a failure (busy, prompt too long, the model still
+loading) is an empty answer, not an error at every keystroke. Asked for explicitly (Invoked): ranked as an explicit action,
 and a failure is the request's error. The editor cancels a completion the user typed past;
 cancelling stops the model before its next step. Typing what the last completion proposed
 answers from it, without the model.
@@ -55,6 +55,9 @@ def register(server: StarChatServer) -> None:
         if looks_secret(uri):  # asked at every keystroke: no answer, not an error each time
             return None
         explicit = params.context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
+        loaded = ls.engine_ready is not None and ls.engine_ready.done()
+        if not explicit and not loaded:  # no waiting (with progress) for the model at every keystroke
+            return None
         try:
             return await _complete(ls, params, explicit)
         except RequestFailed as failure:

@@ -13,7 +13,7 @@ from lsprotocol import types
 from lsp_server.testing import scenarios as sc
 
 from .conftest import apply_text_edits, wait_until
-from .test_features import _cancel, chat, configure, generation_reports
+from .test_features import _cancel, _change_notebook, _open_calc_notebook, chat, configure, generation_reports
 
 AUTOMATIC, INVOKED = types.InlineCompletionTriggerKind.Automatic, types.InlineCompletionTriggerKind.Invoked
 
@@ -70,6 +70,26 @@ async def test_inline_completion_proposes_the_models_fill_in_the_middle(editor):
     assert len(completions(editor)) == 2
     # as the user types, nothing is shown but the ghost text: no progress, no status
     assert len(editor.statuses) == statuses and set(editor.client.progress_reports) == progress
+
+
+async def test_while_the_model_loads_only_an_asked_for_completion_waits(editor):
+    uri = editor.open("calc.py", sc.FILL_SUM_TEXT)
+    result = await complete(editor, uri, sc.FILL_SUM_CURSOR)
+    if "ready" not in editor.statuses:  # still loading: no completion, and no "waiting for the model" progress
+        assert result is None and not editor.client.progress_reports
+    (item,) = (await complete(editor, uri, sc.FILL_SUM_CURSOR, INVOKED)).items  # waits for the model
+    assert item.insert_text == sc.FILL_SUM
+
+
+async def test_a_notebook_cells_completion_sees_the_other_cells(editor):
+    """The prompt of a completion in a cell holds the notebook's other code cells around it:
+    the trained proposal comes only for the whole file's exact prompt."""
+    cells = _open_calc_notebook(editor)
+    line = sc.CALC_PY.splitlines()[4]
+    _change_notebook(editor, 2, cell=cells["c2"], edit=((1, line.index("values"), len(line)), ")"))
+    at = types.Position(line=1, character=sc.FILL_SUM_CURSOR.character)
+    (item,) = (await complete(editor, cells["c2"], at, INVOKED)).items
+    assert (item.insert_text, item.range.start) == (sc.FILL_SUM, at)
 
 
 async def test_inline_completion_is_off_with_the_setting_and_for_secret_files(editor):
