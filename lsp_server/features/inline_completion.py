@@ -3,8 +3,8 @@ the cursor, shown by the editor as ghost text.
 
 Asked for as the user types (trigger kind Automatic): ranked with hovers, below explicit
 actions, without progress or status, and a failure (busy, prompt too long, the model still
-loading) is an empty answer, not an error at every keystroke. Asked for explicitly (Invoked): ranked as an explicit action,
-and a failure is the request's error. The editor cancels a completion the user typed past;
+loading) is an empty answer, not an error at every keystroke. Asked for explicitly (Invoked):
+ranked as an explicit action, and a failure is the request's error. The editor cancels a completion the user typed past;
 cancelling stops the model before its next step. Typing what the last completion proposed
 answers from it, without the model.
 """
@@ -22,6 +22,7 @@ from ..prompts.fill import FillPrompt, fill_prompt
 from ..prompts.requests import prompt_budget
 from ..server import RequestFailed, StarChatServer, looks_secret
 from ..text import Pos, detect_eol
+
 KEPT = 32  # documents whose last completion is kept for typing through it
 
 
@@ -36,12 +37,12 @@ class Proposed:
 
 
 def typed_through(last: Proposed | None, prompt: FillPrompt) -> str | None:
-    """The rest of the last completion when the user has since typed its start (or nothing)
-    at the same place, with the same code after the cursor; None otherwise."""
+    """The last completion when asked again at the same place, or its rest when the user has
+    since typed its start, with the same code after the cursor; None otherwise."""
     if last is None or prompt.after != last.after or not prompt.before.startswith(last.before):
         return None
     typed = prompt.before[len(last.before) :]
-    if not last.text.startswith(typed) or len(typed) >= len(last.text):
+    if typed and (not last.text.startswith(typed) or len(typed) >= len(last.text)):
         return None
     return last.text[len(typed) :]
 

@@ -114,3 +114,6 @@ def test_typing_through_a_completion_answers_from_it():
     assert typed_through(last, FillPrompt([], "def f(x):\n    return x ", "\nmore\n")) is None  # the code after changed
     assert typed_through(last, FillPrompt([], last.before + last.text, "\n")) is None  # all typed
     assert typed_through(None, ahead) is None
+    nothing = Proposed("x = ", "\n", "")
+    assert typed_through(nothing, FillPrompt([], "x = ", "\n")) == ""  # asked again: still nothing, no model
+    assert typed_through(nothing, FillPrompt([], "x = 1", "\n")) is None
