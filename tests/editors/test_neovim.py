@@ -2,7 +2,8 @@
 with tests/editors/install_nvim.sh), with the real server and the trained test model.
 
 One Neovim session (tests/editors/nvim/run.lua) runs every step as a user would (code actions,
-right-click "Ask StarChat" on a selection, typing in the chat buffer, <C-c>, :StarChatFix) and
+right-click "Ask StarChat" on a selection, typing in the chat buffer, <C-c>, :StarChatFix, inline
+completion's ghost text while typing in Insert mode) and
 writes what it saw as JSON; each test checks one step. A text capture of the screen after each
 step goes to build/screenshots/nvim-*.txt (and .png when Pillow is installed): the real screen
 of a TUI (`nvim --remote-ui` in tmux) attached to the headless Neovim when tmux is installed,
@@ -32,7 +33,7 @@ SCREENSHOTS = REPO / "build" / "screenshots"
 STEPS = [
     "start", "encoding", "code_actions", "popup", "chat", "cancel", "tasks", "fix", "fix_with_problems",
     "stop_task", "apply_edit", "settings", "tabs", "split_crlf", "chat_reload", "chat_editing", "session", "chat_name", "chat_window", "status_line",
-    "folders", "secrets", "rename_secret", "unnamed",
+    "folders", "completion", "completion_typing", "completion_cancel", "completion_off", "secrets", "rename_secret", "unnamed",
     "code_action_commands", "restart_typing", "health", "crash", "hung_start",
 ]
 SECRET_MARKER = "STARCHAT_NVIM_TOKEN=env-secret-91be4f"
@@ -112,7 +113,13 @@ def nvim(test_model: Path, tmp_path_factory) -> dict:
         "secret_typed": SECRET_TYPED,
         "rename_marker": RENAME_MARKER,
         "rename_typed": RENAME_TYPED,
-        "sc": {k: v for k, v in vars(sc).items() if k.isupper() and isinstance(v, str)},
+        "sc": {k: v for k, v in vars(sc).items() if k.isupper() and isinstance(v, str)} | {
+            "FILL_AREA_CURSOR_LINE": sc.FILL_AREA_CURSOR.line,
+            "FILL_SUM_CURSOR_LINE": sc.FILL_SUM_CURSOR.line,
+            "FILL_SUM_CURSOR_CHARACTER": sc.FILL_SUM_CURSOR.character,
+            "FILL_SUM_TEXT_LINE": sc.FILL_SUM_TEXT.splitlines()[sc.FILL_SUM_CURSOR.line],
+            "FILL_LONG_CURSOR_LINE": sc.FILL_LONG_CURSOR.line,
+        },
     }
     env = dict(os.environ)
     for var in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_CACHE_HOME"):
@@ -421,6 +428,94 @@ def test_a_file_of_another_root_joins_the_running_server(nvim):
     assert any(name.endswith("/other") for name in result["folders"])
 
 
+AREA_COMPLETED = sc.FILL_AREA_TEXT.replace("    \n", "    " + sc.FILL_AREA + "\n", 1)
+
+
+def test_inline_completion_shows_ghost_text_and_tab_inserts_it(nvim):
+    """In Insert mode on the empty line of area(), after typing pauses: textDocument/inlineCompletion
+    (Automatic, at the cursor) and the server's proposal as ghost text, its first line at the cursor
+    and the second below; <C-]> dismisses it, leaving Insert mode clears it, <Tab> inserts it."""
+    result = step(nvim, "completion")
+    assert result["provider"] and result["declared"] == {"dynamicRegistration": False}
+    line, character = sc.FILL_AREA_CURSOR.line, sc.FILL_AREA_CURSOR.character
+    request = result["first_request"]
+    assert request["position"] == {"line": line, "character": character}
+    assert request["context"] == {"triggerKind": 2}  # Automatic
+    first, second = sc.FILL_AREA.split("\n")
+    shown = result["shown"]
+    assert (shown["row"], shown["col"], shown["inline"], shown["lines"]) == (line, character, first, [second])
+    assert shown["pos"] == "inline" and shown["hl"] == "StarChatSuggestion" and shown["marks"] == 1
+    assert result["dismissed"] == {"ghost": None, "mode": "i", "unchanged": True, "later": None, "asked_again": 0}
+    assert result["left"] == {"ghost": None, "suggestion": False, "mode": "n"}
+    accepted = result["accepted"]
+    assert accepted["text"] == AREA_COMPLETED
+    assert accepted["mode"] == "i"
+    assert accepted["cursor"] == [line + 2, len(second)]  # at the end of the inserted text (1-based row)
+
+
+def test_typing_through_the_completion_keeps_the_rest(nvim):
+    """Inside "sum()": the one-line proposal; typing "v", "a", "l" keeps its rest on screen at once,
+    and the server answers the request after "val" from its last completion (no model run);
+    <Tab> then inserts the whole of it. A key that does not match, or a cursor move, clears it."""
+    result = step(nvim, "completion_typing")
+    line, character = sc.FILL_SUM_CURSOR.line, sc.FILL_SUM_CURSOR.character
+    shown = result["shown"]
+    assert (shown["row"], shown["col"], shown["inline"], shown["lines"]) == (line, character, sc.FILL_SUM, [])
+    assert [g and (g["col"], g["inline"]) for g in result["typed"]] == [
+        (character + 1, sc.FILL_SUM[1:]),
+        (character + 2, sc.FILL_SUM[2:]),
+        (character + 3, sc.FILL_SUM[3:]),
+    ]
+    after = result["after_val"]
+    assert after["ghost"]["inline"] == "ues) / len(values" == sc.FILL_SUM[3:]
+    assert after["answer"]["insertText"] == sc.FILL_SUM[3:]
+    at = {"line": line, "character": character + 3}
+    assert after["answer"]["range"] == {"start": at, "end": at}
+    assert after["generated"] == result["generated_before"]  # typed through: the model did not run
+    expected = sc.FILL_SUM_TEXT.splitlines()[line].replace("sum()", f"sum({sc.FILL_SUM})")
+    assert result["accepted"] == {"line": expected, "cursor": [line + 1, character + len(sc.FILL_SUM)]}
+    assert result["before_z"]["inline"] == sc.FILL_SUM
+    assert result["after_z"] is None, result["after_z"]
+    assert result["before_left"]["inline"] == sc.FILL_SUM
+    # the old ghost text went at once (a new request for the new place may come later)
+    assert result["after_left"] is None or result["after_left"]["col"] != character, result["after_left"]
+
+
+def test_a_keystroke_cancels_the_completion_in_flight(nvim):
+    """A long completion (completionMaxNewTokens 1500) being generated: the next key sends
+    $/cancelRequest for it at once; the server answers RequestCancelled and stops the model."""
+    result = step(nvim, "completion_cancel")
+    assert result["in_flight"], result
+    assert result["cancelled_at_once"], result
+    assert result["acked"] and not result["answered"], result  # RequestCancelled, no completion
+    assert result["stopped"], result["traces"]
+    assert result["ghost"] is None
+    assert result["running"] == 0 and result["ready"]
+
+
+def test_inline_completion_off_and_only_when_asked(nvim):
+    """completion = {enabled = false}: nothing is asked and the keys are not mapped; auto = false:
+    nothing is asked while typing, <M-\\> asks (Invoked), and <Tab> with nothing shown is a Tab;
+    :StarChatComplete in Normal mode starts Insert mode at the cursor and asks."""
+    result = step(nvim, "completion_off")
+    line, character = sc.FILL_SUM_CURSOR.line, sc.FILL_SUM_CURSOR.character
+    off = result["off"]
+    assert off["requests"] == 0 and off["ghost"] is None
+    assert not (off["tab"] or "").startswith("StarChat") and off["request_key"] == "", off
+    assert any("inline completion is off" in m for m in off["told"]), off["told"]
+    manual = result["manual"]
+    assert manual["tab"] == "StarChat: accept the completion"
+    assert manual["while_typing"] == 0
+    assert manual["asked"] == {"triggerKind": 1}  # Invoked
+    assert (manual["ghost"]["col"], manual["ghost"]["inline"]) == (character, sc.FILL_SUM)
+    assert manual["line"] == sc.FILL_SUM_TEXT.splitlines()[line].replace("sum()", "sum(\t)")
+    assert manual["requests"] == 1
+    command = result["command"]
+    assert command["asked"] == {"triggerKind": 1} and command["mode"] == "i" and command["requests"] == 1
+    assert (command["ghost"]["col"], command["ghost"]["inline"]) == (character, sc.FILL_SUM)
+    assert result["restored"] == "StarChat: accept the completion"
+
+
 def test_restart_while_typing_keeps_the_new_server_in_step(nvim):
     result = step(nvim, "restart_typing")
     assert result["new_client"], result
@@ -435,6 +530,7 @@ def test_checkhealth(nvim):
     assert "starchat.nvim" in text
     assert "server running" in text and "position encoding utf-8" in text
     assert "model ready" in text
+    assert "inline completion: as you type (after 150 ms)" in text
     assert "ERROR" not in text
     assert result["function_cmd"] == "ok"
 

@@ -885,6 +885,435 @@ function steps.folders()
   return out
 end
 
+--- Runs body(I) in Insert mode as a user types there: `start` (e.g. "i", "A") starts Insert mode,
+--- and Neovim then waits for keys, running its event loop (timers, the server's answers) as it
+--- does for a user. body runs in a coroutine resumed from that loop: I.type(keys) types (through
+--- mappings, as typed keys: Insert mode takes them, and fires its autocommands, once body
+--- yields; `taken()`, when given, tells it has: the cursor moved, the line changed), I.sleep(ms),
+--- I.wait(ms, cond, what). Insert mode ends when body returns (<Esc>).
+local function in_insert(start, body)
+  -- a script run with -l (silent mode, as `nvim -es`) ends Neovim when, waiting for keys, nothing
+  -- comes within 'updatetime' (its end of input)
+  local updatetime = vim.o.updatetime
+  vim.o.updatetime = 600000
+  local co, failure
+  local function leave()
+    if vim.api.nvim_get_mode().mode:sub(1, 1) == "i" then
+      vim.api.nvim_input("<Esc>")
+    end
+  end
+  local function resume()
+    if coroutine.status(co) ~= "suspended" then
+      return
+    end
+    local ok, err = coroutine.resume(co)
+    if not ok then
+      failure = debug.traceback(co, err)
+    end
+    if coroutine.status(co) == "dead" then
+      leave()
+    end
+  end
+  local I = {}
+  function I.sleep(ms)
+    vim.defer_fn(resume, ms)
+    coroutine.yield()
+  end
+  function I.wait(ms, cond, what)
+    local deadline = vim.uv.now() + ms
+    while not cond() do
+      if vim.uv.now() > deadline then
+        error("timed out after " .. ms .. " ms waiting for " .. what)
+      end
+      I.sleep(20)
+    end
+  end
+  function I.type(keys, taken)
+    vim.api.nvim_input(keys)
+    if taken then -- (Insert mode runs its autocommands for a key before it waits for the next one)
+      I.wait(10000, taken, "Insert mode to take " .. keys)
+    else
+      I.sleep(40)
+    end
+  end
+
+  --- For I.type: the cursor is at byte `col` (0-based).
+  function I.at(col)
+    return function()
+      return vim.api.nvim_win_get_cursor(0)[2] == col
+    end
+  end
+  co = coroutine.create(function()
+    body(I)
+  end)
+  local watchdog = vim.defer_fn(function() -- never left in Insert mode for good
+    failure = failure or "still in Insert mode after 120 s"
+    vim.api.nvim_input("<C-\\><C-n>")
+  end, 120000)
+  vim.defer_fn(resume, 0)
+  vim.api.nvim_feedkeys(vim.keycode(start), "x!", false) -- returns once Insert mode has ended
+  if not watchdog:is_closing() then
+    watchdog:stop()
+    watchdog:close()
+  end
+  vim.o.updatetime = updatetime
+  if failure then
+    error(failure, 0)
+  end
+  if coroutine.status(co) ~= "dead" then
+    error("Insert mode ended before the step did", 0)
+  end
+end
+
+local completion = require("starchat.completion")
+
+--- The ghost text in `buf`: {row, col, inline = the text at the cursor, lines = the lines below}
+--- from the plugin's extmarks, or nil.
+local function ghost(buf)
+  local marks = vim.api.nvim_buf_get_extmarks(buf, completion.ns, 0, -1, { details = true })
+  if #marks == 0 then
+    return nil
+  end
+  local _, row, col, d = unpack(marks[1])
+  local function text(chunks)
+    return table.concat(vim.tbl_map(function(chunk)
+      return chunk[1]
+    end, chunks or {}))
+  end
+  local lines = vim.tbl_map(text, d.virt_lines or {})
+  return {
+    row = row,
+    col = col,
+    inline = text(d.virt_text),
+    pos = d.virt_text_pos,
+    hl = d.virt_text and d.virt_text[1][2] or (d.virt_lines and d.virt_lines[1][1][2]),
+    lines = lines,
+    marks = #marks,
+  }
+end
+
+--- Records the client's inline completion requests ({id, params, answered, err, result}), the
+--- ids it sent $/cancelRequest for, and the server's $/logTrace messages (trace on). Returns the
+--- record and a function that stops recording.
+local function record_completions(c)
+  local rec = { requests = {}, cancels = {}, traces = {} }
+  local rpc = c.rpc
+  local real_request, real_notify = rpc.request, rpc.notify
+  rpc.request = function(method, params, callback, ...)
+    if method ~= "textDocument/inlineCompletion" then
+      return real_request(method, params, callback, ...)
+    end
+    local r = { params = vim.deepcopy(params) }
+    table.insert(rec.requests, r)
+    local ok, id = real_request(method, params, function(err, result)
+      r.answered, r.err, r.result = true, err, result
+      return callback(err, result)
+    end, ...)
+    r.id = id
+    return ok, id
+  end
+  rpc.notify = function(method, params, ...)
+    if method == "$/cancelRequest" then
+      table.insert(rec.cancels, params.id)
+    end
+    return real_notify(method, params, ...)
+  end
+  local real_trace = vim.lsp.handlers["$/logTrace"]
+  vim.lsp.handlers["$/logTrace"] = function(_, params)
+    table.insert(rec.traces, params.message)
+  end
+  real_notify("$/setTrace", { value = "messages" })
+  return rec, function()
+    real_notify("$/setTrace", { value = "off" })
+    rpc.request, rpc.notify = real_request, real_notify
+    vim.lsp.handlers["$/logTrace"] = real_trace
+  end
+end
+
+--- The server's trace lines of completions the model generated ("StarChat: completion: prompt …")
+--- or stopped ("… stopped after …").
+local function generations(rec, kind)
+  return #vim.tbl_filter(function(t)
+    return vim.startswith(t, "StarChat: completion: " .. kind)
+  end, rec.traces)
+end
+
+--- Opens `name` (in the workspace) holding `text`, attached; its buffer.
+local function open_fill(name, text)
+  local file = conf.workspace .. "/" .. name
+  vim.fn.writefile(vim.split(text:gsub("\n$", ""), "\n", { plain = true }), file)
+  vim.api.nvim_set_current_win(code_win)
+  vim.cmd.edit(vim.fn.fnameescape(file))
+  local buf = vim.api.nvim_get_current_buf()
+  wait(10000, function()
+    return lsp.clients(buf)[1] ~= nil and lsp.clients(buf)[1].initialized
+  end, "the server to attach to " .. name)
+  return buf
+end
+
+local function close_fill(buf)
+  vim.api.nvim_set_current_win(code_win)
+  vim.cmd("buffer " .. code_buf)
+  pcall(vim.cmd, "bwipeout! " .. buf)
+end
+
+local function mode()
+  return vim.api.nvim_get_mode().mode
+end
+
+-- Inline completion as ghost text: in Insert mode on the empty line of area() the server's
+-- proposal (two lines) shows at the cursor; <C-]> dismisses it, leaving Insert mode clears it,
+-- and <Tab> inserts it.
+function steps.completion()
+  local buf = open_fill("area.py", sc.FILL_AREA_TEXT)
+  local c = lsp.clients(buf)[1]
+  local rec, stop = record_completions(c)
+  local out = {
+    provider = c.server_capabilities.inlineCompletionProvider ~= nil,
+    declared = vim.tbl_get(c.config.capabilities, "textDocument", "inlineCompletion"),
+  }
+  local ok, err = pcall(function()
+    local before = buf_text(buf)
+    vim.api.nvim_win_set_cursor(0, { sc.FILL_AREA_CURSOR_LINE + 1, 0 })
+    -- shown, then dismissed with <C-]>: not asked again until something changes
+    in_insert("A", function(I)
+      I.wait(60000, function()
+        return ghost(buf) ~= nil
+      end, "the ghost text")
+      out.shown = ghost(buf)
+      out.first_request = rec.requests[1] and rec.requests[1].params
+      shot("completion-ghost-text")
+      local asked = #rec.requests
+      I.type("<C-]>", function()
+        return ghost(buf) == nil
+      end)
+      out.dismissed = { ghost = ghost(buf) or vim.NIL, mode = mode(), unchanged = buf_text(buf) == before }
+      I.sleep(600) -- well past the debounce
+      out.dismissed.later = ghost(buf) or vim.NIL
+      out.dismissed.asked_again = #rec.requests - asked
+    end)
+    -- shown again on entering Insert mode; leaving it clears it
+    in_insert("A", function(I)
+      I.wait(60000, function()
+        return ghost(buf) ~= nil
+      end, "the ghost text again")
+    end)
+    out.left = { ghost = ghost(buf) or vim.NIL, suggestion = completion.suggestion ~= nil, mode = mode() }
+    -- accepted with <Tab>
+    in_insert("A", function(I)
+      I.wait(60000, function()
+        return ghost(buf) ~= nil
+      end, "the ghost text to accept")
+      I.type("<Tab>")
+      I.wait(5000, function()
+        return buf_text(buf) ~= before
+      end, "the completion to be inserted")
+      out.accepted = { mode = mode(), cursor = vim.api.nvim_win_get_cursor(0), text = buf_text(buf) }
+      shot("completion-accepted")
+    end)
+  end)
+  stop()
+  close_fill(buf)
+  if not ok then
+    error(err, 0)
+  end
+  return out
+end
+
+-- Typing what is proposed keeps the rest on screen at once, and the server answers the next
+-- request from its last completion, without the model; <Tab> then inserts the whole proposal.
+-- A key that does not match, or moving the cursor, clears it.
+function steps.completion_typing()
+  local buf = open_fill("sum.py", sc.FILL_SUM_TEXT)
+  local rec, stop = record_completions(lsp.clients(buf)[1])
+  local row, col = sc.FILL_SUM_CURSOR_LINE, sc.FILL_SUM_CURSOR_CHARACTER
+  local out = { typed = {} }
+  local ok, err = pcall(function()
+    vim.api.nvim_win_set_cursor(0, { row + 1, col })
+    in_insert("i", function(I)
+      I.wait(60000, function()
+        return ghost(buf) ~= nil
+      end, "the ghost text")
+      out.shown = ghost(buf)
+      out.generated_before = generations(rec, "prompt")
+      for i, key in ipairs({ "v", "a", "l" }) do
+        I.type(key, I.at(col + i))
+        table.insert(out.typed, ghost(buf) or vim.NIL)
+      end
+      -- the request for the cursor after "val", answered by the server
+      I.wait(30000, function()
+        local last = rec.requests[#rec.requests]
+        return last and last.params.position.character == col + 3 and last.answered
+      end, "the answer after typing val")
+      local last = rec.requests[#rec.requests]
+      out.after_val = {
+        ghost = ghost(buf) or vim.NIL,
+        answer = last.result and last.result.items and last.result.items[1] or vim.NIL,
+        generated = generations(rec, "prompt"),
+      }
+      shot("completion-typed-through")
+      I.type("<Tab>")
+      I.wait(5000, function()
+        return ghost(buf) == nil and vim.api.nvim_get_current_line() ~= sc.FILL_SUM_TEXT_LINE:sub(1, col) .. "val)"
+      end, "the completion to be inserted")
+      out.accepted = { line = vim.api.nvim_get_current_line(), cursor = vim.api.nvim_win_get_cursor(0) }
+    end)
+    -- a key that does not match, and a cursor move, clear the ghost text
+    vim.api.nvim_buf_set_lines(buf, row, row + 1, false, { sc.FILL_SUM_TEXT_LINE })
+    vim.api.nvim_win_set_cursor(0, { row + 1, col })
+    in_insert("i", function(I)
+      I.wait(60000, function()
+        return ghost(buf) ~= nil
+      end, "the ghost text before z")
+      out.before_z = ghost(buf)
+      I.type("z", I.at(col + 1))
+      out.after_z = ghost(buf) or vim.NIL
+      I.type("<BS>", I.at(col))
+      I.wait(30000, function()
+        return ghost(buf) ~= nil and ghost(buf).col == col
+      end, "the ghost text after <BS>")
+      out.before_left = ghost(buf)
+      I.type("<Left>", I.at(col - 1))
+      out.after_left = ghost(buf) or vim.NIL
+    end)
+  end)
+  stop()
+  close_fill(buf)
+  if not ok then
+    error(err, 0)
+  end
+  return out
+end
+
+-- A keystroke while a long completion is being generated sends $/cancelRequest for it: the
+-- server answers RequestCancelled and stops the model ("stopped after N tokens").
+function steps.completion_cancel()
+  local pulls = config_pulls
+  starchat.configure({ completion_max_new_tokens = 1500 })
+  wait(10000, function()
+    return config_pulls > pulls
+  end, "the server to pull the settings")
+  vim.wait(300, function()
+    return false
+  end)
+  local buf = open_fill("long.py", sc.FILL_LONG_TEXT)
+  local c = lsp.clients(buf)[1]
+  local rec, stop = record_completions(c)
+  local out = {}
+  local ok, err = pcall(function()
+    vim.api.nvim_win_set_cursor(0, { sc.FILL_LONG_CURSOR_LINE + 1, 0 })
+    in_insert("i", function(I)
+      I.wait(30000, function()
+        return rec.requests[1] ~= nil and rec.requests[1].id ~= nil
+      end, "the completion request")
+      I.sleep(300) -- the model is at work (1500 tokens take seconds)
+      local first = rec.requests[1]
+      out.in_flight = not first.answered and c.requests[first.id] ~= nil
+      out.id = first.id
+      I.type("x", I.at(1))
+      out.cancelled_at_once = vim.tbl_contains(rec.cancels, first.id)
+      out.ghost = ghost(buf) or vim.NIL
+    end)
+    local first = rec.requests[1]
+    -- the server acknowledged (Neovim hands a RequestCancelled answer to no handler: it only
+    -- drops the request from client.requests)
+    out.acked = vim.wait(10000, function()
+      return c.requests[first.id] == nil
+    end, 10)
+    out.answered = first.answered == true
+    out.stopped = vim.wait(10000, function()
+      return generations(rec, "stopped") > 0
+    end, 20)
+    out.traces = rec.traces
+    out.running = #lsp.running()
+  end)
+  stop()
+  close_fill(buf)
+  starchat.configure({ completion_max_new_tokens = vim.NIL })
+  if not ok then
+    error(err, 0)
+  end
+  out.ready = vim.wait(10000, function()
+    return lsp.state.state == "ready"
+  end, 20)
+  return out
+end
+
+-- completion = { enabled = false }: nothing asked, no keys; auto = false: nothing asked while
+-- typing, the request key (<M-\>) asks (Invoked), and <Tab> with nothing shown is a Tab.
+function steps.completion_off()
+  local function setup_with(completion_opts)
+    starchat.setup(vim.tbl_deep_extend("force", vim.deepcopy(setup_opts), { completion = completion_opts }))
+  end
+  local buf = open_fill("off.py", sc.FILL_SUM_TEXT)
+  local rec, stop = record_completions(lsp.clients(buf)[1])
+  local row, col = sc.FILL_SUM_CURSOR_LINE, sc.FILL_SUM_CURSOR_CHARACTER
+  local out = {}
+  local ok, err = pcall(function()
+    setup_with({ enabled = false })
+    -- (Neovim 0.11 maps <Tab> itself, for snippets: that mapping is back)
+    out.off = {
+      tab = vim.fn.maparg("<Tab>", "i", false, true).desc or vim.NIL,
+      request_key = vim.fn.maparg("<M-\\>", "i"),
+    }
+    vim.api.nvim_win_set_cursor(0, { row + 1, col })
+    in_insert("i", function(I)
+      I.sleep(600)
+      I.type("v")
+      I.sleep(600)
+    end)
+    out.off.requests = #rec.requests
+    out.off.ghost = ghost(buf) or vim.NIL
+    local notes = #results.notifications
+    vim.cmd("StarChatComplete")
+    out.off.told = vim.tbl_map(function(n)
+      return n.msg
+    end, vim.list_slice(results.notifications, notes + 1))
+    vim.api.nvim_buf_set_lines(buf, row, row + 1, false, { sc.FILL_SUM_TEXT_LINE })
+
+    setup_with({ auto = false })
+    vim.bo[buf].expandtab, vim.bo[buf].softtabstop = false, 0 -- <Tab> inserts a "\t" (not Python's spaces)
+    out.manual = { tab = vim.fn.maparg("<Tab>", "i", false, true).desc or vim.NIL }
+    vim.api.nvim_win_set_cursor(0, { row + 1, col })
+    in_insert("i", function(I)
+      I.sleep(600)
+      out.manual.while_typing = #rec.requests
+      I.type("<M-\\>")
+      I.wait(60000, function()
+        return ghost(buf) ~= nil
+      end, "the ghost text asked for")
+      out.manual.asked = rec.requests[#rec.requests].params.context
+      out.manual.ghost = ghost(buf)
+      I.type("<C-]>", function()
+        return ghost(buf) == nil
+      end)
+      I.type("<Tab>", I.at(col + 1)) -- nothing shown: a Tab
+      out.manual.line = vim.api.nvim_get_current_line()
+      I.sleep(600)
+      out.manual.requests = #rec.requests
+    end)
+    vim.api.nvim_buf_set_lines(buf, row, row + 1, false, { sc.FILL_SUM_TEXT_LINE })
+    -- :StarChatComplete from Normal mode starts Insert mode at the cursor and asks
+    vim.api.nvim_win_set_cursor(0, { row + 1, col })
+    local asked_before_command = #rec.requests
+    in_insert(":StarChatComplete<CR>", function(I)
+      I.wait(60000, function()
+        return ghost(buf) ~= nil
+      end, "the ghost text of :StarChatComplete")
+      out.command = { ghost = ghost(buf), asked = rec.requests[#rec.requests].params.context, mode = mode() }
+      out.command.requests = #rec.requests - asked_before_command
+    end)
+  end)
+  stop()
+  setup_with({})
+  out.restored = vim.fn.maparg("<Tab>", "i", false, true).desc or vim.NIL
+  close_fill(buf)
+  if not ok then
+    error(err, 0)
+  end
+  return out
+end
+
 --- Records every message the client sends (its rpc): returns the list ({method, uri, json}) and a
 --- function that stops recording.
 local function record_sent(c)

@@ -30,6 +30,19 @@ M.defaults = {
     --- Longest chat answer in tokens (nil: the server's maxNewTokens).
     max_new_tokens = nil,
   },
+  --- Inline completion: the server's proposal at the cursor as ghost text in Insert mode
+  --- (textDocument/inlineCompletion). `completion = false` is `enabled = false`.
+  completion = {
+    --- false: no inline completion at all (no autocommands, no keys).
+    enabled = true,
+    --- Ask as you type; false: only when asked (keys.request, :StarChatComplete).
+    auto = true,
+    --- Ask once typing has paused this long (milliseconds).
+    debounce_ms = 150,
+    --- Insert-mode keys; false leaves one unmapped. accept and dismiss act only while a
+    --- suggestion is shown, and otherwise do what the key did before.
+    keys = { accept = "<Tab>", dismiss = "<C-]>", request = "<M-\\>" },
+  },
   --- Add "Ask StarChat" and a "StarChat" submenu to the right-click menu.
   popup_menu = true,
   --- Called with (client, bufnr) when the server attaches to a buffer.
@@ -41,7 +54,7 @@ M.defaults = {
 --- Keys that configure the plugin; every other top-level key is a server setting.
 M.plugin_keys = {
   cmd = true, filetypes = true, root_markers = true, root_dir = true, name = true, chat = true,
-  popup_menu = true, on_attach = true, settings = true, capabilities = true,
+  completion = true, popup_menu = true, on_attach = true, settings = true, capabilities = true,
 }
 
 M.options = vim.deepcopy(M.defaults)
@@ -69,6 +82,9 @@ end
 
 function M.set(user)
   user = user or {}
+  if type(user.completion) == "boolean" then -- completion = false
+    user = vim.tbl_extend("force", user, { completion = { enabled = user.completion } })
+  end
   local opts = vim.tbl_deep_extend("force", vim.deepcopy(M.defaults), user)
   -- Lists replace, never merge.
   for _, key in ipairs({ "cmd", "filetypes", "root_markers" }) do

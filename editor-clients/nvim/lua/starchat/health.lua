@@ -42,6 +42,19 @@ function M.check()
       )
     )
   end
+  local completion = config.options.completion or {}
+  if completion.enabled == false then
+    health.info("inline completion: off (completion.enabled = false)")
+  elseif not (clients[1].server_capabilities or {}).inlineCompletionProvider then
+    health.warn("inline completion: the server does not offer it (textDocument/inlineCompletion)", {
+      "update starchat-lsp",
+    })
+  else
+    health.ok(
+      completion.auto == false and "inline completion: when asked (completion.auto = false)"
+        or ("inline completion: as you type (after %d ms)"):format(completion.debounce_ms or 150)
+    )
+  end
   local state, message = lsp.state.state, lsp.state.message
   if state == "error" then
     health.error("the model did not load: " .. (message or ""), {

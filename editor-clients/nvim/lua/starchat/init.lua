@@ -3,10 +3,12 @@ local config = require("starchat.config")
 local lsp = require("starchat.lsp")
 local chat = require("starchat.chat")
 local range_util = require("starchat.range")
+local completion = require("starchat.completion")
 
 local M = {}
 
 M.chat = chat
+M.completion = completion
 
 local function wants(ft)
   local fts = config.options.filetypes
@@ -259,6 +261,9 @@ local function define_commands()
   cmd("StarChatClear", function()
     chat.clear()
   end, { desc = "Start a new StarChat conversation" })
+  cmd("StarChatComplete", function()
+    completion.trigger()
+  end, { desc = "StarChat: complete at the cursor (inline, as ghost text)" })
 end
 
 local function define_menu()
@@ -300,6 +305,7 @@ function M.setup(opts)
   end
   define_commands()
   define_menu()
+  completion.setup()
   local group = vim.api.nvim_create_augroup("starchat", { clear = true })
   local function on(events, callback)
     vim.api.nvim_create_autocmd(events, { group = group, callback = callback })

@@ -456,6 +456,11 @@ function M.client_config(root)
     opts.capabilities or {},
     { experimental = { starchat = { askQuestion = true, showsAnswers = true } } }
   )
+  -- LSP 3.18: the plugin shows inline completions (completion.lua); Neovim 0.11 does not
+  if (opts.completion or {}).enabled ~= false then
+    capabilities.textDocument = capabilities.textDocument or {}
+    capabilities.textDocument.inlineCompletion = { dynamicRegistration = false }
+  end
   -- The Fix/Optimize/Document/Write tests code actions then come with the starchat.runTask
   -- command, which the plugin runs (init.lua) as it runs :StarChatFix, so that :StarChatStop
   -- stops them: Neovim's own codeAction/resolve of their edit could not be stopped.

@@ -12,6 +12,25 @@ local function column(bufnr, row, col, encoding)
   end
   return vim.lsp.util.character_offset(bufnr, row, col, encoding)
 end
+M.column = column
+
+--- Byte column of the LSP `character` (in the position encoding) on the line `text`, at most
+--- the line's end.
+function M.byte_col(text, character, encoding)
+  if character <= 0 then
+    return 0
+  end
+  local col
+  if encoding == "utf-8" then
+    col = character
+  elseif vim.fn.has("nvim-0.11") == 1 then
+    col = vim.str_byteindex(text, encoding, character, false)
+  else -- 0.10: vim.str_byteindex(s, index, use_utf16) errors past the end
+    local ok, b = pcall(vim.str_byteindex, text, character, encoding == "utf-16")
+    col = ok and b or #text
+  end
+  return math.min(col, #text)
+end
 
 --- Whole lines line1..line2 (1-based): from the start of line1 to the start of the next line
 --- (to the end of the last line when the buffer has no final line break).
