@@ -102,6 +102,12 @@ class Settings:
                       "fill-in-the-middle: one line when the cursor's line goes on after it, else up to where the code "
                       "after the cursor follows."),
     )
+    completion_model: str = field(
+        default="",
+        metadata=_doc("Hub id or local folder of a model of its own for inline completions, a StarCoder-family base "
+                      "model trained to fill in the middle (e.g. bigcode/starcoderbase-1b), loaded beside the chat model "
+                      "with its device, dtype and engine; empty: the chat model completes."),
+    )
     completion_max_new_tokens: int = field(default=64, metadata=_doc("Longest inline completion, in tokens.", _positive))
     completion_context_tokens: int = field(
         default=2048,

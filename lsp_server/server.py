@@ -25,6 +25,7 @@ from pygls.protocol import JsonRPCNotification, JsonRPCRequestMessage, default_c
 from pygls.uris import to_fs_path
 
 from . import __version__
+from .completion_model import CompletionModel
 from .config import Settings, merge, reloads_model
 from .engine import Busy, Engine, EngineError, Generation, Priority, Sampling, Worker, load_engine, stream
 from .prompts import PromptFormat, format_for
@@ -74,6 +75,7 @@ class StarChatServer(LanguageServer):
         self.settings = self.base_settings
         self.init_options: Any = None
         self.worker = Worker(self.settings.queue_size)
+        self.completion_model = CompletionModel(self)
         self.engine: Engine | None = None  # the loaded one, closed on reload
         self.engine_ready: asyncio.Future[Engine] | None = None
         self.configured = asyncio.Event()  # set once `initialized` has gathered the settings
@@ -92,6 +94,7 @@ class StarChatServer(LanguageServer):
         self._format: PromptFormat | None = None
         self._format_engine: Engine | None = None
         self._fill_format: FillFormat | None = None
+        self._fill_engine: Engine | None = None
 
     # ---- settings -------------------------------------------------------------------------
     def apply_settings(self, init: Any, live: Any = None) -> None:
@@ -106,6 +109,8 @@ class StarChatServer(LanguageServer):
             self.show_message(problem, types.MessageType.Warning)
         self.settings = settings
         self.worker.queue_size = settings.queue_size
+        if self.configured.is_set():  # else `initialized` loads it, with the editor's settings
+            self.completion_model.update()
 
     def needs_load(self) -> bool:
         """Whether the settings need a model other than the one loaded (or being loaded): none
@@ -207,13 +212,24 @@ class StarChatServer(LanguageServer):
         """How to prompt the loaded model (looked up once per engine: the vocabulary is large)."""
         if self._format_engine is not engine:
             self._format, self._format_engine = format_for(engine.tokenizer), engine
-            self._fill_format = fill_format(engine.tokenizer, self._format.encode_text)
         return self._format
 
     def fill_format(self, engine: Engine) -> FillFormat | None:
-        """How to prompt the loaded model to fill in the middle; None when it cannot."""
-        self.prompt_format(engine)
+        """How to prompt ``engine``'s model to fill in the middle; None when it cannot."""
+        if self._fill_engine is not engine:
+            self._fill_format, self._fill_engine = fill_format(engine.tokenizer), engine
         return self._fill_format
+
+    async def completion_engine(self) -> tuple[Engine, Worker]:
+        """The model that fills in the middle and its worker: the completion model when
+        ``completionModel`` names one (waiting while it loads), else the chat model."""
+        ready = self.completion_model.ready
+        if ready is None:
+            return await self.ready_engine(), self.worker
+        try:
+            return await ready, self.completion_model.worker
+        except EngineError as exc:
+            raise RequestFailed(str(exc)) from None
 
     async def generate(
         self,
@@ -226,14 +242,16 @@ class StarChatServer(LanguageServer):
         on_text: Callable[[str], None] | None = None,
         until: Callable[[str], bool] | None = None,
         quiet: bool = False,
+        engine: tuple[Engine, Worker] | None = None,
     ) -> Generation:
         """Run the model with progress (``work_done_token``, else a command request's own, else
         one the server creates; ``quiet``: only the client's own token, and no "generating"
         status: for work as frequent as typing); cancelling the calling task stops the decoding
-        loop. ``until``: see :func:`engine.stream`."""
+        loop. ``until``: see :func:`engine.stream`. ``engine``: another model and its worker
+        (the completion model) instead of the chat model."""
         if work_done_token is None:
             work_done_token = COMMAND_WORK_DONE_TOKEN.get()
-        engine = await self.ready_engine()
+        model, worker = engine if engine is not None else (await self.ready_engine(), self.worker)
         sampling = Sampling.from_settings(self.settings, max_new_tokens)
         async with WorkDone(self, title, token=work_done_token, cancellable=True, create=not quiet) as progress:
             streamed = 0
@@ -251,7 +269,7 @@ class StarChatServer(LanguageServer):
                 self.status("generating", title)
             self._generating += 1
             try:
-                generation = await stream(self.worker, engine, prompt_ids, sampling, priority, on_piece, on_count,
+                generation = await stream(worker, model, prompt_ids, sampling, priority, on_piece, on_count,
                                           time_limit=self.settings.request_timeout, until=until)
             except (Busy, EngineError) as exc:
                 progress.end_message = f"Failed after {_tokens(streamed)}"
@@ -520,6 +538,7 @@ class StarChatServer(LanguageServer):
         for task in list(self._background):
             task.cancel()
         self.worker.close(wait)
+        self.completion_model.close(wait)
 
 
 def _tokens(count: int) -> str:

@@ -1,5 +1,6 @@
 """Inline completion (LSP 3.18 ``textDocument/inlineCompletion``): the model's fill-in-the-middle at
-the cursor, shown by the editor as ghost text.
+the cursor, shown by the editor as ghost text, by the chat model or the completion model
+(``completion_model.py``).
 
 Asked for as the user types (trigger kind Automatic): ranked with hovers, below explicit
 actions, without progress or status, and a failure (busy, prompt too long, the model still
@@ -56,8 +57,9 @@ def register(server: StarChatServer) -> None:
         if looks_secret(uri):  # asked at every keystroke: no answer, not an error each time
             return None
         explicit = params.context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
-        loaded = ls.engine_ready is not None and ls.engine_ready.done()
-        if not explicit and not loaded:  # no waiting (with progress) for the model at every keystroke
+        own = ls.completion_model.ready
+        ready = own if own is not None else ls.engine_ready
+        if not explicit and (ready is None or not ready.done()):  # no waiting for a model at every keystroke
             return None
         try:
             return await _complete(ls, params, explicit)
@@ -71,7 +73,7 @@ def register(server: StarChatServer) -> None:
 async def _complete(ls: StarChatServer, params: types.InlineCompletionParams, explicit: bool) -> types.InlineCompletionList:
     uri = params.text_document.uri
     document = ls.open_document(uri)
-    engine = await ls.ready_engine()
+    engine, worker = await ls.completion_engine()
     fmt = ls.fill_format(engine)
     if fmt is None:
         raise RequestFailed("The model's tokenizer has no fill-in-the-middle tokens (<fim_prefix>, <fim_suffix>, "
@@ -107,6 +109,7 @@ async def _complete(ls: StarChatServer, params: types.InlineCompletionParams, ex
             work_done_token=params.work_done_token,
             until=shape.enough,
             quiet=True,
+            engine=(engine, worker),
         )
         completion = shape.text(generation.text, finished=generation.finish_reason == "stop")
         proposed[uri] = Proposed(prompt.before, prompt.after, completion)

@@ -49,6 +49,7 @@ def register(server: StarChatServer) -> None:
             ls.start_loading()
         elif ls.last_status is not None:  # and hears where it stands (ready, still loading, failed)
             ls.status(*ls.last_status)
+        ls.completion_model.update()
         ls.configured.set()
 
     @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)

@@ -3,7 +3,7 @@
 StarCoder's format, prefix-suffix-middle: ``<fim_prefix>{before}<fim_suffix>{after}<fim_middle>``;
 the model writes what goes at the cursor and ends it with ``<|endoftext|>``. StarChat-beta keeps
 StarCoder's vocabulary, so the tokens are there (whether its chat fine-tune kept the skill is not
-measured).
+measured: setting ``completionModel`` names a StarCoder-family base model for completions).
 
 The budget counts the model's own tokens and the final prompt is counted whole, so
 ``len(ids) <= budget`` always holds. The cursor's line is never cut. The lines after the cursor
@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from ..text import normalize_eol, split_lines
 from .build import _MAX_CHARS_PER_TOKEN, PromptTooLong, _roundest
+from .format import text_encoder
 
 FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
 AFTER_SHARE = 0.25
@@ -34,12 +35,12 @@ class FillFormat:
     middle_id: int
 
 
-def fill_format(tokenizer: Any, encode_text: Callable[[str], list[int]]) -> FillFormat | None:
+def fill_format(tokenizer: Any) -> FillFormat | None:
     """StarCoder's fill-in-the-middle tokens in this tokenizer; None when it lacks them."""
     vocab = tokenizer.get_vocab()
     if not all(token in vocab for token in FIM_TOKENS):
         return None
-    return FillFormat(encode_text, *(vocab[token] for token in FIM_TOKENS))
+    return FillFormat(text_encoder(tokenizer), *(vocab[token] for token in FIM_TOKENS))
 
 
 @dataclass(frozen=True)

@@ -79,8 +79,7 @@ class TemplateFormat:
     tokenizer: Any
 
     def encode_text(self, text: str) -> list[int]:
-        with _TOKENIZER_LOCK:
-            return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        return text_encoder(self.tokenizer)(text)
 
     def encode_dialogue(self, messages: Sequence[Message]) -> list[int]:
         as_dicts = [{"role": m.role, "content": m.content} for m in messages]
@@ -89,14 +88,20 @@ class TemplateFormat:
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def format_for(tokenizer: Any) -> StarChatFormat | TemplateFormat:
-    """StarChat's own format when the tokenizer has its control tokens, else the chat template."""
-    vocab = tokenizer.get_vocab()
+def text_encoder(tokenizer: Any) -> Callable[[str], list[int]]:
+    """Plain text → ids with ``tokenizer``; control-token strings inside the text stay plain text."""
 
     def encode_text(text: str) -> list[int]:
         with _TOKENIZER_LOCK:
             return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
+    return encode_text
+
+
+def format_for(tokenizer: Any) -> StarChatFormat | TemplateFormat:
+    """StarChat's own format when the tokenizer has its control tokens, else the chat template."""
+    vocab = tokenizer.get_vocab()
+    encode_text = text_encoder(tokenizer)
     if all(token in vocab for token in STARCHAT_TOKENS):
         system, user, assistant, end = (vocab[t] for t in STARCHAT_TOKENS)
         return StarChatFormat(encode_text, system, user, assistant, end)

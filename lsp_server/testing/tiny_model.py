@@ -125,7 +125,7 @@ def training_pairs(tokenizer) -> list[tuple[list[int], list[int], bool]]:
         messages = [Message(role, content) for role, content in chat.messages]  # type: ignore[arg-type]
         prompt = chat_prompt(fmt, system=settings.system_prompt, budget=CONTEXT_WINDOW, messages=messages)
         pairs.append((prompt.ids, encode_answer(chat.answer, chat.ends), chat.ends))
-    fill = fill_format(tokenizer, fmt.encode_text)
+    fill = fill_format(tokenizer)
     assert fill is not None
     fill_budget = min(prompt_budget(0, CONTEXT_WINDOW, settings.completion_max_new_tokens), settings.completion_context_tokens)
     for scenario in sc.FILL_SCENARIOS:

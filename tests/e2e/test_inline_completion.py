@@ -12,6 +12,7 @@ from lsprotocol import types
 
 from lsp_server.testing import scenarios as sc
 
+from ..conftest import MODEL_DIR
 from .conftest import apply_text_edits, wait_until
 from .test_features import _cancel, _change_notebook, _open_calc_notebook, chat, configure, generation_reports
 
@@ -139,3 +140,34 @@ async def test_cancelling_a_completion_stops_the_model(editor):
     (item,) = (await complete(editor, uri, sc.FILL_LONG_CURSOR)).items
     assert item.insert_text.startswith("tick tock tick tock")  # cut at the token limit, not stopped
     assert time.monotonic() - started < 10  # the engine was free
+
+
+async def test_a_completion_model_of_its_own_completes_beside_the_chat(editor):
+    """``completionModel`` loads a second model (here the test model again) on a worker of its
+    own: a completion is answered while a long chat answer streams from the chat model (whose
+    `generate` engine runs one request at a time). A model that cannot load fails completions
+    asked for, with the reason, and the chat goes on; emptied, the chat model completes again."""
+    editor.client.protocol.notify(types.SET_TRACE, types.SetTraceParams(value=types.TraceValue.Messages))
+    await chat(editor, [("user", sc.CHAT_QUESTION)], token="load", maxNewTokens=1)
+    configure(editor, completionModel=str(MODEL_DIR))
+    uri = editor.open("calc.py", sc.FILL_SUM_TEXT)
+    (item,) = (await complete(editor, uri, sc.FILL_SUM_CURSOR, INVOKED)).items  # waits for it to load
+    assert item.insert_text == sc.FILL_SUM
+    assert any(t.startswith(f"Completion model ready: {MODEL_DIR}") for t in editor.traces)
+    long = asyncio.ensure_future(chat(editor, [("user", sc.LONG_QUESTION)], token="long", maxNewTokens=1500))
+    await wait_until(lambda: len(editor.partials.get("long", [])) >= 3)
+    editor.change(uri, sc.FILL_AREA_TEXT)
+    (item,) = (await complete(editor, uri, sc.FILL_AREA_CURSOR, INVOKED)).items
+    assert item.insert_text == sc.FILL_AREA and not long.done()
+    error = await editor.cancel_mid_stream(long, "long")
+    assert getattr(error, "code", None) == -32800
+
+    configure(editor, completionModel=str(MODEL_DIR / "missing"))
+    with pytest.raises(Exception, match="Could not load the completion model"):
+        await complete(editor, uri, sc.FILL_AREA_CURSOR, INVOKED)
+    assert await complete(editor, uri, sc.FILL_AREA_CURSOR) is None
+    assert (await chat(editor, [("user", sc.CHAT_QUESTION)], token="still"))["text"] == sc.CHAT_ANSWER
+    configure(editor, completionModel="")
+    editor.change(uri, sc.FILL_SUM_TEXT)
+    (item,) = (await complete(editor, uri, sc.FILL_SUM_CURSOR, INVOKED)).items
+    assert item.insert_text == sc.FILL_SUM

@@ -6,13 +6,13 @@ import pytest
 from lsp_server.answers import FillShape
 from lsp_server.engine.base import common_prefix
 from lsp_server.features.inline_completion import Proposed, typed_through
-from lsp_server.prompts import PromptTooLong, format_for
+from lsp_server.prompts import PromptTooLong
 from lsp_server.prompts.fill import FillPrompt, fill_format, fill_prompt
 
 
 @pytest.fixture(scope="module")
 def fmt(tokenizer):
-    found = fill_format(tokenizer, format_for(tokenizer).encode_text)
+    found = fill_format(tokenizer)
     assert found is not None
     return found
 
