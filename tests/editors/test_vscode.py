@@ -3,7 +3,8 @@ playwright-core (tests/editors/vscode/e2e.mjs), with the real server and the tra
 
 One code-server session runs every step, in Restricted Mode (the workspace is not trusted; its
 .vscode/settings.json names a server command that must not run): status bar, hover, right-click →
-Ask StarChat → Fix, Ask a Question…, the chat about a file closed since, chat with streaming, Stop, model output kept as text, Insert at cursor, Reload
+Ask StarChat → Fix, inline completion (ghost text as the user types and when asked for, Tab,
+Escape, completionEnabled false), Ask a Question…, the chat about a file closed since, chat with streaming, Stop, model output kept as text, Insert at cursor, Reload
 Webviews, a project's own User/settings.json, Fix sending the editor's problems, a trace setting change, secret files and the
 editor's settings, Restart Server twice, the server killed mid-answer, the chat after Reload
 Window); each test checks one step's results. Screenshots of every step go to
@@ -131,6 +132,19 @@ TYPED_MARKER = "TYPED_TOKEN=typed-secret-0c9a44"
 CALC_FIXED = sc.CALC_PY.replace("def average(values):\n    return sum(values) / len(values) + 1\n", sc.FIXED_AVERAGE)
 
 
+def insert_at(text: str, line: int, character: int, inserted: str) -> str:
+    lines = text.split("\n")
+    lines[line] = lines[line][:character] + inserted + lines[line][character:]
+    return "\n".join(lines)
+
+
+FILL_SUM_LINE = sc.FILL_SUM_TEXT.split("\n")[sc.FILL_SUM_CURSOR.line]
+assert FILL_SUM_LINE == "    return sum()" and sc.FILL_SUM_CURSOR.character == len("    return sum(")
+FILL_SUM_TYPED = sc.FILL_SUM_TEXT.replace(FILL_SUM_LINE, "    return sum", 1)  # before "(" is typed
+FILL_SUM_ACCEPTED = insert_at(sc.FILL_SUM_TEXT, sc.FILL_SUM_CURSOR.line, sc.FILL_SUM_CURSOR.character, sc.FILL_SUM)
+FILL_AREA_ACCEPTED = insert_at(sc.FILL_AREA_TEXT, sc.FILL_AREA_CURSOR.line, sc.FILL_AREA_CURSOR.character, sc.FILL_AREA)
+
+
 @pytest.fixture(scope="module")
 def session(test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Runs the whole browser session once; returns the driver's results per step."""
@@ -172,7 +186,9 @@ def session(test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     # A key for Restart Server, pressed twice in a row by the driver.
     # Fix from a key on a secret-looking file, where the command palette does not offer it.
     keybindings = [{"key": "ctrl+alt+shift+f9", "command": "starchat.restartServer"},
-                   {"key": "ctrl+alt+shift+f8", "command": "starchat.fixSelection"}]
+                   {"key": "ctrl+alt+shift+f8", "command": "starchat.fixSelection"},
+                   # Trigger Inline Suggestion (Alt+\\ by default; a key of its own, whatever the layout)
+                   {"key": "ctrl+alt+shift+f7", "command": "editor.action.inlineSuggest.trigger"}]
     (user_data / "User" / "keybindings.json").write_text(json.dumps(keybindings, indent=2))
     settings = {
         "starchat.temperature": 0,
@@ -250,6 +266,7 @@ def session(test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
                     "userData": str(user_data),
                     "codeServerPid": server.pid,
                     "serverCommand": server_command,
+                    "triggerInlineKey": "Control+Alt+Shift+F7",
                     "secrets": {
                         "envFile": str(workspace / ".env"),
                         "marker": ENV_MARKER.split("=")[0],
@@ -268,6 +285,14 @@ def session(test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
                         "chatFollowUp": sc.CHAT_FOLLOW_UP,
                         "chatFollowUpAnswer": sc.CHAT_FOLLOW_UP_ANSWER,
                         "longQuestion": sc.LONG_QUESTION,
+                        # Inline completion: "(" typed after "sum" (VS Code closes it: FILL_SUM_TEXT)
+                        "fillSumTyped": FILL_SUM_TYPED,
+                        "fillSumCursor": {"line": sc.FILL_SUM_CURSOR.line, "character": sc.FILL_SUM_CURSOR.character},
+                        "fillSum": sc.FILL_SUM,
+                        "fillSumAcceptedLine": FILL_SUM_ACCEPTED.split("\n")[sc.FILL_SUM_CURSOR.line],
+                        "fillAreaText": sc.FILL_AREA_TEXT,
+                        "fillAreaCursor": {"line": sc.FILL_AREA_CURSOR.line, "character": sc.FILL_AREA_CURSOR.character},
+                        "fillArea": sc.FILL_AREA,
                     },
                 }
             )
@@ -350,6 +375,86 @@ def test_right_click_ask_starchat_fix_changes_the_code(session):
     assert result["text"] == CALC_FIXED  # as shown in the editor
     assert result["disk"] == CALC_FIXED  # saved after the edit
     step(session, "undo")
+
+
+def proposals(answers: list[dict]) -> list[str]:
+    """The insertText of every item the server answered (null answers have none)."""
+    return [item["insertText"] for answer in answers if answer["result"] for item in answer["result"].get("items", [])]
+
+
+def test_inline_completion_as_you_type_tab_accepts(session):
+    """Typing "(" after "sum" (VS Code closes the bracket: FILL_SUM_TEXT, the cursor between the
+    brackets) asks the server as the user types (LSP 3.18 triggerKind Automatic: 2) and shows
+    the proposal as ghost text between the brackets; Tab puts it into the file, the cursor after it."""
+    result = step(session, "inline")
+    assert result["closed"] is True, f"the bracket was not closed: {result['closed']!r}"
+    assert [a["triggerKind"] for a in result["typedAnswer"]] and {a["triggerKind"] for a in result["typedAnswer"]} == {2}, result["typedAnswer"]
+    assert sc.FILL_SUM in proposals(result["typedAnswer"]), result["typedAnswer"]
+    ghost = result["typedGhost"]
+    assert (ghost["inline"], ghost["below"]) == (sc.FILL_SUM, []), ghost
+    assert ghost["text"] == sc.FILL_SUM_TEXT, ghost  # the document itself: the ghost text is not in it
+    assert result["typedAccepted"] == FILL_SUM_ACCEPTED, result["typedAccepted"]
+    assert result["typedDisk"] == FILL_SUM_ACCEPTED
+    column = sc.FILL_SUM_CURSOR.character + len(sc.FILL_SUM) + 1
+    assert f"Ln {sc.FILL_SUM_CURSOR.line + 1}, Col {column}" in result["typedCursor"], result["typedCursor"]
+
+
+def test_inline_completion_asked_for_tab_accepts_escape_dismisses(session):
+    """Trigger Inline Suggestion (editor.action.inlineSuggest.trigger) on the empty line under
+    `def area(radius):` asks as an explicit request (triggerKind Invoked: 1) and shows the two
+    lines proposed (the second below the line); Tab inserts both; asked again, Escape dismisses the
+    proposal and the text stays as it was."""
+    result = step(session, "inline")
+    first, second = sc.FILL_AREA.split("\n")
+    for answers, ghost in ((result["invokedAnswer"], result["invokedGhost"]), (result["againAnswer"], result["againGhost"])):
+        assert answers and {a["triggerKind"] for a in answers} == {1}, answers
+        assert sc.FILL_AREA in proposals(answers), answers
+        assert (ghost["inline"], ghost["below"]) == (first, [second]), ghost
+        assert ghost["text"] == sc.FILL_AREA_TEXT, ghost
+    assert result["invokedAccepted"] == FILL_AREA_ACCEPTED, result["invokedAccepted"]
+    assert result["invokedDisk"] == FILL_AREA_ACCEPTED
+    assert not result["dismissedShown"]
+    assert result["dismissed"] == sc.FILL_AREA_TEXT
+    assert result["dismissedDisk"] == sc.FILL_AREA_TEXT
+
+
+def test_inline_completion_in_a_notebook_cell(session):
+    """In a notebook cell holding the same code, "(" typed after "sum": the request is about the
+    cell (its vscode-notebook-cell: URI), the ghost text is the same proposal, Tab puts it into the
+    cell, and the saved notebook has it."""
+    cell = step(session, "inline")["cell"]
+    assert cell["uris"] and all(uri.startswith("vscode-notebook-cell:") and "fill_cell.ipynb" in uri for uri in cell["uris"]), cell["uris"]
+    assert {a["triggerKind"] for a in cell["answer"]} == {2}, cell["answer"]
+    assert sc.FILL_SUM in proposals(cell["answer"]), cell["answer"]
+    assert (cell["ghost"]["inline"], cell["ghost"]["below"]) == (sc.FILL_SUM, []), cell["ghost"]
+    assert cell["accepted"].rstrip("\n") == FILL_SUM_ACCEPTED.rstrip("\n"), cell["accepted"]
+    assert [source.rstrip("\n") for source in cell["disk"]] == [FILL_SUM_ACCEPTED.rstrip("\n")], cell["disk"]
+
+
+def test_inline_completion_is_quiet(session):
+    """While completions come and go, the status bar item stays ready (no "generating") and no
+    notification shows: the server sends neither status nor progress for them, and the client
+    creates no progress of its own."""
+    result = step(session, "inline")
+    assert result["typedAnswer"] and result["invokedAnswer"]  # the requests were there, in the trace
+    statuses = result["quiet"]["status"]
+    assert statuses and all(s.strip().startswith("StarChat") for s in statuses), statuses
+    assert not any(word in s for s in statuses for word in ("generating", "loading", "starting", "error", "stopped")), statuses
+    assert result["quiet"]["toasts"] == [], result["quiet"]["toasts"]
+    assert (result["statusNotifications"], result["progressCreated"], result["progressSent"]) == (0, 0, 0), result
+
+
+def test_inline_completion_off_with_completion_enabled_false(session):
+    """With starchat.completionEnabled false the server pulls the setting and answers null, as the
+    user types and when asked for: no ghost text."""
+    result = step(session, "inline")
+    assert '"completionEnabled": false' in session["client_log"], "the server was not sent the changed setting"
+    disabled = result["disabled"]
+    assert disabled["typed"] and {a["triggerKind"] for a in disabled["typed"]} == {2}, disabled["typed"]
+    assert disabled["invoked"] and {a["triggerKind"] for a in disabled["invoked"]} == {1}, disabled["invoked"]
+    assert proposals(disabled["typed"] + disabled["invoked"]) == [], disabled
+    assert not disabled["ghostAfterTyping"]["shown"] and not disabled["ghostAfterTrigger"]["shown"], disabled
+    assert disabled["disk"] == sc.FILL_SUM_TEXT  # the bracket closed, nothing else
 
 
 def test_ask_a_question_answers_in_the_chat_view(session):
@@ -722,5 +827,5 @@ def test_a_server_over_tcp_with_a_token_outlives_restart_server(session):
 
 def test_screenshots_of_each_step(session):
     shots = sorted(p.name for p in SCREENSHOTS.glob("vscode-*.png"))
-    for name in ("ready", "hover", "menu-fix", "fixed", "ask-answer", "explain", "chat", "setting", "streaming", "stopped"):
+    for name in ("ready", "hover", "menu-fix", "fixed", "inline-typed", "inline-invoked", "ask-answer", "explain", "chat", "setting", "streaming", "stopped"):
         assert any(shot.endswith(f"-{name}.png") for shot in shots), f"no screenshot for {name}: {shots}"

@@ -7,9 +7,12 @@ import {
   DocumentSelector,
   ExecuteCommandRequest,
   FeatureState,
+  InlineCompletionRequest,
+  InlineCompletionTriggerKind,
   LanguageClient,
   LanguageClientOptions,
   ProgressToken,
+  ProposedFeatures,
   RevealOutputChannelOn,
   State,
   StaticFeature,
@@ -37,6 +40,24 @@ class StarChatCapabilities implements StaticFeature {
     return { kind: "static" };
   }
   clear(): void {}
+}
+
+/** LSP 3.18's InlineCompletionTriggerKind for VS Code's: Invoked 1 (Trigger Inline Suggestion),
+ * Automatic 2 (as the user types). */
+function lspTriggerKind(kind: vscode.InlineCompletionTriggerKind): 1 | 2 {
+  return kind === vscode.InlineCompletionTriggerKind.Invoke ? 1 : 2;
+}
+
+/** Inline completion (textDocument/inlineCompletion: ghost text as the user types, Tab accepts)
+ * is a proposed feature in vscode-languageclient 9: without this, the client neither announces
+ * the capability nor asks the server, whatever the server advertises. Only that feature is taken
+ * from the proposed ones, and only when the client does not have it already (later versions
+ * build it in). */
+function registerInlineCompletion(lc: LanguageClient): void {
+  if (lc.getFeature(InlineCompletionRequest.method)) return;
+  for (const feature of ProposedFeatures.createAll(lc)) {
+    if ("registrationType" in feature && feature.registrationType.method === InlineCompletionRequest.method) lc.registerFeature(feature);
+  }
 }
 
 interface StatusParams {
@@ -145,6 +166,21 @@ async function start(): Promise<void> {
       },
       provideHover: (document, position, token, next) => (privateDocument(document.uri) ? undefined : next(document, position, token)),
       provideCodeActions: (document, range, context, token, next) => (privateDocument(document.uri) ? [] : next(document, range, context, token)),
+      // Inline completion, asked by VS Code as the user types (and by Trigger Inline Suggestion):
+      // sent here rather than by the language client, whose version 9 sends VS Code's own trigger
+      // kinds (Invoke 0, Automatic 1: an early draft of LSP 3.18), which a 3.18 server refuses (0)
+      // or reads as the other kind (1: Invoked). Never about a document the server was not sent.
+      provideInlineCompletionItems: async (document, position, context, token) => {
+        if (privateDocument(document.uri)) return undefined;
+        const params = created.code2ProtocolConverter.asInlineCompletionParams(document, position, context);
+        params.context = { ...params.context, triggerKind: lspTriggerKind(context.triggerKind) as InlineCompletionTriggerKind };
+        try {
+          const result = await created.sendRequest(InlineCompletionRequest.type, params, token);
+          return token.isCancellationRequested ? null : created.protocol2CodeConverter.asInlineCompletionResult(result, token);
+        } catch (error) {
+          return created.handleFailedRequest(InlineCompletionRequest.type, token, error, null);
+        }
+      },
       // Fix, Optimize, Document and Write tests picked from the light bulb run in
       // codeAction/resolve: a notification with Cancel (which stops the model) while they run.
       // Explain and Ask carry a command instead and resolve at once.
@@ -189,6 +225,7 @@ async function start(): Promise<void> {
   }
   const created = new LanguageClient("starchat", "StarChat", options, clientOptions);
   created.registerFeature(new StarChatCapabilities());
+  registerInlineCompletion(created);
   created.onDidChangeState((event) => {
     if (event.newState === State.Starting) status.set("starting", "Starting the server");
     else if (event.newState === State.Stopped && client === created) status.set("stopped", "The server stopped; see the log.");

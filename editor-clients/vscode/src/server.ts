@@ -29,6 +29,7 @@ export const SERVER_SETTINGS = [
   "hoverMaxNewTokens",
   "hoverContextTokens",
   "completionEnabled",
+  "completionModel",
   "completionMaxNewTokens",
   "completionContextTokens",
   "warmCache",
@@ -51,6 +52,7 @@ export const RESTRICTED_SETTINGS = [
   "starchat.server.tcp",
   "starchat.model",
   "starchat.revision",
+  "starchat.completionModel",
   "starchat.trustRemoteCode",
   "starchat.allowUnsafeWeights",
 ] as const;

@@ -3,7 +3,9 @@
 // code-server and passes everything in a JSON file (argv[2]); the results go to argv[3].
 //
 // Steps: the status bar shows the model ready; hover over `area`; select average() → right-click
-// → Ask StarChat → Fix changes the text; Ask StarChat → Ask a Question… answers in the chat view;
+// → Ask StarChat → Fix changes the text; inline completion: ghost text after "sum(" as the user
+// types and under `def area` when asked for, Tab accepts, Escape dismisses, quiet, off with
+// starchat.completionEnabled false; Ask StarChat → Ask a Question… answers in the chat view;
 // the chat goes on about a file after it is closed, and drops a closed untitled document with a
 // note (all in Restricted Mode: the workspace's settings.json sets a hostile server command that
 // must not run); chat with streaming and a follow-up; Stop while a long answer streams; model output with HTML
@@ -159,6 +161,26 @@ function requests(log, method) {
   });
 }
 const requestParams = (log, method) => requests(log, method).map((r) => r.params);
+/** The responses to `method` in a log with the verbose trace: id → result (null for none). */
+function responses(log, method) {
+  const found = new Map();
+  for (const part of log.split(`Received response '${method} - (`).slice(1)) {
+    const id = part.slice(0, part.indexOf(")"));
+    const [header, ...lines] = part.split("\n");
+    if (header.includes("Request failed")) {
+      found.set(id, { error: header.slice(header.indexOf("Request failed")) });
+      continue;
+    }
+    if (!lines[0]?.includes("Result: ")) {
+      found.set(id, null); // "No result returned."
+      continue;
+    }
+    lines[0] = lines[0].slice(lines[0].indexOf("Result: ") + "Result: ".length);
+    const end = lines.findIndex((line, i) => i > 0 && /^\d{4}-\d\d-\d\d \d/.test(line));
+    found.set(id, JSON.parse(lines.slice(0, end < 0 ? undefined : end).join("\n")));
+  }
+  return found;
+}
 const count = (text, part) => text.split(part).length - 1;
 
 async function waitReady(timeoutMs = 120000) {
@@ -178,6 +200,54 @@ async function editorText(target = editor()) {
     }));
     lines.sort((a, b) => a.top - b.top);
     return lines.map((l) => l.text).join("\n");
+  });
+}
+
+/** The inline completion shown in an editor (ghost text): the part on the cursor's line and the
+ * lines below it, as the user sees them; and the editor's lines without it. */
+async function ghostText(target = editor()) {
+  return target.evaluate((root) => {
+    const text = (node) => node.textContent.replace(/\u00a0/g, " ");
+    const isGhost = (node) => [...node.classList].some((c) => c.startsWith("ghost-text"));
+    const byTop = (nodes) => [...nodes].sort((a, b) => parseFloat(a.style.top || 0) - parseFloat(b.style.top || 0));
+    // on the cursor's line: injected text (spans .ghost-text-decoration…) in the view line
+    const inline = [...root.querySelectorAll(".view-lines .view-line [class*='ghost-text']")].map(text).join("");
+    // the lines below it: lines of spans .ghost-text in a view zone of the editor
+    const spans = [...root.querySelectorAll(".view-zones [class*='ghost-text']")];
+    const below = [...new Set(spans.map((span) => span.closest(".view-line") ?? span.parentElement))].map(text);
+    const lines = byTop(root.querySelectorAll(".view-lines .view-line")).map((line) => {
+      const clone = line.cloneNode(true);
+      clone.querySelectorAll("[class*='ghost-text']").forEach((node) => isGhost(node) && node.remove());
+      return text(clone);
+    });
+    return { inline, below, text: lines.join("\n"), shown: inline.length > 0 || below.length > 0 };
+  });
+}
+
+/** Records, from now on, every text of the StarChat status bar item and every notification shown. */
+async function watchQuiet() {
+  await page.evaluate(() => {
+    const seen = (window.__quiet = { status: [], toasts: [] });
+    const record = () => {
+      for (const item of document.querySelectorAll(".statusbar-item")) {
+        const text = item.textContent.trim();
+        if (text.includes("StarChat") && seen.status.at(-1) !== text) seen.status.push(text);
+      }
+      for (const toast of document.querySelectorAll(".notification-toast")) {
+        const text = toast.textContent.trim();
+        if (!seen.toasts.includes(text)) seen.toasts.push(text);
+      }
+    };
+    record();
+    window.__quietObserver?.disconnect();
+    window.__quietObserver = new MutationObserver(record);
+    window.__quietObserver.observe(document.body, { childList: true, subtree: true, characterData: true });
+  });
+}
+async function quietSeen() {
+  return page.evaluate(() => {
+    window.__quietObserver?.disconnect();
+    return window.__quiet;
   });
 }
 
@@ -449,6 +519,214 @@ try {
     await page.keyboard.press("Control+S");
     await sleep(300);
   }, { needs: ["fix"] });
+
+  // Inline completion (textDocument/inlineCompletion, asked by the language client): typing "("
+  // after "sum" (VS Code closes the bracket) shows the model's proposal as ghost text, and Tab
+  // accepts it; Trigger Inline Suggestion (a key) asks for one on the empty line under
+  // `def area(radius):`, Tab accepts its two lines, Escape dismisses it. None of it shows as
+  // generating in the status bar nor as a notification. With starchat.completionEnabled false,
+  // nothing is proposed.
+  await step("inline", async () => {
+    const sumFile = path.join(config.workspace, "fill_sum.py");
+    const areaFile = path.join(config.workspace, "fill_area.py");
+    const offFile = path.join(config.workspace, "fill_off.py");
+    const notebookFile = path.join(config.workspace, "fill_cell.ipynb");
+    fs.writeFileSync(sumFile, sc.fillSumTyped);
+    fs.writeFileSync(offFile, sc.fillSumTyped);
+    fs.writeFileSync(areaFile, sc.fillAreaText);
+    const logStart = clientLog().length;
+    const stepLog = () => clientLog().slice(logStart);
+    const sent = () => requests(stepLog(), "textDocument/inlineCompletion");
+    /** The cursor to (line, character), 0-based, from the keyboard; the mouse out of the way (a
+     * hover would ask the model and show as generating). */
+    const moveTo = async (line, character) => {
+      await editor().locator(".view-lines").click();
+      await page.mouse.move(5, 5);
+      await page.keyboard.press("Control+Home"); // column 1, which ArrowDown keeps
+      for (let i = 0; i < line; i++) await page.keyboard.press("ArrowDown");
+      for (let i = 0; i < character; i++) await page.keyboard.press("ArrowRight");
+      const expected = `Ln ${line + 1}, Col ${character + 1}`;
+      await until(`the cursor at ${expected}`, async () => (await cursorStatus()).includes(expected), 5000);
+    };
+    /** The inline completion requests sent after the first `before`, once at least one was sent
+     * and all are answered: their trigger kinds (1 asked for, 2 as the user types) and answers. */
+    const answered = async (before, what) => {
+      const done = await until(`${what}: requests answered`, async () => {
+        const asked = sent().slice(before);
+        const all = responses(stepLog(), "textDocument/inlineCompletion");
+        return asked.length > 0 && asked.every((r) => all.has(r.id)) && asked.map((r) => ({ triggerKind: r.params.context?.triggerKind, result: all.get(r.id) }));
+      }, 60000, 100);
+      return done;
+    };
+    const shownGhost = (what, expected) =>
+      until(what, async () => {
+        const ghost = await ghostText();
+        return ghost.shown && (expected === undefined || ghost.inline + ghost.below.map((l) => `\n${l}`).join("") === expected) && ghost;
+      }, 60000, 100).catch(async (error) => {
+        throw new Error(`${error.message}; ghost text: ${JSON.stringify(await ghostText())}; editor: ${await editor().evaluate((root) => [...root.querySelectorAll("[class*='ghost']")].map((n) => `${n.className}: ${n.textContent}`).join(" | "))}`);
+      });
+    /** Saves the active editor's file (Ctrl+S): its text on disk once the tab shows it saved. */
+    const savedText = async (file) => {
+      await page.keyboard.press("Control+S");
+      const tab = page.locator(".tabs-container .tab.active", { hasText: path.basename(file) }).first();
+      await until(`${path.basename(file)} saved`, async () => (await tab.count()) > 0 && !(await tab.evaluate((t) => t.classList.contains("dirty"))), 10000);
+      return fs.readFileSync(file, "utf8");
+    };
+    /** Closes the step's files (unsaved changes dropped), back to calc.py: also after a failure. */
+    const closeFiles = async () => {
+      await page.keyboard.press("Escape");
+      for (const name of ["fill_cell.ipynb", "fill_off.py", "fill_area.py", "fill_sum.py"]) {
+        const tab = page.locator(".tabs-container .tab", { hasText: name }).first();
+        if (!(await tab.count())) continue;
+        await tab.click();
+        await page.keyboard.press("Control+W");
+        const dontSave = page.locator(".monaco-dialog-box button", { hasText: "Don't Save" });
+        await until(`${name} closed`, async () => {
+          if (await dontSave.isVisible().catch(() => false)) await dontSave.click().catch(() => undefined);
+          return (await tab.count()) === 0;
+        }, 15000, 200);
+      }
+      await openCalc();
+    };
+    try {
+      await watchQuiet();
+
+      // 1. As the user types: "(" after "sum".
+      await openPath(sumFile, "def average");
+      await moveTo(sc.fillSumCursor.line, sc.fillSumCursor.character - 1); // after "sum"
+      await sleep(500);
+      const typedBefore = sent().length;
+      await page.keyboard.type("(");
+      const closed = await until("the bracket closed", async () => (await ghostText()).text.split("\n")[sc.fillSumCursor.line] === "    return sum()", 5000).catch(async () => (await ghostText()).text.split("\n")[sc.fillSumCursor.line]);
+      const typedGhost = await shownGhost("the ghost text after sum(", sc.fillSum);
+      const typedAnswer = await answered(typedBefore, "the completion as the user types");
+      await sleep(300);
+      await screenshot("inline-typed");
+      await page.keyboard.press("Tab");
+      const typedAccepted = await until("the proposal accepted", async () => {
+        const ghost = await ghostText();
+        return !ghost.shown && ghost.text.split("\n")[sc.fillSumCursor.line] === sc.fillSumAcceptedLine && ghost;
+      }, 10000).catch(async (error) => {
+        throw new Error(`${error.message}: ${JSON.stringify(await ghostText())}`);
+      });
+      const typedDisk = await savedText(sumFile);
+      const typedCursor = await cursorStatus();
+
+      // 2. Asked for: Trigger Inline Suggestion (a key bound to it) on the empty line under
+      // def area(radius):
+      await openPath(areaFile, "def area");
+      await moveTo(sc.fillAreaCursor.line, sc.fillAreaCursor.character);
+      await sleep(500);
+      const invokedBefore = sent().length;
+      await page.keyboard.press(config.triggerInlineKey);
+      const invokedGhost = await shownGhost("the two-line ghost text under def area", sc.fillArea);
+      const invokedAnswer = await answered(invokedBefore, "the completion asked for");
+      await sleep(300);
+      await screenshot("inline-invoked");
+      await page.keyboard.press("Tab");
+      const invokedAccepted = await until("the proposal accepted", async () => {
+        const ghost = await ghostText();
+        return !ghost.shown && ghost.text !== sc.fillAreaText && ghost.text;
+      }, 10000);
+      const invokedDisk = await savedText(areaFile);
+      // Escape: asked for again at the same place, dismissed; the text stays as it was.
+      await page.keyboard.press("Control+Z");
+      await until("the line empty again", async () => (await ghostText()).text.split("\n")[sc.fillAreaCursor.line].trim() === "", 10000);
+      await moveTo(sc.fillAreaCursor.line, sc.fillAreaCursor.character);
+      const againBefore = sent().length;
+      await page.keyboard.press(config.triggerInlineKey);
+      const againGhost = await shownGhost("the ghost text again", sc.fillArea);
+      const againAnswer = await answered(againBefore, "the completion asked for again");
+      await page.keyboard.press("Escape");
+      await until("the ghost text dismissed", async () => !(await ghostText()).shown, 10000);
+      await sleep(1000);
+      const dismissed = await ghostText();
+      const dismissedDisk = await savedText(areaFile);
+
+      await sleep(1500); // anything the server would still send
+      const quiet = await quietSeen();
+      const log = stepLog();
+      const statusNotifications = count(log, "Received notification 'starchat/status'");
+      const progressCreated = count(log, "Received request 'window/workDoneProgress/create");
+      const progressSent = count(log, "Received notification '$/progress'");
+
+      // 3. starchat.completionEnabled false: asked, nothing proposed. (In the remote machine's
+      // settings.json, which code-server watches; it does not see a change to the user's file.)
+      const machineSettings = path.join(config.userData, "Machine", "settings.json");
+      const savedMachine = fs.readFileSync(machineSettings, "utf8");
+      let disabled;
+      try {
+        const pulls = count(clientLog(), "Received request 'workspace/configuration");
+        fs.writeFileSync(machineSettings, JSON.stringify({ ...JSON.parse(savedMachine), "starchat.completionEnabled": false }, null, 2));
+        await until("the server to pull the changed settings", async () => count(clientLog(), "Received request 'workspace/configuration") > pulls, 15000, 200);
+        await sleep(500);
+        await openPath(offFile, "def average");
+        await moveTo(sc.fillSumCursor.line, sc.fillSumCursor.character - 1);
+        await sleep(500);
+        const before = sent().length;
+        await page.keyboard.type("(");
+        const typed = await answered(before, "the completion with completionEnabled false");
+        await sleep(1500);
+        const ghostAfterTyping = await ghostText();
+        const explicitBefore = sent().length;
+        await page.keyboard.press(config.triggerInlineKey);
+        const invoked = await answered(explicitBefore, "the completion asked for with completionEnabled false");
+        await sleep(1500);
+        const ghostAfterTrigger = await ghostText();
+        await screenshot("inline-disabled");
+        disabled = { typed, invoked, ghostAfterTyping, ghostAfterTrigger };
+      } finally {
+        const pulls = count(clientLog(), "Received request 'workspace/configuration");
+        fs.writeFileSync(machineSettings, savedMachine);
+        await until("the server to pull the settings as they were", async () => count(clientLog(), "Received request 'workspace/configuration") > pulls, 15000, 200).catch(() => undefined);
+      }
+      await page.keyboard.press("Escape");
+      const offDisk = await savedText(offFile);
+
+      // 4. A notebook cell (vscode-notebook-cell: documents, synced with the notebook): "(" after
+      // "sum" in a cell holding the same code, Tab.
+      fs.writeFileSync(notebookFile, JSON.stringify({
+        cells: [{ cell_type: "code", execution_count: null, id: "f1", metadata: {}, outputs: [], source: sc.fillSumTyped.split(/(?<=\n)/) }],
+        metadata: { language_info: { name: "python" } },
+        nbformat: 4,
+        nbformat_minor: 5,
+      }, null, 1));
+      await page.locator(".explorer-folders-view .monaco-list-row", { hasText: "fill_cell.ipynb" }).first().click();
+      const cell = page.locator(".notebook-editor .cell-editor-container .monaco-editor").first();
+      const cellLine = cell.locator(".view-line", { hasText: "return sum" }).first();
+      await cellLine.waitFor({ timeout: 30000 });
+      await cellLine.click();
+      await page.mouse.move(5, 5);
+      await page.keyboard.press("End");
+      await sleep(500);
+      const cellBefore = sent().length;
+      await page.keyboard.type("(");
+      const cellGhost = await until("the ghost text in the cell", async () => {
+        const ghost = await ghostText(cell);
+        return ghost.shown && ghost;
+      }, 60000, 100);
+      const cellAnswer = await answered(cellBefore, "the completion in the cell");
+      const cellUris = sent().slice(cellBefore).map((r) => r.params.textDocument.uri);
+      await screenshot("inline-cell");
+      await page.keyboard.press("Tab");
+      const cellAccepted = await until("the proposal accepted in the cell", async () => {
+        const ghost = await ghostText(cell);
+        return !ghost.shown && ghost.text.includes(cellGhost.inline) && ghost.text;
+      }, 10000);
+      const cellDisk = JSON.parse(await savedText(notebookFile)).cells.map((c) => (Array.isArray(c.source) ? c.source.join("") : c.source));
+      return {
+        closed, typedAnswer, typedGhost, typedAccepted: typedAccepted.text, typedDisk, typedCursor,
+        invokedAnswer, invokedGhost, invokedAccepted, invokedDisk, againAnswer, againGhost, dismissed: dismissed.text, dismissedShown: dismissed.shown, dismissedDisk,
+        quiet, statusNotifications, progressCreated, progressSent, disabled: { ...disabled, disk: offDisk },
+        cell: { uris: cellUris, answer: cellAnswer, ghost: cellGhost, accepted: cellAccepted, disk: cellDisk },
+      };
+    } catch (error) {
+      await screenshot("inline-failed-editor").catch(() => {}); // before the files close
+      throw error;
+    } finally {
+      await closeFiles();
+    }
+  }, { needs: ["open"] });
 
   await step("ask", async () => {
     await selectLines(4, 5);
