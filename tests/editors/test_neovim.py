@@ -33,7 +33,7 @@ SCREENSHOTS = REPO / "build" / "screenshots"
 STEPS = [
     "start", "encoding", "code_actions", "popup", "chat", "cancel", "tasks", "fix", "fix_with_problems",
     "stop_task", "apply_edit", "settings", "tabs", "split_crlf", "chat_reload", "chat_editing", "session", "chat_name", "chat_window", "status_line",
-    "folders", "completion", "completion_typing", "completion_cancel", "completion_off", "secrets", "rename_secret", "unnamed",
+    "folders", "completion", "completion_typing", "completion_partial", "completion_cancel", "completion_off", "secrets", "rename_secret", "unnamed",
     "code_action_commands", "restart_typing", "health", "crash", "hung_start",
 ]
 SECRET_MARKER = "STARCHAT_NVIM_TOKEN=env-secret-91be4f"
@@ -479,6 +479,31 @@ def test_typing_through_the_completion_keeps_the_rest(nvim):
     assert result["before_left"]["inline"] == sc.FILL_SUM
     # the old ghost text went at once (a new request for the new place may come later)
     assert result["after_left"] is None or result["after_left"]["col"] != character, result["after_left"]
+
+
+def test_the_completion_is_accepted_word_by_word_and_line_by_line(nvim):
+    """On the empty line of area(): <M-Right> twice inserts the opening quotes then 'The', <M-C-Right> the rest
+    of the line, then the next line (all of it: accepted, no ghost text left). The rest stays on
+    screen after each, and the server answers from its last completion (no model run)."""
+    result = step(nvim, "completion_partial")
+    line = sc.FILL_AREA_CURSOR.line
+    first, second = sc.FILL_AREA.split("\n")
+    indent = "    "
+    steps = result["steps"]
+    shown = [(s["line"], s["ghost"] and (s["ghost"]["row"], s["ghost"]["inline"], s["ghost"]["lines"])) for s in steps]
+    assert shown == [
+        (indent + '"""', (line, first[3:], [second])),
+        (indent + '"""The', (line, first[6:], [second])),
+        (indent + first, (line, "", [second])),
+        (indent + first, None),  # the cursor's line; the second line was inserted below
+    ]
+    assert [s["cursor"] for s in steps] == [
+        [line + 1, len(indent) + 3], [line + 1, len(indent) + 6], [line + 1, len(indent + first)], [line + 2, len(second)],
+    ]
+    assert result["answer"]["insertText"] == "\n" + second
+    assert result["after_answer"]["ghost"]["lines"] == [second]
+    assert result["generated"] == result["generated_before"]  # answered without the model
+    assert result["text"] == AREA_COMPLETED
 
 
 def test_a_keystroke_cancels_the_completion_in_flight(nvim):

@@ -1057,6 +1057,26 @@ local function close_fill(buf)
   pcall(vim.cmd, "bwipeout! " .. buf)
 end
 
+--- Opens `name` holding `text` and runs body(buf, client, rec, out) with its completions
+--- recorded (rec: record_completions). Whatever happens, then stops recording, calls
+--- `finally(out)` if given and closes the buffer. Returns out, or raises body's error.
+local function with_fill(name, text, body, finally)
+  local buf = open_fill(name, text)
+  local c = lsp.clients(buf)[1]
+  local rec, stop = record_completions(c)
+  local out = {}
+  local ok, err = pcall(body, buf, c, rec, out)
+  stop()
+  if finally then
+    finally(out)
+  end
+  close_fill(buf)
+  if not ok then
+    error(err, 0)
+  end
+  return out
+end
+
 local function mode()
   return vim.api.nvim_get_mode().mode
 end
@@ -1065,14 +1085,9 @@ end
 -- proposal (two lines) shows at the cursor; <C-]> dismisses it, leaving Insert mode clears it,
 -- and <Tab> inserts it.
 function steps.completion()
-  local buf = open_fill("area.py", sc.FILL_AREA_TEXT)
-  local c = lsp.clients(buf)[1]
-  local rec, stop = record_completions(c)
-  local out = {
-    provider = c.server_capabilities.inlineCompletionProvider ~= nil,
-    declared = vim.tbl_get(c.config.capabilities, "textDocument", "inlineCompletion"),
-  }
-  local ok, err = pcall(function()
+  return with_fill("area.py", sc.FILL_AREA_TEXT, function(buf, c, rec, out)
+    out.provider = c.server_capabilities.inlineCompletionProvider ~= nil
+    out.declared = vim.tbl_get(c.config.capabilities, "textDocument", "inlineCompletion")
     local before = buf_text(buf)
     vim.api.nvim_win_set_cursor(0, { sc.FILL_AREA_CURSOR_LINE + 1, 0 })
     -- shown, then dismissed with <C-]>: not asked again until something changes
@@ -1112,23 +1127,15 @@ function steps.completion()
       shot("completion-accepted")
     end)
   end)
-  stop()
-  close_fill(buf)
-  if not ok then
-    error(err, 0)
-  end
-  return out
 end
 
 -- Typing what is proposed keeps the rest on screen at once, and the server answers the next
 -- request from its last completion, without the model; <Tab> then inserts the whole proposal.
 -- A key that does not match, or moving the cursor, clears it.
 function steps.completion_typing()
-  local buf = open_fill("sum.py", sc.FILL_SUM_TEXT)
-  local rec, stop = record_completions(lsp.clients(buf)[1])
   local row, col = sc.FILL_SUM_CURSOR_LINE, sc.FILL_SUM_CURSOR_CHARACTER
-  local out = { typed = {} }
-  local ok, err = pcall(function()
+  return with_fill("sum.py", sc.FILL_SUM_TEXT, function(buf, _, rec, out)
+    out.typed = {}
     vim.api.nvim_win_set_cursor(0, { row + 1, col })
     in_insert("i", function(I)
       I.wait(60000, function()
@@ -1177,12 +1184,50 @@ function steps.completion_typing()
       out.after_left = ghost(buf) or vim.NIL
     end)
   end)
-  stop()
-  close_fill(buf)
-  if not ok then
-    error(err, 0)
-  end
-  return out
+end
+
+-- Part by part: <M-Right> inserts the proposal's next word, <M-C-Right> the rest of its line,
+-- then its next line; the rest stays on screen, and the server answers the requests at the new
+-- places from its last completion, without the model.
+function steps.completion_partial()
+  return with_fill("partial.py", sc.FILL_AREA_TEXT, function(buf, _, rec, out)
+    local row = sc.FILL_AREA_CURSOR_LINE
+    local function state()
+      return {
+        line = vim.api.nvim_buf_get_lines(buf, row, row + 1, false)[1],
+        cursor = vim.api.nvim_win_get_cursor(0),
+        ghost = ghost(buf) or vim.NIL,
+      }
+    end
+    out.steps = {}
+    vim.api.nvim_win_set_cursor(0, { row + 1, 0 })
+    in_insert("A", function(I)
+      I.wait(60000, function()
+        return ghost(buf) ~= nil
+      end, "the ghost text")
+      out.generated_before = generations(rec, "prompt")
+      for _, key in ipairs({ "<M-Right>", "<M-Right>", "<M-C-Right>", "<M-C-Right>" }) do
+        local tick = vim.api.nvim_buf_get_changedtick(buf)
+        I.type(key, function()
+          return vim.api.nvim_buf_get_changedtick(buf) ~= tick
+        end)
+        table.insert(out.steps, state())
+        if key == "<M-C-Right>" and #out.steps == 3 then
+          -- the request at the new place, answered by the server
+          local at = vim.api.nvim_win_get_cursor(0)[2]
+          I.wait(30000, function()
+            local last = rec.requests[#rec.requests]
+            return last and last.params.position.character == at and last.answered
+          end, "the answer after the line")
+          local last = rec.requests[#rec.requests]
+          out.answer = last.result and last.result.items and last.result.items[1] or vim.NIL
+          out.after_answer = state()
+        end
+      end
+      out.generated = generations(rec, "prompt")
+      out.text = buf_text(buf)
+    end)
+  end)
 end
 
 -- A keystroke while a long completion is being generated sends $/cancelRequest for it: the
@@ -1196,11 +1241,7 @@ function steps.completion_cancel()
   vim.wait(300, function()
     return false
   end)
-  local buf = open_fill("long.py", sc.FILL_LONG_TEXT)
-  local c = lsp.clients(buf)[1]
-  local rec, stop = record_completions(c)
-  local out = {}
-  local ok, err = pcall(function()
+  local out = with_fill("long.py", sc.FILL_LONG_TEXT, function(buf, c, rec, out)
     vim.api.nvim_win_set_cursor(0, { sc.FILL_LONG_CURSOR_LINE + 1, 0 })
     in_insert("i", function(I)
       I.wait(30000, function()
@@ -1226,13 +1267,9 @@ function steps.completion_cancel()
     end, 20)
     out.traces = rec.traces
     out.running = #lsp.running()
+  end, function()
+    starchat.configure({ completion_max_new_tokens = vim.NIL })
   end)
-  stop()
-  close_fill(buf)
-  starchat.configure({ completion_max_new_tokens = vim.NIL })
-  if not ok then
-    error(err, 0)
-  end
   out.ready = vim.wait(10000, function()
     return lsp.state.state == "ready"
   end, 20)
@@ -1245,11 +1282,8 @@ function steps.completion_off()
   local function setup_with(completion_opts)
     starchat.setup(vim.tbl_deep_extend("force", vim.deepcopy(setup_opts), { completion = completion_opts }))
   end
-  local buf = open_fill("off.py", sc.FILL_SUM_TEXT)
-  local rec, stop = record_completions(lsp.clients(buf)[1])
   local row, col = sc.FILL_SUM_CURSOR_LINE, sc.FILL_SUM_CURSOR_CHARACTER
-  local out = {}
-  local ok, err = pcall(function()
+  return with_fill("off.py", sc.FILL_SUM_TEXT, function(buf, _, rec, out)
     setup_with({ enabled = false })
     -- (Neovim 0.11 maps <Tab> itself, for snippets: that mapping is back)
     out.off = {
@@ -1303,15 +1337,10 @@ function steps.completion_off()
       out.command = { ghost = ghost(buf), asked = rec.requests[#rec.requests].params.context, mode = mode() }
       out.command.requests = #rec.requests - asked_before_command
     end)
+  end, function(out)
+    setup_with({})
+    out.restored = vim.fn.maparg("<Tab>", "i", false, true).desc or vim.NIL
   end)
-  stop()
-  setup_with({})
-  out.restored = vim.fn.maparg("<Tab>", "i", false, true).desc or vim.NIL
-  close_fill(buf)
-  if not ok then
-    error(err, 0)
-  end
-  return out
 end
 
 --- Records every message the client sends (its rpc): returns the list ({method, uri, json}) and a

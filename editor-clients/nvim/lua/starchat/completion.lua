@@ -166,6 +166,19 @@ local function suggestion_for(client, item, at)
   }
 end
 
+--- The suggestion once `typed`, the start of its rest, is in the buffer at its cursor and the
+--- cursor after it, at (row, col): it proposes the rest of the rest, replacing from there what
+--- the item's range held after the old cursor (an auto-closed ")", say).
+local function moved_on(s, typed, row, col)
+  local lines = vim.split(typed, "\n", { plain = true })
+  local tail = s.end_col - s.col
+  s.before = (#lines == 1 and s.before or "") .. lines[#lines]
+  s.row, s.col, s.lines = row, col, s.lines + #lines - 1
+  s.rest = s.rest:sub(#typed + 1)
+  s.start_col, s.end_col, s.text = col, col + tail, s.rest
+  draw(s)
+end
+
 --- The suggestion still fits what the user did since it was shown: the same line, with text
 --- typed at the cursor that starts what is proposed ("typing through"): the rest is shown at
 --- once. False when it no longer fits.
@@ -177,12 +190,9 @@ local function follow(s, now)
   if now.line ~= s.before .. typed .. s.after or not vim.startswith(s.rest, typed) or #typed == #s.rest then
     return false
   end
-  if typed == "" then
-    return true
+  if typed ~= "" then
+    moved_on(s, typed, now.row, now.col)
   end
-  s.col, s.before, s.rest = now.col, s.before .. typed, s.rest:sub(#typed + 1)
-  s.end_col = s.end_col + #typed -- what was typed is in the range the item replaces
-  draw(s)
   return true
 end
 
@@ -308,6 +318,40 @@ function M.accept()
   return true
 end
 
+--- Insert the start `part` of what is proposed at the cursor, as if typed, and show the rest (the
+--- server answers the next request from its last completion, without the model). All of it:
+--- accept().
+local function accept_part(part)
+  local s = M.suggestion
+  if not s or not vim.api.nvim_buf_is_valid(s.bufnr) or vim.api.nvim_get_current_buf() ~= s.bufnr then
+    return false
+  end
+  if #part >= #s.rest then
+    return M.accept()
+  end
+  local lines = vim.split(part, "\n", { plain = true })
+  vim.api.nvim_buf_set_text(s.bufnr, s.row, s.col, s.row, s.col, lines)
+  local row = s.row + #lines - 1
+  local col = (#lines == 1 and s.col or 0) + #lines[#lines]
+  vim.api.nvim_win_set_cursor(0, { row + 1, col })
+  moved_on(s, part, row, col)
+  return true
+end
+
+--- Insert the next word of the suggestion (the spaces before it included; a run of other
+--- characters counts as a word). False when nothing is shown.
+function M.accept_word()
+  local rest = M.suggestion and M.suggestion.rest or ""
+  return accept_part(rest:match("^%s*[%w_]+") or rest:match("^%s*[^%w_%s]+") or rest)
+end
+
+--- Insert the rest of the suggestion's line at the cursor, or, at its end, its next line. False
+--- when nothing is shown.
+function M.accept_line()
+  local rest = M.suggestion and M.suggestion.rest or ""
+  return accept_part(rest:match("^[^\n]+") or rest:match("^\n[^\n]*") or rest)
+end
+
 --- Ask for a completion at the cursor in Insert mode now (Invoked), starting the server if needed.
 local function invoke(bufnr)
   local client = lsp.ensure(bufnr)
@@ -425,7 +469,7 @@ local function unmap()
     end
   end
   mapped = {}
-  for _, name in ipairs({ "accept", "dismiss" }) do
+  for _, name in ipairs({ "accept", "accept_word", "accept_line", "dismiss" }) do
     pcall(vim.keymap.del, "i", "<Plug>(starchat-" .. name .. "-fallback)")
   end
 end
@@ -433,6 +477,12 @@ end
 local function map_keys(keys)
   if keys.accept then
     map_when_visible("accept", keys.accept, "accept", "StarChat: accept the completion")
+  end
+  if keys.accept_word then
+    map_when_visible("accept_word", keys.accept_word, "accept_word", "StarChat: accept the completion's next word")
+  end
+  if keys.accept_line then
+    map_when_visible("accept_line", keys.accept_line, "accept_line", "StarChat: accept the completion's next line")
   end
   if keys.dismiss then
     map_when_visible("dismiss", keys.dismiss, "dismiss", "StarChat: dismiss the completion")

@@ -39,9 +39,15 @@ M.defaults = {
     auto = true,
     --- Ask once typing has paused this long (milliseconds).
     debounce_ms = 150,
-    --- Insert-mode keys; false leaves one unmapped. accept and dismiss act only while a
+    --- Insert-mode keys; false leaves one unmapped. All but request act only while a
     --- suggestion is shown, and otherwise do what the key did before.
-    keys = { accept = "<Tab>", dismiss = "<C-]>", request = "<M-\\>" },
+    keys = {
+      accept = "<Tab>",
+      accept_word = "<M-Right>",
+      accept_line = "<M-C-Right>",
+      dismiss = "<C-]>",
+      request = "<M-\\>",
+    },
   },
   --- Add "Ask StarChat" and a "StarChat" submenu to the right-click menu.
   popup_menu = true,
