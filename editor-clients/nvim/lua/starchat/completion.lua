@@ -448,15 +448,24 @@ end
 
 --- Map `lhs` in Insert mode to `action` while a suggestion is shown, else to what it did before:
 --- an expression mapping (the text cannot change inside one: it returns a <Cmd> that does).
-local function map_when_visible(name, lhs, action, desc)
+local function map_when_visible(name, lhs, desc)
   local plug = fallback(name, lhs)
   vim.keymap.set("i", lhs, function()
     if M.visible() then
-      return "<Cmd>lua require('starchat.completion')." .. action .. "()<CR>"
+      return "<Cmd>lua require('starchat.completion')." .. name .. "()<CR>"
     end
     return plug
   end, { expr = true, remap = true, silent = true, desc = desc })
 end
+
+--- The keys (config keys and M's functions) that act while a suggestion is shown, and their
+--- descriptions.
+local WHEN_VISIBLE = {
+  { "accept", "StarChat: accept the completion" },
+  { "accept_word", "StarChat: accept the completion's next word" },
+  { "accept_line", "StarChat: accept the completion's next line" },
+  { "dismiss", "StarChat: dismiss the completion" },
+}
 
 --- Put back the keys mapped by an earlier setup(), and the mappings they replaced.
 local function unmap()
@@ -469,23 +478,16 @@ local function unmap()
     end
   end
   mapped = {}
-  for _, name in ipairs({ "accept", "accept_word", "accept_line", "dismiss" }) do
-    pcall(vim.keymap.del, "i", "<Plug>(starchat-" .. name .. "-fallback)")
+  for _, key in ipairs(WHEN_VISIBLE) do
+    pcall(vim.keymap.del, "i", "<Plug>(starchat-" .. key[1] .. "-fallback)")
   end
 end
 
 local function map_keys(keys)
-  if keys.accept then
-    map_when_visible("accept", keys.accept, "accept", "StarChat: accept the completion")
-  end
-  if keys.accept_word then
-    map_when_visible("accept_word", keys.accept_word, "accept_word", "StarChat: accept the completion's next word")
-  end
-  if keys.accept_line then
-    map_when_visible("accept_line", keys.accept_line, "accept_line", "StarChat: accept the completion's next line")
-  end
-  if keys.dismiss then
-    map_when_visible("dismiss", keys.dismiss, "dismiss", "StarChat: dismiss the completion")
+  for _, key in ipairs(WHEN_VISIBLE) do
+    if keys[key[1]] then
+      map_when_visible(key[1], keys[key[1]], key[2])
+    end
   end
   if keys.request then
     remember(keys.request)
