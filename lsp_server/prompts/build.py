@@ -9,8 +9,9 @@ a Fix, then an Explain of another function in the same file only prefill what fo
 window does not depend on the task either (a question up to ``QUESTION_ROOM`` tokens leaves it
 as it is), so two tasks on the same selection in a long file share everything up to the task.
 In a file too long to fit, a conversation's window starts where its first turn's did and, from
-the second turn, leaves ``HISTORY_ROOM`` tokens (doubled as needed) to the later turns, so it
-does not move at every turn.
+the second turn, leaves ``HISTORY_ROOM`` tokens (doubled as needed; past half the room, grown by
+``HISTORY_ROOM`` or an eighth of the room at a time) to the later turns, so it does not move at
+every turn.
 
 Counts come from the model's own tokenizer and the final prompt is re-counted whole, so
 ``len(prompt.ids) <= budget`` always holds. The selection is never cut: if it alone does not
@@ -134,15 +135,22 @@ def build_prompt(
         # the same, or loses lines at its end when the reserve doubles, so the next prompt
         # starts with the last one (which the engine holds), or with all of it up to the
         # window's new end, instead of the window moving at every turn. Once the later turns
-        # need more than half the room, the window gets what they leave, as before.
+        # need more than half the room, the reserve grows by a step at a time instead
+        # (HISTORY_ROOM, or an eighth of the room in a small budget): the window still stays
+        # put for the turns that fit in each step.
         first_question = next(turn.content for turn in [*earlier, Message("user", question)] if turn.role == "user")
         first_turn = len(fmt.encode_dialogue(dialogue([], [], later=False)))
         first_room = budget - first_turn - _question_room(fmt, first_question) - window_cost
+        shared = budget - first_turn - window_cost  # for the window and the later turns
+        later_turns = len(base) + question_room - first_turn
         reserve = HISTORY_ROOM
-        while reserve < len(base) + question_room - first_turn:  # the window only gets smaller here
+        while reserve < later_turns:  # the window only gets smaller here
             reserve *= 2
-        kept = budget - first_turn - window_cost - reserve
-        if kept >= reserve:
+        if 2 * reserve > shared:  # past half the room: grow by a step, not by doubling
+            step = max(1, min(HISTORY_ROOM, shared // 8))
+            reserve = -(-later_turns // step) * step
+        kept = shared - reserve
+        if kept > 0:
             n_before = _window(fmt, context, before_lines, after_lines, first_room)[0]
             after = _after(fmt, before_lines, after_lines, n_before, kept)
             if after is None:  # the first turn's lines before the selection alone do not fit

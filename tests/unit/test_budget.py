@@ -341,3 +341,30 @@ def test_a_conversation_about_a_long_file_keeps_its_window_while_it_grows(tokeni
     small = chat_prompt(fmt, system="s", budget=1500, messages=prompts[2].messages[2:6] + [Message("user", "More?")],
                         **about)
     assert small.lines_before + small.lines_after > 10
+
+
+def test_past_half_the_room_a_conversations_window_still_moves_only_every_few_turns(tokenizer):
+    """Once the later turns of a conversation about a long file need more than half the room,
+    the room left to them grows a step at a time: the window stays the same for the turns that
+    fit in a step (each prompt then starts with the last one), and it keeps lines until the
+    turns leave none. (Before, it moved at every turn past half the room.)"""
+    fmt = format_for(tokenizer)
+    text = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n\n" for i in range(1500))
+    about = dict(text=text, start=text.index("def f700("), end=text.index("def f701("), path="m.py", language="python")
+    answer = "It multiplies x by a constant and adds an offset. " * 4
+    turns = [Message("user", "What does this function do?")]
+    budget = 5000
+    past_half = []
+    for i in range(24):
+        prompt = chat_prompt(fmt, system="s", budget=budget, messages=turns, **about)
+        assert len(prompt.ids) <= budget and prompt.history_dropped == 0
+        later_turns = len(prompt.ids) - len(fmt.encode_dialogue(prompt.messages[:2]))
+        if later_turns > 2048:  # a reserve of 4096 would leave the window less than half the room
+            past_half.append(prompt)
+        turns += [Message("assistant", answer), Message("user", f"And question {i}?")]
+    assert len(past_half) >= 6 and past_half[-1].lines_before + past_half[-1].lines_after > 0, len(past_half)
+    same = sum(
+        (a.lines_before, a.lines_after) == (b.lines_before, b.lines_after) and common_prefix(a.ids, b.ids) >= len(a.ids) - 3
+        for a, b in zip(past_half, past_half[1:])
+    )
+    assert same >= len(past_half) // 2, [(p.lines_before, p.lines_after) for p in past_half]
