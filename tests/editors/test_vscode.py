@@ -418,6 +418,27 @@ def test_inline_completion_asked_for_tab_accepts_escape_dismisses(session):
     assert result["dismissedDisk"] == sc.FILL_AREA_TEXT
 
 
+def test_inline_completion_accepted_word_by_word(session):
+    """Asked for on the empty line under `def area(radius):`, Ctrl+Right (Accept Next Word) puts
+    the start of the first line in and keeps the rest shown, inline and below, the cursor after
+    the part taken; any request VS Code sends then is answered with the rest (the server's last
+    completion); Tab inserts the rest: the file is as if all was taken at once."""
+    word = step(session, "inline")["word"]
+    first, second = sc.FILL_AREA.split("\n")
+    indent = "    "
+    line = word["first"]["line"]
+    taken = line.removeprefix(indent)
+    assert line.startswith(indent) and taken and first.startswith(taken) and len(taken) < len(first), word["first"]
+    for ghost in (word["first"], word["after"]):
+        assert (ghost["inline"], ghost["below"]) == (first[len(taken):], [second]), ghost
+    assert f"Ln {sc.FILL_AREA_CURSOR.line + 1}, Col {len(line) + 1}" in word["after"]["cursor"], word["after"]
+    for answer in word["answers"]:
+        rest = sc.FILL_AREA[len(taken):]
+        assert answer["result"] and any(p.endswith(rest) for p in proposals([answer])), word["answers"]
+    assert word["accepted"] == FILL_AREA_ACCEPTED, word["accepted"]
+    assert word["disk"] == FILL_AREA_ACCEPTED
+
+
 def test_inline_completion_in_a_notebook_cell(session):
     """In a notebook cell holding the same code, "(" typed after "sum": the request is about the
     cell (its vscode-notebook-cell: URI), the ghost text is the same proposal, Tab puts it into the

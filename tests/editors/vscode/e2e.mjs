@@ -642,6 +642,32 @@ try {
       await sleep(1000);
       const dismissed = await ghostText();
       const dismissedDisk = await savedText(areaFile);
+      // Ctrl+Right (Accept Next Word of Inline Suggestion): asked for again, its first word goes
+      // in and the rest stays shown (VS Code may ask again: the server answers the rest); Tab
+      // then inserts the rest.
+      await moveTo(sc.fillAreaCursor.line, sc.fillAreaCursor.character);
+      const wordBefore = sent().length;
+      await page.keyboard.press(config.triggerInlineKey);
+      await shownGhost("the ghost text before Ctrl+Right", sc.fillArea);
+      await answered(wordBefore, "the completion asked for before Ctrl+Right");
+      const wordAsked = sent().length;
+      await page.keyboard.press("Control+ArrowRight");
+      const word = await until("a word of it accepted", async () => {
+        const ghost = await ghostText();
+        const line = ghost.text.split("\n")[sc.fillAreaCursor.line];
+        return ghost.shown && line.trim() !== "" && { ...ghost, line };
+      }, 10000).catch(async (error) => {
+        throw new Error(`${error.message}: ${JSON.stringify(await ghostText())}`);
+      });
+      await sleep(1000);
+      const wordAfter = { ...(await ghostText()), cursor: await cursorStatus() };
+      const wordAnswers = sent().length > wordAsked ? await answered(wordAsked, "the completion after Ctrl+Right") : [];
+      await page.keyboard.press("Tab");
+      const wordAccepted = await until("the rest accepted", async () => {
+        const ghost = await ghostText();
+        return !ghost.shown && ghost.text !== word.text && ghost.text;
+      }, 10000);
+      const wordDisk = await savedText(areaFile);
 
       await sleep(1500); // anything the server would still send
       const quiet = await quietSeen();
@@ -717,6 +743,7 @@ try {
       return {
         closed, typedAnswer, typedGhost, typedAccepted: typedAccepted.text, typedDisk, typedCursor,
         invokedAnswer, invokedGhost, invokedAccepted, invokedDisk, againAnswer, againGhost, dismissed: dismissed.text, dismissedShown: dismissed.shown, dismissedDisk,
+        word: { first: word, after: wordAfter, answers: wordAnswers, accepted: wordAccepted, disk: wordDisk },
         quiet, statusNotifications, progressCreated, progressSent, disabled: { ...disabled, disk: offDisk },
         cell: { uris: cellUris, answer: cellAnswer, ghost: cellGhost, accepted: cellAccepted, disk: cellDisk },
       };
