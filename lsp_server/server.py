@@ -29,6 +29,7 @@ from .completion_model import CompletionModel
 from .config import Settings, merge, reloads_model
 from .engine import Busy, Engine, EngineError, Generation, Priority, Sampling, Worker, load_engine, stream
 from .prompts import PromptFormat, format_for
+from .prompts.cells import join_cells
 from .prompts.fill import FillFormat, fill_format
 from .protocol import STATUS, StatusParams
 from .transport import COMMAND_WORK_DONE_TOKEN, StarChatProtocol, StreamReaderAdapter, serve
@@ -62,7 +63,7 @@ class RequestFailed(JsonRpcException):
     CODE = -32803
 
 
-# Every notebook, every cell (markdown cells are left out of prompts, see surrounding()).
+# Every notebook, every cell (markdown cells reach prompts as comments, see surrounding()).
 NOTEBOOK_SYNC = types.NotebookDocumentSyncOptions(
     notebook_selector=[types.NotebookDocumentFilterWithCells(notebook="*", cells=[types.NotebookCellLanguage(language="*")])])
 
@@ -309,26 +310,15 @@ class StarChatServer(LanguageServer):
     def surrounding(self, uri: str, text: str) -> tuple[str, int]:
         """The code a prompt shows around document ``uri`` whose text is ``text``, and where
         ``text`` starts in it: the document itself, or for a notebook cell the notebook's cells
-        of the same language in order (a blank line between two), with ``text`` in the cell's
-        place. Markdown cells are left out: prose between code would read as broken code."""
+        of its language with its markdown cells as comments (``prompts.cells.join_cells``), with
+        ``text`` in the cell's place."""
         notebook = self.protocol.notebook_of(uri)
-        cell = self.protocol.documents.get(uri)
-        if notebook is None or cell is None:
+        if notebook is None or uri not in self.protocol.documents:
             return text, 0
-        parts: list[str] = []
-        offset = 0
-        for other_uri in self.protocol.notebooks.get(notebook, ()):
-            other = self.protocol.documents.get(other_uri)
-            if other is None or other.language_id != cell.language_id:
-                continue
-            if parts and not parts[-1].endswith("\n\n"):
-                parts.append("\n" if parts[-1].endswith("\n") else "\n\n")
-            if other_uri == uri:
-                offset = sum(map(len, parts))
-                parts.append(text)
-            elif other.text.strip():
-                parts.append(other.text)
-        return "".join(parts), offset
+        documents = [self.protocol.documents.get(cell) for cell in self.protocol.notebooks[notebook]]
+        cells = [document for document in documents if document is not None]
+        at = next(i for i, document in enumerate(cells) if document.uri == uri)
+        return join_cells([(document.language_id, document.text) for document in cells], at, text)
 
     def relative_path(self, uri: str) -> str:
         """The document's name in prompts: its path in the workspace folder that holds it, else

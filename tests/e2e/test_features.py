@@ -612,11 +612,13 @@ async def test_incremental_edits_follow_lsp_line_breaks(editor):
 NOTEBOOK_URI_NAME = "calc.py"  # the notebook's name in prompts: as calc.py's, for the trained answers
 
 
-def _open_calc_notebook(editor) -> dict[str, str]:
-    """calc.py as a notebook (LSP notebook sync) of three Python cells and a markdown one: the
-    cells' URIs by key. Joined as the server joins them, the code cells are calc.py exactly."""
+def _open_calc_notebook(editor, markdown: str | None = None) -> dict[str, str]:
+    """calc.py as a notebook (LSP notebook sync) of three Python cells, and a markdown cell
+    before the last if ``markdown`` is given: the cells' URIs by key. Joined as the server joins
+    them, the code cells are calc.py exactly."""
     lines = sc.CALC_PY.splitlines(keepends=True)
-    texts = {"c1": "".join(lines[:3]), "md": "# About\nA *markdown* cell.\n", "c2": "".join(lines[3:7]), "c3": "".join(lines[7:])}
+    texts = {"c1": "".join(lines[:3]), "c2": "".join(lines[3:7]), **({"md": markdown} if markdown else {}),
+             "c3": "".join(lines[7:])}
     uris = {key: f"vscode-notebook-cell:{editor.root.as_posix()}/{NOTEBOOK_URI_NAME}#{key}" for key in texts}
     editor.client.notebook_document_did_open(types.DidOpenNotebookDocumentParams(
         notebook_document=types.NotebookDocument(
@@ -640,6 +642,28 @@ def _change_notebook(editor, version: int, *, structure=None, cell: str, edit: t
                 changes=[types.TextDocumentContentChangePartial(
                     range=types.Range(start=types.Position(line=line, character=first), end=types.Position(line=line, character=last)),
                     text=text)])]))))
+
+
+async def test_a_notebooks_markdown_cells_reach_the_prompt_as_comments(editor):
+    """A markdown cell between two Python cells is in the prompt as `#` comments in its place:
+    a chat about the next cell prompts exactly as the same code in a file with the comment there
+    (the same count, and the second prompt is served whole from the first one's cache)."""
+    cells = _open_calc_notebook(editor, markdown="## Circles\n\nThe *area* of one.\n")
+    lines = sc.CALC_PY.splitlines(keepends=True)
+    commented = "".join(lines[:7]) + "# ## Circles\n#\n# The *area* of one.\n\n" + "".join(lines[7:])
+
+    async def ask(uri, first_line):
+        span = {"start": {"line": first_line, "character": 0}, "end": {"line": first_line + 2, "character": 0}}
+        return await chat(editor, [("user", sc.CHAT_QUESTION)], token=f"md-{first_line}", maxNewTokens=1,
+                          textDocument={"uri": uri}, range=span)
+
+    in_notebook = await ask(cells["c3"], 0)
+    editor.client.notebook_document_did_close(types.DidCloseNotebookDocumentParams(
+        notebook_document=types.NotebookDocumentIdentifier(uri=editor.uri(NOTEBOOK_URI_NAME)),
+        cell_text_documents=[types.TextDocumentIdentifier(uri=uri) for uri in cells.values()]))
+    in_file = await ask(editor.open(NOTEBOOK_URI_NAME, commented), commented[: commented.index("def area")].count("\n"))
+    assert in_file["promptTokens"] == in_notebook["promptTokens"]
+    assert in_file["cachedTokens"] >= in_file["promptTokens"] - 1, (in_notebook, in_file)
 
 
 async def test_a_notebook_cells_prompts_show_the_other_cells(editor):

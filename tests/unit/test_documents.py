@@ -169,20 +169,20 @@ def test_documents_are_named_in_prompts_by_their_path_in_the_workspace(uri, name
         server.close()
 
 
-def test_a_notebook_cell_is_prompted_among_the_notebooks_code_cells():
+def test_a_notebook_cell_is_prompted_among_the_notebooks_cells_of_its_language_and_its_markdown():
     from lsp_server.documents import Document
     from lsp_server.setup import create_server
 
     server = create_server()
     try:
-        cells = {"a": ("x = 1", "python"), "md": ("# Title", "markdown"), "empty": ("  \n", "python"),
-                 "b": ("y = 2\n", "python"), "c": ("z", "python"), "d": ("w = 3\n\n\n", "python")}
+        cells = {"a": ("x = 1", "python"), "md": ("# Title\n\nPlot it.\n", "markdown"), "empty": ("  \n", "python"),
+                 "r": ("y <- 2", "r"), "b": ("y = 2\n", "python"), "c": ("z", "python"), "d": ("w = 3\n\n\n", "python")}
         uris = {key: f"vscode-notebook-cell:/nb.ipynb#{key}" for key in cells}
         for key, (text, language) in cells.items():
             server.protocol.documents[uris[key]] = Document(uris[key], text, 1, language)
         server.protocol.notebooks["file:///nb.ipynb"] = list(uris.values())
         text, offset = server.surrounding(uris["c"], "z = 0")  # the cell as the request saw it
-        assert text == "x = 1\n\ny = 2\n\nz = 0\n\nw = 3\n\n\n"
+        assert text == "x = 1\n\n# # Title\n#\n# Plot it.\n\ny = 2\n\nz = 0\n\nw = 3\n\n\n"
         assert text[offset:].startswith("z = 0")
         assert server.surrounding("file:///a.py", "print()") == ("print()", 0)
     finally:
