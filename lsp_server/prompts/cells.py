@@ -29,10 +29,9 @@ def markdown_as_comment(markdown: str, language_id: str) -> str | None:
     commented, blank lines at its ends dropped; None when the language has no known line
     comment or the cell is blank."""
     leader = LINE_COMMENTS.get(language_id)
-    lines = markdown.strip("\n").splitlines()
     if leader is None or not markdown.strip():
         return None
-    return "".join(f"{leader} {line}".rstrip() + "\n" for line in lines)
+    return "".join(f"{leader} {line}".rstrip() + "\n" for line in markdown.strip("\n").splitlines())
 
 
 def join_cells(cells: Sequence[tuple[str, str]], at: int, text: str) -> tuple[str, int]:
