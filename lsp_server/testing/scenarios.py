@@ -52,6 +52,10 @@ CHAT_QUESTION = "Say hello."
 CHAT_ANSWER = "Hello from StarChat! How can I help with your code?"
 CHAT_FOLLOW_UP = "And goodbye?"
 CHAT_FOLLOW_UP_ANSWER = "Goodbye, and happy coding!"
+# A chat answer with a code block between two lines of prose (for taking code out of the chat)
+CHAT_CODE_QUESTION = "Write a function that squares a number."
+CHAT_CODE_BLOCK = "def square(x):\n    return x * x\n"
+CHAT_CODE_ANSWER = f"Here it is:\n\n```python\n{CHAT_CODE_BLOCK}```\n\nCall it as `square(3)`."
 LONG_QUESTION = "Count for ever."
 LONG_ANSWER_UNIT = "tick tock "
 LONG_FIX_ANSWER = "```python\n" + LONG_ANSWER_UNIT * 120
@@ -126,6 +130,7 @@ CODE_SCENARIOS = [
 CHAT_SCENARIOS = [
     ChatScenario((("user", CHAT_QUESTION),), CHAT_ANSWER),
     ChatScenario((("user", CHAT_QUESTION), ("assistant", CHAT_ANSWER), ("user", CHAT_FOLLOW_UP)), CHAT_FOLLOW_UP_ANSWER),
+    ChatScenario((("user", CHAT_CODE_QUESTION),), CHAT_CODE_ANSWER),
     # long enough (about 720 tokens, over a second on a CPU) for an editor test to press Stop
     # while it streams: past its trained length the model may end it at any time
     ChatScenario((("user", LONG_QUESTION),), LONG_ANSWER_UNIT * 240, ends=False),

@@ -32,7 +32,7 @@ DRIVER = HERE / "nvim" / "run.lua"
 SCREENSHOTS = REPO / "build" / "screenshots"
 STEPS = [
     "start", "encoding", "code_actions", "popup", "chat", "cancel", "tasks", "fix", "fix_with_problems",
-    "stop_task", "apply_edit", "settings", "tabs", "split_crlf", "chat_reload", "chat_editing", "session", "chat_name", "chat_window", "status_line",
+    "stop_task", "apply_edit", "settings", "tabs", "split_crlf", "chat_reload", "chat_editing", "chat_yank", "session", "chat_name", "chat_window", "status_line",
     "folders", "completion", "completion_typing", "completion_partial", "completion_cancel", "completion_off", "secrets", "rename_secret", "unnamed",
     "code_action_commands", "restart_typing", "health", "crash", "hung_start",
 ]
@@ -393,6 +393,25 @@ def test_typing_in_the_chat(nvim):
     assert result["mode"] == "n", result
     assert result["sent_after_delete"] and result["after"] == {"done": True}, result
     assert result["new_notes"] == [], result
+
+
+def test_gy_in_the_chat_yanks_the_code_block_of_the_answer(nvim):
+    """The answer is real generated text with a code block between two lines of prose: `gy` on
+    the line where the next message is typed yanks it (the nearest above), linewise, without its
+    fences, into the unnamed register and "0; `"agy` inside it into register a; `]p` puts it
+    into code, indented like the line. On the first line there is none: nothing changes, and a
+    warning says so."""
+    result = step(nvim, "chat_yank")
+    assert result["answer"] == sc.CHAT_CODE_ANSWER
+    assert result["above"] == "untouched"
+    assert result["unnamed"] == {"text": sc.CHAT_CODE_BLOCK, "type": "V", "zero": sc.CHAT_CODE_BLOCK}
+    assert (result["named"]["text"], result["named"]["type"]) == (sc.CHAT_CODE_BLOCK, "V"), result["named"]
+    assert result["put"] == ["class Shapes:", "    pass", "    def square(x):", "        return x * x"]
+    assert [(n["msg"], n["level"]) for n in result["notes"]] == [
+        ("StarChat: no code block at or above the cursor", 3),
+        ("StarChat: 2 lines of code yanked", 2),
+        ("StarChat: 2 lines of code yanked", 2),
+    ], result["notes"]
 
 
 def test_a_restored_session_gets_a_working_chat_window(nvim):

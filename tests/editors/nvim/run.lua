@@ -638,11 +638,12 @@ function steps.chat_name()
   return names
 end
 
---- A new conversation in the chat, focused, whose first question has been answered: buf, win.
-local function answered_chat()
+--- A new conversation in the chat, focused, whose first question (CHAT_QUESTION unless given)
+--- has been answered: buf, win.
+local function answered_chat(question)
   chat.clear()
   local buf, win = chat.open({ focus = true })
-  wait_turn(chat.send(sc.CHAT_QUESTION))
+  wait_turn(chat.send(question or sc.CHAT_QUESTION))
   return buf, win
 end
 
@@ -769,6 +770,43 @@ end
 -- A session restored where the chat was on screen: the session shows an empty buffer named
 -- "starchat://chat" there (sessionoptions "blank": `enew` then `file starchat://chat`). After
 -- SessionLoadPost that window holds a working chat, and :StarChatChat opens no second one.
+-- gy in the chat yanks a real answer's code block (the one under the cursor, else the nearest
+-- above it) without its fences, linewise, into the register given ("agy) or the unnamed one;
+-- ]p then puts it into code, indented like the line. Above every block nothing is yanked, and
+-- the user is told.
+function steps.chat_yank()
+  local buf, win = answered_chat(sc.CHAT_CODE_QUESTION)
+  local out = { answer = last_turn().answer }
+  local function gy(row, keys)
+    vim.api.nvim_set_current_win(win)
+    vim.api.nvim_win_set_cursor(win, { row, 0 })
+    vim.api.nvim_feedkeys(keys or "gy", "mx", false)
+  end
+  local lines = vim.api.nvim_buf_get_lines(buf, 0, -1, false)
+  vim.fn.setreg('"', "untouched", "c")
+  gy(1) -- the first "## You": no block at or above it
+  out.above = vim.fn.getreg('"')
+  gy(#lines) -- where the next message is typed: the answer's block
+  out.unnamed = { text = vim.fn.getreg('"'), type = vim.fn.getregtype('"'), zero = vim.fn.getreg("0") }
+  local inside = vim.fn.index(lines, "    return x * x") + 1
+  gy(inside, '"agy')
+  out.named = { text = vim.fn.getreg("a"), type = vim.fn.getregtype("a"), row = inside }
+  out.notes = vim.tbl_map(function(n)
+    return { msg = n.msg, level = n.level }
+  end, notifications_of("chat_yank"))
+  local target = vim.api.nvim_create_buf(false, true)
+  vim.bo[target].expandtab, vim.bo[target].shiftwidth = true, 4 -- as for Python ("]p" re-indents)
+  vim.api.nvim_set_current_win(code_win)
+  vim.api.nvim_win_set_buf(code_win, target)
+  vim.api.nvim_buf_set_lines(target, 0, -1, false, { "class Shapes:", "    pass" })
+  vim.api.nvim_win_set_cursor(code_win, { 2, 0 })
+  vim.api.nvim_feedkeys('"a]p', "nx", false)
+  out.put = vim.api.nvim_buf_get_lines(target, 0, -1, false)
+  vim.api.nvim_win_set_buf(code_win, code_buf)
+  vim.api.nvim_buf_delete(target, { force = true })
+  return out
+end
+
 function steps.session()
   chat.clear()
   local old = chat.buf

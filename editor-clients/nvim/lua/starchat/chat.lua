@@ -38,7 +38,7 @@ local function hint()
   for i = #lines, 1, -1 do
     if vim.startswith(lines[i], USER) then
       vim.api.nvim_buf_set_extmark(M.buf, hint_ns, i - 1, 0, {
-        virt_text = { { "  type below · <CR> send · <C-c> stop", "Comment" } },
+        virt_text = { { "  type below · <CR> send · <C-c> stop · gy yank code", "Comment" } },
         virt_text_pos = "eol",
       })
       return
@@ -244,6 +244,9 @@ local function create(buf)
       vim.cmd("stopinsert") -- what <C-c> does in Insert (or Replace) mode, with no answer to stop
     end
   end, "StarChat: stop the answer")
+  map("n", "gy", function()
+    M.yank()
+  end, "StarChat: yank the code block at or above the cursor")
   return buf
 end
 
@@ -552,6 +555,73 @@ function M.submit()
       M.send(input)
     end
   end)
+end
+
+--- The fenced code blocks of markdown `lines`: {first, last (the fences' rows, 1-based; last is
+--- past the end while the block still streams), lines (without the fences, less the opening
+--- fence's indentation)}.
+function M.code_blocks(lines)
+  local blocks, open = {}, nil
+  for i, line in ipairs(lines) do
+    local indent, fence = line:match("^(%s*)(```+)")
+    if not fence then
+      indent, fence = line:match("^(%s*)(~~~+)")
+    end
+    if open then
+      if fence and fence:sub(1, 1) == open.char and #fence >= open.width and line:match("^%s*[`~]+%s*$") then
+        open.last = i
+        table.insert(blocks, open)
+        open = nil
+      else
+        local spaces = #line:match("^ *")
+        table.insert(open.lines, line:sub(math.min(spaces, open.indent) + 1))
+      end
+    elseif fence and not (fence:sub(1, 1) == "`" and line:find("`", #indent + #fence + 1, true)) then
+      open = { first = i, char = fence:sub(1, 1), width = #fence, indent = #indent, lines = {} }
+    end
+  end
+  if open then
+    open.last = #lines + 1
+    table.insert(blocks, open)
+  end
+  return blocks
+end
+
+local yank_ns = vim.api.nvim_create_namespace("starchat_chat_yank")
+
+--- Yank the code block under the cursor, or the nearest one above it (the answer just read),
+--- without its fences, linewise into `register` (default: v:register, so "agy and
+--- 'clipboard' work as with y): `p`, `]p` or `gv` `p` in the code then put it in.
+function M.yank(register)
+  register = register or vim.v.register
+  local buf = vim.api.nvim_get_current_buf()
+  local row = vim.api.nvim_win_get_cursor(0)[1]
+  local chosen
+  for _, block in ipairs(M.code_blocks(vim.api.nvim_buf_get_lines(buf, 0, -1, false))) do
+    if block.first <= row and row <= block.last then
+      chosen = block
+      break
+    elseif block.last < row then
+      chosen = block
+    end
+  end
+  if not chosen or #chosen.lines == 0 then
+    vim.notify("StarChat: no code block at or above the cursor", vim.log.levels.WARN)
+    return false
+  end
+  vim.fn.setreg(register, chosen.lines, "l")
+  if register == '"' then
+    vim.fn.setreg("0", chosen.lines, "l") -- as y does
+  end
+  local last = math.min(chosen.first + #chosen.lines, vim.api.nvim_buf_line_count(buf) - 1)
+  pcall(vim.api.nvim_buf_set_extmark, buf, yank_ns, chosen.first, 0, { end_row = last, hl_group = "IncSearch", hl_eol = true })
+  vim.defer_fn(function()
+    if vim.api.nvim_buf_is_valid(buf) then
+      vim.api.nvim_buf_clear_namespace(buf, yank_ns, 0, -1)
+    end
+  end, 300)
+  vim.notify(("StarChat: %d line%s of code yanked"):format(#chosen.lines, #chosen.lines == 1 and "" or "s"))
+  return true
 end
 
 --- Forget the conversation and its context.
