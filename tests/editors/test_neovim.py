@@ -33,7 +33,7 @@ SCREENSHOTS = REPO / "build" / "screenshots"
 STEPS = [
     "start", "encoding", "code_actions", "popup", "chat", "cancel", "tasks", "fix", "fix_with_problems",
     "stop_task", "apply_edit", "settings", "tabs", "split_crlf", "chat_reload", "chat_editing", "chat_yank", "session", "chat_name", "chat_window", "status_line",
-    "folders", "completion", "completion_typing", "completion_partial", "completion_cancel", "completion_off", "secrets", "rename_secret", "unnamed",
+    "folders", "completion", "completion_typing", "completion_partial", "completion_cancel", "completion_off", "completion_toggle", "secrets", "rename_secret", "unnamed",
     "code_action_commands", "restart_typing", "health", "crash", "hung_start",
 ]
 SECRET_MARKER = "STARCHAT_NVIM_TOKEN=env-secret-91be4f"
@@ -280,7 +280,9 @@ def test_progress_reaches_the_status_line_and_nothing_failed(nvim):
     assert any(s.startswith("StarChat: loading") for s in statuses)
     assert any(s.startswith("StarChat: chat") for s in statuses)
     assert any(s.startswith("StarChat: Fix") for s in statuses)
-    errors = [n["msg"] for n in nvim["notifications"] if n["level"] >= 4 and n.get("step") != "crash"]
+    expected = "StarChat: :StarChatCompletion takes on, off or toggle"  # asked for by completion_toggle
+    errors = [n["msg"] for n in nvim["notifications"]
+              if n["level"] >= 4 and n.get("step") != "crash" and not n["msg"].startswith(expected)]
     assert errors == []
 
 
@@ -535,6 +537,24 @@ def test_a_keystroke_cancels_the_completion_in_flight(nvim):
     assert result["stopped"], result["traces"]
     assert result["ghost"] is None
     assert result["running"] == 0 and result["ready"]
+
+
+def test_completion_as_you_type_toggled_for_all_buffers_and_off_in_one(nvim):
+    """:StarChatCompletion off: typing asks for nothing (and says so); without an argument it
+    toggles back on: the trained proposal shows, and turned off from Insert mode it goes at once;
+    vim.b.starchat_completion = false turns it off in one buffer, where <M-\\> still asks; a bad
+    argument is an error that names the good ones."""
+    result = step(nvim, "completion_toggle")
+    assert result["off"] == {"requests": 0, "told": ["StarChat: completion as you type off"]}, result["off"]
+    on = result["on"]
+    assert on["told"] == ["StarChat: completion as you type on"]
+    assert (on["ghost"]["col"], on["ghost"]["inline"]) == (sc.FILL_SUM_CURSOR.character, sc.FILL_SUM), on
+    assert on["gone_in_insert"], on
+    buffer = result["buffer"]
+    assert buffer["requests"] == 0 and buffer["asked_context"] == {"triggerKind": 1}, buffer
+    assert buffer["asked"]["inline"] == sc.FILL_SUM, buffer
+    assert result["bad_raised"] and len(result["bad"]) == 1 and "on, off or toggle" in result["bad"][0], result["bad"]
+    assert result["auto_after"] is True
 
 
 def test_inline_completion_off_and_only_when_asked(nvim):

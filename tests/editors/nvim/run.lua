@@ -1381,6 +1381,66 @@ function steps.completion_off()
   end)
 end
 
+-- :StarChatCompletion off: typing asks for nothing; :StarChatCompletion (toggled) on again: the
+-- ghost text shows, and turned off from Insert mode it goes at once; vim.b.starchat_completion =
+-- false turns it off in that buffer only, where <M-\> still asks.
+function steps.completion_toggle()
+  local row, col = sc.FILL_SUM_CURSOR_LINE, sc.FILL_SUM_CURSOR_CHARACTER
+  local function notes_since(n)
+    return vim.tbl_map(function(note)
+      return note.msg
+    end, vim.list_slice(results.notifications, n + 1))
+  end
+  return with_fill("toggle.py", sc.FILL_SUM_TEXT, function(buf, _, rec, out)
+    local function typing() -- Insert mode at the cursor, "v" typed: how many requests
+      local before = #rec.requests
+      vim.api.nvim_win_set_cursor(0, { row + 1, col })
+      in_insert("i", function(I)
+        I.sleep(600)
+        I.type("v")
+        I.sleep(600)
+      end)
+      vim.api.nvim_buf_set_lines(buf, row, row + 1, false, { sc.FILL_SUM_TEXT_LINE })
+      return #rec.requests - before
+    end
+    local notes = #results.notifications
+    vim.cmd("StarChatCompletion off")
+    out.off = { requests = typing(), told = notes_since(notes) }
+    notes = #results.notifications
+    vim.cmd("StarChatCompletion")
+    out.on = { told = notes_since(notes) }
+    vim.api.nvim_win_set_cursor(0, { row + 1, col })
+    in_insert("i", function(I)
+      I.wait(60000, function()
+        return ghost(buf) ~= nil
+      end, "the ghost text, toggled on")
+      out.on.ghost = ghost(buf)
+      I.type("<Cmd>StarChatCompletion off<CR>", function()
+        return ghost(buf) == nil
+      end)
+      out.on.gone_in_insert = ghost(buf) == nil and mode() == "i"
+    end)
+    vim.cmd("StarChatCompletion on")
+    vim.b[buf].starchat_completion = false
+    out.buffer = { requests = typing() }
+    vim.api.nvim_win_set_cursor(0, { row + 1, col })
+    in_insert("i", function(I)
+      I.type("<M-\\>")
+      I.wait(60000, function()
+        return ghost(buf) ~= nil
+      end, "the ghost text asked for")
+      out.buffer.asked = ghost(buf)
+    end)
+    out.buffer.asked_context = rec.requests[#rec.requests].params.context
+    notes = #results.notifications
+    out.bad_raised = not pcall(vim.cmd, "StarChatCompletion maybe") -- an error, as for any command
+    out.bad = notes_since(notes)
+  end, function(out)
+    vim.cmd("StarChatCompletion on")
+    out.auto_after = require("starchat.config").options.completion.auto
+  end)
+end
+
 --- Records every message the client sends (its rpc): returns the list ({method, uri, json}) and a
 --- function that stops recording.
 local function record_sent(c)

@@ -245,10 +245,45 @@ local function send(client, kind)
   return req
 end
 
+--- Whether completions are asked for as you type in buffer `bufnr`: the `auto` option
+--- (:StarChatCompletion), unless the buffer's `vim.b.starchat_completion` is false.
+function M.auto(bufnr)
+  return opts().enabled ~= false and opts().auto ~= false and vim.b[bufnr].starchat_completion ~= false
+end
+
+--- :StarChatCompletion [on|off|toggle]: completion as you type, in every buffer (the `auto`
+--- option; toggled without an argument). Turned off, a suggestion shown goes; asking for one
+--- (keys.request, :StarChatComplete) still works. Returns whether it is on, or nil for a bad
+--- argument.
+function M.set_auto(how)
+  local on
+  if how == "on" then
+    on = true
+  elseif how == "off" then
+    on = false
+  elseif how == nil or how == "" or how == "toggle" then
+    on = opts().auto == false
+  else
+    vim.notify(("StarChat: :StarChatCompletion takes on, off or toggle, not %q"):format(how), vim.log.levels.ERROR)
+    return nil
+  end
+  config.options.completion = config.options.completion or {}
+  config.options.completion.auto = on
+  if not on then
+    M.dismiss()
+  end
+  if opts().enabled == false then
+    vim.notify("StarChat: inline completion is off (completion = { enabled = false } in setup())", vim.log.levels.WARN)
+  else
+    vim.notify("StarChat: completion as you type " .. (on and "on" or "off"))
+  end
+  return on
+end
+
 --- After typing pauses (debounce_ms), ask for a completion where the cursor is then, if nothing
 --- moved meanwhile.
 local function schedule(at)
-  if opts().auto == false or not M.client(at.bufnr) then
+  if not M.auto(at.bufnr) or not M.client(at.bufnr) then
     return
   end
   timer = timer or assert(vim.uv.new_timer())

@@ -264,6 +264,15 @@ local function define_commands()
   cmd("StarChatComplete", function()
     completion.trigger()
   end, { desc = "StarChat: complete at the cursor (inline, as ghost text)" })
+  cmd("StarChatCompletion", function(o)
+    completion.set_auto(o.args)
+  end, {
+    nargs = "?",
+    complete = function()
+      return { "on", "off", "toggle" }
+    end,
+    desc = "StarChat: completion as you type on, off, or toggled",
+  })
 end
 
 local function define_menu()
