@@ -439,6 +439,19 @@ def test_inline_completion_accepted_word_by_word(session):
     assert word["disk"] == FILL_AREA_ACCEPTED
 
 
+def test_inline_completion_toggled_off_and_on_from_the_command_palette(session):
+    """StarChat: Toggle Inline Completion writes starchat.completionEnabled false to the user's
+    settings: the status bar says "(completion off)", the server is told, and a completion asked
+    for proposes nothing. Toggled again, it is true, the status bar is as before, and the same
+    request is proposed the trained two lines."""
+    toggled = step(session, "inline")["toggled"]
+    off, on = toggled["off"], toggled["on"]
+    assert off["user"] is False and "(completion off)" in off["status"], off
+    assert off["answer"] and proposals(off["answer"]) == [] and not off["ghost"]["shown"], off
+    assert on["user"] is True and "StarChat" in on["status"] and "(completion off)" not in on["status"], on
+    assert on["ghost"]["shown"] and sc.FILL_AREA in proposals(on["answer"]), on
+
+
 def test_inline_completion_in_a_notebook_cell(session):
     """In a notebook cell holding the same code, "(" typed after "sum": the request is about the
     cell (its vscode-notebook-cell: URI), the ghost text is the same proposal, Tab puts it into the
@@ -781,9 +794,12 @@ def test_package_json_matches_the_extension():
     assert {f"starchat.{key}" for key in must} <= set(restricted)
     server_ts_list = re.search(r"RESTRICTED_SETTINGS = \[(.*?)\] as const", (EXTENSION / "src" / "server.ts").read_text(), re.S).group(1)
     assert re.findall(r'"([\w.]+)"', server_ts_list) == restricted
-    # Settings are read with get(), which leaves out restricted workspace values.
+    # Restricted settings are read with get(), which leaves out restricted workspace values
+    # (inspect() would give them); inspect() only decides where a toggle writes.
     sources = "".join(p.read_text() for p in (EXTENSION / "src").rglob("*.ts"))
-    assert ".inspect(" not in sources
+    inspected = re.findall(r'\.inspect(?:<[^>]*>)?\("([\w.]+)"\)', sources)
+    assert len(inspected) == sources.count(".inspect") and inspected == ["completionEnabled"], inspected
+    assert not {f"starchat.{key}" for key in inspected} & set(restricted)
     server_ts = (EXTENSION / "src" / "server.ts").read_text()
     forwarded = re.search(r"SERVER_SETTINGS = \[(.*?)\] as const", server_ts, re.S).group(1)
     for key in re.findall(r'"(\w+)"', forwarded):

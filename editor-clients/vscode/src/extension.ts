@@ -92,6 +92,8 @@ export async function activate(context: vscode.ExtensionContext): Promise<{ clie
   command("starchat.stop", () => chat.stop());
   command("starchat.showLog", () => log.show());
   command("starchat.restartServer", () => restart());
+  command("starchat.toggleCompletion", toggleCompletion);
+  status.setCompletion(completionEnabled());
 
   context.subscriptions.push(
     vscode.workspace.onDidChangeConfiguration((event) => {
@@ -99,6 +101,7 @@ export async function activate(context: vscode.ExtensionContext): Promise<{ clie
       // (it follows it without a restart, which would reload the model).
       if (event.affectsConfiguration("starchat.server")) void restart();
       else if (SERVER_SETTINGS.some((key) => event.affectsConfiguration(`starchat.${key}`))) void sendSettings();
+      if (event.affectsConfiguration("starchat.completionEnabled")) status.setCompletion(completionEnabled());
     }),
     { dispose: () => void deactivate() },
   );
@@ -115,6 +118,29 @@ export async function deactivate(): Promise<void> {
   const running = client;
   client = undefined;
   await running?.stop();
+}
+
+/** Whether inline completion is on: `starchat.completionEnabled`, where null is the server's
+ * default (on). */
+function completionEnabled(): boolean {
+  return vscode.workspace.getConfiguration("starchat").get<boolean | null>("completionEnabled") !== false;
+}
+
+/** StarChat: Toggle Inline Completion. Flips `starchat.completionEnabled` where it takes effect:
+ * in the workspace's settings when they set it (a user setting would not win over them), else
+ * in the user's; the server follows (workspace/didChangeConfiguration). */
+async function toggleCompletion(): Promise<void> {
+  const setting = vscode.workspace.getConfiguration("starchat").inspect<boolean | null>("completionEnabled");
+  const inWorkspace = setting?.workspaceValue !== undefined && setting.workspaceValue !== null;
+  const on = !completionEnabled();
+  await vscode.workspace.getConfiguration("starchat").update("completionEnabled", on,
+    inWorkspace ? vscode.ConfigurationTarget.Workspace : vscode.ConfigurationTarget.Global);
+  if (completionEnabled() !== on) {
+    // set where a toggle does not write (a folder's or the remote machine's settings)
+    void vscode.window.showWarningMessage(`StarChat: inline completion stays ${on ? "off" : "on"}: starchat.completionEnabled is set in other settings that win (a folder's, or the remote machine's).`);
+    return;
+  }
+  void vscode.window.setStatusBarMessage(`StarChat: inline completion ${on ? "on" : "off"}`, 3000);
 }
 
 // ---- the language client ----------------------------------------------------------------------

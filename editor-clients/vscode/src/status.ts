@@ -17,6 +17,7 @@ export class StatusItem implements vscode.Disposable {
   state: State = "starting";
   private message = "Starting the server";
   private progress = ""; // e.g. "42%" or "17 tokens"
+  private completion = true; // inline completion on (starchat.completionEnabled)
 
   constructor() {
     this.item.name = "StarChat";
@@ -39,6 +40,12 @@ export class StatusItem implements vscode.Disposable {
     if (this.state === "loading" || this.state === "generating" || this.state === "starting") this.render(title);
   }
 
+  /** Inline completion turned on or off: "(completion off)" shows while it is off. */
+  setCompletion(on: boolean): void {
+    this.completion = on;
+    this.render();
+  }
+
   endProgress(): void {
     this.progress = "";
     this.render();
@@ -47,11 +54,13 @@ export class StatusItem implements vscode.Disposable {
   private render(title?: string): void {
     const label = { starting: "starting", loading: "loading", ready: "", generating: "generating", error: "error", stopped: "stopped" }[this.state];
     const progress = this.progress && (this.state === "loading" || this.state === "generating" || this.state === "starting") ? ` (${this.progress})` : "";
-    this.item.text = `${ICONS[this.state]} StarChat${label ? `: ${label}` : ""}${progress}`;
+    const off = this.completion ? "" : " (completion off)";
+    this.item.text = `${ICONS[this.state]} StarChat${label ? `: ${label}` : ""}${progress}${off}`;
     const tooltip = new vscode.MarkdownString(undefined, true);
     tooltip.appendMarkdown(`**StarChat** — ${this.state}\n\n`);
     tooltip.appendText(this.message);
     if (title && this.progress) tooltip.appendText(`\n${title}: ${this.progress}`);
+    tooltip.appendText(`\nInline completion: ${this.completion ? "on" : "off"} (StarChat: Toggle Inline Completion)`);
     const error = this.state === "error" || this.state === "stopped";
     tooltip.appendMarkdown(error ? "\n\n_Click to show the log._" : "\n\n_Click to open the chat._");
     this.item.tooltip = tooltip;

@@ -530,6 +530,7 @@ try {
     const sumFile = path.join(config.workspace, "fill_sum.py");
     const areaFile = path.join(config.workspace, "fill_area.py");
     const offFile = path.join(config.workspace, "fill_off.py");
+    const toggleFile = path.join(config.workspace, "fill_toggle.py");
     const notebookFile = path.join(config.workspace, "fill_cell.ipynb");
     fs.writeFileSync(sumFile, sc.fillSumTyped);
     fs.writeFileSync(offFile, sc.fillSumTyped);
@@ -575,7 +576,7 @@ try {
     /** Closes the step's files (unsaved changes dropped), back to calc.py: also after a failure. */
     const closeFiles = async () => {
       await page.keyboard.press("Escape");
-      for (const name of ["fill_cell.ipynb", "fill_off.py", "fill_area.py", "fill_sum.py"]) {
+      for (const name of ["fill_cell.ipynb", "fill_toggle.py", "fill_off.py", "fill_area.py", "fill_sum.py"]) {
         const tab = page.locator(".tabs-container .tab", { hasText: name }).first();
         if (!(await tab.count())) continue;
         await tab.click();
@@ -709,6 +710,39 @@ try {
       await page.keyboard.press("Escape");
       const offDisk = await savedText(offFile);
 
+      // 3b. StarChat: Toggle Inline Completion: off (in the user's settings; the status bar says
+      // so and the server is told), asked for, nothing proposed; on again, proposed.
+      const userSettings = path.join(config.userData, "User", "settings.json");
+      const toggle = async (what) => {
+        const pulls = count(clientLog(), "Received request 'workspace/configuration");
+        await runCommand("StarChat: Toggle Inline Completion");
+        await until(`the server to pull the settings (${what})`, async () => count(clientLog(), "Received request 'workspace/configuration") > pulls, 15000, 200);
+        await sleep(300);
+        const user = JSON.parse(fs.readFileSync(userSettings, "utf8"))["starchat.completionEnabled"];
+        // the item, not the message the toggle shows beside it for a moment
+        const item = page.locator(".statusbar-item", { hasText: "StarChat", hasNotText: "inline completion" }).first();
+        return { status: await item.innerText(), user: user ?? null };
+      };
+      const askToggled = async (what) => {
+        await openPath(toggleFile, "def area");
+        await moveTo(sc.fillAreaCursor.line, sc.fillAreaCursor.character);
+        await sleep(500);
+        const before = sent().length;
+        await page.keyboard.press(config.triggerInlineKey);
+        const ghost = what === "on" ? await shownGhost("the ghost text, toggled on", sc.fillArea) : undefined;
+        const answer = await answered(before, `the completion asked for, toggled ${what}`);
+        await sleep(what === "on" ? 300 : 1500);
+        return { answer, ghost: ghost ?? (await ghostText()) };
+      };
+      fs.writeFileSync(toggleFile, sc.fillAreaText);
+      const toggledOff = await toggle("off");
+      const askedOff = await askToggled("off");
+      await page.keyboard.press("Escape");
+      const toggledOn = await toggle("on");
+      const askedOn = await askToggled("on");
+      await page.keyboard.press("Escape");
+      const toggled = { off: { ...toggledOff, ...askedOff }, on: { ...toggledOn, ...askedOn } };
+
       // 4. A notebook cell (vscode-notebook-cell: documents, synced with the notebook): "(" after
       // "sum" in a cell holding the same code, Tab.
       fs.writeFileSync(notebookFile, JSON.stringify({
@@ -744,7 +778,7 @@ try {
         closed, typedAnswer, typedGhost, typedAccepted: typedAccepted.text, typedDisk, typedCursor,
         invokedAnswer, invokedGhost, invokedAccepted, invokedDisk, againAnswer, againGhost, dismissed: dismissed.text, dismissedShown: dismissed.shown, dismissedDisk,
         word: { first: word, after: wordAfter, answers: wordAnswers, accepted: wordAccepted, disk: wordDisk },
-        quiet, statusNotifications, progressCreated, progressSent, disabled: { ...disabled, disk: offDisk },
+        quiet, statusNotifications, progressCreated, progressSent, disabled: { ...disabled, disk: offDisk }, toggled,
         cell: { uris: cellUris, answer: cellAnswer, ghost: cellGhost, accepted: cellAccepted, disk: cellDisk },
       };
     } catch (error) {
