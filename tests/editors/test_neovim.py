@@ -545,12 +545,16 @@ def test_completion_as_you_type_toggled_for_all_buffers_and_off_in_one(nvim):
     vim.b.starchat_completion = false turns it off in one buffer, where <M-\\> still asks; a bad
     argument is an error that names the good ones."""
     result = step(nvim, "completion_toggle")
-    assert result["off"] == {"requests": 0, "told": ["StarChat: completion as you type off"]}, result["off"]
+    off = result["off"]
+    assert (off["requests"], off["told"]) == (0, ["StarChat: completion as you type off"]), off
+    # the status line says so in every buffer (and status-line plugins are told)
+    assert off["status"] == off["code_status"] == "StarChat: ready (completion off)" and off["status_events"] > 0, off
     on = result["on"]
-    assert on["told"] == ["StarChat: completion as you type on"]
+    assert on["told"] == ["StarChat: completion as you type on"] and on["status"] == "StarChat: ready", on
     assert (on["ghost"]["col"], on["ghost"]["inline"]) == (sc.FILL_SUM_CURSOR.character, sc.FILL_SUM), on
     assert on["gone_in_insert"], on
     buffer = result["buffer"]
+    assert (buffer["status"], buffer["code_status"]) == ("StarChat: ready (completion off)", "StarChat: ready"), buffer
     assert buffer["requests"] == 0 and buffer["asked_context"] == {"triggerKind": 1}, buffer
     assert buffer["asked"]["inline"] == sc.FILL_SUM, buffer
     assert result["bad_raised"] and len(result["bad"]) == 1 and "on, off or toggle" in result["bad"][0], result["bad"]

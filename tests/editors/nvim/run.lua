@@ -1404,11 +1404,23 @@ function steps.completion_toggle()
       return #rec.requests - before
     end
     local notes = #results.notifications
+    local status_events = 0
+    local counting = vim.api.nvim_create_autocmd("User", {
+      pattern = "StarChatStatus",
+      callback = function()
+        status_events = status_events + 1
+      end,
+    })
     vim.cmd("StarChatCompletion off")
-    out.off = { requests = typing(), told = notes_since(notes) }
+    vim.wait(200, function()
+      return status_events > 0
+    end)
+    vim.api.nvim_del_autocmd(counting)
+    out.off = { status = starchat.status(buf), status_events = status_events, code_status = starchat.status(code_buf) }
+    out.off.requests, out.off.told = typing(), notes_since(notes)
     notes = #results.notifications
     vim.cmd("StarChatCompletion")
-    out.on = { told = notes_since(notes) }
+    out.on = { told = notes_since(notes), status = starchat.status(buf) }
     vim.api.nvim_win_set_cursor(0, { row + 1, col })
     in_insert("i", function(I)
       I.wait(60000, function()
@@ -1422,7 +1434,8 @@ function steps.completion_toggle()
     end)
     vim.cmd("StarChatCompletion on")
     vim.b[buf].starchat_completion = false
-    out.buffer = { requests = typing() }
+    out.buffer = { status = starchat.status(buf), code_status = starchat.status(code_buf) }
+    out.buffer.requests = typing()
     vim.api.nvim_win_set_cursor(0, { row + 1, col })
     in_insert("i", function(I)
       I.type("<M-\\>")

@@ -272,6 +272,7 @@ function M.set_auto(how)
   if not on then
     M.dismiss()
   end
+  lsp.status_changed() -- "(completion off)" in the status line
   if opts().enabled == false then
     vim.notify("StarChat: inline completion is off (completion = { enabled = false } in setup())", vim.log.levels.WARN)
   else

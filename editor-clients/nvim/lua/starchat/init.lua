@@ -20,8 +20,10 @@ end
 
 --- For the status line: "StarChat: ready", "StarChat: Fix (12 tokens)", … in the windows of
 --- buffers the StarChat client is attached to; after the server exited, in those of the files it
---- serves. "" elsewhere, and when it is not running. bufnr: the window's buffer (the status
---- line's window: %{} items are evaluated in it, a "%!" expression gets g:statusline_winid).
+--- serves. "" elsewhere, and when it is not running. " (completion off)" follows where completion
+--- as you type is off (:StarChatCompletion, vim.b.starchat_completion) but not disabled in
+--- setup(). bufnr: the window's buffer (the status line's window: %{} items are evaluated in
+--- it, a "%!" expression gets g:statusline_winid).
 function M.status(bufnr)
   if bufnr == nil or bufnr == 0 then
     local win = vim.g.statusline_winid
@@ -33,7 +35,11 @@ function M.status(bufnr)
       return ""
     end
   end
-  return lsp.status()
+  local text = lsp.status()
+  if text ~= "" and (config.options.completion or {}).enabled ~= false and not completion.auto(bufnr) then
+    text = text .. " (completion off)"
+  end
+  return text
 end
 
 --- Start or attach the server for a buffer (what the FileType autocommand does). A buffer left

@@ -35,12 +35,14 @@ M.state = {
   progress_order = {},
 }
 
+--- The status line's text changed: redraw it and fire `User StarChatStatus`.
 local function changed()
   vim.schedule(function()
     pcall(vim.cmd, "redrawstatus!")
     pcall(vim.api.nvim_exec_autocmds, "User", { pattern = "StarChatStatus", modeline = false })
   end)
 end
+M.status_changed = changed
 
 local function track_progress(token, value)
   if type(value) ~= "table" or not value.kind then
