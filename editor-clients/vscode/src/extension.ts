@@ -130,11 +130,10 @@ function completionEnabled(): boolean {
  * in the workspace's settings when they set it (a user setting would not win over them), else
  * in the user's; the server follows (workspace/didChangeConfiguration). */
 async function toggleCompletion(): Promise<void> {
-  const setting = vscode.workspace.getConfiguration("starchat").inspect<boolean | null>("completionEnabled");
-  const inWorkspace = setting?.workspaceValue !== undefined && setting.workspaceValue !== null;
+  const config = vscode.workspace.getConfiguration("starchat");
+  const inWorkspace = config.inspect<boolean | null>("completionEnabled")?.workspaceValue !== undefined; // null too
   const on = !completionEnabled();
-  await vscode.workspace.getConfiguration("starchat").update("completionEnabled", on,
-    inWorkspace ? vscode.ConfigurationTarget.Workspace : vscode.ConfigurationTarget.Global);
+  await config.update("completionEnabled", on, inWorkspace ? vscode.ConfigurationTarget.Workspace : vscode.ConfigurationTarget.Global);
   if (completionEnabled() !== on) {
     // set where a toggle does not write (a folder's or the remote machine's settings)
     void vscode.window.showWarningMessage(`StarChat: inline completion stays ${on ? "off" : "on"}: starchat.completionEnabled is set in other settings that win (a folder's, or the remote machine's).`);
