@@ -120,6 +120,13 @@ local function notifications_of(step_name)
   end, results.notifications)
 end
 
+--- The messages of the notifications after the first `n`.
+local function messages_since(n)
+  return vim.tbl_map(function(note)
+    return note.msg
+  end, vim.list_slice(results.notifications, n + 1))
+end
+
 vim.cmd.cd(conf.workspace)
 vim.cmd.edit(conf.workspace .. "/calc.py")
 local code_buf = vim.api.nvim_get_current_buf()
@@ -760,9 +767,7 @@ function steps.chat_editing()
     wait_turn(after)
     out.after = { done = after.done == true, error = after.error }
   end
-  out.new_notes = vim.tbl_map(function(n)
-    return n.msg
-  end, vim.list_slice(results.notifications, notes + 1))
+  out.new_notes = messages_since(notes)
   require("starchat.config").options.chat.max_new_tokens = nil
   return out
 end
@@ -1119,6 +1124,17 @@ local function mode()
   return vim.api.nvim_get_mode().mode
 end
 
+--- Insert mode at `row`, `col` (0-based), a pause, "v" typed, a pause: as a user typing (what
+--- completion as you type asks for, if it is on).
+local function type_v_at(row, col)
+  vim.api.nvim_win_set_cursor(0, { row + 1, col })
+  in_insert("i", function(I)
+    I.sleep(600)
+    I.type("v")
+    I.sleep(600)
+  end)
+end
+
 -- Inline completion as ghost text: in Insert mode on the empty line of area() the server's
 -- proposal (two lines) shows at the cursor; <C-]> dismisses it, leaving Insert mode clears it,
 -- and <Tab> inserts it.
@@ -1328,19 +1344,12 @@ function steps.completion_off()
       tab = vim.fn.maparg("<Tab>", "i", false, true).desc or vim.NIL,
       request_key = vim.fn.maparg("<M-\\>", "i"),
     }
-    vim.api.nvim_win_set_cursor(0, { row + 1, col })
-    in_insert("i", function(I)
-      I.sleep(600)
-      I.type("v")
-      I.sleep(600)
-    end)
+    type_v_at(row, col)
     out.off.requests = #rec.requests
     out.off.ghost = ghost(buf) or vim.NIL
     local notes = #results.notifications
     vim.cmd("StarChatComplete")
-    out.off.told = vim.tbl_map(function(n)
-      return n.msg
-    end, vim.list_slice(results.notifications, notes + 1))
+    out.off.told = messages_since(notes)
     vim.api.nvim_buf_set_lines(buf, row, row + 1, false, { sc.FILL_SUM_TEXT_LINE })
 
     setup_with({ auto = false })
@@ -1386,20 +1395,10 @@ end
 -- false turns it off in that buffer only, where <M-\> still asks.
 function steps.completion_toggle()
   local row, col = sc.FILL_SUM_CURSOR_LINE, sc.FILL_SUM_CURSOR_CHARACTER
-  local function notes_since(n)
-    return vim.tbl_map(function(note)
-      return note.msg
-    end, vim.list_slice(results.notifications, n + 1))
-  end
   return with_fill("toggle.py", sc.FILL_SUM_TEXT, function(buf, _, rec, out)
     local function typing() -- Insert mode at the cursor, "v" typed: how many requests
       local before = #rec.requests
-      vim.api.nvim_win_set_cursor(0, { row + 1, col })
-      in_insert("i", function(I)
-        I.sleep(600)
-        I.type("v")
-        I.sleep(600)
-      end)
+      type_v_at(row, col)
       vim.api.nvim_buf_set_lines(buf, row, row + 1, false, { sc.FILL_SUM_TEXT_LINE })
       return #rec.requests - before
     end
@@ -1417,10 +1416,10 @@ function steps.completion_toggle()
     end)
     vim.api.nvim_del_autocmd(counting)
     out.off = { status = starchat.status(buf), status_events = status_events, code_status = starchat.status(code_buf) }
-    out.off.requests, out.off.told = typing(), notes_since(notes)
+    out.off.requests, out.off.told = typing(), messages_since(notes)
     notes = #results.notifications
     vim.cmd("StarChatCompletion")
-    out.on = { told = notes_since(notes), status = starchat.status(buf) }
+    out.on = { told = messages_since(notes), status = starchat.status(buf) }
     vim.api.nvim_win_set_cursor(0, { row + 1, col })
     in_insert("i", function(I)
       I.wait(60000, function()
@@ -1447,7 +1446,7 @@ function steps.completion_toggle()
     out.buffer.asked_context = rec.requests[#rec.requests].params.context
     notes = #results.notifications
     out.bad_raised = not pcall(vim.cmd, "StarChatCompletion maybe") -- an error, as for any command
-    out.bad = notes_since(notes)
+    out.bad = messages_since(notes)
   end, function(out)
     vim.cmd("StarChatCompletion on")
     out.auto_after = require("starchat.config").options.completion.auto

@@ -566,6 +566,22 @@ try {
       }, 60000, 100).catch(async (error) => {
         throw new Error(`${error.message}; ghost text: ${JSON.stringify(await ghostText())}; editor: ${await editor().evaluate((root) => [...root.querySelectorAll("[class*='ghost']")].map((n) => `${n.className}: ${n.textContent}`).join(" | "))}`);
       });
+    /** Trigger Inline Suggestion where the cursor is: the ghost text shown (the proposal
+     * `expected`) and the requests it sent, answered. */
+    const trigger = async (what, expected) => {
+      const before = sent().length;
+      await page.keyboard.press(config.triggerInlineKey);
+      const ghost = await shownGhost(`the ghost text ${what}`, expected);
+      return { ghost, answer: await answered(before, `the completion ${what}`) };
+    };
+    /** Tab: the editor's text once the ghost text is gone and the text is no longer `before`. */
+    const acceptWithTab = async (what, before) => {
+      await page.keyboard.press("Tab");
+      return until(what, async () => {
+        const ghost = await ghostText();
+        return !ghost.shown && ghost.text !== before && ghost.text;
+      }, 10000);
+    };
     /** Saves the active editor's file (Ctrl+S): its text on disk once the tab shows it saved. */
     const savedText = async (file) => {
       await page.keyboard.press("Control+S");
@@ -618,26 +634,16 @@ try {
       await openPath(areaFile, "def area");
       await moveTo(sc.fillAreaCursor.line, sc.fillAreaCursor.character);
       await sleep(500);
-      const invokedBefore = sent().length;
-      await page.keyboard.press(config.triggerInlineKey);
-      const invokedGhost = await shownGhost("the two-line ghost text under def area", sc.fillArea);
-      const invokedAnswer = await answered(invokedBefore, "the completion asked for");
+      const { ghost: invokedGhost, answer: invokedAnswer } = await trigger("asked for under def area", sc.fillArea);
       await sleep(300);
       await screenshot("inline-invoked");
-      await page.keyboard.press("Tab");
-      const invokedAccepted = await until("the proposal accepted", async () => {
-        const ghost = await ghostText();
-        return !ghost.shown && ghost.text !== sc.fillAreaText && ghost.text;
-      }, 10000);
+      const invokedAccepted = await acceptWithTab("the proposal accepted", sc.fillAreaText);
       const invokedDisk = await savedText(areaFile);
       // Escape: asked for again at the same place, dismissed; the text stays as it was.
       await page.keyboard.press("Control+Z");
       await until("the line empty again", async () => (await ghostText()).text.split("\n")[sc.fillAreaCursor.line].trim() === "", 10000);
       await moveTo(sc.fillAreaCursor.line, sc.fillAreaCursor.character);
-      const againBefore = sent().length;
-      await page.keyboard.press(config.triggerInlineKey);
-      const againGhost = await shownGhost("the ghost text again", sc.fillArea);
-      const againAnswer = await answered(againBefore, "the completion asked for again");
+      const { ghost: againGhost, answer: againAnswer } = await trigger("asked for again", sc.fillArea);
       await page.keyboard.press("Escape");
       await until("the ghost text dismissed", async () => !(await ghostText()).shown, 10000);
       await sleep(1000);
@@ -647,10 +653,7 @@ try {
       // in and the rest stays shown (VS Code may ask again: the server answers the rest); Tab
       // then inserts the rest.
       await moveTo(sc.fillAreaCursor.line, sc.fillAreaCursor.character);
-      const wordBefore = sent().length;
-      await page.keyboard.press(config.triggerInlineKey);
-      await shownGhost("the ghost text before Ctrl+Right", sc.fillArea);
-      await answered(wordBefore, "the completion asked for before Ctrl+Right");
+      await trigger("asked for before Ctrl+Right", sc.fillArea);
       const wordAsked = sent().length;
       await page.keyboard.press("Control+ArrowRight");
       const word = await until("a word of it accepted", async () => {
@@ -663,11 +666,7 @@ try {
       await sleep(1000);
       const wordAfter = { ...(await ghostText()), cursor: await cursorStatus() };
       const wordAnswers = sent().length > wordAsked ? await answered(wordAsked, "the completion after Ctrl+Right") : [];
-      await page.keyboard.press("Tab");
-      const wordAccepted = await until("the rest accepted", async () => {
-        const ghost = await ghostText();
-        return !ghost.shown && ghost.text !== word.text && ghost.text;
-      }, 10000);
+      const wordAccepted = await acceptWithTab("the rest accepted", word.text);
       const wordDisk = await savedText(areaFile);
 
       await sleep(1500); // anything the server would still send
@@ -727,12 +726,12 @@ try {
         await openPath(toggleFile, "def area");
         await moveTo(sc.fillAreaCursor.line, sc.fillAreaCursor.character);
         await sleep(500);
+        if (what === "on") return trigger("asked for, toggled on", sc.fillArea);
         const before = sent().length;
         await page.keyboard.press(config.triggerInlineKey);
-        const ghost = what === "on" ? await shownGhost("the ghost text, toggled on", sc.fillArea) : undefined;
-        const answer = await answered(before, `the completion asked for, toggled ${what}`);
-        await sleep(what === "on" ? 300 : 1500);
-        return { answer, ghost: ghost ?? (await ghostText()) };
+        const answer = await answered(before, "the completion asked for, toggled off");
+        await sleep(1500); // a ghost text would show by now
+        return { answer, ghost: await ghostText() };
       };
       fs.writeFileSync(toggleFile, sc.fillAreaText);
       const toggledOff = await toggle("off");

@@ -560,7 +560,7 @@ end
 --- The fenced code blocks of markdown `lines`: {first, last (the fences' rows, 1-based; last is
 --- past the end while the block still streams), lines (without the fences, less the opening
 --- fence's indentation)}.
-function M.code_blocks(lines)
+local function code_blocks(lines)
   local blocks, open = {}, nil
   for i, line in ipairs(lines) do
     local indent, fence = line:match("^(%s*)(```+)")
@@ -597,7 +597,7 @@ function M.yank(register)
   local buf = vim.api.nvim_get_current_buf()
   local row = vim.api.nvim_win_get_cursor(0)[1]
   local chosen
-  for _, block in ipairs(M.code_blocks(vim.api.nvim_buf_get_lines(buf, 0, -1, false))) do
+  for _, block in ipairs(code_blocks(vim.api.nvim_buf_get_lines(buf, 0, -1, false))) do
     if block.first <= row and row <= block.last then
       chosen = block
       break
