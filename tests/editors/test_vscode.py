@@ -439,13 +439,22 @@ def test_inline_completion_accepted_word_by_word(session):
     assert word["disk"] == FILL_AREA_ACCEPTED
 
 
-def test_inline_completion_toggled_off_and_on_from_the_command_palette(session):
-    """StarChat: Toggle Inline Completion writes starchat.completionEnabled false to the user's
-    settings: the status bar says "(completion off)", the server is told, and a completion asked
-    for proposes nothing. Toggled again, it is true, the status bar is as before, and the same
+def test_inline_completion_toggled_off_and_on_from_the_palette_and_the_status_menu(session):
+    """StarChat: Toggle Inline Completion (command palette) writes starchat.completionEnabled
+    false to the user's settings: the status bar says "(completion off)", the server is told,
+    and a completion asked for proposes nothing. A click on the status bar item opens its menu
+    (the chat first, then "Turn Inline Completion On", the log, a restart; no Stop while nothing
+    is generated); picking that row sets it true, the status bar is as before, and the same
     request is proposed the trained two lines."""
     toggled = step(session, "inline")["toggled"]
-    off, on = toggled["off"], toggled["on"]
+    off, on, menu = toggled["off"], toggled["on"], toggled["menu"]
+    assert menu["title"] == "StarChat: ready", menu
+    assert menu["rows"] == [
+        "Open Chat",
+        "Turn Inline Completion On — inline completion is off",
+        "Show Log",
+        "Restart Server",
+    ], menu
     assert off["user"] is False and "(completion off)" in off["status"], off
     assert off["answer"] and proposals(off["answer"]) == [] and not off["ghost"]["shown"], off
     assert on["user"] is True and "StarChat" in on["status"] and "(completion off)" not in on["status"], on

@@ -93,6 +93,7 @@ export async function activate(context: vscode.ExtensionContext): Promise<{ clie
   command("starchat.showLog", () => log.show());
   command("starchat.restartServer", () => restart());
   command("starchat.toggleCompletion", toggleCompletion);
+  command("starchat.showMenu", showMenu);
   status.setCompletion(completionEnabled());
 
   context.subscriptions.push(
@@ -140,6 +141,28 @@ async function toggleCompletion(): Promise<void> {
     return;
   }
   void vscode.window.setStatusBarMessage(`StarChat: inline completion ${on ? "on" : "off"}`, 3000);
+}
+
+/** StarChat: Show Menu (a click on the status bar item): what the user may want from there, for
+ * the state the server is in. The first item is what a click did before the menu: the log after
+ * an error, else the chat. */
+async function showMenu(): Promise<void> {
+  type Item = vscode.QuickPickItem & { command?: string };
+  const failed = status.state === "error" || status.state === "stopped";
+  const completion = completionEnabled();
+  const items: Item[] = [
+    ...(failed ? [{ label: "$(output) Show Log", command: "starchat.showLog" }, { label: "$(debug-restart) Restart Server", command: "starchat.restartServer" }] : []),
+    { label: "$(comment-discussion) Open Chat", command: "starchat.openChat" },
+    ...(chat.generating ? [{ label: "$(debug-stop) Stop Generating", command: "starchat.stop" }] : []),
+    {
+      label: completion ? "$(circle-slash) Turn Inline Completion Off" : "$(check) Turn Inline Completion On",
+      description: `inline completion is ${completion ? "on" : "off"}`,
+      command: "starchat.toggleCompletion",
+    },
+    ...(failed ? [] : [{ label: "", kind: vscode.QuickPickItemKind.Separator }, { label: "$(output) Show Log", command: "starchat.showLog" }, { label: "$(debug-restart) Restart Server", command: "starchat.restartServer" }]),
+  ];
+  const picked = await vscode.window.showQuickPick(items, { title: `StarChat: ${status.state}`, placeHolder: status.message });
+  if (picked?.command) await vscode.commands.executeCommand(picked.command);
 }
 
 // ---- the language client ----------------------------------------------------------------------

@@ -15,7 +15,7 @@ const ICONS: Record<State, string> = {
 export class StatusItem implements vscode.Disposable {
   private readonly item = vscode.window.createStatusBarItem("starchat.status", vscode.StatusBarAlignment.Right, 100);
   state: State = "starting";
-  private message = "Starting the server";
+  message = "Starting the server";
   private progress = ""; // e.g. "42%" or "17 tokens"
   private completion = true; // inline completion on (starchat.completionEnabled)
 
@@ -60,11 +60,11 @@ export class StatusItem implements vscode.Disposable {
     tooltip.appendMarkdown(`**StarChat** — ${this.state}\n\n`);
     tooltip.appendText(this.message);
     if (title && this.progress) tooltip.appendText(`\n${title}: ${this.progress}`);
-    tooltip.appendText(`\nInline completion: ${this.completion ? "on" : "off"} (StarChat: Toggle Inline Completion)`);
+    tooltip.appendText(`\nInline completion: ${this.completion ? "on" : "off"}`);
     const error = this.state === "error" || this.state === "stopped";
-    tooltip.appendMarkdown(error ? "\n\n_Click to show the log._" : "\n\n_Click to open the chat._");
+    tooltip.appendMarkdown(error ? "\n\n_Click for the log and a restart._" : "\n\n_Click for the chat, inline completion on or off, the log._");
     this.item.tooltip = tooltip;
-    this.item.command = error ? "starchat.showLog" : "starchat.openChat";
+    this.item.command = "starchat.showMenu";
     this.item.backgroundColor = error ? new vscode.ThemeColor("statusBarItem.errorBackground") : undefined;
     this.item.accessibilityInformation = { label: `StarChat ${this.state}: ${this.message}` };
   }

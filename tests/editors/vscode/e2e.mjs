@@ -261,6 +261,22 @@ async function runCommand(title) {
   await findCommand(title);
   await page.keyboard.press("Enter");
 }
+/** Clicks the StarChat status bar item and picks the row of its menu that says `label`; returns
+ * the menu's title and rows as shown (codicons are not text). */
+async function pickFromStatusMenu(label) {
+  await page.locator(".statusbar-item", { hasText: "StarChat", hasNotText: "inline completion" }).first().click();
+  const rows = page.locator(".quick-input-list .monaco-list-row");
+  await rows.first().waitFor({ timeout: 10000 });
+  await sleep(300);
+  const shown = {
+    title: (await page.locator(".quick-input-widget .quick-input-title").innerText().catch(() => "")).trim(),
+    rows: await rows.evaluateAll((all) => all.map((row) => [".label-name", ".label-description"]
+      .map((part) => row.querySelector(part)?.textContent?.trim()).filter(Boolean).join(" — "))),
+  };
+  await rows.filter({ hasText: label }).first().click();
+  await page.locator(".quick-input-widget").waitFor({ state: "hidden", timeout: 5000 });
+  return shown;
+}
 /** The titles of the commands the command palette offers for `query` (then closes it). */
 async function paletteTitles(query) {
   await page.keyboard.press("Control+Shift+P");
@@ -712,9 +728,12 @@ try {
       // 3b. StarChat: Toggle Inline Completion: off (in the user's settings; the status bar says
       // so and the server is told), asked for, nothing proposed; on again, proposed.
       const userSettings = path.join(config.userData, "User", "settings.json");
+      // Off from the command palette; on from the status bar item's menu (its rows recorded).
+      let menu;
       const toggle = async (what) => {
         const pulls = count(clientLog(), "Received request 'workspace/configuration");
-        await runCommand("StarChat: Toggle Inline Completion");
+        if (what === "off") await runCommand("StarChat: Toggle Inline Completion");
+        else menu = await pickFromStatusMenu("Turn Inline Completion On");
         await until(`the server to pull the settings (${what})`, async () => count(clientLog(), "Received request 'workspace/configuration") > pulls, 15000, 200);
         await sleep(300);
         const user = JSON.parse(fs.readFileSync(userSettings, "utf8"))["starchat.completionEnabled"];
@@ -740,7 +759,7 @@ try {
       const toggledOn = await toggle("on");
       const askedOn = await askToggled("on");
       await page.keyboard.press("Escape");
-      const toggled = { off: { ...toggledOff, ...askedOff }, on: { ...toggledOn, ...askedOn } };
+      const toggled = { off: { ...toggledOff, ...askedOff }, on: { ...toggledOn, ...askedOn }, menu };
 
       // 4. A notebook cell (vscode-notebook-cell: documents, synced with the notebook): "(" after
       // "sum" in a cell holding the same code, Tab.
