@@ -136,31 +136,43 @@ def training_pairs(tokenizer) -> list[tuple[list[int], list[int], bool]]:
     return pairs
 
 
-def _train(model, pairs, steps: int, seed: int = 0) -> float:
+def _train(model, pairs, steps: int, seed: int = 0, group: int = 16) -> float:
+    """Full-batch training, computed in groups of ``group`` pairs of similar length (each padded
+    to its own longest, not to the longest of all: a few long answers then cost only their own
+    rows). Each group's loss is weighted by its share of the answer tokens, so a step's gradient
+    is the whole batch's mean, as if computed at once."""
     import torch
 
     torch.manual_seed(seed)
-    width = max(len(p) + len(a) for p, a, _ in pairs)
-    inputs = torch.zeros((len(pairs), width), dtype=torch.long)
-    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(pairs), width), dtype=torch.long)
-    for row, (prompt, answer, _) in enumerate(pairs):
-        seq = prompt + answer
-        inputs[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-        labels[row, len(prompt) : len(seq)] = torch.tensor(answer)
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    batches = []
+    for first in range(0, len(order), group):
+        rows = [pairs[i] for i in order[first : first + group]]
+        width = max(len(p) + len(a) for p, a, _ in rows)
+        inputs = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, (prompt, answer, _) in enumerate(rows):
+            seq = prompt + answer
+            inputs[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+            labels[row, len(prompt) : len(seq)] = torch.tensor(answer)
+        batches.append((inputs, mask, labels, int((labels != -100).sum())))
+    total = sum(batch[3] for batch in batches)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     model.train()
     loss_value = float("nan")
     for _ in range(steps):
-        out = model(input_ids=inputs, attention_mask=mask, labels=labels)
         optimizer.zero_grad()
-        out.loss.backward()
+        loss_value = 0.0
+        for inputs, mask, labels, tokens in batches:
+            loss = model(input_ids=inputs, attention_mask=mask, labels=labels).loss * (tokens / total)
+            loss.backward()
+            loss_value += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        loss_value = out.loss.item()
     model.eval()
     return loss_value
 
@@ -185,7 +197,7 @@ def _reproduces(model, tokenizer, pairs) -> list[int]:
     return wrong
 
 
-def build(out_dir: Path, steps: int = 120, force: bool = False) -> Path:
+def build(out_dir: Path, steps: int = 140, force: bool = False) -> Path:
     """The test model in ``out_dir``, built unless a build of the same recipe is there. Builds
     are serialised by a lock beside the folder and swapped in whole: processes that build at
     once (test runs in parallel) build once, and none reads a half-written model."""
