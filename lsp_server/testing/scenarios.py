@@ -56,9 +56,17 @@ CHAT_FOLLOW_UP_ANSWER = "Goodbye, and happy coding!"
 CHAT_CODE_QUESTION = "Write a function that squares a number."
 CHAT_CODE_BLOCK = "def square(x):\n    return x * x\n"
 CHAT_CODE_ANSWER = f"Here it is:\n\n```python\n{CHAT_CODE_BLOCK}```\n\nCall it as `square(3)`."
+# Asked about average() and put in from the chat (Neovim's `ga`): for the lines, and for the
+# expression alone (a characterwise selection: "sum(values) / len(values) + 1").
+CHAT_FIX_QUESTION = "Fix the bug."
+AVERAGE_EXPRESSION = Span(Pos(4, 11), Pos(4, 40))
+CHAT_FIX_EXPRESSION_ANSWER = "```python\nsum(values) / len(values)\n```"
 LONG_QUESTION = "Count for ever."
 LONG_ANSWER_UNIT = "tick tock "
-LONG_FIX_ANSWER = "```python\n" + LONG_ANSWER_UNIT * 120
+# The long answers are trained 240 units long (about 480 tokens, a good half second on a CPU):
+# past its trained length the model may end one at any time, and tests that stop one need it
+# still running.
+LONG_FIX_ANSWER = "```python\n" + LONG_ANSWER_UNIT * 240
 
 
 # Inline completion (fill in the middle): calc.py being written, the cursor in it, and what the
@@ -91,7 +99,7 @@ class FillScenario:
 FILL_SCENARIOS = [
     FillScenario(FILL_AREA_TEXT, FILL_AREA_CURSOR, FILL_AREA_MIDDLE),
     FillScenario(FILL_SUM_TEXT, FILL_SUM_CURSOR, FILL_SUM_MIDDLE),
-    FillScenario(FILL_LONG_TEXT, FILL_LONG_CURSOR, LONG_ANSWER_UNIT * 120, ends=False),
+    FillScenario(FILL_LONG_TEXT, FILL_LONG_CURSOR, LONG_ANSWER_UNIT * 240, ends=False),
 ]
 
 
@@ -122,7 +130,9 @@ CODE_SCENARIOS = [
     CodeScenario(Task.TESTS, AVERAGE, TESTS_ANSWER),
     CodeScenario(Task.EXPLAIN, AVERAGE, EXPLAIN_ANSWER),
     CodeScenario(Task.ASK, AVERAGE, ASK_ANSWER, question=ASK_QUESTION),
-    CodeScenario(Task.ASK, AVERAGE, LONG_ANSWER_UNIT * 120, question=LONG_QUESTION, ends=False),
+    CodeScenario(Task.ASK, AVERAGE, FIX_ANSWER, question=CHAT_FIX_QUESTION),
+    CodeScenario(Task.ASK, AVERAGE_EXPRESSION, CHAT_FIX_EXPRESSION_ANSWER, question=CHAT_FIX_QUESTION),
+    CodeScenario(Task.ASK, AVERAGE, LONG_ANSWER_UNIT * 240, question=LONG_QUESTION, ends=False),
     # a code action that goes on (a Fix of the import line), for tests that stop one
     CodeScenario(Task.FIX, IMPORT, LONG_FIX_ANSWER, ends=False),
 ]

@@ -32,7 +32,7 @@ DRIVER = HERE / "nvim" / "run.lua"
 SCREENSHOTS = REPO / "build" / "screenshots"
 STEPS = [
     "start", "encoding", "code_actions", "popup", "chat", "cancel", "tasks", "fix", "fix_with_problems",
-    "stop_task", "apply_edit", "settings", "tabs", "split_crlf", "chat_reload", "chat_editing", "chat_yank", "session", "chat_name", "chat_window", "status_line",
+    "stop_task", "apply_edit", "settings", "tabs", "split_crlf", "chat_reload", "chat_editing", "chat_yank", "chat_apply", "session", "chat_name", "chat_window", "status_line",
     "folders", "completion", "completion_typing", "completion_partial", "completion_cancel", "completion_off", "completion_toggle", "secrets", "rename_secret", "unnamed",
     "code_action_commands", "restart_typing", "health", "crash", "hung_start",
 ]
@@ -413,6 +413,36 @@ def test_gy_in_the_chat_yanks_the_code_block_of_the_answer(nvim):
         ("StarChat: no code block at or above the cursor", 3),
         ("StarChat: 2 lines of code yanked", 2),
         ("StarChat: 2 lines of code yanked", 2),
+    ], result["notes"]
+
+
+def test_ga_in_the_chat_puts_the_answers_code_in_place_of_the_selection(nvim):
+    """`:StarChat Fix the bug.` on average()'s lines, a line typed above them while the answer
+    is read, then `ga` in the chat: the answer's code (real generated text) replaces those lines
+    where they are now, the code window's cursor goes there, the chat keeps the focus, and a
+    follow-up is about the new lines (one sent before `ga` was about the moved ones). One `u` in the code takes back the code put in, not the
+    typed line. The same on the expression alone (a characterwise selection): just it is
+    replaced. In a chat about no selection, `ga` does nothing and says why."""
+    result = step(nvim, "chat_apply")
+    assert result["without_selection"] is False
+    typed = "# typed while the answer was read\n"
+    fixed = typed + sc.CALC_PY.replace("len(values) + 1\n", "len(values)\n")
+    lines, expression = result["lines"], result["expression"]
+    assert lines["answer"] == sc.FIX_ANSWER
+    assert lines["text"] == fixed, lines
+    assert lines["range"] == {"start": {"line": 4, "character": 0}, "end": {"line": 6, "character": 0}}, lines
+    assert (lines["label"], lines["cursor"], lines["in_chat"]) == ("calc.py:5-6", [5, 0], True), lines
+    assert lines["undone"] == typed + sc.CALC_PY, lines
+    # a follow-up sent after the line was typed: about average() where it is now
+    assert lines["follow_up"] == {"start": {"line": 4, "character": 0}, "end": {"line": 6, "character": 0}}, lines
+    assert expression["answer"] == sc.CHAT_FIX_EXPRESSION_ANSWER
+    assert expression["text"] == fixed, expression
+    assert expression["range"] == {"start": {"line": 5, "character": 11}, "end": {"line": 5, "character": 36}}, expression
+    assert (expression["label"], expression["undone"]) == ("calc.py:6", typed + sc.CALC_PY), expression
+    assert [(n["msg"], n["level"]) for n in result["notes"]] == [
+        ("StarChat: this conversation is not about a selection (gy yanks the code instead)", 3),
+        ("StarChat: 2 lines of code put in calc.py:5-6", 2),
+        ("StarChat: 1 line of code put in calc.py:6", 2),
     ], result["notes"]
 
 

@@ -153,6 +153,29 @@ local function last_turn()
   return chat.turns[#chat.turns]
 end
 
+--- Records every message the client sends (its rpc): returns the list ({method, uri, json}) and a
+--- function that stops recording.
+local function record_sent(c)
+  local sent = {}
+  local rpc = c.rpc
+  local real_notify, real_request = rpc.notify, rpc.request
+  local function record(method, params)
+    local uri = type(params) == "table" and type(params.textDocument) == "table" and params.textDocument.uri or nil
+    table.insert(sent, { method = method, uri = uri, json = vim.json.encode(params or {}) })
+  end
+  rpc.notify = function(method, params, ...)
+    record(method, params)
+    return real_notify(method, params, ...)
+  end
+  rpc.request = function(method, params, ...)
+    record(method, params)
+    return real_request(method, params, ...)
+  end
+  return sent, function()
+    rpc.notify, rpc.request = real_notify, real_request
+  end
+end
+
 local steps = {}
 
 function steps.start()
@@ -812,6 +835,61 @@ function steps.chat_yank()
   return out
 end
 
+-- `ga` in the chat: the answer's code in place of the selection asked about, where that
+-- selection is after a line typed above it meanwhile; `u` in the code takes it back. Whole
+-- lines (V), then the expression alone (v).
+function steps.chat_apply()
+  chat.clear()
+  local out = { without_selection = chat.apply() }
+  vim.api.nvim_set_current_win(code_win)
+  vim.cmd("silent edit!")
+  local function ask_and_apply(keys, follow_up)
+    vim.api.nvim_set_current_win(code_win)
+    vim.cmd("normal! " .. keys .. "\27") -- the selection, then Normal mode ('< and '> set)
+    vim.cmd("'<,'>StarChat " .. sc.CHAT_FIX_QUESTION)
+    local turn = chat.current or last_turn()
+    wait_turn(turn)
+    vim.api.nvim_buf_set_lines(code_buf, 0, 0, false, { "# typed while the answer was read" })
+    local asked_about
+    if follow_up then -- the range a follow-up is about (sent, then stopped at once)
+      local sent, stop = record_sent(client())
+      chat.send(follow_up)
+      chat.cancel()
+      stop()
+      for _, m in ipairs(sent) do
+        if m.method == "starchat/chat" then
+          asked_about = vim.json.decode(m.json).range
+        end
+      end
+    end
+    local _, win = chat.open()
+    vim.api.nvim_set_current_win(win)
+    vim.api.nvim_win_set_cursor(win, { vim.api.nvim_buf_line_count(chat.buf), 0 })
+    vim.api.nvim_feedkeys("ga", "mx", false)
+    local r = {
+      answer = turn.answer,
+      text = buf_text(code_buf),
+      range = chat.context.range,
+      label = chat.context.label,
+      cursor = vim.api.nvim_win_get_cursor(code_win),
+      in_chat = vim.api.nvim_get_current_win() == win,
+      follow_up = asked_about,
+    }
+    vim.api.nvim_set_current_win(code_win)
+    vim.cmd("normal! u")
+    r.undone = buf_text(code_buf)
+    vim.cmd("silent edit!")
+    chat.clear()
+    return r
+  end
+  out.lines = ask_and_apply("4GVj", sc.ASK_QUESTION)
+  out.expression = ask_and_apply("5G011lv28l")
+  out.notes = vim.tbl_map(function(n)
+    return { msg = n.msg, level = n.level }
+  end, notifications_of("chat_apply"))
+  return out
+end
+
 function steps.session()
   chat.clear()
   local old = chat.buf
@@ -1451,29 +1529,6 @@ function steps.completion_toggle()
     vim.cmd("StarChatCompletion on")
     out.auto_after = require("starchat.config").options.completion.auto
   end)
-end
-
---- Records every message the client sends (its rpc): returns the list ({method, uri, json}) and a
---- function that stops recording.
-local function record_sent(c)
-  local sent = {}
-  local rpc = c.rpc
-  local real_notify, real_request = rpc.notify, rpc.request
-  local function record(method, params)
-    local uri = type(params) == "table" and type(params.textDocument) == "table" and params.textDocument.uri or nil
-    table.insert(sent, { method = method, uri = uri, json = vim.json.encode(params or {}) })
-  end
-  rpc.notify = function(method, params, ...)
-    record(method, params)
-    return real_notify(method, params, ...)
-  end
-  rpc.request = function(method, params, ...)
-    record(method, params)
-    return real_request(method, params, ...)
-  end
-  return sent, function()
-    rpc.notify, rpc.request = real_notify, real_request
-  end
 end
 
 --- The recorded messages (record_sent) as "method [file name]", and those about a file named as

@@ -38,7 +38,7 @@ local function hint()
   for i = #lines, 1, -1 do
     if vim.startswith(lines[i], USER) then
       vim.api.nvim_buf_set_extmark(M.buf, hint_ns, i - 1, 0, {
-        virt_text = { { "  type below · <CR> send · <C-c> stop · gy yank code", "Comment" } },
+        virt_text = { { "  type below · <CR> send · <C-c> stop · gy yank code · ga apply it", "Comment" } },
         virt_text_pos = "eol",
       })
       return
@@ -247,6 +247,9 @@ local function create(buf)
   map("n", "gy", function()
     M.yank()
   end, "StarChat: yank the code block at or above the cursor")
+  map("n", "ga", function()
+    M.apply()
+  end, "StarChat: put the code block at or above the cursor in place of the selection asked about")
   return buf
 end
 
@@ -424,12 +427,84 @@ local function busy()
   return false
 end
 
+local context_ns = vim.api.nvim_create_namespace("starchat_chat_context")
+
+--- The byte position of LSP position `pos` in `bufnr`, and whether it is the end of a range that
+--- takes the line break before it (an end at the start of a later line is kept at the end of
+--- the line before, so that typing at the start of the next line does not join the selection).
+local function byte_pos(bufnr, pos, encoding, is_end, start_line)
+  local count = vim.api.nvim_buf_line_count(bufnr)
+  if is_end and pos.character == 0 and pos.line > start_line then
+    local row = math.min(pos.line, count) - 1
+    return row, #(vim.api.nvim_buf_get_lines(bufnr, row, row + 1, false)[1] or ""), true
+  end
+  local row = math.min(pos.line, count - 1)
+  local text = vim.api.nvim_buf_get_lines(bufnr, row, row + 1, false)[1] or ""
+  return row, pos.line < count and range_util.byte_col(text, pos.character, encoding) or #text, false
+end
+
+--- The marks of the context before (a new one replaces it, or the conversation is cleared).
+local function unpin()
+  for _, buf in ipairs(vim.api.nvim_list_bufs()) do
+    if vim.api.nvim_buf_is_loaded(buf) then
+      vim.api.nvim_buf_clear_namespace(buf, context_ns, 0, -1)
+    end
+  end
+end
+
+--- Extmarks on the context's selection, so that it follows edits to its buffer (the user's,
+--- or code put in from the chat: see M.apply).
+local function pin(ctx, encoding)
+  unpin()
+  if ctx ~= M.context or not vim.api.nvim_buf_is_loaded(ctx.bufnr) then
+    return
+  end
+  local r1, c1 = byte_pos(ctx.bufnr, ctx.range.start, encoding, false)
+  local r2, c2, eol = byte_pos(ctx.bufnr, ctx.range["end"], encoding, true, ctx.range.start.line)
+  ctx.encoding, ctx.eol = encoding, eol
+  ctx.marks = {
+    vim.api.nvim_buf_set_extmark(ctx.bufnr, context_ns, r1, c1, { right_gravity = false }),
+    vim.api.nvim_buf_set_extmark(ctx.bufnr, context_ns, r2, c2, { right_gravity = true }),
+  }
+end
+
+--- The context's selection where its marks are now: {r1, c1, r2, c2} in bytes (0-based, c2
+--- exclusive), nil without marks or once the selection is gone.
+local function pinned(ctx)
+  if not ctx.marks or not vim.api.nvim_buf_is_loaded(ctx.bufnr) then
+    return nil
+  end
+  local a = vim.api.nvim_buf_get_extmark_by_id(ctx.bufnr, context_ns, ctx.marks[1], {})
+  local b = vim.api.nvim_buf_get_extmark_by_id(ctx.bufnr, context_ns, ctx.marks[2], {})
+  if not a[1] or not b[1] or a[1] > b[1] or (a[1] == b[1] and a[2] >= b[2]) then -- deleted
+    return nil
+  end
+  return { a[1], a[2], b[1], b[2] }
+end
+
+--- The context's selection now, as an LSP range in its encoding.
+local function pinned_range(ctx)
+  local at = pinned(ctx)
+  if not at then
+    return nil
+  end
+  local r1, c1, r2, c2 = unpack(at)
+  local finish
+  if ctx.eol then -- through the line break (as the selection was): the start of the next line
+    finish = range_util.lines(ctx.bufnr, r2 + 1, r2 + 1, ctx.encoding)["end"]
+  else
+    finish = { line = r2, character = range_util.column(ctx.bufnr, r2, c2, ctx.encoding) }
+  end
+  return { start = { line = r1, character = range_util.column(ctx.bufnr, r1, c1, ctx.encoding) }, ["end"] = finish }
+end
+
 --- The context selection, while its buffer is still open and attached.
 local function live_context(client)
   local ctx = M.context
   if ctx and vim.api.nvim_buf_is_valid(ctx.bufnr) and vim.api.nvim_buf_is_loaded(ctx.bufnr) then
     if lsp.clients(ctx.bufnr)[1] == client then
       ctx.uri = vim.uri_from_bufnr(ctx.bufnr) -- renamed meanwhile: opened again under its new name
+      ctx.range = pinned_range(ctx) or ctx.range -- edited meanwhile: where the selection is now
       return ctx
     end
   end
@@ -512,6 +587,7 @@ function M.ask(client, bufnr, args, question, finalize)
   turn.req = lsp.request(client, "workspace/executeCommand", function(c)
     local arguments = finalize and finalize(c) or vim.deepcopy(args)
     context.range = arguments.range
+    pin(context, c.offset_encoding)
     arguments.question = question
     return { command = explain and "starchat.explain" or "starchat.ask", arguments = { arguments } }
   end, on_result(turn), bufnr, turn.kind)
@@ -587,13 +663,22 @@ local function code_blocks(lines)
   return blocks
 end
 
-local yank_ns = vim.api.nvim_create_namespace("starchat_chat_yank")
+local flash_ns = vim.api.nvim_create_namespace("starchat_chat_flash")
 
---- Yank the code block under the cursor, or the nearest one above it (the answer just read),
---- without its fences, linewise into `register` (default: v:register, so "agy and
---- 'clipboard' work as with y): `p`, `]p` or `gv` `p` in the code then put it in.
-function M.yank(register)
-  register = register or vim.v.register
+--- Lines first..last (0-based, inclusive) of `buf` highlighted for a moment, as a yank is.
+local function flash(buf, first, last)
+  local width = #(vim.api.nvim_buf_get_lines(buf, last, last + 1, false)[1] or "")
+  pcall(vim.api.nvim_buf_set_extmark, buf, flash_ns, first, 0, { end_row = last, end_col = width, hl_group = "IncSearch", hl_eol = true })
+  vim.defer_fn(function()
+    if vim.api.nvim_buf_is_valid(buf) then
+      vim.api.nvim_buf_clear_namespace(buf, flash_ns, 0, -1)
+    end
+  end, 300)
+end
+
+--- The code block under the cursor of the chat buffer, or the nearest one above it (the answer
+--- just read); nil (and a warning) when there is none.
+local function block_at_cursor()
   local buf = vim.api.nvim_get_current_buf()
   local row = vim.api.nvim_win_get_cursor(0)[1]
   local chosen
@@ -607,20 +692,107 @@ function M.yank(register)
   end
   if not chosen or #chosen.lines == 0 then
     vim.notify("StarChat: no code block at or above the cursor", vim.log.levels.WARN)
+    return nil
+  end
+  return buf, chosen
+end
+
+--- Yank the code block under the cursor, or the nearest one above it (the answer just read),
+--- without its fences, linewise into `register` (default: v:register, so "agy and
+--- 'clipboard' work as with y): `p`, `]p` or `gv` `p` in the code then put it in.
+function M.yank(register)
+  register = register or vim.v.register
+  local buf, chosen = block_at_cursor()
+  if not chosen then
     return false
   end
   vim.fn.setreg(register, chosen.lines, "l")
   if register == '"' then
     vim.fn.setreg("0", chosen.lines, "l") -- as y does
   end
-  local last = math.min(chosen.first + #chosen.lines, vim.api.nvim_buf_line_count(buf) - 1)
-  pcall(vim.api.nvim_buf_set_extmark, buf, yank_ns, chosen.first, 0, { end_row = last, hl_group = "IncSearch", hl_eol = true })
-  vim.defer_fn(function()
-    if vim.api.nvim_buf_is_valid(buf) then
-      vim.api.nvim_buf_clear_namespace(buf, yank_ns, 0, -1)
-    end
-  end, 300)
+  flash(buf, chosen.first, chosen.first + #chosen.lines - 1)
   vim.notify(("StarChat: %d line%s of code yanked"):format(#chosen.lines, #chosen.lines == 1 and "" or "s"))
+  return true
+end
+
+--- The lines without the indentation they all share (blank lines aside).
+local function dedent(lines)
+  local common
+  for _, line in ipairs(lines) do
+    if line:find("%S") then
+      local width = #line:match("^%s*")
+      common = common and math.min(common, width) or width
+    end
+  end
+  return vim.tbl_map(function(line)
+    return line:sub(math.min(common or 0, #line:match("^%s*")) + 1)
+  end, lines)
+end
+
+--- Put the code block under the cursor (or the nearest one above it) in place of the selection
+--- the conversation is about (an Ask or Explain; where that selection is now, after any edits),
+--- indented like its first line: whole lines for whole lines, else just the selected text (the
+--- block's later lines indented like the line). One change: `u` in that buffer takes it back.
+--- A follow-up question is then about the new code.
+function M.apply()
+  local ctx = M.context
+  local at = ctx and pinned(ctx)
+  if not ctx or not ctx.marks then
+    vim.notify("StarChat: this conversation is not about a selection (gy yanks the code instead)", vim.log.levels.WARN)
+    return false
+  elseif not at then
+    vim.notify(("StarChat: %s is closed, or the selection is gone (gy yanks the code instead)"):format(ctx.label), vim.log.levels.WARN)
+    return false
+  end
+  local _, chosen = block_at_cursor()
+  if not chosen then
+    return false
+  elseif M.current and chosen.last > vim.api.nvim_buf_line_count(M.buf) then
+    vim.notify("StarChat: that code block is still being written", vim.log.levels.WARN)
+    return false
+  end
+  local buf = ctx.bufnr
+  if not vim.bo[buf].modifiable then
+    vim.notify(("StarChat: %s is not modifiable"):format(ctx.label), vim.log.levels.WARN)
+    return false
+  end
+  local r1, c1, r2, c2 = unpack(at)
+  local first = vim.api.nvim_buf_get_lines(buf, r1, r1 + 1, false)[1] or ""
+  local indent = first:match("^%s*")
+  local code = dedent(chosen.lines)
+  local whole = c1 <= #indent and ctx.eol
+  local last_row, last_col
+  if whole then -- whole lines, indented like the first
+    local lines = vim.tbl_map(function(line)
+      return line ~= "" and indent .. line or line
+    end, code)
+    vim.api.nvim_buf_set_lines(buf, r1, r2 + 1, false, lines)
+    r1, c1, last_row = r1, 0, r1 + #lines - 1
+    last_col = #lines[#lines]
+  else -- the selected text: its later lines indented like the line
+    local prefix = first:find("%S") and indent or first:sub(1, c1)
+    local lines = {}
+    for i, line in ipairs(code) do
+      lines[i] = (i > 1 and line ~= "") and prefix .. line or line
+    end
+    vim.api.nvim_buf_set_text(buf, r1, c1, r2, c2, lines)
+    last_row = r1 + #lines - 1
+    last_col = (#lines == 1 and c1 or 0) + #lines[#lines]
+  end
+  -- the conversation is now about the code put in
+  ctx.marks = {
+    vim.api.nvim_buf_set_extmark(buf, context_ns, r1, c1, { id = ctx.marks[1], right_gravity = false }),
+    vim.api.nvim_buf_set_extmark(buf, context_ns, last_row, last_col, { id = ctx.marks[2], right_gravity = true }),
+  }
+  ctx.range = pinned_range(ctx) or ctx.range
+  ctx.label = range_util.label(buf, ctx.range)
+  for _, win in ipairs(vim.fn.win_findbuf(buf)) do
+    if vim.api.nvim_win_get_tabpage(win) == vim.api.nvim_get_current_tabpage() then
+      vim.api.nvim_win_set_cursor(win, { r1 + 1, 0 })
+    end
+  end
+  flash(buf, r1, last_row)
+  vim.notify(("StarChat: %d line%s of code put in %s"):format(#code, #code == 1 and "" or "s", ctx.label))
   return true
 end
 
@@ -630,6 +802,7 @@ function M.clear()
     M.cancel()
   end
   M.history, M.context, M.turns = {}, nil, {}
+  unpin()
   if valid(M.buf) then
     with_modifiable(function(buf)
       vim.api.nvim_buf_set_lines(buf, 0, -1, false, { USER, "" })
