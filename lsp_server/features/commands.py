@@ -30,6 +30,12 @@ def _args(ls: StarChatServer, arguments: tuple[Any, ...]) -> SelectionArgs:
     return structure(ls.converter, arguments[0], SelectionArgs)
 
 
+def _check_version(args: SelectionArgs, sel) -> None:
+    """An edit asked for on a version of the document the editor no longer shows is refused."""
+    if args.version is not None and sel.version != args.version:
+        raise RequestFailed(f"The document changed (version {args.version} → {sel.version}); ask again.")
+
+
 def _show(ls: StarChatServer, title: str, text: str) -> None:
     """Put the answer in front of the user, unless the client shows answers itself."""
     if not ls.experimental("showsAnswers"):
@@ -64,8 +70,7 @@ def register(server: StarChatServer) -> None:
         if args.task is None or not args.task.edits_code:
             raise RequestFailed("starchat.runTask needs task: fix, optimize, document or tests")
         sel = selection(ls, args.text_document.uri, args.range)
-        if args.version is not None and sel.version != args.version:
-            raise RequestFailed(f"The document changed (version {args.version} → {sel.version}); ask again.")
+        _check_version(args, sel)
         problems = problems_in(ls.open_document(sel.uri), args.diagnostics)  # a Fix's prompt takes them
         generation, sel = await answer_for_edit(ls, sel, args.task, problems=problems)
         await _apply(ls, task_edit(ls, sel, args.task, generation), f"StarChat: {args.task.title}")
@@ -78,6 +83,7 @@ def register(server: StarChatServer) -> None:
         if not args.instruction.strip():
             raise RequestFailed("starchat.edit needs an instruction")
         sel = selection(ls, args.text_document.uri, args.range)
+        _check_version(args, sel)
         generation, sel = await answer_for_edit(ls, sel, Task.ASK, question=args.instruction)
         if args.mode == "replace":
             edit = task_edit(ls, sel, Task.FIX, generation)

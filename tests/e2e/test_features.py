@@ -231,6 +231,29 @@ async def test_edit_command_inserts_below(editor):
     assert "len(values) + 1\ndef average(values):\n    return sum(values) / len(values)\n\n" in text
 
 
+async def test_edit_command_replaces_the_selection_as_instructed_on_its_version_only(editor):
+    """starchat.edit with an instruction (the editors' Edit…): the trained answer's code replaces
+    average(), in an edit pinned to the version asked about. Asked with a version the document
+    no longer has, it is refused before the model runs, and nothing is applied."""
+    uri = editor.open()
+    args = {
+        "textDocument": {"uri": uri},
+        "range": editor.client.protocol._converter.unstructure(rng(sc.AVERAGE)),
+        "instruction": sc.CHAT_FIX_QUESTION,
+        "mode": "replace",
+        "version": 1,
+    }
+    result = await editor.client.workspace_execute_command_async(types.ExecuteCommandParams(command="starchat.edit", arguments=[args]))
+    assert plain(result)["text"] == sc.FIX_ANSWER
+    (edit,) = single_text_edit(editor.applied[0], uri, 1)
+    assert apply_text_edits(sc.CALC_PY, [edit]) == sc.CALC_PY.replace("len(values) + 1\n", "len(values)\n")
+    editor.change(uri, "# typed\n" + sc.CALC_PY)
+    with pytest.raises(Exception) as error:
+        await editor.client.workspace_execute_command_async(types.ExecuteCommandParams(command="starchat.edit", arguments=[args]))
+    assert getattr(error.value, "code", None) == -32803 and "changed (version 1 → 2)" in str(error.value)
+    assert len(editor.applied) == 1
+
+
 def configure(editor, **settings) -> None:
     """Change settings the way an editor does: didChangeConfiguration, then the server pulls
     them. Requests sent after it run with the new settings (the server holds them until its

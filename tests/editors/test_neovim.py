@@ -32,7 +32,7 @@ DRIVER = HERE / "nvim" / "run.lua"
 SCREENSHOTS = REPO / "build" / "screenshots"
 STEPS = [
     "start", "encoding", "code_actions", "popup", "chat", "cancel", "tasks", "fix", "fix_with_problems",
-    "stop_task", "apply_edit", "settings", "tabs", "split_crlf", "chat_reload", "chat_editing", "chat_yank", "chat_apply", "session", "chat_name", "chat_window", "status_line",
+    "stop_task", "edit", "apply_edit", "settings", "tabs", "split_crlf", "chat_reload", "chat_editing", "chat_yank", "chat_apply", "session", "chat_name", "chat_window", "status_line",
     "folders", "completion", "completion_typing", "completion_partial", "completion_cancel", "completion_off", "completion_toggle", "secrets", "rename_secret", "unnamed",
     "code_action_commands", "restart_typing", "health", "crash", "hung_start",
 ]
@@ -444,6 +444,16 @@ def test_ga_in_the_chat_puts_the_answers_code_in_place_of_the_selection(nvim):
         ("StarChat: 2 lines of code put in calc.py:5-6", 2),
         ("StarChat: 1 line of code put in calc.py:6", 2),
     ], result["notes"]
+
+
+def test_edit_from_the_menu_changes_the_selection_as_instructed(nvim):
+    """StarChat ▸ Edit… in the right-click menu on average(): the instruction is asked for, and
+    the server's edit for it (the trained answer's code, real generated text) replaces the
+    lines; one `u` takes it back."""
+    result = step(nvim, "edit")
+    assert result["prompts"] == ["Edit with StarChat: "]
+    assert result["after"] == sc.CALC_PY.replace("len(values) + 1\n", "len(values)\n"), result
+    assert result["undone"] == sc.CALC_PY and result["running"] == 0, result
 
 
 def test_a_restored_session_gets_a_working_chat_window(nvim):

@@ -279,6 +279,7 @@ def session(test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
                         "fixedCalc": CALC_FIXED,
                         "hoverText": sc.HOVER_ANSWER.replace("`", ""),
                         "askQuestion": sc.ASK_QUESTION,
+                        "editInstruction": sc.CHAT_FIX_QUESTION,
                         "askAnswer": sc.ASK_ANSWER,
                         "chatQuestion": sc.CHAT_QUESTION,
                         "chatAnswer": sc.CHAT_ANSWER,
@@ -380,6 +381,15 @@ def test_right_click_ask_starchat_fix_changes_the_code(session):
 def proposals(answers: list[dict]) -> list[str]:
     """The insertText of every item the server answered (null answers have none)."""
     return [item["insertText"] for answer in answers if answer["result"] for item in answer["result"].get("items", [])]
+
+
+def test_edit_with_an_instruction_replaces_the_selection(session):
+    """Right-click → Ask StarChat → Edit…, "Fix the bug." typed in the input box: the server's
+    edit (the trained answer's code block, real generated text) replaces average() in the
+    editor; one Ctrl+Z takes it back."""
+    result = step(session, "edit")
+    assert result["prompt"].startswith("How should the selected code change?"), result
+    assert result["text"] == CALC_FIXED and result["undone"] == sc.CALC_PY, result
 
 
 def test_inline_completion_as_you_type_tab_accepts(session):

@@ -82,6 +82,7 @@ export async function activate(context: vscode.ExtensionContext): Promise<{ clie
 
   const command = (id: string, run: (...args: any[]) => unknown) => context.subscriptions.push(vscode.commands.registerCommand(id, run));
   command("starchat.askQuestion", askQuestion);
+  command("starchat.editSelection", editSelection);
   command("starchat.explainSelection", () => explainSelection());
   command("starchat.fixSelection", () => runTask("fix"));
   command("starchat.optimizeSelection", () => runTask("optimize"));
@@ -440,6 +441,24 @@ async function askQuestion(arg?: unknown): Promise<void> {
   });
   if (!question?.trim()) return;
   await chat.runCommand("starchat.ask", { textDocument: args.textDocument, range: args.range, question: question.trim() });
+}
+
+/** StarChat: Edit…: an instruction for the selected code ("Add type hints"); the server puts the
+ * answer's code in its place with workspace/applyEdit (one undo takes it back; refused if the
+ * document changed meanwhile). */
+async function editSelection(): Promise<void> {
+  const args = selectionArgs();
+  if (!args) return;
+  const instruction = await vscode.window.showInputBox({
+    title: "Edit with StarChat",
+    prompt: "How should the selected code change?",
+    placeHolder: "e.g. Add type hints",
+    ignoreFocusOut: true,
+  });
+  if (!instruction?.trim()) return;
+  await withCancellableProgress("StarChat: Edit", (token) =>
+    sendCommand("starchat.edit", [{ ...args, instruction: instruction.trim(), mode: "replace" }], token),
+  );
 }
 
 async function explainSelection(): Promise<void> {

@@ -497,6 +497,37 @@ function steps.stop_task()
   }
 end
 
+-- Edit… from the right-click StarChat submenu on average(): the instruction asked for
+-- (vim.ui.input), the server's edit (starchat.edit) replaces the lines; one `u` takes it back.
+function steps.edit()
+  vim.api.nvim_set_current_win(code_win)
+  vim.cmd("silent edit!")
+  local before = buf_text(code_buf)
+  local orig_input = vim.ui.input
+  local asked = {}
+  vim.ui.input = function(opts, on_confirm)
+    table.insert(asked, opts.prompt)
+    on_confirm(sc.CHAT_FIX_QUESTION)
+  end
+  local ok, err = pcall(function()
+    select_lines(4, 5)
+    vim.cmd([[4,5emenu PopUp.StarChat.Edit…]])
+    wait(60000, function()
+      return buf_text(code_buf) ~= before
+    end, "the edit to be applied")
+  end)
+  vim.ui.input = orig_input
+  if not ok then
+    error(err)
+  end
+  shot("edit-applied")
+  local out = { prompts = asked, after = buf_text(code_buf), running = #lsp.running() }
+  vim.cmd("normal! u")
+  out.undone = buf_text(code_buf)
+  vim.cmd("silent edit!")
+  return out
+end
+
 -- workspace/applyEdit for an older version of the buffer is refused (Neovim alone would skip it
 -- silently and answer "applied").
 function steps.apply_edit()

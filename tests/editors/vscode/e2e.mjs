@@ -536,6 +536,35 @@ try {
     await sleep(300);
   }, { needs: ["fix"] });
 
+  // Edit…: an instruction typed in an input box; the server replaces the selection with the
+  // answer's code (workspace/applyEdit); Ctrl+Z takes it back.
+  await step("edit", async () => {
+    await selectLines(4, 5);
+    await contextMenuAction("def average", "Edit…", "menu-edit");
+    const input = page.locator(".quick-input-widget input.input");
+    await input.waitFor({ state: "visible" });
+    const prompt = (await page.locator(".quick-input-widget .quick-input-message").innerText().catch(() => "")).trim();
+    await input.fill(sc.editInstruction);
+    await page.keyboard.press("Enter");
+    let seen;
+    const text = await until("the edited code in the editor", async () => {
+      seen = await editorText();
+      return seen === sc.fixedCalc && seen;
+    }, 60000).catch((error) => {
+      throw new Error(`${error.message}; the editor shows ${JSON.stringify(seen)}`);
+    });
+    await screenshot("edited");
+    await editor().locator(".view-lines").click();
+    await page.keyboard.press("Control+Z");
+    const undone = await until("the original code again", async () => {
+      seen = await editorText();
+      return seen === sc.calc && seen;
+    }, 10000).catch(() => seen);
+    await page.keyboard.press("Control+S");
+    await sleep(300);
+    return { prompt, text, undone };
+  }, { needs: ["undo"] });
+
   // Inline completion (textDocument/inlineCompletion, asked by the language client): typing "("
   // after "sum" (VS Code closes the bracket) shows the model's proposal as ghost text, and Tab
   // accepts it; Trigger Inline Suggestion (a key) asks for one on the empty line under

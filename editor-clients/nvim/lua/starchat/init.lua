@@ -105,7 +105,7 @@ function M.explain(opts)
   end
 end
 
-local TASK_TITLES = { fix = "Fix", optimize = "Optimize", document = "Document", tests = "Write tests" }
+local TASK_TITLES = { fix = "Fix", optimize = "Optimize", document = "Document", tests = "Write tests", edit = "Edit" }
 
 --- The diagnostics shown on the lines of `range` (LSP), as LSP diagnostics: a Fix is told about
 --- them, as when it is picked from the code actions at a diagnostic.
@@ -120,14 +120,13 @@ local function diagnostics_in(bufnr, range)
   return vim.lsp.diagnostic.from(shown)
 end
 
---- starchat.runTask: the server computes the edit and applies it with workspace/applyEdit;
---- :StarChatStop stops it. make_args(client) -> {textDocument, range, …}.
-local function request_task(client, bufnr, task, make_args, on_done)
+--- A command whose edit the server computes and applies with workspace/applyEdit
+--- (starchat.runTask, starchat.edit); :StarChatStop stops it. make_args(client) -> {textDocument,
+--- range, …}; `task` names it for :StarChatStop and the messages.
+local function request_edit(client, bufnr, command, task, make_args, on_done)
   local title = TASK_TITLES[task] or task
   return lsp.request(client, "workspace/executeCommand", function(c)
-    local args = make_args(c)
-    args.task = task
-    return { command = "starchat.runTask", arguments = { args } }
+    return { command = command, arguments = { make_args(c) } }
   end, function(err, result)
     if err and err.code == lsp.REQUEST_CANCELLED then
       vim.notify("StarChat: " .. title .. " stopped", vim.log.levels.INFO)
@@ -138,6 +137,15 @@ local function request_task(client, bufnr, task, make_args, on_done)
       on_done(err, result)
     end
   end, bufnr, { task = task, title = title, uri = vim.uri_from_bufnr(bufnr) })
+end
+
+--- starchat.runTask for `task` (fix, optimize, document, tests).
+local function request_task(client, bufnr, task, make_args, on_done)
+  return request_edit(client, bufnr, "starchat.runTask", task, function(c)
+    local args = make_args(c)
+    args.task = task
+    return args
+  end, on_done)
 end
 
 --- Fix / Optimize / Document / Write tests on the command's range: the server computes the edit
@@ -154,6 +162,30 @@ function M.run_task(task, opts, on_done)
     a.diagnostics = #problems > 0 and problems or nil
     return a
   end, on_done)
+end
+
+--- The command's range changed as `instruction` says ("Add type hints"): the server puts the
+--- answer's code in its place with workspace/applyEdit (starchat.edit); asks for the
+--- instruction when it is empty. :StarChatStop stops it. Returns the request record.
+function M.edit(instruction, opts, on_done)
+  local client, bufnr, _, finalize = selection_args(opts)
+  if not client then
+    return nil
+  end
+  local function go(text)
+    if not text or vim.trim(text) == "" then
+      return nil
+    end
+    return request_edit(client, bufnr, "starchat.edit", "edit", function(c)
+      local a = finalize(c)
+      a.instruction, a.mode = vim.trim(text), "replace"
+      return a
+    end, on_done)
+  end
+  if instruction and vim.trim(instruction) ~= "" then
+    return go(instruction)
+  end
+  vim.ui.input({ prompt = "Edit with StarChat: " }, go)
 end
 
 --- Stop what StarChat is doing: the chat's answer and the running Fix/Optimize/Document/Tests.
@@ -247,6 +279,9 @@ local function define_commands()
   cmd("StarChat", function(o)
     M.ask(o.args, o)
   end, { nargs = "*", range = true, desc = "Ask StarChat about the selection" })
+  cmd("StarChatEdit", function(o)
+    M.edit(o.args, o)
+  end, { nargs = "*", range = true, desc = "StarChat: change the selection as the instruction says" })
   cmd("StarChatExplain", function(o)
     M.explain(o)
   end, { range = true, desc = "StarChat: explain the selection" })
@@ -295,6 +330,7 @@ local function define_menu()
   ]])
   local items = {
     { "Explain", "StarChatExplain" },
+    { "Edit…", "StarChatEdit" },
     { "Fix", "StarChatFix" },
     { "Optimize", "StarChatOptimize" },
     { "Document", "StarChatDoc" },
