@@ -20,6 +20,7 @@ CMD_EXPLAIN = "starchat.explain"  # {textDocument, range}
 CMD_RUN_TASK = "starchat.runTask"  # {textDocument, range, task, version?, diagnostics?}: applies the edit
 CMD_EDIT = "starchat.edit"  # {textDocument, range, instruction, mode}: applies the answer's code
 CLIENT_ASK_QUESTION = "starchat.askQuestion"  # client-side: asks the user, then calls starchat.ask
+CLIENT_EDIT_SELECTION = "starchat.editSelection"  # client-side: asks for an instruction, then calls starchat.edit
 
 ProgressToken = Union[int, str]
 EditMode = Literal["replace", "insertAbove", "insertBelow"]

@@ -6,7 +6,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcContentModified
 
 from ..prompts import Task
-from ..protocol import CLIENT_ASK_QUESTION, CMD_EXPLAIN, CMD_RUN_TASK, CodeActionData, SelectionArgs, structure
+from ..protocol import CLIENT_ASK_QUESTION, CLIENT_EDIT_SELECTION, CMD_EXPLAIN, CMD_RUN_TASK, CodeActionData, SelectionArgs, structure
 from ..server import StarChatServer, looks_secret
 from .common import answer_for_edit, problems_in, selection, task_edit
 
@@ -18,7 +18,8 @@ KINDS = {
     Task.EXPLAIN: "starchat.explain",
     Task.ASK: "starchat.ask",
 }
-OPTIONS = types.CodeActionOptions(code_action_kinds=sorted(set(KINDS.values())), resolve_provider=True)
+EDIT_KIND = "refactor.rewrite.starchat.edit"  # Edit…: an instruction the client asks the user for
+OPTIONS = types.CodeActionOptions(code_action_kinds=sorted({*KINDS.values(), EDIT_KIND}), resolve_provider=True)
 EDIT_TASKS = (Task.FIX, Task.OPTIMIZE, Task.DOCUMENT, Task.TESTS)
 
 
@@ -77,15 +78,13 @@ def register(server: StarChatServer) -> None:
                     command=types.Command(title="StarChat: Explain", command=CMD_EXPLAIN, arguments=[ls.converter.unstructure(args)]),
                 )
             )
-        # Ask needs a question from the user, which only the client can ask for.
-        if _wanted(KINDS[Task.ASK], only) and ls.experimental("askQuestion"):
-            actions.append(
-                types.CodeAction(
-                    title="StarChat: Ask…",
-                    kind=KINDS[Task.ASK],
-                    command=types.Command(title="StarChat: Ask…", command=CLIENT_ASK_QUESTION, arguments=[ls.converter.unstructure(args)]),
-                )
-            )
+        # Ask and Edit need a question or an instruction from the user, which only the client can
+        # ask for: commands the client implements, offered when it says it does.
+        for title, kind, command, flag in (("StarChat: Ask…", KINDS[Task.ASK], CLIENT_ASK_QUESTION, "askQuestion"),
+                                           ("StarChat: Edit…", EDIT_KIND, CLIENT_EDIT_SELECTION, "editSelection")):
+            if _wanted(kind, only) and ls.experimental(flag):
+                actions.append(types.CodeAction(
+                    title=title, kind=kind, command=types.Command(title=title, command=command, arguments=[ls.converter.unstructure(args)])))
         return actions
 
     @server.feature(types.CODE_ACTION_RESOLVE)

@@ -229,3 +229,40 @@ async def test_incremental_changes_in_utf8_columns_when_the_client_offers_only_u
     raw.send(id=1, method="textDocument/hover", params={"textDocument": {"uri": uri}, "position": {"line": 0, "character": 7}})
     hover = (await raw.reply(1, timeout=60))["result"]
     assert hover["range"] == {"start": {"line": 0, "character": 5}, "end": {"line": 0, "character": 9}}
+
+
+async def test_ask_and_edit_actions_are_offered_to_clients_that_run_their_commands(raw, tmp_path):
+    """"StarChat: Ask…" and "StarChat: Edit…" need a question or an instruction from the user:
+    commands the client runs (starchat.askQuestion, starchat.editSelection), offered only to a
+    client that declares them, with the selection and the version it was listed on."""
+    raw.send(id="init", method="initialize", params={"capabilities": {"experimental": {"starchat": {"askQuestion": True, "editSelection": True}}}})
+    kinds = (await raw.reply("init"))["result"]["capabilities"]["codeActionProvider"]["codeActionKinds"]
+    assert "refactor.rewrite.starchat.edit" in kinds
+    raw.send(method="initialized", params={})
+    uri = (tmp_path / "calc.py").as_uri()
+    raw.send(method="textDocument/didOpen", params={"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": "def f():\n    return 1\n"}})
+    selection = {"start": {"line": 0, "character": 0}, "end": {"line": 2, "character": 0}}
+
+    async def listed(msg_id, only=None):
+        context = {"diagnostics": [], **({"only": only} if only else {})}
+        raw.send(id=msg_id, method="textDocument/codeAction", params={"textDocument": {"uri": uri}, "range": selection, "context": context})
+        return (await raw.reply(msg_id))["result"]
+
+    actions = await listed(1)
+    assert [a["title"] for a in actions][-2:] == ["StarChat: Ask…", "StarChat: Edit…"]
+    args = [{"textDocument": {"uri": uri}, "range": selection, "version": 1}]
+    assert actions[-1] == {"title": "StarChat: Edit…", "kind": "refactor.rewrite.starchat.edit",
+                           "command": {"title": "StarChat: Edit…", "command": "starchat.editSelection", "arguments": args}}
+    assert actions[-2]["command"] == {"title": "StarChat: Ask…", "command": "starchat.askQuestion", "arguments": args}
+    assert [a["title"] for a in await listed(2, ["refactor.rewrite"])] == ["StarChat: Optimize", "StarChat: Document", "StarChat: Edit…"]
+
+    # a client that does not declare them is not offered them
+    other = await Raw.start()
+    try:
+        await other.initialize()
+        other.send(method="textDocument/didOpen", params={"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": "x = 1\n"}})
+        other.send(id=1, method="textDocument/codeAction", params={"textDocument": {"uri": uri}, "range": selection, "context": {"diagnostics": []}})
+        titles = [a["title"] for a in (await other.reply(1))["result"]]
+        assert "StarChat: Explain" in titles and not {"StarChat: Ask…", "StarChat: Edit…"} & set(titles)
+    finally:
+        await other.finish()

@@ -184,7 +184,7 @@ def step(nvim: dict, name: str) -> dict:
 def test_setup_starts_the_server_for_the_file(nvim):
     result = step(nvim, "start")
     assert result["root_dir"].endswith("/ws")  # the folder holding calc.py
-    assert result["experimental"] == {"starchat": {"askQuestion": True, "showsAnswers": True}}
+    assert result["experimental"] == {"starchat": {"askQuestion": True, "editSelection": True, "showsAnswers": True}}
     assert result["init_options"] == {"temperature": 0}
     assert result["status"] == "StarChat: ready"
     assert {"StarChat", "StarChatExplain", "StarChatFix", "StarChatDoc", "StarChatTests", "StarChatChat"} <= set(result["commands"])
@@ -200,6 +200,7 @@ def test_code_actions_list_starchat_and_ask_runs_the_client_command(nvim):
         "StarChat: Write tests",
         "StarChat: Explain",
         "StarChat: Ask…",
+        "StarChat: Edit…",
     ]
     # "Ask…" is the client-side command starchat.askQuestion: vim.ui.input, then starchat.ask
     assert result["prompts"] == ["Ask StarChat: "]
@@ -446,14 +447,17 @@ def test_ga_in_the_chat_puts_the_answers_code_in_place_of_the_selection(nvim):
     ], result["notes"]
 
 
-def test_edit_from_the_menu_changes_the_selection_as_instructed(nvim):
-    """StarChat ▸ Edit… in the right-click menu on average(): the instruction is asked for, and
-    the server's edit for it (the trained answer's code, real generated text) replaces the
-    lines; one `u` takes it back."""
+def test_edit_from_the_menu_and_the_code_actions_changes_the_selection_as_instructed(nvim):
+    """StarChat ▸ Edit… in the right-click menu on average(), then "StarChat: Edit…" from
+    vim.lsp.buf.code_action() (the client command starchat.editSelection): each asks for the
+    instruction, and the server's edit for it (the trained answer's code, real generated text)
+    replaces the lines; one `u` takes it back."""
     result = step(nvim, "edit")
-    assert result["prompts"] == ["Edit with StarChat: "]
-    assert result["after"] == sc.CALC_PY.replace("len(values) + 1\n", "len(values)\n"), result
-    assert result["undone"] == sc.CALC_PY and result["running"] == 0, result
+    fixed = sc.CALC_PY.replace("len(values) + 1\n", "len(values)\n")
+    for way in ("menu", "code_action"):
+        assert result[way]["prompts"] == ["Edit with StarChat: "], result
+        assert result[way]["after"] == fixed, result
+        assert result[way]["undone"] == sc.CALC_PY and result[way]["running"] == 0, result
 
 
 def test_a_restored_session_gets_a_working_chat_window(nvim):

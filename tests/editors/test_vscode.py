@@ -384,12 +384,14 @@ def proposals(answers: list[dict]) -> list[str]:
 
 
 def test_edit_with_an_instruction_replaces_the_selection(session):
-    """Right-click → Ask StarChat → Edit…, "Fix the bug." typed in the input box: the server's
+    """Right-click → Ask StarChat → Edit…, then Ctrl+. → "StarChat: Edit…" (the server's code
+    action, which runs the client command): "Fix the bug." typed in the input box, the server's
     edit (the trained answer's code block, real generated text) replaces average() in the
     editor; one Ctrl+Z takes it back."""
     result = step(session, "edit")
-    assert result["prompt"].startswith("How should the selected code change?"), result
-    assert result["text"] == CALC_FIXED and result["undone"] == sc.CALC_PY, result
+    for way in ("menu", "codeAction"):
+        assert result[way]["prompt"].startswith("How should the selected code change?"), result
+        assert result[way]["text"] == CALC_FIXED and result[way]["undone"] == sc.CALC_PY, result
 
 
 def test_inline_completion_as_you_type_tab_accepts(session):
@@ -669,7 +671,7 @@ def test_secret_files_and_editor_settings_never_reach_the_server(session):
     assert "Ask StarChat" not in result["menuOnSecret"], result["menuOnSecret"]
     assert "Ask StarChat" in result["menuOnCode"], result["menuOnCode"]
     # Nor the commands that send the file in its command palette; the others are there.
-    file_commands = {"StarChat: Ask a Question…", "StarChat: Explain", "StarChat: Fix", "StarChat: Document",
+    file_commands = {"StarChat: Ask a Question…", "StarChat: Edit…", "StarChat: Explain", "StarChat: Fix", "StarChat: Document",
                      "StarChat: Write Tests", "StarChat: Optimize"}
     assert "StarChat: New Chat" in result["paletteOnSecret"], result["paletteOnSecret"]
     assert not file_commands & set(result["paletteOnSecret"]), result["paletteOnSecret"]

@@ -29,11 +29,12 @@ import { StatusItem } from "./status";
 type Task = "fix" | "optimize" | "document" | "tests";
 const TASK_TITLES: Record<Task, string> = { fix: "Fix", optimize: "Optimize", document: "Document", tests: "Write tests" };
 
-/** Tells the server what this client does itself: ask the user for a question (the "Ask…" code
- * action runs the client command starchat.askQuestion) and show answers (in the chat view). */
+/** Tells the server what this client does itself: ask the user for a question or an instruction
+ * (the "Ask…" and "Edit…" code actions run the client commands starchat.askQuestion and
+ * starchat.editSelection) and show answers (in the chat view). */
 class StarChatCapabilities implements StaticFeature {
   fillClientCapabilities(capabilities: ClientCapabilities): void {
-    capabilities.experimental = { ...(capabilities.experimental ?? {}), starchat: { askQuestion: true, showsAnswers: true } };
+    capabilities.experimental = { ...(capabilities.experimental ?? {}), starchat: { askQuestion: true, editSelection: true, showsAnswers: true } };
   }
   initialize(): void {}
   getState(): FeatureState {
@@ -445,9 +446,11 @@ async function askQuestion(arg?: unknown): Promise<void> {
 
 /** StarChat: Edit…: an instruction for the selected code ("Add type hints"); the server puts the
  * answer's code in its place with workspace/applyEdit (one undo takes it back; refused if the
- * document changed meanwhile). */
-async function editSelection(): Promise<void> {
-  const args = selectionArgs();
+ * document changed meanwhile). From the context menu, or from the server's "StarChat: Edit…"
+ * code action ({textDocument, range, version}). */
+async function editSelection(arg?: unknown): Promise<void> {
+  const given = arg && typeof arg === "object" && "textDocument" in arg && "range" in arg ? (arg as SelectionArgs & { version?: number }) : undefined;
+  const args = given ?? selectionArgs();
   if (!args) return;
   const instruction = await vscode.window.showInputBox({
     title: "Edit with StarChat",

@@ -497,33 +497,54 @@ function steps.stop_task()
   }
 end
 
--- Edit… from the right-click StarChat submenu on average(): the instruction asked for
--- (vim.ui.input), the server's edit (starchat.edit) replaces the lines; one `u` takes it back.
+-- Edit… on average(): from the right-click StarChat submenu, then from the code actions (the
+-- client command starchat.editSelection). The instruction is asked for (vim.ui.input), the
+-- server's edit (starchat.edit) replaces the lines; one `u` takes it back.
 function steps.edit()
   vim.api.nvim_set_current_win(code_win)
   vim.cmd("silent edit!")
   local before = buf_text(code_buf)
-  local orig_input = vim.ui.input
-  local asked = {}
-  vim.ui.input = function(opts, on_confirm)
-    table.insert(asked, opts.prompt)
-    on_confirm(sc.CHAT_FIX_QUESTION)
+  local function edit(run)
+    local orig_input, orig_select = vim.ui.input, vim.ui.select
+    local asked = {}
+    vim.ui.input = function(opts, on_confirm)
+      table.insert(asked, opts.prompt)
+      on_confirm(sc.CHAT_FIX_QUESTION)
+    end
+    vim.ui.select = function(items, _, on_choice)
+      for i, item in ipairs(items) do
+        if item.action and item.action.title == "StarChat: Edit…" then
+          return on_choice(item, i)
+        end
+      end
+      on_choice(nil)
+    end
+    local ok, err = pcall(function()
+      run()
+      wait(60000, function()
+        return buf_text(code_buf) ~= before
+      end, "the edit to be applied")
+    end)
+    vim.ui.input, vim.ui.select = orig_input, orig_select
+    if not ok then
+      error(err)
+    end
+    local out = { prompts = asked, after = buf_text(code_buf), running = #lsp.running() }
+    vim.cmd("normal! u")
+    out.undone = buf_text(code_buf)
+    return out
   end
-  local ok, err = pcall(function()
+  local out = {}
+  out.menu = edit(function()
     select_lines(4, 5)
     vim.cmd([[4,5emenu PopUp.StarChat.Edit…]])
-    wait(60000, function()
-      return buf_text(code_buf) ~= before
-    end, "the edit to be applied")
   end)
-  vim.ui.input = orig_input
-  if not ok then
-    error(err)
-  end
-  shot("edit-applied")
-  local out = { prompts = asked, after = buf_text(code_buf), running = #lsp.running() }
-  vim.cmd("normal! u")
-  out.undone = buf_text(code_buf)
+  shot("edit-undone")
+  out.code_action = edit(function()
+    vim.api.nvim_set_current_win(code_win)
+    local line5 = vim.api.nvim_buf_get_lines(code_buf, 4, 5, false)[1]
+    vim.lsp.buf.code_action({ range = { start = { 4, 0 }, ["end"] = { 5, #line5 - 1 } } }) -- as in code_actions
+  end)
   vim.cmd("silent edit!")
   return out
 end

@@ -105,6 +105,7 @@ function M.explain(opts)
   end
 end
 
+local EDIT_PROMPT = "Edit with StarChat: "
 local TASK_TITLES = { fix = "Fix", optimize = "Optimize", document = "Document", tests = "Write tests", edit = "Edit" }
 
 --- The diagnostics shown on the lines of `range` (LSP), as LSP diagnostics: a Fix is told about
@@ -185,7 +186,7 @@ function M.edit(instruction, opts, on_done)
   if instruction and vim.trim(instruction) ~= "" then
     return go(instruction)
   end
-  vim.ui.input({ prompt = "Edit with StarChat: " }, go)
+  vim.ui.input({ prompt = EDIT_PROMPT }, go)
 end
 
 --- Stop what StarChat is doing: the chat's answer and the running Fix/Optimize/Document/Tests.
@@ -247,6 +248,24 @@ local function ask_question_command(command, ctx)
   vim.ui.input({ prompt = "Ask StarChat: " }, function(question)
     if question and vim.trim(question) ~= "" then
       chat.ask(client, bufnr, args, vim.trim(question))
+    end
+  end)
+end
+
+--- The client-side command of the "StarChat: Edit…" code action: ask for the instruction, then
+--- starchat.edit on the action's selection (and the version it was listed on).
+local function edit_selection_command(command, ctx)
+  local args = (command.arguments or {})[1]
+  local client = ctx and vim.lsp.get_client_by_id(ctx.client_id)
+  if type(args) ~= "table" or type(args.textDocument) ~= "table" or not client then
+    return
+  end
+  local bufnr = ctx.bufnr or vim.uri_to_bufnr(args.textDocument.uri)
+  vim.ui.input({ prompt = EDIT_PROMPT }, function(instruction)
+    if instruction and vim.trim(instruction) ~= "" then
+      request_edit(client, bufnr, "starchat.edit", "edit", function()
+        return vim.tbl_extend("force", vim.deepcopy(args), { instruction = vim.trim(instruction), mode = "replace" })
+      end)
     end
   end)
 end
@@ -351,6 +370,7 @@ function M.setup(opts)
   local before = { cmd = config.options.cmd, settings = vim.deepcopy(config.settings) }
   config.set(opts)
   vim.lsp.commands["starchat.askQuestion"] = ask_question_command
+  vim.lsp.commands["starchat.editSelection"] = edit_selection_command
   for _, name in ipairs({ "starchat.explain", "starchat.ask", "starchat.runTask" }) do
     vim.lsp.commands[name] = server_command
   end

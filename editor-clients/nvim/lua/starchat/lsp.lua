@@ -456,7 +456,7 @@ function M.client_config(root)
     "force",
     vim.lsp.protocol.make_client_capabilities(),
     opts.capabilities or {},
-    { experimental = { starchat = { askQuestion = true, showsAnswers = true } } }
+    { experimental = { starchat = { askQuestion = true, editSelection = true, showsAnswers = true } } }
   )
   -- LSP 3.18: the plugin shows inline completions (completion.lua); Neovim 0.11 does not
   if (opts.completion or {}).enabled ~= false then
