@@ -529,7 +529,12 @@ function steps.edit()
     if not ok then
       error(err)
     end
-    local out = { prompts = asked, after = buf_text(code_buf), running = #lsp.running() }
+    local out = { prompts = asked, after = buf_text(code_buf) }
+    -- the request ends once the editor has applied the edit (it answers workspace/applyEdit first)
+    vim.wait(10000, function()
+      return #lsp.running() == 0
+    end, 20)
+    out.running = #lsp.running()
     vim.cmd("normal! u")
     out.undone = buf_text(code_buf)
     return out

@@ -149,6 +149,15 @@ local function request_task(client, bufnr, task, make_args, on_done)
   end, on_done)
 end
 
+--- starchat.edit: the selection of make_args(client) replaced as `instruction` says.
+local function request_instructed(client, bufnr, instruction, make_args, on_done)
+  return request_edit(client, bufnr, "starchat.edit", "edit", function(c)
+    local args = make_args(c)
+    args.instruction, args.mode = vim.trim(instruction), "replace"
+    return args
+  end, on_done)
+end
+
 --- Fix / Optimize / Document / Write tests on the command's range: the server computes the edit
 --- and applies it with workspace/applyEdit (starchat.runTask). :StarChatStop stops it.
 --- Returns the request record (lsp.request).
@@ -174,14 +183,9 @@ function M.edit(instruction, opts, on_done)
     return nil
   end
   local function go(text)
-    if not text or vim.trim(text) == "" then
-      return nil
+    if text and vim.trim(text) ~= "" then
+      return request_instructed(client, bufnr, text, finalize, on_done)
     end
-    return request_edit(client, bufnr, "starchat.edit", "edit", function(c)
-      local a = finalize(c)
-      a.instruction, a.mode = vim.trim(text), "replace"
-      return a
-    end, on_done)
   end
   if instruction and vim.trim(instruction) ~= "" then
     return go(instruction)
@@ -263,8 +267,8 @@ local function edit_selection_command(command, ctx)
   local bufnr = ctx.bufnr or vim.uri_to_bufnr(args.textDocument.uri)
   vim.ui.input({ prompt = EDIT_PROMPT }, function(instruction)
     if instruction and vim.trim(instruction) ~= "" then
-      request_edit(client, bufnr, "starchat.edit", "edit", function()
-        return vim.tbl_extend("force", vim.deepcopy(args), { instruction = vim.trim(instruction), mode = "replace" })
+      request_instructed(client, bufnr, instruction, function()
+        return vim.deepcopy(args)
       end)
     end
   end)
