@@ -428,11 +428,17 @@ function selectionArgs(): (SelectionArgs & { version: number }) | undefined {
   };
 }
 
+/** A code action's argument ({textDocument, range, version?}) when the command came from one,
+ * else the active editor's selection (undefined, with a message, when there is none). */
+function givenOrSelection(arg: unknown): (SelectionArgs & { version?: number }) | undefined {
+  if (arg && typeof arg === "object" && "textDocument" in arg && "range" in arg) return arg as SelectionArgs & { version?: number };
+  return selectionArgs();
+}
+
 /** `starchat.askQuestion`: from the context menu (no arguments, or the editor's URI) or from the
  * server's "StarChat: Ask…" code action ({textDocument, range}). */
 async function askQuestion(arg?: unknown): Promise<void> {
-  const given = arg && typeof arg === "object" && "textDocument" in arg && "range" in arg ? (arg as SelectionArgs) : undefined;
-  const args = given ?? selectionArgs();
+  const args = givenOrSelection(arg);
   if (!args) return;
   const question = await vscode.window.showInputBox({
     title: "Ask StarChat",
@@ -449,8 +455,7 @@ async function askQuestion(arg?: unknown): Promise<void> {
  * document changed meanwhile). From the context menu, or from the server's "StarChat: Edit…"
  * code action ({textDocument, range, version}). */
 async function editSelection(arg?: unknown): Promise<void> {
-  const given = arg && typeof arg === "object" && "textDocument" in arg && "range" in arg ? (arg as SelectionArgs & { version?: number }) : undefined;
-  const args = given ?? selectionArgs();
+  const args = givenOrSelection(arg);
   if (!args) return;
   const instruction = await vscode.window.showInputBox({
     title: "Edit with StarChat",

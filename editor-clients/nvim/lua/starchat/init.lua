@@ -241,11 +241,21 @@ function M.configure(settings)
   lsp.push_settings()
 end
 
---- The client-side command of the "StarChat: Ask…" code action: ask the user, then starchat.ask.
-local function ask_question_command(command, ctx)
+--- A code action's command: its argument ({textDocument, range, …}) and the client that offered
+--- it; nil when either is missing.
+local function command_target(command, ctx)
   local args = (command.arguments or {})[1]
   local client = ctx and vim.lsp.get_client_by_id(ctx.client_id)
-  if not args or not client then
+  if type(args) ~= "table" or type(args.textDocument) ~= "table" or not client then
+    return nil
+  end
+  return args, client
+end
+
+--- The client-side command of the "StarChat: Ask…" code action: ask the user, then starchat.ask.
+local function ask_question_command(command, ctx)
+  local args, client = command_target(command, ctx)
+  if not args then
     return
   end
   local bufnr = ctx.bufnr or vim.uri_to_bufnr(args.textDocument.uri)
@@ -259,9 +269,8 @@ end
 --- The client-side command of the "StarChat: Edit…" code action: ask for the instruction, then
 --- starchat.edit on the action's selection (and the version it was listed on).
 local function edit_selection_command(command, ctx)
-  local args = (command.arguments or {})[1]
-  local client = ctx and vim.lsp.get_client_by_id(ctx.client_id)
-  if type(args) ~= "table" or type(args.textDocument) ~= "table" or not client then
+  local args, client = command_target(command, ctx)
+  if not args then
     return
   end
   local bufnr = ctx.bufnr or vim.uri_to_bufnr(args.textDocument.uri)
@@ -279,9 +288,8 @@ end
 --- so the server shows them nowhere else; Neovim drops a command's result); Fix, Optimize,
 --- Document and Write tests are requests :StarChatStop can stop.
 local function server_command(command, ctx)
-  local args = (command.arguments or {})[1]
-  local client = ctx and vim.lsp.get_client_by_id(ctx.client_id)
-  if type(args) ~= "table" or type(args.textDocument) ~= "table" or not client then
+  local args, client = command_target(command, ctx)
+  if not args then
     return
   end
   local bufnr = vim.uri_to_bufnr(args.textDocument.uri)
