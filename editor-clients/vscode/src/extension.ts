@@ -428,6 +428,12 @@ function selectionArgs(): (SelectionArgs & { version: number }) | undefined {
   };
 }
 
+/** What the user types in an input box, trimmed; undefined when it is empty or dismissed. */
+async function inputText(title: string, prompt: string, placeHolder: string): Promise<string | undefined> {
+  const text = await vscode.window.showInputBox({ title, prompt, placeHolder, ignoreFocusOut: true });
+  return text?.trim() || undefined;
+}
+
 /** A code action's argument ({textDocument, range, version?}) when the command came from one,
  * else the active editor's selection (undefined, with a message, when there is none). */
 function givenOrSelection(arg: unknown): (SelectionArgs & { version?: number }) | undefined {
@@ -440,14 +446,8 @@ function givenOrSelection(arg: unknown): (SelectionArgs & { version?: number }) 
 async function askQuestion(arg?: unknown): Promise<void> {
   const args = givenOrSelection(arg);
   if (!args) return;
-  const question = await vscode.window.showInputBox({
-    title: "Ask StarChat",
-    prompt: "A question about the selected code",
-    placeHolder: "e.g. Does this handle an empty list?",
-    ignoreFocusOut: true,
-  });
-  if (!question?.trim()) return;
-  await chat.runCommand("starchat.ask", { textDocument: args.textDocument, range: args.range, question: question.trim() });
+  const question = await inputText("Ask StarChat", "A question about the selected code", "e.g. Does this handle an empty list?");
+  if (question) await chat.runCommand("starchat.ask", { textDocument: args.textDocument, range: args.range, question });
 }
 
 /** StarChat: Edit…: an instruction for the selected code ("Add type hints"); the server puts the
@@ -457,16 +457,9 @@ async function askQuestion(arg?: unknown): Promise<void> {
 async function editSelection(arg?: unknown): Promise<void> {
   const args = givenOrSelection(arg);
   if (!args) return;
-  const instruction = await vscode.window.showInputBox({
-    title: "Edit with StarChat",
-    prompt: "How should the selected code change?",
-    placeHolder: "e.g. Add type hints",
-    ignoreFocusOut: true,
-  });
-  if (!instruction?.trim()) return;
-  await withCancellableProgress("StarChat: Edit", (token) =>
-    sendCommand("starchat.edit", [{ ...args, instruction: instruction.trim(), mode: "replace" }], token),
-  );
+  const instruction = await inputText("Edit with StarChat", "How should the selected code change?", "e.g. Add type hints");
+  if (!instruction) return;
+  await withCancellableProgress("StarChat: Edit", (token) => sendCommand("starchat.edit", [{ ...args, instruction, mode: "replace" }], token));
 }
 
 async function explainSelection(): Promise<void> {

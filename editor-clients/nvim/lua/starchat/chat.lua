@@ -452,6 +452,16 @@ local function unpin()
   end
 end
 
+--- The context's selection marked from (r1, c1) to (r2, c2) (bytes; its marks moved when it has
+--- them): text typed at its start stays out of it, at its end goes into it.
+local function mark(ctx, r1, c1, r2, c2)
+  local ids = ctx.marks or {}
+  ctx.marks = {
+    vim.api.nvim_buf_set_extmark(ctx.bufnr, context_ns, r1, c1, { id = ids[1], right_gravity = false }),
+    vim.api.nvim_buf_set_extmark(ctx.bufnr, context_ns, r2, c2, { id = ids[2], right_gravity = true }),
+  }
+end
+
 --- Extmarks on the context's selection, so that it follows edits to its buffer (the user's,
 --- or code put in from the chat: see M.apply).
 local function pin(ctx, encoding)
@@ -462,10 +472,7 @@ local function pin(ctx, encoding)
   local r1, c1 = byte_pos(ctx.bufnr, ctx.range.start, encoding, false)
   local r2, c2, eol = byte_pos(ctx.bufnr, ctx.range["end"], encoding, true, ctx.range.start.line)
   ctx.encoding, ctx.eol = encoding, eol
-  ctx.marks = {
-    vim.api.nvim_buf_set_extmark(ctx.bufnr, context_ns, r1, c1, { right_gravity = false }),
-    vim.api.nvim_buf_set_extmark(ctx.bufnr, context_ns, r2, c2, { right_gravity = true }),
-  }
+  mark(ctx, r1, c1, r2, c2)
 end
 
 --- The context's selection where its marks are now: {r1, c1, r2, c2} in bytes (0-based, c2
@@ -767,8 +774,7 @@ function M.apply()
       return line ~= "" and indent .. line or line
     end, code)
     vim.api.nvim_buf_set_lines(buf, r1, r2 + 1, false, lines)
-    r1, c1, last_row = r1, 0, r1 + #lines - 1
-    last_col = #lines[#lines]
+    c1, last_row, last_col = 0, r1 + #lines - 1, #lines[#lines]
   else -- the selected text: its later lines indented like the line
     local prefix = first:find("%S") and indent or first:sub(1, c1)
     local lines = {}
@@ -779,11 +785,7 @@ function M.apply()
     last_row = r1 + #lines - 1
     last_col = (#lines == 1 and c1 or 0) + #lines[#lines]
   end
-  -- the conversation is now about the code put in
-  ctx.marks = {
-    vim.api.nvim_buf_set_extmark(buf, context_ns, r1, c1, { id = ctx.marks[1], right_gravity = false }),
-    vim.api.nvim_buf_set_extmark(buf, context_ns, last_row, last_col, { id = ctx.marks[2], right_gravity = true }),
-  }
+  mark(ctx, r1, c1, last_row, last_col) -- the conversation is now about the code put in
   ctx.range = pinned_range(ctx) or ctx.range
   ctx.label = range_util.label(buf, ctx.range)
   for _, win in ipairs(vim.fn.win_findbuf(buf)) do

@@ -81,21 +81,30 @@ local function selection_args(opts, bufnr)
   return client, bufnr, args, finalize
 end
 
+local ASK_PROMPT = "Ask StarChat: "
+local EDIT_PROMPT = "Edit with StarChat: "
+
+--- fn(text) with `given` (trimmed) when it holds text, else with what the user types at `prompt`
+--- (vim.ui.input; nothing happens when that is empty). Returns fn's result for `given`.
+local function with_text(prompt, given, fn)
+  if given and vim.trim(given) ~= "" then
+    return fn(vim.trim(given))
+  end
+  vim.ui.input({ prompt = prompt }, function(text)
+    if text and vim.trim(text) ~= "" then
+      fn(vim.trim(text))
+    end
+  end)
+end
+
 --- Ask a question about the command's range (asks for the question when it is empty).
 function M.ask(question, opts)
   local client, bufnr, args, finalize = selection_args(opts)
-  if not client then
-    return
+  if client then
+    with_text(ASK_PROMPT, question, function(q)
+      chat.ask(client, bufnr, args, q, finalize)
+    end)
   end
-  local function go(q)
-    if q and vim.trim(q) ~= "" then
-      chat.ask(client, bufnr, args, vim.trim(q), finalize)
-    end
-  end
-  if question and vim.trim(question) ~= "" then
-    return go(question)
-  end
-  vim.ui.input({ prompt = "Ask StarChat: " }, go)
 end
 
 function M.explain(opts)
@@ -105,7 +114,6 @@ function M.explain(opts)
   end
 end
 
-local EDIT_PROMPT = "Edit with StarChat: "
 local TASK_TITLES = { fix = "Fix", optimize = "Optimize", document = "Document", tests = "Write tests", edit = "Edit" }
 
 --- The diagnostics shown on the lines of `range` (LSP), as LSP diagnostics: a Fix is told about
@@ -179,18 +187,11 @@ end
 --- instruction when it is empty. :StarChatStop stops it. Returns the request record.
 function M.edit(instruction, opts, on_done)
   local client, bufnr, _, finalize = selection_args(opts)
-  if not client then
-    return nil
-  end
-  local function go(text)
-    if text and vim.trim(text) ~= "" then
+  if client then
+    return with_text(EDIT_PROMPT, instruction, function(text)
       return request_instructed(client, bufnr, text, finalize, on_done)
-    end
+    end)
   end
-  if instruction and vim.trim(instruction) ~= "" then
-    return go(instruction)
-  end
-  vim.ui.input({ prompt = EDIT_PROMPT }, go)
 end
 
 --- Stop what StarChat is doing: the chat's answer and the running Fix/Optimize/Document/Tests.
@@ -252,35 +253,27 @@ local function command_target(command, ctx)
   return args, client
 end
 
---- The client-side command of the "StarChat: Ask…" code action: ask the user, then starchat.ask.
+--- The client-side commands of the "StarChat: Ask…" and "StarChat: Edit…" code actions: ask
+--- the user for the question or the instruction, then starchat.ask or starchat.edit on the
+--- action's selection (an edit: with the version it was listed on).
 local function ask_question_command(command, ctx)
   local args, client = command_target(command, ctx)
-  if not args then
-    return
+  if args then
+    with_text(ASK_PROMPT, nil, function(question)
+      chat.ask(client, ctx.bufnr or vim.uri_to_bufnr(args.textDocument.uri), args, question)
+    end)
   end
-  local bufnr = ctx.bufnr or vim.uri_to_bufnr(args.textDocument.uri)
-  vim.ui.input({ prompt = "Ask StarChat: " }, function(question)
-    if question and vim.trim(question) ~= "" then
-      chat.ask(client, bufnr, args, vim.trim(question))
-    end
-  end)
 end
 
---- The client-side command of the "StarChat: Edit…" code action: ask for the instruction, then
---- starchat.edit on the action's selection (and the version it was listed on).
 local function edit_selection_command(command, ctx)
   local args, client = command_target(command, ctx)
-  if not args then
-    return
-  end
-  local bufnr = ctx.bufnr or vim.uri_to_bufnr(args.textDocument.uri)
-  vim.ui.input({ prompt = EDIT_PROMPT }, function(instruction)
-    if instruction and vim.trim(instruction) ~= "" then
-      request_instructed(client, bufnr, instruction, function()
+  if args then
+    with_text(EDIT_PROMPT, nil, function(instruction)
+      request_instructed(client, ctx.bufnr or vim.uri_to_bufnr(args.textDocument.uri), instruction, function()
         return vim.deepcopy(args)
       end)
-    end
-  end)
+    end)
+  end
 end
 
 --- The server's commands, run from its code actions: through the plugin, as the :StarChat…
