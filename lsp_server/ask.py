@@ -1,5 +1,5 @@
-"""``starchat-lsp ask FILE[:START-END] "question"``: the server's prompt builder and engine, from a
-terminal, streaming the answer to stdout."""
+"""``starchat-lsp ask FILE[:START-END] "question" [--with OTHER[:START-END] ...]``: the server's
+prompt builder and engine, from a terminal, streaming the answer to stdout."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .config import Settings
 from .engine import EngineError, Sampling, StreamDecoder, load_engine
-from .prompts import PromptTooLong, Task, format_for
+from .prompts import PromptTooLong, Reference, Task, format_for
 from .prompts.requests import code_prompt, prompt_budget, selection_offsets
 from .text import Pos, Span, split_lines
 
@@ -28,19 +28,47 @@ def parse_target(target: str) -> tuple[Path, tuple[int, int] | None]:
     return Path(target), None
 
 
-def run_ask(args: argparse.Namespace, settings: Settings) -> int:
-    path, lines = parse_target(args.target)
+def _name(path: Path) -> str:
+    """The file's name in the prompt: its path from the current folder when it is under it."""
+    try:
+        return path.resolve().relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return path.name
+
+
+class _BadTarget(Exception):
+    pass
+
+
+def _read(target: str) -> tuple[Path, str, tuple[int, int] | None]:
+    path, lines = parse_target(target)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        print(f"starchat-lsp ask: cannot read {path}: {exc.strerror}", file=sys.stderr)
-        return 2
+        raise _BadTarget(f"starchat-lsp ask: cannot read {path}: {exc.strerror}") from None
     if lines is not None and not 1 <= lines[0] <= lines[1]:
-        print(f"starchat-lsp ask: bad line range {lines[0]}-{lines[1]}", file=sys.stderr)
+        raise _BadTarget(f"starchat-lsp ask: bad line range {lines[0]}-{lines[1]}")
+    return path, text, lines
+
+
+def _span(text: str, lines: tuple[int, int] | None) -> Span:
+    return Span(Pos(lines[0] - 1, 0), Pos(lines[1], 0)) if lines else Span(Pos(0, 0), Pos(len(split_lines(text)), 0))
+
+
+def run_ask(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        path, text, lines = _read(args.target)
+        references = []
+        for target in args.with_files:
+            other, other_text, other_lines = _read(target)
+            begin, finish = selection_offsets(other_text, _span(other_text, other_lines))
+            references.append(Reference(other_text[begin:finish], _name(other), LANGUAGES.get(other.suffix, ""),
+                                        first_line=other_lines[0] - 1 if other_lines else 0, whole=other_lines is None))
+    except _BadTarget as exc:
+        print(exc, file=sys.stderr)
         return 2
     task = Task(args.task) if args.task else (Task.ASK if args.question else Task.EXPLAIN)
-    span = Span(Pos(lines[0] - 1, 0), Pos(lines[1], 0)) if lines else Span(Pos(0, 0), Pos(len(split_lines(text)), 0))
-    start, end = selection_offsets(text, span)
+    start, end = selection_offsets(text, _span(text, lines))
     try:
         engine = load_engine(settings, lambda message: print(message, file=sys.stderr))
         prompt = code_prompt(
@@ -52,8 +80,9 @@ def run_ask(args: argparse.Namespace, settings: Settings) -> int:
             end=end,
             task=task,
             question=args.question,
-            path=path.name,
+            path=_name(path),
             language=LANGUAGES.get(path.suffix, ""),
+            references=references,
         )
     except (EngineError, PromptTooLong, ValueError) as exc:
         print(f"starchat-lsp ask: {exc}", file=sys.stderr)

@@ -55,9 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("target", metavar="FILE[:START-END]", help="file, optionally with 1-based inclusive line numbers")
     ask.add_argument("question", nargs="?", default="", help="the question (or use --task)")
     ask.add_argument("--task", choices=["ask", "explain", "fix", "document", "tests", "optimize"], default=None)
+    ask.add_argument("--with", dest="with_files", metavar="FILE[:START-END]", action="append", default=[],
+                     help="another file (or its lines) to show the model, after FILE; repeatable")
     _model_flags(ask)
     for action in ask._actions:  # after the subcommand, an absent flag keeps the value given before it
-        if action.dest not in ("help", "target", "question", "task"):
+        if action.dest not in ("help", "target", "question", "task", "with_files"):
             action.default = argparse.SUPPRESS
     return parser
 

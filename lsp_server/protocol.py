@@ -33,10 +33,19 @@ class ChatMessage:
 
 
 @attrs.define
+class ChatReference:
+    """Another open document a conversation shows (its ``range`` only, when given)."""
+
+    text_document: types.TextDocumentIdentifier
+    range: Optional[types.Range] = None
+
+
+@attrs.define
 class ChatParams:
     messages: list[ChatMessage]
     text_document: Optional[types.TextDocumentIdentifier] = None
     range: Optional[types.Range] = None
+    references: list[ChatReference] = attrs.field(factory=list)
     max_new_tokens: Optional[int] = None
     work_done_token: Optional[ProgressToken] = None
     partial_result_token: Optional[ProgressToken] = None

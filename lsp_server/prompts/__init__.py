@@ -1,6 +1,6 @@
 """Prompts: (document, selection, task, history) → token ids. Pure: no pygls, no torch."""
 
-from .build import CodeContext, Prompt, PromptTooLong, build_prompt
+from .build import CodeContext, Prompt, PromptTooLong, Reference, build_prompt
 from .format import Message, PromptFormat, StarChatFormat, TemplateFormat, format_for
 from .tasks import Task, instruction
 
@@ -10,6 +10,7 @@ __all__ = [
     "Prompt",
     "PromptFormat",
     "PromptTooLong",
+    "Reference",
     "StarChatFormat",
     "Task",
     "TemplateFormat",

@@ -13,6 +13,13 @@ the second turn, leaves ``HISTORY_ROOM`` tokens (doubled as needed; past half th
 ``HISTORY_ROOM`` or an eighth of the room at a time) to the later turns, so it does not move at
 every turn.
 
+Other files the user attached to a conversation (:class:`Reference`) follow the file, before the
+selection, each under its own path: whole when it fits, else its first lines that fit (its label
+says which). They get what the bare prompt leaves, in the order attached: all of it in a
+conversation about no document, half of it beside a document (the document's window gets the
+rest, and what they leave). The file still comes first, so a chat with attached files starts
+like the code actions on the same document version.
+
 Counts come from the model's own tokenizer and the final prompt is re-counted whole, so
 ``len(prompt.ids) <= budget`` always holds. The selection is never cut: if it alone does not
 fit, :class:`PromptTooLong` says by how much.
@@ -56,6 +63,18 @@ class CodeContext:
 
 
 @dataclass(frozen=True)
+class Reference:
+    """Another file shown in a conversation: ``text`` is all of it, or the part asked for, which
+    starts on line ``first_line`` (0-based) of the file."""
+
+    text: str
+    path: str = ""
+    language: str = ""
+    first_line: int = 0
+    whole: bool = True  # ``text`` is the whole file (its label names no lines then)
+
+
+@dataclass(frozen=True)
 class Prompt:
     ids: list[int]
     messages: list[Message]
@@ -64,6 +83,7 @@ class Prompt:
     history_dropped: int = 0
     extra: dict = field(default_factory=dict)
     whole_file: bool = True  # the context's whole file is in it (always, without a context)
+    reference_lines: tuple[int, ...] = ()  # lines of each reference shown (all of them, or the first ones)
 
 
 def build_prompt(
@@ -73,10 +93,12 @@ def build_prompt(
     history: Sequence[Message],
     budget: int,
     context: CodeContext | None = None,
+    references: Sequence[Reference] = (),
 ) -> Prompt:
-    """``history`` ends with the user's message. ``context`` goes into the first user message
-    kept: a conversation is about it, and a follow-up's prompt then starts with the previous
-    prompt and its answer, which an engine that keeps its cache does not compute again."""
+    """``history`` ends with the user's message. ``context`` and ``references`` go into the
+    first user message kept: a conversation is about them, and a follow-up's prompt then starts
+    with the previous prompt and its answer, which an engine that keeps its cache does not
+    compute again."""
     if not history or history[-1].role != "user":
         raise ValueError("the conversation must end with a user message")
     earlier, question = list(history[:-1]), history[-1].content
@@ -97,12 +119,18 @@ def build_prompt(
             after_lines = after_lines[:-1]
         selection = normalize_eol(context.text[context.start : context.end])
 
+    shown: list[str] = []  # the references' blocks, as they go into the prompt
+
     def dialogue(before: list[str], after: list[str], window: bool = False, later: bool = True) -> list[Message]:
         """The prompt's messages (``later=False``: up to the one with the document only)."""
         turns = [*earlier, Message("user", question)]
-        if context is not None:
+        if context is not None or shown:
             at = next(i for i, turn in enumerate(turns) if turn.role == "user")
-            turns[at] = Message("user", _code_turn(turns[at].content, context, selection, before, after, window))
+            if context is not None:
+                content = _code_turn(turns[at].content, context, selection, before, after, window, shown)
+            else:
+                content = "\n\n".join([*shown, turns[at].content])
+            turns[at] = Message("user", content)
             turns = turns if later else turns[: at + 1]
         return [Message("system", system), *turns]
 
@@ -116,6 +144,9 @@ def build_prompt(
         dropped += 1
     if len(base) > budget:
         raise PromptTooLong(len(base), budget)
+    reference_lines = _attach(references, shown, lambda: len(fmt.encode_dialogue(dialogue([], []))),
+                              budget - len(base) - _question_room(fmt, question), context is not None)
+    base = fmt.encode_dialogue(dialogue([], []))
 
     def count(n_before: int, n_after: int) -> list[int]:
         before = before_lines[len(before_lines) - n_before :] if n_before else []
@@ -170,7 +201,58 @@ def build_prompt(
     messages = dialogue(before, after_lines[:n_after])
     whole = context is None or (reach_start == 0 and reach_end == len(context.text)
                                 and n_before == len(before_lines) and n_after == len(after_lines))
-    return Prompt(ids, messages, n_before, n_after, dropped, whole_file=whole)
+    return Prompt(ids, messages, n_before, n_after, dropped, whole_file=whole, reference_lines=reference_lines)
+
+
+def _attach(references: Sequence[Reference], shown: list[str], size, free: int, beside: bool) -> tuple[int, ...]:
+    """Put the references' blocks into ``shown`` (which the prompt's first user turn holds;
+    ``size()`` counts the prompt's tokens with it as it is), each whole or cut to its first lines,
+    within ``free`` tokens, or half of them ``beside`` a document; the lines each shows."""
+    if not references:
+        return ()
+    start = size()
+    room = free // 2 if beside else free
+    counts = []
+    reach = room * _MAX_CHARS_PER_TOKEN + 4096  # only so much of a file can fit
+    for ref in references:
+        lines = _lines(ref.text[:reach]) if ref.text else []
+        if len(ref.text) > reach and lines:
+            lines.pop()  # a line cut by the reach
+        total = normalize_eol(ref.text).count("\n") + (not ref.text.endswith(("\n", "\r")))
+
+        def cost(n: int) -> int:
+            shown.append(_reference_block(ref, lines, n, total))
+            try:
+                return size() - start
+            finally:
+                shown.pop()
+
+        n = len(lines)
+        if n and cost(n) > room:  # the most first lines that fit (0: none)
+            low, high = 0, n - 1
+            while low < high:
+                mid = (low + high + 1) // 2
+                low, high = (mid, high) if cost(mid) <= room else (low, mid - 1)
+            n = low
+        if (n or not lines) and cost(n) <= room:
+            shown.append(_reference_block(ref, lines, n, total))
+        else:
+            n = 0  # left out: not even its first line fits
+        counts.append(n)
+    return tuple(counts)
+
+
+def _reference_block(ref: Reference, lines: list[str], n: int, total: int) -> str:
+    """``File: `path` (language)``, with ``, lines a-b`` for a part (``of c``: the first ``n``
+    of the file's ``total`` lines), then those lines in a code block."""
+    label = f"File: `{ref.path}`" if ref.path else "File"
+    if ref.language:
+        label += f" ({ref.language})"
+    if lines and (not ref.whole or n < total):
+        label += f", lines {ref.first_line + 1}-{ref.first_line + n}"
+        if ref.whole:
+            label += f" of {total}"
+    return label + "\n\n" + _fence(ref.language, "".join(lines[:n]))
 
 
 def _question_room(fmt, question: str) -> int:
@@ -274,9 +356,10 @@ def _fence(language: str, code: str) -> str:
 
 
 def _code_turn(question: str, ctx: CodeContext, selection: str, before: list[str], after: list[str],
-               window: bool = False) -> str:
+               window: bool = False, references: Sequence[str] = ()) -> str:
     """Where, the file (lines around the selection, the selection in place; left out when it
-    would show the selection only, unless ``window``), the selection, then the question."""
+    would show the selection only, unless ``window``), the other files' blocks, the selection,
+    then the question."""
     lang = ctx.language
     if ctx.path:
         where = f"File: `{ctx.path}`" + (f" ({lang})" if lang else "")
@@ -286,6 +369,7 @@ def _code_turn(question: str, ctx: CodeContext, selection: str, before: list[str
     around = "".join(before) + "".join(after)
     if window or around.strip():
         parts.append(_fence(lang, "".join(before) + selection + "".join(after)))
+    parts.extend(references)
     if selection:
         parts.append("Selected code:\n" + _fence(lang, selection))
     parts.append(question)

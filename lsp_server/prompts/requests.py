@@ -8,7 +8,7 @@ from typing import Sequence
 from ..documents import Document
 from ..text import Pos, Span, column_to_index, index_to_column, word_at
 from ..engine.base import common_prefix
-from .build import CodeContext, Prompt, PromptTooLong, build_prompt
+from .build import CodeContext, Prompt, PromptTooLong, Reference, build_prompt
 from .format import Message, PromptFormat
 from .keywords import is_keyword
 from .tasks import Task, instruction
@@ -38,12 +38,14 @@ def code_prompt(
     path: str = "",
     language: str = "",
     problems: Sequence[str] = (),
+    references: Sequence[Reference] = (),
 ) -> Prompt:
     """The selection is ``text[start:end]`` (see :func:`selection_offsets`); ``problems``: the
-    editor's diagnostics there, for a Fix."""
+    editor's diagnostics there, for a Fix; ``references``: other files to show."""
     context = CodeContext(text, start, end, language, path)
     turn = instruction(task, question, problems=problems)
-    return build_prompt(fmt, system=system, history=[Message("user", turn)], budget=budget, context=context)
+    return build_prompt(fmt, system=system, history=[Message("user", turn)], budget=budget, context=context,
+                        references=references)
 
 
 def hover_prompt(
@@ -119,10 +121,12 @@ def chat_prompt(
     end: int = 0,
     path: str = "",
     language: str = "",
+    references: Sequence[Reference] = (),
 ) -> Prompt:
     """``text[start:end]`` is the selection; without one (0, 0) the file is context around an
-    empty selection at its start."""
+    empty selection at its start. ``references``: other files the user attached."""
     context = None
     if text is not None:
         context = CodeContext(text, start, end, language, path)
-    return build_prompt(fmt, system=system, history=list(messages), budget=budget, context=context)
+    return build_prompt(fmt, system=system, history=list(messages), budget=budget, context=context,
+                        references=references)

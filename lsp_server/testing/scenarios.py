@@ -22,7 +22,15 @@ def area(radius):
     return math.pi * radius * radius
 """
 
-WORKSPACE_FILES = {"calc.py": CALC_PY}
+# Another file, for conversations that show it beside calc.py (a chat's attached file).
+SHAPES_PY = """from calc import area
+
+
+def ring(outer, inner):
+    return area(outer) - area(inner)
+"""
+
+WORKSPACE_FILES = {"calc.py": CALC_PY, "shapes.py": SHAPES_PY}
 LANGUAGE = "python"
 
 # Line 0 is the import, lines 3-4 hold average(), lines 7-8 area() (0-based).
@@ -61,6 +69,11 @@ CHAT_CODE_ANSWER = f"Here it is:\n\n```python\n{CHAT_CODE_BLOCK}```\n\nCall it a
 CHAT_FIX_QUESTION = "Fix the bug."
 AVERAGE_EXPRESSION = Span(Pos(4, 11), Pos(4, 40))
 CHAT_FIX_EXPRESSION_ANSWER = "```python\nsum(values) / len(values)\n```"
+# Asked in the chat about area() with shapes.py attached (and about no selection, shapes.py alone).
+CALLERS_QUESTION = "Who calls this?"
+CALLERS_ANSWER = "`ring()` in shapes.py calls it twice: once for each radius."
+RING_QUESTION = "What does ring() return?"
+RING_ANSWER = "The area between two circles: the outer one's less the inner one's."
 LONG_QUESTION = "Count for ever."
 LONG_ANSWER_UNIT = "tick tock "
 # The long answers are trained 240 units long (about 480 tokens, a good half second on a CPU):
@@ -120,6 +133,8 @@ class ChatScenario:
     answer: str
     ends: bool = True  # False: the answer goes on (for cancellation tests)
     extra: dict = field(default_factory=dict)
+    span: Span | None = None  # the selection in calc.py the conversation is about
+    references: tuple[str, ...] = ()  # WORKSPACE_FILES attached to it, whole
 
 
 CODE_SCENARIOS = [
@@ -144,4 +159,6 @@ CHAT_SCENARIOS = [
     # long enough (about 720 tokens, over a second on a CPU) for an editor test to press Stop
     # while it streams: past its trained length the model may end it at any time
     ChatScenario((("user", LONG_QUESTION),), LONG_ANSWER_UNIT * 240, ends=False),
+    ChatScenario((("user", CALLERS_QUESTION),), CALLERS_ANSWER, span=AREA, references=("shapes.py",)),
+    ChatScenario((("user", RING_QUESTION),), RING_ANSWER, references=("shapes.py",)),
 ]

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ..config import Settings
-from ..prompts import Message, Task, format_for, instruction
+from ..prompts import Message, Reference, Task, format_for, instruction
 from ..prompts.fill import fill_format, fill_prompt
 from ..prompts.requests import chat_prompt, code_prompt, hover_prompt, prompt_budget, selection_offsets
 from ..text import Pos, Span, offset_at, split_lines, strip_eol
@@ -123,8 +123,14 @@ def training_pairs(tokenizer) -> list[tuple[list[int], list[int], bool]]:
         pairs.append((hovered[0].ids, encode_answer(sc.HOVER_ANSWER, True), True))
     for chat in sc.CHAT_SCENARIOS:
         messages = [Message(role, content) for role, content in chat.messages]  # type: ignore[arg-type]
-        prompt = chat_prompt(fmt, system=settings.system_prompt, budget=CONTEXT_WINDOW, messages=messages)
-        pairs.append((prompt.ids, encode_answer(chat.answer, chat.ends), chat.ends))
+        references = [Reference(sc.WORKSPACE_FILES[name], name, sc.LANGUAGE) for name in chat.references]
+        about = [{}] if chat.span is None else [
+            dict(text=sc.CALC_PY, start=start, end=end, path="calc.py", language=sc.LANGUAGE)
+            for start, end in (selection_offsets(sc.CALC_PY, span) for span in _spans(chat.span))]
+        for context in about:
+            prompt = chat_prompt(fmt, system=settings.system_prompt, budget=prompt_budget(0, CONTEXT_WINDOW, settings.max_new_tokens),
+                                 messages=messages, references=references, **context)
+            pairs.append((prompt.ids, encode_answer(chat.answer, chat.ends), chat.ends))
     fill = fill_format(tokenizer)
     assert fill is not None
     fill_budget = min(prompt_budget(0, CONTEXT_WINDOW, settings.completion_max_new_tokens), settings.completion_context_tokens)
@@ -235,12 +241,12 @@ def _build_into(out_dir: Path, steps: int, fingerprint: str) -> None:
 
     started = time.monotonic()
     torch.manual_seed(0)
-    corpus = [sc.CALC_PY, EXTRA_CORPUS, Settings().system_prompt]
+    corpus = [*sc.WORKSPACE_FILES.values(), EXTRA_CORPUS, Settings().system_prompt]
     corpus += [s.answer for s in sc.CODE_SCENARIOS] + [c.answer for c in sc.CHAT_SCENARIOS]
     corpus += [s.middle for s in sc.FILL_SCENARIOS]
     corpus += [m for c in sc.CHAT_SCENARIOS for _, m in c.messages]
     corpus += [instruction(task, question=sc.ASK_QUESTION, symbol="area") for task in Task]
-    corpus += ["Selected code:", "File: `calc.py` (python)", "Language: python"]
+    corpus += ["Selected code:", "Language: python", *(f"File: `{name}` (python)" for name in sc.WORKSPACE_FILES)]
     tokenizer = _build_tokenizer(corpus * 4)
     pairs = training_pairs(tokenizer)
     config = GPTBigCodeConfig(

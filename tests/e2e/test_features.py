@@ -420,6 +420,34 @@ async def test_chat_streams_pieces_that_add_up_to_the_answer(editor):
     assert "".join(pieces) == sc.CHAT_ANSWER
 
 
+async def test_chat_shows_the_files_attached_to_it(editor):
+    """Attached files go into the prompt after the document, each under its path: the model's
+    trained answer about who calls area() needs shapes.py beside calc.py's selection, and the
+    one about ring() needs shapes.py alone."""
+    calc, shapes = editor.open("calc.py"), editor.open("shapes.py")
+    span = {"start": {"line": sc.AREA.start.line, "character": 0}, "end": {"line": sc.AREA.end.line, "character": 0}}
+    about = {"textDocument": {"uri": calc}, "range": span}
+    attached = [{"textDocument": {"uri": shapes}}]
+    answer = await chat(editor, [("user", sc.CALLERS_QUESTION)], token="callers", references=attached, **about)
+    assert answer["text"] == sc.CALLERS_ANSWER and "".join(editor.partials["callers"]) == sc.CALLERS_ANSWER
+    # the same prompt as the model was trained on: the server put shapes.py in, whole
+    alone = await chat(editor, [("user", sc.CALLERS_QUESTION)], token="without", **about)
+    assert alone["promptTokens"] < answer["promptTokens"] - 20 and alone["text"] != sc.CALLERS_ANSWER
+    ring = await chat(editor, [("user", sc.RING_QUESTION)], token="ring", references=attached)
+    assert ring["text"] == sc.RING_ANSWER
+    # the conversation's own document, attached again whole, is shown once; a file twice, once
+    again = await chat(editor, [("user", sc.CALLERS_QUESTION)], token="again", **about,
+                       references=[*attached, {"textDocument": {"uri": calc}}, *attached])
+    assert again["text"] == sc.CALLERS_ANSWER and again["promptTokens"] == answer["promptTokens"]
+    # a file the editor has not opened is not read from the disk
+    with pytest.raises(Exception) as error:
+        await chat(editor, [("user", sc.RING_QUESTION)], token="closed", references=[{"textDocument": {"uri": editor.uri("other.py")}}])
+    assert "not open in the editor" in str(error.value)
+    with pytest.raises(Exception) as error:
+        await chat(editor, [("user", sc.RING_QUESTION)], token="many", references=attached * 17)
+    assert getattr(error.value, "code", None) == -32602
+
+
 async def test_chat_keeps_the_conversation(editor):
     first = await chat(editor, [("user", sc.CHAT_QUESTION)], token="chat-1")
     assert first["text"] == sc.CHAT_ANSWER

@@ -176,11 +176,26 @@ def test_ask_from_the_terminal_streams_the_answer(test_model, tmp_path):
         timeout=120,
     )
     assert question.stdout.strip() == sc.ASK_ANSWER
+    # another file shown beside it, as a chat's attached file (area() is on lines 8-9)
+    (tmp_path / "shapes.py").write_text(sc.SHAPES_PY)
+    callers = subprocess.run(
+        [sys.executable, "-m", "lsp_server", "--model", str(MODEL_DIR), "--temperature", "0", "ask", str(tmp_path / "calc.py") + ":8-9",
+         sc.CALLERS_QUESTION, "--with", str(tmp_path / "shapes.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert callers.returncode == 0, callers.stderr
+    assert callers.stdout.strip() == sc.CALLERS_ANSWER
 
 
 def test_ask_reports_a_missing_file(tmp_path):
     done = subprocess.run([sys.executable, "-m", "lsp_server", "ask", str(tmp_path / "nope.py"), "why?"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "cannot read" in done.stderr and done.stdout == ""
+    (tmp_path / "a.py").write_text("x = 1\n")
+    done = subprocess.run([sys.executable, "-m", "lsp_server", "ask", str(tmp_path / "a.py"), "why?", "--with", str(tmp_path / "b.py")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "cannot read" in done.stderr and "b.py" in done.stderr
 
 
 async def test_stdout_carries_only_json_rpc(test_model):

@@ -3,7 +3,7 @@
 import pytest
 
 from lsp_server.engine.base import common_prefix
-from lsp_server.prompts import CodeContext, Message, PromptTooLong, build_prompt, format_for
+from lsp_server.prompts import CodeContext, Message, PromptTooLong, Reference, build_prompt, format_for
 from lsp_server.prompts.build import QUESTION_ROOM
 from lsp_server.prompts.requests import (
     chat_prompt,
@@ -368,3 +368,63 @@ def test_past_half_the_room_a_conversations_window_still_moves_only_every_few_tu
         for a, b in zip(past_half, past_half[1:])
     )
     assert same >= len(past_half) // 2, [(p.lines_before, p.lines_after) for p in past_half]
+
+
+def test_attached_files_follow_the_document_whole_when_they_fit(tokenizer):
+    """A conversation shows the files the user attached after the document and before the
+    selection, each under its path; the prompt starts like a code action's on the same file."""
+    fmt = format_for(tokenizer)
+    text, other = numbered_file(10), "def helper():\n    return 1\n"
+    about = dict(text=text, start=text.index("line_5 ="), end=text.index("line_6 ="), path="a.py", language="python")
+    plain = chat_prompt(fmt, system="s", budget=1500, messages=[Message("user", "Why?")], **about)
+    refs = [Reference(other, "b.py", "python"), Reference("x = 1\ny = 2\nz = 3\n", "c.py", "python", first_line=7, whole=False)]
+    prompt = chat_prompt(fmt, system="s", budget=1500, messages=[Message("user", "Why?")], references=refs, **about)
+    turn = prompt.messages[1].content
+    assert turn.index("```python\nline_0") < turn.index("File: `b.py` (python)\n\n```python\n" + other + "```") \
+        < turn.index("File: `c.py` (python), lines 8-10\n\n```python\nx = 1\n") < turn.index("Selected code:")
+    assert prompt.reference_lines == (2, 3) and prompt.whole_file
+    assert prompt.ids == fmt.encode_dialogue(prompt.messages)
+    action = code_prompt(fmt, system="s", budget=1500, task=Task.EXPLAIN, **about)
+    shared = common_prefix(prompt.ids, action.ids)
+    assert "line_9 = 9  # filler text\n```" in tokenizer.decode(prompt.ids[:shared])  # through the file
+    # and without a document, before the question
+    alone = chat_prompt(fmt, system="s", budget=1500, messages=[Message("user", "Why?")], references=refs[:1])
+    assert alone.messages[1].content == "File: `b.py` (python)\n\n```python\n" + other + "```\n\nWhy?"
+    assert plain.reference_lines == ()
+
+
+@pytest.mark.parametrize("budget", [300, 600, 1000])
+def test_attached_files_are_cut_to_their_first_lines_within_their_share(tokenizer, budget):
+    """Beside a document, attached files get half the room the bare prompt leaves (the document's
+    window the rest); in order, each whole or its first lines, and the label says which."""
+    fmt = format_for(tokenizer)
+    text = numbered_file(400)
+    about = dict(text=text, start=text.index("line_200 ="), end=text.index("line_201 ="), path="a.py", language="python")
+    other = numbered_file(300).replace("line_", "other_")
+    question = [Message("user", "Why?")]
+    selected = "line_200 = 200  # filler text\n"  # the prompt without the file around it
+    bare = chat_prompt(fmt, system="s", budget=budget, messages=question, text=selected, path="a.py", language="python",
+                       start=0, end=len(selected))
+    prompt = chat_prompt(fmt, system="s", budget=budget, messages=question, references=[Reference(other, "b.py", "python"),
+                         Reference("small = 1\n", "c.py", "python")], **about)
+    assert len(prompt.ids) <= budget and prompt.ids == fmt.encode_dialogue(prompt.messages)
+    shown, small = prompt.reference_lines
+    turn = prompt.messages[1].content
+    assert 0 < shown < 300 and f"File: `b.py` (python), lines 1-{shown} of 300\n" in turn
+    assert f"other_{shown - 1} = " in turn and f"other_{shown} = " not in turn
+    assert small == 0 and "c.py" not in turn  # the first file took the whole share
+    lines_shown = prompt.lines_before + prompt.lines_after
+    assert lines_shown > 0  # the document's window kept the other half
+    refs_tokens = len(fmt.encode_text("\n".join(f"other_{i} = {i}  # filler text" for i in range(shown))))
+    half = (budget - len(bare.ids) - QUESTION_ROOM) // 2
+    assert half - 40 <= refs_tokens <= half
+    # without a document they may take all of it
+    alone = chat_prompt(fmt, system="s", budget=budget, messages=question, references=[Reference(other, "b.py", "python")])
+    assert alone.reference_lines[0] > shown and len(alone.ids) <= budget
+
+
+def test_a_huge_attached_file_costs_only_what_can_fit(tokenizer):
+    fmt = format_for(tokenizer)
+    huge = numbered_file(200_000)
+    prompt = chat_prompt(fmt, system="s", budget=500, messages=[Message("user", "Why?")], references=[Reference(huge, "big.py")])
+    assert 0 < prompt.reference_lines[0] < 100 and f"of 200000" in prompt.messages[1].content

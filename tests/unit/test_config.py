@@ -1,5 +1,7 @@
 """Settings: typed, documented defaults, bad values fall back with a message."""
 
+import re
+
 from lsp_server.config import DEFAULT_MODEL, Settings, describe, merge, reloads_model
 
 
@@ -116,6 +118,13 @@ def test_docs_name_every_method_command_and_setting():
         server.close()
     assert {"textDocument/hover", "starchat/chat", "starchat.runTask"} <= set(names)
     assert [n for n in names if f"`{n}`" not in docs] == []
+    import attrs
+
+    from lsp_server.protocol import ChatParams
+
+    chat = docs.split("\n## Chat", 1)[1].split("\n## ", 1)[0]
+    camel = [re.sub(r"_(\w)", lambda m: m[1].upper(), f.name) for f in attrs.fields(ChatParams)]
+    assert "references" in camel and [name for name in camel if f"| `{name}` |" not in chat] == []
     table = docs.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
     cells = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| `")]
     documented = {key.strip().strip("`"): default.strip().strip("`") for key, default in cells}
