@@ -32,7 +32,7 @@ DRIVER = HERE / "nvim" / "run.lua"
 SCREENSHOTS = REPO / "build" / "screenshots"
 STEPS = [
     "start", "encoding", "code_actions", "popup", "chat", "cancel", "tasks", "fix", "fix_with_problems",
-    "stop_task", "edit", "apply_edit", "settings", "tabs", "split_crlf", "chat_reload", "chat_editing", "chat_yank", "chat_apply", "session", "chat_name", "chat_window", "status_line",
+    "stop_task", "edit", "apply_edit", "settings", "tabs", "split_crlf", "chat_reload", "chat_editing", "chat_yank", "chat_apply", "chat_files", "session", "chat_name", "chat_window", "status_line",
     "folders", "completion", "completion_typing", "completion_partial", "completion_cancel", "completion_off", "completion_toggle", "secrets", "rename_secret", "unnamed",
     "code_action_commands", "restart_typing", "health", "crash", "hung_start",
 ]
@@ -119,6 +119,8 @@ def nvim(test_model: Path, tmp_path_factory) -> dict:
             "FILL_SUM_CURSOR_CHARACTER": sc.FILL_SUM_CURSOR.character,
             "FILL_SUM_TEXT_LINE": sc.FILL_SUM_TEXT.splitlines()[sc.FILL_SUM_CURSOR.line],
             "FILL_LONG_CURSOR_LINE": sc.FILL_LONG_CURSOR.line,
+            "AREA_FIRST_LINE": sc.AREA.start.line + 1,  # 1-based, as selected with V
+            "AREA_LAST_LINE": sc.AREA.end.line if sc.AREA.end.character == 0 else sc.AREA.end.line + 1,
         },
     }
     env = dict(os.environ)
@@ -187,7 +189,8 @@ def test_setup_starts_the_server_for_the_file(nvim):
     assert result["experimental"] == {"starchat": {"askQuestion": True, "editSelection": True, "showsAnswers": True}}
     assert result["init_options"] == {"temperature": 0}
     assert result["status"] == "StarChat: ready"
-    assert {"StarChat", "StarChatExplain", "StarChatFix", "StarChatDoc", "StarChatTests", "StarChatChat"} <= set(result["commands"])
+    assert {"StarChat", "StarChatExplain", "StarChatFix", "StarChatDoc", "StarChatTests", "StarChatChat",
+            "StarChatAddFile", "StarChatDropFile"} <= set(result["commands"])
     assert nvim["done"], nvim["detail"]
 
 
@@ -445,6 +448,45 @@ def test_ga_in_the_chat_puts_the_answers_code_in_place_of_the_selection(nvim):
         ("StarChat: 2 lines of code put in calc.py:5-6", 2),
         ("StarChat: 1 line of code put in calc.py:6", 2),
     ], result["notes"]
+
+
+def test_files_attached_to_the_chat_reach_the_model(nvim):
+    """:StarChatAddFile shapes.py (not loaded: loaded and opened on the server), then the chat's
+    requests name it in `references`: the tiny model gives its trained answers, which need
+    shapes.py in the prompt, about no selection (in the chat) and about area()'s lines
+    (:'<,'>StarChat {question}); a follow-up names it too. The winbar lists it. A .env is refused
+    and nothing of it is sent; :StarChatDropFile (by name, then all) empties the list; a file wiped
+    out leaves it with a warning and is not sent; a new conversation starts without files."""
+    result = step(nvim, "chat_files")
+    assert result["leaked"] == [], f"sent to the server about the .env: {result['leaked']}"
+    assert result["secret"] == {"files": [], "buffer": False}, result["secret"]
+    assert not result["loaded_before"]
+    assert result["added"]["files"] == ["shapes.py"] and result["added"]["loaded"] and result["added"]["attached"], result["added"]
+    assert result["added"]["winbar"].endswith("files: shapes.py"), result["added"]
+    assert "textDocument/didOpen shapes.py" in result["methods"], result["methods"]
+    assert result["ring"]["answer"] == sc.RING_ANSWER
+    assert [uri.rsplit("/", 1)[-1] for uri in result["ring"]["references"]] == ["shapes.py"]
+    callers = result["callers"]
+    assert callers["answer"] == sc.CALLERS_ANSWER and callers["kind"] == "ask" and callers["pieces"] > 1, callers
+    assert result["chat_text"].endswith(
+        f"## You · calc.py:{sc.AREA.start.line + 1}-{sc.AREA.end.line}\n{sc.CALLERS_QUESTION}\n\n"
+        f"## StarChat\n{sc.CALLERS_ANSWER}\n\n## You\n\n"
+    ), result["chat_text"]
+    assert result["follow_up"]["done"] and len(result["follow_up"]["references"]) == 1, result["follow_up"]
+    # every starchat/chat request named shapes.py, until it was wiped out
+    assert result["requests"] == [["shapes.py"]] * 3 + [[]], result["requests"]
+    assert result["both"] == ["shapes.py", "calc.py"]
+    assert result["completion"] == ["shapes.py", "calc.py"]
+    assert result["after_drop_one"] == ["shapes.py"]
+    assert result["after_drop_all"]["files"] == [] and "files:" not in result["after_drop_all"]["winbar"], result["after_drop_all"]
+    assert result["again"] == ["shapes.py"] and result["wiped"] == [], result
+    assert result["after_wipe"] == {"references": [], "done": True}, result["after_wipe"]
+    assert result["cleared"] == []
+    notes = [(n["msg"], n["level"]) for n in result["notes"]]
+    assert (".env looks like it holds secrets (keys, .env); StarChat does not send it to the server"
+            in [m.removeprefix("StarChat: ") for m, level in notes if level == 3]), notes
+    assert ("StarChat: shapes.py was closed; it is no longer attached to the chat", 3) in notes, notes
+    assert ("StarChat: attached to the chat: shapes.py", 2) in notes, notes
 
 
 def test_edit_from_the_menu_and_the_code_actions_changes_the_selection_as_instructed(nvim):

@@ -1606,6 +1606,119 @@ local function sent_about(sent, names, markers)
   return methods, leaked
 end
 
+-- Files attached to the chat (:StarChatAddFile, like Copilot Chat's "#file"): a .env is refused
+-- and nothing of it is sent; shapes.py, not loaded, is loaded and opened on the server, and every
+-- starchat/chat request of the conversation names it in `references`: the trained answers that
+-- need shapes.py in the prompt come back, about no selection (in the chat) and about area()
+-- (:'<,'>StarChat). :StarChatDropFile empties the list; a file wiped out leaves it with a warning.
+--- An Ex command as the user gives it: the screen is redrawn afterwards (so that two commands'
+--- messages do not pile up into a hit-enter prompt, as they would in one go).
+local function command(cmdline)
+  vim.cmd(cmdline)
+  vim.cmd("redraw")
+end
+
+function steps.chat_files()
+  chat.clear()
+  vim.api.nvim_set_current_win(code_win)
+  vim.cmd("buffer " .. code_buf)
+  vim.cmd("silent edit!")
+  local shapes_path = conf.workspace .. "/shapes.py"
+  local c = client()
+  local sent, stop = record_sent(c)
+  local out = { loaded_before = vim.fn.bufloaded(shapes_path) == 1 }
+  local function winbar()
+    local _, win = chat.open()
+    return vim.api.nvim_eval_statusline(vim.wo[win].winbar, { winid = win, use_winbar = true }).str
+  end
+  local ok, err = pcall(function()
+    command("StarChatAddFile .env")
+    out.secret = { files = chat.file_names(), buffer = vim.fn.bufexists(conf.secret_file) == 1 }
+    command("StarChatAddFile shapes.py")
+    local shapes = vim.fn.bufnr(shapes_path)
+    local attached = lsp.clients(shapes)[1]
+    out.added = {
+      files = chat.file_names(),
+      loaded = vim.api.nvim_buf_is_loaded(shapes),
+      attached = attached ~= nil and attached.id == c.id,
+      winbar = winbar(),
+    }
+    -- about no selection, in the chat
+    command("StarChatChat " .. sc.RING_QUESTION)
+    local ring = chat.current or last_turn()
+    wait_turn(ring)
+    out.ring = { answer = ring.answer, references = ring.references }
+    shot("chat-files-ring")
+    -- about area()'s lines: :'<,'>StarChat with a question
+    select_lines(sc.AREA_FIRST_LINE, sc.AREA_LAST_LINE)
+    command("'<,'>StarChat " .. sc.CALLERS_QUESTION)
+    local callers = chat.current or last_turn()
+    wait_turn(callers)
+    out.callers = { answer = callers.answer, kind = callers.kind, pieces = callers.pieces, references = callers.references }
+    out.chat_text = buf_text(chat.buf)
+    shot("chat-files-callers")
+    -- a follow-up names it too (a short answer: the model was not trained for it)
+    require("starchat.config").options.chat.max_new_tokens = 4
+    local follow = chat.send(sc.CHAT_FOLLOW_UP)
+    wait_turn(follow)
+    require("starchat.config").options.chat.max_new_tokens = nil
+    out.follow_up = { references = follow.references, done = follow.done == true }
+    -- the current buffer (no argument), completion, then :StarChatDropFile by name and all
+    vim.api.nvim_set_current_win(code_win)
+    command("StarChatAddFile")
+    out.both = chat.file_names()
+    out.completion = vim.fn.getcompletion("StarChatDropFile ", "cmdline")
+    command("StarChatDropFile calc.py")
+    out.after_drop_one = chat.file_names()
+    command("StarChatDropFile")
+    out.after_drop_all = { files = chat.file_names(), winbar = winbar() }
+    -- attached again, then wiped out: it leaves the chat, with a warning, and is not sent
+    command("StarChatAddFile shapes.py")
+    out.again = chat.file_names()
+    command("bwipeout " .. shapes)
+    vim.wait(1000, function()
+      return #chat.files == 0
+    end, 10)
+    vim.cmd("redraw")
+    out.wiped = chat.file_names()
+    require("starchat.config").options.chat.max_new_tokens = 4
+    local after = chat.send(sc.CHAT_QUESTION)
+    wait_turn(after)
+    require("starchat.config").options.chat.max_new_tokens = nil
+    out.after_wipe = { references = after.references, done = after.done == true }
+    -- a new conversation starts without files
+    command("StarChatAddFile shapes.py")
+    command("StarChatClear")
+    out.cleared = chat.file_names()
+  end)
+  stop()
+  require("starchat.config").options.chat.max_new_tokens = nil
+  vim.api.nvim_set_current_win(code_win)
+  vim.cmd("buffer " .. code_buf)
+  vim.cmd("silent edit!")
+  local shapes = vim.fn.bufnr(shapes_path)
+  if shapes ~= -1 then
+    pcall(vim.cmd, "bwipeout " .. shapes)
+  end
+  if not ok then
+    error(err)
+  end
+  out.methods, out.leaked = sent_about(sent, { ".env" }, { conf.secret_marker })
+  out.requests = {}
+  for _, m in ipairs(sent) do
+    if m.method == "starchat/chat" then
+      local names = vim.tbl_map(function(r)
+        return (r.textDocument.uri:gsub("^.*/", ""))
+      end, vim.json.decode(m.json).references or {})
+      table.insert(out.requests, names)
+    end
+  end
+  out.notes = vim.tbl_map(function(n)
+    return { msg = n.msg, level = n.level }
+  end, notifications_of("chat_files"))
+  return out
+end
+
 -- :StarChatFix where Neovim shows a diagnostic: the server is told about it, and the model's
 -- answer is the one trained for the prompt with that problem.
 function steps.fix_with_problems()

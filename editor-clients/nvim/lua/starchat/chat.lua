@@ -8,6 +8,7 @@ local M = {
   buf = nil,
   history = {}, -- {role = "user" | "assistant", content = string}
   context = nil, -- {bufnr, uri, range, label}: the selection the conversation is about
+  files = {}, -- {bufnr, name}: other files attached to the conversation (sent as `references`)
   current = nil, -- the turn being answered
   turns = {}, -- finished turns, for inspection: {kind, question, answer, pieces, finish, ...}
 }
@@ -17,9 +18,32 @@ local BOT = "## StarChat"
 local ns = vim.api.nvim_create_namespace("starchat_chat")
 local hint_ns = vim.api.nvim_create_namespace("starchat_chat_hint")
 
---- The chat window's winbar: what the server is doing, without the "StarChat: " prefix.
+--- At most this many files attached to a conversation (the server's limit).
+M.MAX_FILES = 16
+
+--- How a file attached to the chat is named to the user: its path relative to the current
+--- directory (or the home folder).
+local function file_label(buf)
+  return vim.fn.fnamemodify(vim.api.nvim_buf_get_name(buf), ":~:.")
+end
+
+--- The names of the files attached to the conversation, in the order they were attached.
+function M.file_names()
+  return vim.tbl_map(function(entry)
+    return vim.api.nvim_buf_is_valid(entry.bufnr) and file_label(entry.bufnr) or entry.name
+  end, M.files)
+end
+
+--- The chat window's winbar: what the server is doing, without the "StarChat: " prefix, then
+--- the files attached to the conversation.
 function M.winbar()
-  return (lsp.status():gsub("^StarChat: ", ""))
+  local status = (lsp.status():gsub("^StarChat: ", ""))
+  local names = M.file_names()
+  if #names == 0 then
+    return status
+  end
+  local files = "files: " .. table.concat(names, ", ")
+  return status == "" and files or (status .. " · " .. files)
 end
 
 --- False while the chat buffer is unloaded (:bdelete, :bunload) and about to be forgotten (see
@@ -194,6 +218,7 @@ local function create(buf)
       table.insert(M.turns, turn)
     end
     M.buf, M.history, M.context = nil, {}, nil -- a new chat buffer starts a new conversation
+    M.forget_files()
     vim.schedule(function()
       if vim.api.nvim_buf_is_valid(buf) then
         pcall(vim.api.nvim_buf_delete, buf, { force = true })
@@ -518,6 +543,297 @@ local function live_context(client)
   return nil
 end
 
+--- Files attached to the conversation ------------------------------------------------------
+--- Like Copilot Chat's "#file": other files the model is shown beside the conversation's own
+--- (starchat/chat `references`). Each must be open on the server (the server never reads the
+--- disk): attached to the StarChat client, which sends it with didOpen and its changes after.
+--- They are conversation state, sent with every request of the conversation (it puts them in
+--- the first user turn, as the context), until :StarChatDropFile or a new conversation.
+
+local files_group = vim.api.nvim_create_augroup("starchat_chat_files", { clear = true })
+
+local function files_changed()
+  vim.schedule(function()
+    pcall(vim.cmd, "redrawstatus!") -- the chat's winbar lists them
+  end)
+end
+
+local function unwatch(entry)
+  if entry.autocmd then
+    pcall(vim.api.nvim_del_autocmd, entry.autocmd)
+    entry.autocmd = nil
+  end
+end
+
+local function remove_file(entry)
+  for i, e in ipairs(M.files) do
+    if e == entry then
+      table.remove(M.files, i)
+      unwatch(entry)
+      files_changed()
+      return true
+    end
+  end
+  return false
+end
+
+--- Why an attached file can no longer be sent (closed, or renamed to a name that looks like
+--- secrets), or nil.
+local function file_gone(entry)
+  local buf = entry.bufnr
+  if not vim.api.nvim_buf_is_valid(buf) or not vim.api.nvim_buf_is_loaded(buf) then
+    return ("%s was closed"):format(entry.name)
+  end
+  return lsp.unsendable_reason(buf)
+end
+
+local function drop_gone(entry, why)
+  if remove_file(entry) then
+    vim.notify(("StarChat: %s; it is no longer attached to the chat"):format(why), vim.log.levels.WARN)
+  end
+end
+
+--- A file closed (:bdelete, :bunload, :bwipeout) leaves the conversation at once, with a
+--- warning; :edit! (unloaded and loaded again at once) keeps it.
+local function watch(entry)
+  entry.autocmd = vim.api.nvim_create_autocmd("BufUnload", {
+    group = files_group,
+    buffer = entry.bufnr,
+    callback = function()
+      vim.schedule(function()
+        local why = file_gone(entry)
+        if why then
+          drop_gone(entry, why)
+        end
+      end)
+    end,
+  })
+end
+
+--- Forget the attached files (a new conversation).
+function M.forget_files()
+  for _, entry in ipairs(M.files) do
+    unwatch(entry)
+  end
+  M.files = {}
+  files_changed()
+end
+
+--- Attached files that can no longer be sent are dropped, with a warning each.
+local function prune_files()
+  for _, entry in ipairs(vim.list_slice(M.files)) do
+    local why = file_gone(entry)
+    if why then
+      drop_gone(entry, why)
+    end
+  end
+end
+
+--- The `references` of a request to `client`: the attached files open on it (one not attached
+--- to it is attached first; one that cannot be is left out, with a warning). Their URIs are
+--- kept in turn.references.
+local function references(client, turn)
+  prune_files()
+  local refs, uris = {}, {}
+  for _, entry in ipairs(M.files) do
+    local buf = entry.bufnr
+    local on = function()
+      local c = lsp.clients(buf)[1]
+      return c ~= nil and c.id == client.id
+    end
+    if not on() then
+      lsp.start(buf, { explicit = true })
+    end
+    if on() then
+      local uri = vim.uri_from_bufnr(buf)
+      table.insert(refs, { textDocument = { uri = uri } })
+      table.insert(uris, uri)
+    else
+      vim.notify(("StarChat: %s is not open on the server; not sent"):format(file_label(buf)), vim.log.levels.WARN)
+    end
+  end
+  if turn then
+    turn.references = uris
+  end
+  return refs
+end
+
+local function find_file(entry_buf)
+  for _, entry in ipairs(M.files) do
+    if entry.bufnr == entry_buf then
+      return entry
+    end
+  end
+  return nil
+end
+
+--- The loaded buffer of an existing file, or nil.
+local function buffer_of(path)
+  for _, buf in ipairs(vim.api.nvim_list_bufs()) do
+    local name = vim.api.nvim_buf_get_name(buf)
+    if name ~= "" and vim.fn.fnamemodify(name, ":p") == path then
+      return buf
+    end
+  end
+  return nil
+end
+
+--- The buffers for the files `names` (as typed on the command line: wildcards, ~ and % are
+--- expanded), loaded (as with :badd, then loaded) and attached to the StarChat client; the
+--- ones that cannot be (no such file, a folder, a file that looks like secrets) are refused:
+--- why goes into `refused`, and nothing of them is sent.
+local function file_buffers(names, refused)
+  local bufs = {}
+  local function refuse(msg)
+    table.insert(refused, msg)
+  end
+  for _, name in ipairs(names) do
+    local paths = vim.fn.expand(name, false, true)
+    if #paths == 0 then
+      paths = { name }
+    end
+    for _, path in ipairs(paths) do
+      local full = vim.fn.fnamemodify(path, ":p")
+      local buf = buffer_of(full)
+      if vim.fn.isdirectory(full) == 1 then
+        refuse(("%s is a folder; attach files"):format(path))
+      elseif lsp.looks_secret(vim.uri_from_fname(full)) then
+        -- refused before a buffer is made for it: nothing of it is read or sent
+        refuse(("%s looks like it holds secrets (keys, .env); StarChat does not send it to the server"):format(
+          vim.fn.fnamemodify(full, ":~:.")
+        ))
+      elseif not buf and vim.fn.filereadable(full) ~= 1 then
+        refuse(("no file %s"):format(path))
+      else
+        if not buf then
+          buf = vim.fn.bufadd(full)
+          vim.bo[buf].buflisted = true -- as :badd does
+        end
+        table.insert(bufs, buf)
+      end
+    end
+  end
+  return bufs
+end
+
+--- One message for a command: what was done, and what was refused (a warning then).
+local function report(done, refused)
+  local parts = vim.list_extend({}, refused)
+  if done then
+    table.insert(parts, done)
+  end
+  if #parts > 0 then
+    vim.notify("StarChat: " .. table.concat(parts, "; "), #refused > 0 and vim.log.levels.WARN or vim.log.levels.INFO)
+  end
+end
+
+--- Attach files to the conversation: the buffers of `names` (file names), or the current buffer
+--- without any. Returns the names of the files attached.
+function M.add_files(names)
+  local bufs, refused = {}, {}
+  if not names or #names == 0 then
+    local buf = vim.api.nvim_get_current_buf()
+    if buf == M.buf or vim.bo[buf].buftype ~= "" then
+      table.insert(refused, ":StarChatAddFile attaches a file: run it in the file's window, or name the files")
+    else
+      bufs = { buf }
+    end
+  else
+    bufs = file_buffers(names, refused)
+  end
+  local added = {}
+  for _, buf in ipairs(bufs) do
+    local why = lsp.unsendable_reason(buf) -- an open buffer's name, or one Neovim stopped tracking
+    if why then
+      table.insert(refused, why)
+    elseif find_file(buf) then
+      table.insert(refused, ("%s is attached already"):format(file_label(buf)))
+    elseif #M.files >= M.MAX_FILES then
+      table.insert(refused, ("at most %d files can be attached to the chat"):format(M.MAX_FILES))
+      break
+    else
+      if not vim.api.nvim_buf_is_loaded(buf) then
+        vim.fn.bufload(buf) -- (FileType then attaches it, when the plugin starts for its filetype)
+      end
+      local attached = lsp.clients(buf, true)[1] ~= nil or lsp.start(buf, { explicit = true }) ~= nil
+      if attached then
+        local entry = { bufnr = buf, name = file_label(buf) }
+        table.insert(M.files, entry)
+        watch(entry)
+        table.insert(added, entry.name)
+      end
+    end
+  end
+  if #added > 0 then
+    files_changed()
+  end
+  report(#added > 0 and ("attached to the chat: %s"):format(table.concat(added, ", ")) or nil, refused)
+  return added
+end
+
+--- Detach files from the conversation: those named (as attached, or as file names), or all of
+--- them without any. Returns the names of the files removed.
+function M.drop_files(names)
+  local dropped, refused = {}, {}
+  if not names or #names == 0 then
+    dropped = M.file_names()
+    M.forget_files()
+    if #dropped == 0 then
+      vim.notify("StarChat: no files are attached to the chat", vim.log.levels.INFO)
+    end
+  else
+    for _, name in ipairs(names) do
+      local full = vim.fn.fnamemodify(vim.fn.expand(name), ":p")
+      local found
+      for _, entry in ipairs(M.files) do
+        local valid = vim.api.nvim_buf_is_valid(entry.bufnr)
+        local label = valid and file_label(entry.bufnr) or entry.name
+        if label == name or (valid and vim.fn.fnamemodify(vim.api.nvim_buf_get_name(entry.bufnr), ":p") == full) then
+          found = entry
+          table.insert(dropped, label)
+          break
+        end
+      end
+      if found then
+        remove_file(found)
+      else
+        table.insert(refused, ("%s is not attached to the chat"):format(name))
+      end
+    end
+  end
+  report(#dropped > 0 and ("removed from the chat: %s"):format(table.concat(dropped, ", ")) or nil, refused)
+  return dropped
+end
+
+--- :StarChatDropFile's completion: the attached files.
+function M.complete_files(lead)
+  local out = {}
+  for _, name in ipairs(M.file_names()) do
+    if vim.startswith(name, lead or "") then
+      table.insert(out, vim.fn.fnameescape(name))
+    end
+  end
+  return out
+end
+
+--- A partialResultToken whose pieces ($/progress {delta}) stream into `turn`'s answer.
+local function stream(turn)
+  turn.token = lsp.new_token()
+  lsp.streams[turn.token] = function(delta)
+    if M.current ~= turn then
+      return
+    end
+    if turn.pieces == 0 then
+      set_thinking(false)
+    end
+    turn.pieces = turn.pieces + 1
+    turn.answer = turn.answer .. delta
+    append(turn, delta)
+    follow(false)
+  end
+  return turn.token
+end
+
 --- Send a chat message; the answer streams into the chat buffer.
 --- opts: max_new_tokens, bufnr (whose client to use)
 function M.send(text, opts)
@@ -533,14 +849,14 @@ function M.send(text, opts)
     return nil
   end
   M.open()
+  prune_files()
   local turn = { kind = "chat", question = text, user_content = text, answer = "", pieces = 0, client = client }
-  turn.token = lsp.new_token()
   begin_turn(turn, USER, text)
   local messages = vim.deepcopy(M.history)
   table.insert(messages, { role = "user", content = text })
   local params = {
     messages = messages,
-    partialResultToken = turn.token,
+    partialResultToken = stream(turn),
     maxNewTokens = opts.max_new_tokens or (config.options.chat or {}).max_new_tokens,
   }
   local ctx = live_context(client)
@@ -548,19 +864,11 @@ function M.send(text, opts)
     params.textDocument = { uri = ctx.uri }
     params.range = ctx.range
   end
-  lsp.streams[turn.token] = function(delta)
-    if M.current ~= turn then
-      return
-    end
-    if turn.pieces == 0 then
-      set_thinking(false)
-    end
-    turn.pieces = turn.pieces + 1
-    turn.answer = turn.answer .. delta
-    append(turn, delta)
-    follow(false)
-  end
-  turn.req = lsp.request(client, "starchat/chat", params, on_result(turn), ctx and ctx.bufnr or nil, "chat")
+  turn.req = lsp.request(client, "starchat/chat", function(c)
+    local refs = references(c, turn)
+    params.references = #refs > 0 and refs or nil
+    return params
+  end, on_result(turn), ctx and ctx.bufnr or nil, "chat")
   turn.id = turn.req.id
   turn.req.on_sent = function(id)
     turn.id = id
@@ -568,8 +876,9 @@ function M.send(text, opts)
   return turn
 end
 
---- Ask about a selection (starchat.ask with a question, starchat.explain without); the answer
---- goes to the chat buffer, and follow-up chat messages keep the selection as context.
+--- Ask about a selection (starchat.ask with a question, starchat.explain without; with files
+--- attached to the conversation, starchat/chat about the selection with them as `references`);
+--- the answer goes to the chat buffer, and follow-up chat messages keep the selection as context.
 --- finalize(client) -> args: the arguments in the client's position encoding once it is ready
 --- (see init.lua); `args` is used as it is without it.
 function M.ask(client, bufnr, args, question, finalize)
@@ -591,13 +900,38 @@ function M.ask(client, bufnr, args, question, finalize)
   begin_turn(turn, USER .. " · " .. label, shown)
   local context = { bufnr = bufnr, uri = args.textDocument.uri, range = args.range, label = label }
   M.context = context
-  turn.req = lsp.request(client, "workspace/executeCommand", function(c)
+  local function about(c)
     local arguments = finalize and finalize(c) or vim.deepcopy(args)
     context.range = arguments.range
     pin(context, c.offset_encoding)
-    arguments.question = question
-    return { command = explain and "starchat.explain" or "starchat.ask", arguments = { arguments } }
-  end, on_result(turn), bufnr, turn.kind)
+    return arguments
+  end
+  prune_files()
+  if #M.files > 0 then
+    -- starchat.ask takes no other files: with files attached, the question goes as a chat
+    -- request about the selection (the question alone, as starchat.ask sends it; follow-ups
+    -- carry the history), streamed
+    turn.method = "starchat/chat"
+    local token = stream(turn)
+    turn.req = lsp.request(client, "starchat/chat", function(c)
+      local arguments = about(c)
+      local refs = references(c, turn)
+      return {
+        messages = { { role = "user", content = turn.user_content } },
+        textDocument = arguments.textDocument,
+        range = arguments.range,
+        references = #refs > 0 and refs or nil,
+        partialResultToken = token,
+        maxNewTokens = (config.options.chat or {}).max_new_tokens,
+      }
+    end, on_result(turn), bufnr, turn.kind)
+  else
+    turn.req = lsp.request(client, "workspace/executeCommand", function(c)
+      local arguments = about(c)
+      arguments.question = question
+      return { command = explain and "starchat.explain" or "starchat.ask", arguments = { arguments } }
+    end, on_result(turn), bufnr, turn.kind)
+  end
   turn.id = turn.req.id
   turn.req.on_sent = function(id)
     turn.id = id
@@ -798,13 +1132,14 @@ function M.apply()
   return true
 end
 
---- Forget the conversation and its context.
+--- Forget the conversation, its context and the files attached to it.
 function M.clear()
   if M.current then
     M.cancel()
   end
   M.history, M.context, M.turns = {}, nil, {}
   unpin()
+  M.forget_files()
   if valid(M.buf) then
     with_modifiable(function(buf)
       vim.api.nvim_buf_set_lines(buf, 0, -1, false, { USER, "" })

@@ -326,6 +326,18 @@ local function define_commands()
   cmd("StarChatClear", function()
     chat.clear()
   end, { desc = "Start a new StarChat conversation" })
+  cmd("StarChatAddFile", function(o)
+    chat.add_files(o.fargs)
+  end, { nargs = "*", complete = "file", desc = "StarChat: attach files (or this one) to the chat" })
+  cmd("StarChatDropFile", function(o)
+    chat.drop_files(o.fargs)
+  end, {
+    nargs = "*",
+    complete = function(lead)
+      return chat.complete_files(lead)
+    end,
+    desc = "StarChat: remove files (all without one) from the chat",
+  })
   cmd("StarChatComplete", function()
     completion.trigger()
   end, { desc = "StarChat: complete at the cursor (inline, as ghost text)" })
