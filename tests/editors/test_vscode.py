@@ -4,7 +4,8 @@ playwright-core (tests/editors/vscode/e2e.mjs), with the real server and the tra
 One code-server session runs every step, in Restricted Mode (the workspace is not trusted; its
 .vscode/settings.json names a server command that must not run): status bar, hover, right-click →
 Ask StarChat → Fix, inline completion (ghost text as the user types and when asked for, Tab,
-Escape, completionEnabled false), Ask a Question…, the chat about a file closed since, chat with streaming, Stop, model output kept as text, Insert at cursor, Reload
+Escape, completionEnabled false), Ask a Question…, the chat about a file closed since, chat with streaming, a file
+attached to the chat (Add File to Chat), Stop, model output kept as text, Insert at cursor, Reload
 Webviews, a project's own User/settings.json, Fix sending the editor's problems, a trace setting change, secret files and the
 editor's settings, Restart Server twice, the server killed mid-answer, the chat after Reload
 Window); each test checks one step's results. Screenshots of every step go to
@@ -285,6 +286,7 @@ def session(test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
                         "chatAnswer": sc.CHAT_ANSWER,
                         "chatFollowUp": sc.CHAT_FOLLOW_UP,
                         "chatFollowUpAnswer": sc.CHAT_FOLLOW_UP_ANSWER,
+                        "callersQuestion": sc.CALLERS_QUESTION,
                         "longQuestion": sc.LONG_QUESTION,
                         # Inline completion: "(" typed after "sum" (VS Code closes it: FILL_SUM_TEXT)
                         "fillSumTyped": FILL_SUM_TYPED,
@@ -551,6 +553,38 @@ def test_chat_streams_the_answer_and_keeps_the_conversation(session):
     assert [t["role"] for t in result["turns"]] == ["user", "assistant", "user", "assistant"]
 
 
+def test_files_attached_to_the_chat_reach_the_model(session):
+    """StarChat: Add File to Chat from the command palette lists the workspace's files (not the
+    .env, nor the notebook); shapes.py picked shows as a chip. With area() selected and the chat
+    about it, "Who calls this?" goes with shapes.py (`references`), and the model, trained to
+    give this answer only when its prompt shows shapes.py, names ring(). The chip's × removes it:
+    the next message goes without it. The Explorer's menu offers the command on shapes.py, not
+    on the .env; New Chat clears what is attached."""
+    result = step(session, "attach")
+    assert "shapes.py" in result["listed"] and "calc.py" in result["listed"], result["listed"]
+    assert ".env" not in result["listed"] and "analysis.ipynb" not in result["listed"], result["listed"]
+    assert result["attached"] == ["shapes.py"], result["attached"]
+    assert result["about"] == "About calc.py:8-9", result["about"]
+    shapes = (session["workspace"] / "shapes.py").as_uri()
+    area = {"start": {"line": sc.AREA.start.line, "character": 0}, "end": {"line": sc.AREA.end.line, "character": 0}}
+    assert result["sent"] == [{"uri": "calc.py", "range": area, "references": [{"textDocument": {"uri": shapes}}]}], result["sent"]
+    # (as shown: the markdown's `ring()` is code, without its backticks)
+    assert (result["answer"], result["answerStatus"]) == (sc.CALLERS_ANSWER.replace("`", ""), "done"), result["answer"]
+    assert result["removed"] == [] and not result["chipsShown"]
+    assert result["sentAgain"] == [{"references": None, "messages": 3}], result["sentAgain"]
+    assert "Add File to Chat" in result["menuOnFile"], result["menuOnFile"]
+    assert "Add File to Chat" not in result["menuOnSecret"] and any(label.startswith("Copy") for label in result["menuOnSecret"]), result["menuOnSecret"]
+    assert result["fromExplorer"] == ["shapes.py"] and result["afterNewChat"] == [], result
+
+
+def test_attached_files_limit_is_the_servers():
+    """The extension attaches at most as many files to a chat as the server takes."""
+    from lsp_server.features.chat import MAX_REFERENCES
+
+    source = (EXTENSION / "src" / "chat.ts").read_text()
+    assert int(re.search(r"export const MAX_REFERENCES = (\d+);", source).group(1)) == MAX_REFERENCES
+
+
 def test_stop_cancels_the_streaming_answer(session):
     result = step(session, "stop")
     # The long answer ran with maxNewTokens 1500: the server pulled the changed settings.
@@ -714,6 +748,13 @@ def test_secret_patterns_match_the_server():
     for item in menus:
         when = re.search(r"!\(resourceFilename =~ /(.*)/i\)", item["when"])
         assert when and when.group(1) == literal, item["when"]
+    # Add File to Chat's menus (the Explorer's, an editor tab's): the same expression.
+    attach_menus = [item for name in ("explorer/context", "editor/title/context") for item in package["contributes"]["menus"][name]
+                    if item.get("command") == "starchat.addFileToChat"]
+    assert len(attach_menus) == 2
+    for item in attach_menus:
+        when = re.search(r"!\(resourceFilename =~ /(.*)/i\)", item["when"])
+        assert when and when.group(1) == literal, item["when"]
     menu = re.compile(literal.replace("\\/", "/"), re.IGNORECASE)
     names = [".env", ".env.local", "app/.ENV.production", ".netrc", ".pgpass", "id_rsa", "id_ed25519.pub", "credentials",
              "credentials.json", "server.pem", "tls.key", "a.p12", "a.pfx", "a.jks", "a.keystore",
@@ -801,7 +842,8 @@ def test_package_json_matches_the_extension():
     # The selection's commands only where the server has the document (files, untitled ones,
     # notebook cells): the schemes the client syncs.
     synced = re.findall(r'"([\w-]+)"', re.search(r"SYNCED_SCHEMES = \[(.*?)\]", (EXTENSION / "src" / "chat.ts").read_text()).group(1))
-    for item in contributes["menus"]["editor/context"]:
+    file_menus = contributes["menus"]["editor/context"] + contributes["menus"]["explorer/context"] + contributes["menus"]["editor/title/context"]
+    for item in file_menus:
         schemes = re.search(r"resourceScheme =~ /\^\((.*?)\)\$/", item["when"])
         assert schemes and schemes.group(1).split("|") == synced, item["when"]
     settings = set(contributes["configuration"]["properties"])
@@ -854,7 +896,7 @@ def test_chat_survives_a_window_reload(session, long_answer):
     """Developer: Reload Window: the conversation comes back and goes to the server as the history
     of the next message; New Chat forgets it for the next reload too; an answer that was streaming
     comes back as received, marked interrupted (no spinner); the selection a conversation is about
-    comes back with it."""
+    comes back with it, and so do the files attached to it."""
     result = step(session, "reload-window")
     assert [(t["role"], t["text"], t["status"]) for t in result["restored"]] == [("user", sc.CHAT_QUESTION, "done"), ("assistant", sc.CHAT_ANSWER, "done")]
     history = [{"role": "user", "content": sc.CHAT_QUESTION}, {"role": "assistant", "content": sc.CHAT_ANSWER}, {"role": "user", "content": sc.CHAT_FOLLOW_UP}]
@@ -873,7 +915,8 @@ def test_chat_survives_a_window_reload(session, long_answer):
     # A conversation about a selection is still about it after a reload, for the next message too.
     assert result["aboutBefore"] == result["aboutAfter"] == "About calc.py:4-5", result
     selection = {"start": {"line": 3, "character": 0}, "end": {"line": 5, "character": 0}}
-    assert result["contextSent"] == [{"uri": "calc.py", "range": selection, "messages": 3}], result["contextSent"]
+    assert result["attachedBefore"] == result["attachedAfter"] == ["shapes.py"], result
+    assert result["contextSent"] == [{"uri": "calc.py", "range": selection, "references": ["shapes.py"], "messages": 3}], result["contextSent"]
 
 
 def test_a_server_over_tcp_with_a_token_outlives_restart_server(session):
@@ -885,5 +928,5 @@ def test_a_server_over_tcp_with_a_token_outlives_restart_server(session):
 
 def test_screenshots_of_each_step(session):
     shots = sorted(p.name for p in SCREENSHOTS.glob("vscode-*.png"))
-    for name in ("ready", "hover", "menu-fix", "fixed", "inline-typed", "inline-invoked", "ask-answer", "explain", "chat", "setting", "streaming", "stopped"):
+    for name in ("ready", "hover", "menu-fix", "fixed", "inline-typed", "inline-invoked", "ask-answer", "explain", "chat", "attached-answer", "setting", "streaming", "stopped"):
         assert any(shot.endswith(f"-{name}.png") for shot in shots), f"no screenshot for {name}: {shots}"

@@ -1,6 +1,7 @@
 // The chat view: a webview in the panel with the conversation, answers streamed from
 // `starchat/chat` ($/progress {delta} on the request's partialResultToken), a Stop button that
 // cancels the request, and Insert / Replace on code blocks. Ask and Explain answers land here too.
+// Other files can be attached to the conversation (Add File to Chat): they go with every message.
 // The conversation is kept in the workspace's state: it comes back after a window reload.
 import * as vscode from "vscode";
 import {
@@ -81,13 +82,16 @@ type FromWebview =
   | { type: "stop" }
   | { type: "newChat" }
   | { type: "clearContext" }
+  | { type: "addFile" }
+  | { type: "removeReference"; uri: string }
   | { type: "insert"; code: string }
   | { type: "replace"; code: string }
   | { type: "copy"; code: string };
 
 /** The conversation in the workspace's state (Memento): its last turns, at most this many and
- * this big (JSON), and the context (a reference: the document's URI, a range and a label, never
- * its text). Saved on every change, and every SAVE_MS while an answer streams. */
+ * this big (JSON), the context (a reference: the document's URI, a range and a label, never its
+ * text) and the attached files (their URIs only). Saved on every change, and every SAVE_MS while
+ * an answer streams. */
 const SAVED_CHAT = "starchat.chat";
 const SAVED_TURNS = 50;
 const SAVED_BYTES = 200_000;
@@ -95,7 +99,12 @@ const SAVE_MS = 500;
 interface SavedChat {
   turns: Turn[];
   context?: ChatContext;
+  references?: string[];
 }
+
+/** Files attached to one conversation, at most: the server's limit (MAX_REFERENCES in
+ * lsp_server/features/chat.py). */
+export const MAX_REFERENCES = 16;
 
 const ChatPartial = new ProgressType<{ delta: string }>();
 let tokens = 0;
@@ -106,6 +115,8 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
   private turns: Turn[] = [];
   private nextId = 1;
   private context?: ChatContext;
+  /** The files attached to the conversation (URIs, in the order added): sent with every message. */
+  private references: string[] = [];
   private running?: { source: LspCancellationTokenSource; turn: Turn; stopped: boolean };
   private lastEditor?: vscode.TextEditor;
   private saveTimer?: ReturnType<typeof setTimeout>;
@@ -127,13 +138,20 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
         if (editor && synced(editor)) this.lastEditor = editor;
       }),
       // An untitled document closed is gone for good (a file is opened again when needed, see
-      // usableContext): the conversation goes on without it, and says so. Checked a moment later:
+      // openForServer): the conversation goes on without it, and says so. Checked a moment later:
       // a change of language closes and reopens a document at once.
       vscode.workspace.onDidCloseTextDocument((document) => {
-        if (document.uri.scheme === "file" || !this.context || !sameDocument(document.uri, this.context.uri)) return;
-        const context = this.context;
+        if (document.uri.scheme === "file") return;
+        const context = this.context && sameDocument(document.uri, this.context.uri) ? this.context : undefined;
+        const reference = this.references.find((uri) => sameDocument(document.uri, uri));
+        if (!context && !reference) return;
         setTimeout(() => {
-          if (this.context === context && !openDocument(context.uri)) this.dropContext(`${context.label} was closed: the chat goes on without it.`);
+          if (context && this.context === context && !openDocument(context.uri)) this.dropContext(`${context.label} was closed: the chat goes on without it.`);
+          if (reference && this.references.includes(reference) && !openDocument(reference)) {
+            this.references = this.references.filter((uri) => uri !== reference);
+            this.note(`${referenceLabel(reference)} was closed: it was removed from the chat.`);
+            this.pushState();
+          }
         }, 300);
       }),
     );
@@ -184,9 +202,13 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
 <body>
 <main id="transcript" aria-live="polite"></main>
 <footer id="composer">
-  <div id="context" hidden><span id="context-label"></span><button id="context-clear" title="Forget this context" aria-label="Forget this context">×</button></div>
+  <div id="chips" hidden>
+    <div id="context" hidden><span id="context-label"></span><button id="context-clear" title="Forget this context" aria-label="Forget this context">×</button></div>
+    <div id="references" role="list" aria-label="Files attached to the chat"></div>
+  </div>
   <textarea id="input" rows="3" placeholder="Ask StarChat… (Enter to send, Shift+Enter for a new line)" aria-label="Message"></textarea>
   <div id="buttons">
+    <button id="add-file" title="Add File to Chat" aria-label="Add File to Chat">+ File…</button>
     <label id="selection-label" title="Send the active editor's selection (or file) with the message"><input type="checkbox" id="include-selection"> Include editor selection</label>
     <span class="spacer"></span>
     <button id="stop" hidden title="Stop generating">■ Stop</button>
@@ -203,7 +225,8 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
   }
 
   private pushState(): void {
-    this.post({ type: "state", turns: this.turns, generating: this.generating, context: this.context?.label ?? null });
+    const references = this.references.map((uri) => ({ uri, label: referenceLabel(uri) }));
+    this.post({ type: "state", turns: this.turns, generating: this.generating, context: this.context?.label ?? null, references });
     void vscode.commands.executeCommand("setContext", "starchat.generating", this.generating);
     this.save();
   }
@@ -220,6 +243,10 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
     this.nextId = Math.max(0, ...this.turns.map((turn) => turn.id)) + 1;
     const context = saved.context;
     if (context && typeof context.uri === "string" && typeof context.label === "string" && !privateDocument(vscode.Uri.parse(context.uri))) this.context = context;
+    if (Array.isArray(saved.references)) {
+      const uris = saved.references.filter((uri): uri is string => typeof uri === "string").map((uri) => vscode.Uri.parse(uri));
+      this.references = [...new Set(uris.filter((uri) => !whyNotAttachable(uri)).map((uri) => uri.toString()))].slice(0, MAX_REFERENCES);
+    }
     if (this.turns.length) this.log.info(`chat: ${this.turns.length} turns restored from this workspace's last session`);
   }
 
@@ -233,7 +260,8 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
     if (this.saveTimer) clearTimeout(this.saveTimer);
     this.saveTimer = undefined;
     const context = this.context && !privateDocument(vscode.Uri.parse(this.context.uri)) ? this.context : undefined;
-    const chat: SavedChat = { turns: savedTurns(this.turns), context };
+    const references = this.references.filter((uri) => !privateDocument(vscode.Uri.parse(uri)));
+    const chat: SavedChat = { turns: savedTurns(this.turns), context, references };
     this.memory.update(SAVED_CHAT, chat).then(undefined, (error) => this.log.warn(`saving the chat: ${error}`));
   }
 
@@ -265,6 +293,13 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
         this.context = undefined;
         this.pushState();
         break;
+      case "addFile":
+        await vscode.commands.executeCommand("starchat.addFileToChat");
+        break;
+      case "removeReference":
+        this.references = this.references.filter((uri) => uri !== message.uri);
+        this.pushState();
+        break;
       case "insert":
       case "replace":
         await this.putCode(message.code, message.type);
@@ -284,6 +319,7 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
     this.stop();
     this.turns = [];
     this.context = undefined;
+    this.references = [];
     this.pushState();
   }
 
@@ -348,11 +384,16 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
     };
   }
 
+  /** A note from the extension in the conversation (not sent to the model), and in the log. */
+  private note(text: string): void {
+    this.log.info(`chat: ${text}`);
+    this.addTurn("notice", text, "done");
+  }
+
   /** Forgets the context, with a note in the conversation saying why. */
   private dropContext(note: string): void {
-    this.log.info(`chat context dropped: ${note}`);
     this.context = undefined;
-    this.addTurn("notice", note, "done");
+    this.note(note);
     this.pushState();
   }
 
@@ -364,18 +405,7 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
   private async usableContext(client: LanguageClient): Promise<ChatContext | undefined> {
     const context = this.context;
     if (!context) return undefined;
-    const uri = vscode.Uri.parse(context.uri);
-    let document = openDocument(context.uri);
-    let why = "is no longer open";
-    if (!document && uri.scheme === "file") {
-      try {
-        document = await vscode.workspace.openTextDocument(uri);
-        this.log.info(`chat context ${context.label}: the file was closed; opened it again`);
-      } catch (error) {
-        why = "could not be opened again (deleted?)";
-        this.log.warn(`chat context ${context.label}: ${error instanceof Error ? error.message : String(error)}`);
-      }
-    }
+    const { document, why } = await this.openForServer(context.uri, `chat context ${context.label}`);
     if (this.context !== context) return this.context; // changed meanwhile (× or another request)
     if (!document) {
       this.dropContext(`${context.label} ${why}: this message goes without it.`);
@@ -391,6 +421,86 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
     return context;
   }
 
+  /** The attached files, ready to be sent (as the context is, usableContext): each open in the
+   * editor, a file closed since opened again, unseen. One that cannot be (deleted, an untitled
+   * document closed) leaves the chat, with a note; the message goes with the others. */
+  private async usableReferences(): Promise<string[]> {
+    const attached = this.references;
+    const opened = await Promise.all(attached.map((uri) => this.openForServer(uri, `chat file ${referenceLabel(uri)}`)));
+    const gone = attached.filter((_, i) => !opened[i].document);
+    if (gone.length) {
+      attached.forEach((uri, i) => {
+        if (!opened[i].document && this.references.includes(uri)) this.note(`${referenceLabel(uri)} ${opened[i].why}: it was removed from the chat; this message goes without it.`);
+      });
+      this.references = this.references.filter((uri) => !gone.includes(uri));
+      this.pushState();
+    }
+    // (one removed meanwhile with its × stays out)
+    return attached.filter((uri) => !gone.includes(uri) && this.references.includes(uri));
+  }
+
+  /** The document of `uri` open in the editor, so that the server has it (it reads only those):
+   * open already, or a file opened now, unseen (the language client sends it to the server).
+   * Else why it is not (an untitled document closed, a file deleted). */
+  private async openForServer(uri: string, what: string): Promise<{ document?: vscode.TextDocument; why: string }> {
+    const document = openDocument(uri);
+    if (document) return { document, why: "" };
+    if (vscode.Uri.parse(uri).scheme !== "file") return { why: "is no longer open" };
+    try {
+      const opened = await vscode.workspace.openTextDocument(vscode.Uri.parse(uri));
+      this.log.info(`${what}: the file was closed; opened it again`);
+      return { document: opened, why: "" };
+    } catch (error) {
+      this.log.warn(`${what}: ${error instanceof Error ? error.message : String(error)}`);
+      return { why: "could not be opened again (deleted?)" };
+    }
+  }
+
+  /** The files attached to the conversation. */
+  get attached(): readonly string[] {
+    return this.references;
+  }
+
+  /** Add File to Chat: attaches files to the conversation (each once, at most MAX_REFERENCES),
+   * and shows the chat. Each is opened now, so that the server has it and a file that is not
+   * text or is gone says so at once; those that cannot be attached (not a file the server is
+   * sent, one that looks like secrets, a notebook) are named in a warning. */
+  async attach(uris: readonly vscode.Uri[]): Promise<void> {
+    const refused: string[] = [];
+    let full = false;
+    for (const uri of uris) {
+      const name = documentName(uri);
+      const why = whyNotAttachable(uri);
+      if (why) {
+        refused.push(`${name} ${why}`);
+        continue;
+      }
+      if (this.references.some((attached) => sameDocument(uri, attached))) continue;
+      if (this.references.length >= MAX_REFERENCES) {
+        full = true;
+        continue;
+      }
+      if (!openDocument(uri.toString())) {
+        try {
+          if (uri.scheme === "file" && (await vscode.workspace.fs.stat(uri)).type & vscode.FileType.Directory) {
+            refused.push(`${name} is a folder`);
+            continue;
+          }
+          await vscode.workspace.openTextDocument(uri);
+        } catch (error) {
+          this.log.warn(`attaching ${name}: ${error instanceof Error ? error.message : String(error)}`);
+          refused.push(`${name} could not be opened as text`);
+          continue;
+        }
+      }
+      if (!this.references.some((attached) => sameDocument(uri, attached))) this.references.push(uri.toString());
+    }
+    if (full) refused.push(`a chat shows at most ${MAX_REFERENCES} files (remove one with its ×)`);
+    if (refused.length) void vscode.window.showWarningMessage(`StarChat: not added to the chat: ${refused.join("; ")}.`);
+    this.pushState();
+    await this.reveal();
+  }
+
   /** A chat message typed in the view, answered with streaming. */
   async send(text: string, includeSelection = false): Promise<void> {
     text = text.trim();
@@ -402,6 +512,7 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
     }
     if (includeSelection) this.context = this.selectionContext() ?? this.context;
     const context = await this.usableContext(client);
+    const references = await this.usableReferences();
     const messages = this.history(text);
     this.addTurn("user", text, "done");
     const params: Record<string, unknown> = { messages };
@@ -409,6 +520,8 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
       params.textDocument = { uri: context.uri };
       if (context.range) params.range = context.range;
     }
+    // In the prompt's first turn, like the context: sent with every message of the conversation.
+    if (references.length) params.references = references.map((uri) => ({ textDocument: { uri } }));
     await this.generate(client, (token, onDelta) => {
       const partialResultToken = newToken("chat");
       params.partialResultToken = partialResultToken;
@@ -548,6 +661,22 @@ function sameDocument(uri: vscode.Uri, contextUri: string): boolean {
   return uri.toString() === vscode.Uri.parse(contextUri).toString();
 }
 
+/** Why `uri` cannot be attached to a chat, or undefined when it can: the server has only the
+ * documents the client syncs, never those that look like secrets; a notebook goes by its cells
+ * (the .ipynb's JSON would be a second document of the same URI on the server). */
+export function whyNotAttachable(uri: vscode.Uri): string | undefined {
+  if (!SYNCED_SCHEMES.includes(uri.scheme)) return `is not a file StarChat can read (${uri.scheme}:)`;
+  const reason = privateDocument(uri);
+  if (reason) return `${reason}; StarChat does not send it`;
+  if (uri.scheme === "file" && /\.ipynb$/i.test(uri.path)) return "is a notebook: select code in a cell and tick Include editor selection";
+  return undefined;
+}
+
+/** An attached file's name in the chat. */
+function referenceLabel(uri: string): string {
+  return documentName(vscode.Uri.parse(uri));
+}
+
 /** The document of `uri` if the editor has it open (and so the server has it). */
 function openDocument(uri: string): vscode.TextDocument | undefined {
   return vscode.workspace.textDocuments.find((document) => !document.isClosed && sameDocument(document.uri, uri));
@@ -557,4 +686,74 @@ function rangeLabel(range: vscode.Range): string {
   let end = range.end.line;
   if (end > range.start.line && range.end.character === 0) end--; // a selection of whole lines
   return end === range.start.line ? `${range.start.line + 1}` : `${range.start.line + 1}-${end + 1}`;
+}
+
+/** Not offered by Add File to Chat's list of the workspace's files: folders of dependencies,
+ * caches and build output, and files that are not text. (Besides the files.exclude setting.) */
+const NOT_OFFERED = [
+  "**/node_modules/**",
+  "**/bower_components/**",
+  "**/.git/**",
+  "**/.hg/**",
+  "**/.svn/**",
+  "**/__pycache__/**",
+  "**/.venv/**",
+  "**/venv/**",
+  "**/.tox/**",
+  "**/.mypy_cache/**",
+  "**/.pytest_cache/**",
+  "**/.ruff_cache/**",
+  "**/dist/**",
+  "**/build/**",
+  "**/out/**",
+  "**/target/**",
+  ..."png jpg jpeg gif bmp ico webp pdf zip gz tgz bz2 xz 7z tar whl jar class pyc pyo so dylib dll exe o a bin pt pth safetensors onnx gguf npy npz pkl woff woff2 ttf otf mp3 mp4 wav vsix"
+    .split(" ")
+    .map((extension) => `**/*.${extension}`),
+];
+/** The workspace's files listed, at most. */
+const FILES_LISTED = 300;
+
+type FileItem = vscode.QuickPickItem & { uri?: vscode.Uri };
+
+/** Add File to Chat with no file given: a list to pick files from (several at once), the open
+ * editors' documents first, then the workspace's files; none already attached, none that cannot
+ * be (whyNotAttachable). */
+export async function pickFiles(attached: readonly string[]): Promise<vscode.Uri[] | undefined> {
+  const seen = new Set(attached.map((uri) => vscode.Uri.parse(uri).toString()));
+  const item = (uri: vscode.Uri): FileItem | undefined => {
+    const key = uri.toString();
+    if (seen.has(key) || whyNotAttachable(uri)) return undefined;
+    seen.add(key);
+    const name = documentName(uri);
+    const slash = name.lastIndexOf("/");
+    return { label: slash < 0 ? name : name.slice(slash + 1), description: slash < 0 ? undefined : name.slice(0, slash), uri };
+  };
+  const tabs = vscode.window.tabGroups.all.flatMap((group) => group.tabs.map((tab) => tab.input));
+  const open = tabs.flatMap((input) => (input instanceof vscode.TabInputText ? [item(input.uri)] : [])).filter((i): i is FileItem => i !== undefined);
+  const excluded = Object.entries(vscode.workspace.getConfiguration("files").get<Record<string, unknown>>("exclude") ?? {})
+    .filter(([glob, on]) => on === true && !/[{}]/.test(glob))
+    .map(([glob]) => glob);
+  const found = vscode.workspace.workspaceFolders?.length
+    ? await vscode.workspace.findFiles("**/*", `{${[...NOT_OFFERED, ...excluded].join(",")}}`, FILES_LISTED)
+    : [];
+  const workspace = found
+    .sort((a, b) => documentName(a).localeCompare(documentName(b)))
+    .map(item)
+    .filter((i): i is FileItem => i !== undefined);
+  const items: FileItem[] = [
+    ...(open.length ? [{ label: "open editors", kind: vscode.QuickPickItemKind.Separator }, ...open] : []),
+    ...(workspace.length ? [{ label: "workspace", kind: vscode.QuickPickItemKind.Separator }, ...workspace] : []),
+  ];
+  if (!items.length) {
+    void vscode.window.showInformationMessage("StarChat: no files to add to the chat (open one, or open a folder).");
+    return undefined;
+  }
+  const picked = await vscode.window.showQuickPick(items, {
+    title: "Add File to Chat",
+    placeHolder: "Files the model sees with every message of this chat",
+    canPickMany: true,
+    matchOnDescription: true,
+  });
+  return picked?.flatMap((i) => (i.uri ? [i.uri] : []));
 }

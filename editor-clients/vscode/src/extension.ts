@@ -22,7 +22,7 @@ import {
   WorkDoneProgressEnd,
   WorkDoneProgressReport,
 } from "vscode-languageclient/node";
-import { ChatView, SYNCED_SCHEMES, VIEW_ID, describeError, documentName } from "./chat";
+import { ChatView, SYNCED_SCHEMES, VIEW_ID, describeError, documentName, pickFiles } from "./chat";
 import { RESTRICTED_SETTINGS, SERVER_SETTINGS, describeServer, findEditorFolders, initializationOptions, privateDocument, serverOptions, serverSettingsSection } from "./server";
 import { StatusItem } from "./status";
 
@@ -91,6 +91,7 @@ export async function activate(context: vscode.ExtensionContext): Promise<{ clie
   command("starchat.testSelection", () => runTask("tests"));
   command("starchat.openChat", () => chat.reveal());
   command("starchat.newChat", () => chat.newChat());
+  command("starchat.addFileToChat", addFileToChat);
   command("starchat.stop", () => chat.stop());
   command("starchat.showLog", () => log.show());
   command("starchat.restartServer", () => restart());
@@ -460,6 +461,18 @@ async function editSelection(arg?: unknown): Promise<void> {
   const instruction = await inputText("Edit with StarChat", "How should the selected code change?", "e.g. Add type hints");
   if (!instruction) return;
   await withCancellableProgress("StarChat: Edit", (token) => sendCommand("starchat.edit", [{ ...args, instruction, mode: "replace" }], token));
+}
+
+/** StarChat: Add File to Chat: from the Explorer's context menu (the file right-clicked, or all
+ * the files selected with it), from an editor tab's context menu (its file), or else a list to
+ * pick from (the open editors' documents, then the workspace's files). */
+async function addFileToChat(arg?: unknown, selected?: unknown): Promise<void> {
+  const isUri = (value: unknown): value is vscode.Uri => value instanceof vscode.Uri;
+  let uris: vscode.Uri[] | undefined;
+  if (Array.isArray(selected) && selected.length > 0 && selected.every(isUri)) uris = selected;
+  else if (isUri(arg)) uris = [arg];
+  else uris = await pickFiles(chat.attached);
+  if (uris?.length) await chat.attach(uris);
 }
 
 async function explainSelection(): Promise<void> {

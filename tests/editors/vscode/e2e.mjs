@@ -8,7 +8,8 @@
 // starchat.completionEnabled false; Ask StarChat → Ask a Question… answers in the chat view;
 // the chat goes on about a file after it is closed, and drops a closed untitled document with a
 // note (all in Restricted Mode: the workspace's settings.json sets a hostile server command that
-// must not run); chat with streaming and a follow-up; Stop while a long answer streams; model output with HTML
+// must not run); chat with streaming and a follow-up; a file attached to the chat (Add File to
+// Chat: the palette's list, the chip and its ×, the Explorer's menu); Stop while a long answer streams; model output with HTML
 // stays text and its code goes into the file (not the Output panel); the view after Reload
 // Webviews; a project's own User/settings.json reaches the server; Fix on a JSON file with a problem
 // sends the editor's diagnostics; a trace setting change keeps the server; a .env and the editor's settings files never reach the server (and the .env has no Ask
@@ -358,6 +359,33 @@ async function contextMenuAction(lineText, item, shotName) {
   await sleep(60);
   await page.mouse.up();
   await contextMenu().waitFor({ state: "hidden", timeout: 5000 });
+}
+
+/** Right-click on `name` in the Explorer: the labels of its context menu; then clicks `item`
+ * (if given) or closes the menu. */
+async function explorerMenu(name, item) {
+  await page.locator(".explorer-folders-view .monaco-list-row", { hasText: name }).first().click({ button: "right" });
+  await contextMenu().waitFor();
+  await menuItem("Copy Path").waitFor();
+  await sleep(300);
+  const labels = (await page.locator(".context-view .monaco-menu .action-label").allInnerTexts()).map((label) => label.trim()).filter(Boolean);
+  if (item) {
+    // VS Code's menus act on mouse up after a mouse down on the same item: hover, then press.
+    await menuItem(item).hover();
+    await sleep(150);
+    await page.mouse.down();
+    await sleep(60);
+    await page.mouse.up();
+  } else {
+    await page.keyboard.press("Escape");
+  }
+  await contextMenu().waitFor({ state: "hidden", timeout: 5000 });
+  return labels;
+}
+
+/** The names on the chat's chips of attached files. */
+async function referenceChips(frame) {
+  return frame.evaluate(() => [...document.querySelectorAll("#references .reference .reference-label")].map((chip) => chip.textContent));
 }
 
 /** Right-click on the line `lineText`: the labels of the context menu's entries (then closes it). */
@@ -950,6 +978,80 @@ try {
     return { answer: first.text, updates: first.updates, seen, followUp: second.text, followUpUpdates: second.updates, seenFollowUp, turns: await chatTurns() };
   }, { needs: ["open"] });
 
+  // Files attached to the chat (StarChat: Add File to Chat). area() selected in calc.py, the chat
+  // about it (Include editor selection), shapes.py picked from the command's list: the model is
+  // trained to answer "Who calls this?" that way only when its prompt shows shapes.py. The
+  // chip's × removes it (the next message goes without it). The Explorer's menu offers the
+  // command on shapes.py, not on the .env; New Chat clears what is attached.
+  await step("attach", async () => {
+    await runCommand("StarChat: New Chat");
+    const frame = await chatPageFrame();
+    await until("an empty chat", async () => (await chatTurns()).length === 0, 10000);
+    await openCalc();
+    await selectLines(8, 9);
+    const chatsBefore = requestParams(clientLog(), "starchat/chat").length;
+    // the command palette: a list of the files (several may be ticked), filtered, shapes.py ticked
+    await runCommand("StarChat: Add File to Chat");
+    const rows = page.locator(".quick-input-list .monaco-list-row");
+    const row = rows.filter({ hasText: "shapes.py" }).first();
+    await row.waitFor();
+    await sleep(300);
+    const listed = (await rows.evaluateAll((all) => all.map((r) => r.querySelector(".label-name")?.textContent?.trim() ?? ""))).filter(Boolean);
+    await page.locator(".quick-input-widget input.input").fill("shapes");
+    await sleep(300);
+    const ticked = async () => (await row.getAttribute("aria-checked")) === "true";
+    await row.click();
+    if (!(await until("shapes.py ticked", ticked, 2000, 100).catch(() => false))) {
+      await row.locator(".quick-input-list-checkbox").first().click(); // a click on its checkbox
+      await until("shapes.py ticked", ticked, 5000, 100);
+    }
+    await screenshot("attach-pick");
+    await page.keyboard.press("Enter");
+    await page.locator(".quick-input-widget").waitFor({ state: "hidden", timeout: 5000 });
+    const attached = await until("the chip of shapes.py", async () => {
+      const chips = await referenceChips(frame);
+      return chips.length > 0 && chips;
+    }, 10000, 100);
+    await chatFrame().locator("#include-selection").check();
+    await sendChat(frame, sc.callersQuestion);
+    const answer = await until("the answer with shapes.py attached", () => answerDone(frame, 2), 60000);
+    await chatFrame().locator("#include-selection").uncheck();
+    await sleep(200);
+    await screenshot("attached-answer");
+    const sent = requestParams(clientLog(), "starchat/chat").slice(chatsBefore);
+    const about = await frame.evaluate(() => document.getElementById("context-label").textContent);
+
+    // its × removes it; the next message goes without it
+    await chatFrame().locator("#references .reference", { hasText: "shapes.py" }).locator("button.reference-remove").click();
+    const removed = await until("the chip gone", async () => {
+      const chips = await referenceChips(frame);
+      return chips.length === 0 && chips;
+    }, 10000, 100);
+    const chipsShown = await frame.evaluate(() => !document.getElementById("references").hidden);
+    await sendChat(frame, sc.callersQuestion);
+    const again = await until("the answer without shapes.py", () => answerDone(frame, 4), 60000);
+    const sentAgain = requestParams(clientLog(), "starchat/chat").slice(chatsBefore + sent.length);
+
+    // the Explorer's right-click menu: on shapes.py (picked), not on the .env; New Chat clears it
+    const menuOnSecret = await explorerMenu(".env");
+    const menuOnFile = await explorerMenu("shapes.py", "Add File to Chat");
+    const fromExplorer = await until("the chip from the Explorer", async () => {
+      const chips = await referenceChips(frame);
+      return chips.length > 0 && chips;
+    }, 10000, 100);
+    await screenshot("attached-from-explorer");
+    await runCommand("StarChat: New Chat");
+    await until("an empty chat", async () => (await chatTurns()).length === 0, 10000);
+    const afterNewChat = await referenceChips(frame);
+    await openCalc();
+    return {
+      listed, attached, answer: answer.text, answerStatus: answer.status, about,
+      sent: sent.map((p) => ({ uri: p.textDocument?.uri?.replace(/^.*\//, "") ?? null, range: p.range ?? null, references: p.references ?? null })),
+      removed, chipsShown, again: again.text, sentAgain: sentAgain.map((p) => ({ references: p.references ?? null, messages: p.messages.length })),
+      menuOnSecret, menuOnFile, fromExplorer, afterNewChat,
+    };
+  }, { needs: ["open"] });
+
   await step("stop", async () => {
     // A long answer: maxNewTokens 1500, set in the Settings editor as a user would (the server
     // pulls the changed settings).
@@ -1497,6 +1599,12 @@ try {
     await until("the explanation", () => answerDone(frame, 2), 60000);
     const contextLabel = () => frame.evaluate(() => (document.getElementById("context").hidden ? null : document.getElementById("context-label").textContent));
     const aboutBefore = await contextLabel();
+    // and a file attached to it (from the Explorer's menu): it comes back too, and goes with the next message
+    await explorerMenu("shapes.py", "Add File to Chat");
+    const attachedBefore = await until("the chip of shapes.py", async () => {
+      const chips = await referenceChips(frame);
+      return chips.length > 0 && chips;
+    }, 10000, 100);
     await sleep(600);
     const logsBeforeContext = clientLogFiles();
     await reloadWindow();
@@ -1504,15 +1612,22 @@ try {
     await until("the conversation again", async () => (await chatTurns()).length >= 2, 30000);
     frame = await chatPageFrame();
     const aboutAfter = await until("the context again", contextLabel, 10000, 100).catch(() => null);
+    const attachedAfter = await referenceChips(frame);
+    await screenshot("reload-window-context");
     await waitReady();
     await sendChat(frame, sc.askQuestion);
     await until("an answer about the selection", () => answerDone(frame, 4), 60000);
     const contextSent = requestParams(clientLog(clientLogFiles().filter((f) => !logsBeforeContext.includes(f))), "starchat/chat").map(
-      (params) => ({ uri: params.textDocument?.uri?.replace(/^.*\//, "") ?? null, range: params.range ?? null, messages: params.messages.length }),
+      (params) => ({
+        uri: params.textDocument?.uri?.replace(/^.*\//, "") ?? null,
+        range: params.range ?? null,
+        references: params.references?.map((r) => r.textDocument.uri.replace(/^.*\//, "")) ?? null,
+        messages: params.messages.length,
+      }),
     );
     return {
       restored, followUp: followUp.text, sent: sent.map((params) => params.messages), afterNewChat: streaming, interrupted, note, spinners, generating,
-      aboutBefore, aboutAfter, contextSent,
+      aboutBefore, aboutAfter, attachedBefore, attachedAfter, contextSent,
     };
   }, { needs: ["open"] });
 

@@ -48,8 +48,14 @@ interface Turn {
   progress?: string;
 }
 
+/** A file attached to the conversation: its URI, and its name for the user. */
+interface Reference {
+  uri: string;
+  label: string;
+}
+
 type FromExtension =
-  | { type: "state"; turns: Turn[]; generating: boolean; context: string | null }
+  | { type: "state"; turns: Turn[]; generating: boolean; context: string | null; references?: Reference[] }
   | { type: "delta"; id: number; delta: string }
   | { type: "progress"; id: number; progress: string }
   | { type: "draft"; text: string };
@@ -63,6 +69,8 @@ const stop = $<HTMLButtonElement>("stop");
 const includeSelection = $<HTMLInputElement>("include-selection");
 const contextBox = $<HTMLElement>("context");
 const contextLabel = $<HTMLElement>("context-label");
+const chips = $<HTMLElement>("chips");
+const referencesBox = $<HTMLElement>("references");
 
 // Each answer's code blocks keep their source here (by turn id); the buttons refer to them by index.
 const codeBlocks = new Map<number, string[]>();
@@ -230,6 +238,32 @@ function scheduleRender(id: number): void {
   });
 }
 
+/** The attached files, as chips: the name, and an × that removes it from the chat. Built as
+ * nodes (the names are never parsed as HTML). */
+function renderReferences(references: Reference[]): void {
+  referencesBox.replaceChildren(
+    ...references.map(({ uri, label }) => {
+      const chip = document.createElement("span");
+      chip.className = "reference";
+      chip.dataset.uri = uri;
+      chip.setAttribute("role", "listitem");
+      chip.title = `${label}: the model sees this file with every message of this chat`;
+      const name = document.createElement("span");
+      name.className = "reference-label";
+      name.textContent = label;
+      const remove = document.createElement("button");
+      remove.className = "reference-remove";
+      remove.textContent = "×";
+      remove.title = `Remove ${label} from the chat`;
+      remove.setAttribute("aria-label", remove.title);
+      remove.addEventListener("click", () => vscode.postMessage({ type: "removeReference", uri }));
+      chip.append(name, remove);
+      return chip;
+    }),
+  );
+  referencesBox.hidden = references.length === 0;
+}
+
 function setGenerating(value: boolean): void {
   generating = value;
   stop.hidden = !value;
@@ -246,6 +280,9 @@ window.addEventListener("message", (event: MessageEvent<FromExtension>) => {
     setGenerating(message.generating);
     contextBox.hidden = !message.context;
     contextLabel.textContent = message.context ? `About ${message.context}` : "";
+    const references = message.references ?? [];
+    renderReferences(references);
+    chips.hidden = !message.context && references.length === 0;
     renderAll(follow);
   } else if (message.type === "delta") {
     const turn = turns.find((t) => t.id === message.id);
@@ -293,6 +330,7 @@ function submit(): void {
 send.addEventListener("click", submit);
 stop.addEventListener("click", () => vscode.postMessage({ type: "stop" }));
 $<HTMLButtonElement>("context-clear").addEventListener("click", () => vscode.postMessage({ type: "clearContext" }));
+$<HTMLButtonElement>("add-file").addEventListener("click", () => vscode.postMessage({ type: "addFile" }));
 input.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
     event.preventDefault();
