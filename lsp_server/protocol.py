@@ -88,6 +88,7 @@ class SelectionArgs:
     instruction: str = ""
     mode: EditMode = "replace"
     diagnostics: list[types.Diagnostic] = attrs.field(factory=list)  # runTask fix: the editor's problems there
+    references: list[ChatReference] = attrs.field(factory=list)  # ask, explain: other files to show
 
 
 @attrs.define

@@ -13,6 +13,7 @@ from ..server import RequestFailed, StarChatServer
 from ..text import detect_eol
 from .common import (
     answer_about,
+    attached_files,
     answer_for_edit,
     code_indent,
     problems_in,
@@ -52,7 +53,8 @@ def register(server: StarChatServer) -> None:
     async def ask(ls: StarChatServer, task: Task, *arguments: Any) -> Answer:
         args = _args(ls, arguments)
         sel = selection(ls, args.text_document.uri, args.range)
-        generation = await answer_about(ls, sel, task, question=args.question)
+        references = attached_files(ls, args.references, sel.uri)
+        generation = await answer_about(ls, sel, task, question=args.question, references=references)
         _show(ls, f"StarChat: {args.question or task.title}", generation.text)
         return Answer.of(generation)
 

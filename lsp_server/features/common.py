@@ -8,14 +8,16 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from lsprotocol import types
+from pygls.exceptions import JsonRpcInvalidParams
 from pygls.uris import from_fs_path, to_fs_path
 
 from .. import answers
 from ..documents import Document
 from ..engine import Generation, Priority
-from ..prompts import PromptTooLong, Task
+from ..prompts import PromptTooLong, Reference, Task
 from ..prompts.requests import code_prompt, prompt_budget
 from ..prompts.tasks import MAX_PROBLEMS
+from ..protocol import ChatReference
 from ..server import RequestFailed, StarChatServer
 from ..text import Pos, Span, detect_eol, indent_unit, indentation_of
 
@@ -124,6 +126,7 @@ async def answer_about(
     *,
     question: str = "",
     problems: Sequence[str] = (),
+    references: Sequence[Reference] = (),
     priority: Priority = Priority.USER,
     work_done_token: Any = None,
     on_text: Callable[[str], None] | None = None,
@@ -144,11 +147,45 @@ async def answer_about(
             path=sel.path,
             language=sel.language,
             problems=problems,
+            references=references,
         )
     except (PromptTooLong, ValueError) as exc:
         raise RequestFailed(str(exc)) from None
     title = f"StarChat: {task.title}" + (f" — {question[:40]}" if question else "")
     return await server.generate(prompt.ids, title=title, priority=priority, work_done_token=work_done_token, on_text=on_text)
+
+
+MAX_REFERENCES = 16  # other files one request may show
+
+
+def offsets(server: StarChatServer, document: Any, range_: types.Range) -> tuple[int, int]:
+    """String offsets of ``range_`` in ``document`` (an empty range: its line)."""
+    try:
+        return document.selection(to_span(range_), server.position_encoding)
+    except ValueError as exc:
+        raise RequestFailed(f"Invalid range: {exc}") from None
+
+
+def attached_files(server: StarChatServer, references: Sequence[ChatReference], about: str | None) -> list[Reference]:
+    """The other open documents the user attached (``references`` of a chat or an ask), in
+    order: each once, the document the request is ``about`` only for a part of it."""
+    if len(references) > MAX_REFERENCES:
+        raise JsonRpcInvalidParams(f"At most {MAX_REFERENCES} other files may be attached.")
+    seen: set[tuple] = set()
+    attached = []
+    for ref in references:
+        uri, span = ref.text_document.uri, None if ref.range is None else to_span(ref.range)
+        if (uri, span) in seen or (uri == about and span is None):
+            continue
+        seen.add((uri, span))
+        document = server.open_document(uri)
+        text, path, language = document.source, server.relative_path(uri), document.language_id or ""
+        if ref.range is None:
+            attached.append(Reference(text, path, language))
+        else:
+            start, end = offsets(server, document, ref.range)
+            attached.append(Reference(text[start:end], path, language, first_line=text.count("\n", 0, start), whole=False))
+    return attached
 
 
 def problems_in(document: Any, diagnostics: list[types.Diagnostic]) -> list[str]:

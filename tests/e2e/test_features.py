@@ -177,6 +177,18 @@ async def test_ask_command_with_a_question(editor):
     assert result["text"] == sc.ASK_ANSWER
 
 
+async def test_ask_command_shows_the_files_attached_to_it(editor):
+    """starchat.ask takes `references` as starchat/chat does (the prompt is the same one)."""
+    calc, shapes = editor.open("calc.py"), editor.open("shapes.py")
+    args = {"textDocument": {"uri": calc}, "range": editor.client.protocol._converter.unstructure(rng(sc.AREA)),
+            "question": sc.CALLERS_QUESTION, "references": [{"textDocument": {"uri": shapes}}]}
+    result = await editor.client.workspace_execute_command_async(types.ExecuteCommandParams(command="starchat.ask", arguments=[args]))
+    assert result["text"] == sc.CALLERS_ANSWER
+    args["references"] = [{"textDocument": {"uri": calc}}]  # its own document: already there
+    result = await editor.client.workspace_execute_command_async(types.ExecuteCommandParams(command="starchat.ask", arguments=[args]))
+    assert result["text"] != sc.CALLERS_ANSWER
+
+
 async def test_run_task_command_applies_the_edit(editor):
     uri = editor.open()
     args = {"textDocument": {"uri": uri}, "range": editor.client.protocol._converter.unstructure(rng(sc.AVERAGE)), "task": "fix"}
@@ -446,6 +458,10 @@ async def test_chat_shows_the_files_attached_to_it(editor):
     with pytest.raises(Exception) as error:
         await chat(editor, [("user", sc.RING_QUESTION)], token="many", references=attached * 17)
     assert getattr(error.value, "code", None) == -32602
+    # a part of a file: its lines only (the import line, not ring())
+    part = await chat(editor, [("user", sc.RING_QUESTION)], token="part", references=[
+        {"textDocument": {"uri": shapes}, "range": {"start": {"line": 0, "character": 0}, "end": {"line": 1, "character": 0}}}])
+    assert 0 < part["promptTokens"] < ring["promptTokens"]
 
 
 async def test_chat_keeps_the_conversation(editor):

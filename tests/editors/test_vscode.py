@@ -557,7 +557,8 @@ def test_files_attached_to_the_chat_reach_the_model(session):
     """StarChat: Add File to Chat from the command palette lists the workspace's files (not the
     .env, nor the notebook); shapes.py picked shows as a chip. With area() selected and the chat
     about it, "Who calls this?" goes with shapes.py (`references`), and the model, trained to
-    give this answer only when its prompt shows shapes.py, names ring(). The chip's × removes it:
+    give this answer only when its prompt shows shapes.py, names ring(); so does Ask a Question…
+    on the selection (starchat.ask's references). The chip's × removes it:
     the next message goes without it. The Explorer's menu offers the command on shapes.py, not
     on the .env; New Chat clears what is attached."""
     result = step(session, "attach")
@@ -570,8 +571,11 @@ def test_files_attached_to_the_chat_reach_the_model(session):
     assert result["sent"] == [{"uri": "calc.py", "range": area, "references": [{"textDocument": {"uri": shapes}}]}], result["sent"]
     # (as shown: the markdown's `ring()` is code, without its backticks)
     assert (result["answer"], result["answerStatus"]) == (sc.CALLERS_ANSWER.replace("`", ""), "done"), result["answer"]
+    # Ask a Question… about the selection takes it too
+    assert result["askSent"] == [[{"textDocument": {"uri": shapes}}]], result["askSent"]
+    assert result["asked"] == sc.CALLERS_ANSWER.replace("`", ""), result["asked"]
     assert result["removed"] == [] and not result["chipsShown"]
-    assert result["sentAgain"] == [{"references": None, "messages": 3}], result["sentAgain"]
+    assert result["sentAgain"] == [{"references": None, "messages": 5}], result["sentAgain"]
     assert "Add File to Chat" in result["menuOnFile"], result["menuOnFile"]
     assert "Add File to Chat" not in result["menuOnSecret"] and any(label.startswith("Copy") for label in result["menuOnSecret"]), result["menuOnSecret"]
     assert result["fromExplorer"] == ["shapes.py"] and result["afterNewChat"] == [], result
@@ -579,7 +583,7 @@ def test_files_attached_to_the_chat_reach_the_model(session):
 
 def test_attached_files_limit_is_the_servers():
     """The extension attaches at most as many files to a chat as the server takes."""
-    from lsp_server.features.chat import MAX_REFERENCES
+    from lsp_server.features.common import MAX_REFERENCES
 
     source = (EXTENSION / "src" / "chat.ts").read_text()
     assert int(re.search(r"export const MAX_REFERENCES = (\d+);", source).group(1)) == MAX_REFERENCES

@@ -103,7 +103,7 @@ interface SavedChat {
 }
 
 /** Files attached to one conversation, at most: the server's limit (MAX_REFERENCES in
- * lsp_server/features/chat.py). */
+ * lsp_server/features/common.py). */
 export const MAX_REFERENCES = 16;
 
 const ChatPartial = new ProgressType<{ delta: string }>();
@@ -531,14 +531,20 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
   }
 
   /** Ask or Explain (server commands) about a selection; the answer shows in the chat. */
-  async runCommand(command: "starchat.ask" | "starchat.explain", args: { textDocument: { uri: string }; range: LspRange; question?: string }): Promise<Answer | undefined> {
+  async runCommand(
+    command: "starchat.ask" | "starchat.explain",
+    args: { textDocument: { uri: string }; range: LspRange; question?: string; references?: { textDocument: { uri: string } }[] },
+  ): Promise<Answer | undefined> {
     const client = await this.readyClient();
     if (!client) return undefined;
     const uri = vscode.Uri.parse(args.textDocument.uri);
     const label = `${documentName(uri)}:${rangeLabel(client.protocol2CodeConverter.asRange(args.range))}`;
     this.context = { uri: args.textDocument.uri, range: args.range, label };
+    const references = await this.usableReferences();
     if (command === "starchat.ask") this.addTurn("user", args.question ?? "", "done", `Ask about ${label}`);
     else this.addTurn("user", "Explain the selected code.", "done", `Explain ${label}`);
+    // the files attached to the conversation go with it, as with a message
+    if (references.length) args = { ...args, references: references.map((uri) => ({ textDocument: { uri } })) };
     return this.generate(client, (token, _onDelta, onProgress) => {
       const workDoneToken = newToken("command");
       const listener = client.onProgress(WorkDoneProgress.type, workDoneToken, (value: WorkDoneProgressBegin | WorkDoneProgressReport | WorkDoneProgressEnd) => {

@@ -1020,6 +1020,17 @@ try {
     await screenshot("attached-answer");
     const sent = requestParams(clientLog(), "starchat/chat").slice(chatsBefore);
     const about = await frame.evaluate(() => document.getElementById("context-label").textContent);
+    // Ask a Question… on the selection takes the attached file too (starchat.ask's references)
+    const asksBefore = requests(clientLog(), "workspace/executeCommand").length;
+    await selectLines(8, 9);
+    await contextMenuAction("def area", "Ask a Question");
+    const question = page.locator(".quick-input-widget input.input");
+    await question.waitFor({ state: "visible" });
+    await question.fill(sc.callersQuestion);
+    await page.keyboard.press("Enter");
+    const asked = await until("the answer to Ask a Question…", () => answerDone(frame, 4), 60000);
+    const askSent = requestParams(clientLog(), "workspace/executeCommand").slice(asksBefore)
+      .filter((p) => p.command === "starchat.ask").map((p) => p.arguments[0].references ?? null);
 
     // its × removes it; the next message goes without it
     await chatFrame().locator("#references .reference", { hasText: "shapes.py" }).locator("button.reference-remove").click();
@@ -1029,7 +1040,7 @@ try {
     }, 10000, 100);
     const chipsShown = await frame.evaluate(() => !document.getElementById("references").hidden);
     await sendChat(frame, sc.callersQuestion);
-    const again = await until("the answer without shapes.py", () => answerDone(frame, 4), 60000);
+    const again = await until("the answer without shapes.py", () => answerDone(frame, 6), 60000);
     const sentAgain = requestParams(clientLog(), "starchat/chat").slice(chatsBefore + sent.length);
 
     // the Explorer's right-click menu: on shapes.py (picked), not on the .env; New Chat clears it
@@ -1045,7 +1056,7 @@ try {
     const afterNewChat = await referenceChips(frame);
     await openCalc();
     return {
-      listed, attached, answer: answer.text, answerStatus: answer.status, about,
+      listed, attached, answer: answer.text, answerStatus: answer.status, about, asked: asked.text, askSent,
       sent: sent.map((p) => ({ uri: p.textDocument?.uri?.replace(/^.*\//, "") ?? null, range: p.range ?? null, references: p.references ?? null })),
       removed, chipsShown, again: again.text, sentAgain: sentAgain.map((p) => ({ references: p.references ?? null, messages: p.messages.length })),
       menuOnSecret, menuOnFile, fromExplorer, afterNewChat,
