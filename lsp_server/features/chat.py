@@ -1,5 +1,5 @@
-"""starchat/chat: a multi-turn conversation, optionally about a document, streamed as partial
-results (``$/progress`` with the request's ``partialResultToken``)."""
+"""starchat/chat: a multi-turn conversation, optionally about a document and with other files
+attached, streamed as partial results (``$/progress`` with the request's ``partialResultToken``)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from ..protocol import CHAT, Answer, ChatParams, structure
 from ..server import RequestFailed, StarChatServer
 from .common import attached_files, offsets
 
+
 def register(server: StarChatServer) -> None:
     @server.feature(CHAT)
     async def chat(ls: StarChatServer, raw: Any) -> Answer:
@@ -22,16 +23,16 @@ def register(server: StarChatServer) -> None:
             raise JsonRpcInvalidParams("maxNewTokens must be at least 1.")
         if not params.messages or params.messages[-1].role != "user":
             raise RequestFailed("The last message of a chat must be the user's.")
-        text = path = language = None
+        text = path = language = uri = None
         start = end = 0
         if params.text_document is not None:
-            document = ls.open_document(params.text_document.uri)
+            uri = params.text_document.uri
+            document = ls.open_document(uri)
             text, path, language = document.source, ls.relative_path(document.uri), document.language_id or ""
             if params.range is not None:
                 start, end = offsets(ls, document, params.range)
             text, offset = ls.surrounding(document.uri, text)
             start, end = start + offset, end + offset
-        uri = params.text_document.uri if params.text_document is not None else None
         references = attached_files(ls, params.references, uri)
         engine = await ls.ready_engine()
         settings = ls.settings

@@ -61,17 +61,20 @@ class Selection:
         return indent_unit(self.text)
 
 
+def offsets(server: StarChatServer, document: Any, range_: types.Range) -> tuple[int, int]:
+    """String offsets of ``range_`` in ``document`` (an empty range: its line)."""
+    try:
+        return document.selection(to_span(range_), server.position_encoding)
+    except ValueError as exc:
+        raise RequestFailed(f"Invalid range: {exc}") from None
+
+
 def selection(server: StarChatServer, uri: str, value: types.Range) -> Selection:
     """The document as it is now and the range's text: a range that starts inside its first
     line's indentation (an editor's "select from the first non-blank") takes the whole
     indentation, so the model sees, and the edit replaces, whole lines."""
     document = server.open_document(uri)
-    encoding = server.position_encoding
-    try:
-        start, end = document.selection(to_span(value), encoding)
-    except ValueError as exc:
-        raise RequestFailed(f"Invalid range: {exc}") from None
-    return _selection_at(server, document, start, end)
+    return _selection_at(server, document, *offsets(server, document, value))
 
 
 def _selection_at(server: StarChatServer, document: Any, start: int, end: int) -> Selection:
@@ -156,14 +159,6 @@ async def answer_about(
 
 
 MAX_REFERENCES = 16  # other files one request may show
-
-
-def offsets(server: StarChatServer, document: Any, range_: types.Range) -> tuple[int, int]:
-    """String offsets of ``range_`` in ``document`` (an empty range: its line)."""
-    try:
-        return document.selection(to_span(range_), server.position_encoding)
-    except ValueError as exc:
-        raise RequestFailed(f"Invalid range: {exc}") from None
 
 
 def attached_files(server: StarChatServer, references: Sequence[ChatReference], about: str | None) -> list[Reference]:
