@@ -144,7 +144,7 @@ def build_prompt(
         dropped += 1
     if len(base) > budget:
         raise PromptTooLong(len(base), budget)
-    reference_lines = _attach(references, shown, lambda: len(fmt.encode_dialogue(dialogue([], []))),
+    reference_lines = _attach(fmt, references, shown, lambda: len(fmt.encode_dialogue(dialogue([], []))),
                               budget - len(base) - _question_room(fmt, question), context is not None)
     base = fmt.encode_dialogue(dialogue([], []))
 
@@ -204,7 +204,7 @@ def build_prompt(
     return Prompt(ids, messages, n_before, n_after, dropped, whole_file=whole, reference_lines=reference_lines)
 
 
-def _attach(references: Sequence[Reference], shown: list[str], size, free: int, beside: bool) -> tuple[int, ...]:
+def _attach(fmt, references: Sequence[Reference], shown: list[str], size, free: int, beside: bool) -> tuple[int, ...]:
     """Put the references' blocks into ``shown`` (which the prompt's first user turn holds;
     ``size()`` counts the prompt's tokens with it as it is), each whole or cut to its first lines,
     within ``free`` tokens, or half of them ``beside`` a document; the lines each shows."""
@@ -213,45 +213,41 @@ def _attach(references: Sequence[Reference], shown: list[str], size, free: int, 
     start = size()
     room = free // 2 if beside else free
     counts = []
-    reach = room * _MAX_CHARS_PER_TOKEN + 4096  # only so much of a file can fit
     for ref in references:
-        lines = _lines(ref.text[:reach]) if ref.text else []
-        if len(ref.text) > reach and lines:
-            lines.pop()  # a line cut by the reach
-        total = normalize_eol(ref.text).count("\n") + (not ref.text.endswith(("\n", "\r")))
+        lines = _lines(ref.text) if ref.text else []
 
         def cost(n: int) -> int:
-            shown.append(_reference_block(ref, lines, n, total))
+            shown.append(_reference_block(ref, lines, n))
             try:
                 return size() - start
             finally:
                 shown.pop()
 
-        n = len(lines)
-        if n and cost(n) > room:  # the most first lines that fit (0: none)
-            low, high = 0, n - 1
-            while low < high:
-                mid = (low + high + 1) // 2
-                low, high = (mid, high) if cost(mid) <= room else (low, mid - 1)
-            n = low
+        # Line by line up to the room (only the lines that can fit are counted), then the whole
+        # prompt, the truth: a line's tokens can merge with its neighbours'.
+        n, used = 0, cost(0)
+        while n < len(lines) and used + (line := len(fmt.encode_text(lines[n]))) <= room:
+            used, n = used + line, n + 1
+        while n and cost(n) > room:
+            n -= 1
         if (n or not lines) and cost(n) <= room:
-            shown.append(_reference_block(ref, lines, n, total))
+            shown.append(_reference_block(ref, lines, n))
         else:
             n = 0  # left out: not even its first line fits
         counts.append(n)
     return tuple(counts)
 
 
-def _reference_block(ref: Reference, lines: list[str], n: int, total: int) -> str:
+def _reference_block(ref: Reference, lines: list[str], n: int) -> str:
     """``File: `path` (language)``, with ``, lines a-b`` for a part (``of c``: the first ``n``
-    of the file's ``total`` lines), then those lines in a code block."""
+    of the file's lines), then those lines in a code block."""
     label = f"File: `{ref.path}`" if ref.path else "File"
     if ref.language:
         label += f" ({ref.language})"
-    if lines and (not ref.whole or n < total):
+    if lines and (not ref.whole or n < len(lines)):
         label += f", lines {ref.first_line + 1}-{ref.first_line + n}"
         if ref.whole:
-            label += f" of {total}"
+            label += f" of {len(lines)}"
     return label + "\n\n" + _fence(ref.language, "".join(lines[:n]))
 
 
