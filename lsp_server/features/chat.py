@@ -3,6 +3,7 @@ attached, streamed as partial results (``$/progress`` with the request's ``parti
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from lsprotocol import types
@@ -38,7 +39,9 @@ def register(server: StarChatServer) -> None:
         settings = ls.settings
         max_new_tokens = params.max_new_tokens or settings.max_new_tokens
         try:
-            prompt = chat_prompt(
+            # counted with the tokenizer, files attached included: off the event loop
+            prompt = await asyncio.to_thread(
+                chat_prompt,
                 ls.prompt_format(engine),
                 system=settings.system_prompt,
                 budget=prompt_budget(settings.context_window, engine.context_window, max_new_tokens),

@@ -138,7 +138,9 @@ async def answer_about(
     settings = server.settings
     source, offset = server.surrounding(sel.uri, sel.text)
     try:
-        prompt = code_prompt(
+        # counted with the tokenizer, files attached included: off the event loop
+        prompt = await asyncio.to_thread(
+            code_prompt,
             server.prompt_format(engine),
             system=settings.system_prompt,
             budget=prompt_budget(settings.context_window, engine.context_window, settings.max_new_tokens),
