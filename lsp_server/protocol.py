@@ -60,11 +60,13 @@ class Answer:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int  # of prompt_tokens: reused from an earlier request's cache
+    shown: list[types.Location] = attrs.field(factory=list)  # the lines of each document the prompt held
+    history_dropped: int = 0  # chat: earlier exchanges (user/assistant pairs) left out to fit
 
     @classmethod
-    def of(cls, generation: Any) -> "Answer":
+    def of(cls, generation: Any, shown: list[types.Location] = (), history_dropped: int = 0) -> "Answer":
         return cls(generation.text, generation.finish_reason, generation.prompt_tokens, generation.completion_tokens,
-                   generation.cached_tokens)
+                   generation.cached_tokens, list(shown), history_dropped)
 
 
 @attrs.define

@@ -47,6 +47,11 @@ def split_lines(text: str) -> list[str]:
     return lines
 
 
+def line_of(text: str, offset: int) -> int:
+    """The 0-based line of ``text`` that ``offset`` is on."""
+    return sum(1 for _ in _LINE_BREAK.finditer(text, 0, offset))
+
+
 def strip_eol(line: str) -> str:
     return line.rstrip("\r\n") if line.endswith(("\n", "\r")) else line
 

@@ -13,7 +13,7 @@ from ..prompts import Message, PromptTooLong
 from ..prompts.requests import chat_prompt, prompt_budget
 from ..protocol import CHAT, Answer, ChatParams, structure
 from ..server import RequestFailed, StarChatServer
-from .common import attached_files, offsets
+from .common import attached_files, offsets, shown_locations
 
 
 def register(server: StarChatServer) -> None:
@@ -24,7 +24,7 @@ def register(server: StarChatServer) -> None:
             raise JsonRpcInvalidParams("maxNewTokens must be at least 1.")
         if not params.messages or params.messages[-1].role != "user":
             raise RequestFailed("The last message of a chat must be the user's.")
-        text = path = language = uri = None
+        source = path = language = uri = about = None
         start = end = 0
         if params.text_document is not None:
             uri = params.text_document.uri
@@ -32,8 +32,8 @@ def register(server: StarChatServer) -> None:
             text, path, language = document.source, ls.relative_path(document.uri), document.language_id or ""
             if params.range is not None:
                 start, end = offsets(ls, document, params.range)
-            text, offset = ls.surrounding(document.uri, text)
-            start, end = start + offset, end + offset
+            source, offset = ls.surrounding(document.uri, text)
+            start, end, about = start + offset, end + offset, (uri, text, source, offset)
         references = attached_files(ls, params.references, uri)
         engine = await ls.ready_engine()
         settings = ls.settings
@@ -46,7 +46,7 @@ def register(server: StarChatServer) -> None:
                 system=settings.system_prompt,
                 budget=prompt_budget(settings.context_window, engine.context_window, max_new_tokens),
                 messages=[Message(m.role, m.content) for m in params.messages],
-                text=text,
+                text=source,
                 start=start,
                 end=end,
                 path=path or "",
@@ -67,4 +67,4 @@ def register(server: StarChatServer) -> None:
             work_done_token=params.work_done_token,
             on_text=send,
         )
-        return Answer.of(generation)
+        return Answer.of(generation, shown_locations(prompt, references, about), prompt.history_dropped)

@@ -54,9 +54,9 @@ def register(server: StarChatServer) -> None:
         args = _args(ls, arguments)
         sel = selection(ls, args.text_document.uri, args.range)
         references = attached_files(ls, args.references, sel.uri)
-        generation = await answer_about(ls, sel, task, question=args.question, references=references)
+        generation, shown = await answer_about(ls, sel, task, question=args.question, references=references)
         _show(ls, f"StarChat: {args.question or task.title}", generation.text)
-        return Answer.of(generation)
+        return Answer.of(generation, shown)
 
     @server.command(CMD_ASK)
     async def ask_command(ls: StarChatServer, *arguments: Any) -> Answer:

@@ -14,12 +14,12 @@ from pygls.uris import from_fs_path, to_fs_path
 from .. import answers
 from ..documents import Document
 from ..engine import Generation, Priority
-from ..prompts import PromptTooLong, Reference, Task
+from ..prompts import Prompt, PromptTooLong, Reference, Task
 from ..prompts.requests import code_prompt, prompt_budget
 from ..prompts.tasks import MAX_PROBLEMS
 from ..protocol import ChatReference
 from ..server import RequestFailed, StarChatServer
-from ..text import Pos, Span, detect_eol, indent_unit, indentation_of
+from ..text import Pos, Span, detect_eol, indent_unit, indentation_of, line_of
 
 
 def to_span(value: types.Range) -> Span:
@@ -133,7 +133,8 @@ async def answer_about(
     priority: Priority = Priority.USER,
     work_done_token: Any = None,
     on_text: Callable[[str], None] | None = None,
-) -> Generation:
+) -> tuple[Generation, list[types.Location]]:
+    """The answer about ``sel``, and what of the documents its prompt showed (``shown_locations``)."""
     engine = await server.ready_engine()
     settings = server.settings
     source, offset = server.surrounding(sel.uri, sel.text)
@@ -157,7 +158,32 @@ async def answer_about(
     except (PromptTooLong, ValueError) as exc:
         raise RequestFailed(str(exc)) from None
     title = f"StarChat: {task.title}" + (f" — {question[:40]}" if question else "")
-    return await server.generate(prompt.ids, title=title, priority=priority, work_done_token=work_done_token, on_text=on_text)
+    generation = await server.generate(prompt.ids, title=title, priority=priority, work_done_token=work_done_token,
+                                       on_text=on_text)
+    return generation, shown_locations(prompt, references, (sel.uri, sel.text, source, offset))
+
+
+def shown_locations(prompt: Prompt, references: Sequence[Reference],
+                    about: tuple[str, str, str, int] | None = None) -> list[types.Location]:
+    """What of the documents ``prompt`` showed the model, as whole lines (from the first line's
+    start to the start of the line after the last): the lines of the document it is ``about``
+    (its URI and text, and the code shown around it with where that text starts in it: a
+    notebook cell's notebook), then each attached file shown, whole or its first lines."""
+
+    def lines(uri: str, first: int, stop: int) -> types.Location:
+        return types.Location(uri, types.Range(types.Position(first, 0), types.Position(stop, 0)))
+
+    shown = []
+    if about is not None and prompt.context_lines is not None:
+        uri, text, source, offset = about
+        at = line_of(source, offset)  # where the document starts in the code shown
+        first, stop = (max(0, min(n - at, line_of(text, len(text)) + 1)) for n in prompt.context_lines)
+        if stop > first:
+            shown.append(lines(uri, first, stop))
+    for ref, n in zip(references, prompt.reference_lines):
+        if n:
+            shown.append(lines(ref.uri, ref.first_line, ref.first_line + n))
+    return shown
 
 
 MAX_REFERENCES = 16  # other files one request may show
@@ -178,10 +204,10 @@ def attached_files(server: StarChatServer, references: Sequence[ChatReference], 
         document = server.open_document(uri)
         text, path, language = document.source, server.relative_path(uri), document.language_id or ""
         if ref.range is None:
-            attached.append(Reference(text, path, language))
+            attached.append(Reference(text, path, language, uri=uri))
         else:
             start, end = offsets(server, document, ref.range)
-            attached.append(Reference(text[start:end], path, language, first_line=text.count("\n", 0, start), whole=False))
+            attached.append(Reference(text[start:end], path, language, first_line=line_of(text, start), whole=False, uri=uri))
     return attached
 
 
@@ -230,7 +256,7 @@ async def answer_for_edit(
 
     unwatch = server.protocol.watch(sel.uri, check)
     try:
-        generation = await answer_about(server, sel, task, question=question, problems=problems)
+        generation, _ = await answer_about(server, sel, task, question=question, problems=problems)
     except asyncio.CancelledError:
         if not stale:
             raise

@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from ..text import normalize_eol, split_lines
+from ..text import line_of, normalize_eol, split_lines
 from .format import Message, PromptFormat
 
 
@@ -72,6 +72,7 @@ class Reference:
     language: str = ""
     first_line: int = 0
     whole: bool = True  # ``text`` is the whole file (its label names no lines then)
+    uri: str = ""  # where it came from: for the client, never shown to the model
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class Prompt:
     extra: dict = field(default_factory=dict)
     whole_file: bool = True  # the context's whole file is in it (always, without a context)
     reference_lines: tuple[int, ...] = ()  # lines of each reference shown (all of them, or the first ones)
+    context_lines: tuple[int, int] | None = None  # the context's lines shown, [first, last + 1), 0-based
 
 
 def build_prompt(
@@ -201,7 +203,22 @@ def build_prompt(
     messages = dialogue(before, after_lines[:n_after])
     whole = context is None or (reach_start == 0 and reach_end == len(context.text)
                                 and n_before == len(before_lines) and n_after == len(after_lines))
-    return Prompt(ids, messages, n_before, n_after, dropped, whole_file=whole, reference_lines=reference_lines)
+    lines = None if context is None else _shown_lines(context, before_lines, n_before, n_after)
+    return Prompt(ids, messages, n_before, n_after, dropped, whole_file=whole, reference_lines=reference_lines,
+                  context_lines=lines)
+
+
+def _shown_lines(ctx: CodeContext, before_lines: list[str], n_before: int, n_after: int) -> tuple[int, int]:
+    """The lines of ``ctx.text`` a prompt shows: ``n_before`` lines before the selection (the
+    last of ``before_lines`` is the start of its first line when it starts mid-line), the
+    selection's, and ``n_after`` after it (the first of them the rest of its last line when it
+    ends mid-line)."""
+    partial = bool(before_lines) and not before_lines[-1].endswith("\n")
+    first = line_of(ctx.text, ctx.start) - max(0, n_before - partial)
+    last = line_of(ctx.text, ctx.end)  # the line the selection ends on, or the one after it
+    if ctx.end == 0 or ctx.text[ctx.end - 1] in "\r\n" or (ctx.start == ctx.end and not n_before and not n_after):
+        return first, last + n_after
+    return first, last + max(1, n_after)
 
 
 def _attach(fmt, references: Sequence[Reference], shown: list[str], size, free: int, beside: bool) -> tuple[int, ...]:

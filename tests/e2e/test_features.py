@@ -12,6 +12,7 @@ from lsprotocol import types
 from lsp_server.config import Settings
 from lsp_server.prompts import Message, format_for
 from lsp_server.prompts.requests import chat_prompt
+from lsp_server.prompts.tasks import Task, instruction
 from lsp_server.testing import scenarios as sc
 
 from .conftest import apply_text_edits, plain, rng, wait_until
@@ -184,6 +185,7 @@ async def test_ask_command_shows_the_files_attached_to_it(editor):
             "question": sc.CALLERS_QUESTION, "references": [{"textDocument": {"uri": shapes}}]}
     result = await editor.client.workspace_execute_command_async(types.ExecuteCommandParams(command="starchat.ask", arguments=[args]))
     assert result["text"] == sc.CALLERS_ANSWER
+    assert [entry["uri"] for entry in result["shown"]] == [calc, shapes]
     args["references"] = [{"textDocument": {"uri": calc}}]  # its own document: already there
     result = await editor.client.workspace_execute_command_async(types.ExecuteCommandParams(command="starchat.ask", arguments=[args]))
     assert result["text"] != sc.CALLERS_ANSWER
@@ -442,6 +444,9 @@ async def test_chat_shows_the_files_attached_to_it(editor):
     attached = [{"textDocument": {"uri": shapes}}]
     answer = await chat(editor, [("user", sc.CALLERS_QUESTION)], token="callers", references=attached, **about)
     assert answer["text"] == sc.CALLERS_ANSWER and "".join(editor.partials["callers"]) == sc.CALLERS_ANSWER
+    # the answer says what the model was shown: both files, whole
+    assert answer["shown"] == [seen(calc, 0, len(sc.CALC_PY.splitlines())), seen(shapes, 0, len(sc.SHAPES_PY.splitlines()))]
+    assert "historyDropped" not in answer  # none: left out, as defaults are
     # the same prompt as the model was trained on: the server put shapes.py in, whole
     alone = await chat(editor, [("user", sc.CALLERS_QUESTION)], token="without", **about)
     assert alone["promptTokens"] < answer["promptTokens"] - 20 and alone["text"] != sc.CALLERS_ANSWER
@@ -461,7 +466,43 @@ async def test_chat_shows_the_files_attached_to_it(editor):
     # a part of a file: its lines only (the import line, not ring())
     part = await chat(editor, [("user", sc.RING_QUESTION)], token="part", references=[
         {"textDocument": {"uri": shapes}, "range": {"start": {"line": 0, "character": 0}, "end": {"line": 1, "character": 0}}}])
-    assert 0 < part["promptTokens"] < ring["promptTokens"]
+    assert 0 < part["promptTokens"] < ring["promptTokens"] and part["shown"] == [seen(shapes, 0, 1)]
+
+
+def seen(uri: str, first: int, stop: int) -> dict:
+    """An answer's ``shown`` entry: lines [first, stop) of ``uri``."""
+    return {"uri": uri, "range": {"start": {"line": first, "character": 0}, "end": {"line": stop, "character": 0}}}
+
+
+async def test_chat_says_what_of_a_long_file_and_conversation_it_showed(editor):
+    """A file longer than the context window: the answer names the lines around the selection
+    that the prompt held, and the earlier exchanges left out to fit."""
+    text = "".join(f"value_{i} = {i}  # a line of filler to make the file long\n" for i in range(600))
+    uri = editor.open("long.py", text=text)
+    selected = {"start": {"line": 300, "character": 0}, "end": {"line": 302, "character": 0}}
+    history = [("user", "What is this? " * 60), ("assistant", "Numbers. " * 80)] * 6  # more than the window
+    answer = await chat(editor, [*history, ("user", "Why?")], token="long", textDocument={"uri": uri}, range=selected,
+                        maxNewTokens=2)
+    ((shown,),) = [[entry for entry in answer["shown"] if entry["uri"] == uri]]
+    first, stop = shown["range"]["start"]["line"], shown["range"]["end"]["line"]
+    assert first <= 300 and 302 <= stop and stop - first < 600 and len(answer["shown"]) == 1
+    assert answer["historyDropped"] >= 1
+
+
+async def test_ask_and_explain_as_chat_messages_get_the_commands_prompts(editor):
+    """Both clients stream Ask and Explain as the first message of a chat about the selection:
+    the prompt is the one the starchat.ask and starchat.explain commands build (the same tokens,
+    the same trained answers, the same lines shown)."""
+    uri = editor.open()
+    about = {"textDocument": {"uri": uri}, "range": plain(editor.client.protocol._converter.unstructure(rng(sc.AVERAGE)))}
+    for command, message, answer in (("starchat.explain", instruction(Task.EXPLAIN), sc.EXPLAIN_ANSWER),
+                                     ("starchat.ask", sc.ASK_QUESTION, sc.ASK_ANSWER)):
+        args = {**about, "question": sc.ASK_QUESTION} if command == "starchat.ask" else about
+        by_command = plain(await editor.client.workspace_execute_command_async(
+            types.ExecuteCommandParams(command=command, arguments=[args])))
+        by_chat = await chat(editor, [("user", message)], token=command, **about)
+        assert by_chat["text"] == by_command["text"] == answer, command
+        assert by_chat["promptTokens"] == by_command["promptTokens"] and by_chat["shown"] == by_command["shown"], command
 
 
 async def test_chat_keeps_the_conversation(editor):
@@ -725,6 +766,7 @@ async def test_a_notebooks_markdown_cells_reach_the_prompt_as_comments(editor):
                           textDocument={"uri": uri}, range=span)
 
     in_notebook = await ask(cells["c3"], 0)
+    assert in_notebook["shown"] == [seen(cells["c3"], 0, len(lines) - 7)]  # the cell's own lines, all of them
     editor.client.notebook_document_did_close(types.DidCloseNotebookDocumentParams(
         notebook_document=types.NotebookDocumentIdentifier(uri=editor.uri(NOTEBOOK_URI_NAME)),
         cell_text_documents=[types.TextDocumentIdentifier(uri=uri) for uri in cells.values()]))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from lsp_server.prompts.tasks import Task, instruction
 from lsp_server.testing import scenarios as sc
 
 HERE = Path(__file__).resolve().parent
@@ -205,7 +206,7 @@ def test_code_actions_list_starchat_and_ask_runs_the_client_command(nvim):
         "StarChat: Ask…",
         "StarChat: Edit…",
     ]
-    # "Ask…" is the client-side command starchat.askQuestion: vim.ui.input, then starchat.ask
+    # "Ask…" is the client-side command starchat.askQuestion: vim.ui.input, then the question
     assert result["prompts"] == ["Ask StarChat: "]
     assert result["kind"] == "ask"
     assert result["answer"] == sc.ASK_ANSWER
@@ -221,6 +222,10 @@ def test_popup_menu_entry_asks_about_the_selection(nvim):
     assert result["context"] == {"start": {"line": 3, "character": 0}, "end": {"line": 5, "character": 0}}
     assert result["answer"] == sc.ASK_ANSWER
     assert result["chat_text"].startswith(f"## You · calc.py:4-5\n{sc.ASK_QUESTION}\n\n## StarChat\n{sc.ASK_ANSWER}\n")
+    # asked as the first message of a chat about the selection (starchat.ask's prompt), streamed
+    assert result["requests"] == [{"messages": [{"role": "user", "content": sc.ASK_QUESTION}], "streamed": True,
+                                   "range": result["context"]}], result["requests"]
+    assert result["pieces"] > 1
 
 
 def test_chat_buffer_streams_the_answer_and_keeps_the_history(nvim):
@@ -272,6 +277,11 @@ def test_fix_tells_the_server_the_diagnostics_shown_there(nvim):
 def test_explain_document_and_tests_commands(nvim):
     result = step(nvim, "tasks")
     assert result["explain"] == {"answer": sc.EXPLAIN_ANSWER, "kind": "explain"}
+    # the server's Explain instruction as a chat message (starchat.explain's prompt), streamed
+    lines = {"start": {"line": 3, "character": 0}, "end": {"line": 5, "character": 0}}
+    assert result["explain_sent"]["requests"] == [{"messages": [{"role": "user", "content": instruction(Task.EXPLAIN)}],
+                                                   "streamed": True, "range": lines}], result["explain_sent"]
+    assert result["explain_sent"]["pieces"] > 1
     # the code goes into a new buffer test_calc.py (Neovim keeps the empty line it started with)
     assert result["tests_text"].rstrip("\n") == sc.TESTS_CODE.rstrip("\n")
     assert result["documented"] == sc.CALC_PY.replace("def area(radius):", sc.DOCUMENT_LINE + "def area(radius):")
@@ -468,6 +478,11 @@ def test_files_attached_to_the_chat_reach_the_model(nvim):
     assert [uri.rsplit("/", 1)[-1] for uri in result["ring"]["references"]] == ["shapes.py"]
     callers = result["callers"]
     assert callers["answer"] == sc.CALLERS_ANSWER and callers["kind"] == "ask" and callers["pieces"] > 1, callers
+    # beside each answer's header, what the model saw (the answer's `shown`): all of each file
+    assert (result["ring"]["seen"], callers["seen"]) == ("saw shapes.py", "saw calc.py, shapes.py"), result
+    assert result["seen_marks"] == [{"line": "## StarChat", "text": "  saw shapes.py"},
+                                    {"line": "## StarChat", "text": "  saw calc.py, shapes.py"}], result["seen_marks"]
+    assert result["seen_partial"] == f"saw calc.py (lines 3-5 of {result['code_lines']}); left out the 2 earliest exchanges to fit"
     assert result["chat_text"].endswith(
         f"## You · calc.py:{sc.AREA.start.line + 1}-{sc.AREA.end.line}\n{sc.CALLERS_QUESTION}\n\n"
         f"## StarChat\n{sc.CALLERS_ANSWER}\n\n## You\n\n"

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from lsp_server.prompts.tasks import Task, instruction
 from lsp_server.testing import scenarios as sc
 
 HERE = Path(__file__).resolve().parent
@@ -514,17 +515,37 @@ def test_inline_completion_off_with_completion_enabled_false(session):
     assert disabled["disk"] == sc.FILL_SUM_TEXT  # the bracket closed, nothing else
 
 
+def about_average(message: str) -> dict:
+    """The streamed starchat/chat request Ask a Question… and Explain send about average()'s lines."""
+    lines = {"start": {"line": 3, "character": 0}, "end": {"line": 5, "character": 0}}
+    return {"messages": [{"role": "user", "content": message}], "uri": "calc.py", "range": lines, "streamed": True}
+
+
 def test_ask_a_question_answers_in_the_chat_view(session):
+    """Asked as the first message of a chat about the selection (the prompt of the server's
+    starchat.ask), streamed into the view."""
     result = step(session, "ask")
     assert result["answer"] == sc.ASK_ANSWER
     assert [t["role"] for t in result["turns"]] == ["user", "assistant"]
     assert result["turns"][0]["text"] == sc.ASK_QUESTION
+    # (streamed, but this first answer can be over before the view it opens has loaded: the
+    # Explain below, in the loaded view, shows the pieces arrive)
+    assert result["sent"] == [about_average(sc.ASK_QUESTION)], result["sent"]
 
 
 def test_explain_answers_in_the_chat_view(session):
     result = step(session, "explain")
     assert result["answer"] == sc.EXPLAIN_ANSWER
     assert [t["role"] for t in result["turns"]] == ["user", "assistant", "user", "assistant"]
+    assert result["sent"] == [about_average(instruction(Task.EXPLAIN))], result["sent"]
+    assert result["updates"] > 1, "the answer did not stream"
+
+
+def test_explain_is_the_servers_instruction():
+    """Both clients ask Explain as a chat message: the server's instruction, word for word, so
+    that the prompt is starchat.explain's (tests/e2e/test_features.py checks that it is)."""
+    for client in ("editor-clients/vscode/src/chat.ts", "editor-clients/nvim/lua/starchat/chat.lua"):
+        assert f'"{instruction(Task.EXPLAIN)}"' in (REPO / client).read_text(), client
 
 
 def test_chat_goes_on_about_a_closed_file(session):
@@ -558,7 +579,8 @@ def test_files_attached_to_the_chat_reach_the_model(session):
     .env, nor the notebook); shapes.py picked shows as a chip. With area() selected and the chat
     about it, "Who calls this?" goes with shapes.py (`references`), and the model, trained to
     give this answer only when its prompt shows shapes.py, names ring(); so does Ask a Question…
-    on the selection (starchat.ask's references). The chip's × removes it:
+    on the selection (starchat.ask's references). Under each answer, the files the model saw,
+    a click on one opens it. The chip's × removes it:
     the next message goes without it. The Explorer's menu offers the command on shapes.py, not
     on the .env; New Chat clears what is attached."""
     result = step(session, "attach")
@@ -576,6 +598,9 @@ def test_files_attached_to_the_chat_reach_the_model(session):
     assert result["asked"] == sc.CALLERS_ANSWER.replace("`", ""), result["asked"]
     assert result["removed"] == [] and not result["chipsShown"]
     assert result["sentAgain"] == [{"references": None, "messages": 5}], result["sentAgain"]
+    # each answer says what the model saw (the answer's `shown`): all of calc.py and of shapes.py, then calc.py alone
+    assert result["seen"] == ["Saw calc.py, shapes.py."] * 2 + ["Saw calc.py."], result["seen"]
+    assert "shapes.py" in result["opened"], result["opened"]
     assert "Add File to Chat" in result["menuOnFile"], result["menuOnFile"]
     assert "Add File to Chat" not in result["menuOnSecret"] and any(label.startswith("Copy") for label in result["menuOnSecret"]), result["menuOnSecret"]
     assert result["fromExplorer"] == ["shapes.py"] and result["afterNewChat"] == [], result

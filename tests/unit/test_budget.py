@@ -428,3 +428,32 @@ def test_a_huge_attached_file_costs_only_what_can_fit(tokenizer):
     huge = numbered_file(200_000)
     prompt = chat_prompt(fmt, system="s", budget=500, messages=[Message("user", "Why?")], references=[Reference(huge, "big.py")])
     assert 0 < prompt.reference_lines[0] < 100 and f"of 200000" in prompt.messages[1].content
+
+
+@pytest.mark.parametrize("eol", ["\n", "\r\n"])
+@pytest.mark.parametrize("budget", [160, 400, 3000])
+def test_the_prompt_says_which_lines_of_the_document_it_shows(tokenizer, budget, eol):
+    """``context_lines`` names exactly the lines of the file whose text the prompt holds, for
+    selections that start and end mid-line or on a line's start, an empty one and none."""
+    fmt = format_for(tokenizer)
+    text = numbered_file(120, eol)
+    line = lambda i: text.index(f"line_{i} =")  # noqa: E731
+    cases = {
+        "mid-line": (text.index("= 60  #"), text.index("filler", line(62))),
+        "whole lines": (line(60), line(63)),
+        "empty": (text.index("= 60  #"),) * 2,
+        "none": (0, 0),
+        "last line": (line(119), len(text)),
+    }
+    for name, (start, end) in cases.items():
+        for history in ([], [Message("user", "What is it?"), Message("assistant", "Numbers " * 30)]):
+            prompt = chat_prompt(fmt, system="s", budget=budget, messages=[*history, Message("user", "Why?")],
+                                 text=text, start=start, end=end, path="a.py", language="python")
+            first, stop = prompt.context_lines
+            shown = [i for i in range(120) if f"= {i}  #" in prompt.messages[1].content]
+            assert shown == list(range(first, stop)), (name, len(history))
+            assert (first, stop) == (0, 120) or not prompt.whole_file
+    whole = chat_prompt(fmt, system="s", budget=3000, messages=[Message("user", "Why?")], text=numbered_file(5),
+                        start=0, end=0, path="a.py", language="python")
+    assert whole.whole_file and whole.context_lines == (0, 5)
+    assert chat_prompt(fmt, system="s", budget=300, messages=[Message("user", "Why?")]).context_lines is None

@@ -120,11 +120,16 @@ def test_docs_name_every_method_command_and_setting():
     assert [n for n in names if f"`{n}`" not in docs] == []
     import attrs
 
-    from lsp_server.protocol import ChatParams
+    from lsp_server.protocol import Answer, ChatParams
 
     chat = docs.split("\n## Chat", 1)[1].split("\n## ", 1)[0]
-    camel = [re.sub(r"_(\w)", lambda m: m[1].upper(), f.name) for f in attrs.fields(ChatParams)]
-    assert "references" in camel and [name for name in camel if f"| `{name}` |" not in chat] == []
+
+    def camel(cls) -> list[str]:
+        return [re.sub(r"_(\w)", lambda m: m[1].upper(), f.name) for f in attrs.fields(cls)]
+
+    assert "references" in camel(ChatParams) and [name for name in camel(ChatParams) if f"| `{name}` |" not in chat] == []
+    result = chat.split("Result (`Answer`): `{", 1)[1].split("}`", 1)[0]
+    assert [name for name in camel(Answer) if not re.search(rf"\b{name}\b", result)] == []
     table = docs.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
     cells = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| `")]
     documented = {key.strip().strip("`"): default.strip().strip("`") for key, default in cells}

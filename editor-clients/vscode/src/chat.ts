@@ -7,7 +7,6 @@ import * as vscode from "vscode";
 import {
   CancellationTokenSource as LspCancellationTokenSource,
   ErrorCodes,
-  ExecuteCommandRequest,
   LanguageClient,
   ProgressType,
   Range as LspRange,
@@ -58,6 +57,19 @@ export interface Turn {
   error?: string;
   finishReason?: string;
   progress?: string;
+  /** What of the documents the model saw for this answer (the answer's `shown`). */
+  seen?: Seen[];
+  /** Earlier exchanges left out of the prompt to fit (the answer's `historyDropped`). */
+  historyDropped?: number;
+}
+
+/** A document the model saw: its name, the line to open it at, and which lines it saw ("" when
+ * all of it). */
+export interface Seen {
+  uri: string;
+  label: string;
+  line: number;
+  lines: string;
 }
 
 interface Answer {
@@ -67,6 +79,9 @@ interface Answer {
   completionTokens: number;
   /** Of promptTokens: not computed again, the engine's cache held them (docs/protocol.md). */
   cachedTokens: number;
+  /** The lines of each document the prompt held (whole lines; left out when none). */
+  shown?: { uri: string; range: LspRange }[];
+  historyDropped?: number;
 }
 
 /** The document and range a conversation is about. */
@@ -86,7 +101,8 @@ type FromWebview =
   | { type: "removeReference"; uri: string }
   | { type: "insert"; code: string }
   | { type: "replace"; code: string }
-  | { type: "copy"; code: string };
+  | { type: "copy"; code: string }
+  | { type: "open"; uri: string; line: number };
 
 /** The conversation in the workspace's state (Memento): its last turns, at most this many and
  * this big (JSON), the context (a reference: the document's URI, a range and a label, never its
@@ -107,6 +123,9 @@ interface SavedChat {
 export const MAX_REFERENCES = 16;
 
 const ChatPartial = new ProgressType<{ delta: string }>();
+/** The server's Explain instruction (lsp_server/prompts/tasks.py): Explain asked as a chat
+ * message gets the prompt of the server's starchat.explain. */
+export const EXPLAIN_INSTRUCTION = "Explain what the selected code does.";
 let tokens = 0;
 const newToken = (kind: string) => `starchat-${kind}-${Date.now().toString(36)}-${++tokens}`;
 
@@ -308,6 +327,14 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
         await vscode.env.clipboard.writeText(message.code);
         void vscode.window.setStatusBarMessage("StarChat: code copied", 2000);
         break;
+      case "open": {
+        // a file the answer saw, at the first line it saw (beside the chat, in the last editor's column)
+        const at = new vscode.Position(message.line, 0);
+        await vscode.window.showTextDocument(vscode.Uri.parse(message.uri), {
+          viewColumn: this.lastEditor?.viewColumn, selection: new vscode.Range(at, at), preview: true,
+        }).then(undefined, (error) => vscode.window.showWarningMessage(`StarChat: ${describeError(error)}`));
+        break;
+      }
     }
   }
 
@@ -520,20 +547,16 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
       params.textDocument = { uri: context.uri };
       if (context.range) params.range = context.range;
     }
-    // In the prompt's first turn, like the context: sent with every message of the conversation.
-    if (references.length) params.references = references.map((uri) => ({ textDocument: { uri } }));
-    await this.generate(client, (token, onDelta) => {
-      const partialResultToken = newToken("chat");
-      params.partialResultToken = partialResultToken;
-      const listener = client.onProgress(ChatPartial, partialResultToken, (value) => onDelta(value.delta));
-      return client.sendRequest<Answer>("starchat/chat", params, token).finally(() => listener.dispose());
-    });
+    await this.chat(client, params, references);
   }
 
-  /** Ask or Explain (server commands) about a selection; the answer shows in the chat. */
-  async runCommand(
-    command: "starchat.ask" | "starchat.explain",
-    args: { textDocument: { uri: string }; range: LspRange; question?: string; references?: { textDocument: { uri: string } }[] },
+  /** Ask a Question… and Explain about a selection (from the menus, and the server's Explain
+   * code action): the question, or Explain's instruction, as the first message of a conversation
+   * about the selection, streamed into the chat. Its prompt is the one the server's starchat.ask
+   * and starchat.explain build (which cannot stream: executeCommand has no partial results). */
+  async askAbout(
+    kind: "ask" | "explain",
+    args: { textDocument: { uri: string }; range: LspRange; question?: string },
   ): Promise<Answer | undefined> {
     const client = await this.readyClient();
     if (!client) return undefined;
@@ -541,18 +564,29 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
     const label = `${documentName(uri)}:${rangeLabel(client.protocol2CodeConverter.asRange(args.range))}`;
     this.context = { uri: args.textDocument.uri, range: args.range, label };
     const references = await this.usableReferences();
-    if (command === "starchat.ask") this.addTurn("user", args.question ?? "", "done", `Ask about ${label}`);
-    else this.addTurn("user", "Explain the selected code.", "done", `Explain ${label}`);
-    // the files attached to the conversation go with it, as with a message
-    if (references.length) args = { ...args, references: references.map((uri) => ({ textDocument: { uri } })) };
-    return this.generate(client, (token, _onDelta, onProgress) => {
-      const workDoneToken = newToken("command");
-      const listener = client.onProgress(WorkDoneProgress.type, workDoneToken, (value: WorkDoneProgressBegin | WorkDoneProgressReport | WorkDoneProgressEnd) => {
-        if (value.kind !== "end" && value.message) onProgress(value.message);
-      });
+    const text = kind === "ask" ? (args.question ?? "").trim() : EXPLAIN_INSTRUCTION;
+    this.addTurn("user", text, "done", kind === "ask" ? `Ask about ${label}` : `Explain ${label}`);
+    const messages = [{ role: "user", content: text }];
+    return this.chat(client, { messages, textDocument: args.textDocument, range: args.range }, references);
+  }
+
+  /** A `starchat/chat` request, its answer streamed into a new turn; progress (the model
+   * loading, the wait for the engine) shows until the first piece. */
+  private chat(client: LanguageClient, params: Record<string, unknown>, references: string[]): Promise<Answer | undefined> {
+    // In the prompt's first turn, like the context: sent with every message of the conversation.
+    if (references.length) params.references = references.map((uri) => ({ textDocument: { uri } }));
+    return this.generate(client, (token, onDelta, onProgress) => {
+      const partialResultToken = newToken("chat");
+      const workDoneToken = newToken("progress");
+      const listeners = [
+        client.onProgress(ChatPartial, partialResultToken, (value) => onDelta(value.delta)),
+        client.onProgress(WorkDoneProgress.type, workDoneToken, (value: WorkDoneProgressBegin | WorkDoneProgressReport | WorkDoneProgressEnd) => {
+          if (value.kind !== "end" && value.message) onProgress(value.message);
+        }),
+      ];
       return client
-        .sendRequest(ExecuteCommandRequest.type, { command, arguments: [args], workDoneToken }, token)
-        .finally(() => listener.dispose()) as Promise<Answer>;
+        .sendRequest<Answer>("starchat/chat", { ...params, partialResultToken, workDoneToken }, token)
+        .finally(() => listeners.forEach((listener) => listener.dispose()));
     });
   }
 
@@ -595,10 +629,12 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
       if (running.stopped) {
         turn.status = "stopped";
       } else {
-        // The streamed pieces add up to the answer; the final text wins (commands stream nothing).
+        // The streamed pieces add up to the answer; the final text wins.
         turn.content = answer?.text ?? turn.content;
         turn.finishReason = answer?.finishReason;
         turn.status = answer?.finishReason === "cancelled" ? "stopped" : "done";
+        turn.seen = seenDocuments(answer?.shown);
+        turn.historyDropped = answer?.historyDropped;
       }
       return answer;
     } catch (error) {
@@ -686,6 +722,21 @@ function referenceLabel(uri: string): string {
 /** The document of `uri` if the editor has it open (and so the server has it). */
 function openDocument(uri: string): vscode.TextDocument | undefined {
   return vscode.workspace.textDocuments.find((document) => !document.isClosed && sameDocument(document.uri, uri));
+}
+
+/** The answer's `shown`, for the user: each document's name, and its lines when the model did not
+ * see all of it ("lines 1-120 of 400"). */
+function seenDocuments(shown: Answer["shown"]): Seen[] | undefined {
+  if (!shown?.length) return undefined;
+  return shown.map(({ uri, range }) => {
+    const first = range.start.line;
+    const stop = range.end.character === 0 ? range.end.line : range.end.line + 1; // past the last line seen
+    const document = openDocument(uri);
+    // lines with text: a last empty line (after a final line break) is not one
+    const total = document && document.lineCount - (document.lineAt(document.lineCount - 1).text === "" ? 1 : 0);
+    const lines = first === 0 && total !== undefined && stop >= total ? "" : `lines ${first + 1}-${stop}${total ? ` of ${total}` : ""}`;
+    return { uri, label: referenceLabel(uri), line: first, lines };
+  });
 }
 
 function rangeLabel(range: vscode.Range): string {

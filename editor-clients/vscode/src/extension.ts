@@ -251,9 +251,9 @@ async function start(): Promise<void> {
         );
         return resolved ?? item;
       },
-      // Ask and Explain (from the code actions) answer in the chat view; edits show progress.
+      // Ask and Explain (from the code actions) answer in the chat view, streamed; edits show progress.
       executeCommand: async (command, args, next) => {
-        if (command === "starchat.ask" || command === "starchat.explain") return chat.runCommand(command, args[0]);
+        if (command === "starchat.ask" || command === "starchat.explain") return chat.askAbout(command === "starchat.ask" ? "ask" : "explain", args[0]);
         if (command === "starchat.runTask" || command === "starchat.edit") {
           const title = command === "starchat.runTask" ? `StarChat: ${TASK_TITLES[args[0]?.task as Task] ?? args[0]?.task}` : "StarChat: Edit";
           return withCancellableProgress(title, (token) => sendCommand(command, args, token));
@@ -448,7 +448,7 @@ async function askQuestion(arg?: unknown): Promise<void> {
   const args = givenOrSelection(arg);
   if (!args) return;
   const question = await inputText("Ask StarChat", "A question about the selected code", "e.g. Does this handle an empty list?");
-  if (question) await chat.runCommand("starchat.ask", { textDocument: args.textDocument, range: args.range, question });
+  if (question) await chat.askAbout("ask", { textDocument: args.textDocument, range: args.range, question });
 }
 
 /** StarChat: Edit…: an instruction for the selected code ("Add type hints"); the server puts the
@@ -477,7 +477,7 @@ async function addFileToChat(arg?: unknown, selected?: unknown): Promise<void> {
 
 async function explainSelection(): Promise<void> {
   const args = selectionArgs();
-  if (args) await chat.runCommand("starchat.explain", { textDocument: args.textDocument, range: args.range });
+  if (args) await chat.askAbout("explain", { textDocument: args.textDocument, range: args.range });
 }
 
 /** Fix, Optimize, Document, Write tests: the server computes the edit and applies it with

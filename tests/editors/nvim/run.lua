@@ -176,6 +176,19 @@ local function record_sent(c)
   end
 end
 
+--- The starchat/chat requests among `sent` (record_sent), as the tests compare them: their
+--- messages, range and whether they stream.
+local function chat_requests(sent)
+  local out = {}
+  for _, m in ipairs(sent) do
+    if m.method == "starchat/chat" then
+      local p = vim.json.decode(m.json)
+      table.insert(out, { messages = p.messages, range = p.range, streamed = p.partialResultToken ~= nil })
+    end
+  end
+  return out
+end
+
 local steps = {}
 
 function steps.start()
@@ -281,6 +294,7 @@ function steps.popup()
     shot("popup-question", (opts.prompt or "") .. sc.ASK_QUESTION)
     on_confirm(sc.ASK_QUESTION)
   end
+  local sent, stop = record_sent(client())
   local ok, err = pcall(function()
     select_lines(4, 5)
     -- What a right-click on the selection and a click on the entry run: the Visual-mode menu.
@@ -291,6 +305,7 @@ function steps.popup()
     end, "the question to be sent")
     wait_turn(chat.current or last_turn())
   end)
+  stop()
   vim.ui.input = orig_input
   if not ok then
     error(err)
@@ -304,6 +319,8 @@ function steps.popup()
     prompts = asked,
     answer = turn.answer,
     kind = turn.kind,
+    pieces = turn.pieces,
+    requests = chat_requests(sent),
     chat_text = buf_text(chat.buf),
     context = chat.context and chat.context.range,
   }
@@ -418,11 +435,14 @@ function steps.tasks()
   chat.clear()
   -- Explain: the answer goes to the chat buffer
   select_lines(4, 5)
+  local sent, stop = record_sent(client())
   vim.cmd([['<,'>StarChatExplain]])
   local turn = chat.current or last_turn()
   wait_turn(turn)
+  stop()
   shot("explain-answer")
   local explain = { answer = turn.answer, kind = turn.kind }
+  local explain_sent = { pieces = turn.pieces, requests = chat_requests(sent) }
   -- Write tests: a new test_calc.py beside calc.py
   select_lines(4, 5)
   vim.cmd([['<,'>StarChatTests]])
@@ -443,7 +463,8 @@ function steps.tasks()
   shot("document-applied")
   local documented = buf_text(code_buf)
   vim.cmd("silent edit!") -- back to calc.py as on disk
-  return { explain = explain, tests_text = tests_text, documented = documented, reverted = buf_text(code_buf) }
+  return { explain = explain, explain_sent = explain_sent, tests_text = tests_text, documented = documented,
+    reverted = buf_text(code_buf) }
 end
 
 function steps.fix()
@@ -1647,15 +1668,28 @@ function steps.chat_files()
     command("StarChatChat " .. sc.RING_QUESTION)
     local ring = chat.current or last_turn()
     wait_turn(ring)
-    out.ring = { answer = ring.answer, references = ring.references }
+    out.ring = { answer = ring.answer, references = ring.references, seen = ring.seen }
     shot("chat-files-ring")
     -- about area()'s lines: :'<,'>StarChat with a question
     select_lines(sc.AREA_FIRST_LINE, sc.AREA_LAST_LINE)
     command("'<,'>StarChat " .. sc.CALLERS_QUESTION)
     local callers = chat.current or last_turn()
     wait_turn(callers)
-    out.callers = { answer = callers.answer, kind = callers.kind, pieces = callers.pieces, references = callers.references }
+    out.callers = { answer = callers.answer, kind = callers.kind, pieces = callers.pieces, references = callers.references,
+      seen = callers.seen }
     out.chat_text = buf_text(chat.buf)
+    -- what each answer saw, as shown beside its "## StarChat"
+    out.seen_partial = chat.seen_text({
+      shown = { { uri = vim.uri_from_bufnr(code_buf), range = { start = { line = 2, character = 0 }, ["end"] = { line = 5, character = 0 } } } },
+      historyDropped = 2,
+    })
+    out.code_lines = vim.api.nvim_buf_line_count(code_buf)
+    out.seen_marks = {}
+    local seen_ns = vim.api.nvim_get_namespaces().starchat_chat_seen
+    for _, mark in ipairs(vim.api.nvim_buf_get_extmarks(chat.buf, seen_ns, 0, -1, { details = true })) do
+      local line = vim.api.nvim_buf_get_lines(chat.buf, mark[2], mark[2] + 1, false)[1]
+      table.insert(out.seen_marks, { line = line, text = mark[4].virt_text[1][1] })
+    end
     shot("chat-files-callers")
     -- a follow-up names it too (a short answer: the model was not trained for it)
     require("starchat.config").options.chat.max_new_tokens = 4

@@ -461,6 +461,7 @@ async function chatTurns() {
     [...document.querySelectorAll(".turn")].map((t) => ({
       role: t.classList.contains("user") ? "user" : t.classList.contains("notice") ? "notice" : "assistant",
       error: t.querySelector(".note.error")?.textContent ?? null,
+      seen: t.querySelector(".note.seen")?.textContent ?? null,
       status: t.dataset.status,
       updates: Number(t.dataset.updates ?? 0),
       text: (t.querySelector(".content")?.textContent ?? "").trim(),
@@ -497,6 +498,13 @@ async function sendChat(frame, text) {
   await input.fill(text);
   await input.press("Enter");
 }
+
+/** A starchat/chat request as the tests compare it: its messages, document (file name), range
+ * and whether it streams. */
+const chatSent = (p) => ({
+  messages: p.messages, uri: p.textDocument?.uri?.replace(/^.*\//, "") ?? null, range: p.range ?? null,
+  streamed: typeof p.partialResultToken === "string",
+});
 
 const answerDone = async (frame, turns) => {
   const list = await chatTurns();
@@ -891,23 +899,27 @@ try {
     await input.waitFor({ state: "visible" });
     await input.fill(sc.askQuestion);
     await screenshot("ask-question");
+    const chatsBefore = requestParams(clientLog(), "starchat/chat").length;
     await page.keyboard.press("Enter");
     const frame = await chatPageFrame();
     const answer = await until("the answer in the chat view", () => answerDone(frame, 2), 60000);
     await sleep(200);
     await screenshot("ask-answer");
     if (answer.text !== sc.askAnswer) throw new Error(`answer ${JSON.stringify(answer.text)}`);
-    return { answer: answer.text, turns: await chatTurns() };
+    const sent = requestParams(clientLog(), "starchat/chat").slice(chatsBefore);
+    return { answer: answer.text, updates: answer.updates, turns: await chatTurns(), sent: sent.map(chatSent) };
   }, { needs: ["open"] });
 
   await step("explain", async () => {
     await selectLines(4, 5);
     await contextMenuAction("def average", "Explain");
+    const chatsBefore = requestParams(clientLog(), "starchat/chat").length;
     const frame = await chatPageFrame();
     const answer = await until("the explanation in the chat view", () => answerDone(frame, 4), 60000);
     await sleep(200);
     await screenshot("explain");
-    return { answer: answer.text, turns: await chatTurns() };
+    const sent = requestParams(clientLog(), "starchat/chat").slice(chatsBefore);
+    return { answer: answer.text, updates: answer.updates, turns: await chatTurns(), sent: sent.map(chatSent) };
   }, { needs: ["ask"] });
 
   // The chat is about calc.py:4-5 (from Explain). The user closes calc.py and asks on: the
@@ -1020,8 +1032,8 @@ try {
     await screenshot("attached-answer");
     const sent = requestParams(clientLog(), "starchat/chat").slice(chatsBefore);
     const about = await frame.evaluate(() => document.getElementById("context-label").textContent);
-    // Ask a Question… on the selection takes the attached file too (starchat.ask's references)
-    const asksBefore = requests(clientLog(), "workspace/executeCommand").length;
+    // Ask a Question… on the selection takes the attached file too
+    const asksBefore = requestParams(clientLog(), "starchat/chat").length;
     await selectLines(8, 9);
     await contextMenuAction("def area", "Ask a Question");
     const question = page.locator(".quick-input-widget input.input");
@@ -1029,8 +1041,7 @@ try {
     await question.fill(sc.callersQuestion);
     await page.keyboard.press("Enter");
     const asked = await until("the answer to Ask a Question…", () => answerDone(frame, 4), 60000);
-    const askSent = requestParams(clientLog(), "workspace/executeCommand").slice(asksBefore)
-      .filter((p) => p.command === "starchat.ask").map((p) => p.arguments[0].references ?? null);
+    const askSent = requestParams(clientLog(), "starchat/chat").slice(asksBefore).map((p) => p.references ?? null);
 
     // its × removes it; the next message goes without it
     await chatFrame().locator("#references .reference", { hasText: "shapes.py" }).locator("button.reference-remove").click();
@@ -1039,9 +1050,14 @@ try {
       return chips.length === 0 && chips;
     }, 10000, 100);
     const chipsShown = await frame.evaluate(() => !document.getElementById("references").hidden);
+    const chatsBeforeAgain = requestParams(clientLog(), "starchat/chat").length;
     await sendChat(frame, sc.callersQuestion);
     const again = await until("the answer without shapes.py", () => answerDone(frame, 6), 60000);
-    const sentAgain = requestParams(clientLog(), "starchat/chat").slice(chatsBefore + sent.length);
+    const sentAgain = requestParams(clientLog(), "starchat/chat").slice(chatsBeforeAgain);
+    // the first answer's note names the files it saw; a click on one opens it
+    await chatFrame().locator(".turn.assistant").first().locator("a.seen-file", { hasText: "shapes.py" }).click();
+    await editor().locator(".view-line", { hasText: "def ring" }).waitFor({ timeout: 10000 });
+    const opened = (await page.locator(".tabs-container .tab.active").first().innerText()).replace(/\s+/g, "");
 
     // the Explorer's right-click menu: on shapes.py (picked), not on the .env; New Chat clears it
     const menuOnSecret = await explorerMenu(".env");
@@ -1057,6 +1073,7 @@ try {
     await openCalc();
     return {
       listed, attached, answer: answer.text, answerStatus: answer.status, about, asked: asked.text, askSent,
+      seen: [answer.seen, asked.seen, again.seen], opened,
       sent: sent.map((p) => ({ uri: p.textDocument?.uri?.replace(/^.*\//, "") ?? null, range: p.range ?? null, references: p.references ?? null })),
       removed, chipsShown, again: again.text, sentAgain: sentAgain.map((p) => ({ references: p.references ?? null, messages: p.messages.length })),
       menuOnSecret, menuOnFile, fromExplorer, afterNewChat,

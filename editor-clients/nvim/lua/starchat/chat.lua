@@ -17,6 +17,7 @@ local USER = "## You"
 local BOT = "## StarChat"
 local ns = vim.api.nvim_create_namespace("starchat_chat")
 local hint_ns = vim.api.nvim_create_namespace("starchat_chat_hint")
+local seen_ns = vim.api.nvim_create_namespace("starchat_chat_seen")
 
 --- At most this many files attached to a conversation (the server's limit).
 M.MAX_FILES = 16
@@ -422,6 +423,46 @@ local function settle(turn, text)
   turn.answer, turn.cr = text, nil
 end
 
+--- What the model saw for an answer (its `shown` and `historyDropped`), for the user: each file's
+--- name, with the lines it saw when not all of them ("calc.py (lines 1-40 of 600)"); nil for none.
+function M.seen_text(result)
+  local parts = {}
+  for _, location in ipairs(result.shown or {}) do
+    local first, last = location.range.start, location.range["end"]
+    local stop = last.character == 0 and last.line or last.line + 1 -- past the last line seen
+    local fname = vim.uri_to_fname(location.uri)
+    local buf = vim.fn.bufnr(fname)
+    local total = buf ~= -1 and vim.api.nvim_buf_is_loaded(buf) and vim.api.nvim_buf_line_count(buf) or nil
+    local name = vim.fn.fnamemodify(fname, ":~:.")
+    if first.line == 0 and total and stop >= total then
+      table.insert(parts, name)
+    else
+      table.insert(parts, ("%s (lines %d-%d%s)"):format(name, first.line + 1, stop, total and (" of " .. total) or ""))
+    end
+  end
+  local notes = {}
+  if #parts > 0 then
+    table.insert(notes, "saw " .. table.concat(parts, ", "))
+  end
+  local dropped = result.historyDropped or 0
+  if dropped > 0 then
+    table.insert(notes, dropped == 1 and "left out the earliest exchange to fit"
+      or ("left out the %d earliest exchanges to fit"):format(dropped))
+  end
+  return #notes > 0 and table.concat(notes, "; ") or nil
+end
+
+--- Beside the answer's "## StarChat": what the model saw (M.seen_text).
+local function show_seen(turn, result)
+  turn.seen = M.seen_text(result)
+  if turn.seen and loaded() and turn.answer_line > 0 then
+    pcall(vim.api.nvim_buf_set_extmark, M.buf, seen_ns, turn.answer_line - 1, 0, {
+      virt_text = { { "  " .. turn.seen, "Comment" } },
+      virt_text_pos = "eol",
+    })
+  end
+end
+
 local function on_result(turn)
   return function(err, result)
     if turn.cancelled or M.current ~= turn then
@@ -438,6 +479,7 @@ local function on_result(turn)
     end
     result = result or {}
     settle(turn, result.text)
+    show_seen(turn, result)
     turn.finish = result.finishReason
     turn.done = true
     end_turn(turn, result.finishReason == "length" and "[stopped at maxNewTokens]" or nil)
@@ -876,9 +918,15 @@ function M.send(text, opts)
   return turn
 end
 
---- Ask about a selection (starchat.ask with a question, starchat.explain without; with files
---- attached to the conversation, starchat/chat about the selection with them as `references`);
---- the answer goes to the chat buffer, and follow-up chat messages keep the selection as context.
+--- The server's Explain instruction (lsp_server/prompts/tasks.py): Explain asked as a chat
+--- message gets the prompt of the server's starchat.explain.
+M.EXPLAIN_INSTRUCTION = "Explain what the selected code does."
+
+--- Ask about a selection (Explain without a question): the question, or Explain's instruction,
+--- as the first message of a chat about the selection (the prompt of the server's starchat.ask
+--- and starchat.explain, which cannot stream: executeCommand has no partial results), with the
+--- files attached to the conversation, streamed into the chat buffer; follow-up chat messages
+--- keep the selection as context.
 --- finalize(client) -> args: the arguments in the client's position encoding once it is ready
 --- (see init.lua); `args` is used as it is without it.
 function M.ask(client, bufnr, args, question, finalize)
@@ -892,7 +940,7 @@ function M.ask(client, bufnr, args, question, finalize)
   local turn = {
     kind = explain and "explain" or "ask",
     question = shown,
-    user_content = explain and "Explain what the selected code does." or question,
+    user_content = explain and M.EXPLAIN_INSTRUCTION or vim.trim(question),
     answer = "",
     pieces = 0,
     client = client,
@@ -900,38 +948,22 @@ function M.ask(client, bufnr, args, question, finalize)
   begin_turn(turn, USER .. " · " .. label, shown)
   local context = { bufnr = bufnr, uri = args.textDocument.uri, range = args.range, label = label }
   M.context = context
-  local function about(c)
+  prune_files()
+  local token = stream(turn)
+  turn.req = lsp.request(client, "starchat/chat", function(c)
     local arguments = finalize and finalize(c) or vim.deepcopy(args)
     context.range = arguments.range
     pin(context, c.offset_encoding)
-    return arguments
-  end
-  prune_files()
-  if #M.files > 0 then
-    -- starchat.ask takes no other files: with files attached, the question goes as a chat
-    -- request about the selection (the question alone, as starchat.ask sends it; follow-ups
-    -- carry the history), streamed
-    turn.method = "starchat/chat"
-    local token = stream(turn)
-    turn.req = lsp.request(client, "starchat/chat", function(c)
-      local arguments = about(c)
-      local refs = references(c, turn)
-      return {
-        messages = { { role = "user", content = turn.user_content } },
-        textDocument = arguments.textDocument,
-        range = arguments.range,
-        references = #refs > 0 and refs or nil,
-        partialResultToken = token,
-        maxNewTokens = (config.options.chat or {}).max_new_tokens,
-      }
-    end, on_result(turn), bufnr, turn.kind)
-  else
-    turn.req = lsp.request(client, "workspace/executeCommand", function(c)
-      local arguments = about(c)
-      arguments.question = question
-      return { command = explain and "starchat.explain" or "starchat.ask", arguments = { arguments } }
-    end, on_result(turn), bufnr, turn.kind)
-  end
+    local refs = references(c, turn)
+    return {
+      messages = { { role = "user", content = turn.user_content } },
+      textDocument = arguments.textDocument,
+      range = arguments.range,
+      references = #refs > 0 and refs or nil,
+      partialResultToken = token,
+      maxNewTokens = (config.options.chat or {}).max_new_tokens,
+    }
+  end, on_result(turn), bufnr, turn.kind)
   turn.id = turn.req.id
   turn.req.on_sent = function(id)
     turn.id = id
@@ -1141,6 +1173,7 @@ function M.clear()
   unpin()
   M.forget_files()
   if valid(M.buf) then
+    vim.api.nvim_buf_clear_namespace(M.buf, seen_ns, 0, -1)
     with_modifiable(function(buf)
       vim.api.nvim_buf_set_lines(buf, 0, -1, false, { USER, "" })
     end)

@@ -46,6 +46,8 @@ interface Turn {
   error?: string;
   finishReason?: string;
   progress?: string;
+  seen?: { uri: string; label: string; line: number; lines: string }[];
+  historyDropped?: number;
 }
 
 /** A file attached to the conversation: its URI, and its name for the user. */
@@ -156,7 +158,22 @@ function update(element: HTMLElement, turn: Turn): void {
   else if (turn.status === "interrupted") footer = `<div class="note stopped">Interrupted: the window was closed or reloaded before the answer was finished.</div>`;
   else if (turn.status === "error") footer = `<div class="note error">${md.utils.escapeHtml(turn.error ?? "The request failed.")}</div>`;
   else if (turn.finishReason === "length") footer = `<div class="note">The answer reached the token limit (setting starchat.maxNewTokens).</div>`;
+  if (turn.status === "done") footer += seenNote(turn);
   morph(element, `<div class="who">${md.utils.escapeHtml(header)}</div>${body}${footer}`);
+}
+
+/** Under an answer: the files the model saw (each a link to it, with its lines when not all of it),
+ * and the earlier exchanges it did not see. */
+function seenNote(turn: Turn): string {
+  const parts = (turn.seen ?? []).map((seen) => {
+    const link = `<a href="#" class="seen-file" data-uri="${md.utils.escapeHtml(seen.uri)}" data-line="${seen.line}" title="Open ${md.utils.escapeHtml(seen.label)}">${md.utils.escapeHtml(seen.label)}</a>`;
+    return seen.lines ? `${link} (${md.utils.escapeHtml(seen.lines)})` : link;
+  });
+  const dropped = turn.historyDropped ?? 0;
+  const notes = [];
+  if (parts.length) notes.push(`Saw ${parts.join(", ")}`);
+  if (dropped) notes.push(`left out ${dropped === 1 ? "the earliest exchange" : `the ${dropped} earliest exchanges`} to fit`);
+  return notes.length ? `<div class="note seen">${notes.join("; ")}.</div>` : "";
 }
 
 /** Makes `target`'s content `html`, keeping every node that stays the same: a streaming answer
@@ -340,6 +357,12 @@ input.addEventListener("keydown", (event) => {
   }
 });
 transcript.addEventListener("click", (event) => {
+  const seen = (event.target as HTMLElement).closest<HTMLAnchorElement>("a.seen-file");
+  if (seen) {
+    event.preventDefault();
+    vscode.postMessage({ type: "open", uri: seen.dataset.uri, line: Number(seen.dataset.line) });
+    return;
+  }
   const button = (event.target as HTMLElement).closest<HTMLButtonElement>("button.code-action");
   if (!button) return;
   const block = button.closest<HTMLElement>(".code-block");
