@@ -11,9 +11,9 @@ from pathlib import Path
 
 from .config import Settings
 from .engine import EngineError, Sampling, StreamDecoder, load_engine
-from .prompts import PromptTooLong, Reference, Task, format_for
+from .prompts import Prompt, PromptTooLong, Reference, Task, format_for
 from .prompts.requests import code_prompt, prompt_budget, selection_offsets
-from .text import Pos, Span, split_lines
+from .text import Pos, Span, line_count, split_lines
 
 LANGUAGES = {".py": "python", ".js": "javascript", ".ts": "typescript", ".go": "go", ".rs": "rust", ".java": "java",
              ".c": "c", ".h": "c", ".cpp": "cpp", ".cs": "csharp", ".rb": "ruby", ".lua": "lua", ".sh": "shellscript"}
@@ -55,6 +55,23 @@ def _span(text: str, lines: tuple[int, int] | None) -> Span:
     return Span(Pos(lines[0] - 1, 0), Pos(lines[1], 0)) if lines else Span(Pos(0, 0), Pos(len(split_lines(text)), 0))
 
 
+def _shown_in_part(prompt: Prompt, name: str, text: str, references: list[Reference]) -> str:
+    """What the prompt shows of the files too long for it ("calc.py lines 120-360 of 2000"), or ""."""
+    parts = []
+    if not prompt.whole_file and prompt.context_lines is not None:
+        first, stop = prompt.context_lines
+        parts.append(f"{name} lines {first + 1}-{stop} of {line_count(text)}")
+    for ref, shown in zip(references, prompt.reference_lines):
+        total = line_count(ref.text)
+        if not shown and total:
+            parts.append(f"{ref.path} left out")
+        elif shown < total:
+            first = ref.first_line + 1
+            asked = f"of {total}" if ref.whole else f"of {first}-{first + total - 1}"
+            parts.append(f"{ref.path} lines {first}-{first + shown - 1} {asked}")
+    return "; ".join(parts)
+
+
 def run_ask(args: argparse.Namespace, settings: Settings) -> int:
     try:
         path, text, lines = _read(args.target)
@@ -87,6 +104,8 @@ def run_ask(args: argparse.Namespace, settings: Settings) -> int:
     except (EngineError, PromptTooLong, ValueError) as exc:
         print(f"starchat-lsp ask: {exc}", file=sys.stderr)
         return 1
+    if cut := _shown_in_part(prompt, _name(path), text, references):
+        print(f"starchat-lsp ask: too long for the prompt, the model sees {cut}", file=sys.stderr)
 
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())  # Ctrl-C stops the decoding loop

@@ -52,6 +52,11 @@ def line_of(text: str, offset: int) -> int:
     return sum(1 for _ in _LINE_BREAK.finditer(text, 0, offset))
 
 
+def line_count(text: str) -> int:
+    """How many lines ``text`` has, not counting the empty one after a last line break."""
+    return line_of(text, len(text)) + (1 if text and not text.endswith(("\n", "\r")) else 0)
+
+
 def strip_eol(line: str) -> str:
     return line.rstrip("\r\n") if line.endswith(("\n", "\r")) else line
 

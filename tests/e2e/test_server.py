@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -187,6 +188,20 @@ def test_ask_from_the_terminal_streams_the_answer(test_model, tmp_path):
     )
     assert callers.returncode == 0, callers.stderr
     assert callers.stdout.strip() == sc.CALLERS_ANSWER
+    assert "too long for the prompt" not in callers.stderr
+    # files too long for the prompt: stderr says which of their lines the model sees
+    for name in ("long.py", "other.py"):
+        (tmp_path / name).write_text("".join(f"{name[:-3]}_{i} = {i}  # a line of filler to make the file long\n" for i in range(600)))
+    long = subprocess.run(
+        [sys.executable, "-m", "lsp_server", "--model", str(MODEL_DIR), "--max-new-tokens", "2", "ask", str(tmp_path / "long.py") + ":300-301",
+         "Why?", "--with", str(tmp_path / "other.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert long.returncode == 0, long.stderr
+    seen = re.search(r"too long for the prompt, the model sees long\.py lines (\d+)-(\d+) of 600; other\.py lines 1-(\d+) of 600\n", long.stderr)
+    assert seen and int(seen[1]) <= 300 and 301 <= int(seen[2]) < 600 and 0 < int(seen[3]) < 600, long.stderr
 
 
 def test_ask_reports_a_missing_file(tmp_path):

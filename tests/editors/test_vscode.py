@@ -388,11 +388,11 @@ def proposals(answers: list[dict]) -> list[str]:
 
 def test_edit_with_an_instruction_replaces_the_selection(session):
     """Right-click → Ask StarChat → Edit…, then Ctrl+. → "StarChat: Edit…" (the server's code
-    action, which runs the client command): "Fix the bug." typed in the input box, the server's
-    edit (the trained answer's code block, real generated text) replaces average() in the
-    editor; one Ctrl+Z takes it back."""
+    action, which runs the client command), then Ctrl+I over the selection (the default key):
+    "Fix the bug." typed in the input box, the server's edit (the trained answer's code block,
+    real generated text) replaces average() in the editor; one Ctrl+Z takes it back."""
     result = step(session, "edit")
-    for way in ("menu", "codeAction"):
+    for way in ("menu", "codeAction", "key"):
         assert result[way]["prompt"].startswith("How should the selected code change?"), result
         assert result[way]["text"] == CALC_FIXED and result[way]["undone"] == sc.CALC_PY, result
 
@@ -539,6 +539,9 @@ def test_explain_answers_in_the_chat_view(session):
     assert [t["role"] for t in result["turns"]] == ["user", "assistant", "user", "assistant"]
     assert result["sent"] == [about_average(instruction(Task.EXPLAIN))], result["sent"]
     assert result["updates"] > 1, "the answer did not stream"
+    # ↻ Retry asks it again about the same lines (not as a follow-up of the ask before it)
+    assert result["retrySent"] == result["sent"] and result["retried"] == sc.EXPLAIN_ANSWER, result
+    assert [(t["role"], t["text"]) for t in result["retriedTurns"]] == [(t["role"], t["text"]) for t in result["turns"]]
 
 
 def test_explain_is_the_servers_instruction():
@@ -572,6 +575,11 @@ def test_chat_streams_the_answer_and_keeps_the_conversation(session):
     assert all(sc.CHAT_ANSWER.startswith(text) for text in growing)
     assert result["followUp"] == sc.CHAT_FOLLOW_UP_ANSWER
     assert [t["role"] for t in result["turns"]] == ["user", "assistant", "user", "assistant"]
+    # ↻ Retry (only under the last answer) sends the follow-up again, with the same history
+    assert result["retryButtons"] == 1
+    assert result["retrySent"] == [result["followUpSent"]] and len(result["followUpSent"]) == 3, result
+    assert result["retried"] == sc.CHAT_FOLLOW_UP_ANSWER
+    assert result["retriedRoles"] == ["user", "assistant", "user", "assistant"]
 
 
 def test_files_attached_to_the_chat_reach_the_model(session):

@@ -144,7 +144,7 @@ def edit_session(monkeypatch):
         except asyncio.CancelledError:
             state.stopped = True
             raise
-        return answer("def g(self):\n    return 4\n")
+        return answer("def g(self):\n    return 4\n"), []  # and what the prompt showed
 
     monkeypatch.setattr(common, "answer_about", answer_about)
     return server, state

@@ -54,6 +54,9 @@ export interface Turn {
   status: TurnStatus;
   /** Shown above a user turn instead of its content's first words (e.g. "Explain calc.py:4-5"). */
   title?: string;
+  /** A user turn of Ask a Question… or Explain: the first message of a conversation about the
+   * selection (sent without the turns before it). */
+  asked?: "ask" | "explain";
   error?: string;
   finishReason?: string;
   progress?: string;
@@ -96,6 +99,7 @@ type FromWebview =
   | { type: "send"; text: string; includeSelection: boolean }
   | { type: "stop" }
   | { type: "newChat" }
+  | { type: "retry" }
   | { type: "clearContext" }
   | { type: "addFile" }
   | { type: "removeReference"; uri: string }
@@ -307,6 +311,9 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
         break;
       case "newChat":
         this.newChat();
+        break;
+      case "retry":
+        await this.retry();
         break;
       case "clearContext":
         this.context = undefined;
@@ -565,9 +572,25 @@ export class ChatView implements vscode.WebviewViewProvider, vscode.Disposable {
     this.context = { uri: args.textDocument.uri, range: args.range, label };
     const references = await this.usableReferences();
     const text = kind === "ask" ? (args.question ?? "").trim() : EXPLAIN_INSTRUCTION;
-    this.addTurn("user", text, "done", kind === "ask" ? `Ask about ${label}` : `Explain ${label}`);
+    this.addTurn("user", text, "done", kind === "ask" ? `Ask about ${label}` : `Explain ${label}`).asked = kind;
     const messages = [{ role: "user", content: text }];
     return this.chat(client, { messages, textDocument: args.textDocument, range: args.range }, references);
+  }
+
+  /** Retry (under the last answer): the last message sent again, its answer replaced, with the
+   * chat's context and files as they are now; an Ask or Explain again about its selection. */
+  async retry(): Promise<void> {
+    if (this.running) return;
+    const at = this.turns.map((turn) => turn.role).lastIndexOf("user");
+    if (at < 0) return;
+    const user = this.turns[at];
+    this.turns = this.turns.slice(0, at); // its answer and the notes after it go too
+    const context = this.context;
+    if (user.asked && context?.range) {
+      await this.askAbout(user.asked, { textDocument: { uri: context.uri }, range: context.range, question: user.content });
+    } else {
+      await this.send(user.content);
+    }
   }
 
   /** A `starchat/chat` request, its answer streamed into a new turn; progress (the model

@@ -459,6 +459,7 @@ async function chatTurns() {
   const frame = await chatPageFrame();
   return frame.evaluate(() =>
     [...document.querySelectorAll(".turn")].map((t) => ({
+      id: Number(t.dataset.id),
       role: t.classList.contains("user") ? "user" : t.classList.contains("notice") ? "notice" : "assistant",
       error: t.querySelector(".note.error")?.textContent ?? null,
       seen: t.querySelector(".note.seen")?.textContent ?? null,
@@ -618,7 +619,11 @@ try {
     };
     const menu = await edit(() => contextMenuAction("def average", "Edit…", "menu-edit"));
     const codeAction = await edit(async () => (await codeActionRow("StarChat: Edit…", () => selectLines(4, 5))).click());
-    return { menu, codeAction };
+    const key = await edit(async () => {
+      await selectLines(4, 5);
+      await page.keyboard.press("Control+I"); // the extension's default key for Edit… over a selection
+    });
+    return { menu, codeAction, key };
   }, { needs: ["undo"] });
 
   // Inline completion (textDocument/inlineCompletion, asked by the language client): typing "("
@@ -919,7 +924,19 @@ try {
     await sleep(200);
     await screenshot("explain");
     const sent = requestParams(clientLog(), "starchat/chat").slice(chatsBefore);
-    return { answer: answer.text, updates: answer.updates, turns: await chatTurns(), sent: sent.map(chatSent) };
+    const turns = await chatTurns();
+    // ↻ Retry: Explain again, about the same lines, as the first message
+    const retriesBefore = requestParams(clientLog(), "starchat/chat").length;
+    await chatFrame().locator(".turn.assistant").last().locator("button.retry").click();
+    const retried = await until("the explanation retried", async () => {
+      const last = await answerDone(frame, 4);
+      return last && last.id > answer.id && last;
+    }, 60000);
+    const retrySent = requestParams(clientLog(), "starchat/chat").slice(retriesBefore);
+    return {
+      answer: answer.text, updates: answer.updates, turns, sent: sent.map(chatSent),
+      retried: retried.text, retrySent: retrySent.map(chatSent), retriedTurns: await chatTurns(),
+    };
   }, { needs: ["ask"] });
 
   // The chat is about calc.py:4-5 (from Explain). The user closes calc.py and asks on: the
@@ -987,7 +1004,21 @@ try {
     const seenFollowUp = await frame.evaluate(() => window.__seen);
     await sleep(200);
     await screenshot("chat");
-    return { answer: first.text, updates: first.updates, seen, followUp: second.text, followUpUpdates: second.updates, seenFollowUp, turns: await chatTurns() };
+    const turns = await chatTurns();
+    // ↻ Retry under the last answer: its message again, with the same history; the answer replaced
+    const retryButtons = await frame.evaluate(() => document.querySelectorAll("button.retry").length);
+    const chatsBefore = requestParams(clientLog(), "starchat/chat");
+    await chatFrame().locator(".turn.assistant").last().locator("button.retry").click();
+    const retried = await until("the answer retried", async () => {
+      const last = await answerDone(frame, 4);
+      return last && last.id > second.id && last;
+    }, 60000);
+    const retrySent = requestParams(clientLog(), "starchat/chat").slice(chatsBefore.length);
+    return {
+      answer: first.text, updates: first.updates, seen, followUp: second.text, followUpUpdates: second.updates, seenFollowUp, turns,
+      retryButtons, retried: retried.text, retriedRoles: (await chatTurns()).map((t) => t.role),
+      retrySent: retrySent.map((p) => p.messages), followUpSent: chatsBefore.at(-1).messages,
+    };
   }, { needs: ["open"] });
 
   // Files attached to the chat (StarChat: Add File to Chat). area() selected in calc.py, the chat

@@ -159,6 +159,10 @@ function update(element: HTMLElement, turn: Turn): void {
   else if (turn.status === "error") footer = `<div class="note error">${md.utils.escapeHtml(turn.error ?? "The request failed.")}</div>`;
   else if (turn.finishReason === "length") footer = `<div class="note">The answer reached the token limit (setting starchat.maxNewTokens).</div>`;
   if (turn.status === "done") footer += seenNote(turn);
+  // the last answer, once over: Retry sends its message again
+  if (turn.role === "assistant" && turn.status !== "streaming" && !generating && turn === turns[turns.length - 1]) {
+    footer += `<div class="turn-actions"><button class="retry" title="Send the last message again for a new answer">↻ Retry</button></div>`;
+  }
   morph(element, `<div class="who">${md.utils.escapeHtml(header)}</div>${body}${footer}`);
 }
 
@@ -357,6 +361,10 @@ input.addEventListener("keydown", (event) => {
   }
 });
 transcript.addEventListener("click", (event) => {
+  if ((event.target as HTMLElement).closest("button.retry")) {
+    vscode.postMessage({ type: "retry" });
+    return;
+  }
   const seen = (event.target as HTMLElement).closest<HTMLAnchorElement>("a.seen-file");
   if (seen) {
     event.preventDefault();
