@@ -191,7 +191,7 @@ def test_setup_starts_the_server_for_the_file(nvim):
     assert result["init_options"] == {"temperature": 0}
     assert result["status"] == "StarChat: ready"
     assert {"StarChat", "StarChatExplain", "StarChatFix", "StarChatDoc", "StarChatTests", "StarChatChat",
-            "StarChatAddFile", "StarChatDropFile"} <= set(result["commands"])
+            "StarChatAddFile", "StarChatDropFile", "StarChatRetry"} <= set(result["commands"])
     assert nvim["done"], nvim["detail"]
 
 
@@ -239,6 +239,13 @@ def test_chat_buffer_streams_the_answer_and_keeps_the_history(nvim):
         f"## You\n{sc.CHAT_QUESTION}\n\n## StarChat\n{sc.CHAT_ANSWER}\n\n"
         f"## You\n{sc.CHAT_FOLLOW_UP}\n\n## StarChat\n{sc.CHAT_FOLLOW_UP_ANSWER}\n\n## You\n\n"
     )
+    # :StarChatRetry sent the follow-up again with the first exchange, and its answer replaced the last
+    retry = result["retry"]
+    history = [{"role": "user", "content": sc.CHAT_QUESTION}, {"role": "assistant", "content": sc.CHAT_ANSWER},
+               {"role": "user", "content": sc.CHAT_FOLLOW_UP}]
+    assert [r["messages"] for r in retry["requests"]] == [history] and retry["requests"][0]["streamed"], retry
+    assert retry["new_turn"] and retry["answer"] == sc.CHAT_FOLLOW_UP_ANSWER and (retry["history"], retry["turns"]) == (4, 2), retry
+    assert retry["chat_text"] == result["chat_text"] + "a draft\n", retry["chat_text"]
 
 
 def test_ctrl_c_in_the_chat_stops_the_answer(nvim):
@@ -282,6 +289,9 @@ def test_explain_document_and_tests_commands(nvim):
     assert result["explain_sent"]["requests"] == [{"messages": [{"role": "user", "content": instruction(Task.EXPLAIN)}],
                                                    "streamed": True, "range": lines}], result["explain_sent"]
     assert result["explain_sent"]["pieces"] > 1
+    retry = result["explain_sent"]["retry"]  # :StarChatRetry: Explain again about the same lines
+    assert retry["requests"] == result["explain_sent"]["requests"] and retry["answer"] == sc.EXPLAIN_ANSWER, retry
+    assert retry["kind"] == "explain" and retry["turns"] == 1, retry
     # the code goes into a new buffer test_calc.py (Neovim keeps the empty line it started with)
     assert result["tests_text"].rstrip("\n") == sc.TESTS_CODE.rstrip("\n")
     assert result["documented"] == sc.CALC_PY.replace("def area(radius):", sc.DOCUMENT_LINE + "def area(radius):")

@@ -347,6 +347,15 @@ function steps.chat()
   local follow = chat.current or last_turn()
   wait_turn(follow)
   shot("chat-follow-up")
+  local chat_text = buf_text(chat.buf)
+  -- :StarChatRetry: the follow-up again, with the history before it; its answer replaced (a
+  -- draft being typed stays)
+  vim.api.nvim_buf_set_lines(chat.buf, -1, -1, false, { "a draft" })
+  local sent, stop = record_sent(client())
+  vim.cmd("StarChatRetry")
+  local again = chat.current or last_turn()
+  wait_turn(again)
+  stop()
   return {
     in_chat_window = in_chat,
     answer = turn.answer,
@@ -355,7 +364,9 @@ function steps.chat()
     mid = mid,
     follow_up = follow.answer,
     history = chat.history,
-    chat_text = buf_text(chat.buf),
+    chat_text = chat_text,
+    retry = { answer = again.answer, new_turn = again ~= follow, requests = chat_requests(sent), history = #chat.history,
+      turns = #chat.turns, chat_text = buf_text(chat.buf) },
   }
 end
 
@@ -443,6 +454,13 @@ function steps.tasks()
   shot("explain-answer")
   local explain = { answer = turn.answer, kind = turn.kind }
   local explain_sent = { pieces = turn.pieces, requests = chat_requests(sent) }
+  -- :StarChatRetry: Explain again about the same lines
+  sent, stop = record_sent(client())
+  vim.cmd("StarChatRetry")
+  local again = chat.current or last_turn()
+  wait_turn(again)
+  stop()
+  explain_sent.retry = { answer = again.answer, kind = again.kind, requests = chat_requests(sent), turns = #chat.turns }
   -- Write tests: a new test_calc.py beside calc.py
   select_lines(4, 5)
   vim.cmd([['<,'>StarChatTests]])

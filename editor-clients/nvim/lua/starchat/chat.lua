@@ -18,6 +18,7 @@ local BOT = "## StarChat"
 local ns = vim.api.nvim_create_namespace("starchat_chat")
 local hint_ns = vim.api.nvim_create_namespace("starchat_chat_hint")
 local seen_ns = vim.api.nvim_create_namespace("starchat_chat_seen")
+local turn_ns = vim.api.nvim_create_namespace("starchat_chat_turns") -- each turn's first line
 
 --- At most this many files attached to a conversation (the server's limit).
 M.MAX_FILES = 16
@@ -375,6 +376,7 @@ local function begin_turn(turn, header, text)
   with_modifiable(function(buf)
     vim.api.nvim_buf_set_lines(buf, at, -1, false, new)
   end)
+  turn.mark = vim.api.nvim_buf_set_extmark(M.buf, turn_ns, at, 0, {})
   vim.api.nvim_buf_clear_namespace(M.buf, hint_ns, 0, -1)
   turn.answer_line = vim.api.nvim_buf_line_count(M.buf) - 1 -- 0-based first line of the answer
   M.current = turn
@@ -971,6 +973,49 @@ function M.ask(client, bufnr, args, question, finalize)
   return turn
 end
 
+--- Send the last message again for a new answer, which replaces the last one in the chat and the
+--- history: a chat message with the history before it; :StarChat or :StarChatExplain again about
+--- their selection (where it is now). Returns the new turn.
+function M.retry()
+  if busy() then
+    return nil
+  end
+  local turn = M.turns[#M.turns]
+  local at = turn and loaded() and turn.mark and vim.api.nvim_buf_get_extmark_by_id(M.buf, turn_ns, turn.mark, {})[1]
+  if not at then
+    vim.notify("StarChat: no answer to retry", vim.log.levels.INFO)
+    return nil
+  end
+  local client, ctx
+  if turn.kind ~= "chat" then
+    client = M.context and lsp.ensure(M.context.bufnr)
+    ctx = client and live_context(client)
+    if not ctx then
+      vim.notify("StarChat: the code it was asked about is no longer open; ask again", vim.log.levels.WARN)
+      return nil
+    end
+  end
+  -- out of the chat: its lines up to the "## You" being typed in (kept), its answer's history
+  local lines = vim.api.nvim_buf_get_lines(M.buf, 0, -1, false)
+  local input = #lines - 1
+  while input > at and not vim.startswith(lines[input + 1], USER) do
+    input = input - 1
+  end
+  with_modifiable(function(buf)
+    vim.api.nvim_buf_set_lines(buf, at, input, false, {})
+  end)
+  table.remove(M.turns)
+  if turn.answer ~= "" then -- end_turn kept the question and the answer
+    table.remove(M.history)
+    table.remove(M.history)
+  end
+  if turn.kind == "chat" then
+    return M.send(turn.question)
+  end
+  local question = turn.kind == "ask" and turn.question or nil
+  return M.ask(client, ctx.bufnr, { textDocument = { uri = ctx.uri }, range = ctx.range }, question)
+end
+
 --- Stop the answer being generated ($/cancelRequest: the server stops decoding).
 function M.cancel()
   local turn = M.current
@@ -1174,6 +1219,7 @@ function M.clear()
   M.forget_files()
   if valid(M.buf) then
     vim.api.nvim_buf_clear_namespace(M.buf, seen_ns, 0, -1)
+    vim.api.nvim_buf_clear_namespace(M.buf, turn_ns, 0, -1)
     with_modifiable(function(buf)
       vim.api.nvim_buf_set_lines(buf, 0, -1, false, { USER, "" })
     end)
