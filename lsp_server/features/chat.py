@@ -33,7 +33,7 @@ def register(server: StarChatServer) -> None:
             if params.range is not None:
                 start, end = offsets(ls, document, params.range)
             source, offset = ls.surrounding(document.uri, text)
-            start, end, about = start + offset, end + offset, (uri, text, source, offset)
+            start, end, about = start + offset, end + offset, (uri, document.line_count, source, offset)
         references = attached_files(ls, params.references, uri)
         engine = await ls.ready_engine()
         settings = ls.settings

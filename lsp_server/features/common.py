@@ -160,24 +160,24 @@ async def answer_about(
     title = f"StarChat: {task.title}" + (f" — {question[:40]}" if question else "")
     generation = await server.generate(prompt.ids, title=title, priority=priority, work_done_token=work_done_token,
                                        on_text=on_text)
-    return generation, shown_locations(prompt, references, (sel.uri, sel.text, source, offset))
+    return generation, shown_locations(prompt, references, (sel.uri, sel.line_count, source, offset))
 
 
 def shown_locations(prompt: Prompt, references: Sequence[Reference],
-                    about: tuple[str, str, str, int] | None = None) -> list[types.Location]:
+                    about: tuple[str, int, str, int] | None = None) -> list[types.Location]:
     """What of the documents ``prompt`` showed the model, as whole lines (from the first line's
     start to the start of the line after the last): the lines of the document it is ``about``
-    (its URI and text, and the code shown around it with where that text starts in it: a
-    notebook cell's notebook), then each attached file shown, whole or its first lines."""
+    (its URI and line count, and the code shown around it with where the document starts in it:
+    a notebook cell's notebook), then each attached file shown, whole or its first lines."""
 
     def lines(uri: str, first: int, stop: int) -> types.Location:
         return types.Location(uri, types.Range(types.Position(first, 0), types.Position(stop, 0)))
 
     shown = []
     if about is not None and prompt.context_lines is not None:
-        uri, text, source, offset = about
-        at = line_of(source, offset)  # where the document starts in the code shown
-        first, stop = (max(0, min(n - at, line_of(text, len(text)) + 1)) for n in prompt.context_lines)
+        uri, line_count, source, offset = about
+        at = line_of(source, offset)  # where the document starts in the code shown (0 but in a notebook)
+        first, stop = (max(0, min(n - at, line_count)) for n in prompt.context_lines)
         if stop > first:
             shown.append(lines(uri, first, stop))
     for ref, n in zip(references, prompt.reference_lines):

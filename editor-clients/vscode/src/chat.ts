@@ -68,7 +68,7 @@ export interface Turn {
 
 /** A document the model saw: its name, the line to open it at, and which lines it saw ("" when
  * all of it). */
-export interface Seen {
+interface Seen {
   uri: string;
   label: string;
   line: number;
