@@ -17,8 +17,10 @@ Other files the user attached to a conversation (:class:`Reference`) follow the 
 selection, each under its own path: whole when it fits, else its first lines that fit (its label
 says which). They get what the bare prompt leaves, in the order attached: all of it in a
 conversation about no document, half of it beside a document (the document's window gets the
-rest, and what they leave). The file still comes first, so a chat with attached files starts
-like the code actions on the same document version.
+rest, and what they leave). From a conversation's second turn they get what they got at its
+first less the room kept for the later turns (as the window does), so they are cut the same from
+turn to turn, not a little more at every turn. The file still comes first, so a chat with
+attached files starts like the code actions on the same document version.
 
 Counts come from the model's own tokenizer and the final prompt is re-counted whole, so
 ``len(prompt.ids) <= budget`` always holds. The selection is never cut: if it alone does not
@@ -126,15 +128,12 @@ def build_prompt(
     def dialogue(before: list[str], after: list[str], window: bool = False, later: bool = True) -> list[Message]:
         """The prompt's messages (``later=False``: up to the one with the document only)."""
         turns = [*earlier, Message("user", question)]
-        if context is not None or shown:
-            at = next(i for i, turn in enumerate(turns) if turn.role == "user")
-            if context is not None:
-                content = _code_turn(turns[at].content, context, selection, before, after, window, shown)
-            else:
-                content = "\n\n".join([*shown, turns[at].content])
-            turns[at] = Message("user", content)
-            turns = turns if later else turns[: at + 1]
-        return [Message("system", system), *turns]
+        at = next(i for i, turn in enumerate(turns) if turn.role == "user")
+        if context is not None:
+            turns[at] = Message("user", _code_turn(turns[at].content, context, selection, before, after, window, shown))
+        elif shown:
+            turns[at] = Message("user", "\n\n".join([*shown, turns[at].content]))
+        return [Message("system", system), *(turns if later else turns[: at + 1])]
 
     # Old turns go first when even the bare question does not fit.
     dropped = 0
@@ -146,8 +145,19 @@ def build_prompt(
         dropped += 1
     if len(base) > budget:
         raise PromptTooLong(len(base), budget)
-    reference_lines = _attach(fmt, references, shown, lambda: len(fmt.encode_dialogue(dialogue([], []))),
-                              budget - len(base) - _question_room(fmt, question), context is not None)
+    first_question = next(turn.content for turn in [*earlier, Message("user", question)] if turn.role == "user")
+    free = budget - len(base) - _question_room(fmt, question)  # for the attached files (and the window)
+    if earlier and references:
+        # A follow-up: the files get what they got at the first turn less the room kept for the
+        # later turns (HISTORY_ROOM doubled as they grow, as the window's), so they are cut the
+        # same from turn to turn instead of a little more at every turn (which would change the
+        # prompt from there on, and the engine would compute all the history again).
+        first_turn = len(fmt.encode_dialogue(dialogue([], [], later=False)))
+        first_free = budget - first_turn - _question_room(fmt, first_question)
+        later_turns = len(base) + _question_room(fmt, question) - first_turn
+        free = min(free, first_free - _reserve(later_turns, first_free))
+    reference_lines = _attach(fmt, references, shown, lambda: len(fmt.encode_dialogue(dialogue([], []))), free,
+                              context is not None)
     base = fmt.encode_dialogue(dialogue([], []))
 
     def count(n_before: int, n_after: int) -> list[int]:
@@ -171,18 +181,10 @@ def build_prompt(
         # need more than half the room, the reserve grows by a step at a time instead
         # (HISTORY_ROOM, or an eighth of the room in a small budget): the window still stays
         # put for the turns that fit in each step.
-        first_question = next(turn.content for turn in [*earlier, Message("user", question)] if turn.role == "user")
         first_turn = len(fmt.encode_dialogue(dialogue([], [], later=False)))
         first_room = budget - first_turn - _question_room(fmt, first_question) - window_cost
         shared = budget - first_turn - window_cost  # for the window and the later turns
-        later_turns = len(base) + question_room - first_turn
-        reserve = HISTORY_ROOM
-        while reserve < later_turns:  # the window only gets smaller here
-            reserve *= 2
-        if 2 * reserve > shared:  # past half the room: grow by a step, not by doubling
-            step = max(1, min(HISTORY_ROOM, shared // 8))
-            reserve = -(-later_turns // step) * step
-        kept = shared - reserve
+        kept = shared - _reserve(len(base) + question_room - first_turn, shared)
         if kept > 0:
             n_before = _window(fmt, context, before_lines, after_lines, first_room)[0]
             after = _after(fmt, before_lines, after_lines, n_before, kept)
@@ -206,6 +208,21 @@ def build_prompt(
     lines = None if context is None else _shown_lines(context, before_lines, n_before, n_after)
     return Prompt(ids, messages, n_before, n_after, dropped, whole_file=whole, reference_lines=reference_lines,
                   context_lines=lines)
+
+
+def _reserve(later_turns: int, shared: int) -> int:
+    """The room kept for a conversation's later turns (``later_turns`` tokens now) out of the
+    ``shared`` tokens they and its first turn's files share: HISTORY_ROOM, doubled until it
+    holds them; once that is more than half of ``shared``, grown by a step at a time instead
+    (HISTORY_ROOM, or an eighth of ``shared`` when it is small). Never less than ``later_turns``,
+    and the same for every turn that fits in it."""
+    reserve = HISTORY_ROOM
+    while reserve < later_turns:
+        reserve *= 2
+    if 2 * reserve > shared:
+        step = max(1, min(HISTORY_ROOM, shared // 8))
+        reserve = -(-later_turns // step) * step
+    return reserve
 
 
 def _shown_lines(ctx: CodeContext, before_lines: list[str], n_before: int, n_after: int) -> tuple[int, int]:

@@ -423,6 +423,35 @@ def test_attached_files_are_cut_to_their_first_lines_within_their_share(tokenize
     assert alone.reference_lines[0] > shown and len(alone.ids) <= budget
 
 
+@pytest.mark.parametrize("beside", [False, True])
+def test_an_attached_file_cut_to_fit_is_cut_the_same_from_turn_to_turn(tokenizer, beside):
+    """A file attached to a conversation that fits only in part: from the second turn it gets
+    what it got at the first less the room kept for the later turns (HISTORY_ROOM, doubled as
+    they grow), so it shows the same lines from turn to turn and each prompt starts with the
+    last one and its answer; it loses lines only when the reserve grows. (Before, it lost a few
+    lines at every turn, and the engine computed the whole history again each time.)"""
+    fmt = format_for(tokenizer)
+    other = numbered_file(2000).replace("line_", "other_")
+    text = numbered_file(20)
+    about = dict(text=text, start=text.index("line_5 ="), end=text.index("line_6 ="), path="a.py", language="python") \
+        if beside else {}
+    answer = "It assigns a number to each name and keeps a note beside it. " * 6
+    turns = [Message("user", "What is in this file?")]
+    prompts = []
+    for i in range(10):
+        prompts.append(chat_prompt(fmt, system="s", budget=6000, messages=turns, references=[Reference(other, "b.py", "python")],
+                                   **about))
+        turns += [Message("assistant", answer), Message("user", f"And question {i}?" + " Please." * (i % 3))]
+    shown = [p.reference_lines[0] for p in prompts]
+    assert all(0 < n < 2000 for n in shown) and all(len(p.ids) <= 6000 for p in prompts)
+    assert all(later <= earlier for earlier, later in zip(shown, shown[1:]))
+    assert len(set(shown[1:])) <= 3, shown  # the first turn's cut, then one per reserve step
+    kept_whole = sum(a == b and common_prefix(p.ids, q.ids) >= len(p.ids) - 3
+                     for a, b, p, q in zip(shown, shown[1:], prompts, prompts[1:]))
+    assert kept_whole >= 6, shown
+    assert shown[-1] > shown[0] // 2  # still most of it after ten turns
+
+
 def test_a_huge_attached_file_costs_only_what_can_fit(tokenizer):
     fmt = format_for(tokenizer)
     huge = numbered_file(200_000)
