@@ -475,7 +475,8 @@ def test_files_attached_to_the_chat_reach_the_model(nvim):
     requests name it in `references`: the tiny model gives its trained answers, which need
     shapes.py in the prompt, about no selection (in the chat) and about area()'s lines
     (:'<,'>StarChat {question}); a follow-up names it too. The winbar lists it. A .env is refused
-    and nothing of it is sent; :StarChatDropFile (by name, then all) empties the list; a file wiped
+    and nothing of it is sent; :StarChatDropFile (by name, then all) empties the list, and unloads
+    shapes.py again (loaded only to be attached), but not once a window has shown it; a file wiped
     out leaves it with a warning and is not sent; a new conversation starts without files."""
     result = step(nvim, "chat_files")
     assert result["leaked"] == [], f"sent to the server about the .env: {result['leaked']}"
@@ -504,6 +505,13 @@ def test_files_attached_to_the_chat_reach_the_model(nvim):
     assert result["completion"] == ["shapes.py", "calc.py"]
     assert result["after_drop_one"] == ["shapes.py"]
     assert result["after_drop_all"]["files"] == [] and "files:" not in result["after_drop_all"]["winbar"], result["after_drop_all"]
+    # a file loaded only to be attached goes back to how it was (the server is told it is
+    # closed); the open calc.py stays, and so does a file a window has shown since
+    gone, open_ = {"exists": False, "loaded": False, "listed": False}, {"exists": True, "loaded": True, "listed": True}
+    assert result["after_drop_all"]["shapes"] == gone and result["after_drop_all"]["calc"] == open_, result["after_drop_all"]
+    assert result["shown_then_dropped"] == open_, result["shown_then_dropped"]
+    assert result["cleared_shapes"] == gone, result  # a new conversation too
+    assert result["methods"].count("textDocument/didClose shapes.py") == 3, result["methods"]  # dropped, wiped, cleared
     assert result["again"] == ["shapes.py"] and result["wiped"] == [], result
     assert result["after_wipe"] == {"references": [], "done": True}, result["after_wipe"]
     assert result["cleared"] == []

@@ -1723,7 +1723,20 @@ function steps.chat_files()
     command("StarChatDropFile calc.py")
     out.after_drop_one = chat.file_names()
     command("StarChatDropFile")
-    out.after_drop_all = { files = chat.file_names(), winbar = winbar() }
+    local function state(buf)
+      return { exists = vim.fn.bufexists(buf) == 1, loaded = vim.api.nvim_buf_is_loaded(buf), listed = vim.fn.buflisted(buf) == 1 }
+    end
+    -- shapes.py had no buffer before it was attached: gone again; calc.py, open in a window, stays
+    out.after_drop_all = { files = chat.file_names(), winbar = winbar(), shapes = state(vim.fn.bufnr(shapes_path)),
+      calc = state(code_buf) }
+    -- attached again and shown in a window, which makes it the user's: dropped, it stays loaded
+    command("StarChatAddFile shapes.py")
+    shapes = vim.fn.bufnr(shapes_path)
+    vim.cmd("split")
+    vim.cmd("buffer " .. shapes)
+    vim.cmd("close")
+    command("StarChatDropFile shapes.py")
+    out.shown_then_dropped = state(shapes)
     -- attached again, then wiped out: it leaves the chat, with a warning, and is not sent
     command("StarChatAddFile shapes.py")
     out.again = chat.file_names()
@@ -1742,6 +1755,7 @@ function steps.chat_files()
     command("StarChatAddFile shapes.py")
     command("StarChatClear")
     out.cleared = chat.file_names()
+    out.cleared_shapes = state(vim.fn.bufnr(shapes_path))
   end)
   stop()
   require("starchat.config").options.chat.max_new_tokens = nil

@@ -8,7 +8,7 @@ local M = {
   buf = nil,
   history = {}, -- {role = "user" | "assistant", content = string}
   context = nil, -- {bufnr, uri, range, label}: the selection the conversation is about
-  files = {}, -- {bufnr, name}: other files attached to the conversation (sent as `references`)
+  files = {}, -- {bufnr, name, ours}: other files attached to the conversation (sent as `references`)
   current = nil, -- the turn being answered
   turns = {}, -- finished turns, for inspection: {kind, question, answer, pieces, finish, ...}
 }
@@ -603,10 +603,22 @@ local function files_changed()
 end
 
 local function unwatch(entry)
-  if entry.autocmd then
-    pcall(vim.api.nvim_del_autocmd, entry.autocmd)
-    entry.autocmd = nil
+  for _, id in ipairs(entry.autocmds or {}) do
+    pcall(vim.api.nvim_del_autocmd, id)
   end
+  entry.autocmds = nil
+end
+
+--- A file that was not loaded until it was attached, and that no window has shown since, goes
+--- back to how it was when it leaves the conversation: unloaded (the server is told it is
+--- closed), its buffer wiped out when attaching made it. Not when it is modified or shown in a
+--- window.
+local function release(entry)
+  local buf = entry.bufnr
+  if not entry.ours or not vim.api.nvim_buf_is_loaded(buf) or vim.bo[buf].modified or #vim.fn.win_findbuf(buf) > 0 then
+    return
+  end
+  pcall(vim.api.nvim_buf_delete, buf, { unload = entry.ours ~= "created" })
 end
 
 local function remove_file(entry)
@@ -614,6 +626,7 @@ local function remove_file(entry)
     if e == entry then
       table.remove(M.files, i)
       unwatch(entry)
+      release(entry)
       files_changed()
       return true
     end
@@ -638,28 +651,40 @@ local function drop_gone(entry, why)
 end
 
 --- A file closed (:bdelete, :bunload, :bwipeout) leaves the conversation at once, with a
---- warning; :edit! (unloaded and loaded again at once) keeps it.
+--- warning; :edit! (unloaded and loaded again at once) keeps it. One shown in a window is the
+--- user's from then on: leaving the conversation leaves it loaded.
 local function watch(entry)
-  entry.autocmd = vim.api.nvim_create_autocmd("BufUnload", {
-    group = files_group,
-    buffer = entry.bufnr,
-    callback = function()
-      vim.schedule(function()
-        local why = file_gone(entry)
-        if why then
-          drop_gone(entry, why)
-        end
-      end)
-    end,
-  })
+  entry.autocmds = {
+    vim.api.nvim_create_autocmd("BufUnload", {
+      group = files_group,
+      buffer = entry.bufnr,
+      callback = function()
+        vim.schedule(function()
+          local why = file_gone(entry)
+          if why then
+            drop_gone(entry, why)
+          end
+        end)
+      end,
+    }),
+    vim.api.nvim_create_autocmd("BufWinEnter", {
+      group = files_group,
+      buffer = entry.bufnr,
+      callback = function()
+        entry.ours = nil
+      end,
+    }),
+  }
 end
 
 --- Forget the attached files (a new conversation).
 function M.forget_files()
-  for _, entry in ipairs(M.files) do
-    unwatch(entry)
-  end
+  local files = M.files
   M.files = {}
+  for _, entry in ipairs(files) do
+    unwatch(entry)
+    release(entry)
+  end
   files_changed()
 end
 
@@ -725,9 +750,9 @@ end
 --- The buffers for the files `names` (as typed on the command line: wildcards, ~ and % are
 --- expanded), loaded (as with :badd, then loaded) and attached to the StarChat client; the
 --- ones that cannot be (no such file, a folder, a file that looks like secrets) are refused:
---- why goes into `refused`, and nothing of them is sent.
+--- why goes into `refused`, and nothing of them is sent. Also the set of the buffers made here.
 local function file_buffers(names, refused)
-  local bufs = {}
+  local bufs, made = {}, {}
   local function refuse(msg)
     table.insert(refused, msg)
   end
@@ -752,12 +777,13 @@ local function file_buffers(names, refused)
         if not buf then
           buf = vim.fn.bufadd(full)
           vim.bo[buf].buflisted = true -- as :badd does
+          made[buf] = true
         end
         table.insert(bufs, buf)
       end
     end
   end
-  return bufs
+  return bufs, made
 end
 
 --- One message for a command: what was done, and what was refused (a warning then).
@@ -774,7 +800,7 @@ end
 --- Attach files to the conversation: the buffers of `names` (file names), or the current buffer
 --- without any. Returns the names of the files attached.
 function M.add_files(names)
-  local bufs, refused = {}, {}
+  local bufs, made, refused = {}, {}, {}
   if not names or #names == 0 then
     local buf = vim.api.nvim_get_current_buf()
     if buf == M.buf or vim.bo[buf].buftype ~= "" then
@@ -783,7 +809,7 @@ function M.add_files(names)
       bufs = { buf }
     end
   else
-    bufs = file_buffers(names, refused)
+    bufs, made = file_buffers(names, refused)
   end
   local added = {}
   for _, buf in ipairs(bufs) do
@@ -796,15 +822,19 @@ function M.add_files(names)
       table.insert(refused, ("at most %d files can be attached to the chat"):format(M.MAX_FILES))
       break
     else
+      local ours = nil -- loaded here: unloaded again when it leaves the conversation (release)
       if not vim.api.nvim_buf_is_loaded(buf) then
+        ours = made[buf] and "created" or "loaded"
         vim.fn.bufload(buf) -- (FileType then attaches it, when the plugin starts for its filetype)
       end
       local attached = lsp.clients(buf, true)[1] ~= nil or lsp.start(buf, { explicit = true }) ~= nil
       if attached then
-        local entry = { bufnr = buf, name = file_label(buf) }
+        local entry = { bufnr = buf, name = file_label(buf), ours = ours }
         table.insert(M.files, entry)
         watch(entry)
         table.insert(added, entry.name)
+      else
+        release({ bufnr = buf, ours = ours })
       end
     end
   end
