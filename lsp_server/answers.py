@@ -148,8 +148,9 @@ def replacement_for_selection(code: str, selection: str, *, indent: str, starts_
                               unit: str | None = None) -> str:
     """Fix / Optimize: the answer's code (``extract_code``) in place of the selection. Blank
     lines the selection starts with (when it starts a line) and the line breaks it ends with
-    stay as they were: the code goes between them."""
-    lead = _LEADING_BLANK_LINES.match(selection).group(0) if starts_line else ""
+    stay as they were: the code goes between them. An empty line (an edit at the cursor there)
+    becomes the code's lines."""
+    lead = _LEADING_BLANK_LINES.match(selection).group(0) if starts_line and selection.strip() else ""
     trail = _TRAILING_BREAKS.search(selection, len(lead)).group(0)
     return lead + fit_code(code, indent=indent, first_line_indented=starts_line, keep_trailing_newline=False, eol=eol,
                            unit=unit) + trail

@@ -2,7 +2,8 @@
 
 The user turn holds the file's path and language, the file itself (the whole file when it
 fits, else as many lines around the selection as fit: nearest lines first on both sides, so the
-farthest are the ones left out), the selection again, and the task last. That order makes the
+farthest are the ones left out), the selection again (an empty selected line, where an edit at
+the cursor writes its code: the line above it that holds code), and the task last. That order makes the
 prompts of different requests on the same document version start alike (system prompt, path,
 file), so an engine that keeps the KV of a prompt prefix computes the file once: a hover, then
 a Fix, then an Explain of another function in the same file only prefill what follows it. The
@@ -212,7 +213,7 @@ def build_prompt(
 
 def _reserve(later_turns: int, shared: int) -> int:
     """The room kept for a conversation's later turns (``later_turns`` tokens now) out of the
-    ``shared`` tokens they and its first turn's files share: HISTORY_ROOM, doubled until it
+    ``shared`` tokens they share with the document's window or the attached files: HISTORY_ROOM, doubled until it
     holds them; once that is more than half of ``shared``, grown by a step at a time instead
     (HISTORY_ROOM, or an eighth of ``shared`` when it is small). Never less than ``later_turns``,
     and the same for every turn that fits in it."""
@@ -388,8 +389,8 @@ def _fence(language: str, code: str) -> str:
 def _code_turn(question: str, ctx: CodeContext, selection: str, before: list[str], after: list[str],
                window: bool = False, references: Sequence[str] = ()) -> str:
     """Where, the file (lines around the selection, the selection in place; left out when it
-    would show the selection only, unless ``window``), the other files' blocks, the selection,
-    then the question."""
+    would show the selection only, unless ``window``), the other files' blocks, the selection
+    (for an empty line, the line above it that holds code), then the question."""
     lang = ctx.language
     if ctx.path:
         where = f"File: `{ctx.path}`" + (f" ({lang})" if lang else "")
@@ -400,7 +401,21 @@ def _code_turn(question: str, ctx: CodeContext, selection: str, before: list[str
     if window or around.strip():
         parts.append(_fence(lang, "".join(before) + selection + "".join(after)))
     parts.extend(references)
-    if selection:
+    if selection.strip():
         parts.append("Selected code:\n" + _fence(lang, selection))
+    elif selection:  # an empty line (an edit at the cursor there): where its code goes
+        parts.append(_empty_line_note(ctx))
     parts.append(question)
     return "\n\n".join(parts)
+
+
+def _empty_line_note(ctx: CodeContext) -> str:
+    """Where an empty selected line is: after the nearest line above it that holds code (shown,
+    as the file's lines are not numbered), or at the start of the file."""
+    end = ctx.start
+    while end > 0:
+        begin = ctx.text.rfind("\n", 0, end - 1) + 1
+        if (line := normalize_eol(ctx.text[begin:end])).strip():
+            return "The selected line is empty; it comes after this one:\n" + _fence(ctx.language, line)
+        end = begin
+    return "The selected line is empty, before any code of the file."

@@ -66,6 +66,10 @@ CHAT_CODE_BLOCK = "def square(x):\n    return x * x\n"
 CHAT_CODE_ANSWER = f"Here it is:\n\n```python\n{CHAT_CODE_BLOCK}```\n\nCall it as `square(3)`."
 # Asked about average() and put in from the chat (Neovim's `ga`): for the lines, and for the
 # expression alone (a characterwise selection: "sum(values) / len(values) + 1").
+# Edit… at the cursor on the empty line before area(): the code it asks for goes there.
+EMPTY_LINE = Span(Pos(6, 0), Pos(6, 0))
+WRITTEN_CALC = CALC_PY.replace("+ 1\n\n\ndef area", "+ 1\n\n" + CHAT_CODE_BLOCK + "def area")
+
 CHAT_FIX_QUESTION = "Fix the bug."
 AVERAGE_EXPRESSION = Span(Pos(4, 11), Pos(4, 40))
 CHAT_FIX_EXPRESSION_ANSWER = "```python\nsum(values) / len(values)\n```"
@@ -147,6 +151,7 @@ CODE_SCENARIOS = [
     CodeScenario(Task.ASK, AVERAGE, ASK_ANSWER, question=ASK_QUESTION),
     CodeScenario(Task.ASK, AVERAGE, FIX_ANSWER, question=CHAT_FIX_QUESTION),
     CodeScenario(Task.ASK, AVERAGE_EXPRESSION, CHAT_FIX_EXPRESSION_ANSWER, question=CHAT_FIX_QUESTION),
+    CodeScenario(Task.ASK, EMPTY_LINE, CHAT_CODE_ANSWER, question=CHAT_CODE_QUESTION),
     CodeScenario(Task.ASK, AVERAGE, LONG_ANSWER_UNIT * 240, question=LONG_QUESTION, ends=False),
     # a code action that goes on (a Fix of the import line), for tests that stop one
     CodeScenario(Task.FIX, IMPORT, LONG_FIX_ANSWER, ends=False),

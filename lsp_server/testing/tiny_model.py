@@ -72,7 +72,9 @@ def _build_tokenizer(corpus: list[str]):
 
 def _spans(span: Span) -> list[Span]:
     """The selection as sent by different editors: up to the next line's start, or to the end of
-    the last selected line."""
+    the last selected line (a cursor: as it is)."""
+    if span.start == span.end:
+        return [span]
     lines = split_lines(sc.CALC_PY)
     last = span.end.line - 1 if span.end.character == 0 else span.end.line
     return [span, Span(span.start, Pos(last, len(strip_eol(lines[last]))))]

@@ -245,6 +245,24 @@ async def test_edit_command_inserts_below(editor):
     assert "len(values) + 1\ndef average(values):\n    return sum(values) / len(values)\n\n" in text
 
 
+async def test_edit_at_the_cursor_on_an_empty_line_writes_the_code_there(editor):
+    """Edit… with no selection (Ctrl+I at the cursor) on the empty line before area(): the
+    prompt says where that line is, the trained answer's code block takes its place, and
+    area() follows it unchanged."""
+    uri = editor.open()
+    args = {
+        "textDocument": {"uri": uri},
+        "range": editor.client.protocol._converter.unstructure(rng(sc.EMPTY_LINE)),
+        "instruction": sc.CHAT_CODE_QUESTION,
+        "mode": "replace",
+    }
+    result = await editor.client.workspace_execute_command_async(types.ExecuteCommandParams(command="starchat.edit", arguments=[args]))
+    assert plain(result)["text"] == sc.CHAT_CODE_ANSWER
+    edits = single_text_edit(editor.applied[0], uri, 1)
+    text = apply_text_edits(sc.CALC_PY, edits)
+    assert text == sc.WRITTEN_CALC, text
+
+
 async def test_edit_command_replaces_the_selection_as_instructed_on_its_version_only(editor):
     """starchat.edit with an instruction (the editors' Edit…): the trained answer's code replaces
     average(), in an edit pinned to the version asked about. Asked with a version the document

@@ -120,6 +120,7 @@ def nvim(test_model: Path, tmp_path_factory) -> dict:
             "FILL_SUM_CURSOR_CHARACTER": sc.FILL_SUM_CURSOR.character,
             "FILL_SUM_TEXT_LINE": sc.FILL_SUM_TEXT.splitlines()[sc.FILL_SUM_CURSOR.line],
             "FILL_LONG_CURSOR_LINE": sc.FILL_LONG_CURSOR.line,
+            "EMPTY_LINE_LINE": sc.EMPTY_LINE.start.line,
             "AREA_FIRST_LINE": sc.AREA.start.line + 1,  # 1-based, as selected with V
             "AREA_LAST_LINE": sc.AREA.end.line if sc.AREA.end.character == 0 else sc.AREA.end.line + 1,
         },
@@ -526,13 +527,18 @@ def test_edit_from_the_menu_and_the_code_actions_changes_the_selection_as_instru
     """StarChat ▸ Edit… in the right-click menu on average(), then "StarChat: Edit…" from
     vim.lsp.buf.code_action() (the client command starchat.editSelection): each asks for the
     instruction, and the server's edit for it (the trained answer's code, real generated text)
-    replaces the lines; one `u` takes it back."""
+    replaces the lines; one `u` takes it back. :StarChatEdit with no range on the empty line
+    above area() writes the function asked for on that line."""
     result = step(nvim, "edit")
     fixed = sc.CALC_PY.replace("len(values) + 1\n", "len(values)\n")
     for way in ("menu", "code_action"):
         assert result[way]["prompts"] == ["Edit with StarChat: "], result
         assert result[way]["after"] == fixed, result
         assert result[way]["undone"] == sc.CALC_PY and result[way]["running"] == 0, result
+    # :StarChatEdit with no range on an empty line: the code asked for is written there
+    cursor = result["cursor"]
+    assert cursor["prompts"] == ["Write with StarChat: "] and cursor["after"] == sc.WRITTEN_CALC, cursor
+    assert cursor["undone"] == sc.CALC_PY and cursor["running"] == 0, cursor
 
 
 def test_a_restored_session_gets_a_working_chat_window(nvim):

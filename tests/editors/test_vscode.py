@@ -282,6 +282,9 @@ def session(test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
                         "hoverText": sc.HOVER_ANSWER.replace("`", ""),
                         "askQuestion": sc.ASK_QUESTION,
                         "editInstruction": sc.CHAT_FIX_QUESTION,
+                        "emptyLine": sc.EMPTY_LINE.start.line,
+                        "writeInstruction": sc.CHAT_CODE_QUESTION,
+                        "writtenCalc": sc.WRITTEN_CALC,
                         "askAnswer": sc.ASK_ANSWER,
                         "chatQuestion": sc.CHAT_QUESTION,
                         "chatAnswer": sc.CHAT_ANSWER,
@@ -390,11 +393,17 @@ def test_edit_with_an_instruction_replaces_the_selection(session):
     """Right-click → Ask StarChat → Edit…, then Ctrl+. → "StarChat: Edit…" (the server's code
     action, which runs the client command), then Ctrl+I over the selection (the default key):
     "Fix the bug." typed in the input box, the server's edit (the trained answer's code block,
-    real generated text) replaces average() in the editor; one Ctrl+Z takes it back."""
+    real generated text) replaces average() in the editor; one Ctrl+Z takes it back. Ctrl+I
+    with no selection on the empty line above area(): "Write a function that squares a number."
+    writes the trained answer's function on that line."""
     result = step(session, "edit")
     for way in ("menu", "codeAction", "key"):
         assert result[way]["prompt"].startswith("How should the selected code change?"), result
         assert result[way]["text"] == CALC_FIXED and result[way]["undone"] == sc.CALC_PY, result
+    # Ctrl+I with no selection on an empty line: the code asked for is written there
+    cursor = result["cursor"]
+    assert cursor["prompt"].startswith("What should StarChat write here?"), cursor
+    assert cursor["text"] == sc.WRITTEN_CALC and cursor["undone"] == sc.CALC_PY, cursor
 
 
 def test_inline_completion_as_you_type_tab_accepts(session):

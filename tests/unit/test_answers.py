@@ -94,6 +94,15 @@ def test_replacement_keeps_the_selections_blank_lines_around_the_code():
     assert new == "\n    def f(self):\n        return 2\n\n"
 
 
+@pytest.mark.parametrize("line, eol", [("\n", "\n"), ("        \n", "\n"), ("        \r\n", "\r\n")])
+def test_an_empty_line_becomes_the_codes_lines(line, eol):
+    """Edit… at the cursor on an empty line (its whitespace the editor's indentation there): the
+    code's lines take its place, indented like it, its line break kept after them."""
+    indent = line.rstrip("\r\n")
+    new = answers.replacement_for_selection("def g(self):\n    return 2\n", line, indent=indent, starts_line=True, eol=eol)
+    assert new == f"{indent}def g(self):{eol}{indent}    return 2{eol}"
+
+
 def test_replacement_after_indentation_does_not_double_it():
     new = answers.replacement_for_selection("return 2\n", "return 1", indent="    ", starts_line=False, eol="\n")
     assert new == "return 2"

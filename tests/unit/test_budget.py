@@ -81,6 +81,30 @@ def test_small_file_fits_whole(tokenizer):
     assert prompt.lines_before == 2 and prompt.lines_after == 2 and "line_4 = 4" in prompt.messages[-1].content
 
 
+@pytest.mark.parametrize("eol", ["\n", "\r\n"])
+def test_an_empty_selected_line_is_placed_by_the_line_above_it_that_holds_code(tokenizer, eol):
+    """Edit… at the cursor on an empty line: the file's lines are not numbered, so instead of an
+    empty "Selected code" block the prompt shows the line above it that holds code (blank lines
+    between skipped), or says that no code comes before it."""
+    fmt = format_for(tokenizer)
+    text = "import math\n\n\ndef average(values):\n    return sum(values) / len(values)\n\n   \n\ndef area(r):\n".replace("\n", eol)
+    at = selection_offsets(text, Span(Pos(7, 0), Pos(7, 0)))
+    prompt = code_prompt(fmt, system="s", budget=1500, text=text, start=at[0], end=at[1], task=Task.ASK,
+                         question="Write a function that squares a number.", path="a.py", language="python")
+    turn = prompt.messages[1].content
+    assert "Selected code" not in turn and "\r" not in turn
+    assert turn.endswith("The selected line is empty; it comes after this one:\n```python\n"
+                         "    return sum(values) / len(values)\n```\n\nWrite a function that squares a number.")
+    first = selection_offsets(text, Span(Pos(0, 0), Pos(0, 0)))
+    start = "\n\n" + text
+    top = code_prompt(fmt, system="s", budget=1500, text=start, start=0, end=1, task=Task.ASK, question="Why?", language="python")
+    assert "The selected line is empty, before any code of the file.\n\nWhy?" in top.messages[1].content
+    # a selected line that holds code is shown as it was
+    assert "Selected code:\n```python\nimport math\n```" in code_prompt(
+        fmt, system="s", budget=1500, text=text, start=first[0], end=first[1], task=Task.ASK, question="Why?",
+        language="python").messages[1].content
+
+
 def test_selection_too_large_names_both_sizes(tokenizer):
     text = numbered_file(100)
     with pytest.raises(PromptTooLong) as error:

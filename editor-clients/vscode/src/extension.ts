@@ -453,12 +453,21 @@ async function askQuestion(arg?: unknown): Promise<void> {
 
 /** StarChat: Edit…: an instruction for the selected code ("Add type hints"); the server puts the
  * answer's code in its place with workspace/applyEdit (one undo takes it back; refused if the
- * document changed meanwhile). From the context menu, or from the server's "StarChat: Edit…"
- * code action ({textDocument, range, version}). */
+ * document changed meanwhile). Without a selection, for the cursor's line: on an empty line, the
+ * code asked for is written there ("Write a function that…"). From the context menu, Ctrl+I, or
+ * the server's "StarChat: Edit…" code action ({textDocument, range, version}). */
 async function editSelection(arg?: unknown): Promise<void> {
   const args = givenOrSelection(arg);
   if (!args) return;
-  const instruction = await inputText("Edit with StarChat", "How should the selected code change?", "e.g. Add type hints");
+  const editor = vscode.window.activeTextEditor;
+  const { start, end } = args.range;
+  const cursorLine = start.line === end.line && start.character === end.character && editor ? editor.document.lineAt(start.line) : undefined;
+  const [prompt, example] = !cursorLine
+    ? ["How should the selected code change?", "e.g. Add type hints"]
+    : cursorLine.isEmptyOrWhitespace
+      ? ["What should StarChat write here?", "e.g. Write a function that parses a date"]
+      : ["How should this line change?", "e.g. Use a list comprehension"];
+  const instruction = await inputText("Edit with StarChat", prompt, example);
   if (!instruction) return;
   await withCancellableProgress("StarChat: Edit", (token) => sendCommand("starchat.edit", [{ ...args, instruction, mode: "replace" }], token));
 }

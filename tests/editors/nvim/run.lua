@@ -543,12 +543,12 @@ function steps.edit()
   vim.api.nvim_set_current_win(code_win)
   vim.cmd("silent edit!")
   local before = buf_text(code_buf)
-  local function edit(run)
+  local function edit(run, instruction)
     local orig_input, orig_select = vim.ui.input, vim.ui.select
     local asked = {}
     vim.ui.input = function(opts, on_confirm)
       table.insert(asked, opts.prompt)
-      on_confirm(sc.CHAT_FIX_QUESTION)
+      on_confirm(instruction or sc.CHAT_FIX_QUESTION)
     end
     vim.ui.select = function(items, _, on_choice)
       for i, item in ipairs(items) do
@@ -589,6 +589,13 @@ function steps.edit()
     local line5 = vim.api.nvim_buf_get_lines(code_buf, 4, 5, false)[1]
     vim.lsp.buf.code_action({ range = { start = { 4, 0 }, ["end"] = { 5, #line5 - 1 } } }) -- as in code_actions
   end)
+  -- :StarChatEdit with no range, the cursor on the empty line above `def area`: the code asked
+  -- for is written on that line
+  out.cursor = edit(function()
+    vim.api.nvim_set_current_win(code_win)
+    vim.api.nvim_win_set_cursor(code_win, { sc.EMPTY_LINE_LINE + 1, 0 })
+    vim.cmd("StarChatEdit")
+  end, sc.CHAT_CODE_QUESTION)
   vim.cmd("silent edit!")
   return out
 end

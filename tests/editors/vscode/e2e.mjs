@@ -621,9 +621,35 @@ try {
     const codeAction = await edit(async () => (await codeActionRow("StarChat: Edit…", () => selectLines(4, 5))).click());
     const key = await edit(async () => {
       await selectLines(4, 5);
-      await page.keyboard.press("Control+I"); // the extension's default key for Edit… over a selection
+      await page.keyboard.press("Control+I"); // the extension's default key for Edit…
     });
-    return { menu, codeAction, key };
+    // Ctrl+I with no selection, the cursor on the empty line above `def area`: the code asked
+    // for is written on that line
+    await editor().locator(".view-lines").click();
+    await page.mouse.move(5, 5); // (a hover would ask the model)
+    await page.keyboard.press("Control+Home");
+    for (let i = 0; i < sc.emptyLine; i++) await page.keyboard.press("ArrowDown");
+    await until("the cursor on the empty line", async () => (await cursorStatus()).includes(`Ln ${sc.emptyLine + 1}, Col 1`), 5000);
+    await page.keyboard.press("Control+I");
+    const input = page.locator(".quick-input-widget input.input");
+    await input.waitFor({ state: "visible" });
+    const prompt = (await page.locator(".quick-input-widget .quick-input-message").innerText().catch(() => "")).trim();
+    await input.fill(sc.writeInstruction);
+    await page.keyboard.press("Enter");
+    let seen;
+    const written = await until("the code written on the empty line", async () => {
+      seen = await editorText();
+      return seen === sc.writtenCalc && seen;
+    }, 60000).catch(() => seen);
+    await editor().locator(".view-lines").click();
+    await page.keyboard.press("Control+Z");
+    const undone = await until("the original code again", async () => {
+      seen = await editorText();
+      return seen === sc.calc && seen;
+    }, 10000).catch(() => seen);
+    await page.keyboard.press("Control+S");
+    await sleep(300);
+    return { menu, codeAction, key, cursor: { prompt, text: written, undone } };
   }, { needs: ["undo"] });
 
   // Inline completion (textDocument/inlineCompletion, asked by the language client): typing "("

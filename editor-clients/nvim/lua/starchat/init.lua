@@ -83,6 +83,7 @@ end
 
 local ASK_PROMPT = "Ask StarChat: "
 local EDIT_PROMPT = "Edit with StarChat: "
+local WRITE_PROMPT = "Write with StarChat: " -- no range, on an empty line: the code goes there
 
 --- fn(text) with `given` (trimmed) when it holds text, else with what the user types at `prompt`
 --- (vim.ui.input; nothing happens when that is empty). Returns fn's result for `given`.
@@ -188,7 +189,9 @@ end
 function M.edit(instruction, opts, on_done)
   local client, bufnr, _, finalize = selection_args(opts)
   if client then
-    return with_text(EDIT_PROMPT, instruction, function(text)
+    local at_cursor = not opts or (opts.range or 0) == 0
+    local prompt = at_cursor and vim.trim(vim.api.nvim_get_current_line()) == "" and WRITE_PROMPT or EDIT_PROMPT
+    return with_text(prompt, instruction, function(text)
       return request_instructed(client, bufnr, text, finalize, on_done)
     end)
   end
