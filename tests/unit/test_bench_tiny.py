@@ -65,6 +65,7 @@ def test_conversation_prompts_bench(test_model, tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "conversation.json"
     assert bench.main(["--tokenizer", str(test_model), "--turns", "3", "--out", str(out)]) == 0
-    turns = json.loads(out.read_text())["turns"]
-    assert [t["turn"] for t in turns] == [1, 2, 3]
-    assert turns[2]["shared_with_previous"] >= turns[1]["prompt_tokens"] - 3  # the window stayed: only the new turn
+    result = json.loads(out.read_text())
+    for turns in (result["turns"], result["attached"]["turns"]):
+        assert [t["turn"] for t in turns] == [1, 2, 3]
+        assert turns[2]["shared_with_previous"] >= turns[1]["prompt_tokens"] - 3  # the file stayed: only the new turn
