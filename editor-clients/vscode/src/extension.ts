@@ -459,9 +459,11 @@ async function askQuestion(arg?: unknown): Promise<void> {
 async function editSelection(arg?: unknown): Promise<void> {
   const args = givenOrSelection(arg);
   if (!args) return;
-  const editor = vscode.window.activeTextEditor;
   const { start, end } = args.range;
-  const cursorLine = start.line === end.line && start.character === end.character && editor ? editor.document.lineAt(start.line) : undefined;
+  const document = vscode.window.activeTextEditor?.document;
+  const atCursor = start.line === end.line && start.character === end.character && document
+    && document.uri.toString() === vscode.Uri.parse(args.textDocument.uri).toString() && start.line < document.lineCount;
+  const cursorLine = atCursor ? document.lineAt(start.line) : undefined;
   const [prompt, example] = !cursorLine
     ? ["How should the selected code change?", "e.g. Add type hints"]
     : cursorLine.isEmptyOrWhitespace
