@@ -592,18 +592,18 @@ try {
   // answer's code (workspace/applyEdit); Ctrl+Z takes it back. From the right-click menu, then
   // from Ctrl+. (the server's "StarChat: Edit…" code action runs the client command).
   await step("edit", async () => {
-    const edit = async (open) => {
-      await selectLines(4, 5);
+    /** Edit… opened by `open`, `instruction` typed; `expected` in the editor, then undone. */
+    const edit = async (open, instruction = sc.editInstruction, expected = sc.fixedCalc) => {
       await open();
       const input = page.locator(".quick-input-widget input.input");
       await input.waitFor({ state: "visible" });
       const prompt = (await page.locator(".quick-input-widget .quick-input-message").innerText().catch(() => "")).trim();
-      await input.fill(sc.editInstruction);
+      await input.fill(instruction);
       await page.keyboard.press("Enter");
       let seen;
       const text = await until("the edited code in the editor", async () => {
         seen = await editorText();
-        return seen === sc.fixedCalc && seen;
+        return seen === expected && seen;
       }, 60000).catch((error) => {
         throw new Error(`${error.message}; the editor shows ${JSON.stringify(seen)}`);
       });
@@ -617,39 +617,29 @@ try {
       await sleep(300);
       return { prompt, text, undone };
     };
-    const menu = await edit(() => contextMenuAction("def average", "Edit…", "menu-edit"));
-    const codeAction = await edit(async () => (await codeActionRow("StarChat: Edit…", () => selectLines(4, 5))).click());
+    const menu = await edit(async () => {
+      await selectLines(4, 5);
+      await contextMenuAction("def average", "Edit…", "menu-edit");
+    });
+    const codeAction = await edit(async () => {
+      await selectLines(4, 5);
+      await (await codeActionRow("StarChat: Edit…", () => selectLines(4, 5))).click();
+    });
     const key = await edit(async () => {
       await selectLines(4, 5);
       await page.keyboard.press("Control+I"); // the extension's default key for Edit…
     });
     // Ctrl+I with no selection, the cursor on the empty line above `def area`: the code asked
     // for is written on that line
-    await editor().locator(".view-lines").click();
-    await page.mouse.move(5, 5); // (a hover would ask the model)
-    await page.keyboard.press("Control+Home");
-    for (let i = 0; i < sc.emptyLine; i++) await page.keyboard.press("ArrowDown");
-    await until("the cursor on the empty line", async () => (await cursorStatus()).includes(`Ln ${sc.emptyLine + 1}, Col 1`), 5000);
-    await page.keyboard.press("Control+I");
-    const input = page.locator(".quick-input-widget input.input");
-    await input.waitFor({ state: "visible" });
-    const prompt = (await page.locator(".quick-input-widget .quick-input-message").innerText().catch(() => "")).trim();
-    await input.fill(sc.writeInstruction);
-    await page.keyboard.press("Enter");
-    let seen;
-    const written = await until("the code written on the empty line", async () => {
-      seen = await editorText();
-      return seen === sc.writtenCalc && seen;
-    }, 60000).catch(() => seen);
-    await editor().locator(".view-lines").click();
-    await page.keyboard.press("Control+Z");
-    const undone = await until("the original code again", async () => {
-      seen = await editorText();
-      return seen === sc.calc && seen;
-    }, 10000).catch(() => seen);
-    await page.keyboard.press("Control+S");
-    await sleep(300);
-    return { menu, codeAction, key, cursor: { prompt, text: written, undone } };
+    const cursor = await edit(async () => {
+      await editor().locator(".view-lines").click();
+      await page.mouse.move(5, 5); // (a hover would ask the model)
+      await page.keyboard.press("Control+Home");
+      for (let i = 0; i < sc.emptyLine; i++) await page.keyboard.press("ArrowDown");
+      await until("the cursor on the empty line", async () => (await cursorStatus()).includes(`Ln ${sc.emptyLine + 1}, Col 1`), 5000);
+      await page.keyboard.press("Control+I");
+    }, sc.writeInstruction, sc.writtenCalc);
+    return { menu, codeAction, key, cursor };
   }, { needs: ["undo"] });
 
   // Inline completion (textDocument/inlineCompletion, asked by the language client): typing "("
