@@ -73,7 +73,7 @@ class Worker:
             if self._closed:
                 future.cancel()
                 return future
-            if priority != Priority.LOAD and self._live_waiting() >= self.queue_size:
+            if priority != Priority.LOAD and self._left_waiting() >= self.queue_size:
                 raise Busy(self.queue_size)
             heapq.heappush(self._heap, (int(priority), next(self._order), fn, future, cancelled))
             self._turn.notify_all()
@@ -116,6 +116,18 @@ class Worker:
             heapq.heapify(live)
             self._heap = live
         return len(live)
+
+    def _left_waiting(self) -> int:
+        """(Under ``_turn``.) The live items that stay waiting once the free threads have taken
+        what they may start now: an item submitted a moment ago to an idle engine is not waiting,
+        even if its thread has not woken up yet."""
+        left = self._live_waiting()
+        active, exclusive = self._active, self._exclusive
+        for item in sorted(self._heap):  # (priority, arrival, ...): never compares further
+            if exclusive or active >= self._limit or (item[0] == Priority.LOAD and active):
+                break
+            active, exclusive, left = active + 1, item[0] == Priority.LOAD, left - 1
+        return left
 
     def _take(self) -> tuple | None:
         """(Under ``_turn``.) The most urgent waiting item if it may start now, marked running."""

@@ -40,6 +40,22 @@ def test_a_full_queue_refuses_at_once():
     worker.close()
 
 
+def test_an_item_a_free_thread_takes_at_once_is_not_waiting():
+    # Two requests reach an idle engine together: the first starts, the second waits, and
+    # a queue of one has room for it, also before the thread has woken up to take the first.
+    worker = Worker(queue_size=1)
+    worker.set_concurrency(2)
+    gate = threading.Event()
+    with worker._turn:  # no thread can take anything yet
+        running = [worker.submit(gate.wait, Priority.USER) for _ in range(2)]
+        waiting = worker.submit(lambda: "third", Priority.USER)
+        with pytest.raises(Busy):
+            worker.submit(lambda: None, Priority.USER)
+    gate.set()
+    assert [f.result(5) for f in running] == [True, True] and waiting.result(5) == "third"
+    worker.close()
+
+
 def test_cancelled_before_start_never_runs():
     worker = Worker()
     gate = threading.Event()
