@@ -259,6 +259,7 @@ class FastEngine(StartUp, Graphs, StepMath):
         # step with the paths chosen before it and the later ones off)
         self.gelu_epilogue = "tanh" if dev.type == "cuda" else "off"
         self.prebias = self.kv_in_attention = self.sample_kernels = False
+        self.fc_padded: tuple[int, ...] = ()  # step sizes whose c_fc runs for FC_PAD_ROWS rows
         self._l2 = self._side = None  # L2 prefetch on a side stream (_choose_prefetch, after the other paths)
         self.attention = self._choose_attention(attention)
         self.fused = self._choose_fused(fused)
@@ -277,6 +278,7 @@ class FastEngine(StartUp, Graphs, StepMath):
         self.gemv_report: dict[str, Any] = {}
         with torch.inference_mode():
             self._choose_gelu_fusion()
+            self._choose_fc_padding()
             self._choose_sampling(fused_sampling)
             try:
                 self._choose_gemv(gemv)

@@ -27,6 +27,7 @@ from typing import Any
 
 from .base import EngineError, first_line
 from .fast_graphs import graph_time_us
+from .fast_math import FC_PAD_ROWS
 
 log = logging.getLogger("lsp_server.engine.fast")
 
@@ -203,6 +204,32 @@ class StartUp:
         except Exception as exc:  # keep the fused epilogue the numerical check accepted
             us["error"] = first_line(exc)[:200]
             self.gelu_fused = {"decode": True, "prefill": True}
+
+    def _choose_fc_padding(self, timed: bool | None = None) -> None:
+        """The step sizes (live rows B with 1 < B < ``FC_PAD_ROWS``: the batch buckets and the
+        speculative step's rows) whose c_fc runs for ``FC_PAD_ROWS`` rows, B of them live: on
+        CUDA (or when ``timed``) where ``_fc_gelu`` at that many rows is >= 3 % faster than at
+        B. cuBLAS picks its kernel by shape: on H200 runs, 8 rows took 81-83 us and 16 rows
+        75 us, as one row does. Fused ops only (the norm kernel writes the live rows into the
+        padded input). Timings: ``fc_padding_us``, by row count."""
+        self.fc_padded = ()
+        if not self.fused or not self._timed(timed):
+            return
+        fcw, fcb = self.layers[0][8], self.layers[0][9]
+        sizes = sorted({b for b in (*self.batch_buckets, self.spec_tokens) if 1 < b < FC_PAD_ROWS})
+        us = self.fc_padding_us = {}
+
+        def faster() -> list[int]:
+            for rows in (FC_PAD_ROWS, *sizes):
+                h = self._torch.randn((rows, fcw.shape[1]), device=self.device, dtype=self.dtype)
+                us[str(rows)] = round(self._time_us(lambda: self._fc_gelu(h, fcw, fcb)), 2)
+            return [b for b in sizes if us[str(FC_PAD_ROWS)] * 1.03 <= us[str(b)]]
+
+        try:
+            self.fc_padded = tuple(self.choices.ask("fc_padding", faster))
+        except Exception as exc:  # c_fc at its own rows, as before
+            us["error"] = first_line(exc)[:200]
+            self.fc_padded = ()
 
     def _choose_sampling(self, requested: bool | None) -> None:
         """Sampling in three kernels (``sample_triton``) instead of the torch ops, on CUDA by

@@ -224,12 +224,14 @@ if HAVE_TRITON:
 
 
 def bias_add_layer_norm(x: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor, eps: float,
-                        fill: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                        fill: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
     """For the decode step's rows x (B, E), contiguous: ``x += bias`` in place and return
     ``layer_norm(x)``: one kernel instead of two (residual bias add, then the next norm).
-    ``fill=(y, ybias)``: also ``y[:] = ybias`` (y (B, N) contiguous) in the same kernel."""
+    ``fill=(y, ybias)``: also ``y[:] = ybias`` (y (B, N) contiguous) in the same kernel.
+    ``out``: rows (B, E) with unit stride along E to write the norm to (else a new tensor)."""
     B, E = x.shape
-    h = torch.empty_like(x)
+    h = torch.empty_like(x) if out is None else out
     block = triton.next_power_of_2(E)
     if fill is None:
         y, ybias, stride_y, n, flag = h, bias, 0, 0, False

@@ -15,9 +15,10 @@ REPO = Path(__file__).resolve().parents[2]
 KEYS = [
     "gpu", "date", "copy_tbps", "floor_tok_s", "seed_b1_tok_s", "seed_b8_tok_s", "engine_b1_tok_s",
     "engine_b1_8k_tok_s", "engine_8streams_tok_s", "ttft_512_ms", "ttft_2048_ms", "ttft_prefix_reused_ms",
-    "greedy_match_tokens", "ready_s",
+    "greedy_match_tokens", "ready_s", "seed_ttft_2048_ms",
     # speculation and the server process's start
     "spec_known_answer_tok_s", "spec_prompt_lookup_tok_s", "spec_plain_tok_s", "spec_no_draft_tok_s", "spec_verify_over_step",
+    "spec_verify_bound_tok_s",
     "ready_process_first_s", "ready_engine_s", "server_chat_tok_s", "server_chat_first_piece_ms",
     "server_doc_first_piece_ms", "server_doc_reused_first_piece_ms", "server_doc_prompt_tokens", "server_doc_cached_tokens",
     "server_doc_next_turn_prompt_tokens", "server_doc_next_turn_cached_tokens", "server_doc_next_turn_first_piece_ms",

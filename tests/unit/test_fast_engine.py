@@ -673,6 +673,58 @@ def test_fused_engine_with_triton_attention_matches_generate(hf_model, tokenizer
         eng.close()
 
 
+def test_c_fc_for_sixteen_rows_gives_the_same_tokens(hf_model, tokenizer, prompts, copying_prompts):
+    """c_fc run for FC_PAD_ROWS rows in steps of fewer live rows (batch buckets, the speculative
+    step), the norm kernel writing the live rows into the padded input: HF's greedy tokens,
+    batched and speculating (float32, interpreter on the CPU)."""
+    _interpreter_or_gpu()
+    from lsp_server.engine.fast import FastEngine
+    from lsp_server.engine.fast_math import FC_PAD_ROWS
+
+    eng = FastEngine(hf_model, tokenizer, max_batch=2, max_len=512, attention="triton", fused=True, speculate=3)
+    try:
+        assert eng.fc_padded == ()  # nothing timed on the CPU
+        eng.fc_padded = (2, eng.spec_tokens)
+        rows = []
+        real = eng._fc_gelu
+        eng._fc_gelu = lambda h, w, b: rows.append(h.shape[0]) or real(h, w, b)
+        stop_ids = eng.stop_ids or [0]
+        expected = [reference(hf_model, stop_ids, p) for p in prompts[:2]]
+        assert run_together(eng, prompts[:2]) == expected
+        fix = copying_prompts["fix"]
+        assert run(eng, fix, Sampling(max_new_tokens=40, temperature=0.0))[0] == reference(hf_model, stop_ids, fix, new=40)
+        assert eng.stats["spec_accepted"] > 0 and eng.stats["max_rows"] >= 2
+        assert FC_PAD_ROWS in rows  # (prefills run c_fc for their own tokens)
+    finally:
+        eng.close()
+
+
+def test_c_fc_is_padded_only_where_sixteen_rows_are_faster(hf_model, tokenizer, monkeypatch):
+    """The start-up times c_fc at FC_PAD_ROWS rows and at each step size below it (batch
+    buckets, the speculative step's rows) and pads the sizes it serves >= 3 % faster."""
+    from lsp_server.engine.fast import FastEngine
+
+    pytest.importorskip("triton")  # fused=True needs it
+    eng = FastEngine(hf_model, tokenizer, max_batch=4, speculate=7, fused=True)
+    try:
+        assert eng.batch_buckets[:3] == [1, 2, 4] and eng.spec_tokens == 8
+        times = {16: 75.0, 2: 76.0, 4: 77.5, 8: 83.0}
+        timed = []
+        real = eng._fc_gelu
+        monkeypatch.setattr(eng, "_fc_gelu", lambda h, w, b: timed.append(h.shape[0]) or real(h, w, b))
+
+        def fake_time_us(fn, reps=20):
+            fn()
+            return times[timed[-1]]
+
+        monkeypatch.setattr(eng, "_time_us", fake_time_us)
+        eng._choose_fc_padding(timed=True)
+        assert timed == [16, 2, 4, 8]
+        assert eng.fc_padded == (4, 8) and eng.fc_padding_us == {"16": 75.0, "2": 76.0, "4": 77.5, "8": 83.0}
+    finally:
+        eng.close()
+
+
 def test_sampling_kernels_give_the_torch_paths_tokens(hf_model, tokenizer, prompts, copying_prompts):
     """The three sampling kernels (penalty + greedy, top-k, the draw) against the torch ops:
     the start-up check passes, and whole answers are the same token for token, greedy with a
