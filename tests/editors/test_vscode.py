@@ -395,7 +395,8 @@ def test_edit_with_an_instruction_replaces_the_selection(session):
     "Fix the bug." typed in the input box, the server's edit (the trained answer's code block,
     real generated text) replaces average() in the editor; one Ctrl+Z takes it back. Ctrl+I
     with no selection on the empty line above area(): "Write a function that squares a number."
-    writes the trained answer's function on that line."""
+    writes the trained answer's function on that line; and the same from the right-click menu
+    with no selection, whose Ask StarChat ▸ then offers Ask a Question… and Edit… only."""
     result = step(session, "edit")
     for way in ("menu", "codeAction", "key"):
         assert result[way]["prompt"].startswith("How should the selected code change?"), result
@@ -404,6 +405,11 @@ def test_edit_with_an_instruction_replaces_the_selection(session):
     cursor = result["cursor"]
     assert cursor["prompt"].startswith("What should StarChat write here?"), cursor
     assert cursor["text"] == sc.WRITTEN_CALC and cursor["undone"] == sc.CALC_PY, cursor
+    menu = result["menuCursor"]
+    assert menu["prompt"].startswith("What should StarChat write here?"), menu
+    assert menu["text"] == sc.WRITTEN_CALC and menu["undone"] == sc.CALC_PY, menu
+    assert {"Ask a Question…", "Edit…"} <= set(menu["offered"]), menu
+    assert not {"Explain", "Fix", "Document", "Write Tests", "Optimize"} & set(menu["offered"]), menu
 
 
 def test_inline_completion_as_you_type_tab_accepts(session):

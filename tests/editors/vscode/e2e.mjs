@@ -340,17 +340,19 @@ const escapeRegExp = (text) => text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
 /** A menu entry by its label (the label element alone: a submenu's entry holds its items too). */
 const menuItem = (label) => page.locator(".context-view .monaco-menu .action-label", { hasText: new RegExp(`^\\s*${escapeRegExp(label)}`) }).first();
 
-/** Right-click on the selected line `lineText`, then open Ask StarChat ▸ and click `item`. */
-async function contextMenuAction(lineText, item, shotName) {
+/** Right-click on the selected line `lineText` (or `linesAbove` lines above it), then open Ask
+ * StarChat ▸ and click `item`; the labels the open menus showed. */
+async function contextMenuAction(lineText, item, shotName, linesAbove = 0) {
   const line = editor().locator(".view-line", { hasText: lineText }).first();
   const box = await line.boundingBox();
-  await page.mouse.click(box.x + 40, box.y + box.height / 2, { button: "right" });
+  await page.mouse.click(box.x + 40, box.y + box.height * (0.5 - linesAbove), { button: "right" });
   await contextMenu().waitFor();
   const submenu = menuItem("Ask StarChat");
   await submenu.hover();
   await menuItem(item).waitFor();
   await sleep(300); // let the submenu finish opening for the screenshot
   if (shotName) await screenshot(shotName);
+  const labels = (await page.locator(".context-view .monaco-menu .action-label").allInnerTexts()).map((label) => label.trim()).filter(Boolean);
   // VS Code's menus act on mouse up after a mouse down on the same item: hover, then press.
   const target = menuItem(item);
   await target.hover();
@@ -359,6 +361,7 @@ async function contextMenuAction(lineText, item, shotName) {
   await sleep(60);
   await page.mouse.up();
   await contextMenu().waitFor({ state: "hidden", timeout: 5000 });
+  return labels;
 }
 
 /** Right-click on `name` in the Explorer: the labels of its context menu; then clicks `item`
@@ -639,7 +642,16 @@ try {
       await until("the cursor on the empty line", async () => (await cursorStatus()).includes(`Ln ${sc.emptyLine + 1}, Col 1`), 5000);
       await page.keyboard.press("Control+I");
     }, sc.writeInstruction, sc.writtenCalc);
-    return { menu, codeAction, key, cursor };
+    // the same from the right-click menu, no selection: Ask StarChat ▸ offers what needs none
+    let offered;
+    const menuCursor = await edit(async () => {
+      await editor().locator(".view-lines").click();
+      await page.mouse.move(5, 5);
+      await page.keyboard.press("Control+Home"); // no selection
+      offered = await contextMenuAction("def area", "Edit…", "menu-edit-cursor", 1);
+      await until("the cursor on the empty line", async () => (await cursorStatus()).includes(`Ln ${sc.emptyLine + 1},`), 5000);
+    }, sc.writeInstruction, sc.writtenCalc);
+    return { menu, codeAction, key, cursor, menuCursor: { ...menuCursor, offered } };
   }, { needs: ["undo"] });
 
   // Inline completion (textDocument/inlineCompletion, asked by the language client): typing "("
