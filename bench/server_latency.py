@@ -40,9 +40,10 @@ class Server:
         self._draining = asyncio.ensure_future(self._drain())
 
     @classmethod
-    async def start(cls, model: str, device: str, engine: str) -> "Server":
+    async def start(cls, model: str, device: str, engine: str, *extra: str) -> "Server":
+        """``extra``: more command-line arguments (``--quantization 8bit``)."""
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "lsp_server", "--model", model, "--device", device, "--engine", engine,
+            sys.executable, "-m", "lsp_server", "--model", model, "--device", device, "--engine", engine, *extra,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
         )
         return cls(process)

@@ -48,8 +48,8 @@ class Settings:
     quantization: str = field(
         default="none",
         metadata=_doc(
-            "none, 8bit or 4bit (bitsandbytes, CUDA): StarChat's weights in about 16 GB or 9 GB of GPU memory instead of 31, "
-            "for a 24, 16 or 12 GB card; served by transformers generate().",
+            "none, 8bit or 4bit (bitsandbytes, CUDA): the server takes about 17 GB or 10 GB of GPU memory with StarChat "
+            "instead of 32, for a 24, 16 or 12 GB card; served by transformers generate().",
             lambda v: v in QUANTIZATIONS,
             reloads=True,
         ),

@@ -121,7 +121,7 @@ class TransformersEngine:
         model.eval()
         if device == "cpu" and not quantized:  # a quantized model is placed by device_map (it cannot be moved)
             model.to("cpu")
-        params = sum(p.numel() for p in model.parameters())
+        params = model.num_parameters()  # (bitsandbytes' 4-bit tensors hold two weights per element: counted as two)
         kind = f"{quantization} quantized, " if quantized else ""
         description = f"{source} ({params / 1e6:,.1f}M parameters, {kind}{str(dtype).removeprefix('torch.')}, {device})"
         log.info("Loaded %s", description)

@@ -70,3 +70,17 @@ def test_conversation_prompts_bench(test_model, tmp_path):
     for turns in (result["turns"], result["attached"]["turns"]):
         assert [t["turn"] for t in turns] == [1, 2, 3]
         assert turns[2]["shared_with_previous"] >= turns[1]["prompt_tokens"] - 3  # the file stayed: only the new turn
+
+
+def test_quantized_bench_tiny_runs_the_server(tmp_path):
+    """bench/quantized_bench.py's CPU plan: a random model saved with StarChat's special tokens,
+    the real server loading it (unquantized: bitsandbytes' 8bit and 4bit need a GPU) and
+    answering two chats."""
+    spec = importlib.util.spec_from_file_location("quantized_bench", REPO / "bench" / "quantized_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "quantized.json"
+    assert bench.main(["--tiny", "--tokens", "8", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["model"]["layers"] == 2 and "error" not in result["none"], result
+    assert result["none"]["chat_tokens"] > 0 and result["none"]["ready_message"].startswith("Ready"), result
