@@ -3,7 +3,7 @@ the server loads a random model as wide as StarChat-beta with fewer layers (``--
 40 take longer to save and quantize than a device session has), answers two chats, and this
 reports the time to ready, the GPU memory the server took, and the second chat's rate. The
 weights in GPU memory for StarChat's 40 layers follow from the per-layer figure. Prints a table
-and writes JSON.
+and writes JSON (``--out``, else bench/results/quantized-<gpu>-<date>.json).
 
     python bench/quantized_bench.py --out $OUT/quantized.json   # a GPU (bitsandbytes installed)
     python bench/quantized_bench.py --tiny                      # CPU: the plan, unquantized only (CI)
@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -145,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {kind} | {r.get('ready_s', '—')} | {r.get('gpu_loaded_mb', '—')} | {r.get('gpu_after_chats_mb', '—')} | "
               f"{r.get('chat_tok_s', '—')} | {r.get('first_piece_ms', '—')} |" + (f" error: {r['error'][:200]}" if "error" in r else ""))
     print(f"\n{layers} layers of StarChat's width ({result['model']['params_m']}M parameters, {result['model']['layer_params_m']}M a layer), {result['gpu']}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out = args.out or REPO / "bench" / "results" / f"quantized-{re.sub(r'[^a-z0-9]+', '-', result['gpu'].lower()).strip('-')}-{result['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0 if all("error" not in result[k] for k in kinds) else 1
 
 
