@@ -33,6 +33,8 @@ STARCHAT = dict(
     vocab_size=49156, n_positions=8192, n_embd=6144, n_layer=40, n_head=48, n_inner=24576,
     multi_query=True, activation_function="gelu_pytorch_tanh", layer_norm_epsilon=1e-5,
 )
+# --cpu-dry-run's (and quantized_bench --tiny's) model: StarChat's plan, 2 layers, 256 wide
+DRY_RUN_SHAPE = dict(n_layer=2, n_embd=256, n_head=4, n_inner=1024)
 SEED_SAMPLING = dict(temperature=0.2, top_k=50, top_p=0.95)
 
 # sizes of each measurement: (full model on GPU, tiny model on CPU)
@@ -182,7 +184,7 @@ def main(argv=None) -> int:
     dev = torch.device("cuda" if cuda else "cpu")
     shape = dict(STARCHAT)
     if args.cpu_dry_run:
-        shape.update(n_layer=2, n_embd=256, n_head=4, n_inner=1024)
+        shape.update(DRY_RUN_SHAPE)
     if not args.tiny and not cuda and not args.cpu_dry_run:
         print("[bench] no CUDA GPU: use --tiny on a CPU machine", flush=True)
         return 2
@@ -229,7 +231,7 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------- model
     def build_model():
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GPTBigCodeConfig, GPTBigCodeForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if args.tiny:
             from lsp_server.testing.tiny_model import build
@@ -237,22 +239,7 @@ def main(argv=None) -> int:
             path = build(Path(os.environ.get("STARCHAT_TEST_MODEL", REPO / ".test-model")))
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
             return model, AutoTokenizer.from_pretrained(path)
-        config = GPTBigCodeConfig(**shape, bos_token_id=0, eos_token_id=0, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            with torch.device(dev):
-                model = GPTBigCodeForCausalLM(config)
-        finally:
-            torch.set_default_dtype(old)
-        model = model.to(device=dev, dtype=torch.bfloat16).eval()
-        gen = torch.Generator(device=dev).manual_seed(0)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if ".ln_" in name and name.endswith("weight"):
-                    p.normal_(1.0, 0.02, generator=gen)  # layer-norm gains near 1
-                else:
-                    p.normal_(0.0, 0.02, generator=gen)  # matrices, embeddings, biases
+        model = random_gptbigcode(shape, dev)
         sync()
         return model, None
 
@@ -925,6 +912,31 @@ def main(argv=None) -> int:
     if watchdog is not None:
         watchdog.cancel()
     return finish(b, cuda, wall0)
+
+
+def random_gptbigcode(shape: dict, dev):
+    """A GPTBigCode of ``shape`` in bfloat16 on ``dev``, its weights random normal (not zeros,
+    not left uninitialised): layer-norm gains near 1, everything else around 0."""
+    import torch
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    config = GPTBigCodeConfig(**shape, bos_token_id=0, eos_token_id=0, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(dev):
+            model = GPTBigCodeForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
+    model = model.to(device=dev, dtype=torch.bfloat16).eval()
+    gen = torch.Generator(device=dev).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln_" in name and name.endswith("weight"):
+                p.normal_(1.0, 0.02, generator=gen)  # layer-norm gains near 1
+            else:
+                p.normal_(0.0, 0.02, generator=gen)  # matrices, embeddings, biases
+    return model
 
 
 def word_tokenizer(vocab_size: int):

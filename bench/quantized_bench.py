@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from engine_bench import STARCHAT, word_tokenizer  # noqa: E402
+from engine_bench import DRY_RUN_SHAPE, STARCHAT, random_gptbigcode, word_tokenizer  # noqa: E402
 from server_latency import Server  # noqa: E402
 
 QUESTION = "Write a long Python module."
@@ -47,32 +47,15 @@ def build(folder: Path, layers: int, tiny: bool) -> dict:
     """A random GPTBigCode of StarChat's width (tiny: 256 wide) saved with a word-per-id
     tokenizer that has StarChat's special tokens."""
     import torch
-    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
-    shape = dict(STARCHAT, n_layer=layers)
-    if tiny:
-        shape.update(n_layer=2, n_embd=256, n_head=4, n_inner=1024)
+    shape = {**STARCHAT, "n_layer": layers, **(DRY_RUN_SHAPE if tiny else {})}
     dev = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
-    config = GPTBigCodeConfig(**shape, bos_token_id=0, eos_token_id=0, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(dev):
-            model = GPTBigCodeForCausalLM(config)
-    finally:
-        torch.set_default_dtype(old)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".ln_" in name and name.endswith("weight"):
-                p.normal_(1.0, 0.02, generator=gen)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
+    model = random_gptbigcode(shape, dev)
     params = sum(p.numel() for p in model.parameters())
     per_layer = sum(p.numel() for n, p in model.named_parameters() if n.startswith("transformer.h.0."))
     t = time.monotonic()
     model.save_pretrained(folder, max_shard_size="4GB")
-    word_tokenizer(config.vocab_size).save_pretrained(folder)
+    word_tokenizer(model.config.vocab_size).save_pretrained(folder)
     saved = time.monotonic() - t
     del model
     if dev == "cuda":

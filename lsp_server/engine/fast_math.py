@@ -196,17 +196,14 @@ class StepMath:
                     g.addmm_(h, fcw.t())
                     self._prefetch(pw)  # while the GELU runs
                     g = F.gelu(g, approximate="tanh")
-                elif B in self.fc_padded:
-                    # c_fc for 16 rows, B of them live: cuBLAS serves 8 rows with a slower kernel
-                    # than 16 on some cards (H200: 83 against 75 us); each output row depends
-                    # on its own input row only, so the unwritten rows change nothing
-                    hp = torch.empty((FC_PAD_ROWS, E), device=x.device, dtype=x.dtype)
-                    bias_add_layer_norm(x, cb, ln2w, ln2b, self.eps, out=hp[:B])
-                    g = self._fc_gelu(hp, fcw, fcb)[:B]
-                    self._prefetch(pw)
                 else:
-                    h = bias_add_layer_norm(x, cb, ln2w, ln2b, self.eps)
-                    g = self._fc_gelu(h, fcw, fcb)  # GELU (tanh) epilogue
+                    # GELU (tanh) in c_fc's epilogue; for FC_PAD_ROWS rows, B of them live, where
+                    # start-up timing chose it (cuBLAS serves 8 rows with a slower kernel than 16
+                    # on some cards: H200 80 against 73.5 us). A GEMM's output row depends on its
+                    # own input row only, so the unwritten rows change nothing
+                    h = torch.empty((FC_PAD_ROWS if B in self.fc_padded else B, E), device=x.device, dtype=x.dtype)
+                    bias_add_layer_norm(x, cb, ln2w, ln2b, self.eps, out=h[:B])
+                    g = self._fc_gelu(h, fcw, fcb)[:B]
                     self._prefetch(pw)
                 if "mlp_proj" in gv:
                     self._gv("mlp_proj", li, pw)(g, out=x, accumulate=True)
